@@ -1,0 +1,272 @@
+"""Recipes: small TOML descriptions of named models (``dictionaries/*.toml``).
+
+A recipe names a model, describes it declaratively (compartment classes, distributed
+models, and the dmipy calls that fix, link and bound parameters, applied in order),
+gives its default dictionary sampling and labels its output maps::
+
+    name = "noddi"
+    description = "NODDI-Watson: ..."
+    requires_timing = false
+
+    [model]
+    class = "MultiCompartmentModel"       # or "MultiCompartmentSphericalMeanModel"
+    models = ["G1Ball", "bundle"]         # compartment classes or [distributed.*] names
+    links = [["set_fixed_parameter", "G1Ball_1_lambda_iso", 3e-9]]
+
+    [distributed.bundle]
+    class = "SD1WatsonDistributed"
+    models = ["C1Stick", "G2Zeppelin"]
+    links = [
+      ["set_tortuous_parameter", "G2Zeppelin_1_lambda_perp", "C1Stick_1_lambda_par",
+       "partial_volume_0"],
+      ["set_equal_parameter", "G2Zeppelin_1_lambda_par", "C1Stick_1_lambda_par"],
+      ["set_fixed_parameter", "G2Zeppelin_1_lambda_par", 1.7e-9],
+    ]
+
+    [sampling]                            # fingerprint.dictionary.SamplingSpec fields
+    size = 100000
+    [sampling.ranges]
+    "G1Ball_1_lambda_iso" = [1e-10, 3e-9]
+
+    [maps]                                # output label -> parameter name
+    odi = "SD1WatsonDistributed_1_SD1Watson_1_odi"
+
+Every ``links`` entry is ``[method, *arguments]``, a call of one of
+:data:`LINK_METHODS` on the model (or distributed model) with dmipy's positional
+arguments, in SI units. Recipes are read from the repository's ``dictionaries/``
+directory, or from ``$FINGERPRINT_RECIPE_DIR`` when set.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from fingerprint.errors import InputError, UnknownModelError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+__all__ = [
+    "LINK_METHODS",
+    "RECIPE_DIR_ENV",
+    "Recipe",
+    "load_recipe",
+    "load_recipes",
+    "recipe_dir",
+]
+
+#: Environment variable overriding the recipe directory.
+RECIPE_DIR_ENV = "FINGERPRINT_RECIPE_DIR"
+
+#: Model methods a recipe may call to constrain parameters (dmipy names and arguments).
+LINK_METHODS = ("set_fixed_parameter", "set_tortuous_parameter", "set_equal_parameter",
+                "set_parameter_optimization_bounds")
+
+_MODEL_CLASSES = ("MultiCompartmentModel", "MultiCompartmentSphericalMeanModel")
+_COMPARTMENT_MODULES = ("fingerprint.signal_models.cylinder_models",
+                        "fingerprint.signal_models.gaussian_models",
+                        "fingerprint.signal_models.sphere_models")
+_DISTRIBUTED_MODULE = "fingerprint.distributions.distribute_models"
+_TOP_KEYS = {"name", "description", "reference", "requires_timing", "model", "distributed",
+             "sampling", "maps"}
+
+
+def recipe_dir() -> Path:
+    """Directory holding the recipes: ``$FINGERPRINT_RECIPE_DIR`` or ``<repo>/dictionaries``."""
+    env = os.environ.get(RECIPE_DIR_ENV)
+    if env:
+        return Path(env).expanduser()
+    import fingerprint
+
+    return Path(fingerprint.__file__).resolve().parents[1] / "dictionaries"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A named model: declarative description, default sampling and map labels."""
+
+    name: str
+    description: str
+    requires_timing: bool
+    model_description: Mapping[str, Any]
+    distributed: Mapping[str, Mapping[str, Any]]
+    sampling: Mapping[str, Any]
+    maps: Mapping[str, str]
+    reference: str = ""
+    path: Path | None = field(default=None, compare=False)
+
+    def build_model(self) -> Any:
+        """A fresh model instance described by this recipe."""
+        return _build(self)
+
+    def sampling_spec(self, **overrides: Any) -> Any:
+        """The recipe's default :class:`~fingerprint.dictionary.SamplingSpec`, with
+        ``overrides`` (e.g. ``size=``, ``seed=``; ``None`` values ignored) applied."""
+        from fingerprint.dictionary.sampling import SamplingSpec
+
+        spec = SamplingSpec.from_dict(dict(self.sampling))
+        return spec.replace(**overrides)
+
+
+def _where(path: Path | None) -> str:
+    return f"recipe {path}" if path is not None else "recipe"
+
+
+def _parse(data: Mapping[str, Any], path: Path | None) -> Recipe:
+    where = _where(path)
+    unknown = set(data) - _TOP_KEYS
+    if unknown:
+        raise InputError(f"{where}: unknown field(s) {sorted(unknown)}; "
+                         f"expected some of {sorted(_TOP_KEYS)}")
+    for key in ("name", "description", "model"):
+        if key not in data:
+            raise InputError(f"{where}: missing required field {key!r}")
+    name = data["name"]
+    if not isinstance(name, str) or not name.isidentifier() or name != name.lower():
+        raise InputError(f"{where}: 'name' must be a lower-case identifier, got {name!r}")
+    model = data["model"]
+    if not isinstance(model, Mapping):
+        raise InputError(f"{where}: [model] must be a table")
+    cls = model.get("class", "MultiCompartmentModel")
+    if cls not in _MODEL_CLASSES:
+        raise InputError(f"{where}: [model] class must be one of {_MODEL_CLASSES}, got {cls!r}")
+    distributed = data.get("distributed", {})
+    for table_name, table in [("model", model)] + [(f"distributed.{k}", v)
+                                                   for k, v in distributed.items()]:
+        extra = set(table) - {"class", "models", "links"}
+        if extra:
+            raise InputError(f"{where}: [{table_name}] has unknown field(s) {sorted(extra)}")
+        models = table.get("models")
+        if not isinstance(models, list) or not models or \
+                not all(isinstance(m, str) for m in models):
+            raise InputError(f"{where}: [{table_name}] 'models' must be a non-empty list of "
+                             "class or distributed-model names")
+        for link in table.get("links", []):
+            if not isinstance(link, list) or not link or link[0] not in LINK_METHODS:
+                raise InputError(f"{where}: [{table_name}] link {link!r} must be "
+                                 f"[method, *arguments] with method one of {LINK_METHODS}")
+        if table_name != "model" and "class" not in table:
+            raise InputError(f"{where}: [{table_name}] needs a 'class' (e.g. "
+                             "'SD1WatsonDistributed')")
+    maps = data.get("maps", {})
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in maps.items()):
+        raise InputError(f"{where}: [maps] must map labels to parameter names (strings)")
+    sampling = dict(data.get("sampling", {}))
+    from fingerprint.dictionary.sampling import SamplingSpec
+
+    try:
+        SamplingSpec.from_dict(sampling)
+    except InputError as exc:
+        raise InputError(f"{where}: [sampling]: {exc}") from None
+    requires_timing = data.get("requires_timing", False)
+    if not isinstance(requires_timing, bool):
+        raise InputError(f"{where}: 'requires_timing' must be true or false")
+    return Recipe(name=name, description=str(data["description"]).strip(),
+                  requires_timing=requires_timing, model_description=dict(model),
+                  distributed={k: dict(v) for k, v in distributed.items()},
+                  sampling=sampling, maps=dict(maps), reference=str(data.get("reference", "")),
+                  path=path)
+
+
+def load_recipe(path: str | os.PathLike) -> Recipe:
+    """Parse one recipe file (InputError naming the file on malformed content)."""
+    path = Path(path)
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise InputError(f"recipe {path} is not valid TOML: {exc}") from None
+    recipe = _parse(data, path)
+    if recipe.name != path.stem:
+        raise InputError(f"recipe {path}: name {recipe.name!r} must match the file name")
+    return recipe
+
+
+def load_recipes(directory: str | os.PathLike | None = None) -> dict[str, Recipe]:
+    """All recipes of ``directory`` (default :func:`recipe_dir`), by name."""
+    directory = Path(directory) if directory is not None else recipe_dir()
+    return dict(_load_dir(str(directory.resolve()) if directory.exists() else str(directory),
+                          _dir_stamp(directory)))
+
+
+def _dir_stamp(directory: Path) -> tuple:
+    if not directory.is_dir():
+        return ()
+    return tuple(sorted((p.name, p.stat().st_mtime_ns, p.stat().st_size)
+                        for p in directory.glob("*.toml")))
+
+
+@lru_cache(maxsize=8)
+def _load_dir(directory: str, stamp: tuple) -> tuple[tuple[str, Recipe], ...]:
+    path = Path(directory)
+    if not path.is_dir():
+        return ()
+    return tuple((p.stem, load_recipe(p)) for p in sorted(path.glob("*.toml")))
+
+
+# --------------------------------------------------------------------------- building
+def _compartment_class(name: str, where: str) -> Any:
+    if not name.isidentifier() or name.startswith("_"):
+        raise InputError(f"{where}: {name!r} is not a compartment class name")
+    for module_name in _COMPARTMENT_MODULES:
+        module = importlib.import_module(module_name)
+        cls = getattr(module, name, None)
+        if isinstance(cls, type):
+            return cls
+    raise InputError(f"{where}: unknown compartment class {name!r} (looked in "
+                     f"{', '.join(_COMPARTMENT_MODULES)})")
+
+
+def _apply_links(obj: Any, links: list[list[Any]], where: str) -> None:
+    for link in links:
+        method, *args = link
+        try:
+            getattr(obj, method)(*args)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise InputError(f"{where}: {method}{tuple(args)!r} failed: {exc}") from exc
+
+
+def _build(recipe: Recipe) -> Any:
+    where = _where(recipe.path)
+    framework = importlib.import_module("fingerprint.core.modeling_framework")
+    distribute = None
+    built_distributed: dict[str, Any] = {}
+
+    def make(name: str) -> Any:
+        nonlocal distribute
+        if name in recipe.distributed:
+            table = recipe.distributed[name]
+            if distribute is None:
+                distribute = importlib.import_module(_DISTRIBUTED_MODULE)
+            cls = getattr(distribute, table["class"], None)
+            if not isinstance(cls, type):
+                raise InputError(f"{where}: unknown distributed model class {table['class']!r}")
+            inner = [make(m) for m in table["models"]]
+            obj = cls(models=inner)
+            _apply_links(obj, table.get("links", []), f"{where} [distributed.{name}]")
+            built_distributed[name] = obj
+            return obj
+        return _compartment_class(name, where)()
+
+    description = recipe.model_description
+    models = [make(m) for m in description["models"]]
+    cls = getattr(framework, description.get("class", "MultiCompartmentModel"))
+    model = cls(models=models)
+    _apply_links(model, description.get("links", []), f"{where} [model]")
+    return model
+
+
+def unknown_model(name: str, names: list[str]) -> UnknownModelError:
+    """The error for an unknown model name, listing the available ones."""
+    listed = ", ".join(names) if names else "(none: no recipes found in " \
+        f"{recipe_dir()})"
+    return UnknownModelError(f"unknown model {name!r}; available models: {listed}")
