@@ -34,7 +34,7 @@ def _reference_scheme() -> tuple[Path, Path, float, float]:
     ref = Path(os.environ.get("FINGERPRINT_REFERENCE_DIR", default))
     info = json.loads((ref / "schemes" / "hcp.json").read_text())
     return (ref / "schemes" / "hcp.bval", ref / "schemes" / "hcp.bvec",
-            float(info["delta_s"]), float(info["Delta_s"]))
+            float(info["delta_s"][0]), float(info["Delta_s"][0]))
 
 
 def child(args: argparse.Namespace) -> None:

@@ -15,7 +15,7 @@ def hcp(reference_dir):
     schemes = reference_dir / "schemes"
     info = json.loads((schemes / "hcp.json").read_text())
     return {"bval": schemes / "hcp.bval", "bvec": schemes / "hcp.bvec",
-            "delta": info["delta_s"], "Delta": info["Delta_s"]}
+            "delta": info["delta_s"][0], "Delta": info["Delta_s"][0]}
 
 
 def _run(capsys, *argv):

@@ -40,7 +40,7 @@ def hcp_scheme(reference_dir):
     info = json.loads((reference_dir / "schemes" / "hcp.json").read_text())
     return read_bvals_bvecs(reference_dir / "schemes" / "hcp.bval",
                             reference_dir / "schemes" / "hcp.bvec",
-                            delta=info["delta_s"], Delta=info["Delta_s"])
+                            delta=info["delta_s"][0], Delta=info["Delta_s"][0])
 
 
 @pytest.fixture(scope="module")
@@ -336,8 +336,8 @@ def _child_script(tmp_path: Path, reference_dir: Path) -> Path:
     script.write_text(_CHILD.format(root=str(REPO_ROOT),
                                     bval=str(reference_dir / "schemes" / "hcp.bval"),
                                     bvec=str(reference_dir / "schemes" / "hcp.bvec"),
-                                    delta=float(info["delta_s"]),
-                                    Delta=float(info["Delta_s"])))
+                                    delta=float(info["delta_s"][0]),
+                                    Delta=float(info["Delta_s"][0])))
     return script
 
 

@@ -39,7 +39,7 @@ def hcp_scheme(reference_dir):
     info = json.loads((reference_dir / "schemes" / "hcp.json").read_text())
     return read_bvals_bvecs(reference_dir / "schemes" / "hcp.bval",
                             reference_dir / "schemes" / "hcp.bvec",
-                            delta=info["delta_s"], Delta=info["Delta_s"])
+                            delta=info["delta_s"][0], Delta=info["Delta_s"][0])
 
 
 def test_catalogue_lists_the_required_models():

@@ -129,19 +129,30 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
 
 def _progress_bar(args: argparse.Namespace):
+    """A lazily created tqdm bar (nothing is drawn before the build starts) and its
+    fraction callback."""
     if args.no_progress or getattr(args, "quiet", False):
         return None, None
     from tqdm import tqdm
 
-    bar = tqdm(total=1000, unit="‰", desc="dictionary", file=sys.stderr,
-               bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining}")
+    holder: dict[str, Any] = {}
 
     def progress(fraction: float) -> None:
+        bar = holder.get("bar")
+        if bar is None:
+            bar = holder["bar"] = tqdm(
+                total=1000, desc="dictionary", file=sys.stderr,
+                bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining}")
         target = int(round(fraction * 1000))
         if target > bar.n:
             bar.update(target - bar.n)
 
-    return bar, progress
+    class _Closer:
+        def close(self) -> None:
+            if "bar" in holder:
+                holder["bar"].close()
+
+    return _Closer(), progress
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
