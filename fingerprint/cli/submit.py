@@ -1,0 +1,118 @@
+"""``fingerprint submit``: send a volume to a lab server, optionally wait and download.
+
+    fingerprint submit --server URL --api-key KEY --model noddi --dwi dwi.nii.gz \\
+        --bval dwi.bval --bvec dwi.bvec [--mask mask.nii.gz] [--wait] [--out DIR]
+
+The API key may also come from ``$FINGERPRINT_API_KEY`` and the server from
+``$FINGERPRINT_SERVER``. Errors from the server (bad key, upload too large, invalid
+input, too many jobs) exit with status 2 and the server's message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def add_parser(subparsers: Any) -> None:
+    """Register ``fingerprint submit``."""
+    parser = subparsers.add_parser(
+        "submit", help="fit a volume on a lab server (upload, wait, download)",
+        description="Upload a DWI volume to a fingerprint lab server and queue a fit; with "
+                    "--wait, show progress and download the maps.")
+    parser.add_argument("--server", default=os.environ.get("FINGERPRINT_SERVER"),
+                        help="server URL, e.g. http://lab-server:8000 "
+                             "(default $FINGERPRINT_SERVER)")
+    parser.add_argument("--api-key", default=None,
+                        help="API key (default $FINGERPRINT_API_KEY)")
+    parser.add_argument("--model", default="noddi", help="named model (default noddi)")
+    parser.add_argument("--dwi", type=Path, required=True, help="4-D DWI NIfTI")
+    parser.add_argument("--bval", type=Path, required=True, help="FSL bval file (s/mm²)")
+    parser.add_argument("--bvec", type=Path, required=True, help="FSL bvec file")
+    parser.add_argument("--mask", type=Path, help="3-D brain mask NIfTI")
+    parser.add_argument("--threads", type=int, help="threads for the job on the server")
+    parser.add_argument("--dictionary-size", type=int, help="atoms in the dictionary")
+    parser.add_argument("--prefix", help="BIDS prefix of the output files (sub-01_ses-1)")
+    parser.add_argument("--wait", action="store_true",
+                        help="wait for the job, showing progress, then download the maps")
+    parser.add_argument("--out", type=Path,
+                        help="where to put the maps (implies --wait; default ./<job id>)")
+    parser.add_argument("--poll", type=float, default=1.0, help="status poll period (s)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(func=run)
+
+
+def _fail(message: str) -> Exception:
+    from fingerprint.cli.main import CLIError
+
+    return CLIError(message)
+
+
+_HINTS = {
+    401: "check --api-key (or $FINGERPRINT_API_KEY)",
+    403: "this needs an admin key",
+    413: "the upload is larger than the server accepts (ask for a larger --max-upload-mb)",
+    422: "the inputs were rejected",
+    429: "too many of your jobs are queued or running; wait for one to finish",
+}
+
+
+def run(args: argparse.Namespace) -> int:
+    import httpx
+
+    from fingerprint.client import FingerprintClient, ServerError
+
+    api_key = args.api_key or os.environ.get("FINGERPRINT_API_KEY")
+    if not args.server:
+        raise _fail("--server is required (or set $FINGERPRINT_SERVER)")
+    if not api_key:
+        raise _fail("--api-key is required (or set $FINGERPRINT_API_KEY)")
+    wait = args.wait or args.out is not None
+    try:
+        with FingerprintClient(args.server, api_key) as client:
+            job = client.submit(args.dwi, args.bval, args.bvec, args.mask, model=args.model,
+                                threads=args.threads, dictionary_size=args.dictionary_size,
+                                prefix=args.prefix)
+            sys.stderr.write(f"submitted job {job['id']} ({job['model']})\n")
+            if not wait:
+                sys.stdout.write(f"{job['id']}\n")
+                return 0
+            job = _wait(client, job["id"], args.poll, not args.no_progress)
+            if job["status"] != "succeeded":
+                raise _fail(f"job {job['id']} {job['status']}: {job.get('error') or ''}".strip())
+            out = args.out or Path(job["id"])
+            files = client.download(job["id"], out)
+    except ServerError as exc:
+        hint = _HINTS.get(exc.status_code)
+        where = f" (field '{exc.field}')" if exc.field else ""
+        raise _fail(f"server refused the request: HTTP {exc.status_code}{where}: {exc.detail}"
+                    + (f" — {hint}" if hint else "")) from None
+    except httpx.HTTPError as exc:
+        raise _fail(f"cannot talk to {args.server}: {exc}") from None
+    sys.stderr.write(f"downloaded {len(files)} files into {out}\n")
+    for path in files:
+        sys.stdout.write(f"{path}\n")
+    return 0
+
+
+def _wait(client: Any, job_id: str, poll: float, show: bool) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    bar = tqdm(total=100, unit="%", desc=job_id[:8], disable=not show, leave=True,
+               bar_format="{desc} {percentage:3.0f}%|{bar}| {postfix}")
+    state = {"last": 0}
+
+    def update(job: dict[str, Any]) -> None:
+        value = int(round(100 * float(job.get("progress") or 0)))
+        if value > state["last"]:
+            bar.update(value - state["last"])
+            state["last"] = value
+        bar.set_postfix_str(job["status"])
+
+    try:
+        return client.wait(job_id, poll=poll, progress=update)
+    finally:
+        bar.close()

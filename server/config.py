@@ -1,0 +1,84 @@
+"""Server settings, from command-line flags or ``FINGERPRINT_*`` environment variables.
+
+Every field can be set by an environment variable named ``FINGERPRINT_<FIELD>`` (for
+example ``FINGERPRINT_DATA_DIR``, ``FINGERPRINT_MAX_UPLOAD_MB``); explicit constructor
+arguments (the ``fingerprint serve`` flags) take precedence.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["Settings"]
+
+
+def _default_workers() -> int:
+    return 1
+
+
+class Settings(BaseSettings):
+    """Configuration of one server instance."""
+
+    model_config = SettingsConfigDict(env_prefix="FINGERPRINT_", extra="ignore")
+
+    host: str = Field("127.0.0.1", description="interface to listen on")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port")
+    data_dir: Path = Field(Path("fingerprint-data"),
+                           description="directory holding the database, jobs and dictionaries")
+    dictionary_dir: Path | None = Field(
+        None, description="dictionary directory (default: <data_dir>/dictionaries)")
+    workers: int = Field(default_factory=_default_workers, ge=1, le=256,
+                         description="jobs run at the same time")
+    threads: int | None = Field(
+        None, ge=1, description="threads per job (default: cores / workers, at least 1)")
+    dask_scheduler: str | None = Field(
+        None, description="address of a dask.distributed scheduler (tcp://host:8786); "
+                          "voxel chunks then run as Dask tasks")
+    max_upload_mb: float = Field(2048.0, gt=0, description="largest request body, in MiB")
+    max_jobs_per_key: int = Field(4, ge=1, description="queued + running jobs per API key")
+    max_attempts: int = Field(3, ge=1,
+                              description="runs of a job interrupted by a server stop before "
+                                          "it is failed")
+    default_model: str = Field("noddi", description="model used when a job names none")
+    max_dictionary_size: int = Field(2_000_000, ge=1,
+                                     description="largest dictionary a job may ask for")
+    cancel_wait_seconds: float = Field(
+        10.0, ge=0, description="how long DELETE waits for a running job to stop")
+    poll_interval: float = Field(0.2, gt=0, description="dispatcher polling period (s)")
+    log_level: str = Field("info", description="uvicorn log level")
+
+    @field_validator("data_dir", "dictionary_dir", mode="after")
+    @classmethod
+    def _expand(cls, value: Path | None) -> Path | None:
+        return None if value is None else Path(os.path.expanduser(str(value))).absolute()
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
+
+    @property
+    def database_path(self) -> Path:
+        return self.data_dir / "fingerprint.sqlite3"
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.data_dir / "jobs"
+
+    @property
+    def tmp_dir(self) -> Path:
+        return self.data_dir / "tmp"
+
+    @property
+    def resolved_dictionary_dir(self) -> Path:
+        return self.dictionary_dir if self.dictionary_dir is not None else (
+            self.data_dir / "dictionaries")
+
+    @property
+    def threads_per_job(self) -> int:
+        if self.threads:
+            return self.threads
+        return max(1, (os.cpu_count() or 1) // self.workers)

@@ -1,0 +1,471 @@
+"""Running jobs outside the event loop.
+
+A dispatcher thread takes queued jobs from the database (oldest first) and runs at most
+``workers`` of them at a time:
+
+* by default each job runs in a worker process of a ``ProcessPoolExecutor`` (spawn start
+  method): :func:`run_job` calls the library's ``fit_volume`` there and writes progress to
+  the database itself;
+* with a Dask scheduler, each job runs in a thread of the API process and hands
+  ``fit_volume`` the Dask client's executor, so the voxel chunks become Dask tasks.
+
+Cancellation is a flag file in the job directory (``cancel``), polled through
+``fit_volume``'s ``should_cancel``. Worker processes also stop when the API process dies
+(parent-death signal on Linux, parent-pid check elsewhere), so a restarted server never
+races an orphan over the same job directory.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import importlib
+import inspect
+import logging
+import multiprocessing
+import os
+import shutil
+import signal
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import Settings
+from .db import Database
+from .storage import JobStorage
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Dispatcher", "JobSpec", "run_job"]
+
+_PROGRESS_INTERVAL = 0.25  # s between progress writes
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """Everything a worker needs to run one job (picklable)."""
+
+    job_id: str
+    kind: str
+    model: str
+    options: dict[str, Any]
+    inputs: dict[str, str]
+    job_dir: str
+    db_path: str
+    dictionary_dir: str
+    threads: int
+    attempt: int
+    parent_pid: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class _Progress:
+    """Throttled progress writer."""
+
+    def __init__(self, db: Database, job_id: str) -> None:
+        self.db = db
+        self.job_id = job_id
+        self._last = 0.0
+        self._last_value = -1.0
+
+    def __call__(self, fraction: float) -> None:
+        now = time.monotonic()
+        fraction = float(fraction)
+        if fraction < 1.0 and now - self._last < _PROGRESS_INTERVAL:
+            return
+        if fraction <= self._last_value:
+            return
+        self._last, self._last_value = now, fraction
+        try:
+            self.db.set_progress(self.job_id, min(fraction, 0.999))
+        except Exception:  # progress is best effort; never fail a fit for it
+            logger.debug("progress write failed", exc_info=True)
+
+
+def _supported(func: Callable, name: str) -> bool:
+    try:
+        params = inspect.signature(func).parameters
+    except (TypeError, ValueError):  # pragma: no cover
+        return False
+    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def _cancel_check(spec: JobSpec, stop_event: threading.Event | None) -> Callable[[], bool]:
+    flag = Path(spec.job_dir) / "cancel"
+
+    def should_cancel() -> bool:
+        if flag.exists():
+            return True
+        if stop_event is not None and stop_event.is_set():
+            return True
+        return spec.parent_pid is not None and os.getppid() != spec.parent_pid
+
+    return should_cancel
+
+
+def _run_fit(spec: JobSpec, progress: Callable[[float], None],
+             should_cancel: Callable[[], bool], executor: Any) -> dict[str, Any]:
+    from fingerprint.fitting.pipeline import fit_volume
+
+    job_dir = Path(spec.job_dir)
+    partial = job_dir / f"outputs.partial.{spec.attempt}"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    inputs = {k: str(job_dir / "inputs" / v) for k, v in spec.inputs.items()}
+    kwargs: dict[str, Any] = {
+        "mask": inputs.get("mask"), "threads": spec.threads, "executor": executor,
+        "progress": progress, "should_cancel": should_cancel,
+        "dictionary_dir": spec.dictionary_dir,
+    }
+    options = spec.options
+    if options.get("prefix"):
+        kwargs["prefix"] = options["prefix"]
+    size = options.get("dictionary_size")
+    if size is not None:
+        for name in ("dictionary_size", "size"):
+            if _supported(fit_volume, name):
+                kwargs[name] = int(size)
+                break
+        else:
+            raise RuntimeError("this library version cannot choose the dictionary size")
+    result = fit_volume(spec.model, inputs["dwi"], inputs["bval"], inputs["bvec"], partial,
+                        **kwargs)
+    names = []
+    root = partial.resolve()
+    for path in result.files:
+        path = Path(path)
+        if not path.is_absolute() and not path.exists():
+            path = partial / path
+        try:
+            names.append(path.resolve().relative_to(root).as_posix())
+        except ValueError:
+            raise RuntimeError(f"the fit wrote {path} outside its output directory") from None
+    final = job_dir / "outputs"
+    shutil.rmtree(final, ignore_errors=True)
+    os.rename(partial, final)
+    return {"outputs": sorted(names),
+            "result": {"n_voxels": int(getattr(result, "n_voxels", 0)),
+                       "seconds": float(getattr(result, "seconds", 0.0))}}
+
+
+def _run_dictionary(spec: JobSpec, progress: Callable[[float], None],
+                    should_cancel: Callable[[], bool]) -> dict[str, Any]:
+    get_or_build_dictionary = importlib.import_module(
+        "fingerprint.dictionary").get_or_build_dictionary
+    read_bvals_bvecs = importlib.import_module("fingerprint.io.gradients").read_bvals_bvecs
+
+    job_dir = Path(spec.job_dir)
+    options = spec.options
+    scheme = read_bvals_bvecs(str(job_dir / "inputs" / spec.inputs["bval"]),
+                              str(job_dir / "inputs" / spec.inputs["bvec"]),
+                              delta=options.get("delta"), Delta=options.get("Delta"))
+    kwargs: dict[str, Any] = {"size": options.get("size"), "seed": options.get("seed", 0),
+                              "directory": spec.dictionary_dir, "progress": progress,
+                              "n_jobs": spec.threads}
+    if _supported(get_or_build_dictionary, "should_cancel"):
+        kwargs["should_cancel"] = should_cancel
+    dictionary = get_or_build_dictionary(spec.model, scheme, **kwargs)
+    path = Path(dictionary.path)
+    info: dict[str, Any] = {"dictionary": path.name}
+    for attr in ("key", "size", "n_atoms"):
+        value = getattr(dictionary, attr, None)
+        if isinstance(value, (str, int)):
+            info[attr] = value
+    return {"outputs": [], "result": info}
+
+
+def run_job(spec: JobSpec, *, executor: Any = None,
+            stop_event: threading.Event | None = None) -> dict[str, Any]:
+    """Run one job to completion; returns ``{'status', 'error', 'outputs', 'result'}``.
+
+    Called in a worker process (process pool) or a thread of the API process (Dask).
+    Never raises for a job's own failure: errors become ``status='failed'`` with a
+    message; cancellation becomes ``status='cancelled'``.
+    """
+    from fingerprint.errors import CancelledError, FingerprintError
+
+    db = Database(spec.db_path)
+    progress = _Progress(db, spec.job_id)
+    should_cancel = _cancel_check(spec, stop_event)
+    try:
+        if spec.kind == "fit":
+            out = _run_fit(spec, progress, should_cancel, executor)
+        elif spec.kind == "dictionary":
+            out = _run_dictionary(spec, progress, should_cancel)
+        else:
+            raise RuntimeError(f"unknown job kind {spec.kind!r}")
+        return {"status": "succeeded", "error": None, **out}
+    except CancelledError:
+        return {"status": "cancelled", "error": "cancelled", "outputs": [], "result": {}}
+    except (FingerprintError, ValueError, OSError) as exc:
+        logger.info("job %s failed: %s", spec.job_id, exc)
+        return {"status": "failed", "error": f"{type(exc).__name__}: {exc}", "outputs": [],
+                "result": {}}
+    except Exception as exc:
+        logger.error("job %s crashed:\n%s", spec.job_id, traceback.format_exc())
+        return {"status": "failed", "error": f"internal error ({type(exc).__name__}: {exc})",
+                "outputs": [], "result": {}}
+    finally:
+        for stale in Path(spec.job_dir).glob(f"outputs.partial.{spec.attempt}"):
+            shutil.rmtree(stale, ignore_errors=True)
+        db.close()
+
+
+def _worker_init(parent_pid: int) -> None:
+    """Worker-process start-up: die with the parent, ignore Ctrl-C (the parent handles
+    it), and import the library once so the first job does not pay for it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except Exception:  # not Linux: the parent-pid check in should_cancel remains
+        pass
+    if os.getppid() != parent_pid:
+        os._exit(1)
+    try:
+        import fingerprint.fitting.pipeline  # noqa: F401
+    except Exception:  # reported when a job actually needs it
+        pass
+
+
+def _warmup() -> int:
+    return os.getpid()
+
+
+class Dispatcher:
+    """Feeds queued jobs from the database to the executor; one instance per server."""
+
+    def __init__(self, settings: Settings, db: Database, storage: JobStorage) -> None:
+        self.settings = settings
+        self.db = db
+        self.storage = storage
+        self.workers = settings.workers
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._running: dict[str, tuple[cf.Future, JobSpec]] = {}
+        self._pool: cf.Executor | None = None
+        self._client: Any = None
+        self._client_error: str | None = None
+        self._lock = threading.Lock()
+        self.mode = "dask" if settings.dask_scheduler else "process"
+
+    # -- lifecycle ---------------------------------------------------------------------
+    def start(self) -> None:
+        if self.mode == "process":
+            self._pool = self._new_process_pool()
+        else:
+            self._pool = cf.ThreadPoolExecutor(max_workers=self.workers,
+                                               thread_name_prefix="fingerprint-job")
+        self._thread = threading.Thread(target=self._loop, name="fingerprint-dispatcher",
+                                        daemon=True)
+        self._thread.start()
+
+    def _new_process_pool(self) -> cf.ProcessPoolExecutor:
+        pool = cf.ProcessPoolExecutor(max_workers=self.workers,
+                                      mp_context=multiprocessing.get_context("spawn"),
+                                      initializer=_worker_init, initargs=(os.getpid(),))
+        for _ in range(self.workers):  # start the workers now, not on the first job
+            pool.submit(_warmup)
+        return pool
+
+    def stop(self) -> None:
+        """Stop dispatching; running jobs go back to the queue (not counted as attempts)
+        and are resumed by the next start."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        with self._lock:
+            running = dict(self._running)
+            self._running.clear()
+        for job_id in running:
+            self.db.requeue(job_id, "re-queued: the server stopped during the run",
+                            refund_attempt=True)
+        pool = self._pool
+        if isinstance(pool, cf.ProcessPoolExecutor):
+            processes = list((getattr(pool, "_processes", None) or {}).values())
+            pool.shutdown(wait=False, cancel_futures=True)
+            for proc in processes:
+                try:
+                    proc.kill()
+                except Exception:  # already gone
+                    pass
+        elif pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+        if self._client is not None:
+            try:
+                self._client.close(timeout=5)
+            except Exception:  # pragma: no cover - best effort
+                pass
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    # -- health ------------------------------------------------------------------------
+    def health(self) -> tuple[bool, str]:
+        if self._thread is None or not self._thread.is_alive():
+            return False, "the dispatcher thread is not running"
+        if self.mode == "process":
+            if self._pool is None or getattr(self._pool, "_broken", False):
+                return False, "the worker process pool is broken"
+            return True, f"{self.workers} worker process(es)"
+        if self._client is None:
+            return False, (f"not connected to the Dask scheduler {self.settings.dask_scheduler}"
+                           + (f": {self._client_error}" if self._client_error else ""))
+        status = getattr(self._client, "status", "running")
+        if status != "running":
+            return False, f"Dask client is {status}"
+        return True, f"Dask scheduler {self.settings.dask_scheduler}"
+
+    @property
+    def running_ids(self) -> set[str]:
+        with self._lock:
+            return set(self._running)
+
+    # -- loop --------------------------------------------------------------------------
+    def _connect_dask(self) -> bool:
+        if self._client is not None:
+            return True
+        try:
+            from distributed import Client
+
+            self._client = Client(self.settings.dask_scheduler, timeout="10s",
+                                  set_as_default=False)
+            self._client_error = None
+            logger.info("connected to the Dask scheduler %s", self.settings.dask_scheduler)
+            return True
+        except Exception as exc:
+            self._client_error = str(exc) or type(exc).__name__
+            logger.warning("cannot reach the Dask scheduler %s: %s",
+                           self.settings.dask_scheduler, self._client_error)
+            return False
+
+    def _loop(self) -> None:
+        next_dask_try = 0.0
+        while not self._stop.is_set():
+            try:
+                self._reap()
+                if self.mode == "dask" and self._client is None:
+                    if time.monotonic() >= next_dask_try and not self._connect_dask():
+                        next_dask_try = time.monotonic() + 5.0
+                if self.mode == "process" or self._client is not None:
+                    self._fill()
+            except Exception:  # keep dispatching whatever happens to one job
+                logger.exception("dispatcher iteration failed")
+            self._wake.wait(self.settings.poll_interval)
+            self._wake.clear()
+
+    def _spec(self, job: dict[str, Any]) -> JobSpec:
+        return JobSpec(
+            job_id=job["id"], kind=job["kind"], model=job["model"], options=job["options"],
+            inputs=job["inputs"], job_dir=str(self.storage.job_dir(job["id"])),
+            db_path=str(self.db.path),
+            dictionary_dir=str(self.settings.resolved_dictionary_dir),
+            threads=int(job["options"].get("threads") or self.settings.threads_per_job),
+            attempt=int(job["attempts"]),
+            parent_pid=os.getpid() if self.mode == "process" else None)
+
+    def _fill(self) -> None:
+        while not self._stop.is_set():
+            with self._lock:
+                if len(self._running) >= self.workers:
+                    return
+                busy = set(self._running)
+            job = self.db.next_queued(exclude=busy)
+            if job is None:
+                return
+            if not self.db.claim(job["id"]):
+                continue
+            job = self.db.get_job(job["id"])
+            spec = self._spec(job)
+            try:
+                if self.mode == "process":
+                    future = self._pool.submit(run_job, spec)
+                else:
+                    future = self._pool.submit(self._run_in_thread, spec)
+            except Exception as exc:  # pool broken or shutting down
+                logger.warning("cannot submit job %s: %s", job["id"], exc)
+                self.db.requeue(job["id"], refund_attempt=True)
+                self._replace_pool()
+                return
+            future.add_done_callback(lambda _f: self._wake.set())
+            with self._lock:
+                self._running[job["id"]] = (future, spec)
+            logger.info("job %s (%s, %s) started, attempt %d", job["id"], job["kind"],
+                        job["model"], spec.attempt)
+
+    def _run_in_thread(self, spec: JobSpec) -> dict[str, Any]:
+        executor = self._client.get_executor() if self._client is not None else None
+        return run_job(spec, executor=executor, stop_event=self._stop)
+
+    def _replace_pool(self) -> None:
+        if self.mode != "process" or self._stop.is_set():
+            return
+        old = self._pool
+        try:
+            old.shutdown(wait=False, cancel_futures=True)
+        except Exception:  # pragma: no cover
+            pass
+        self._pool = self._new_process_pool()
+        logger.warning("worker process pool replaced")
+
+    def _reap(self) -> None:
+        with self._lock:
+            done = {k: v for k, v in self._running.items() if v[0].done()}
+        if not done:
+            return
+        broken = False
+        for job_id, (future, spec) in done.items():
+            try:
+                outcome = future.result()
+            except cf.process.BrokenProcessPool:
+                broken = True
+                outcome = None
+            except Exception as exc:
+                logger.exception("job %s raised outside the runner", job_id)
+                outcome = {"status": "failed", "error": f"internal error ({exc})",
+                           "outputs": [], "result": {}}
+            if self._stop.is_set():
+                return  # stop() re-queues whatever is left
+            with self._lock:
+                self._running.pop(job_id, None)
+            self._record(job_id, spec, outcome)
+        if broken:
+            self._replace_pool()
+
+    def _record(self, job_id: str, spec: JobSpec, outcome: dict[str, Any] | None) -> None:
+        job = self.db.get_job(job_id)
+        if job is None:
+            return
+        if outcome is None:  # the worker process died (killed, out of memory, ...)
+            if job["cancel_requested"]:
+                self.db.finish(job_id, "cancelled", error="cancelled by the owner")
+            elif job["attempts"] < self.settings.max_attempts:
+                self.db.requeue(job_id, "re-queued: the worker process died")
+            else:
+                self.db.finish(job_id, "failed", error=(
+                    f"the worker process died during each of {job['attempts']} attempts "
+                    "(out of memory?)"))
+        else:
+            status = outcome["status"]
+            if status == "cancelled" and not job["cancel_requested"]:
+                # stopped by the server itself (e.g. the parent died): run it again
+                self.db.requeue(job_id, "re-queued: the run was interrupted")
+            else:
+                error = ("cancelled by the owner" if status == "cancelled"
+                         else outcome.get("error"))
+                self.db.finish(job_id, status, error=error, outputs=outcome.get("outputs"),
+                               result=outcome.get("result"))
+        job = self.db.get_job(job_id)
+        logger.info("job %s finished: %s%s", job_id, job["status"],
+                    f" ({job['error']})" if job["status"] == "failed" else "")
+        if job["deleted"]:
+            self.storage.remove_job(job_id)
+        elif job["status"] == "cancelled":
+            shutil.rmtree(self.storage.partial_outputs_dir(job_id), ignore_errors=True)

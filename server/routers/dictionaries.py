@@ -1,0 +1,93 @@
+"""/v1/dictionaries: prebuild (admin) and list dictionaries."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+
+from ..dependencies import AdminKey, CallerKey, Context
+from ..schemas import DictionaryInfo, ErrorBody, JobOut
+from ..storage import FileField
+from ..validation import check_model, float_field, int_field, validate_scheme
+from .jobs import accept_job, accepted, receive_job_upload
+
+router = APIRouter(prefix="/dictionaries", tags=["dictionaries"])
+
+SCHEME_FILES = {"bval": FileField("scheme.bval"), "bvec": FileField("scheme.bvec")}
+SCHEME_TEXT = {"model", "size", "seed", "delta", "Delta"}
+
+_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {"multipart/form-data": {"schema": {
+            "type": "object",
+            "required": ["bval", "bvec"],
+            "additionalProperties": False,
+            "properties": {
+                "bval": {"type": "string", "format": "binary",
+                         "description": "FSL bval file (s/mm²)"},
+                "bvec": {"type": "string", "format": "binary", "description": "FSL bvec file"},
+                "model": {"type": "string", "default": "noddi"},
+                "size": {"type": "integer", "minimum": 1,
+                         "description": "atoms (default: the model's)"},
+                "seed": {"type": "integer", "minimum": 0},
+                "delta": {"type": "number", "description": "gradient pulse duration (s)"},
+                "Delta": {"type": "number", "description": "gradient pulse separation (s)"},
+            },
+        }}},
+    }
+}
+
+
+@router.post("", status_code=202, response_model=JobOut, openapi_extra=_BODY,
+             summary="Prebuild a dictionary (admin)",
+             responses={401: {"model": ErrorBody}, 403: {"model": ErrorBody},
+                        413: {"model": ErrorBody}, 422: {"model": ErrorBody},
+                        429: {"model": ErrorBody}})
+async def build_dictionary(request: Request, ctx: Context, key: AdminKey) -> JSONResponse:
+    """Queue the build of a model's dictionary for an acquisition scheme (bval + bvec,
+    optional pulse timing). The build is a job: follow it at ``/v1/jobs/{id}``."""
+    upload, upload_dir = await receive_job_upload(request, ctx, key.id, SCHEME_FILES,
+                                                  SCHEME_TEXT)
+    try:
+        fields = upload.fields
+        model = check_model(fields.get("model") or ctx.settings.default_model)
+        options: dict[str, Any] = {
+            "size": int_field(fields, "size", low=1, high=ctx.settings.max_dictionary_size),
+            "seed": int_field(fields, "seed", low=0, high=2**31 - 1) or 0,
+            "delta": float_field(fields, "delta", low=0, high=1, unit="seconds"),
+            "Delta": float_field(fields, "Delta", low=0, high=10, unit="seconds"),
+        }
+        options = {k: v for k, v in options.items() if v is not None}
+        await run_in_threadpool(validate_scheme, upload.files, options.get("delta"),
+                                options.get("Delta"))
+        inputs = {name: path.name for name, path in upload.files.items()}
+        job = await run_in_threadpool(accept_job, ctx, key.id, upload_dir, kind="dictionary",
+                                      model=model, options=options, inputs=inputs)
+    except BaseException:
+        shutil.rmtree(upload_dir, ignore_errors=True)
+        raise
+    return accepted(job)
+
+
+def _info(entry: dict[str, Any]) -> DictionaryInfo:
+    details = {k: v for k, v in entry.items() if k not in ("path", "valid")}
+    # never disclose server paths
+    details = {k: (Path(v).name if isinstance(v, str) and "/" in v and k.endswith("path")
+                   else v) for k, v in details.items()}
+    return DictionaryInfo(name=Path(entry["path"]).name, valid=bool(entry.get("valid")),
+                          details=details)
+
+
+@router.get("", response_model=list[DictionaryInfo], summary="List stored dictionaries",
+            responses={401: {"model": ErrorBody}})
+def list_dictionaries(ctx: Context, key: CallerKey) -> list[DictionaryInfo]:
+    """The dictionaries in the server's dictionary directory, oldest first."""
+    from fingerprint.dictionary import list_dictionaries as _list
+
+    return [_info(e) for e in _list(ctx.settings.resolved_dictionary_dir)]

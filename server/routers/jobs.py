@@ -1,0 +1,306 @@
+"""/v1/jobs: submit, list, inspect, download and delete fitting jobs."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import shutil
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request
+from fastapi import Path as PathParam
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+
+from ..dependencies import ApiError, CallerKey, Context, ServerContext
+from ..schemas import ErrorBody, JobList, JobOut, job_out
+from ..storage import DRAIN_LIMIT, FileField, UploadError, _drain, receive_multipart
+from ..validation import check_model, int_field, prefix_field, validate_fit
+
+router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+JOB_ID_PATTERN = re.compile(r"^[0-9a-f]{32}$")
+JobId = Annotated[str, PathParam(description="job id", max_length=64)]
+
+FIT_FILES = {
+    "dwi": FileField("dwi", nifti=True),
+    "bval": FileField("dwi.bval"),
+    "bvec": FileField("dwi.bvec"),
+    "mask": FileField("mask", nifti=True, required=False),
+}
+FIT_TEXT = {"model", "threads", "dictionary_size", "prefix"}
+
+_ERRORS = {
+    401: {"model": ErrorBody, "description": "missing or invalid API key"},
+    404: {"model": ErrorBody, "description": "no such job (or not yours)"},
+}
+
+_FIT_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {"multipart/form-data": {"schema": {
+            "type": "object",
+            "required": ["dwi", "bval", "bvec"],
+            "additionalProperties": False,
+            "properties": {
+                "dwi": {"type": "string", "format": "binary",
+                        "description": "4-D diffusion-weighted NIfTI (.nii or .nii.gz)"},
+                "bval": {"type": "string", "format": "binary",
+                         "description": "FSL bval file (s/mm²)"},
+                "bvec": {"type": "string", "format": "binary", "description": "FSL bvec file"},
+                "mask": {"type": "string", "format": "binary",
+                         "description": "optional 3-D brain mask NIfTI"},
+                "model": {"type": "string", "default": "noddi",
+                          "description": "named model (GET /v1/models)"},
+                "threads": {"type": "integer", "minimum": 1, "maximum": 256,
+                            "description": "threads for this job"},
+                "dictionary_size": {"type": "integer", "minimum": 1,
+                                    "description": "atoms in the dictionary (default: the "
+                                                   "model's)"},
+                "prefix": {"type": "string",
+                           "description": "BIDS prefix of the output files (sub-01_ses-1)"},
+            },
+        }}},
+    }
+}
+
+
+def _owned_job(ctx: ServerContext, key_id: str, job_id: str) -> dict[str, Any]:
+    job = ctx.db.get_job(job_id) if JOB_ID_PATTERN.match(job_id) else None
+    if job is None or job["owner"] != key_id or job["deleted"]:
+        raise ApiError(404, f"no job {job_id}")
+    return job
+
+
+async def _reject_before_body(request: Request, status: int, detail: str,
+                              field: str | None = None) -> None:
+    """Answer without storing the body, after reading (and discarding) a bounded part of
+    it so the client sees the response."""
+    await _drain(request.stream(), DRAIN_LIMIT)
+    raise ApiError(status, detail, field)
+
+
+async def receive_job_upload(request: Request, ctx: ServerContext, key_id: str,
+                             files: dict[str, FileField], text: set[str]):
+    """Check the per-key limit, then stream the form into a fresh upload directory.
+    Returns (upload, upload_dir); the caller owns (and removes on error) the directory."""
+    limit = ctx.settings.max_jobs_per_key
+    if await run_in_threadpool(ctx.db.count_active, key_id) >= limit:
+        await _reject_before_body(request, 429, f"this API key already has {limit} queued or "
+                                                "running jobs; wait for one to finish")
+    upload_dir = ctx.storage.new_upload_dir()
+    try:
+        upload = await receive_multipart(request, upload_dir, file_fields=files,
+                                         text_fields=text,
+                                         max_bytes=ctx.settings.max_upload_bytes)
+    except UploadError as exc:
+        shutil.rmtree(upload_dir, ignore_errors=True)
+        raise ApiError(exc.status_code, exc.detail, exc.field) from None
+    except BaseException:
+        shutil.rmtree(upload_dir, ignore_errors=True)
+        raise
+    return upload, upload_dir
+
+
+def accept_job(ctx: ServerContext, key_id: str, upload_dir: Path, *, kind: str, model: str,
+               options: dict[str, Any], inputs: dict[str, str]) -> dict[str, Any]:
+    """Move a validated upload into place and queue the job (429 over the per-key limit)."""
+    job_id = ctx.db.new_job_id()
+    ctx.storage.promote(upload_dir, job_id)
+    job = ctx.db.insert_job(job_id, owner=key_id, kind=kind, model=model, options=options,
+                            inputs=inputs, max_active=ctx.settings.max_jobs_per_key)
+    if job is None:
+        ctx.storage.remove_job(job_id)
+        raise ApiError(429, f"this API key already has {ctx.settings.max_jobs_per_key} queued "
+                            "or running jobs; wait for one to finish")
+    ctx.dispatcher.wake()
+    return job
+
+
+def accepted(job: dict[str, Any]) -> JSONResponse:
+    body = job_out(job).model_dump()
+    return JSONResponse(body, status_code=202, headers={"Location": body["links"]["self"]})
+
+
+@router.post("", status_code=202, response_model=JobOut, openapi_extra=_FIT_BODY,
+             summary="Submit a fitting job",
+             responses={**_ERRORS, 413: {"model": ErrorBody, "description": "upload too large"},
+                        415: {"model": ErrorBody, "description": "not multipart/form-data"},
+                        422: {"model": ErrorBody, "description": "invalid input"},
+                        429: {"model": ErrorBody, "description": "too many active jobs"}})
+async def submit_job(request: Request, ctx: Context, key: CallerKey) -> JSONResponse:
+    """Upload a DWI (+ bval, bvec, optional mask) and queue a fit. The inputs are checked
+    (header-only) before the job is accepted; the answer is 202 with the job and its
+    ``Location``."""
+    upload, upload_dir = await receive_job_upload(request, ctx, key.id, FIT_FILES, FIT_TEXT)
+    try:
+        fields = upload.fields
+        model = check_model(fields.get("model") or ctx.settings.default_model)
+        options: dict[str, Any] = {}
+        threads = int_field(fields, "threads", low=1, high=256)
+        if threads is not None:
+            options["threads"] = threads
+        size = int_field(fields, "dictionary_size", low=1,
+                         high=ctx.settings.max_dictionary_size)
+        if size is not None:
+            options["dictionary_size"] = size
+        prefix = prefix_field(fields)
+        if prefix is not None:
+            options["prefix"] = prefix
+        await run_in_threadpool(validate_fit, upload.files)
+        inputs = {name: path.name for name, path in upload.files.items()}
+        job = await run_in_threadpool(accept_job, ctx, key.id, upload_dir, kind="fit",
+                                      model=model, options=options, inputs=inputs)
+    except BaseException:
+        shutil.rmtree(upload_dir, ignore_errors=True)
+        raise
+    return accepted(job)
+
+
+@router.get("", response_model=JobList, summary="List your jobs", responses=_ERRORS)
+def list_jobs(ctx: Context, key: CallerKey,
+              limit: Annotated[int, Query(ge=1, le=200)] = 50,
+              offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
+              cursor: Annotated[str | None, Query(pattern=r"^[0-9]{1,18}$",
+                                                  description="next_cursor of the "
+                                                              "previous page")] = None,
+              status: Annotated[str | None, Query(
+                  pattern="^(queued|running|succeeded|failed|cancelled)$")] = None,
+              kind: Annotated[str | None, Query(pattern="^(fit|dictionary)$")] = None,
+              ) -> JobList:
+    """The caller's jobs, newest first; page with ``limit``/``offset`` or with
+    ``cursor`` (the previous page's ``next_cursor``)."""
+    before = int(cursor) if cursor is not None else None
+    rows, total = ctx.db.list_jobs(key.id, limit=limit, offset=offset, before_seq=before,
+                                   kind=kind, status=status)
+    next_cursor = None
+    if len(rows) == limit:
+        last = rows[-1]["seq"]
+        more, _ = ctx.db.list_jobs(key.id, limit=1, before_seq=last, kind=kind, status=status)
+        if more:
+            next_cursor = str(last)
+    return JobList(items=[job_out(r) for r in rows], total=total, limit=limit, offset=offset,
+                   next_cursor=next_cursor)
+
+
+@router.get("/{job_id}", response_model=JobOut, summary="Job status", responses=_ERRORS)
+def get_job(job_id: JobId, ctx: Context, key: CallerKey) -> JobOut:
+    """Status (queued, running, succeeded, failed, cancelled), progress and timestamps."""
+    return job_out(_owned_job(ctx, key.id, job_id))
+
+
+def _finished_fit(ctx: ServerContext, key_id: str, job_id: str) -> dict[str, Any]:
+    job = _owned_job(ctx, key_id, job_id)
+    if job["kind"] != "fit":
+        raise ApiError(409, f"job {job_id} builds a dictionary and has no result files")
+    if job["status"] != "succeeded":
+        raise ApiError(409, f"job {job_id} is {job['status']}; results exist only for "
+                            "succeeded jobs")
+    return job
+
+
+def _zip_stream(directory: Path, names: list[str]) -> Iterator[bytes]:
+    """Yield a ZIP archive of ``directory/names`` as it is written (never whole in
+    memory). Files are stored, not recompressed (the maps are gzipped already)."""
+
+    class _Sink:
+        def __init__(self) -> None:
+            self.buffer = bytearray()
+
+        def write(self, data: bytes) -> int:
+            self.buffer += data
+            return len(data)
+
+        def flush(self) -> None:
+            pass
+
+        def take(self) -> bytes:
+            data = bytes(self.buffer)
+            self.buffer.clear()
+            return data
+
+    sink = _Sink()
+    with zipfile.ZipFile(sink, "w", compression=zipfile.ZIP_STORED) as archive:
+        for name in names:
+            path = directory / name
+            info = zipfile.ZipInfo.from_file(path, arcname=name)
+            info.compress_type = (zipfile.ZIP_STORED if name.endswith(".gz")
+                                  else zipfile.ZIP_DEFLATED)
+            with open(path, "rb") as src, archive.open(info, "w", force_zip64=True) as dst:
+                while chunk := src.read(1 << 20):
+                    dst.write(chunk)
+                    if len(sink.buffer) >= 1 << 20:
+                        yield sink.take()
+            yield sink.take()
+    yield sink.take()
+
+
+@router.get("/{job_id}/results", summary="Download all result files (ZIP)",
+            response_class=StreamingResponse,
+            responses={**_ERRORS, 200: {"content": {"application/zip": {}},
+                                        "description": "ZIP of the maps and sidecars"},
+                       409: {"model": ErrorBody, "description": "job not succeeded"}})
+def get_results(job_id: JobId, ctx: Context, key: CallerKey) -> StreamingResponse:
+    """A ZIP of the BIDS-derivative maps and their JSON sidecars, streamed."""
+    job = _finished_fit(ctx, key.id, job_id)
+    directory = ctx.storage.outputs_dir(job_id)
+    missing = [n for n in job["outputs"] if not (directory / n).is_file()]
+    if missing:
+        raise ApiError(410, f"the result files of job {job_id} are gone ({missing[0]})")
+    return StreamingResponse(
+        _zip_stream(directory, list(job["outputs"])), media_type="application/zip",
+        headers={"Content-Disposition": f'attachment; filename="{job_id}.zip"'})
+
+
+@router.get("/{job_id}/results/{file_name}", summary="Download one result file",
+            responses={**_ERRORS, 200: {"content": {"application/gzip": {},
+                                                    "application/json": {}}},
+                       409: {"model": ErrorBody, "description": "job not succeeded"}})
+def get_result_file(job_id: JobId, file_name: str, ctx: Context, key: CallerKey) -> Response:
+    """One output file, by a name listed in the job's ``files``."""
+    job = _finished_fit(ctx, key.id, job_id)
+    # the name is only compared with the job's own output list, never joined to a path
+    matches = [n for n in job["outputs"] if n == file_name]
+    if not matches:
+        raise ApiError(404, f"job {job_id} has no result file named {file_name[:200]!r}")
+    name = matches[0]
+    path = ctx.storage.outputs_dir(job_id) / name
+    if not path.is_file():
+        raise ApiError(410, f"the result file {name} of job {job_id} is gone")
+    media = ("application/json" if name.endswith(".json") else
+             "application/gzip" if name.endswith(".gz") else "application/octet-stream")
+    return FileResponse(path, media_type=media, filename=Path(name).name)
+
+
+@router.delete("/{job_id}", response_model=JobOut, summary="Cancel and delete a job",
+               responses={**_ERRORS, 202: {"model": JobOut,
+                                           "description": "still stopping; files are removed "
+                                                          "when it has"}})
+async def delete_job(job_id: JobId, ctx: Context, key: CallerKey) -> JSONResponse:
+    """Cancel the job if it is queued or running, then delete its files. The answer is
+    the job's last state (200), or 202 if a running job has not stopped yet (its files
+    are removed as soon as it does). Afterwards the job is gone (404)."""
+    job = await run_in_threadpool(_owned_job, ctx, key.id, job_id)
+    if job["status"] in ("queued", "running"):
+        await run_in_threadpool(ctx.storage.request_cancel, job_id)
+        job = await run_in_threadpool(ctx.db.request_cancel, job_id)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + ctx.settings.cancel_wait_seconds
+        while job["status"] == "running" and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+            job = await run_in_threadpool(ctx.db.get_job, job_id)
+    await run_in_threadpool(ctx.db.mark_deleted, job_id)
+    # re-read after marking: a job that finished meanwhile is cleaned up here, one still
+    # running by the dispatcher when it stops
+    job = await run_in_threadpool(ctx.db.get_job, job_id)
+    if job["status"] == "running":
+        body = job_out(job).model_dump()
+        return JSONResponse(body, status_code=202)
+    await run_in_threadpool(ctx.storage.remove_job, job_id)
+    body = job_out(job).model_dump()
+    body["files"] = []
+    body["links"] = {}
+    return JSONResponse(body, status_code=200)

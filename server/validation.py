@@ -1,0 +1,115 @@
+"""Checks of submitted jobs, run before a job is accepted (cheap, header-only reads).
+
+The library names files by path in its messages; here the server's private upload paths
+are replaced by the form field names the client used, and the field at fault is reported.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from pathlib import Path
+from typing import Any
+
+from fingerprint.errors import FingerprintError, UnknownModelError
+
+from .dependencies import ApiError
+
+__all__ = ["check_model", "float_field", "int_field", "prefix_field", "validate_fit",
+           "validate_scheme"]
+
+_PREFIX_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+
+
+def int_field(fields: dict[str, str], name: str, *, low: int, high: int) -> int | None:
+    raw = fields.get(name)
+    if raw is None or raw == "":
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ApiError(422, f"'{name}' must be an integer, got {raw[:40]!r}", name) from None
+    if not low <= value <= high:
+        raise ApiError(422, f"'{name}' must be between {low} and {high}, got {value}", name)
+    return value
+
+
+def float_field(fields: dict[str, str], name: str, *, low: float, high: float,
+                unit: str) -> float | None:
+    raw = fields.get(name)
+    if raw is None or raw == "":
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ApiError(422, f"'{name}' must be a number ({unit}), got {raw[:40]!r}",
+                       name) from None
+    if not low < value < high:
+        raise ApiError(422, f"'{name}' must be in {unit}, between {low:g} and {high:g}; got "
+                            f"{value:g}", name)
+    return value
+
+
+def prefix_field(fields: dict[str, str]) -> str | None:
+    raw = fields.get("prefix")
+    if not raw:
+        return None
+    if not _PREFIX_RE.match(raw):
+        raise ApiError(422, "'prefix' must be 1-64 letters, digits, '_' or '-' (a BIDS "
+                            "entity string such as sub-01_ses-1)", "prefix")
+    return raw
+
+
+def check_model(name: str) -> str:
+    """The catalogue name of model ``name`` (422 naming the known models otherwise)."""
+    from fingerprint.models import available_models, get_recipe
+
+    try:
+        return get_recipe(name).name
+    except UnknownModelError as exc:
+        raise ApiError(422, str(exc) or f"unknown model {name!r}; known models: "
+                       f"{', '.join(available_models())}", "model") from None
+    except ValueError as exc:
+        raise ApiError(422, str(exc), "model") from None
+
+
+def _rewrite(message: str, files: dict[str, Path]) -> tuple[str, str | None]:
+    """Replace server paths by field names; return the message and the field at fault."""
+    field = None
+    # longest paths first so 'dwi.nii.gz' is not half-replaced by a shorter match
+    for name, path in sorted(files.items(), key=lambda kv: -len(str(kv[1]))):
+        for text in (str(path), path.name):
+            if text in message:
+                field = field or name
+                message = message.replace(text, f"'{name}'")
+    if field is None:
+        lowered = message.lower()
+        for name in ("mask", "bvec", "bval", "dwi"):
+            if name in files and re.search(rf"\b{name}", lowered):
+                field = name
+                break
+    return message, field
+
+
+def validate_fit(files: dict[str, Path]) -> Any:
+    """Run the library's ``validate_inputs`` on the uploaded files (422 on bad input)."""
+    validate_inputs = importlib.import_module("fingerprint.fitting.pipeline").validate_inputs
+
+    try:
+        return validate_inputs(str(files["dwi"]), str(files["bval"]), str(files["bvec"]),
+                               mask=str(files["mask"]) if "mask" in files else None)
+    except (FingerprintError, ValueError, OSError, EOFError) as exc:
+        message, field = _rewrite(str(exc) or type(exc).__name__, files)
+        raise ApiError(422, f"invalid input: {message}", field) from None
+
+
+def validate_scheme(files: dict[str, Path], delta: float | None, Delta: float | None) -> Any:
+    """Read an uploaded bval/bvec pair as an acquisition scheme (422 on bad input)."""
+    read_bvals_bvecs = importlib.import_module("fingerprint.io.gradients").read_bvals_bvecs
+
+    try:
+        return read_bvals_bvecs(str(files["bval"]), str(files["bvec"]), delta=delta,
+                                Delta=Delta)
+    except (FingerprintError, ValueError, OSError) as exc:
+        message, field = _rewrite(str(exc) or type(exc).__name__, files)
+        raise ApiError(422, f"invalid acquisition scheme: {message}", field) from None
