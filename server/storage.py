@@ -277,7 +277,7 @@ async def receive_multipart(request, dest: Path, *, file_fields: dict[str, FileF
         if int(declared) - max_bytes <= DRAIN_LIMIT:
             await _drain(request.stream(), DRAIN_LIMIT)
         raise UploadError(413, f"the upload is {int(declared) / 1048576:.1f} MiB, more than "
-                               f"the server's limit of {limit_mb:g} MiB")
+                               f"the server's limit of {limit_mb:.4g} MiB")
     receiver = _Receiver(dest, file_fields, text_fields)
     parser = MultipartParser(options[b"boundary"], receiver.callbacks())
     total = 0
@@ -289,7 +289,7 @@ async def receive_multipart(request, dest: Path, *, file_fields: dict[str, FileF
                 receiver.close()
                 await _drain(stream, DRAIN_LIMIT)
                 raise UploadError(413, f"the upload is larger than the server's limit of "
-                                       f"{limit_mb:g} MiB")
+                                       f"{limit_mb:.4g} MiB")
             if chunk:
                 try:
                     parser.write(chunk)

@@ -101,8 +101,8 @@ def run(args: argparse.Namespace) -> int:
 def _wait(client: Any, job_id: str, poll: float, show: bool) -> dict[str, Any]:
     from tqdm import tqdm
 
-    bar = tqdm(total=100, unit="%", desc=job_id[:8], disable=not show, leave=True,
-               bar_format="{desc} {percentage:3.0f}%|{bar}| {postfix}")
+    bar = tqdm(total=100, unit="%", desc=f"{job_id[:8]} queued", disable=not show,
+               leave=True, bar_format="{desc:18s} {percentage:3.0f}%|{bar}| {elapsed}")
     state = {"last": 0}
 
     def update(job: dict[str, Any]) -> None:
@@ -110,7 +110,7 @@ def _wait(client: Any, job_id: str, poll: float, show: bool) -> dict[str, Any]:
         if value > state["last"]:
             bar.update(value - state["last"])
             state["last"] = value
-        bar.set_postfix_str(job["status"])
+        bar.set_description_str(f"{job_id[:8]} {job['status']}")
 
     try:
         return client.wait(job_id, poll=poll, progress=update)
