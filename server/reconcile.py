@@ -60,7 +60,7 @@ def reconcile(db: Database, storage: JobStorage, *, max_attempts: int) -> Reconc
         if not storage.inputs_dir(job["id"]).is_dir():
             db.finish(job["id"], "failed", error="the job's input files are missing")
             report.failed.append(job["id"])
-        else:
+        elif job["id"] not in report.requeued:
             report.resumed.append(job["id"])
 
     known = db.all_job_ids()
