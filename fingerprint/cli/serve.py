@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 _FLAGS = ("host", "port", "data_dir", "workers", "threads", "dask_scheduler", "max_upload_mb",
-          "max_jobs_per_key", "max_attempts", "dictionary_dir", "log_level")
+          "max_jobs_per_key", "max_attempts", "max_dictionary_size", "dictionary_dir",
+          "log_level")
 
 
 def add_parser(subparsers: Any) -> None:
@@ -43,6 +44,9 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--max-attempts", type=int,
                         help="runs of a job interrupted by server stops before it fails "
                              "(default 3)")
+    parser.add_argument("--max-dictionary-size", type=int,
+                        help="largest dictionary (atoms) a request may ask for "
+                             "(default 2000000)")
     parser.add_argument("--dictionary-dir", type=Path,
                         help="dictionary directory (default <data-dir>/dictionaries)")
     parser.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"],
