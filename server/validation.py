@@ -7,6 +7,7 @@ are replaced by the form field names the client used, and the field at fault is 
 from __future__ import annotations
 
 import importlib
+import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,8 @@ from typing import Any
 from fingerprint.errors import FingerprintError, UnknownModelError
 
 from .dependencies import ApiError
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["check_model", "float_field", "int_field", "prefix_field", "validate_fit",
            "validate_scheme"]
@@ -98,7 +101,11 @@ def validate_fit(files: dict[str, Path]) -> Any:
     try:
         return validate_inputs(str(files["dwi"]), str(files["bval"]), str(files["bvec"]),
                                mask=str(files["mask"]) if "mask" in files else None)
-    except (FingerprintError, ValueError, OSError, EOFError) as exc:
+    except ImportError:  # a broken installation is the server's fault, not the client's
+        raise
+    except Exception as exc:  # anything unreadable in the uploads is the client's problem
+        if not isinstance(exc, (FingerprintError, ValueError, OSError, EOFError)):
+            logger.info("validate_inputs raised %s for an upload", type(exc).__name__)
         message, field = _rewrite(str(exc) or type(exc).__name__, files)
         raise ApiError(422, f"invalid input: {message}", field) from None
 
@@ -110,6 +117,8 @@ def validate_scheme(files: dict[str, Path], delta: float | None, Delta: float | 
     try:
         return read_bvals_bvecs(str(files["bval"]), str(files["bvec"]), delta=delta,
                                 Delta=Delta)
-    except (FingerprintError, ValueError, OSError) as exc:
+    except ImportError:
+        raise
+    except Exception as exc:  # an unreadable scheme is the client's problem
         message, field = _rewrite(str(exc) or type(exc).__name__, files)
         raise ApiError(422, f"invalid acquisition scheme: {message}", field) from None
