@@ -81,13 +81,19 @@ _TOP_KEYS = {"name", "description", "reference", "requires_timing", "model", "di
 
 
 def recipe_dir() -> Path:
-    """Directory holding the recipes: ``$FINGERPRINT_RECIPE_DIR`` or ``<repo>/dictionaries``."""
+    """Directory holding the recipes: ``$FINGERPRINT_RECIPE_DIR``, else the repository's
+    ``dictionaries/`` (source checkout or editable install), else the copy a regular
+    install puts in ``<prefix>/share/fingerprint/dictionaries``."""
     env = os.environ.get(RECIPE_DIR_ENV)
     if env:
         return Path(env).expanduser()
     import fingerprint
 
-    return Path(fingerprint.__file__).resolve().parents[1] / "dictionaries"
+    checkout = Path(fingerprint.__file__).resolve().parents[1] / "dictionaries"
+    installed = Path(sys.prefix) / "share" / "fingerprint" / "dictionaries"
+    if not checkout.is_dir() and installed.is_dir():
+        return installed
+    return checkout
 
 
 @dataclass(frozen=True)
