@@ -15,12 +15,22 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /opt/fingerprint
 
-# project metadata first so the dependency layer is cached across source edits
+# 1. the dependencies only (an empty package with the project's metadata), so this layer
+#    is reused as long as pyproject.toml does not change
 COPY pyproject.toml README.md ./
+RUN mkdir -p fingerprint server dictionaries \
+    && touch fingerprint/__init__.py server/__init__.py dictionaries/placeholder.toml \
+    && python -m pip install . \
+    && python -m pip uninstall -y fingerprint-mri \
+    && rm -rf fingerprint server dictionaries build *.egg-info
+
+# 2. the project itself; the named-model recipes (dictionaries/*.toml) are installed with
+#    it and FINGERPRINT_RECIPE_DIR points at this copy of them
 COPY fingerprint ./fingerprint
 COPY server ./server
 COPY dictionaries ./dictionaries
-RUN python -m pip install . \
+RUN python -m pip install --no-deps . \
+    && python -c "from fingerprint.models import available_models; assert available_models()" \
     && useradd --create-home --uid 10001 --shell /usr/sbin/nologin fingerprint \
     && mkdir -p /data/dictionaries \
     && chown -R fingerprint:fingerprint /data
