@@ -1,13 +1,14 @@
 """Running jobs outside the event loop.
 
 A dispatcher thread takes queued jobs from the database (oldest first) and runs at most
-``workers`` of them at a time:
+``workers`` of them at a time, each in a worker process of a ``ProcessPoolExecutor``
+(spawn start method): :func:`run_job` calls the library's ``fit_volume`` there and
+writes progress to the database itself. The API process never runs fitting code, so
+status calls stay fast whatever the jobs do.
 
-* by default each job runs in a worker process of a ``ProcessPoolExecutor`` (spawn start
-  method): :func:`run_job` calls the library's ``fit_volume`` there and writes progress to
-  the database itself;
-* with a Dask scheduler, each job runs in a thread of the API process and hands
-  ``fit_volume`` the Dask client's executor, so the voxel chunks become Dask tasks.
+With a Dask scheduler, the worker process connects to it (once) and hands ``fit_volume``
+a :class:`~server.dask_executor.DaskJobExecutor`: the voxel chunks become Dask tasks on
+the cluster and the dictionary is shipped to the cluster once per job.
 
 Cancellation is a flag file in the job directory (``cancel``), polled through
 ``fit_volume``'s ``should_cancel``. Worker processes also stop when the API process dies
@@ -59,6 +60,7 @@ class JobSpec:
     threads: int
     attempt: int
     parent_pid: int | None = None
+    dask_scheduler: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -177,20 +179,54 @@ def _run_dictionary(spec: JobSpec, progress: Callable[[float], None],
     return {"outputs": [], "result": info}
 
 
+_DASK_CLIENT: Any = None
+_DASK_LOCK = threading.Lock()
+
+
+def _dask_client(address: str) -> Any:
+    """This process's client of the Dask scheduler at ``address`` (connected once)."""
+    global _DASK_CLIENT
+    with _DASK_LOCK:
+        client = _DASK_CLIENT
+        if client is not None and (client.scheduler is None
+                                   or str(client.scheduler.address) != address
+                                   or client.status not in ("running", "connecting")):
+            try:
+                client.close(timeout=5)
+            except Exception:  # pragma: no cover - already broken
+                pass
+            client = None
+        if client is None:
+            from distributed import Client
+
+            try:
+                client = Client(address, timeout="20s", set_as_default=False)
+            except Exception as exc:
+                raise OSError(f"cannot reach the Dask scheduler {address}: {exc}") from None
+            _DASK_CLIENT = client
+        return client
+
+
 def run_job(spec: JobSpec, *, executor: Any = None,
             stop_event: threading.Event | None = None) -> dict[str, Any]:
     """Run one job to completion; returns ``{'status', 'error', 'outputs', 'result'}``.
 
-    Called in a worker process (process pool) or a thread of the API process (Dask).
-    Never raises for a job's own failure: errors become ``status='failed'`` with a
-    message; cancellation becomes ``status='cancelled'``.
+    Called in a worker process of the dispatcher's pool. With ``spec.dask_scheduler``
+    (and no ``executor``), the fit's voxel chunks run on that Dask cluster. Never raises
+    for a job's own failure: errors become ``status='failed'`` with a message;
+    cancellation becomes ``status='cancelled'``.
     """
     from fingerprint.errors import CancelledError, FingerprintError
 
     db = Database(spec.db_path)
     progress = _Progress(db, spec.job_id)
     should_cancel = _cancel_check(spec, stop_event)
+    own_executor = None
     try:
+        if spec.kind == "fit" and executor is None and spec.dask_scheduler:
+            from .dask_executor import DaskJobExecutor
+
+            executor = own_executor = DaskJobExecutor(_dask_client(spec.dask_scheduler))
         if spec.kind == "fit":
             out = _run_fit(spec, progress, should_cancel, executor)
         elif spec.kind == "dictionary":
@@ -209,6 +245,8 @@ def run_job(spec: JobSpec, *, executor: Any = None,
         return {"status": "failed", "error": f"internal error ({type(exc).__name__}: {exc})",
                 "outputs": [], "result": {}}
     finally:
+        if own_executor is not None:  # whatever is left of the job on the cluster
+            own_executor.shutdown(wait=False, cancel_futures=True)
         for stale in Path(spec.job_dir).glob(f"outputs.partial.{spec.attempt}"):
             shutil.rmtree(stale, ignore_errors=True)
         db.close()
@@ -257,11 +295,7 @@ class Dispatcher:
 
     # -- lifecycle ---------------------------------------------------------------------
     def start(self) -> None:
-        if self.mode == "process":
-            self._pool = self._new_process_pool()
-        else:
-            self._pool = cf.ThreadPoolExecutor(max_workers=self.workers,
-                                               thread_name_prefix="fingerprint-job")
+        self._pool = self._new_process_pool()
         self._thread = threading.Thread(target=self._loop, name="fingerprint-dispatcher",
                                         daemon=True)
         self._thread.start()
@@ -288,7 +322,7 @@ class Dispatcher:
             self.db.requeue(job_id, "re-queued: the server stopped during the run",
                             refund_attempt=True)
         pool = self._pool
-        if isinstance(pool, cf.ProcessPoolExecutor):
+        if pool is not None:
             processes = list((getattr(pool, "_processes", None) or {}).values())
             pool.shutdown(wait=False, cancel_futures=True)
             for proc in processes:
@@ -296,8 +330,6 @@ class Dispatcher:
                     proc.kill()
                 except Exception:  # already gone
                     pass
-        elif pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
         if self._client is not None:
             try:
                 self._client.close(timeout=5)
@@ -311,9 +343,9 @@ class Dispatcher:
     def health(self) -> tuple[bool, str]:
         if self._thread is None or not self._thread.is_alive():
             return False, "the dispatcher thread is not running"
+        if self._pool is None or getattr(self._pool, "_broken", False):
+            return False, "the worker process pool is broken"
         if self.mode == "process":
-            if self._pool is None or getattr(self._pool, "_broken", False):
-                return False, "the worker process pool is broken"
             return True, f"{self.workers} worker process(es)"
         if self._client is None:
             return False, (f"not connected to the Dask scheduler {self.settings.dask_scheduler}"
@@ -321,7 +353,8 @@ class Dispatcher:
         status = getattr(self._client, "status", "running")
         if status != "running":
             return False, f"Dask client is {status}"
-        return True, f"Dask scheduler {self.settings.dask_scheduler}"
+        return True, (f"Dask scheduler {self.settings.dask_scheduler}, "
+                      f"{self.workers} job process(es)")
 
     @property
     def running_ids(self) -> set[str]:
@@ -354,8 +387,10 @@ class Dispatcher:
                 if self.mode == "dask" and self._client is None:
                     if time.monotonic() >= next_dask_try and not self._connect_dask():
                         next_dask_try = time.monotonic() + 5.0
-                if self.mode == "process" or self._client is not None:
-                    self._fill()
+                if self.mode == "process" or (
+                        self._client is not None
+                        and getattr(self._client, "status", "running") == "running"):
+                    self._fill()  # with Dask: only while the scheduler is reachable
             except Exception:  # keep dispatching whatever happens to one job
                 logger.exception("dispatcher iteration failed")
             self._wake.wait(self.settings.poll_interval)
@@ -369,7 +404,7 @@ class Dispatcher:
             dictionary_dir=str(self.settings.resolved_dictionary_dir),
             threads=int(job["options"].get("threads") or self.settings.threads_per_job),
             attempt=int(job["attempts"]),
-            parent_pid=os.getpid() if self.mode == "process" else None)
+            parent_pid=os.getpid(), dask_scheduler=self.settings.dask_scheduler)
 
     def _fill(self) -> None:
         while not self._stop.is_set():
@@ -385,10 +420,7 @@ class Dispatcher:
             job = self.db.get_job(job["id"])
             spec = self._spec(job)
             try:
-                if self.mode == "process":
-                    future = self._pool.submit(run_job, spec)
-                else:
-                    future = self._pool.submit(self._run_in_thread, spec)
+                future = self._pool.submit(run_job, spec)
             except Exception as exc:  # pool broken or shutting down
                 logger.warning("cannot submit job %s: %s", job["id"], exc)
                 self.db.requeue(job["id"], refund_attempt=True)
@@ -400,12 +432,8 @@ class Dispatcher:
             logger.info("job %s (%s, %s) started, attempt %d", job["id"], job["kind"],
                         job["model"], spec.attempt)
 
-    def _run_in_thread(self, spec: JobSpec) -> dict[str, Any]:
-        executor = self._client.get_executor() if self._client is not None else None
-        return run_job(spec, executor=executor, stop_event=self._stop)
-
     def _replace_pool(self) -> None:
-        if self.mode != "process" or self._stop.is_set():
+        if self._stop.is_set():
             return
         old = self._pool
         try:

@@ -277,3 +277,56 @@ def test_zip_stream_round_trip(tmp_path):
     with zipfile.ZipFile(io.BytesIO(data)) as z:
         assert z.read("a.nii.gz") == (tmp_path / "a.nii.gz").read_bytes()
         assert z.read("a.json") == b'{"x": 1}'
+
+
+def _chunk_sum(shared, chunk, offset=0.0):
+    import numpy as np
+
+    assert isinstance(shared, np.ndarray) and isinstance(chunk, np.ndarray)
+    return float(shared.sum() + chunk.sum() + offset)
+
+
+def _sleep_then(value, seconds):
+    import time
+
+    time.sleep(seconds)
+    return value
+
+
+def test_dask_job_executor_ships_shared_data_once():
+    import concurrent.futures as cf
+
+    import numpy as np
+
+    distributed = pytest.importorskip("distributed")
+    from server.dask_executor import DaskJobExecutor
+
+    shared = np.ones(300_000)  # 2.4 MB: scattered once
+    chunks = [np.full(200_000, float(i)) for i in range(6)]  # 1.6 MB each: one task each
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=False,
+                                  dashboard_address=None) as cluster, \
+            distributed.Client(cluster, set_as_default=False) as dask_client:
+        executor = DaskJobExecutor(dask_client)
+        futures = [executor.submit(_chunk_sum, shared, c, offset=0.5) for c in chunks]
+        results = [f.result(timeout=60) for f in futures]
+        assert results == [shared.sum() + c.sum() + 0.5 for c in chunks]
+        assert executor.n_tasks == 6
+        assert executor.n_scattered == 1 + len(chunks)  # the chunks: once each, too
+        assert list(executor._shipped.values())[0].value is shared  # chunks released
+        executor.shutdown()
+        assert not executor._shipped
+        with pytest.raises(RuntimeError, match="shutdown"):
+            executor.submit(_chunk_sum, shared, chunks[0])
+
+        # cancelling: tasks not run yet never run, and the caller sees them cancelled
+        executor = DaskJobExecutor(dask_client)
+        slow = [executor.submit(_sleep_then, i, 0.5) for i in range(8)]
+        executor.shutdown(wait=False, cancel_futures=True)
+        done, _ = cf.wait(slow, timeout=30)
+        assert len(done) == 8
+        assert sum(f.cancelled() for f in slow) >= 4
+        # a task's exception reaches the caller
+        executor = DaskJobExecutor(dask_client)
+        with pytest.raises(AssertionError):
+            executor.submit(_chunk_sum, "not an array", chunks[0]).result(timeout=30)
+        executor.shutdown()
