@@ -1,19 +1,130 @@
-"""``fingerprint fit``: fit a named model to a DWI volume and write BIDS-derivative maps."""
+"""``fingerprint fit``: fit a model to a DWI volume and write BIDS-derivative maps.
+
+    fingerprint fit --model noddi --dwi dwi.nii.gz --bval dwi.bval --bvec dwi.bvec \\
+        [--mask mask.nii.gz] --out DIR [--threads N] [--prefix P] [--dictionary-size N] \\
+        [--delta S --Delta S] [--preview]
+
+Maps are named ``<prefix>_model-<model>_param-<label>_dwimap.nii.gz`` (+ JSON sidecars);
+the prefix defaults to the BIDS entities of the DWI file name (``sub-01_ses-1`` for
+``sub-01_ses-1_dwi.nii.gz``), or none.
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 from typing import Any
+
+from fingerprint.errors import CancelledError, DictionaryError, InputError
 
 
 def add_parser(subparsers: Any) -> None:
     """Register ``fingerprint fit``."""
-    parser = subparsers.add_parser("fit", help="fit a model to a DWI volume",
-                                   description="Fit a model to a DWI volume.")
+    parser = subparsers.add_parser(
+        "fit", help="fit a model to a DWI volume and write parameter maps",
+        description="Fit a microstructure model to every voxel of a DWI volume (within the "
+                    "mask) by dictionary matching, and write BIDS-derivative parameter maps "
+                    "with JSON sidecars.")
+    parser.add_argument("--model", required=True,
+                        help="named model (see `fingerprint dictionary models`), e.g. noddi")
+    parser.add_argument("--dwi", required=True, type=Path, help="4-D DWI NIfTI (.nii/.nii.gz)")
+    parser.add_argument("--bval", required=True, type=Path, help="FSL bval file (s/mm²)")
+    parser.add_argument("--bvec", required=True, type=Path, help="FSL bvec file")
+    parser.add_argument("--mask", type=Path,
+                        help="3-D mask NIfTI (default: voxels with a positive b=0 signal)")
+    parser.add_argument("--out", required=True, type=Path, help="output directory")
+    parser.add_argument("--prefix",
+                        help="output file prefix (default: the DWI name's BIDS entities)")
+    parser.add_argument("--threads", type=int, help="threads (default: all cores)")
+    parser.add_argument("--dictionary-size", type=int, dest="dictionary_size",
+                        help="atoms of the dictionary (default: the model's)")
+    parser.add_argument("--dictionary-dir", type=Path, dest="dictionary_dir",
+                        help="dictionary directory (default: $FINGERPRINT_DICTIONARY_DIR or "
+                             "the user cache)")
+    parser.add_argument("--delta", type=float, help="gradient pulse duration (s)")
+    parser.add_argument("--Delta", type=float, help="gradient pulse separation (s)")
+    parser.add_argument("--TE", type=float, help="echo time (s)")
+    parser.add_argument("--chunk-voxels", type=int, dest="chunk_voxels",
+                        help="voxels per chunk (default 20000)")
+    parser.add_argument("--preview", action="store_true", help="also write a PNG preview")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=_cmd_fit)
 
 
-def _cmd_fit(args: argparse.Namespace) -> int:
+def progress_bar(desc: str, enabled: bool = True):
+    """(closer, callback): a tqdm bar on stderr drawn on the first call of the callback."""
+    if not enabled:
+        return None, None
+    from tqdm import tqdm
+
+    holder: dict[str, Any] = {}
+
+    def progress(fraction: float) -> None:
+        bar = holder.get("bar")
+        if bar is None:
+            bar = holder["bar"] = tqdm(
+                total=1000, desc=desc, file=sys.stderr,
+                bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining}")
+        target = int(round(fraction * 1000))
+        if target > bar.n:
+            bar.update(target - bar.n)
+
+    class _Closer:
+        def close(self) -> None:
+            if "bar" in holder:
+                holder["bar"].close()
+
+    return _Closer(), progress
+
+
+def _cli_error(message: str) -> Exception:
     from fingerprint.cli.main import CLIError
 
-    raise CLIError("fit is not available yet")
+    return CLIError(message)
+
+
+def _cmd_fit(args: argparse.Namespace) -> int:
+    from fingerprint.fitting.pipeline import DEFAULT_CHUNK_VOXELS, fit_volume, prefix_from_filename
+    from fingerprint.models import get_recipe
+
+    get_recipe(args.model)  # unknown names fail before any file is read
+    if args.threads is not None and args.threads < 1:
+        raise InputError("--threads must be at least 1")
+    if args.dictionary_size is not None and args.dictionary_size < 1:
+        raise InputError("--dictionary-size must be a positive integer")
+    if args.chunk_voxels is not None and args.chunk_voxels < 1:
+        raise InputError("--chunk-voxels must be a positive integer")
+    if (args.delta is None) != (args.Delta is None):
+        raise InputError("give both --delta and --Delta (seconds), or neither")
+    for flag, path in (("--dwi", args.dwi), ("--bval", args.bval), ("--bvec", args.bvec),
+                       ("--mask", args.mask)):
+        if path is not None and not path.is_file():
+            raise InputError(f"{flag} file {path} does not exist")
+    if args.out.exists() and not args.out.is_dir():
+        raise InputError(f"--out {args.out} exists and is not a directory")
+    prefix = args.prefix if args.prefix is not None else prefix_from_filename(args.dwi)
+    bar, progress = progress_bar("fit", not (args.no_progress or getattr(args, "quiet", False)))
+    try:
+        result = fit_volume(
+            args.model, args.dwi, args.bval, args.bvec, args.out, mask=args.mask,
+            prefix=prefix, threads=args.threads, progress=progress,
+            dictionary_dir=args.dictionary_dir, dictionary_size=args.dictionary_size,
+            chunk_voxels=args.chunk_voxels or DEFAULT_CHUNK_VOXELS, preview=args.preview,
+            delta=args.delta, Delta=args.Delta, TE=args.TE)
+    except (DictionaryError, CancelledError) as exc:
+        raise _cli_error(str(exc)) from exc
+    finally:
+        if bar is not None:
+            bar.close()
+    out = sys.stdout
+    out.write(f"fitted {result.n_voxels} voxels with {result.model} in {result.seconds:.1f} s"
+              f" ({result.n_voxels / max(result.timings.get('fit', 0.0), 1e-9):,.0f} voxels/s"
+              f" matching)\n")
+    if result.n_invalid:
+        out.write(f"{result.n_invalid} voxels could not be fitted (0 in the maps)\n")
+    out.write(f"maps in {result.out_dir}:\n")
+    for path in result.files:
+        if path.suffix != ".json":
+            out.write(f"  {path.name}\n")
+    return 0

@@ -1,0 +1,686 @@
+"""Fitting whole volumes: NIfTI + bval/bvec (+ mask) in, BIDS-derivative maps out.
+
+>>> from fingerprint.fitting.pipeline import fit_volume, validate_inputs
+>>> validate_inputs("sub-01_dwi.nii.gz", "sub-01_dwi.bval", "sub-01_dwi.bvec")
+>>> result = fit_volume("noddi", "sub-01_dwi.nii.gz", "sub-01_dwi.bval",
+...                     "sub-01_dwi.bvec", "derivatives/fingerprint", prefix="sub-01")
+>>> result.files, result.n_voxels, result.seconds
+
+Steps of :func:`fit_volume`:
+
+1. validate the inputs (:func:`validate_inputs`; errors name the file at fault);
+2. find or build the model's dictionary for the scheme and load the estimator
+   (``FingerprintEstimator.from_model``; progress 0 -> 0.3 while a dictionary is built);
+3. read the masked voxels slab by slab through nibabel's array proxy (never the whole
+   image as float64) and fit them in chunks of ``chunk_voxels`` voxels, in this process or
+   through any :class:`concurrent.futures.Executor` (a Dask client's ``get_executor()``
+   works): workers receive the dictionary *path* and rebuild (and cache) the estimator,
+   so nothing large is pickled but the voxel chunks themselves; ``should_cancel`` is
+   polled between chunks (:class:`~fingerprint.errors.CancelledError`);
+4. write float32 maps named ``<prefix>_model-<model>_param-<label>_dwimap.nii.gz`` with
+   JSON sidecars into ``out_dir`` atomically (see :mod:`fingerprint.io.nifti` for the
+   names of the s0, r2 and uncertainty maps), plus an optional PNG preview.
+
+Results do not depend on the chunk size nor on the executor: each voxel is fitted
+independently by the same estimator.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import logging
+import os
+import re
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fingerprint.errors import CancelledError, InputError
+from fingerprint.io.nifti import (
+    DEFAULT_SLAB_BYTES,
+    DWIImage,
+    bids_map_name,
+    load_mask,
+    map_units,
+    mu_to_vectors,
+    write_map,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["DEFAULT_CHUNK_VOXELS", "FitResult", "InputSummary", "fit_volume",
+           "prefix_from_filename", "validate_inputs"]
+
+#: Voxels per fitted chunk (one task of an executor).
+DEFAULT_CHUNK_VOXELS = 20_000
+#: Largest plausible b-value in an FSL bval file (s/mm²); above it the file is in s/m².
+MAX_B_S_PER_MM2 = 1e5
+#: Share of the progress range spent on finding/building the dictionary.
+_DICTIONARY_SHARE = 0.3
+_WRITE_SHARE = 0.03
+
+ProgressCallback = Callable[[float], Any]
+_PREFIX_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+
+
+# ----------------------------------------------------------------------------- inputs
+@dataclass(frozen=True)
+class InputSummary:
+    """What :func:`validate_inputs` found (paths, shapes, scheme, voxel counts)."""
+
+    dwi: Path
+    bval: Path
+    bvec: Path
+    mask: Path | None
+    shape: tuple[int, int, int, int]
+    n_volumes: int
+    n_voxels: int
+    n_b0: int
+    shell_bvalues: tuple[float, ...]
+    dtype: str
+    affine: np.ndarray = field(repr=False)
+    scheme: Any = field(repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able summary (b-values in s/mm²)."""
+        return {"dwi": str(self.dwi), "bval": str(self.bval), "bvec": str(self.bvec),
+                "mask": str(self.mask) if self.mask else None, "shape": list(self.shape),
+                "n_volumes": self.n_volumes, "n_voxels": self.n_voxels, "n_b0": self.n_b0,
+                "shell_bvalues_s_per_mm2": list(self.shell_bvalues), "dtype": self.dtype}
+
+
+def _path(value: Any, what: str) -> Path:
+    if value is None:
+        raise InputError(f"the {what} file is required")
+    try:
+        return Path(os.fspath(value))
+    except TypeError:
+        raise InputError(f"{what} must be a file path, got {type(value).__name__}") from None
+
+
+def _read_scheme(bval: Path, bvec: Path, delta: Any, Delta: Any, TE: Any) -> Any:
+    from fingerprint.io.gradients import read_bvals_bvecs
+
+    for what, p in (("bval", bval), ("bvec", bvec)):
+        if not p.is_file():
+            raise InputError(f"{what} file {p} does not exist")
+    try:
+        raw = np.loadtxt(bval, dtype=np.float64, ndmin=1)
+    except ValueError:
+        raw = None  # the reader reports it precisely
+    scheme = read_bvals_bvecs(bval, bvec, delta=delta, Delta=Delta, TE=TE)
+    if raw is not None and raw.size and float(np.nanmax(raw)) > MAX_B_S_PER_MM2:
+        raise InputError(
+            f"bval file {bval}: b-values reach {float(np.nanmax(raw)):g}; FSL bval files are "
+            f"in s/mm² (these look like s/m²: divide them by 1e6)")
+    return scheme
+
+
+def _open_inputs(dwi: Any, bval: Any, bvec: Any, mask: Any, delta: Any = None,
+                 Delta: Any = None, TE: Any = None) -> tuple[DWIImage, Any, np.ndarray | None,
+                                                              Path | None]:
+    dwi_p, bval_p, bvec_p = _path(dwi, "DWI"), _path(bval, "bval"), _path(bvec, "bvec")
+    image = DWIImage(dwi_p)
+    scheme = _read_scheme(bval_p, bvec_p, delta, Delta, TE)
+    n = int(scheme.number_of_measurements)
+    if n != image.n_volumes:
+        raise InputError(
+            f"DWI file {dwi_p} has {image.n_volumes} volumes but bval file {bval_p} and bvec "
+            f"file {bvec_p} describe {n} measurements")
+    if not np.any(scheme.b0_mask):
+        raise InputError(f"bval file {bval_p} has no b=0 measurement (b <= "
+                         f"{scheme.b0_threshold / 1e6:g} s/mm²): signals cannot be normalised")
+    if np.all(scheme.b0_mask):
+        raise InputError(f"bval file {bval_p} has only b=0 measurements")
+    mask_p = _path(mask, "mask") if mask is not None else None
+    mask_arr = load_mask(mask_p, image.spatial_shape, image.affine) if mask_p else None
+    return image, scheme, mask_arr, mask_p
+
+
+def _scan_finite(image: DWIImage, mask: np.ndarray | None) -> None:
+    """Every (masked) voxel of every volume must be finite; read volume by volume."""
+    for i in range(image.n_volumes):
+        vol = image.read_volume(i)
+        bad = ~np.isfinite(vol)
+        if mask is not None:
+            bad &= mask
+        if bad.any():
+            where = tuple(int(c) for c in np.argwhere(bad)[0])
+            raise InputError(
+                f"DWI file {image.path} has {int(bad.sum())} NaN or infinite values in volume "
+                f"{i}{' inside the mask' if mask is not None else ''} (first at voxel "
+                f"{where}); give a mask that excludes them")
+
+
+def validate_inputs(dwi: Any, bval: Any, bvec: Any, mask: Any = None, *, delta: Any = None,
+                    Delta: Any = None, TE: Any = None, scan_data: bool = True
+                    ) -> InputSummary:
+    """Check a DWI / bval / bvec (/ mask) set before fitting it.
+
+    Raises :class:`~fingerprint.errors.InputError` naming the file at fault for: missing,
+    unreadable, truncated or non-NIfTI files; a DWI that is not 4-D; bval/bvec files that
+    do not parse, disagree with each other or with the number of volumes, hold b-values
+    in s/m², or have no b=0; a mask that is unreadable, of another shape, or empty; NaN or
+    infinite signals (inside the mask; only when ``scan_data``, which reads the image once,
+    one volume at a time).
+    """
+    image, scheme, mask_arr, mask_p = _open_inputs(dwi, bval, bvec, mask, delta, Delta, TE)
+    if scan_data:
+        _scan_finite(image, mask_arr)
+    n_vox = int(mask_arr.sum()) if mask_arr is not None else int(np.prod(image.spatial_shape))
+    shells = tuple(float(b) / 1e6 for b in np.asarray(scheme.shell_bvalues))
+    return InputSummary(dwi=image.path, bval=_path(bval, "bval"), bvec=_path(bvec, "bvec"),
+                        mask=mask_p, shape=image.shape, n_volumes=image.n_volumes,
+                        n_voxels=n_vox, n_b0=int(np.sum(scheme.b0_mask)),
+                        shell_bvalues=shells, dtype=str(image.dtype), affine=image.affine,
+                        scheme=scheme)
+
+
+def prefix_from_filename(path: Any) -> str | None:
+    """The BIDS entities of a DWI file name (``sub-01_ses-2_dwi.nii.gz`` -> ``sub-01_ses-2``),
+    or None when the name has none."""
+    name = Path(os.fspath(path)).name
+    for ext in (".nii.gz", ".nii"):
+        if name.endswith(ext):
+            name = name[: -len(ext)]
+            break
+    entities = [p for p in name.split("_") if re.fullmatch(r"[A-Za-z]+-[A-Za-z0-9]+", p)]
+    return "_".join(entities) or None
+
+
+# ----------------------------------------------------------------------------- estimator cache
+_ESTIMATORS: OrderedDict[tuple, Any] = OrderedDict()
+_ESTIMATORS_LOCK = threading.Lock()
+_MAX_CACHED_ESTIMATORS = 4
+
+
+@dataclass(frozen=True)
+class EstimatorHandle:
+    """Picklable reference to an estimator: the dictionary path and the options.
+
+    :func:`estimator_from_handle` returns the cached estimator of this process, building
+    it from the dictionary the first time (worker processes) -- the process that created
+    the handle registered its own estimator, so in-process threads share it.
+    """
+
+    dictionary_path: str
+    options: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def key(self) -> tuple:
+        return (self.dictionary_path, self.options)
+
+
+def _register(handle: EstimatorHandle, estimator: Any) -> None:
+    with _ESTIMATORS_LOCK:
+        _ESTIMATORS[handle.key] = estimator
+        _ESTIMATORS.move_to_end(handle.key)
+        while len(_ESTIMATORS) > _MAX_CACHED_ESTIMATORS:
+            _ESTIMATORS.popitem(last=False)
+
+
+def estimator_from_handle(handle: EstimatorHandle) -> Any:
+    """The estimator of ``handle`` (cached per process)."""
+    with _ESTIMATORS_LOCK:
+        est = _ESTIMATORS.get(handle.key)
+        if est is not None:
+            _ESTIMATORS.move_to_end(handle.key)
+            return est
+    from fingerprint.dictionary import open_dictionary
+    from fingerprint.fitting.estimator import FingerprintEstimator
+
+    est = FingerprintEstimator.from_dictionary(open_dictionary(handle.dictionary_path),
+                                               **dict(handle.options))
+    _register(handle, est)
+    return est
+
+
+def _estimate(est: Any, data: np.ndarray) -> dict[str, np.ndarray]:
+    ve = est.estimate(np.asarray(data))
+    n = data.shape[0]
+
+    def arr(name: str, shape: tuple) -> np.ndarray:
+        value = getattr(ve, name, None)
+        if value is None:
+            return np.full(shape, np.nan, dtype=np.float32)
+        return np.asarray(value, dtype=np.float32).reshape(shape)
+
+    params = arr("parameters", (n, -1))
+    return {
+        "parameters": params,
+        "uncertainty": arr("uncertainty", params.shape),
+        "s0": arr("s0", (n,)),
+        "r2": arr("r2", (n,)),
+        "valid": (np.asarray(ve.valid, dtype=bool).reshape(n) if getattr(ve, "valid", None)
+                  is not None else np.all(np.isfinite(params), axis=1)),
+    }
+
+
+def fit_chunk(handle: EstimatorHandle, data: np.ndarray) -> dict[str, np.ndarray]:
+    """Fit one chunk of voxels (n, N) with the estimator of ``handle``; what executors run."""
+    return _estimate(estimator_from_handle(handle), data)
+
+
+# ----------------------------------------------------------------------------- results
+@dataclass
+class FitResult:
+    """What :func:`fit_volume` wrote and how long it took."""
+
+    #: every file written (maps, sidecars, preview), absolute paths
+    files: list[Path]
+    #: voxels fitted (in the mask)
+    n_voxels: int
+    #: wall time of the whole call (s)
+    seconds: float
+    out_dir: Path = Path(".")
+    #: map label -> NIfTI path (includes s0, r2 and '<label>_uncertainty')
+    maps: dict[str, Path] = field(default_factory=dict)
+    #: voxels the estimator could not fit (zero in the maps)
+    n_invalid: int = 0
+    model: str = ""
+    dictionary: Path | None = None
+    preview: Path | None = None
+    #: seconds per step: dictionary, fit, write
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class _Progress:
+    """Monotone, clipped progress in [lo, hi] of the caller's 0..1 range."""
+
+    def __init__(self, callback: ProgressCallback | None):
+        self.callback = callback
+        self.value = 0.0
+        self._lock = threading.Lock()
+
+    def __call__(self, fraction: float) -> None:
+        if self.callback is None:
+            return
+        with self._lock:
+            fraction = float(min(max(fraction, 0.0), 1.0))
+            if fraction < self.value:
+                return
+            self.value = fraction
+        self.callback(fraction)
+
+    def span(self, lo: float, hi: float) -> ProgressCallback:
+        return lambda f: self(lo + (hi - lo) * float(min(max(f, 0.0), 1.0)))
+
+
+def _check_cancel(should_cancel: Callable[[], bool] | None) -> None:
+    if should_cancel is not None and should_cancel():
+        raise CancelledError("the fit was cancelled")
+
+
+def _resolve_model(model: Any) -> tuple[Any, str, Any]:
+    """(model object or None, BIDS model label, estimator or None)."""
+    from fingerprint.models import get_model, get_recipe, model_name
+
+    if isinstance(model, str):
+        recipe = get_recipe(model)
+        return get_model(recipe.name), recipe.name, None
+    if hasattr(model, "estimate") and hasattr(model, "model"):  # a ready estimator
+        name = model_name(model.model) or type(model.model).__name__
+        return model.model, name, model
+    if not hasattr(model, "parameter_names"):
+        raise InputError(f"model must be a model name, a model or an estimator, got "
+                         f"{type(model).__name__}")
+    return model, model_name(model) or type(model).__name__, None
+
+
+def _map_plan(model: Any, est: Any) -> list[tuple[str, str, slice, bool]]:
+    """(label, parameter name, columns in the parameter vector, is orientation)."""
+    from fingerprint.models import map_labels
+
+    offsets = _offsets(est, model)
+    orientation = set(getattr(model, "orientation_parameter_names", None) or
+                      [n for n, t in getattr(model, "parameter_types", {}).items()
+                       if t == "orientation"])
+    plan = []
+    for label, name in map_labels(model).items():
+        if name not in offsets:
+            raise InputError(f"map {label!r} names parameter {name!r}, which the model does "
+                             f"not have (parameters: {', '.join(offsets)})")
+        plan.append((label, name, offsets[name], name in orientation))
+    return plan
+
+
+def _chunks(image: DWIImage, mask: np.ndarray, chunk_voxels: int, slab_bytes: int
+            ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(coords (n, 3), data (n, N) float32) chunks of masked voxels."""
+    for slab in image.iter_slabs(mask, max_bytes=slab_bytes):
+        for start in range(0, slab.data.shape[0], chunk_voxels):
+            data = slab.data[start:start + chunk_voxels]
+            bad = ~np.all(np.isfinite(data), axis=1)
+            if bad.any():
+                where = tuple(int(c) for c in slab.coords[start + int(np.flatnonzero(bad)[0])])
+                raise InputError(
+                    f"DWI file {image.path} has NaN or infinite values in {int(bad.sum())} "
+                    f"voxels of the mask (first at voxel {where}); give a mask that excludes "
+                    f"them")
+            yield slab.coords[start:start + chunk_voxels], data
+
+
+def _default_mask(image: DWIImage, scheme: Any) -> np.ndarray:
+    """Voxels whose mean b=0 signal is finite and positive."""
+    b0 = image.mean_b0(np.asarray(scheme.b0_mask))
+    mask = np.isfinite(b0) & (b0 > 0)
+    if not mask.any():
+        raise InputError(f"DWI file {image.path}: no voxel has a positive b=0 signal")
+    return mask
+
+
+def _build_estimator(model: Any, scheme: Any, *, dictionary_dir: Any, dictionary_size: Any,
+                     threads: int | None, progress: ProgressCallback,
+                     should_cancel: Callable[[], bool] | None, options: dict[str, Any]) -> Any:
+    from fingerprint.fitting.estimator import FingerprintEstimator
+
+    return FingerprintEstimator.from_model(
+        model, scheme, dictionary_size=dictionary_size, dictionary_dir=dictionary_dir,
+        progress=progress, n_jobs=threads, should_cancel=should_cancel, **options)
+
+
+def _run_chunks(chunks: Iterator[tuple[np.ndarray, np.ndarray]], est: Any,
+                handle: EstimatorHandle | None, executor: cf.Executor | None,
+                store: Callable[[np.ndarray, dict[str, np.ndarray]], None],
+                done: Callable[[int], None], should_cancel: Callable[[], bool] | None,
+                window: int) -> None:
+    if executor is None:
+        for coords, data in chunks:
+            _check_cancel(should_cancel)
+            store(coords, _estimate(est, data))
+            done(coords.shape[0])
+        _check_cancel(should_cancel)
+        return
+    pending: dict[cf.Future, np.ndarray] = {}
+
+    def drain(block_until: int) -> None:
+        while len(pending) > block_until:
+            finished, _ = cf.wait(list(pending), timeout=0.2,
+                                  return_when=cf.FIRST_COMPLETED)
+            _check_cancel(should_cancel)
+            for fut in finished:
+                coords = pending.pop(fut)
+                store(coords, fut.result())
+                done(coords.shape[0])
+
+    try:
+        for coords, data in chunks:
+            _check_cancel(should_cancel)
+            pending[executor.submit(fit_chunk, handle, data)] = coords
+            drain(window - 1)
+        drain(0)
+        _check_cancel(should_cancel)
+    except BaseException:
+        for fut in pending:
+            fut.cancel()
+        raise
+
+
+def _sidecar(*, label: str, parameter: str | None, units: str, description: str,
+             model: Any, model_label: str, sources: list[str], extra: dict[str, Any]
+             ) -> dict[str, Any]:
+    import fingerprint
+    from fingerprint.models import recipe_for_model
+
+    recipe = recipe_for_model(model)
+    model_info: dict[str, Any] = {"Name": model_label,
+                                  "Class": type(model).__name__}
+    if recipe is not None:
+        model_info["Description"] = recipe.description.strip()
+        if getattr(recipe, "reference", None):
+            model_info["Reference"] = recipe.reference
+    model_info["Parameters"] = list(model.parameter_names)
+    out: dict[str, Any] = {
+        "Description": description,
+        "Parameter": label,
+        "ParameterName": parameter,
+        "Units": units,
+        "Model": model_info,
+        "GeneratedBy": [{"Name": "fingerprint", "Version": fingerprint.__version__,
+                         "Description": "dictionary matching (fingerprinting)"}],
+        "Sources": sources,
+    }
+    out.update(extra)
+    return out
+
+
+def fit_volume(model: Any, dwi: Any, bval: Any, bvec: Any, out_dir: Any, *,
+               mask: Any = None, prefix: str | None = None, threads: int | None = None,
+               executor: cf.Executor | None = None, progress: ProgressCallback | None = None,
+               should_cancel: Callable[[], bool] | None = None, dictionary_dir: Any = None,
+               dictionary_size: int | None = None, chunk_voxels: int = DEFAULT_CHUNK_VOXELS,
+               preview: bool = False, delta: float | None = None, Delta: float | None = None,
+               TE: float | None = None, estimator_options: dict[str, Any] | None = None,
+               slab_bytes: int = DEFAULT_SLAB_BYTES, executor_window: int | None = None
+               ) -> FitResult:
+    """Fit ``model`` to every masked voxel of a DWI volume and write the maps.
+
+    Parameters
+    ----------
+    model : str, model or estimator
+        A named model (``'noddi'``, see ``fingerprint.models.available_models()``), a
+        ``MultiCompartmentModel``, or a ready ``FingerprintEstimator``.
+    dwi, bval, bvec : path
+        4-D NIfTI (.nii or .nii.gz) and FSL b-values (s/mm²) / b-vectors.
+    out_dir : path
+        Output directory (created if needed); maps are written there atomically.
+    mask : path, optional
+        3-D mask NIfTI (nonzero = fit); default: voxels with a positive mean b=0 signal.
+    prefix : str, optional
+        File-name prefix, e.g. ``'sub-01_ses-1'`` (default: none, names start at
+        ``model-``).
+    threads : int, optional
+        Threads for dictionary building and matching (default: all cores).
+    executor : concurrent.futures.Executor, optional
+        Runs the voxel chunks (e.g. ``distributed.Client.get_executor()``); workers get
+        the dictionary path and rebuild the estimator once per process.
+    progress : callable(float), optional
+        Called with a monotone fraction in [0, 1].
+    should_cancel : callable() -> bool, optional
+        Polled between chunks (and by the dictionary build); True raises CancelledError.
+    dictionary_dir, dictionary_size :
+        Where dictionaries are cached (default: the user cache) and how many atoms.
+    chunk_voxels : int
+        Voxels per chunk (memory per task; results do not depend on it).
+    preview : bool
+        Also write a PNG preview of the key maps.
+    delta, Delta, TE : float, optional
+        Pulse duration / separation / echo time in s (models that need timing).
+    estimator_options : dict, optional
+        Extra keyword arguments of ``FingerprintEstimator.from_model`` (e.g.
+        ``n_neighbors``, ``refine``); they must be picklable when an executor is used.
+    slab_bytes : int
+        Largest block of float32 input data read at once (bytes).
+
+    Returns
+    -------
+    FitResult
+    """
+    t_start = time.perf_counter()
+    if chunk_voxels < 1:
+        raise InputError(f"chunk_voxels must be positive, got {chunk_voxels}")
+    if threads is not None and int(threads) < 1:
+        raise InputError(f"threads must be at least 1, got {threads}")
+    if prefix is not None and prefix != "" and not _PREFIX_RE.match(prefix):
+        raise InputError(f"prefix {prefix!r} may only hold letters, digits, '-' and '_'")
+    if dictionary_size is not None and int(dictionary_size) < 1:
+        raise InputError(f"dictionary_size must be positive, got {dictionary_size}")
+    prog = _Progress(progress)
+    prog(0.0)
+    model_obj, model_label, est = _resolve_model(model)
+    image, scheme, mask_arr, _ = _open_inputs(dwi, bval, bvec, mask, delta, Delta, TE)
+    if mask_arr is None:
+        mask_arr = _default_mask(image, scheme)
+    n_total = int(mask_arr.sum())
+    _check_cancel(should_cancel)
+
+    # -- dictionary and estimator ------------------------------------------------------
+    t0 = time.perf_counter()
+    options = dict(estimator_options or {})
+    if est is None:
+        est = _build_estimator(model_obj, scheme, dictionary_dir=dictionary_dir,
+                               dictionary_size=dictionary_size, threads=threads,
+                               progress=prog.span(0.0, _DICTIONARY_SHARE),
+                               should_cancel=should_cancel, options=options)
+    dictionary = getattr(est, "dictionary", None)
+    dict_path = Path(dictionary.path) if getattr(dictionary, "path", None) else None
+    if getattr(est, "scheme", None) is not None and not _same_acquisition(est.scheme, scheme):
+        raise InputError(f"the estimator was made for another acquisition scheme than "
+                         f"{Path(os.fspath(bval))} / {Path(os.fspath(bvec))}")
+    prog(_DICTIONARY_SHARE)
+    t_dict = time.perf_counter() - t0
+    _check_cancel(should_cancel)
+
+    # -- fit chunk by chunk --------------------------------------------------------------
+    t0 = time.perf_counter()
+    plan = _map_plan(model_obj, est)
+    n_params = sum(sl.stop - sl.start for sl in _offsets(est, model_obj).values())
+    params = np.zeros((n_total, n_params), dtype=np.float32)
+    unc = np.zeros((n_total, n_params), dtype=np.float32)
+    s0 = np.zeros(n_total, dtype=np.float32)
+    r2 = np.zeros(n_total, dtype=np.float32)
+    valid = np.zeros(n_total, dtype=bool)
+    rows = _row_index(mask_arr)
+    fit_span = prog.span(_DICTIONARY_SHARE, 1.0 - _WRITE_SHARE)
+    done_count = [0]
+
+    def store(coords: np.ndarray, out: dict[str, np.ndarray]) -> None:
+        r = rows[coords[:, 0], coords[:, 1], coords[:, 2]]
+        params[r] = out["parameters"]
+        unc[r] = out["uncertainty"]
+        s0[r] = out["s0"]
+        r2[r] = out["r2"]
+        valid[r] = out["valid"]
+
+    def done(n: int) -> None:
+        done_count[0] += n
+        fit_span(done_count[0] / max(n_total, 1))
+
+    handle = None
+    if executor is not None:
+        if dict_path is None:
+            raise InputError("an executor needs an estimator backed by a stored dictionary")
+        handle = EstimatorHandle(str(dict_path), tuple(sorted(
+            {**options, "n_jobs": threads}.items())))
+        _register(handle, est)
+    window = executor_window or max(2, 2 * int(getattr(executor, "_max_workers", 2) or 2))
+    _run_chunks(_chunks(image, mask_arr, int(chunk_voxels), int(slab_bytes)), est, handle,
+                executor, store, done, should_cancel, window)
+    t_fit = time.perf_counter() - t0
+    n_invalid = int(n_total - valid.sum())
+    if n_invalid:
+        logger.warning("%d of %d voxels could not be fitted (zero in the maps)", n_invalid,
+                       n_total)
+
+    # -- write ---------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    out_dir = Path(os.fspath(out_dir))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pref = prefix or ""
+    sources = [Path(os.fspath(dwi)).name, Path(os.fspath(bval)).name,
+               Path(os.fspath(bvec)).name] + ([Path(os.fspath(mask)).name] if mask else [])
+    common_extra: dict[str, Any] = {"FittedVoxels": n_total, "InvalidVoxels": n_invalid}
+    if dict_path is not None:
+        common_extra["Dictionary"] = {"Key": getattr(dictionary, "key", None),
+                                      "Atoms": int(getattr(dictionary, "n_atoms", 0) or 0)}
+    files: list[Path] = []
+    maps: dict[str, Path] = {}
+    params[~valid] = 0.0
+    unc[~valid] = 0.0
+    unc[~np.isfinite(unc)] = 0.0
+    params[~np.isfinite(params)] = 0.0
+
+    def volume(values: np.ndarray) -> np.ndarray:
+        vol = np.zeros(image.spatial_shape + values.shape[1:], dtype=np.float32)
+        vol[mask_arr] = values  # rows are numbered in the mask's C order
+        return vol
+
+    def emit(label: str, values: np.ndarray, *, parameter: str | None, units: str,
+             description: str, desc: str | None = None, extra: dict | None = None) -> None:
+        name = bids_map_name(pref, model_label, label, desc=desc)
+        sidecar = _sidecar(label=label if desc is None else f"{label} ({desc})",
+                           parameter=parameter, units=units, description=description,
+                           model=model_obj, model_label=model_label, sources=sources,
+                           extra={**common_extra, **(extra or {})})
+        nii, js = write_map(volume(values), image.img, out_dir, name, sidecar)
+        files.extend([nii, js])
+        maps[label if desc is None else f"{label}_{desc}"] = nii
+
+    for label, pname, cols, is_orientation in plan:
+        _check_cancel(should_cancel)
+        values = params[:, cols]
+        if is_orientation and values.shape[1] == 2:
+            vec = mu_to_vectors(values).astype(np.float32)
+            vec[~valid] = 0.0
+            emit(label, vec, parameter=pname, units="n/a",
+                 description=f"{label}: unit vector (x, y, z in the b-vector frame) of the "
+                             f"orientation {pname}",
+                 extra={"OrientationEncoding": {"Type": "vector", "Reference": "bvec",
+                                                "EncodingAxis": 3}})
+            continue
+        if values.shape[1] == 1:
+            values = values[:, 0]
+        emit(label, values, parameter=pname, units=map_units(pname),
+             description=f"{label} ({pname})")
+        u = unc[:, cols]
+        emit(label, u[:, 0] if u.shape[1] == 1 else u, parameter=pname,
+             units=map_units(pname), desc="uncertainty",
+             description=f"uncertainty of {label}: spread (standard deviation) of the "
+                         f"parameter among the matched dictionary atoms")
+    emit("s0", np.where(valid, s0, 0.0).astype(np.float32), parameter=None, units="arbitrary",
+         description="fitted signal without diffusion weighting (units of the input)")
+    emit("r2", np.where(valid & np.isfinite(r2), r2, 0.0).astype(np.float32), parameter=None,
+         units="n/a", description="coefficient of determination R² of the fitted signal")
+    preview_path = None
+    if preview:
+        from fingerprint.preview import write_preview
+
+        preview_path = write_preview(
+            {label: p for label, p in maps.items() if not label.endswith("_uncertainty")},
+            out_dir / (bids_map_name(pref, model_label, "preview").replace(
+                "_dwimap.nii.gz", ".png").replace("_param-preview", "_desc-preview")),
+            title=f"fingerprint {model_label}")
+        files.append(preview_path)
+    t_write = time.perf_counter() - t0
+    prog(1.0)
+    seconds = time.perf_counter() - t_start
+    logger.info("fitted %d voxels with %s in %.1f s (dictionary %.1f s, fit %.1f s, "
+                "write %.1f s)", n_total, model_label, seconds, t_dict, t_fit, t_write)
+    return FitResult(files=files, n_voxels=n_total, seconds=seconds, out_dir=out_dir,
+                     maps=maps, n_invalid=n_invalid, model=model_label, dictionary=dict_path,
+                     preview=preview_path,
+                     timings={"dictionary": t_dict, "fit": t_fit, "write": t_write})
+
+
+def _offsets(est: Any, model: Any) -> dict[str, slice]:
+    names = list(getattr(est, "parameter_names", None) or model.parameter_names)
+    card = dict(getattr(est, "parameter_cardinality", None) or model.parameter_cardinality)
+    out, pos = {}, 0
+    for name in names:
+        out[name] = slice(pos, pos + int(card[name]))
+        pos += int(card[name])
+    return out
+
+
+def _row_index(mask: np.ndarray) -> np.ndarray:
+    """(X, Y, Z) int64: row of each masked voxel in the output arrays (-1 outside)."""
+    rows = np.full(mask.shape, -1, dtype=np.int64)
+    rows[mask] = np.arange(int(mask.sum()), dtype=np.int64)
+    return rows
+
+
+def _same_acquisition(a: Any, b: Any) -> bool:
+    """Same b-values and gradient directions (to file-format precision)."""
+    if getattr(a, "hash", None) == getattr(b, "hash", None):
+        return True
+    ba, bb = np.asarray(a.bvalues), np.asarray(b.bvalues)
+    ga, gb = np.asarray(a.gradient_directions), np.asarray(b.gradient_directions)
+    return (ba.shape == bb.shape and ga.shape == gb.shape
+            and bool(np.allclose(ba, bb, rtol=1e-4, atol=1e3))
+            and bool(np.allclose(ga, gb, atol=1e-4)))

@@ -1,0 +1,420 @@
+"""NIfTI input and BIDS-derivative output.
+
+Input
+-----
+:class:`DWIImage` opens a 4-D diffusion-weighted NIfTI without reading its voxels; data are
+read through nibabel's array proxy in slabs of whole slices along the last spatial axis
+(the slowest-varying spatial axis on disk), so a volume is never held as a float64 copy:
+at most one slab (``max_slab_bytes``, float32) is in memory at a time. Masks are small
+3-D images and are read whole by :func:`load_mask`.
+
+Output
+------
+Parameter maps follow the BIDS derivatives proposal for diffusion models (BEP016)::
+
+    <prefix>_model-<model>_param-<label>_dwimap.nii.gz      (+ .json sidecar)
+
+Every fitted model writes, besides its own labels (``fingerprint.models.map_labels``):
+
+=====================================================  ========================================
+``..._param-s0_dwimap``                                 fitted non-diffusion-weighted signal
+                                                        (scanner units)
+``..._param-r2_dwimap``                                 coefficient of determination of the fit
+``..._param-<label>_desc-uncertainty_dwimap``           per scalar label: spread (standard
+                                                        deviation) of the matched dictionary
+                                                        neighbours, in the label's units
+=====================================================  ========================================
+
+Orientation labels (e.g. NODDI ``direction``) are 4-D maps of unit vectors (x, y, z on the
+last axis) in the frame of the b-vectors. Maps are float32, use the input's affine and
+header (data type, scaling and dimensions adapted) and are written atomically (temporary
+file in the same directory, then renamed). Voxels outside the mask, or that could not be
+fitted, are 0 in every map.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import os
+import secrets
+import struct
+import zlib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fingerprint.errors import InputError
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "DEFAULT_SLAB_BYTES",
+    "DWIImage",
+    "Slab",
+    "atomic_write_json",
+    "atomic_write_nifti",
+    "bids_map_name",
+    "load_mask",
+    "map_units",
+    "mu_to_vectors",
+    "open_nifti",
+    "write_map",
+]
+
+#: Largest slab of float32 DWI data read at once (bytes).
+DEFAULT_SLAB_BYTES = 256 * 1024**2
+
+_READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, struct.error, gzip.BadGzipFile)
+
+
+def open_nifti(path: str | os.PathLike, what: str = "image") -> Any:
+    """Open a NIfTI file with nibabel (header only), with errors naming the file."""
+    import nibabel as nib
+    from nibabel.filebasedimages import ImageFileError
+
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{what} file {path} does not exist")
+    if not path.is_file():
+        raise InputError(f"{what} file {path} is not a regular file")
+    try:
+        img = nib.load(str(path))
+    except (ImageFileError, *_READ_ERRORS) as exc:
+        raise InputError(f"{what} file {path} cannot be read as NIfTI: {exc}") from None
+    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise InputError(f"{what} file {path} is a {type(img).__name__}, not a NIfTI image")
+    return img
+
+
+def _expected_data_end(img: Any) -> int:
+    header = img.header
+    offset = int(header.get_data_offset())
+    itemsize = np.dtype(header.get_data_dtype()).itemsize
+    return offset + int(np.prod(img.shape, dtype=np.int64)) * itemsize
+
+
+def check_file_complete(img: Any, path: str | os.PathLike, what: str = "image") -> None:
+    """Cheap truncation check without decompressing: the file must hold the whole data
+    block (uncompressed files), or the gzip trailer's uncompressed size must match the
+    header (gzip files; if it does not, the last voxel is read to be sure)."""
+    path = Path(path)
+    end = _expected_data_end(img)
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        magic = fh.read(2)
+        if magic != b"\x1f\x8b":
+            if size < end:
+                raise InputError(f"{what} file {path} is truncated: {size} bytes, the header "
+                                 f"needs {end}")
+            return
+        if size < 18:
+            raise InputError(f"{what} file {path} is truncated (gzip stream too short)")
+        fh.seek(-4, os.SEEK_END)
+        isize = struct.unpack("<I", fh.read(4))[0]
+    if isize == end % 2**32:
+        return
+    # multi-member gzip streams only record the last member's size: read the last voxel
+    try:
+        last = tuple(s - 1 for s in img.shape)
+        np.asarray(img.dataobj[last])
+    except _READ_ERRORS as exc:
+        raise InputError(f"{what} file {path} is truncated or corrupt: {exc}") from None
+
+
+@dataclass(frozen=True)
+class Slab:
+    """A block of whole slices ``[start, stop)`` along the last spatial axis."""
+
+    start: int
+    stop: int
+    #: (n, 3) integer voxel coordinates of the masked voxels of the slab
+    coords: np.ndarray
+    #: (n, N) float32 signals of those voxels
+    data: np.ndarray
+
+
+class DWIImage:
+    """A 4-D diffusion-weighted NIfTI opened lazily (nothing read until asked).
+
+    Parameters
+    ----------
+    path : str or Path
+        ``.nii`` or ``.nii.gz`` file, shape (X, Y, Z, N).
+    check : bool
+        Check that the file is complete (cheap; see :func:`check_file_complete`).
+    """
+
+    def __init__(self, path: str | os.PathLike, *, check: bool = True):
+        self.path = Path(path)
+        self.img = open_nifti(self.path, "DWI")
+        shape = tuple(int(s) for s in self.img.shape)
+        if len(shape) == 5 and shape[3] == 1:  # (X, Y, Z, 1, N) is sometimes written
+            raise InputError(f"DWI file {self.path} is 5-D {shape}; expected (X, Y, Z, N)")
+        if len(shape) != 4:
+            raise InputError(
+                f"DWI file {self.path} has shape {shape}: a 4-D image (X, Y, Z, volumes) is "
+                f"needed, got {len(shape)}-D")
+        if min(shape) < 1:
+            raise InputError(f"DWI file {self.path} has an empty dimension: {shape}")
+        dtype = np.dtype(self.img.header.get_data_dtype())
+        if dtype.kind not in "iuf":
+            raise InputError(f"DWI file {self.path} has unsupported data type {dtype}")
+        self.shape: tuple[int, int, int, int] = shape  # type: ignore[assignment]
+        if check:
+            check_file_complete(self.img, self.path, "DWI")
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def spatial_shape(self) -> tuple[int, int, int]:
+        """(X, Y, Z)."""
+        return self.shape[:3]
+
+    @property
+    def n_volumes(self) -> int:
+        """Number of measurements N."""
+        return self.shape[3]
+
+    @property
+    def affine(self) -> np.ndarray:
+        """Voxel-to-world affine (4, 4) (sform, else qform, as nibabel chooses)."""
+        return np.asarray(self.img.affine, dtype=np.float64)
+
+    @property
+    def header(self) -> Any:
+        return self.img.header
+
+    @property
+    def dtype(self) -> np.dtype:
+        """On-disk data type."""
+        return np.dtype(self.img.header.get_data_dtype())
+
+    @property
+    def float32_nbytes(self) -> int:
+        """Size of the whole image as float32 (bytes)."""
+        return int(np.prod(self.shape, dtype=np.int64)) * 4
+
+    # ------------------------------------------------------------------ reading
+    def _read(self, slicer: tuple) -> np.ndarray:
+        proxy = self.img.dataobj
+        try:
+            if hasattr(proxy, "_get_scaled"):
+                out = proxy._get_scaled(np.float32, slicer)
+            else:  # pragma: no cover - other proxy implementations
+                out = np.asarray(proxy[slicer])
+        except _READ_ERRORS as exc:
+            raise InputError(f"DWI file {self.path} cannot be read: {exc}") from None
+        return np.asarray(out, dtype=np.float32)
+
+    def read_volume(self, index: int) -> np.ndarray:
+        """One 3-D volume as float32."""
+        return self._read((slice(None), slice(None), slice(None), int(index)))
+
+    def slab_slices(self, max_bytes: int = DEFAULT_SLAB_BYTES) -> int:
+        """Slices per slab so that one slab of float32 data takes at most ``max_bytes``."""
+        x, y, _, n = self.shape
+        per_slice = x * y * n * 4
+        return max(1, int(max_bytes // max(per_slice, 1)))
+
+    def iter_slabs(self, mask: np.ndarray, *, max_bytes: int = DEFAULT_SLAB_BYTES,
+                   start_slice: int = 0) -> Iterator[Slab]:
+        """Masked voxels slab by slab (skipping slabs without masked voxels).
+
+        Voxel order within a slab is C order of (x, y, z); the union over slabs is every
+        masked voxel exactly once.
+        """
+        mask = np.asarray(mask, dtype=bool)
+        if mask.shape != self.spatial_shape:
+            raise InputError(f"mask shape {mask.shape} differs from the DWI's "
+                             f"{self.spatial_shape}")
+        nz = self.shape[2]
+        step = self.slab_slices(max_bytes)
+        for z0 in range(start_slice, nz, step):
+            z1 = min(nz, z0 + step)
+            sub = mask[:, :, z0:z1]
+            if not sub.any():
+                continue
+            # read only the range of slices that actually holds masked voxels
+            zs = np.flatnonzero(sub.any(axis=(0, 1)))
+            a, b = z0 + int(zs[0]), z0 + int(zs[-1]) + 1
+            block = self._read((slice(None), slice(None), slice(a, b), slice(None)))
+            local = mask[:, :, a:b]
+            data = np.ascontiguousarray(block[local])
+            del block
+            coords = np.argwhere(local)
+            coords[:, 2] += a
+            yield Slab(a, b, coords, data)
+
+    def mean_b0(self, b0_mask: np.ndarray) -> np.ndarray:
+        """Mean of the b=0 volumes (float32, 3-D), read one volume at a time."""
+        idx = np.flatnonzero(np.asarray(b0_mask, dtype=bool))
+        if idx.size == 0:
+            raise InputError(f"no b=0 volumes for DWI file {self.path}")
+        acc = np.zeros(self.spatial_shape, dtype=np.float64)
+        for i in idx:
+            acc += self.read_volume(int(i))
+        return (acc / idx.size).astype(np.float32)
+
+
+def load_mask(path: str | os.PathLike, spatial_shape: tuple[int, ...],
+              affine: np.ndarray | None = None) -> np.ndarray:
+    """Read a 3-D mask (nonzero = inside) matching ``spatial_shape``; InputError naming the
+    file when it is unreadable, mis-shaped, not finite or empty."""
+    path = Path(path)
+    img = open_nifti(path, "mask")
+    shape = tuple(int(s) for s in img.shape)
+    if len(shape) == 4 and shape[3] == 1:
+        shape = shape[:3]
+    if len(shape) != 3:
+        raise InputError(f"mask file {path} has shape {tuple(img.shape)}: a 3-D image is needed")
+    if shape != tuple(spatial_shape):
+        raise InputError(f"mask file {path} has shape {shape} but the DWI volumes are "
+                         f"{tuple(spatial_shape)}")
+    check_file_complete(img, path, "mask")
+    try:
+        data = np.asanyarray(img.dataobj).reshape(shape)
+    except _READ_ERRORS as exc:
+        raise InputError(f"mask file {path} cannot be read: {exc}") from None
+    if data.dtype.kind == "f" and not np.all(np.isfinite(data)):
+        raise InputError(f"mask file {path} contains NaN or infinite values")
+    mask = data != 0
+    if not mask.any():
+        raise InputError(f"mask file {path} is empty (no nonzero voxel)")
+    if affine is not None and not np.allclose(img.affine, affine, atol=1e-3, rtol=1e-4):
+        logger.warning("mask file %s has a different affine from the DWI image; "
+                       "using it voxel for voxel", path)
+    return mask
+
+
+# ---------------------------------------------------------------------- output
+def bids_map_name(prefix: str, model: str, label: str, desc: str | None = None,
+                  extension: str = ".nii.gz") -> str:
+    """``<prefix>_model-<model>_param-<label>[_desc-<desc>]_dwimap<extension>``.
+
+    BIDS labels are alphanumeric: other characters of ``model``, ``label`` and ``desc``
+    are dropped (``ball_stick`` -> ``ballstick``).
+    """
+    def clean(text: str) -> str:
+        out = "".join(ch for ch in str(text) if ch.isalnum())
+        if not out:
+            raise InputError(f"cannot make a BIDS label from {text!r}")
+        return out
+
+    parts = [prefix] if prefix else []
+    parts += [f"model-{clean(model)}", f"param-{clean(label)}"]
+    if desc:
+        parts.append(f"desc-{clean(desc)}")
+    return "_".join(parts) + "_dwimap" + extension
+
+
+def map_units(parameter_name: str) -> str:
+    """BIDS-style (SI, CMIXF) units of a dmipy parameter, from its name."""
+    name = parameter_name.lower()
+    if "lambda" in name or name.endswith("diffusivity"):
+        return "m^2/s"
+    if name.endswith("diameter") or name.endswith("_beta") or name.endswith("radius"):
+        return "m"
+    if name.endswith("_mu") or name.endswith("_psi"):
+        return "rad"
+    if name.endswith("_tau") or name.endswith("delta"):
+        return "s"
+    return "n/a"  # fractions, odi, kappa, alpha, r2: dimensionless
+
+
+def mu_to_vectors(mu: np.ndarray) -> np.ndarray:
+    """(..., 2) angles (theta, phi) in rad -> (..., 3) unit vectors; NaN rows -> 0."""
+    mu = np.asarray(mu, dtype=np.float64)
+    theta, phi = mu[..., 0], mu[..., 1]
+    st = np.sin(theta)
+    out = np.stack([st * np.cos(phi), st * np.sin(phi), np.cos(theta)], axis=-1)
+    out[~np.isfinite(out)] = 0.0
+    return out
+
+
+def _tmp_sibling(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def atomic_write_nifti(img: Any, path: str | os.PathLike) -> Path:
+    """Save ``img`` to ``path`` via a temporary sibling and a rename."""
+    import nibabel as nib
+
+    path = Path(path)
+    tmp = _tmp_sibling(path)
+    # nibabel picks the compression from the name: keep the suffix on the temporary file
+    tmp = tmp.with_name(tmp.name + "".join(path.suffixes[-2:]))
+    try:
+        nib.save(img, str(tmp))
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def atomic_write_json(obj: Mapping[str, Any], path: str | os.PathLike) -> Path:
+    """Write ``obj`` as indented JSON via a temporary sibling and a rename."""
+    path = Path(path)
+    tmp = _tmp_sibling(path)
+    try:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def map_image(data: np.ndarray, reference: Any) -> Any:
+    """A float32 NIfTI image of ``data`` (3-D or 4-D) with the reference image's affine
+    and header (data type, scaling, intent and time units reset)."""
+    import nibabel as nib
+
+    data = np.asarray(data, dtype=np.float32)
+    header = reference.header.copy()
+    header.set_data_dtype(np.float32)
+    header.set_slope_inter(None, None)
+    try:
+        header.set_intent("none")
+    except Exception:  # pragma: no cover - header types without intents
+        pass
+    xyz_units = header.get_xyzt_units()[0]
+    header.set_xyzt_units(xyz=xyz_units, t="unknown")
+    header["descrip"] = b"fingerprint"
+    cls = type(reference) if isinstance(reference, (nib.Nifti1Image, nib.Nifti2Image)) \
+        else nib.Nifti1Image
+    img = cls(data, reference.affine, header)
+    if data.ndim == 4:
+        img.header.set_zooms(tuple(reference.header.get_zooms()[:3]) + (1.0,))
+    sform, scode = reference.header.get_sform(coded=True)
+    qform, qcode = reference.header.get_qform(coded=True)
+    if scode:
+        img.set_sform(sform, int(scode))
+    if qcode:
+        img.set_qform(qform, int(qcode))
+    return img
+
+
+def write_map(data: np.ndarray, reference: Any, directory: str | os.PathLike, name: str,
+              sidecar: Mapping[str, Any]) -> tuple[Path, Path]:
+    """Write one map (``name`` ending in .nii.gz) and its JSON sidecar, atomically.
+    Returns (nifti path, json path)."""
+    directory = Path(directory)
+    nii = atomic_write_nifti(map_image(data, reference), directory / name)
+    base = name[:-7] if name.endswith(".nii.gz") else name.rsplit(".", 1)[0]
+    js = atomic_write_json(sidecar, directory / f"{base}.json")
+    return nii, js

@@ -1,0 +1,94 @@
+"""PNG previews of parameter maps (matplotlib, Agg backend: no display needed).
+
+>>> from fingerprint.preview import write_preview
+>>> write_preview({"icvf": "..._param-icvf_dwimap.nii.gz", ...}, "preview.png")
+
+Each scalar map is shown as its middle axial slice (grey scale, 1st-99th percentile
+window, or [0, 1] for maps whose values all lie in it); 4-D unit-vector maps (fibre
+directions) as the usual colour code (|x| red, |y| green, |z| blue).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["write_preview"]
+
+
+def _slice(data: np.ndarray, z: int | None) -> np.ndarray:
+    k = data.shape[2] // 2 if z is None else int(z)
+    k = min(max(k, 0), data.shape[2] - 1)
+    return np.rot90(data[:, :, k])  # x to the right, y up
+
+
+def write_preview(maps: Mapping[str, Any], path: str | os.PathLike, *, title: str | None = None,
+                  slice_index: int | None = None,
+                  truth: Mapping[str, Any] | None = None) -> Path:
+    """Write a PNG with one panel per map (label -> NIfTI path or array); with ``truth``
+    (label -> path or array), a second row shows the ground truth of the same labels.
+    The file is written atomically. Returns its path."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    import nibabel as nib
+
+    def load(value: Any) -> np.ndarray:
+        if isinstance(value, np.ndarray):
+            return value
+        return np.asarray(nib.load(os.fspath(value)).dataobj, dtype=np.float32)
+
+    labels = list(maps)
+    rows = 2 if truth else 1
+    cols = max(1, len(labels))
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.8 * rows + 0.4),
+                             squeeze=False)
+    for row, source in enumerate([maps, truth] if truth else [maps]):
+        for col, label in enumerate(labels):
+            ax = axes[row][col]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if source is None or label not in source:
+                ax.set_visible(False)
+                continue
+            data = load(source[label])
+            if data.ndim == 4 and data.shape[3] == 3:
+                rgb = np.clip(np.abs(_slice(data, slice_index)), 0, 1)
+                ax.imshow(rgb, interpolation="nearest")
+            else:
+                if data.ndim == 4:
+                    data = data[..., 0]
+                img = _slice(data, slice_index)
+                finite = img[np.isfinite(img)]
+                if finite.size and finite.min() >= 0 and finite.max() <= 1:
+                    lo, hi = 0.0, 1.0
+                elif finite.size:
+                    lo, hi = np.percentile(finite, [1, 99])
+                    hi = hi if hi > lo else lo + 1.0
+                else:
+                    lo, hi = 0.0, 1.0
+                im = ax.imshow(img, cmap="gray", vmin=lo, vmax=hi, interpolation="nearest")
+                fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+            ax.set_title(label if row == 0 else f"{label} (truth)", fontsize=10)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
+    try:
+        fig.savefig(tmp, dpi=90)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if tmp.exists():
+            tmp.unlink()
+    logger.info("preview written to %s", path)
+    return path
