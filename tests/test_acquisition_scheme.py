@@ -525,3 +525,28 @@ def test_dipy_errors(reference_dir: Path, caplog) -> None:
         back = gtab_dipy2fingerprint(gtab)
     assert back.delta is None and "big_delta" in caplog.text
     assert back.hash == no_timing.hash
+
+
+def test_direct_constructor_checks_consistency() -> None:
+    s = _small()
+    args = (np.array(s.bvalues), np.array(s.gradient_directions))
+    same = AcquisitionScheme(*args, s.qvalues, s.gradient_strengths, s.delta, s.Delta)
+    assert same.hash == s.hash
+    with pytest.raises(InputError, match="bvalues and qvalues disagree"):
+        AcquisitionScheme(*args, s.qvalues * 1.1, None, s.delta, s.Delta)
+    with pytest.raises(InputError, match="qvalues and gradient_strengths disagree"):
+        AcquisitionScheme(*args, s.qvalues, s.gradient_strengths * 2, s.delta, s.Delta)
+
+
+def test_dmipy_names(tmp_path: Path) -> None:
+    from fingerprint.core.acquisition_scheme import (
+        DmipyAcquisitionScheme,
+        acquisition_scheme_from_schemefile,
+    )
+
+    s = _small(TE=0.08)
+    assert isinstance(s, DmipyAcquisitionScheme)
+    s.to_schemefile(tmp_path / "a.scheme")
+    back = acquisition_scheme_from_schemefile(tmp_path / "a.scheme", b0_threshold=20e6)
+    assert back.b0_threshold == 20e6
+    np.testing.assert_allclose(back.bvalues, s.bvalues, rtol=1e-12)

@@ -38,7 +38,9 @@ from fingerprint.errors import InputError
 
 __all__ = [
     "AcquisitionScheme",
+    "DmipyAcquisitionScheme",
     "MeasurementSet",
+    "acquisition_scheme_from_schemefile",
     "acquisition_scheme_from_bvalues",
     "acquisition_scheme_from_gradient_strengths",
     "acquisition_scheme_from_qvalues",
@@ -259,6 +261,22 @@ def _group_shells(bvalues: np.ndarray, delta: np.ndarray | None, Delta: np.ndarr
     return shell_indices, np.concatenate(shell_bvalues)
 
 
+def _check_consistency(b: np.ndarray, q: np.ndarray | None, g: np.ndarray | None,
+                       delta: np.ndarray | None, Delta: np.ndarray | None) -> None:
+    """b, q and G given together must satisfy the PGSE relations."""
+    if q is not None and delta is not None and Delta is not None:
+        expected = b_from_q(q, delta, Delta)
+        bad = ~np.isclose(b, expected, rtol=1e-6, atol=1e3)
+        if bad.any():
+            raise InputError("bvalues and qvalues disagree with b = (Delta - delta/3)(2 pi q)² "
+                             f"at measurement index {_first(bad)}")
+    if q is not None and g is not None and delta is not None:
+        bad = ~np.isclose(q, q_from_g(g, delta), rtol=1e-6, atol=1e-3)
+        if bad.any():
+            raise InputError("qvalues and gradient_strengths disagree with "
+                             f"q = gamma G delta / (2 pi) at measurement index {_first(bad)}")
+
+
 def _fmt(value: Any, scale: float, digits: int = 1) -> str:
     if value is None:
         return "N/A"
@@ -377,6 +395,7 @@ class AcquisitionScheme:
         D = _optional_vector("Delta", Delta, n)
         te = _optional_vector("TE", TE, n)
 
+        _check_consistency(b, q, g, d, D)
         shell_indices, shell_bvalues = _group_shells(b, d, D, te, min_b_shell_distance)
         first = np.array([int(np.argmax(shell_indices == s)) for s in range(shell_bvalues.size)])
 
@@ -794,6 +813,22 @@ def gtab_fingerprint2dipy(scheme: AcquisitionScheme) -> Any:
         np.array(scheme.bvalues) / 1e6, bvecs=np.array(scheme.gradient_directions),
         big_delta=Delta, small_delta=delta, b0_threshold=scheme.b0_threshold / 1e6)
 
+
+def acquisition_scheme_from_schemefile(
+        file_path: Any, min_b_shell_distance: float = DEFAULT_MIN_B_SHELL_DISTANCE,
+        b0_threshold: float = DEFAULT_B0_THRESHOLD) -> AcquisitionScheme:
+    """Acquisition scheme from a Camino ``.scheme`` file (dmipy name).
+
+    See :func:`fingerprint.io.gradients.read_camino_scheme`.
+    """
+    from fingerprint.io.gradients import read_camino_scheme
+
+    return read_camino_scheme(file_path, min_b_shell_distance=min_b_shell_distance,
+                              b0_threshold=b0_threshold)
+
+
+#: dmipy's class name, for ported code that checks ``isinstance``.
+DmipyAcquisitionScheme = AcquisitionScheme
 
 #: dmipy's names of the DIPY converters.
 gtab_dipy2dmipy = gtab_dipy2fingerprint

@@ -32,6 +32,7 @@ from fingerprint.core.acquisition_scheme import (
     AcquisitionScheme,
     acquisition_scheme_from_bvalues,
     acquisition_scheme_from_gradient_strengths,
+    b_from_g,
 )
 from fingerprint.errors import InputError
 
@@ -278,9 +279,7 @@ def read_camino_scheme(path: PathLike, min_b_shell_distance: float | None = None
             raise InputError(f"Camino scheme file {path}: gradient strength |G| must be zero "
                              f"or positive; {g[neg[0]]:g} at measurement {int(neg[0])}")
         te = None if np.all(TE == 0) else TE
-        # directions: b is only known after the conversion; b0s are those with tiny b
-        from fingerprint.core.acquisition_scheme import b_from_g
-
+        # b is only known after the conversion; b0s are those with tiny b
         b = b_from_g(g, delta, Delta)
         dirs = _directions(table[:, :3], np.where(g > 0, b, 0.0), threshold, path,
                            "Camino scheme")
