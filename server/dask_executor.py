@@ -1,12 +1,17 @@
 """A ``concurrent.futures.Executor`` on a Dask cluster, one per job.
 
-``fit_volume`` hands every voxel chunk to its ``executor`` together with the same large
-objects (the dictionary / estimator). Dask's own ``ClientExecutor`` would serialise those
-with every task; :class:`DaskJobExecutor` instead scatters each large argument to the
-cluster the first time it is seen and passes the resulting Dask future to later tasks,
-so the dictionary crosses the network once (workers then copy it from each other as they
-need it), while each voxel chunk is a task of its own. Tasks are submitted with
-``pure=False`` (no hashing of large arguments).
+``fit_volume`` hands each voxel chunk to its ``executor`` as one task, together with a
+small handle naming the dictionary on shared storage (each Dask worker process loads it
+once and caches the estimator). Should a caller pass the same large object to many tasks
+instead, Dask's own ``ClientExecutor`` would serialise it with every task;
+:class:`DaskJobExecutor` scatters a large argument to the cluster as soon as it is
+passed a second time and hands later tasks the Dask future, so it crosses the network
+at most twice per job (workers then copy it from each other). Arguments used once (the
+voxel chunks) travel with their task. Tasks are submitted with ``pure=False`` (no hashing
+of large arguments).
+
+``_max_workers`` is the cluster's thread count when the executor is made, so callers that
+size their window of tasks in flight from it (``fit_volume`` does) keep the cluster busy.
 
 :meth:`shutdown` (called when the job ends, however it ends) cancels the job's tasks that
 have not run yet and releases everything it scattered, so a cancelled job stops using
@@ -18,6 +23,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import logging
 import threading
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,8 +41,6 @@ _SCALARS = (str, bytes, int, float, bool, complex, type(None))
 class _Shipped:
     value: Any          # kept alive so that id(value) stays unique while cached
     future: Any         # the Dask future of the scattered value
-    uses: int = 0       # tasks that were given it
-    pending: int = 0    # of which not finished yet
 
 
 class DaskJobExecutor(cf.Executor):
@@ -47,10 +51,15 @@ class DaskJobExecutor(cf.Executor):
         self._threshold = int(scatter_threshold)
         self._lock = threading.Lock()
         self._shipped: dict[int, _Shipped] = {}
+        self._seen: dict[int, weakref.ref] = {}  # large values passed once so far
         self._tasks: set[Any] = set()
         self._shutdown = False
         self.n_scattered = 0
         self.n_tasks = 0
+        try:
+            self._max_workers = max(1, int(sum(client.nthreads().values())))
+        except Exception:  # pragma: no cover - scheduler unreachable: a modest window
+            self._max_workers = 2
 
     # -- arguments -----------------------------------------------------------------------
     def _large(self, value: Any) -> bool:
@@ -63,48 +72,40 @@ class DaskJobExecutor(cf.Executor):
         except Exception:  # unknown size: ship it with the task
             return False
 
-    def _ship(self, value: Any, used: list[_Shipped]) -> Any:
+    def _ship(self, value: Any) -> Any:
+        """``value`` itself, or the Dask future of its scattered copy once it is reused."""
+        if isinstance(value, _SCALARS):
+            return value
+        key = id(value)
         with self._lock:
-            entry = self._shipped.get(id(value))
-        if entry is None or entry.value is not value:
-            if not self._large(value):
-                return value
-            [future] = self._client.scatter([value], hash=False)
-            entry = _Shipped(value, future)
-            with self._lock:
-                self._shipped[id(value)] = entry
-                self.n_scattered += 1
-            logger.debug("scattered a %s to the cluster", type(value).__name__)
+            entry = self._shipped.get(key)
+            if entry is not None and entry.value is value:
+                return entry.future
+            seen = self._seen.get(key)
+            reused = seen is not None and seen() is value
+        if not reused:
+            if self._large(value):
+                try:
+                    ref = weakref.ref(value, lambda _r, k=key: self._seen.pop(k, None))
+                except TypeError:  # not weak-referenceable: treated as used once
+                    return value
+                with self._lock:
+                    self._seen[key] = ref
+            return value
+        [future] = self._client.scatter([value], hash=False)
         with self._lock:
-            entry.uses += 1
-            entry.pending += 1
-        used.append(entry)
-        return entry.future
-
-    def _task_done(self, used: list[_Shipped]) -> None:
-        release = []
-        with self._lock:
-            for entry in used:
-                entry.pending -= 1
-                # a value given to one task only (e.g. a voxel chunk) is dropped as soon as
-                # that task is done; shared values stay until the job ends
-                if entry.uses == 1 and entry.pending == 0:
-                    if self._shipped.get(id(entry.value)) is entry:
-                        del self._shipped[id(entry.value)]
-                    release.append(entry.future)
-        for future in release:
-            try:
-                future.release()
-            except Exception:  # pragma: no cover - client already closed
-                pass
+            self._seen.pop(key, None)
+            self._shipped[key] = _Shipped(value, future)
+            self.n_scattered += 1
+        logger.debug("scattered a reused %s to the cluster", type(value).__name__)
+        return future
 
     # -- Executor API ----------------------------------------------------------------------
     def submit(self, fn, /, *args, **kwargs) -> cf.Future:  # noqa: D102
         if self._shutdown:
             raise RuntimeError("cannot schedule new tasks after shutdown")
-        used: list[_Shipped] = []
-        args = tuple(self._ship(a, used) for a in args)
-        kwargs = {k: self._ship(v, used) for k, v in kwargs.items()}
+        args = tuple(self._ship(a) for a in args)
+        kwargs = {k: self._ship(v) for k, v in kwargs.items()}
         task = self._client.submit(fn, *args, pure=False, **kwargs)
         cf_future: cf.Future = cf.Future()
         with self._lock:
@@ -118,7 +119,6 @@ class DaskJobExecutor(cf.Executor):
         def on_task_done(t: Any) -> None:
             with self._lock:
                 self._tasks.discard(t)
-            self._task_done(used)
             if t.status == "cancelled":
                 cf_future.cancel()
             if not cf_future.set_running_or_notify_cancel():
@@ -159,6 +159,7 @@ class DaskJobExecutor(cf.Executor):
         with self._lock:
             shipped = list(self._shipped.values())
             self._shipped.clear()
+            self._seen.clear()
         for entry in shipped:
             try:
                 entry.future.release()

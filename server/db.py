@@ -154,7 +154,7 @@ class Database:
         return dict(row) if row else None
 
     def list_keys(self) -> list[dict[str, Any]]:
-        rows = self.connect().execute("SELECT * FROM keys ORDER BY created, id").fetchall()
+        rows = self.connect().execute("SELECT * FROM keys ORDER BY rowid").fetchall()
         return [dict(r) for r in rows]
 
     def revoke_key(self, key_id: str) -> bool:

@@ -207,6 +207,19 @@ def _dask_client(address: str) -> Any:
         return client
 
 
+def public_message(message: str, spec: JobSpec) -> str:
+    """``message`` without server paths: uploaded files are named by their form field,
+    the job and dictionary directories by placeholders."""
+    inputs = Path(spec.job_dir) / "inputs"
+    for field_name, name in sorted(spec.inputs.items(), key=lambda kv: -len(kv[1])):
+        message = message.replace(str(inputs / name), f"'{field_name}'")
+    for path, label in ((inputs, "<inputs>"), (Path(spec.job_dir), "<job>"),
+                        (Path(spec.dictionary_dir), "<dictionaries>"),
+                        (Path(spec.db_path).parent, "<data>")):
+        message = message.replace(str(path), label)
+    return message
+
+
 def run_job(spec: JobSpec, *, executor: Any = None,
             stop_event: threading.Event | None = None) -> dict[str, Any]:
     """Run one job to completion; returns ``{'status', 'error', 'outputs', 'result'}``.
@@ -238,12 +251,12 @@ def run_job(spec: JobSpec, *, executor: Any = None,
         return {"status": "cancelled", "error": "cancelled", "outputs": [], "result": {}}
     except (FingerprintError, ValueError, OSError) as exc:
         logger.info("job %s failed: %s", spec.job_id, exc)
-        return {"status": "failed", "error": f"{type(exc).__name__}: {exc}", "outputs": [],
-                "result": {}}
+        error = public_message(f"{type(exc).__name__}: {exc}", spec)
+        return {"status": "failed", "error": error, "outputs": [], "result": {}}
     except Exception as exc:
         logger.error("job %s crashed:\n%s", spec.job_id, traceback.format_exc())
-        return {"status": "failed", "error": f"internal error ({type(exc).__name__}: {exc})",
-                "outputs": [], "result": {}}
+        error = public_message(f"internal error ({type(exc).__name__}: {exc})", spec)
+        return {"status": "failed", "error": error, "outputs": [], "result": {}}
     finally:
         if own_executor is not None:  # whatever is left of the job on the cluster
             own_executor.shutdown(wait=False, cancel_futures=True)

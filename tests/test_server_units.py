@@ -301,8 +301,8 @@ def test_dask_job_executor_ships_shared_data_once():
     distributed = pytest.importorskip("distributed")
     from server.dask_executor import DaskJobExecutor
 
-    shared = np.ones(300_000)  # 2.4 MB: scattered once
-    chunks = [np.full(200_000, float(i)) for i in range(6)]  # 1.6 MB each: one task each
+    shared = np.ones(300_000)  # 2.4 MB, passed to every task
+    chunks = [np.full(200_000, float(i)) for i in range(6)]  # 1.6 MB, one task each
     with distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=False,
                                   dashboard_address=None) as cluster, \
             distributed.Client(cluster, set_as_default=False) as dask_client:
@@ -310,9 +310,10 @@ def test_dask_job_executor_ships_shared_data_once():
         futures = [executor.submit(_chunk_sum, shared, c, offset=0.5) for c in chunks]
         results = [f.result(timeout=60) for f in futures]
         assert results == [shared.sum() + c.sum() + 0.5 for c in chunks]
-        assert executor.n_tasks == 6
-        assert executor.n_scattered == 1 + len(chunks)  # the chunks: once each, too
-        assert list(executor._shipped.values())[0].value is shared  # chunks released
+        assert executor.n_tasks == 6 and executor._max_workers == 2
+        # the shared array was scattered once (when reused); each chunk went with its task
+        assert executor.n_scattered == 1
+        assert [e.value for e in executor._shipped.values()] == [shared]
         executor.shutdown()
         assert not executor._shipped
         with pytest.raises(RuntimeError, match="shutdown"):
@@ -330,3 +331,20 @@ def test_dask_job_executor_ships_shared_data_once():
         with pytest.raises(AssertionError):
             executor.submit(_chunk_sum, "not an array", chunks[0]).result(timeout=30)
         executor.shutdown()
+
+
+def test_job_errors_do_not_disclose_server_paths(tmp_path):
+    from server.executor import JobSpec, public_message
+
+    job_dir = tmp_path / "data" / "jobs" / ("a" * 32)
+    spec = JobSpec(job_id="a" * 32, kind="fit", model="noddi", options={},
+                   inputs={"dwi": "dwi.nii.gz", "bval": "dwi.bval", "bvec": "dwi.bvec"},
+                   job_dir=str(job_dir), db_path=str(tmp_path / "data" / "fingerprint.sqlite3"),
+                   dictionary_dir=str(tmp_path / "data" / "dictionaries"), threads=1, attempt=1)
+    message = public_message(
+        f"InputError: DWI file {job_dir}/inputs/dwi.nii.gz has NaN values; bvals "
+        f"{job_dir}/inputs/dwi.bval; store {tmp_path}/data/dictionaries/noddi-1 broken; "
+        f"{job_dir}/outputs.partial.1", spec)
+    assert str(tmp_path) not in message
+    assert "DWI file 'dwi' has NaN" in message and "bvals 'bval'" in message
+    assert "<dictionaries>/noddi-1" in message and "<job>/outputs.partial.1" in message
