@@ -153,13 +153,16 @@ def _first(mask: np.ndarray, limit: int = 5) -> str:
     return text + (f" (and {idx.size - limit} more)" if idx.size > limit else "")
 
 
+_UNITS = {"qvalues": "1/m", "gradient_strengths": "T/m", "delta": "s", "Delta": "s", "TE": "s"}
+
+
 def _optional_vector(name: str, value: Any, n: int) -> np.ndarray | None:
     if value is None:
         return None
     arr = _as_vector(name, value, n)
     if (arr < 0).any():
-        raise InputError(f"{name} must be zero or positive (seconds); negative at measurement "
-                         f"index {_first(arr < 0)}")
+        raise InputError(f"{name} must be zero or positive ({_UNITS.get(name, 'SI')}); "
+                         f"negative at measurement index {_first(arr < 0)}")
     return arr
 
 
