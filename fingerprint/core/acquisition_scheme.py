@@ -235,14 +235,22 @@ def calculate_shell_bvalues_and_indices(bvalues: Any, max_distance: float = 20e6
     labels_sorted = np.concatenate([[0], np.cumsum(gaps)])
     indices = np.empty(b.size, dtype=int)
     indices[order] = labels_sorted
-    n_shells = int(labels_sorted[-1]) + 1
-    shell_b = np.array([b[indices == s].mean() for s in range(n_shells)])
+    # mean of each cluster over its members in their original order
+    members = _members(indices)
+    shell_b = np.array([b[m].mean() for m in members])
     # clusters are contiguous in sorted order so their means already increase; keep the
     # explicit sort for ties of identical means
     rank = np.argsort(shell_b, kind="stable")
-    relabel = np.empty(n_shells, dtype=int)
-    relabel[rank] = np.arange(n_shells)
+    relabel = np.empty(shell_b.size, dtype=int)
+    relabel[rank] = np.arange(shell_b.size)
     return relabel[indices], shell_b[rank]
+
+
+def _members(labels: np.ndarray) -> list[np.ndarray]:
+    """Indices of each label 0..L-1 of ``labels``, each in increasing order."""
+    perm = np.argsort(labels, kind="stable")
+    counts = np.bincount(labels)
+    return np.split(perm, np.cumsum(counts)[:-1])
 
 
 def _group_shells(bvalues: np.ndarray, delta: np.ndarray | None, Delta: np.ndarray | None,
@@ -251,14 +259,14 @@ def _group_shells(bvalues: np.ndarray, delta: np.ndarray | None, Delta: np.ndarr
     n = bvalues.size
     columns = [c for c in (delta, Delta, TE) if c is not None]
     timing = np.column_stack(columns) if columns else np.zeros((n, 1))
-    groups = np.unique(timing, axis=0)
+    # timing groups in increasing lexicographic order of (delta, Delta, TE)
+    _, group = np.unique(timing, axis=0, return_inverse=True)
     shell_indices = np.zeros(n, dtype=int)
     shell_bvalues: list[np.ndarray] = []
     offset = 0
-    for row in groups:
-        mask = np.all(timing == row, axis=1)
-        idx, sb = calculate_shell_bvalues_and_indices(bvalues[mask], min_b_shell_distance)
-        shell_indices[mask] = idx + offset
+    for members in _members(np.asarray(group).ravel()):
+        idx, sb = calculate_shell_bvalues_and_indices(bvalues[members], min_b_shell_distance)
+        shell_indices[members] = idx + offset
         shell_bvalues.append(sb)
         offset += sb.size
     return shell_indices, np.concatenate(shell_bvalues)
@@ -400,7 +408,7 @@ class AcquisitionScheme:
 
         _check_consistency(b, q, g, d, D)
         shell_indices, shell_bvalues = _group_shells(b, d, D, te, min_b_shell_distance)
-        first = np.array([int(np.argmax(shell_indices == s)) for s in range(shell_bvalues.size)])
+        first = np.unique(shell_indices, return_index=True)[1]
 
         def shell(arr: np.ndarray | None) -> np.ndarray | None:
             return None if arr is None else arr[first]
