@@ -1,0 +1,808 @@
+"""Multi-compartment models with dmipy's API, batched and thread-safe.
+
+:class:`MultiCompartmentModel` combines compartments (``fingerprint.signal_models``) and
+distributed models (``fingerprint.distributions``) with volume fractions
+``partial_volume_i``; :class:`MultiCompartmentSphericalMeanModel` does the same for the
+per-shell spherical means. Parameter names follow dmipy exactly (``G1Ball_1_lambda_iso``,
+``SD1WatsonDistributed_1_SD1Watson_1_odi``, ``partial_volume_0``); a parameter that is
+fixed or linked (``set_fixed_parameter``, ``set_tortuous_parameter``,
+``set_equal_parameter``) leaves ``parameter_names``. Wherever a parameter name is taken, a
+unique suffix (``"odi"``, ``"lambda_iso"``) is accepted too.
+
+A model is an immutable description in practice: the ``set_*`` methods (which return
+None, like dmipy's) swap in a new internal state instead of editing it, and simulation
+reads one state snapshot, so models may be shared between threads. Models serialise to
+JSON-able specs (:meth:`MultiCompartmentModelProperties.to_spec`) and are rebuilt exactly
+by :func:`model_from_spec`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import logging
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from fingerprint.errors import InputError
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "MultiCompartmentModel",
+    "MultiCompartmentSphericalMeanModel",
+    "SPEC_FORMAT",
+    "model_from_spec",
+]
+
+#: Version tag of model specs (:meth:`to_spec`).
+SPEC_FORMAT = "fingerprint.model/1"
+
+_COMPARTMENT_MODULE_PREFIX = "fingerprint.signal_models."
+_DISTRIBUTED_MODULE = "fingerprint.distributions.distribute_models"
+_TIMING_PARAMETERS = ("delta", "Delta", "qvalues", "gradient_strengths", "TE")
+#: atoms simulated together (bounds the temporary memory of one call)
+_CHUNK = 8192
+
+
+# =========================================================================== parameters
+@dataclass(frozen=True)
+class ParameterInfo:
+    """One parameter of a model (any level of nesting).
+
+    ``range`` is in scaled units (SI = range * scale) like dmipy's ``parameter_ranges``;
+    ``owner`` is the index of the sub-model it belongs to (None for volume fractions);
+    ``local`` its name inside that sub-model.
+    """
+
+    name: str
+    cardinality: int
+    range: Any
+    scale: Any
+    type: str
+    owner: int | None
+    local: str
+
+
+@dataclass(frozen=True)
+class Link:
+    """A parameter computed from others: ``kind`` in fixed / equal / tortuous."""
+
+    kind: str
+    target: str
+    sources: tuple[str, ...] = ()
+    value: Any = None
+
+
+@dataclass(frozen=True)
+class _State:
+    """Everything a model's set_* methods change (replaced, never edited)."""
+
+    params: tuple[ParameterInfo, ...]
+    links: tuple[Link, ...] = ()
+    calls: tuple[tuple[Any, ...], ...] = ()  # replayable set_* calls (for specs)
+
+    @property
+    def linked(self) -> frozenset[str]:
+        return frozenset(link.target for link in self.links)
+
+    def free(self) -> list[ParameterInfo]:
+        linked = self.linked
+        return [p for p in self.params if p.name not in linked]
+
+    def by_name(self) -> dict[str, ParameterInfo]:
+        return {p.name: p for p in self.params}
+
+
+def _cardinality_of(range_: Any) -> int:
+    return int(len(np.atleast_2d(np.asarray(range_, dtype=float))))
+
+
+def _jsonable(value: Any) -> Any:
+    """Plain JSON-able Python value (floats kept exact)."""
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (np.floating, float)):
+        return float(value)
+    if isinstance(value, (np.integer, int)) and not isinstance(value, bool):
+        return int(value)
+    if isinstance(value, (np.bool_, bool)):
+        return bool(value)
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    raise InputError(f"cannot serialise value {value!r} of type {type(value).__name__}")
+
+
+def tortuosity(lambda_par: np.ndarray, vf_intra: np.ndarray,
+               vf_extra: np.ndarray | None = None) -> np.ndarray:
+    """Tortuous perpendicular diffusivity (m²/s), dmipy's ``T1_tortuosity``.
+
+    With a nested intra fraction only: ``(1 - vf_intra) * lambda_par``. With both fractions
+    dmipy first normalises the intra fraction, ``n = vf_intra / (vf_intra + vf_extra)``,
+    then uses ``f = n / (n + vf_extra)`` and returns ``(1 - f) * lambda_par``; this is kept
+    as is for compatibility (it equals ``vf_extra / (vf_intra + vf_extra) * lambda_par``
+    whenever the two fractions sum to one).
+    """
+    lambda_par = np.asarray(lambda_par, dtype=float)
+    vf_intra = np.asarray(vf_intra, dtype=float)
+    if vf_extra is None:
+        f = vf_intra
+    else:
+        vf_extra = np.asarray(vf_extra, dtype=float)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            n = vf_intra / (vf_intra + vf_extra)
+            f = n / (n + vf_extra)
+    return (1.0 - f) * lambda_par
+
+
+class _ParameterNamespace:
+    """Parameter bookkeeping shared by multi-compartment and distributed models."""
+
+    _state: _State
+    _kind_label = "model"
+
+    # ------------------------------------------------------------------ dmipy properties
+    @property
+    def parameter_names(self) -> list[str]:
+        """Free parameter names in parameter-vector order (dmipy order)."""
+        return [p.name for p in self._visible_free()]
+
+    def _visible_free(self) -> list[ParameterInfo]:
+        return self._state.free()
+
+    @property
+    def parameter_ranges(self) -> OrderedDict:
+        """Name -> range in scaled units (SI = range * scale), free parameters."""
+        return OrderedDict((p.name, p.range) for p in self._visible_free())
+
+    @property
+    def parameter_scales(self) -> OrderedDict:
+        """Name -> scale (SI value of one scaled unit), free parameters."""
+        return OrderedDict((p.name, p.scale) for p in self._visible_free())
+
+    @property
+    def parameter_types(self) -> OrderedDict:
+        """Name -> type ('orientation', 'normal', 'circular', ...), free parameters."""
+        return OrderedDict((p.name, p.type) for p in self._visible_free())
+
+    @property
+    def parameter_cardinality(self) -> OrderedDict:
+        """Name -> number of values (2 for orientations mu = [theta, phi])."""
+        return OrderedDict((p.name, p.cardinality) for p in self._visible_free())
+
+    @property
+    def parameter_links(self) -> list[Link]:
+        """The fixed / equal / tortuous links, in the order they were set."""
+        return list(self._state.links)
+
+    @property
+    def all_parameter_names(self) -> list[str]:
+        """Every parameter name, free or linked."""
+        return [p.name for p in self._state.params]
+
+    # ------------------------------------------------------------------ names
+    def resolve_parameter_name(self, name: str, *, free_only: bool = False) -> str:
+        """Full parameter name for ``name`` (a full name or a unique ``_``-suffix).
+
+        Raises InputError listing the candidates when ``name`` is ambiguous or unknown.
+        """
+        if not isinstance(name, str):
+            raise InputError(f"parameter name must be a string, got {type(name).__name__}")
+        pool = self.parameter_names if free_only else self.all_parameter_names
+        if name in pool:
+            return name
+        matches = [p for p in pool if p.endswith("_" + name)]
+        if len(matches) == 1:
+            return matches[0]
+        if len(matches) > 1:
+            raise InputError(f"parameter name {name!r} is ambiguous in this {self._kind_label}; "
+                             f"candidates: {', '.join(matches)}")
+        all_names = self.all_parameter_names
+        if free_only and (name in all_names
+                          or any(p.endswith("_" + name) for p in all_names)):
+            raise InputError(f"parameter {name!r} is fixed or linked already (free parameters: "
+                             f"{', '.join(pool) or 'none'})")
+        raise InputError(f"unknown parameter {name!r}; parameters of this {self._kind_label}: "
+                         f"{', '.join(pool) or 'none'}")
+
+    def _free_info(self, name: str) -> ParameterInfo:
+        return self._state.by_name()[self.resolve_parameter_name(name, free_only=True)]
+
+    # ------------------------------------------------------------------ links (dmipy API)
+    def _add_link(self, link: Link, call: tuple[Any, ...]) -> None:
+        state = self._state
+        self._state = replace(state, links=state.links + (link,), calls=state.calls + (call,))
+
+    def set_fixed_parameter(self, parameter_name: str, value: Any) -> None:
+        """Fix a parameter to ``value`` (SI units; a list of ``cardinality`` values for
+        orientations); it leaves the free parameters."""
+        info = self._free_info(parameter_name)
+        arr = np.asarray(value, dtype=float)
+        if info.cardinality == 1:
+            if arr.ndim != 0 and arr.shape != (1,):
+                raise InputError(f"{info.name} can only be fixed to one number, got shape "
+                                 f"{arr.shape} (per-voxel fixed maps are not supported)")
+            fixed: Any = float(arr.reshape(()))
+        else:
+            if arr.shape != (info.cardinality,):
+                raise InputError(f"{info.name} must be fixed to {info.cardinality} values, "
+                                 f"got shape {arr.shape}")
+            fixed = tuple(float(v) for v in arr)
+        if not np.all(np.isfinite(np.asarray(fixed, dtype=float))):
+            raise InputError(f"fixed value of {info.name} must be finite, got {value!r}")
+        self._add_link(Link("fixed", info.name, (), fixed),
+                       ("set_fixed_parameter", info.name, _jsonable(fixed)))
+
+    def set_equal_parameter(self, parameter_name_in: str, parameter_name_out: str) -> None:
+        """Make ``parameter_name_out`` equal to ``parameter_name_in``; the former leaves the
+        free parameters (dmipy argument order)."""
+        src = self._free_info(parameter_name_in)
+        dst = self._free_info(parameter_name_out)
+        if src.name == dst.name:
+            raise InputError(f"cannot set {src.name} equal to itself")
+        if src.cardinality != dst.cardinality:
+            raise InputError(f"cannot set {dst.name} (cardinality {dst.cardinality}) equal to "
+                             f"{src.name} (cardinality {src.cardinality})")
+        self._add_link(Link("equal", dst.name, (src.name,)),
+                       ("set_equal_parameter", src.name, dst.name))
+
+    def _tortuous(self, lambda_perp: str, lambda_par: str, vf_intra: str,
+                  vf_extra: str | None) -> None:
+        perp = self._free_info(lambda_perp)
+        par = self._free_info(lambda_par)
+        intra = self._free_info(vf_intra)
+        names = [perp.name, par.name, intra.name]
+        call: tuple[Any, ...] = ("set_tortuous_parameter", perp.name, par.name, intra.name)
+        if vf_extra is not None:
+            extra = self._free_info(vf_extra)
+            names.append(extra.name)
+            call = call + (extra.name,)
+        if len(set(names)) != len(names):
+            raise InputError(f"set_tortuous_parameter needs distinct parameters, got {names}")
+        for info in [perp, par, *([self._free_info(n) for n in names[2:]])]:
+            if info.cardinality != 1:
+                raise InputError(f"set_tortuous_parameter: {info.name} is not a scalar")
+        self._add_link(Link("tortuous", perp.name, tuple(names[1:])), call)
+
+    def set_parameter_optimization_bounds(self, parameter_name: str, bounds: Any) -> None:
+        """Set the bounds (SI units, shape (cardinality, 2)) of a free parameter.
+
+        Like dmipy, the parameter's scale becomes ``max(bounds)`` and its range
+        ``bounds / scale``.
+        """
+        info = self._free_info(parameter_name)
+        arr = np.atleast_2d(np.asarray(bounds, dtype=float))
+        if arr.ndim != 2 or arr.shape != (info.cardinality, 2):
+            raise InputError(f"{info.name} bounds must be of shape ({info.cardinality}, 2), "
+                             f"got {np.shape(bounds)}")
+        if not np.all(np.isfinite(arr)):
+            raise InputError(f"{info.name} bounds must be finite, got {bounds!r}")
+        for lower, upper in arr:
+            if upper < lower:
+                raise InputError(f"{info.name} bounds invalid: lower {lower} > upper {upper}")
+        scale = float(np.max(arr))
+        if scale == 0.0:
+            raise InputError(f"{info.name} bounds must not all be zero")
+        scaled = arr / scale
+        if info.cardinality == 1:
+            new_range: Any = (float(scaled[0, 0]), float(scaled[0, 1]))
+        else:
+            new_range = tuple((float(lo), float(hi)) for lo, hi in scaled)
+        params = tuple(replace(p, range=new_range, scale=scale) if p.name == info.name else p
+                       for p in self._state.params)
+        state = self._state
+        self._state = replace(state, params=params, calls=state.calls + (
+            ("set_parameter_optimization_bounds", info.name, _jsonable(arr)),))
+
+    # ------------------------------------------------------------------ parameter vectors
+    def parameter_vector_to_parameters(self, parameter_vector: Any) -> dict[str, np.ndarray]:
+        """Split a parameter vector (..., P) into a dict of free parameters; scalars come
+        back as (...) arrays, orientations as (..., 2)."""
+        vec = np.asarray(parameter_vector, dtype=float)
+        cards = self.parameter_cardinality
+        total = sum(cards.values())
+        if vec.ndim == 0 or vec.shape[-1] != total:
+            raise InputError(f"parameter vector must have last dimension {total} "
+                             f"({', '.join(cards)}), got shape {vec.shape}")
+        out: dict[str, np.ndarray] = {}
+        pos = 0
+        for name, card in cards.items():
+            chunk = vec[..., pos:pos + card]
+            out[name] = chunk[..., 0] if card == 1 else chunk
+            pos += card
+        return out
+
+    def parameters_to_parameter_vector(self, **parameters: Any) -> np.ndarray:
+        """Parameter vector (..., P) from named parameters (full names or unique suffixes).
+
+        Values given as single numbers (or one orientation) are broadcast over the shape of
+        the others, like dmipy.
+        """
+        cards = self.parameter_cardinality
+        given: dict[str, np.ndarray] = {}
+        for key, value in parameters.items():
+            full = self.resolve_parameter_name(key, free_only=True)
+            if full in given:
+                raise InputError(f"parameter {full} given twice (as {key!r})")
+            given[full] = np.asarray(value, dtype=float)
+        missing = [n for n in cards if n not in given]
+        if missing:
+            raise InputError(f"missing parameter(s): {', '.join(missing)}")
+        shapes = set()
+        for name, card in cards.items():
+            v = given[name]
+            if card == 1:
+                if v.ndim > 0 and v.shape != (1,):
+                    shapes.add(v.shape)
+            else:
+                if v.shape[-1:] != (card,):
+                    raise InputError(f"{name} must have last dimension {card}, got {v.shape}")
+                if v.ndim > 1:
+                    shapes.add(v.shape[:-1])
+        if len(shapes) > 1:
+            raise InputError(f"parameter shapes are inconsistent: {sorted(shapes)}")
+        shape = shapes.pop() if shapes else ()
+        parts = []
+        for name, card in cards.items():
+            v = given[name]
+            if card == 1:
+                v = v.reshape(()) if v.shape == (1,) else v
+                parts.append(np.broadcast_to(v, shape)[..., None])
+            else:
+                parts.append(np.broadcast_to(v, (*shape, card)))
+        return np.concatenate(parts, axis=-1).astype(float)
+
+    # ------------------------------------------------------------------ evaluation
+    def _parameters_with_links(self, free: Mapping[str, np.ndarray], n: int,
+                               state: _State | None = None) -> dict[str, np.ndarray]:
+        """Free parameters (n,) / (n, card) plus every linked parameter."""
+        state = state or self._state
+        values = dict(free)
+        cards = {p.name: p.cardinality for p in state.params}
+        # a link's sources were free when it was set, so evaluating the links in reverse
+        # order always finds its sources computed already
+        for link in reversed(state.links):
+            card = cards[link.target]
+            if link.kind == "fixed":
+                v = np.asarray(link.value, dtype=float)
+                values[link.target] = (np.full(n, float(v)) if card == 1
+                                       else np.broadcast_to(v, (n, card)).copy())
+            elif link.kind == "equal":
+                values[link.target] = values[link.sources[0]]
+            elif link.kind == "tortuous":
+                args = [values[s] for s in link.sources]
+                values[link.target] = tortuosity(*args)
+            else:  # pragma: no cover - constructed internally only
+                raise InputError(f"unknown link kind {link.kind!r}")
+        return values
+
+
+# =========================================================================== sub-models
+class _SchemeContext:
+    """What the sub-models need of a scheme, computed once per simulation."""
+
+    def __init__(self, scheme: Any) -> None:
+        self.scheme = scheme
+        self.meas = scheme.measurements
+        self.directions = np.ascontiguousarray(self.meas.directions, dtype=np.float64)
+        self._unique: tuple[Any, np.ndarray] | None = None
+        self._shells: Any = None
+
+    @property
+    def unique(self) -> tuple[Any, np.ndarray]:
+        if self._unique is None:
+            self._unique = self.scheme.unique_measurements()
+        return self._unique
+
+    @property
+    def shells(self) -> Any:
+        if self._shells is None:
+            self._shells = self.scheme.shell_measurements()
+        return self._shells
+
+
+def mu_to_axes(mu: np.ndarray) -> np.ndarray:
+    """Unit vectors (n, 3) from orientations mu (n, 2) = [theta, phi] (radians)."""
+    mu = np.asarray(mu, dtype=float).reshape(-1, 2)
+    theta, phi = mu[:, 0], mu[:, 1]
+    st = np.sin(theta)
+    return np.ascontiguousarray(np.stack([st * np.cos(phi), st * np.sin(phi), np.cos(theta)],
+                                         axis=1))
+
+
+def axis_cosines(directions: np.ndarray, mu: np.ndarray) -> np.ndarray:
+    """Cosines (n, N) between measurement directions (N, 3) and orientations mu (n, 2)."""
+    from fingerprint.kernels.dispersion import cosines_to_axes
+
+    return cosines_to_axes(np.ascontiguousarray(directions, dtype=np.float64), mu_to_axes(mu))
+
+
+def compartment_info(compartment: Any) -> list[tuple[str, int, Any, Any, str]]:
+    """(name, cardinality, range, scale, type) of a compartment's parameters, in order."""
+    ranges = dict(compartment.parameter_ranges)
+    names = list(getattr(compartment, "parameter_names", None) or ranges)
+    scales = dict(compartment.parameter_scales)
+    types = dict(getattr(compartment, "parameter_types", {}) or {})
+    cards = dict(getattr(compartment, "parameter_cardinality", {}) or {})
+    out = []
+    for name in names:
+        card = int(cards.get(name, _cardinality_of(ranges[name])))
+        out.append((name, card, ranges[name], scales[name], types.get(name, "normal")))
+    return out
+
+
+def is_isotropic(compartment: Any) -> bool:
+    """Whether a compartment has no orientation."""
+    flag = getattr(compartment, "is_isotropic", None)
+    if flag is not None:
+        return bool(flag)
+    return not any(t == "orientation" for *_, t in compartment_info(compartment))
+
+
+def compartment_signal(compartment: Any, ctx_meas: Any, directions: np.ndarray | None,
+                       params: Mapping[str, np.ndarray], n: int) -> np.ndarray:
+    """Batched signal (n, M) of a plain compartment for its own parameters ``params``."""
+    kwargs = {k: np.ascontiguousarray(v, dtype=np.float64) for k, v in params.items()
+              if k != "mu"}
+    if is_isotropic(compartment):
+        cos = None
+    else:
+        cos = axis_cosines(directions, params["mu"])
+    out = np.asarray(compartment.signal_from_cosines(ctx_meas, cos, **kwargs), dtype=float)
+    if out.shape != (n, ctx_meas.number_of_measurements):
+        out = np.broadcast_to(out, (n, ctx_meas.number_of_measurements))
+    return out
+
+
+def compartment_spherical_mean(compartment: Any, shells: Any,
+                               params: Mapping[str, np.ndarray], n: int) -> np.ndarray:
+    """Batched per-shell spherical mean (n, S) of a plain compartment."""
+    kwargs = {k: np.ascontiguousarray(v, dtype=np.float64) for k, v in params.items()
+              if k != "mu"}
+    out = np.asarray(compartment.spherical_mean_batch(shells, **kwargs), dtype=float)
+    return np.broadcast_to(out, (n, shells.number_of_measurements))
+
+
+def compartment_spec(compartment: Any) -> dict[str, Any]:
+    """JSON-able description of a compartment (class and non-fitted constants)."""
+    cls = type(compartment)
+    constants = {}
+    getter = getattr(compartment, "constants", None)
+    if callable(getter):
+        constants = dict(getter())
+    return {"type": "compartment", "class": cls.__name__, "module": cls.__module__,
+            "constants": _jsonable(constants)}
+
+
+def _is_distributed(model: Any) -> bool:
+    return bool(getattr(model, "_is_distributed_model", False))
+
+
+def submodel_spec(model: Any) -> dict[str, Any]:
+    """Spec of a sub-model (compartment or distributed model)."""
+    if _is_distributed(model):
+        return model.to_spec()
+    return compartment_spec(model)
+
+
+def submodel_from_spec(spec: Mapping[str, Any]) -> Any:
+    """Rebuild a compartment or distributed model from its spec."""
+    if not isinstance(spec, Mapping) or "class" not in spec:
+        raise InputError(f"model spec entry must be a mapping with a 'class', got {spec!r}")
+    kind = spec.get("type", "compartment")
+    if kind == "distributed":
+        module = importlib.import_module(_DISTRIBUTED_MODULE)
+        cls = getattr(module, str(spec["class"]), None)
+        if not isinstance(cls, type):
+            raise InputError(f"unknown distributed model class {spec['class']!r}")
+        return cls.from_spec(spec)
+    if kind != "compartment":
+        raise InputError(f"unknown model spec type {kind!r}")
+    module_name = str(spec.get("module", ""))
+    if not module_name.startswith(_COMPARTMENT_MODULE_PREFIX):
+        raise InputError(f"compartment module must be under {_COMPARTMENT_MODULE_PREFIX}, "
+                         f"got {module_name!r}")
+    module = importlib.import_module(module_name)
+    cls = getattr(module, str(spec["class"]), None)
+    if not isinstance(cls, type):
+        raise InputError(f"unknown compartment class {spec['class']!r} in {module_name}")
+    return cls(**dict(spec.get("constants", {})))
+
+
+def _prefixes(models: Sequence[Any], extra: Sequence[Any] = ()) -> list[str]:
+    """dmipy's ``<Class>_<k>_`` prefix of each model (k counts per class)."""
+    counts: dict[str, int] = {}
+    out = []
+    for model in list(models) + list(extra):
+        cls = type(model).__name__
+        counts[cls] = counts.get(cls, 0) + 1
+        out.append(f"{cls}_{counts[cls]}_")
+    return out
+
+
+def _submodel_parameters(model: Any) -> list[tuple[str, int, Any, Any, str]]:
+    if _is_distributed(model):
+        return [(n, model.parameter_cardinality[n], model.parameter_ranges[n],
+                 model.parameter_scales[n], model.parameter_types[n])
+                for n in model.parameter_names]
+    return compartment_info(model)
+
+
+def _required_of(model: Any) -> list[str]:
+    if _is_distributed(model):
+        return list(model._required_acquisition_parameters)
+    return list(getattr(model, "_required_acquisition_parameters", []) or [])
+
+
+def check_scheme(scheme: Any, required: Sequence[str], who: str) -> None:
+    """InputError when the scheme lacks timing a model needs."""
+    for name in required:
+        if name in _TIMING_PARAMETERS and getattr(scheme, name, None) is None:
+            raise InputError(f"{who} needs the acquisition's {name}, which this scheme does "
+                             "not have (give delta/Delta when building the scheme)")
+
+
+# =========================================================================== framework
+class MultiCompartmentModelProperties(_ParameterNamespace):
+    """Behaviour shared by :class:`MultiCompartmentModel` and
+    :class:`MultiCompartmentSphericalMeanModel`."""
+
+    _spherical_mean = False
+    _kind_label = "model"
+
+    def __init__(self, models: Sequence[Any]) -> None:
+        if isinstance(models, (str, bytes)) or not isinstance(models, Sequence) or not models:
+            raise InputError("models must be a non-empty list of compartments or distributed "
+                             "models")
+        subs = []
+        for i, model in enumerate(models):
+            if _is_distributed(model):
+                subs.append(model.copy())  # snapshot: later edits of the input do not leak
+            elif hasattr(model, "parameter_ranges") and hasattr(model, "signal_from_cosines"):
+                subs.append(model)
+            else:
+                raise InputError(f"models[{i}] ({type(model).__name__}) is not a compartment or "
+                                 "distributed model")
+        self.models = subs
+        self.N_models = len(subs)
+        self.model_names = _prefixes(subs)
+        params: list[ParameterInfo] = []
+        for k, (model, prefix) in enumerate(zip(subs, self.model_names, strict=True)):
+            for name, card, rng, scale, ptype in _submodel_parameters(model):
+                if self._spherical_mean and ptype == "orientation":
+                    continue
+                params.append(ParameterInfo(prefix + name, card, rng, scale, ptype, k, name))
+        if len(subs) > 1:
+            for i in range(len(subs)):
+                params.append(ParameterInfo(f"partial_volume_{i}", 1, (0.01, 0.99), 1.0,
+                                            "normal", None, f"partial_volume_{i}"))
+        self._state = _State(params=tuple(params))
+
+    # ------------------------------------------------------------------ introspection
+    @property
+    def is_spherical_mean(self) -> bool:
+        """Whether the model predicts per-shell spherical means."""
+        return self._spherical_mean
+
+    @property
+    def partial_volume_names(self) -> list[str]:
+        """Top-level volume fractions ``partial_volume_i`` (free or not)."""
+        return [f"partial_volume_{i}" for i in range(self.N_models)] if self.N_models > 1 \
+            else []
+
+    @property
+    def orientation_parameter_names(self) -> list[str]:
+        """Free parameters of type 'orientation' (mu = [theta, phi])."""
+        return [n for n, t in self.parameter_types.items() if t == "orientation"]
+
+    @property
+    def _required_acquisition_parameters(self) -> list[str]:
+        out: list[str] = []
+        for model in self.models:
+            for name in _required_of(model):
+                if name not in out:
+                    out.append(name)
+        return out
+
+    @property
+    def bounds_for_optimization(self) -> list[tuple[float, float]]:
+        """Flat (lower, upper) bounds in scaled units, one per vector entry (dmipy)."""
+        out = []
+        for name, card in self.parameter_cardinality.items():
+            rng = np.atleast_2d(np.asarray(self.parameter_ranges[name], dtype=float))
+            out.extend((float(lo), float(hi)) for lo, hi in rng[:card])
+        return out
+
+    @property
+    def scales_for_optimization(self) -> np.ndarray:
+        """Flat scales, one per vector entry (dmipy)."""
+        return np.hstack([np.broadcast_to(np.asarray(self.parameter_scales[n], dtype=float),
+                                          (c,)) for n, c in self.parameter_cardinality.items()])
+
+    def set_tortuous_parameter(self, lambda_perp_parameter_name: str,
+                               lambda_par_parameter_name: str,
+                               volume_fraction_intra_parameter_name: str,
+                               volume_fraction_extra_parameter_name: str | None = None) -> None:
+        """Tortuosity: lambda_perp from lambda_par and the intra (and extra) volume
+        fractions (dmipy's ``T1_tortuosity``, see :func:`tortuosity`); lambda_perp leaves
+        the free parameters."""
+        self._tortuous(lambda_perp_parameter_name, lambda_par_parameter_name,
+                       volume_fraction_intra_parameter_name,
+                       volume_fraction_extra_parameter_name)
+
+    def add_linked_parameters_to_parameters(self, parameters: Mapping[str, Any]) -> dict:
+        """All parameters (free and linked) from a dict of the free ones (dmipy)."""
+        vec = self.parameters_to_parameter_vector(**parameters)
+        flat = vec.reshape(-1, vec.shape[-1])
+        free = self.parameter_vector_to_parameters(flat)
+        values = self._parameters_with_links(free, flat.shape[0])
+        shape = vec.shape[:-1]
+        return {k: np.asarray(v).reshape(shape + np.asarray(v).shape[1:])
+                for k, v in values.items()}
+
+    # ------------------------------------------------------------------ specs
+    def to_spec(self) -> dict[str, Any]:
+        """JSON-able description rebuilt exactly by :func:`model_from_spec`."""
+        return {"format": SPEC_FORMAT, "class": type(self).__name__,
+                "models": [submodel_spec(m) for m in self.models],
+                "calls": [_jsonable(list(c)) for c in self._state.calls]}
+
+    @property
+    def spec_hash(self) -> str:
+        """Stable hex digest of :meth:`to_spec`."""
+        text = json.dumps(self.to_spec(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def copy(self) -> MultiCompartmentModelProperties:
+        """An independent model with the same configuration."""
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        new.models = [m.copy() if _is_distributed(m) else m for m in self.models]
+        return new
+
+    def __repr__(self) -> str:
+        parts = ", ".join(type(m).__name__ for m in self.models)
+        return f"{type(self).__name__}(models=[{parts}]; {len(self.parameter_names)} free)"
+
+    # ------------------------------------------------------------------ simulation
+    def _check_vector(self, vector: Any) -> np.ndarray:
+        if isinstance(vector, Mapping):
+            vector = self.parameters_to_parameter_vector(**vector)
+        vec = np.asarray(vector, dtype=float)
+        total = sum(self.parameter_cardinality.values())
+        if vec.ndim == 0 or vec.shape[-1] != total:
+            raise InputError(f"parameter vector must have last dimension {total} "
+                             f"({', '.join(self.parameter_names)}), got shape {vec.shape}")
+        return vec
+
+    def simulate_signal(self, acquisition_scheme: Any, parameters_array_or_dict: Any
+                        ) -> np.ndarray:
+        """Signal attenuation for parameter vectors (P,), (n, P) or (..., P) (or a dict
+        of named parameters): (..., N) measurements, or (..., S) shells for spherical-mean
+        models. Batched: whole arrays, no Python loop per parameter set."""
+        vec = self._check_vector(parameters_array_or_dict)
+        state = self._state  # one snapshot for the whole call (thread safety)
+        models = list(self.models)
+        check_scheme(acquisition_scheme, self._required_acquisition_parameters,
+                     type(self).__name__)
+        ctx = _SchemeContext(acquisition_scheme)
+        flat = vec.reshape(-1, vec.shape[-1])
+        n_out = (ctx.shells.number_of_measurements if self._spherical_mean
+                 else ctx.meas.number_of_measurements)
+        out = np.empty((flat.shape[0], n_out))
+        for start in range(0, flat.shape[0], _CHUNK):
+            block = flat[start:start + _CHUNK]
+            out[start:start + block.shape[0]] = self._simulate_block(ctx, block, state, models)
+        return out.reshape(vec.shape[:-1] + (n_out,))
+
+    def _free_dict(self, block: np.ndarray, state: _State) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        pos = 0
+        for p in state.free():
+            chunk = block[:, pos:pos + p.cardinality]
+            out[p.name] = np.ascontiguousarray(chunk[:, 0] if p.cardinality == 1 else chunk)
+            pos += p.cardinality
+        return out
+
+    def _simulate_block(self, ctx: _SchemeContext, block: np.ndarray, state: _State,
+                        models: list[Any]) -> np.ndarray:
+        n = block.shape[0]
+        values = self._parameters_with_links(self._free_dict(block, state), n, state)
+        total = None
+        for k, model in enumerate(models):
+            local = {p.local: values[p.name] for p in state.params if p.owner == k}
+            if self._spherical_mean:
+                if _is_distributed(model):
+                    sig = model._spherical_mean_batch(ctx, local, n)
+                else:
+                    sig = compartment_spherical_mean(model, ctx.shells, local, n)
+            else:
+                if _is_distributed(model):
+                    sig = model._signal_batch(ctx, local, n)
+                else:
+                    sig = compartment_signal(model, ctx.meas, ctx.directions, local, n)
+            weight = values[f"partial_volume_{k}"][:, None] if len(models) > 1 else 1.0
+            total = weight * sig if total is None else total + weight * sig
+        assert total is not None
+        return total
+
+    def __call__(self, acquisition_scheme: Any, **kwargs: Any) -> np.ndarray:
+        """Signal for one set of named parameters (dmipy call style)."""
+        return self.simulate_signal(acquisition_scheme,
+                                    self.parameters_to_parameter_vector(**kwargs))
+
+    # ------------------------------------------------------------------ fitting
+    def fit(self, acquisition_scheme: Any, data: Any, mask: Any = None,
+            solver: str = "fingerprint", **kwargs: Any) -> Any:
+        """Fit the model to ``data`` (..., N) by dictionary matching; returns a
+        FittedMultiCompartmentModel (see :func:`fingerprint.fitting.engine.fit_model`)."""
+        from fingerprint.fitting.engine import fit_model
+
+        return fit_model(self, acquisition_scheme, data, mask=mask, solver=solver, **kwargs)
+
+
+class MultiCompartmentModel(MultiCompartmentModelProperties):
+    """Combination of compartments and distributed models with volume fractions.
+
+    Parameters
+    ----------
+    models : list of compartments (``fingerprint.signal_models``) and distributed models
+        (``fingerprint.distributions``). The same instance may be given more than once:
+        each occurrence is a separate compartment (``C1Stick_1_``, ``C1Stick_2_``).
+    """
+
+    _spherical_mean = False
+
+
+class MultiCompartmentSphericalMeanModel(MultiCompartmentModelProperties):
+    """Multi-compartment model of the per-shell spherical means (orientation parameters
+    are dropped); :meth:`simulate_signal` returns (..., S) shells, b0 shells included."""
+
+    _spherical_mean = True
+
+
+_FRAMEWORK_CLASSES = {"MultiCompartmentModel": MultiCompartmentModel,
+                      "MultiCompartmentSphericalMeanModel": MultiCompartmentSphericalMeanModel}
+
+
+def replay_calls(model: Any, calls: Sequence[Any], where: str) -> None:
+    """Apply recorded set_* calls to a model."""
+    allowed = ("set_fixed_parameter", "set_equal_parameter", "set_tortuous_parameter",
+               "set_parameter_optimization_bounds")
+    for call in calls:
+        if not isinstance(call, (list, tuple)) or not call or call[0] not in allowed:
+            raise InputError(f"{where}: invalid call {call!r}; expected [method, *args] with "
+                             f"method one of {allowed}")
+        getattr(model, call[0])(*call[1:])
+
+
+def model_from_spec(spec: Mapping[str, Any]) -> MultiCompartmentModelProperties:
+    """Rebuild a model from :meth:`~MultiCompartmentModelProperties.to_spec` output
+    (also accepts its JSON text)."""
+    if isinstance(spec, (str, bytes)):
+        try:
+            spec = json.loads(spec)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"model spec is not valid JSON: {exc}") from None
+    if not isinstance(spec, Mapping):
+        raise InputError(f"model spec must be a mapping, got {type(spec).__name__}")
+    if spec.get("format") != SPEC_FORMAT:
+        raise InputError(f"model spec format must be {SPEC_FORMAT!r}, got "
+                         f"{spec.get('format')!r}")
+    cls = _FRAMEWORK_CLASSES.get(str(spec.get("class")))
+    if cls is None:
+        raise InputError(f"model spec class must be one of {sorted(_FRAMEWORK_CLASSES)}, got "
+                         f"{spec.get('class')!r}")
+    models = [submodel_from_spec(m) for m in spec.get("models", [])]
+    model = cls(models=models)
+    replay_calls(model, spec.get("calls", []), "model spec")
+    return model
