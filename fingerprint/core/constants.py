@@ -15,8 +15,9 @@ __all__ = [
     "WATER_IN_AXONS_DIFFUSION_CONSTANT",
 ]
 
-#: Gyromagnetic ratio of the proton (water), rad s⁻¹ T⁻¹.
-GYROMAGNETIC_RATIO: float = 2.675987e8
+#: Gyromagnetic ratio of the proton (water), rad s⁻¹ T⁻¹. dmipy's value (CODATA gives
+#: 2.6752219e8): schemes given as gradient strengths then agree with dmipy exactly.
+GYROMAGNETIC_RATIO: float = 2.67513e8
 
 #: Self-diffusivity of free water at body temperature, m² s⁻¹.
 WATER_DIFFUSION_CONSTANT: float = 3.0e-9
