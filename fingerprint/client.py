@@ -91,9 +91,16 @@ class FingerprintClient:
     def submit(self, dwi: str | os.PathLike, bval: str | os.PathLike, bvec: str | os.PathLike,
                mask: str | os.PathLike | None = None, *, model: str = "noddi",
                threads: int | None = None, dictionary_size: int | None = None,
-               prefix: str | None = None) -> dict[str, Any]:
-        """Upload the inputs (streamed from disk) and queue a fit; returns the job."""
+               prefix: str | None = None, delta: float | None = None,
+               Delta: float | None = None, TE: float | None = None) -> dict[str, Any]:
+        """Upload the inputs (streamed from disk) and queue a fit; returns the job.
+
+        ``delta``, ``Delta`` and ``TE`` (s) give the pulse timing that FSL files lack,
+        for models that need it (e.g. ``activeax``)."""
         data: dict[str, str] = {"model": model}
+        for name, value in (("delta", delta), ("Delta", Delta), ("TE", TE)):
+            if value is not None:
+                data[name] = repr(float(value))
         if threads is not None:
             data["threads"] = str(int(threads))
         if dictionary_size is not None:

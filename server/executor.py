@@ -125,6 +125,9 @@ def _run_fit(spec: JobSpec, progress: Callable[[float], None],
     options = spec.options
     if options.get("prefix"):
         kwargs["prefix"] = options["prefix"]
+    for name in ("delta", "Delta", "TE"):
+        if options.get(name) is not None:
+            kwargs[name] = float(options[name])
     size = options.get("dictionary_size")
     if size is not None:
         for name in ("dictionary_size", "size"):
@@ -163,7 +166,8 @@ def _run_dictionary(spec: JobSpec, progress: Callable[[float], None],
     options = spec.options
     scheme = read_bvals_bvecs(str(job_dir / "inputs" / spec.inputs["bval"]),
                               str(job_dir / "inputs" / spec.inputs["bvec"]),
-                              delta=options.get("delta"), Delta=options.get("Delta"))
+                              delta=options.get("delta"), Delta=options.get("Delta"),
+                              TE=options.get("TE"))
     kwargs: dict[str, Any] = {"size": options.get("size"), "seed": options.get("seed", 0),
                               "directory": spec.dictionary_dir, "progress": progress,
                               "n_jobs": spec.threads}

@@ -18,8 +18,8 @@ from .dependencies import ApiError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["check_model", "float_field", "int_field", "prefix_field", "validate_fit",
-           "validate_scheme"]
+__all__ = ["check_model", "float_field", "int_field", "prefix_field", "timing_fields",
+           "validate_fit", "validate_scheme"]
 
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
@@ -63,6 +63,16 @@ def prefix_field(fields: dict[str, str]) -> str | None:
     return raw
 
 
+def timing_fields(fields: dict[str, str]) -> dict[str, float]:
+    """The optional pulse timing of a form (``delta``, ``Delta``, ``TE``, in s)."""
+    values = {
+        "delta": float_field(fields, "delta", low=0, high=1, unit="seconds"),
+        "Delta": float_field(fields, "Delta", low=0, high=10, unit="seconds"),
+        "TE": float_field(fields, "TE", low=0, high=10, unit="seconds"),
+    }
+    return {k: v for k, v in values.items() if v is not None}
+
+
 def check_model(name: str) -> str:
     """The catalogue name of model ``name`` (422 naming the known models otherwise)."""
     from fingerprint.models import available_models, get_recipe
@@ -94,13 +104,16 @@ def _rewrite(message: str, files: dict[str, Path]) -> tuple[str, str | None]:
     return message, field
 
 
-def validate_fit(files: dict[str, Path]) -> Any:
-    """Run the library's ``validate_inputs`` on the uploaded files (422 on bad input)."""
+def validate_fit(files: dict[str, Path], timing: dict[str, float] | None = None) -> Any:
+    """Run the library's ``validate_inputs`` on the uploaded files (422 on bad input):
+    headers, shapes, b-value counts and units, then one pass over the data (truncated
+    files, NaN or infinite signals in the mask)."""
     validate_inputs = importlib.import_module("fingerprint.fitting.pipeline").validate_inputs
 
     try:
         return validate_inputs(str(files["dwi"]), str(files["bval"]), str(files["bvec"]),
-                               mask=str(files["mask"]) if "mask" in files else None)
+                               mask=str(files["mask"]) if "mask" in files else None,
+                               **(timing or {}))
     except ImportError:  # a broken installation is the server's fault, not the client's
         raise
     except Exception as exc:  # anything unreadable in the uploads is the client's problem
@@ -110,13 +123,12 @@ def validate_fit(files: dict[str, Path]) -> Any:
         raise ApiError(422, f"invalid input: {message}", field) from None
 
 
-def validate_scheme(files: dict[str, Path], delta: float | None, Delta: float | None) -> Any:
+def validate_scheme(files: dict[str, Path], timing: dict[str, Any] | None = None) -> Any:
     """Read an uploaded bval/bvec pair as an acquisition scheme (422 on bad input)."""
     read_bvals_bvecs = importlib.import_module("fingerprint.io.gradients").read_bvals_bvecs
-
+    timing = {k: v for k, v in (timing or {}).items() if k in ("delta", "Delta", "TE")}
     try:
-        return read_bvals_bvecs(str(files["bval"]), str(files["bvec"]), delta=delta,
-                                Delta=Delta)
+        return read_bvals_bvecs(str(files["bval"]), str(files["bvec"]), **timing)
     except ImportError:
         raise
     except Exception as exc:  # an unreadable scheme is the client's problem

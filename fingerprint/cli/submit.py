@@ -36,6 +36,11 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--threads", type=int, help="threads for the job on the server")
     parser.add_argument("--dictionary-size", type=int, help="atoms in the dictionary")
     parser.add_argument("--prefix", help="BIDS prefix of the output files (sub-01_ses-1)")
+    parser.add_argument("--delta", type=float, metavar="SECONDS",
+                        help="gradient pulse duration (models that need timing)")
+    parser.add_argument("--Delta", type=float, metavar="SECONDS",
+                        help="gradient pulse separation (models that need timing)")
+    parser.add_argument("--TE", type=float, metavar="SECONDS", help="echo time")
     parser.add_argument("--wait", action="store_true",
                         help="wait for the job, showing progress, then download the maps")
     parser.add_argument("--out", type=Path,
@@ -75,7 +80,8 @@ def run(args: argparse.Namespace) -> int:
         with FingerprintClient(args.server, api_key) as client:
             job = client.submit(args.dwi, args.bval, args.bvec, args.mask, model=args.model,
                                 threads=args.threads, dictionary_size=args.dictionary_size,
-                                prefix=args.prefix)
+                                prefix=args.prefix, delta=args.delta, Delta=args.Delta,
+                                TE=args.TE)
             sys.stderr.write(f"submitted job {job['id']} ({job['model']})\n")
             if not wait:
                 sys.stdout.write(f"{job['id']}\n")

@@ -13,13 +13,13 @@ from fastapi.responses import JSONResponse
 from ..dependencies import AdminKey, CallerKey, Context
 from ..schemas import DictionaryInfo, ErrorBody, JobOut
 from ..storage import FileField
-from ..validation import check_model, float_field, int_field, validate_scheme
+from ..validation import check_model, int_field, timing_fields, validate_scheme
 from .jobs import accept_job, accepted, receive_job_upload
 
 router = APIRouter(prefix="/dictionaries", tags=["dictionaries"])
 
 SCHEME_FILES = {"bval": FileField("scheme.bval"), "bvec": FileField("scheme.bvec")}
-SCHEME_TEXT = {"model", "size", "seed", "delta", "Delta"}
+SCHEME_TEXT = {"model", "size", "seed", "delta", "Delta", "TE"}
 
 _BODY = {
     "requestBody": {
@@ -38,6 +38,7 @@ _BODY = {
                 "seed": {"type": "integer", "minimum": 0},
                 "delta": {"type": "number", "description": "gradient pulse duration (s)"},
                 "Delta": {"type": "number", "description": "gradient pulse separation (s)"},
+                "TE": {"type": "number", "description": "echo time (s)"},
             },
         }}},
     }
@@ -60,12 +61,10 @@ async def build_dictionary(request: Request, ctx: Context, key: AdminKey) -> JSO
         options: dict[str, Any] = {
             "size": int_field(fields, "size", low=1, high=ctx.settings.max_dictionary_size),
             "seed": int_field(fields, "seed", low=0, high=2**31 - 1) or 0,
-            "delta": float_field(fields, "delta", low=0, high=1, unit="seconds"),
-            "Delta": float_field(fields, "Delta", low=0, high=10, unit="seconds"),
+            **timing_fields(fields),
         }
         options = {k: v for k, v in options.items() if v is not None}
-        await run_in_threadpool(validate_scheme, upload.files, options.get("delta"),
-                                options.get("Delta"))
+        await run_in_threadpool(validate_scheme, upload.files, options)
         inputs = {name: path.name for name, path in upload.files.items()}
         job = await run_in_threadpool(accept_job, ctx, key.id, upload_dir, kind="dictionary",
                                       model=model, options=options, inputs=inputs)
@@ -75,11 +74,17 @@ async def build_dictionary(request: Request, ctx: Context, key: AdminKey) -> JSO
     return accepted(job)
 
 
-def _info(entry: dict[str, Any]) -> DictionaryInfo:
-    details = {k: v for k, v in entry.items() if k not in ("path", "valid")}
-    # never disclose server paths
-    details = {k: (Path(v).name if isinstance(v, str) and "/" in v and k.endswith("path")
-                   else v) for k, v in details.items()}
+def _info(entry: dict[str, Any], directory: Path) -> DictionaryInfo:
+    """The library's summary of a store, without server paths."""
+
+    def public(key: str, value: Any) -> Any:
+        if isinstance(value, str):
+            if key.endswith("path") and "/" in value:
+                return Path(value).name
+            return value.replace(str(directory), "<dictionaries>")
+        return value
+
+    details = {k: public(k, v) for k, v in entry.items() if k not in ("path", "valid")}
     return DictionaryInfo(name=Path(entry["path"]).name, valid=bool(entry.get("valid")),
                           details=details)
 
@@ -90,4 +95,5 @@ def list_dictionaries(ctx: Context, key: CallerKey) -> list[DictionaryInfo]:
     """The dictionaries in the server's dictionary directory, oldest first."""
     from fingerprint.dictionary import list_dictionaries as _list
 
-    return [_info(e) for e in _list(ctx.settings.resolved_dictionary_dir)]
+    directory = ctx.settings.resolved_dictionary_dir
+    return [_info(e, directory) for e in _list(directory)]

@@ -18,7 +18,13 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from ..dependencies import ApiError, CallerKey, Context, ServerContext
 from ..schemas import ErrorBody, JobList, JobOut, job_out
 from ..storage import DRAIN_LIMIT, FileField, UploadError, _drain, receive_multipart
-from ..validation import check_model, int_field, prefix_field, validate_fit
+from ..validation import (
+    check_model,
+    int_field,
+    prefix_field,
+    timing_fields,
+    validate_fit,
+)
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
@@ -31,7 +37,7 @@ FIT_FILES = {
     "bvec": FileField("dwi.bvec"),
     "mask": FileField("mask", nifti=True, required=False),
 }
-FIT_TEXT = {"model", "threads", "dictionary_size", "prefix"}
+FIT_TEXT = {"model", "threads", "dictionary_size", "prefix", "delta", "Delta", "TE"}
 
 _ERRORS = {
     401: {"model": ErrorBody, "description": "missing or invalid API key"},
@@ -62,6 +68,11 @@ _FIT_BODY = {
                                                    "model's)"},
                 "prefix": {"type": "string",
                            "description": "BIDS prefix of the output files (sub-01_ses-1)"},
+                "delta": {"type": "number",
+                          "description": "gradient pulse duration (s), for models that "
+                                         "need timing"},
+                "Delta": {"type": "number", "description": "gradient pulse separation (s)"},
+                "TE": {"type": "number", "description": "echo time (s)"},
             },
         }}},
     }
@@ -150,7 +161,9 @@ async def submit_job(request: Request, ctx: Context, key: CallerKey) -> JSONResp
         prefix = prefix_field(fields)
         if prefix is not None:
             options["prefix"] = prefix
-        await run_in_threadpool(validate_fit, upload.files)
+        timing = timing_fields(fields)
+        options.update(timing)
+        await run_in_threadpool(validate_fit, upload.files, timing)
         inputs = {name: path.name for name, path in upload.files.items()}
         job = await run_in_threadpool(accept_job, ctx, key.id, upload_dir, kind="fit",
                                       model=model, options=options, inputs=inputs)
