@@ -1,0 +1,138 @@
+"""Numba kernels of fingerprint (nopython, cached on disk).
+
+Every compiled kernel of the library lives in this package. Compiled machine code is cached
+so that only the first run on a machine pays the compilation time. Where the cache goes:
+
+1. ``NUMBA_CACHE_DIR`` when the user set it (numba's own setting; respected as is);
+2. otherwise the package's own ``__pycache__`` directories when they are writable (numba's
+   default);
+3. otherwise numba's per-user cache directory when it is writable (numba's fallback);
+4. otherwise a private directory under the system temporary directory, which this module
+   hands to numba.
+
+When none of these is writable, one warning is logged and kernels are compiled in memory at
+each start (same results, slower start-up). Kernel modules decorate with :func:`njit` from
+this package (a drop-in for :func:`numba.njit`) so that this fallback applies to them;
+a bare ``numba.njit(cache=True)`` would raise instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numba
+
+__all__ = ["CACHE_DIR", "caching_enabled", "njit", "prange"]
+
+logger = logging.getLogger(__name__)
+
+prange = numba.prange
+
+_PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def _writable(path: Path) -> bool:
+    """True when ``path`` exists or can be created and a file can be written in it."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError:
+        return False
+    return True
+
+
+def _numba_user_cache_dir() -> Path | None:
+    try:
+        from numba.misc.appdirs import AppDirs
+    except ImportError:  # pragma: no cover - numba internals moved
+        return None
+    return Path(AppDirs(appname="numba", appauthor=False).user_cache_dir)
+
+
+def _private_temp_dir() -> Path:
+    uid = os.getuid() if hasattr(os, "getuid") else "user"
+    return Path(tempfile.gettempdir()) / f"fingerprint-numba-cache-{uid}"
+
+
+def _configure_cache() -> Path | None:
+    """Choose where compiled kernels are cached; None when no directory is writable."""
+    user_dir = os.environ.get("NUMBA_CACHE_DIR") or numba.config.CACHE_DIR
+    if user_dir:
+        path = Path(user_dir)
+        if _writable(path):
+            return path
+        logger.warning("NUMBA_CACHE_DIR=%s is not writable; fingerprint's kernels will be "
+                       "compiled at each start instead of being cached", user_dir)
+        return None
+    if _writable(_PACKAGE_DIR / "__pycache__"):
+        return _PACKAGE_DIR / "__pycache__"
+    numba_dir = _numba_user_cache_dir()
+    if numba_dir is not None and _writable(numba_dir):
+        return numba_dir
+    private = _private_temp_dir()
+    if _writable(private):
+        numba.config.CACHE_DIR = str(private)
+        logger.info("fingerprint's package directory is read-only: caching compiled kernels "
+                    "in %s", private)
+        return private
+    logger.warning("no writable directory to cache compiled kernels (tried %s, %s and %s); "
+                   "kernels will be compiled at each start (slower start-up, same results). "
+                   "Set NUMBA_CACHE_DIR to a writable directory to enable the cache.",
+                   _PACKAGE_DIR / "__pycache__", numba_dir, private)
+    return None
+
+
+#: Directory where compiled kernels are cached, or None when caching is impossible.
+CACHE_DIR: Path | None = _configure_cache()
+_cache_failure_logged = False
+
+
+def caching_enabled() -> bool:
+    """True when compiled kernels are cached on disk."""
+    return CACHE_DIR is not None and not _cache_failure_logged
+
+
+def _log_cache_failure(name: str, error: Exception) -> None:
+    global _cache_failure_logged
+    if not _cache_failure_logged:
+        logger.warning("cannot cache compiled kernels (%s: %s); continuing without the cache "
+                       "(kernels are compiled at each start)", name, error)
+    _cache_failure_logged = True
+
+
+def njit(*args: Any, **options: Any) -> Any:
+    """Drop-in replacement for :func:`numba.njit` honouring the cache fallback.
+
+    ``cache=True`` is kept when a cache directory is available and silently dropped
+    otherwise (after the one warning logged at import). Usable bare (``@njit``) or with
+    options (``@njit(cache=True, parallel=True)``).
+    """
+    if len(args) == 1 and callable(args[0]) and not options:
+        return _compile(args[0], {})
+    if args:
+        raise TypeError("fingerprint.kernels.njit takes options as keywords only")
+
+    def decorator(func: Callable[..., Any]) -> Any:
+        return _compile(func, options)
+
+    return decorator
+
+
+def _compile(func: Callable[..., Any], options: dict[str, Any]) -> Any:
+    opts = dict(options)
+    if opts.get("cache") and not caching_enabled():
+        opts["cache"] = False
+    try:
+        return numba.njit(**opts)(func)
+    except RuntimeError as error:
+        if not opts.get("cache"):
+            raise
+        _log_cache_failure(func.__qualname__, error)
+        opts["cache"] = False
+        return numba.njit(**opts)(func)

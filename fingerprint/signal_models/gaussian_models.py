@@ -1,0 +1,135 @@
+"""Gaussian compartments: G1Ball, G2Zeppelin, G3TemporalZeppelin (dmipy names, SI units)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from fingerprint.kernels import compartments as kernels
+from fingerprint.signal_models.base import (
+    A_SCALING,
+    DIFFUSIVITY_SCALING,
+    ORIENTATION_RANGE,
+    CompartmentModel,
+    MeasurementArrays,
+)
+
+__all__ = ["G1Ball", "G2Zeppelin", "G3TemporalZeppelin"]
+
+
+class G1Ball(CompartmentModel):
+    """Ball: isotropic Gaussian diffusion, E = exp(-b lambda_iso) (Behrens et al. 2003).
+
+    Parameters
+    ----------
+    lambda_iso : float, optional
+        Isotropic diffusivity in m²/s (fixed default when given).
+    """
+
+    _required_acquisition_parameters = ["bvalues"]
+    _parameter_ranges = {"lambda_iso": (0.1, 3)}
+    _parameter_scales = {"lambda_iso": DIFFUSIVITY_SCALING}
+    _parameter_types = {"lambda_iso": "normal"}
+    is_isotropic = True
+
+    def __init__(self, lambda_iso: float | None = None) -> None:
+        super().__init__(lambda_iso=lambda_iso)
+
+    def _kernel(self, meas: MeasurementArrays, cos: np.ndarray | None,
+                params: dict[str, np.ndarray], out: np.ndarray) -> None:
+        kernels.ball_signal(meas.b, params["lambda_iso"], out)
+
+
+class G2Zeppelin(CompartmentModel):
+    """Zeppelin: axially symmetric tensor (Panagiotaki et al. 2012).
+
+    E = exp(-b (lambda_par u² + lambda_perp (1 - u²))), u = cos(gradient, mu).
+
+    Parameters
+    ----------
+    mu : [theta, phi], optional
+        Axis orientation in radians.
+    lambda_par, lambda_perp : float, optional
+        Parallel and perpendicular diffusivities in m²/s.
+    """
+
+    _required_acquisition_parameters = ["bvalues", "gradient_directions"]
+    _parameter_ranges = {
+        "mu": ORIENTATION_RANGE,
+        "lambda_par": (0.1, 3),
+        "lambda_perp": (0.1, 3),
+    }
+    _parameter_scales = {
+        "mu": np.r_[1.0, 1.0],
+        "lambda_par": DIFFUSIVITY_SCALING,
+        "lambda_perp": DIFFUSIVITY_SCALING,
+    }
+    _parameter_types = {"mu": "orientation", "lambda_par": "normal", "lambda_perp": "normal"}
+
+    def __init__(self, mu: Any = None, lambda_par: float | None = None,
+                 lambda_perp: float | None = None) -> None:
+        super().__init__(mu=mu, lambda_par=lambda_par, lambda_perp=lambda_perp)
+
+    def _kernel(self, meas: MeasurementArrays, cos: np.ndarray | None,
+                params: dict[str, np.ndarray], out: np.ndarray) -> None:
+        kernels.zeppelin_signal(meas.b, cos, params["lambda_par"], params["lambda_perp"], out)
+
+    def _spherical_mean_kernel(self, meas: Any, arrays: MeasurementArrays,
+                               params: dict[str, np.ndarray], out: np.ndarray) -> None:
+        n = out.shape[0]
+        kernels.axisymmetric_gaussian_spherical_mean(
+            arrays.b, np.zeros(arrays.size), params["lambda_par"], params["lambda_perp"],
+            np.zeros(n), out)
+
+
+class G3TemporalZeppelin(CompartmentModel):
+    """Zeppelin with a time-dependent perpendicular diffusivity (Burcaw et al. 2015).
+
+    lambda_perp = lambda_inf + A (ln(Delta / delta) + 3/2) / (Delta - delta / 3) per
+    measurement; needs delta and Delta.
+
+    Parameters
+    ----------
+    mu : [theta, phi], optional
+        Axis orientation in radians.
+    lambda_par, lambda_inf : float, optional
+        Parallel and long-time perpendicular diffusivities in m²/s.
+    A : float, optional
+        Characteristic coefficient in m².
+    """
+
+    _required_acquisition_parameters = ["bvalues", "gradient_directions", "delta", "Delta"]
+    _parameter_ranges = {
+        "mu": ORIENTATION_RANGE,
+        "lambda_par": (0.1, 3),
+        "lambda_inf": (0.1, 3),
+        "A": (0, 10),
+    }
+    _parameter_scales = {
+        "mu": np.r_[1.0, 1.0],
+        "lambda_par": DIFFUSIVITY_SCALING,
+        "lambda_inf": DIFFUSIVITY_SCALING,
+        "A": A_SCALING,
+    }
+    _parameter_types = {
+        "mu": "orientation",
+        "lambda_par": "normal",
+        "lambda_inf": "normal",
+        "A": "normal",
+    }
+
+    def __init__(self, mu: Any = None, lambda_par: float | None = None,
+                 lambda_inf: float | None = None, A: float | None = None) -> None:
+        super().__init__(mu=mu, lambda_par=lambda_par, lambda_inf=lambda_inf, A=A)
+
+    def _kernel(self, meas: MeasurementArrays, cos: np.ndarray | None,
+                params: dict[str, np.ndarray], out: np.ndarray) -> None:
+        kernels.temporal_zeppelin_signal(meas.b, meas.time_factor, cos, params["lambda_par"],
+                                         params["lambda_inf"], params["A"], out)
+
+    def _spherical_mean_kernel(self, meas: Any, arrays: MeasurementArrays,
+                               params: dict[str, np.ndarray], out: np.ndarray) -> None:
+        kernels.axisymmetric_gaussian_spherical_mean(
+            arrays.b, arrays.time_factor, params["lambda_par"], params["lambda_inf"],
+            params["A"], out)
