@@ -1,0 +1,469 @@
+"""FingerprintEstimator: fit voxels by matching them against a dictionary.
+
+>>> est = FingerprintEstimator.from_model(get_model("noddi"), scheme)
+>>> ve = est.estimate(data)            # data (n, N) raw signals
+>>> ve.parameters                      # (n, P) dmipy parameter vectors, NaN where invalid
+
+Per call of :meth:`FingerprintEstimator.estimate` (every step vectorised over voxels):
+
+1. validity and S0: a voxel is valid when all its values are finite and the mean of its
+   b0 measurements is positive (logged count of the others, which get NaN parameters);
+2. noise: sigma per voxel from the spread of its b0s (>= 4 b0s) or else from the
+   residual of the feature fit; a first-order Rician bias correction
+   sqrt(max(S² - sigma², 0)) of the diffusion-weighted signals; division by S0;
+3. fibre frame (models with one orientation): tensor eigenvector refined by the zonal
+   fit (:mod:`.frame`), or the orientation given in ``x0``;
+4. features (:mod:`.features`), k-nearest atoms (:mod:`.matcher`);
+5. posterior-weighted mean and spread of the neighbours, then one local-linear
+   Gauss-Newton step (:mod:`.refine`);
+6. goodness of fit (R², MSE on b0-normalised signals) from the signal the refined
+   features describe.
+
+The estimator holds only read-only arrays and a FAISS index, so one instance can serve
+several threads at once; results do not depend on how voxels are batched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from fingerprint.errors import InputError
+
+from .features import FeatureMap
+from .frame import FrameEstimator, angles_to_frames, frames_to_angles
+from .matcher import DEFAULT_HNSW_THRESHOLD, HNSW_EF_SEARCH, Matcher, faiss_threads
+from .refine import local_linear_step, posterior_mean
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["DEFAULT_NEIGHBORS", "FingerprintEstimator", "VoxelEstimates"]
+
+#: Neighbours per voxel when not given.
+DEFAULT_NEIGHBORS = 32
+#: Minimum number of b0 measurements for a per-voxel noise estimate from their spread.
+MIN_B0_FOR_NOISE = 4
+#: Voxels per internal batch (bounds temporary memory).
+BATCH_VOXELS = 65536
+
+
+@dataclass
+class VoxelEstimates:
+    """Result of :meth:`FingerprintEstimator.estimate` for n voxels.
+
+    Attributes
+    ----------
+    parameters: (n, P) dmipy parameter vectors (SI units, orientations as theta, phi in
+        radians); NaN rows where ``valid`` is False.
+    uncertainty: (n, P) posterior spread (standard deviation) of each parameter over the
+        matched neighbours (NaN for orientation columns).
+    s0: (n,) mean b0 signal (the normalisation), NaN where invalid.
+    r2: (n,) coefficient of determination of the fitted signal (b0-normalised data).
+    mse: (n,) mean squared error of the fitted signal (b0-normalised data).
+    valid: (n,) bool.
+    sigma: (n,) estimated noise standard deviation, in units of the raw data.
+    """
+
+    parameters: np.ndarray
+    uncertainty: np.ndarray
+    s0: np.ndarray
+    r2: np.ndarray
+    mse: np.ndarray
+    valid: np.ndarray
+    sigma: np.ndarray
+
+
+@contextlib.contextmanager
+def thread_limits(n_jobs: int | None):
+    """Limit FAISS, BLAS (threadpoolctl when installed) and Numba (this thread) to
+    ``n_jobs`` threads for the duration of the block."""
+    if not n_jobs:
+        yield
+        return
+    import numba
+
+    n = max(1, int(n_jobs))
+    stack = contextlib.ExitStack()
+    with stack:
+        stack.enter_context(faiss_threads(n))
+        try:
+            from threadpoolctl import threadpool_limits
+
+            stack.enter_context(threadpool_limits(limits=n))
+        except ImportError:  # pragma: no cover - threadpoolctl is optional
+            pass
+        previous = numba.get_num_threads()
+        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+        stack.callback(numba.set_num_threads, previous)
+        yield
+
+
+def _set_default_threads_env(n_jobs: int | None) -> None:
+    if n_jobs and "OMP_NUM_THREADS" not in os.environ:
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", str(int(n_jobs)))
+
+
+class FingerprintEstimator:
+    """Dictionary-matching estimator of one model on one acquisition scheme.
+
+    Build it with :meth:`from_dictionary` or :meth:`from_model`.
+
+    Attributes
+    ----------
+    model, scheme, dictionary: what it fits, on what, with what.
+    parameter_names, parameter_cardinality: dmipy parameter-vector layout.
+    feature_map: the :class:`~fingerprint.fitting.features.FeatureMap`.
+    matcher: the :class:`~fingerprint.fitting.matcher.Matcher` over the atoms.
+    n_neighbors, refine, rician, n_jobs: options (see :meth:`from_dictionary`).
+    """
+
+    def __init__(self, *, model: Any, scheme: Any, atom_parameters: np.ndarray,
+                 atom_features: np.ndarray, dictionary: Any = None,
+                 parameter_names: list[str] | None = None,
+                 parameter_cardinality: Mapping[str, int] | None = None,
+                 canonical_orientation: bool | None = None,
+                 simplex_names: list[str] | None = None,
+                 n_neighbors: int | None = None, refine: bool = True, rician: bool = True,
+                 n_jobs: int | None = None, matcher_method: str = "auto",
+                 hnsw_threshold: int = DEFAULT_HNSW_THRESHOLD,
+                 ef_search: int = HNSW_EF_SEARCH, frame_iterations: int = 2,
+                 temperature: float = 1.0, cache_index: bool = True) -> None:
+        self.model = model
+        self.scheme = scheme
+        self.dictionary = dictionary
+        self.parameter_names = list(parameter_names if parameter_names is not None
+                                    else model.parameter_names)
+        card = parameter_cardinality if parameter_cardinality is not None else \
+            model.parameter_cardinality
+        self.parameter_cardinality = {k: int(card[k]) for k in self.parameter_names}
+        self.n_neighbors = int(n_neighbors or DEFAULT_NEIGHBORS)
+        if self.n_neighbors < 1:
+            raise InputError(f"n_neighbors must be at least 1, got {n_neighbors}")
+        self.refine = bool(refine)
+        self.rician = bool(rician)
+        self.n_jobs = n_jobs
+        self.temperature = float(temperature)
+        self.feature_map = FeatureMap.from_model(model, scheme)
+        self.atom_parameters = np.ascontiguousarray(atom_parameters, dtype=np.float64)
+        self.atom_features = np.ascontiguousarray(atom_features, dtype=np.float64)
+        self.atom_parameters.setflags(write=False)
+        self.atom_features.setflags(write=False)
+        if self.atom_features.shape[1] != self.feature_map.n_features:
+            raise InputError(
+                f"the dictionary's features have {self.atom_features.shape[1]} columns but "
+                f"the model on this scheme needs {self.feature_map.n_features}")
+
+        # parameter layout
+        offsets, i = {}, 0
+        for name in self.parameter_names:
+            offsets[name] = slice(i, i + self.parameter_cardinality[name])
+            i += self.parameter_cardinality[name]
+        self._slices = offsets
+        self.n_parameters = i
+        if self.atom_parameters.shape[1] != i:
+            raise InputError(f"dictionary parameters have {self.atom_parameters.shape[1]} "
+                             f"columns, the model's parameter vector {i}")
+        orient = list(getattr(model, "orientation_parameter_names", []) or [])
+        self.orientation_names = [n for n in orient if n in offsets]
+        if canonical_orientation is None:
+            canonical_orientation = len(self.orientation_names) == 1
+        self.canonical_orientation = bool(canonical_orientation) and \
+            self.feature_map.kind == "zonal" and len(self.orientation_names) == 1
+        orient_cols = [c for n in self.orientation_names
+                       for c in range(offsets[n].start, offsets[n].stop)]
+        self._orientation_columns = np.asarray(orient_cols, dtype=np.int64)
+        scalar_cols = [c for c in range(i) if c not in set(orient_cols)]
+        self._scalar_columns = np.asarray(scalar_cols, dtype=np.int64)
+        # simplex of top-level partial volumes: refine all but the last, which is 1 - sum
+        simplex = [n for n in (simplex_names or []) if n in offsets]
+        self._simplex_columns = np.asarray([offsets[n].start for n in simplex],
+                                           dtype=np.int64)
+        dependent = {int(self._simplex_columns[-1])} if len(simplex) >= 2 else set()
+        self._refine_columns = np.asarray([c for c in scalar_cols if c not in dependent],
+                                          dtype=np.int64)
+        lo = self.atom_parameters.min(axis=0)
+        hi = self.atom_parameters.max(axis=0)
+        self._lower, self._upper = lo, hi
+
+        self.matcher = Matcher.for_dictionary(
+            dictionary, self.atom_features.astype(np.float32), method=matcher_method,
+            hnsw_threshold=hnsw_threshold, ef_search=ef_search, cache=cache_index) \
+            if dictionary is not None else Matcher(
+                self.atom_features, method=matcher_method, hnsw_threshold=hnsw_threshold,
+                ef_search=ef_search)
+        self.frame_estimator = (FrameEstimator.for_scheme(
+            self.feature_map, refine_iterations=frame_iterations)
+            if self.feature_map.kind == "zonal" else None)
+        self._b0 = np.asarray(scheme.b0_mask, dtype=bool)
+        self._n_meas = int(self._b0.size)
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def from_dictionary(cls, dictionary: Any, *, n_neighbors: int | None = None,
+                        refine: bool = True, n_jobs: int | None = None,
+                        **options: Any) -> FingerprintEstimator:
+        """Estimator over a stored :class:`~fingerprint.dictionary.Dictionary`.
+
+        Parameters
+        ----------
+        n_neighbors: atoms matched per voxel (default 32).
+        refine: apply the local-linear Gauss-Newton step after the posterior mean.
+        n_jobs: threads for FAISS, BLAS and Numba (default: all).
+        options: ``rician`` (bias correction, default True), ``matcher_method``
+            ('auto', 'exact', 'hnsw'), ``hnsw_threshold`` (atoms), ``ef_search``,
+            ``frame_iterations`` (orientation refinement, default 2), ``temperature``,
+            ``cache_index``.
+        """
+        meta = dictionary.metadata
+        with thread_limits(n_jobs):
+            params = dictionary.read_parameters()
+            feats = dictionary.read_features()
+            simplex = _simplex_names(meta.get("sampling") or {})
+            return cls(model=dictionary.model, scheme=dictionary.scheme,
+                       atom_parameters=params, atom_features=feats, dictionary=dictionary,
+                       parameter_names=list(meta["parameter_names"]),
+                       parameter_cardinality=meta["parameter_cardinality"],
+                       canonical_orientation=bool(meta.get("canonical_orientation")),
+                       simplex_names=simplex, n_neighbors=n_neighbors, refine=refine,
+                       n_jobs=n_jobs, **options)
+
+    @classmethod
+    def from_model(cls, model: Any, scheme: Any, *, dictionary_size: int | None = None,
+                   dictionary_dir: str | os.PathLike | None = None,
+                   progress: Callable[[float], Any] | None = None, n_jobs: int | None = None,
+                   should_cancel: Callable[[], bool] | None = None, seed: int | None = 0,
+                   n_neighbors: int | None = None, refine: bool = True,
+                   **options: Any) -> FingerprintEstimator:
+        """Estimator of ``model`` (a name such as ``'noddi'`` or a model object) on
+        ``scheme``: finds the dictionary in ``dictionary_dir`` (default cache directory)
+        or builds it (``dictionary_size`` atoms; default the recipe's size)."""
+        from fingerprint.dictionary import get_or_build_dictionary
+
+        d = get_or_build_dictionary(model, scheme, size=dictionary_size, seed=seed,
+                                    directory=dictionary_dir, progress=progress,
+                                    n_jobs=n_jobs, should_cancel=should_cancel)
+        return cls.from_dictionary(d, n_neighbors=n_neighbors, refine=refine, n_jobs=n_jobs,
+                                   **options)
+
+    # ------------------------------------------------------------------ helpers
+    def __repr__(self) -> str:
+        return (f"FingerprintEstimator({type(self.model).__name__}, atoms="
+                f"{self.atom_parameters.shape[0]}, features={self.feature_map.kind}"
+                f"[{self.feature_map.n_features}], k={self.n_neighbors}, "
+                f"matcher={self.matcher.method})")
+
+    def _x0_matrix(self, x0: Any, n: int) -> np.ndarray | None:
+        """x0 (array (P,)/(n, P) or dict of possibly short names) -> (n, P) with NaN for
+        values not given."""
+        if x0 is None:
+            return None
+        out = np.full((n, self.n_parameters), np.nan)
+        if isinstance(x0, Mapping):
+            for key, value in x0.items():
+                name = self._resolve(key)
+                sl = self._slices[name]
+                v = np.asarray(value, dtype=np.float64)
+                width = sl.stop - sl.start
+                try:
+                    v = np.broadcast_to(v.reshape(-1, width) if v.ndim >= 1 and
+                                        v.size % width == 0 else v, (n, width))
+                except ValueError:
+                    raise InputError(f"x0[{key!r}] has shape {np.shape(value)}; expected "
+                                     f"({width},) or ({n}, {width})") from None
+                out[:, sl] = v
+            return out
+        arr = np.asarray(x0, dtype=np.float64)
+        if arr.shape[-1] != self.n_parameters:
+            raise InputError(f"x0_vector must end with the parameter-vector length "
+                             f"{self.n_parameters}, got shape {arr.shape}")
+        arr = arr.reshape(-1, self.n_parameters)
+        if arr.shape[0] not in (1, n):
+            raise InputError(f"x0_vector has {arr.shape[0]} rows for {n} voxels")
+        out[:] = arr
+        return out
+
+    def _resolve(self, name: str) -> str:
+        if name in self._slices:
+            return name
+        resolver = getattr(self.model, "resolve_parameter_name", None)
+        if resolver is not None:
+            try:
+                full = resolver(name)
+                if full in self._slices:
+                    return full
+            except Exception:
+                pass
+        matches = [n for n in self.parameter_names if n.endswith("_" + name)]
+        if len(matches) == 1:
+            return matches[0]
+        raise InputError(f"{name!r} is not a (unique) parameter of the model; parameters: "
+                         f"{self.parameter_names}")
+
+    # ------------------------------------------------------------------ estimation
+    def estimate(self, data: Any, x0: Any = None) -> VoxelEstimates:
+        """Fit voxels ``data`` (n, N) (raw signals, any positive scale) and return
+        :class:`VoxelEstimates`. ``x0`` (parameter vectors (P,)/(n, P), or a dict of
+        possibly short parameter names) seeds the fit: a given orientation replaces the
+        estimated fibre frame; given scalar parameters start the refinement."""
+        arr = np.asarray(data, dtype=np.float64)
+        if arr.ndim == 1:
+            arr = arr[None, :]
+        if arr.ndim != 2 or arr.shape[1] != self._n_meas:
+            raise InputError(f"data must have shape (voxels, {self._n_meas}) for this "
+                             f"acquisition scheme, got {np.shape(data)}")
+        n = arr.shape[0]
+        x0m = self._x0_matrix(x0, n)
+        with thread_limits(self.n_jobs):
+            parts = [self._estimate_batch(arr[s:s + BATCH_VOXELS],
+                                          None if x0m is None else x0m[s:s + BATCH_VOXELS])
+                     for s in range(0, max(n, 1), BATCH_VOXELS)] if n else []
+        if not parts:
+            empty = np.zeros((0, self.n_parameters))
+            return VoxelEstimates(empty, empty.copy(), np.zeros(0), np.zeros(0), np.zeros(0),
+                                  np.zeros(0, dtype=bool), np.zeros(0))
+        out = VoxelEstimates(*[np.concatenate([getattr(p, f) for p in parts])
+                               for f in ("parameters", "uncertainty", "s0", "r2", "mse",
+                                         "valid", "sigma")])
+        n_bad = int(n - out.valid.sum())
+        if n_bad:
+            logger.warning("%d of %d voxels could not be fitted (non-finite values, no "
+                           "positive b0 signal); their parameters are NaN", n_bad, n)
+        return out
+
+    def _estimate_batch(self, data: np.ndarray, x0: np.ndarray | None) -> VoxelEstimates:
+        n = data.shape[0]
+        b0 = self._b0
+        P = self.n_parameters
+        params = np.full((n, P), np.nan)
+        unc = np.full((n, P), np.nan)
+        s0 = np.full(n, np.nan)
+        r2 = np.full(n, np.nan)
+        mse = np.full(n, np.nan)
+        sigma_out = np.full(n, np.nan)
+        finite = np.isfinite(data).all(axis=1)
+        if b0.any():
+            s0_all = np.where(finite, data[:, b0].mean(axis=1) if finite.any() else np.nan,
+                              np.nan)
+        else:
+            s0_all = np.where(finite, 1.0, np.nan)
+        valid = finite & np.isfinite(s0_all) & (s0_all > 0)
+        rows = np.flatnonzero(valid)
+        if rows.size == 0:
+            return VoxelEstimates(params, unc, s0, r2, mse, valid, sigma_out)
+        y = data[rows]
+        s0v = s0_all[rows]
+        fmap = self.feature_map
+        ynorm = y / s0v[:, None]
+
+        # noise level (raw units) per voxel
+        n_b0 = int(b0.sum())
+        if n_b0 >= MIN_B0_FOR_NOISE:
+            sigma = y[:, b0].std(axis=1, ddof=1)
+        else:
+            sigma = None
+
+        # fibre frames
+        frames = None
+        x0v = None if x0 is None else x0[rows]
+        if fmap.kind == "zonal":
+            seeded = np.zeros(rows.size, dtype=bool)
+            if x0v is not None and self.orientation_names:
+                ang = x0v[:, self._orientation_columns]
+                seeded = np.isfinite(ang).all(axis=1)
+            if seeded.all():
+                frames = angles_to_frames(ang)
+            else:
+                frames = self.frame_estimator.estimate(ynorm)
+                if seeded.any():
+                    frames[seeded] = angles_to_frames(ang[seeded])
+        if sigma is None:
+            _, rss = fmap.voxel_features(ynorm, frames, return_rss=True)
+            dof = max(int(np.sum(fmap.shell_of >= 0)) - fmap.n_fitted_coefficients, 1)
+            sigma = np.sqrt(rss / dof) * s0v if fmap.kind != "signal" else \
+                np.full(rows.size, 0.0)
+        sigma = np.where(np.isfinite(sigma), sigma, 0.0)
+        if self.rician:
+            dwi = ~b0
+            corr = y.copy()
+            corr[:, dwi] = np.sqrt(np.maximum(y[:, dwi] ** 2 - sigma[:, None] ** 2, 0.0))
+            ynorm = corr / s0v[:, None]
+        sig2_feat = (sigma / s0v) ** 2
+
+        feats = fmap.voxel_features(ynorm, frames)
+        dist, idx = self.matcher.search(feats, self.n_neighbors)
+        mean, sd, weights = posterior_mean(dist, idx, self.atom_parameters, sig2_feat,
+                                           self.temperature)
+        # orientation: from the frame (canonical dictionaries) or the best atom
+        if self.canonical_orientation and frames is not None:
+            mean[:, self._orientation_columns] = frames_to_angles(frames)
+        elif self._orientation_columns.size:
+            best = idx[np.arange(idx.shape[0]), np.argmax(weights, axis=1)]
+            mean[:, self._orientation_columns] = \
+                self.atom_parameters[best][:, self._orientation_columns]
+        sd[:, self._orientation_columns] = np.nan
+        start = mean
+        if x0v is not None:
+            seeded = x0v[:, self._scalar_columns]
+            cols = self._scalar_columns
+            start = mean.copy()
+            start[:, cols] = np.where(np.isfinite(seeded), seeded, mean[:, cols])
+        pred_feats = None
+        if self.refine and self._refine_columns.size:
+            rc = self._refine_columns
+            span = (self._upper - self._lower)[rc]
+            max_step = 3.0 * np.nan_to_num(sd[:, rc]) + 0.02 * span
+            est, pred_feats = local_linear_step(
+                feats, idx, weights, self.atom_features, self.atom_parameters, start, rc,
+                self._lower[rc], self._upper[rc], max_step)
+            if len(self._simplex_columns) >= 2:
+                others = self._simplex_columns[:-1]
+                total = est[:, others].sum(axis=1)
+                over = total > 1.0
+                if over.any():
+                    est[np.ix_(over, others)] /= total[over, None]
+                    total = np.minimum(total, 1.0)
+                est[:, self._simplex_columns[-1]] = 1.0 - total
+        else:
+            est = start
+        if pred_feats is None:
+            pred_feats = np.einsum("nk,nkf->nf", weights,
+                                   self.atom_features[np.maximum(idx, 0)])
+
+        # goodness of fit on b0-normalised (bias-corrected) signals
+        pred = fmap.reconstruct(pred_feats, frames)
+        if fmap.kind == "shell_means":
+            obs, predicted = self._shell_means(ynorm), self._shell_means(pred)
+        else:
+            obs, predicted = ynorm, pred
+        res = ((obs - predicted) ** 2).sum(axis=1)
+        tot = ((obs - obs.mean(axis=1, keepdims=True)) ** 2).sum(axis=1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            r2v = np.where(tot > 0, 1.0 - res / tot, np.nan)
+        params[rows] = est
+        unc[rows] = sd
+        s0[rows] = s0v
+        r2[rows] = r2v
+        mse[rows] = res / obs.shape[1]
+        sigma_out[rows] = sigma
+        return VoxelEstimates(params, unc, s0, r2, mse, valid, sigma_out)
+
+    def _shell_means(self, signals: np.ndarray) -> np.ndarray:
+        shells = np.asarray(self.scheme.shell_indices)
+        n_shells = int(shells.max()) + 1
+        out = np.empty((signals.shape[0], n_shells))
+        for s in range(n_shells):
+            out[:, s] = signals[:, shells == s].mean(axis=1)
+        return out
+
+
+def _simplex_names(sampling: Mapping[str, Any]) -> list[str]:
+    for p in sampling.get("parameters", []) or []:
+        if p.get("kind") == "simplex":
+            return list(p.get("names") or [])
+    return []

@@ -1,0 +1,129 @@
+"""Per-voxel fibre frame: the axis that voxel features are computed around.
+
+The first guess is the principal eigenvector of a diffusion tensor fitted by linear least
+squares to log(S/S0) of the diffusion-weighted measurements with b <= ``max_b``
+(3.5e9 s/m² by default: the whole HCP scheme; higher shells are dominated by kurtosis).
+The pseudo-inverse of the design matrix is computed once per scheme, so a voxel costs one
+(6 x M) matrix-vector product and an analytic 3x3 eigenvector.
+
+The guess is then optionally refined (``refine_iterations`` > 0) by Gauss-Newton on the
+axis of the per-shell zonal Legendre model that the features use
+(:func:`fingerprint.kernels.features.refine_frames`): it finds the axis around which the
+signal is most axially symmetric, which is less noisy than the tensor's eigenvector
+because it uses every shell with the right (non-Gaussian) angular profile.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from fingerprint.errors import InputError
+
+__all__ = ["DEFAULT_MAX_B", "FrameEstimator", "frames_to_angles", "angles_to_frames"]
+
+#: Largest b-value (s/m²) used by the tensor fit.
+DEFAULT_MAX_B = 3.5e9
+_LOG_FLOOR = 1e-3
+
+
+def frames_to_angles(frames: np.ndarray) -> np.ndarray:
+    """(theta, phi) in radians (n, 2) of unit vectors (n, 3), dmipy's convention
+    (theta from +z, phi = atan2(y, x))."""
+    frames = np.asarray(frames, dtype=np.float64)
+    theta = np.arccos(np.clip(frames[:, 2], -1.0, 1.0))
+    phi = np.arctan2(frames[:, 1], frames[:, 0])
+    return np.stack([theta, phi], axis=1)
+
+
+def angles_to_frames(angles: np.ndarray) -> np.ndarray:
+    """Unit vectors (n, 3) of (theta, phi) angles (n, 2) in radians."""
+    angles = np.asarray(angles, dtype=np.float64).reshape(-1, 2)
+    st = np.sin(angles[:, 0])
+    return np.stack([st * np.cos(angles[:, 1]), st * np.sin(angles[:, 1]),
+                     np.cos(angles[:, 0])], axis=1)
+
+
+@dataclass(frozen=True, eq=False)
+class FrameEstimator:
+    """Estimates each voxel's fibre axis (immutable, thread-safe).
+
+    Attributes
+    ----------
+    columns: measurements used by the tensor fit.
+    pinv: (6, M) pseudo-inverse of the tensor design matrix.
+    directions, shell_of, n_coefficients: the zonal model used by the refinement.
+    refine_iterations: Gauss-Newton iterations of the refinement (0: tensor only).
+    """
+
+    columns: np.ndarray
+    pinv: np.ndarray
+    directions: np.ndarray
+    shell_of: np.ndarray
+    n_coefficients: np.ndarray
+    refine_iterations: int = 2
+    max_step: float = 0.3
+
+    @classmethod
+    def for_scheme(cls, feature_map: Any, *, bvalues: np.ndarray | None = None,
+                   max_b: float = DEFAULT_MAX_B, refine_iterations: int = 2
+                   ) -> FrameEstimator:
+        """Frame estimator for a zonal :class:`~fingerprint.fitting.features.FeatureMap`
+        (``bvalues`` (N,) in s/m² are taken from the scheme when the map carries none)."""
+        shell_of = np.asarray(feature_map.shell_of)
+        dirs = np.asarray(feature_map.directions, dtype=np.float64)
+        if bvalues is None:
+            bvalues = getattr(feature_map, "bvalues", None)
+        dwi = shell_of >= 0
+        if bvalues is None:
+            cols = np.flatnonzero(dwi)
+            b = np.ones(dirs.shape[0])
+        else:
+            b = np.asarray(bvalues, dtype=np.float64)
+            cols = np.flatnonzero(dwi & (b <= max_b))
+            if cols.size < 6:
+                lowest = np.min(b[dwi]) if dwi.any() else 0.0
+                cols = np.flatnonzero(dwi & (b <= lowest * 1.5))
+        if cols.size < 6:
+            raise InputError(
+                f"the acquisition scheme has only {cols.size} diffusion-weighted "
+                "measurements usable for a tensor fit; at least 6 are needed to find "
+                "fibre orientations")
+        g = dirs[cols]
+        design = -b[cols, None] * np.stack(
+            [g[:, 0] ** 2, g[:, 1] ** 2, g[:, 2] ** 2, 2 * g[:, 0] * g[:, 1],
+             2 * g[:, 0] * g[:, 2], 2 * g[:, 1] * g[:, 2]], axis=1)
+        pinv = np.ascontiguousarray(np.linalg.pinv(design))
+        for a in (cols, pinv):
+            a.setflags(write=False)
+        return cls(columns=cols.astype(np.int64), pinv=pinv, directions=dirs,
+                   shell_of=shell_of, n_coefficients=np.asarray(feature_map.n_coefficients),
+                   refine_iterations=int(refine_iterations))
+
+    def tensor_directions(self, signals: np.ndarray) -> np.ndarray:
+        """Principal tensor eigenvectors (n, 3) of b0-normalised ``signals`` (n, N)."""
+        from fingerprint.kernels.features import dti_principal_directions
+
+        return dti_principal_directions(np.ascontiguousarray(signals, dtype=np.float64),
+                                        self.columns, self.pinv, _LOG_FLOOR)
+
+    def refine(self, signals: np.ndarray, frames: np.ndarray,
+               iterations: int | None = None) -> np.ndarray:
+        """Refine ``frames`` (n, 3) by Gauss-Newton on the zonal model's axis."""
+        from fingerprint.kernels.features import refine_frames
+
+        it = self.refine_iterations if iterations is None else int(iterations)
+        if it <= 0:
+            return np.asarray(frames, dtype=np.float64)
+        return refine_frames(np.ascontiguousarray(signals, dtype=np.float64),
+                             np.ascontiguousarray(frames, dtype=np.float64), self.directions,
+                             self.shell_of, self.n_coefficients, it, self.max_step)
+
+    def estimate(self, signals: np.ndarray, start: np.ndarray | None = None) -> np.ndarray:
+        """Fibre axes (n, 3), unit vectors with z >= 0, of b0-normalised ``signals``
+        (n, N): tensor eigenvector (or ``start`` when given) refined by the zonal fit."""
+        frames = self.tensor_directions(signals) if start is None else \
+            np.asarray(start, dtype=np.float64)
+        return self.refine(signals, frames)

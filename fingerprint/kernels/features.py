@@ -1,0 +1,594 @@
+"""Numba kernels of the fitting engine: per-voxel fibre frames, zonal Legendre features,
+posterior-weighted neighbour averages and the local-linear refinement.
+
+All kernels are nopython, cached and parallel over voxels (``prange``); they take and
+return plain float64/float32 arrays and hold no state, so they are safe to call from
+several threads at once.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+__all__ = [
+    "dti_principal_directions",
+    "legendre_even",
+    "local_linear_refine",
+    "posterior_average",
+    "reconstruct_zonal",
+    "refine_frames",
+    "shell_means",
+    "zonal_features",
+]
+
+
+@njit(cache=True, nogil=True)
+def legendre_even(u: float, lmax: int, out: np.ndarray) -> None:
+    """Write P_0(u), P_2(u), ..., P_lmax(u) (even orders) into ``out``."""
+    p_prev = 1.0  # P_{l-1}
+    p_cur = u     # P_l, starting at l = 1
+    out[0] = 1.0
+    j = 1
+    for lval in range(1, lmax):
+        p_next = ((2 * lval + 1) * u * p_cur - lval * p_prev) / (lval + 1)
+        p_prev = p_cur
+        p_cur = p_next
+        if (lval + 1) % 2 == 0:
+            out[j] = p_cur
+            j += 1
+
+
+@njit(cache=True, nogil=True)
+def legendre_even_with_derivative(u: float, lmax: int, out: np.ndarray,
+                                  dout: np.ndarray) -> None:
+    """P_0..P_lmax (even orders) into ``out`` and their derivatives dP_l/du into ``dout``."""
+    p_prev = 1.0
+    p_cur = u
+    dp_prev = 0.0  # P'_{l-1}
+    dp_cur = 1.0   # P'_l at l = 1
+    out[0] = 1.0
+    dout[0] = 0.0
+    j = 1
+    for lval in range(1, lmax):
+        p_next = ((2 * lval + 1) * u * p_cur - lval * p_prev) / (lval + 1)
+        dp_next = dp_prev + (2 * lval + 1) * p_cur
+        p_prev = p_cur
+        p_cur = p_next
+        dp_prev = dp_cur
+        dp_cur = dp_next
+        if (lval + 1) % 2 == 0:
+            out[j] = p_cur
+            dout[j] = dp_cur
+            j += 1
+
+
+@njit(cache=True, nogil=True)
+def _principal_eigenvector(d: np.ndarray, out: np.ndarray) -> None:
+    """Unit eigenvector of the largest eigenvalue of the symmetric 3x3 matrix
+    (dxx, dyy, dzz, dxy, dxz, dyz) ``d`` (analytic eigenvalues, cross products)."""
+    a00, a11, a22, a01, a02, a12 = d[0], d[1], d[2], d[3], d[4], d[5]
+    p1 = a01 * a01 + a02 * a02 + a12 * a12
+    q = (a00 + a11 + a22) / 3.0
+    p2 = (a00 - q) ** 2 + (a11 - q) ** 2 + (a22 - q) ** 2 + 2.0 * p1
+    p = math.sqrt(p2 / 6.0)
+    if not (p > 1e-30 * (abs(q) + 1e-300)) or not math.isfinite(p):
+        out[0] = 0.0
+        out[1] = 0.0
+        out[2] = 1.0
+        return
+    b00 = (a00 - q) / p
+    b11 = (a11 - q) / p
+    b22 = (a22 - q) / p
+    b01 = a01 / p
+    b02 = a02 / p
+    b12 = a12 / p
+    detb = (b00 * (b11 * b22 - b12 * b12) - b01 * (b01 * b22 - b12 * b02)
+            + b02 * (b01 * b12 - b11 * b02))
+    r = min(max(detb / 2.0, -1.0), 1.0)
+    phi = math.acos(r) / 3.0
+    lam = q + 2.0 * p * math.cos(phi)
+    # rows of (A - lam I); the eigenvector is orthogonal to all of them
+    r0x, r0y, r0z = a00 - lam, a01, a02
+    r1x, r1y, r1z = a01, a11 - lam, a12
+    r2x, r2y, r2z = a02, a12, a22 - lam
+    c0x = r0y * r1z - r0z * r1y
+    c0y = r0z * r1x - r0x * r1z
+    c0z = r0x * r1y - r0y * r1x
+    c1x = r0y * r2z - r0z * r2y
+    c1y = r0z * r2x - r0x * r2z
+    c1z = r0x * r2y - r0y * r2x
+    c2x = r1y * r2z - r1z * r2y
+    c2y = r1z * r2x - r1x * r2z
+    c2z = r1x * r2y - r1y * r2x
+    n0 = c0x * c0x + c0y * c0y + c0z * c0z
+    n1 = c1x * c1x + c1y * c1y + c1z * c1z
+    n2 = c2x * c2x + c2y * c2y + c2z * c2z
+    if n0 >= n1 and n0 >= n2:
+        vx, vy, vz, nn = c0x, c0y, c0z, n0
+    elif n1 >= n2:
+        vx, vy, vz, nn = c1x, c1y, c1z, n1
+    else:
+        vx, vy, vz, nn = c2x, c2y, c2z, n2
+    if nn <= 0.0 or not math.isfinite(nn):
+        out[0] = 0.0
+        out[1] = 0.0
+        out[2] = 1.0
+        return
+    nn = math.sqrt(nn)
+    if vz < 0.0:  # sign convention: upper hemisphere
+        nn = -nn
+    out[0] = vx / nn
+    out[1] = vy / nn
+    out[2] = vz / nn
+
+
+@njit(cache=True, parallel=True)
+def dti_principal_directions(signals: np.ndarray, columns: np.ndarray,
+                             pinv: np.ndarray, floor: float) -> np.ndarray:
+    """Principal diffusion direction of every voxel by a linear least-squares DTI fit.
+
+    ``signals`` (n, N) are b0-normalised; ``columns`` (M,) the measurements used;
+    ``pinv`` (6, M) the pseudo-inverse of the design ``-b (gx², gy², gz², 2gxgy, 2gxgz,
+    2gygz)`` so that ``D = pinv @ log(S)``. Signals are floored at ``floor`` before the
+    logarithm. Returns (n, 3) unit vectors (z for degenerate tensors).
+    """
+    n = signals.shape[0]
+    m = columns.shape[0]
+    out = np.empty((n, 3))
+    for i in prange(n):
+        d = np.zeros(6)
+        for j in range(m):
+            s = signals[i, columns[j]]
+            if not (s > floor):
+                s = floor
+            y = math.log(s)
+            for k in range(6):
+                d[k] += pinv[k, j] * y
+        _principal_eigenvector(d, out[i])
+    return out
+
+
+@njit(cache=True, nogil=True)
+def _cholesky_solve(a: np.ndarray, b: np.ndarray, n: int, x: np.ndarray) -> bool:
+    """Solve a x = b for the leading n x n block of the SPD matrix ``a`` (in place
+    factorisation); False when not positive definite."""
+    for j in range(n):
+        s = a[j, j]
+        for k in range(j):
+            s -= a[j, k] * a[j, k]
+        if s <= 1e-12 * (abs(a[j, j]) + 1e-300):
+            return False
+        a[j, j] = math.sqrt(s)
+        for i in range(j + 1, n):
+            t = a[i, j]
+            for k in range(j):
+                t -= a[i, k] * a[j, k]
+            a[i, j] = t / a[j, j]
+    for i in range(n):
+        t = b[i]
+        for k in range(i):
+            t -= a[i, k] * x[k]
+        x[i] = t / a[i, i]
+    for i in range(n - 1, -1, -1):
+        t = x[i]
+        for k in range(i + 1, n):
+            t -= a[k, i] * x[k]
+        x[i] = t / a[i, i]
+    return True
+
+
+@njit(cache=True, parallel=True)
+def zonal_features(signals: np.ndarray, frames: np.ndarray, directions: np.ndarray,
+                   shell_of: np.ndarray, n_coefficients: np.ndarray,
+                   offsets: np.ndarray, weights: np.ndarray,
+                   ridge: float) -> tuple[np.ndarray, np.ndarray]:
+    """Zonal (axially symmetric) Legendre coefficients of every voxel's signal per shell.
+
+    For each voxel i and shell s, fits S(g) ~ sum_l c_l P_l(g . frame_i) over the
+    measurements of that shell by least squares (even l = 0, 2, ..., 2 (L_s - 1);
+    ``n_coefficients[s]`` = L_s; ``ridge`` a tiny Tikhonov term). Output column
+    ``offsets[s] + j`` holds ``c_{2j} * weights[offsets[s] + j]``.
+
+    ``shell_of`` (N,) maps each measurement to its feature shell (-1: unused, e.g. b0).
+    Returns (features (n, k) float32, residual sum of squares (n,) float64).
+    """
+    n = signals.shape[0]
+    nmeas = signals.shape[1]
+    n_shells = n_coefficients.shape[0]
+    k = weights.shape[0]
+    lmax_n = 0
+    for s in range(n_shells):
+        lmax_n = max(lmax_n, n_coefficients[s])
+    feats = np.empty((n, k), dtype=np.float32)
+    rss = np.empty(n)
+    for i in prange(n):
+        ata = np.zeros((n_shells, lmax_n, lmax_n))
+        aty = np.zeros((n_shells, lmax_n))
+        yty = np.zeros(n_shells)
+        p = np.empty(lmax_n)
+        fx, fy, fz = frames[i, 0], frames[i, 1], frames[i, 2]
+        for j in range(nmeas):
+            s = shell_of[j]
+            if s < 0:
+                continue
+            y = signals[i, j]
+            u = directions[j, 0] * fx + directions[j, 1] * fy + directions[j, 2] * fz
+            nc = n_coefficients[s]
+            legendre_even(u, 2 * (nc - 1), p)
+            for a in range(nc):
+                aty[s, a] += p[a] * y
+                for b in range(a + 1):
+                    ata[s, a, b] += p[a] * p[b]
+            yty[s] += y * y
+        total = 0.0
+        c = np.zeros(lmax_n)
+        for s in range(n_shells):
+            nc = n_coefficients[s]
+            for a in range(nc):
+                ata[s, a, a] += ridge * (ata[s, 0, 0] + 1.0)
+                for b in range(a):
+                    ata[s, b, a] = ata[s, a, b]
+            rhs = aty[s].copy()
+            ok = _cholesky_solve(ata[s], rhs, nc, c)
+            if not ok:
+                for a in range(nc):
+                    c[a] = 0.0
+                c[0] = aty[s, 0] / max(ata[s, 0, 0], 1.0)
+            fit = 0.0
+            for a in range(nc):
+                fit += c[a] * aty[s, a]
+                feats[i, offsets[s] + a] = c[a] * weights[offsets[s] + a]
+            total += max(yty[s] - fit, 0.0)
+        rss[i] = total
+    return feats, rss
+
+
+@njit(cache=True, parallel=True)
+def refine_frames(signals: np.ndarray, frames: np.ndarray, directions: np.ndarray,
+                  shell_of: np.ndarray, n_coefficients: np.ndarray, iterations: int,
+                  max_step: float) -> np.ndarray:
+    """Axis of symmetry of every voxel's signal: Gauss-Newton on the orientation of the
+    per-shell zonal Legendre model (coefficients re-fitted by least squares each
+    iteration). Starts from ``frames`` (n, 3); steps are limited to ``max_step`` radians;
+    a step that does not lower the residual is rejected. Returns (n, 3) unit vectors."""
+    n = signals.shape[0]
+    nmeas = signals.shape[1]
+    n_shells = n_coefficients.shape[0]
+    lmax_n = 0
+    for s in range(n_shells):
+        lmax_n = max(lmax_n, n_coefficients[s])
+    out = frames.copy()
+    for i in prange(n):
+        p = np.empty(lmax_n)
+        dp = np.empty(lmax_n)
+        c = np.zeros((n_shells, lmax_n))
+        ata = np.zeros((n_shells, lmax_n, lmax_n))
+        aty = np.zeros((n_shells, lmax_n))
+        mu = out[i].copy()
+        best_rss = np.inf
+        best_mu = mu.copy()
+        for it in range(iterations + 1):
+            # zonal least squares at mu
+            ata[:] = 0.0
+            aty[:] = 0.0
+            yty = 0.0
+            for j in range(nmeas):
+                s = shell_of[j]
+                if s < 0:
+                    continue
+                y = signals[i, j]
+                u = directions[j, 0] * mu[0] + directions[j, 1] * mu[1] + \
+                    directions[j, 2] * mu[2]
+                nc = n_coefficients[s]
+                legendre_even(u, 2 * (nc - 1), p)
+                for a in range(nc):
+                    aty[s, a] += p[a] * y
+                    for b in range(a + 1):
+                        ata[s, a, b] += p[a] * p[b]
+                yty += y * y
+            fit = 0.0
+            sol = np.zeros(lmax_n)
+            for s in range(n_shells):
+                nc = n_coefficients[s]
+                for a in range(nc):
+                    ata[s, a, a] += 1e-10 * (ata[s, 0, 0] + 1.0)
+                    for b in range(a):
+                        ata[s, b, a] = ata[s, a, b]
+                rhs = aty[s].copy()
+                if not _cholesky_solve(ata[s], rhs, nc, sol):
+                    for a in range(nc):
+                        sol[a] = 0.0
+                for a in range(nc):
+                    c[s, a] = sol[a]
+                    fit += sol[a] * aty[s, a]
+            rss = yty - fit
+            if rss < best_rss:
+                best_rss = rss
+                best_mu[:] = mu
+            else:  # rejected: go back to the best point and stop
+                break
+            if it == iterations:
+                break
+            # tangent basis at mu
+            if abs(mu[2]) < 0.9:
+                e1x, e1y, e1z = -mu[1], mu[0], 0.0
+            else:
+                e1x, e1y, e1z = 0.0, -mu[2], mu[1]
+            nn = math.sqrt(e1x * e1x + e1y * e1y + e1z * e1z)
+            e1x /= nn
+            e1y /= nn
+            e1z /= nn
+            e2x = mu[1] * e1z - mu[2] * e1y
+            e2y = mu[2] * e1x - mu[0] * e1z
+            e2z = mu[0] * e1y - mu[1] * e1x
+            j11 = 0.0
+            j12 = 0.0
+            j22 = 0.0
+            r1 = 0.0
+            r2 = 0.0
+            for j in range(nmeas):
+                s = shell_of[j]
+                if s < 0:
+                    continue
+                gx, gy, gz = directions[j, 0], directions[j, 1], directions[j, 2]
+                u = gx * mu[0] + gy * mu[1] + gz * mu[2]
+                nc = n_coefficients[s]
+                legendre_even_with_derivative(u, 2 * (nc - 1), p, dp)
+                pred = 0.0
+                dpred = 0.0
+                for a in range(nc):
+                    pred += c[s, a] * p[a]
+                    dpred += c[s, a] * dp[a]
+                res = signals[i, j] - pred
+                ja = dpred * (gx * e1x + gy * e1y + gz * e1z)
+                jb = dpred * (gx * e2x + gy * e2y + gz * e2z)
+                j11 += ja * ja
+                j12 += ja * jb
+                j22 += jb * jb
+                r1 += ja * res
+                r2 += jb * res
+            det = j11 * j22 - j12 * j12
+            if not (det > 1e-30):
+                break
+            da = (j22 * r1 - j12 * r2) / det
+            db = (j11 * r2 - j12 * r1) / det
+            step = math.sqrt(da * da + db * db)
+            if step > max_step:
+                da *= max_step / step
+                db *= max_step / step
+            mx = mu[0] + da * e1x + db * e2x
+            my = mu[1] + da * e1y + db * e2y
+            mz = mu[2] + da * e1z + db * e2z
+            nn = math.sqrt(mx * mx + my * my + mz * mz)
+            if mz < 0.0:
+                nn = -nn
+            mu[0] = mx / nn
+            mu[1] = my / nn
+            mu[2] = mz / nn
+            if step < 1e-4:
+                break
+        out[i, 0] = best_mu[0]
+        out[i, 1] = best_mu[1]
+        out[i, 2] = best_mu[2]
+    return out
+
+
+@njit(cache=True, parallel=True)
+def reconstruct_zonal(coefficients: np.ndarray, frames: np.ndarray, directions: np.ndarray,
+                      shell_of: np.ndarray, n_coefficients: np.ndarray, offsets: np.ndarray,
+                      out: np.ndarray) -> np.ndarray:
+    """Evaluate the per-shell Legendre series ``coefficients`` (n, k) (unwhitened) at every
+    measurement in each voxel's ``frames`` (n, 3), writing into ``out`` (n, N) (columns
+    with ``shell_of`` -1 are left as they are). Returns ``out``."""
+    n = coefficients.shape[0]
+    nmeas = directions.shape[0]
+    lmax_n = 1
+    for s in range(n_coefficients.shape[0]):
+        lmax_n = max(lmax_n, n_coefficients[s])
+    for i in prange(n):
+        p = np.empty(lmax_n)
+        for j in range(nmeas):
+            s = shell_of[j]
+            if s < 0:
+                continue
+            u = directions[j, 0] * frames[i, 0] + directions[j, 1] * frames[i, 1] + \
+                directions[j, 2] * frames[i, 2]
+            nc = n_coefficients[s]
+            legendre_even(u, 2 * (nc - 1), p)
+            v = 0.0
+            for a in range(nc):
+                v += coefficients[i, offsets[s] + a] * p[a]
+            out[i, j] = v
+    return out
+
+
+@njit(cache=True, parallel=True)
+def shell_means(signals: np.ndarray, shell_of: np.ndarray, n_shells: int,
+                weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-shell means of every voxel (measurements with ``shell_of`` -1 skipped), times
+    ``weights``. Returns (features (n, n_shells) float32, within-shell residual sum of
+    squares (n,))."""
+    n = signals.shape[0]
+    nmeas = signals.shape[1]
+    feats = np.empty((n, n_shells), dtype=np.float32)
+    rss = np.empty(n)
+    for i in prange(n):
+        acc = np.zeros(n_shells)
+        acc2 = np.zeros(n_shells)
+        cnt = np.zeros(n_shells)
+        for j in range(nmeas):
+            s = shell_of[j]
+            if s < 0:
+                continue
+            y = signals[i, j]
+            acc[s] += y
+            acc2[s] += y * y
+            cnt[s] += 1.0
+        total = 0.0
+        for s in range(n_shells):
+            mean = acc[s] / max(cnt[s], 1.0)
+            feats[i, s] = mean * weights[s]
+            total += max(acc2[s] - cnt[s] * mean * mean, 0.0)
+        rss[i] = total
+    return feats, rss
+
+
+@njit(cache=True, parallel=True)
+def posterior_average(distances: np.ndarray, indices: np.ndarray,
+                      atom_params: np.ndarray, sigma2: np.ndarray,
+                      temperature: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Posterior-weighted average of the neighbours' parameters.
+
+    ``distances`` (n, k) are squared feature distances (whitened features: the squared
+    signal residual of each neighbour, up to a per-voxel constant), ``indices`` (n, k)
+    atom rows (-1: missing), ``atom_params`` (atoms, P), ``sigma2`` (n,) the voxel's noise
+    variance in feature units. Weights exp(-(d - d_min) / (2 temperature sigma2)).
+    Returns (mean (n, P), standard deviation (n, P), weights (n, k)).
+    """
+    n, k = indices.shape
+    npar = atom_params.shape[1]
+    mean = np.full((n, npar), np.nan)
+    std = np.full((n, npar), np.nan)
+    weights = np.zeros((n, k))
+    for i in prange(n):
+        dmin = np.inf
+        for j in range(k):
+            if indices[i, j] >= 0 and distances[i, j] < dmin:
+                dmin = distances[i, j]
+        if not math.isfinite(dmin):
+            continue
+        scale = 2.0 * temperature * max(sigma2[i], 1e-12)
+        wsum = 0.0
+        for j in range(k):
+            if indices[i, j] >= 0:
+                w = math.exp(-(distances[i, j] - dmin) / scale)
+                weights[i, j] = w
+                wsum += w
+        for j in range(k):
+            weights[i, j] /= wsum
+        for p in range(npar):
+            m = 0.0
+            for j in range(k):
+                if indices[i, j] >= 0:
+                    m += weights[i, j] * atom_params[indices[i, j], p]
+            v = 0.0
+            for j in range(k):
+                if indices[i, j] >= 0:
+                    d = atom_params[indices[i, j], p] - m
+                    v += weights[i, j] * d * d
+            mean[i, p] = m
+            std[i, p] = math.sqrt(v)
+    return mean, std, weights
+
+
+@njit(cache=True, parallel=True)
+def local_linear_refine(queries: np.ndarray, indices: np.ndarray, weights: np.ndarray,
+                        atom_features: np.ndarray, atom_params: np.ndarray,
+                        start: np.ndarray, lower: np.ndarray, upper: np.ndarray,
+                        columns: np.ndarray, floor_weight: float,
+                        damping: float, max_step: np.ndarray
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """One Gauss-Newton step per voxel with a Jacobian learnt from its neighbours.
+
+    Over the k neighbours of voxel i (weights ``weights[i]`` floored at ``floor_weight``
+    times the largest, so that the fit sees the neighbourhood), fits the affine forward
+    model ``f ~ f0 + J (theta - theta0)`` of the features on the parameters ``columns``
+    (weighted least squares, theta0 = ``start[i]``), then solves
+    ``(J^T J + damping diag) d = J^T (q - f0)`` and returns ``start + d`` clipped to
+    [lower, upper], each step limited to ``max_step[i]`` (n, m). Voxels whose fit is singular keep
+    ``start``. Also returns the features (n, nf) that the local model predicts at the
+    result (the weighted mean of the neighbours' features when the fit is singular).
+    """
+    n, k = indices.shape
+    nf = atom_features.shape[1]
+    m = columns.shape[0]
+    out = start.copy()
+    fpred = np.full((n, nf), np.nan)
+    for i in prange(n):
+        if not math.isfinite(start[i, 0]):
+            continue
+        wtot = 0.0
+        for f in range(nf):
+            fpred[i, f] = 0.0
+        for j in range(k):
+            a = indices[i, j]
+            if a >= 0:
+                wtot += weights[i, j]
+                for f in range(nf):
+                    fpred[i, f] += weights[i, j] * atom_features[a, f]
+        if wtot > 0.0:
+            for f in range(nf):
+                fpred[i, f] /= wtot
+        wmax = 0.0
+        for j in range(k):
+            if weights[i, j] > wmax:
+                wmax = weights[i, j]
+        # design: [1, theta - theta0] (k, m+1)
+        q = m + 1
+        ata = np.zeros((q, q))
+        atf = np.zeros((q, nf))
+        x = np.empty(q)
+        ok_count = 0
+        for j in range(k):
+            a = indices[i, j]
+            if a < 0:
+                continue
+            w = max(weights[i, j], floor_weight * wmax)
+            x[0] = 1.0
+            for c in range(m):
+                x[c + 1] = atom_params[a, columns[c]] - start[i, columns[c]]
+            for r in range(q):
+                for c in range(r + 1):
+                    ata[r, c] += w * x[r] * x[c]
+                for f in range(nf):
+                    atf[r, f] += w * x[r] * atom_features[a, f]
+            ok_count += 1
+        if ok_count < q + 1:
+            continue
+        for r in range(q):
+            for c in range(r):
+                ata[c, r] = ata[r, c]
+        # small ridge relative to the diagonal keeps degenerate neighbourhoods solvable
+        for r in range(1, q):
+            ata[r, r] += 1e-9 * (ata[r, r] + 1e-30)
+        coef = np.zeros((q, nf))
+        good = True
+        for f in range(nf):
+            a_copy = ata.copy()
+            rhs = atf[:, f].copy()
+            sol = np.zeros(q)
+            if not _cholesky_solve(a_copy, rhs, q, sol):
+                good = False
+                break
+            for r in range(q):
+                coef[r, f] = sol[r]
+        if not good:
+            continue
+        # Gauss-Newton normal equations on J = coef[1:].T (nf, m), residual q - f0
+        jtj = np.zeros((m, m))
+        jtr = np.zeros(m)
+        for f in range(nf):
+            res = queries[i, f] - coef[0, f]
+            for r in range(m):
+                jtr[r] += coef[r + 1, f] * res
+                for c in range(m):
+                    jtj[r, c] += coef[r + 1, f] * coef[c + 1, f]
+        for r in range(m):
+            jtj[r, r] *= 1.0 + damping
+            jtj[r, r] += 1e-12
+        step = np.zeros(m)
+        if not _cholesky_solve(jtj, jtr, m, step):
+            continue
+        for f in range(nf):
+            fpred[i, f] = coef[0, f]
+        for c in range(m):
+            col = columns[c]
+            d = min(max(step[c], -max_step[i, c]), max_step[i, c])
+            v = min(max(start[i, col] + d, lower[c]), upper[c])
+            out[i, col] = v
+            for f in range(nf):
+                fpred[i, f] += coef[c + 1, f] * (v - start[i, col])
+    return out, fpred
