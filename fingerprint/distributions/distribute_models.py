@@ -58,6 +58,7 @@ from fingerprint.kernels.dispersion import (
     dispersed_legendre_sum,
     gauss_legendre_unit,
     legendre_even_matrix,
+    significant_terms,
     watson_legendre_coefficients,
     watson_order,
     weighted_node_sum,
@@ -362,10 +363,11 @@ class SD1WatsonDistributed(_SphericalDistributed):
                 kern += fractions[sl, k:k + 1] * _kernel(model, meas_t, cos_block,
                                                          _rows(per_model[k], sl), nc)
             coeffs = (kern.reshape(nc * n_unique, q_half) @ proj).reshape(nc, n_unique, n_even)
-            coeffs *= watson_legendre_coefficients(kappa[sl], l_max)[:, None, :]
+            watson = watson_legendre_coefficients(kappa[sl], l_max)
+            coeffs *= watson[:, None, :]
             cos = axis_cosines(ctx.directions, mu[sl])
-            out[sl] = dispersed_legendre_sum(np.ascontiguousarray(coeffs), cos,
-                                             np.ascontiguousarray(inverse, dtype=np.int64))
+            out[sl] = dispersed_legendre_sum(coeffs, cos, inverse,
+                                             significant_terms(watson, _WATSON_TOLERANCE))
         return out
 
 

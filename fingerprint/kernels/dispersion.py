@@ -30,6 +30,7 @@ import numpy as np
 __all__ = [
     "dispersed_legendre_sum",
     "gauss_legendre_unit",
+    "significant_terms",
     "legendre_even_matrix",
     "watson_legendre_coefficients",
     "watson_order",
@@ -139,32 +140,58 @@ def watson_order(kappa_max: float, tolerance: float = 1e-9, cap: int = 400) -> i
 
 
 @numba.njit(cache=True, parallel=True)
-def dispersed_legendre_sum(coeffs: np.ndarray, cosines: np.ndarray,
-                           inverse: np.ndarray) -> np.ndarray:
-    """``E[i, j] = sum_l coeffs[i, inverse[j], l] P_{2l}(cosines[i, j])``.
-
-    coeffs (n, U, L2) combined kernel x distribution coefficients per unique
-    measurement; cosines (n, N); inverse (N,) unique-measurement index of each
-    measurement. Returns (n, N).
-    """
+def _dispersed_sum(coeffs: np.ndarray, cosines: np.ndarray, inverse: np.ndarray,
+                   n_terms: np.ndarray, rec_a: np.ndarray, rec_b: np.ndarray) -> np.ndarray:
     n, nmeas = cosines.shape
-    n_even = coeffs.shape[2]
     out = np.empty((n, nmeas))
     for i in numba.prange(n):
-        row = np.empty(n_even)
+        terms = n_terms[i]
         for j in range(nmeas):
             t = cosines[i, j]
             if t > 1.0:
                 t = 1.0
             elif t < -1.0:
                 t = -1.0
-            _legendre_even_row(t, n_even, row)
             u = inverse[j]
-            s = 0.0
-            for m in range(n_even):
-                s += coeffs[i, u, m] * row[m]
+            s = coeffs[i, u, 0]
+            p_even = 1.0  # P_{2m-2}
+            p_odd = t  # P_{2m-1}
+            for m in range(1, terms):
+                l_odd = 2 * m - 1
+                p_even = rec_a[l_odd] * t * p_odd - rec_b[l_odd] * p_even  # P_{2m}
+                s += coeffs[i, u, m] * p_even
+                p_odd = rec_a[l_odd + 1] * t * p_even - rec_b[l_odd + 1] * p_odd  # P_{2m+1}
             out[i, j] = s
     return out
+
+
+def dispersed_legendre_sum(coeffs: np.ndarray, cosines: np.ndarray, inverse: np.ndarray,
+                           n_terms: np.ndarray | None = None) -> np.ndarray:
+    """``E[i, j] = sum_m coeffs[i, inverse[j], m] P_{2m}(cosines[i, j])``.
+
+    coeffs (n, U, L2): combined kernel x distribution coefficients per unique measurement;
+    cosines (n, N); inverse (N,) unique-measurement index of each measurement; n_terms
+    (n,) number of even terms to sum per row (default all). Returns (n, N).
+    """
+    coeffs = np.ascontiguousarray(coeffs, dtype=np.float64)
+    n_even = coeffs.shape[2]
+    if n_terms is None:
+        n_terms = np.full(coeffs.shape[0], n_even, dtype=np.int64)
+    n_terms = np.clip(np.ascontiguousarray(n_terms, dtype=np.int64), 1, n_even)
+    ls = np.arange(2 * n_even + 1, dtype=np.float64)
+    rec_a = (2.0 * ls + 1.0) / (ls + 1.0)  # P_{l+1} = a_l t P_l - b_l P_{l-1}
+    rec_b = ls / (ls + 1.0)
+    return _dispersed_sum(coeffs, np.ascontiguousarray(cosines, dtype=np.float64),
+                          np.ascontiguousarray(inverse, dtype=np.int64), n_terms, rec_a, rec_b)
+
+
+def significant_terms(coeffs: np.ndarray, tolerance: float) -> np.ndarray:
+    """Per row of Legendre coefficients (n, L2) of even orders, the number of leading
+    terms after which every ``(2l + 1) |a_l|`` is below ``tolerance``."""
+    ls = 2.0 * np.arange(coeffs.shape[1])
+    big = np.abs(coeffs) * (2.0 * ls + 1.0) >= tolerance
+    last = coeffs.shape[1] - 1 - np.argmax(big[:, ::-1], axis=1)
+    return np.where(big.any(axis=1), last + 1, 1).astype(np.int64)
 
 
 @numba.njit(cache=True, parallel=True)
