@@ -1,0 +1,459 @@
+"""NODDI benchmark: accuracy and speed of fingerprint vs AMICO on simulated phantoms.
+
+    python scripts/bench_noddi.py [--scheme ../shared/reference/schemes/hcp] [--voxels 10000]
+        [--threads 2] [--dictionary-size N] [--no-amico] [--whole-brain] [--json out.json]
+
+Phantoms come from our NODDI forward model on the given scheme (FSL ``<scheme>.bval`` /
+``<scheme>.bvec``; default: the HCP scheme of the reference fixtures beside the
+repository):
+
+* ``uniform``: random orientations, odi ~ U(0.03, 0.95), icvf ~ U(0.1, 0.95),
+  isovf ~ U(0, 0.5) (lambda_par 1.7e-9, lambda_iso 3e-9 m²/s, as in the recipe),
+  Rician noise with SNR 30 on b=0;
+* ``wm-gm``: SNR 20, half white-matter-like (icvf 0.5-0.8, odi 0.03-0.3, isovf 0-0.15),
+  half grey-matter-like (icvf 0.25-0.5, odi 0.3-0.7, isovf 0-0.25).
+
+Each phantom is fitted by ``fingerprint.fitting.pipeline.fit_volume`` (NIfTI in, maps
+out; once to build or load the dictionary, once timed) and, unless ``--no-amico``, by
+AMICO's NODDI (PyPI package ``dmri-amico``, installed by this script into its own virtual
+environment, by default ``~/.cache/fingerprint/amico-venv``; never a dependency of
+fingerprint) in a subprocess on the same files. Reported: mean absolute error of icvf,
+odi, isovf, median angular error of the fibre direction, and µs per voxel.
+
+``--whole-brain`` also fits ``--whole-brain-voxels`` voxels (default 1,000,000, signals
+of the uniform phantom with fresh noise) through the ``fingerprint fit`` command and
+reports its wall time and peak resident memory (``/usr/bin/time -v``, or
+``getrusage`` of the child) against the size of the input as float32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_SCHEME = REPO.parent / "shared" / "reference" / "schemes" / "hcp"
+DEFAULT_AMICO_VENV = Path.home() / ".cache" / "fingerprint" / "amico-venv"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--scheme", type=Path, default=DEFAULT_SCHEME,
+                   help="FSL scheme: path prefix of <scheme>.bval/.bvec, or the .bval file")
+    p.add_argument("--voxels", type=int, default=10_000, help="voxels per phantom")
+    p.add_argument("--threads", type=int, default=2, help="threads for both methods")
+    p.add_argument("--dictionary-size", type=int, default=None,
+                   help="atoms of our dictionary (default: the recipe's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--work", type=Path, default=None, help="working directory (default: temp)")
+    p.add_argument("--keep", action="store_true", help="keep the working directory")
+    p.add_argument("--no-amico", action="store_true", help="skip AMICO")
+    p.add_argument("--amico-venv", type=Path, default=DEFAULT_AMICO_VENV)
+    p.add_argument("--whole-brain", action="store_true",
+                   help="also run the whole-brain CLI benchmark")
+    p.add_argument("--whole-brain-voxels", type=int, default=1_000_000)
+    p.add_argument("--only-whole-brain", action="store_true",
+                   help="skip the phantom comparisons")
+    p.add_argument("--json", type=Path, help="write the results as JSON here")
+    return p.parse_args(argv)
+
+
+ARGS = parse_args() if __name__ == "__main__" else None
+if ARGS is not None:  # thread counts must be set before numpy / numba are imported
+    for var in ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                "MKL_NUM_THREADS"):
+        os.environ.setdefault(var, str(ARGS.threads))
+
+import numpy as np  # noqa: E402
+
+# --------------------------------------------------------------------------- phantoms
+
+
+def scheme_paths(scheme: Path) -> tuple[Path, Path]:
+    if scheme.suffix == ".bval":
+        return scheme, scheme.with_suffix(".bvec")
+    return scheme.with_name(scheme.name + ".bval"), scheme.with_name(scheme.name + ".bvec")
+
+
+def sample_parameters(kind: str, n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    from fingerprint.phantoms import random_orientations
+
+    if kind == "uniform":
+        icvf = rng.uniform(0.1, 0.95, n)
+        odi = rng.uniform(0.03, 0.95, n)
+        isovf = rng.uniform(0.0, 0.5, n)
+    elif kind == "wm-gm":
+        wm = np.arange(n) < n // 2
+        icvf = np.where(wm, rng.uniform(0.5, 0.8, n), rng.uniform(0.25, 0.5, n))
+        odi = np.where(wm, rng.uniform(0.03, 0.3, n), rng.uniform(0.3, 0.7, n))
+        isovf = np.where(wm, rng.uniform(0.0, 0.15, n), rng.uniform(0.0, 0.25, n))
+    else:
+        raise ValueError(kind)
+    return {"icvf": icvf, "odi": odi, "isovf": isovf, "mu": random_orientations(n, rng)}
+
+
+def simulate(scheme, params: dict[str, np.ndarray], batch: int = 50_000) -> np.ndarray:
+    """Noise-free signals (S0 = 1), (n, N) float64."""
+    from fingerprint.models import get_model
+    from fingerprint.phantoms import noddi_parameter_vectors
+
+    model = get_model("noddi")
+    n = params["icvf"].size
+    out = np.empty((n, scheme.number_of_measurements))
+    for a in range(0, n, batch):
+        b = min(n, a + batch)
+        vec = noddi_parameter_vectors(model, icvf=params["icvf"][a:b], odi=params["odi"][a:b],
+                                      isovf=params["isovf"][a:b], mu=params["mu"][a:b])
+        out[a:b] = model.simulate_signal(scheme, vec)
+    return out
+
+
+def grid_shape(n: int) -> tuple[int, int, int]:
+    side = int(np.ceil(np.sqrt(n)))
+    return side, int(np.ceil(n / side)), 1
+
+
+def write_case(directory: Path, signals: np.ndarray, bval: Path, bvec: Path, s0: float,
+               snr: float, rng: np.random.Generator, shape: tuple[int, int, int] | None = None
+               ) -> dict[str, Path]:
+    """Noisy NIfTI (x, y, z, N) of the n voxels (padding voxels outside the mask)."""
+    import nibabel as nib
+
+    from fingerprint.phantoms import add_rician_noise
+
+    directory.mkdir(parents=True, exist_ok=True)
+    n, N = signals.shape
+    shape = shape or grid_shape(n)
+    noisy = add_rician_noise(signals * s0, s0 / snr, rng).astype(np.float32)
+    data = np.zeros((int(np.prod(shape)), N), np.float32)
+    data[:n] = noisy
+    mask = np.zeros(int(np.prod(shape)), np.uint8)
+    mask[:n] = 1
+    affine = np.diag([1.25, 1.25, 1.25, 1.0])
+    order = "F"  # voxel i <-> flat index i in (x fastest) order, matching coords below
+    dwi = nib.Nifti1Image(data.reshape(shape + (N,), order=order), affine)
+    m = nib.Nifti1Image(mask.reshape(shape, order=order), affine)
+    paths = {"dwi": directory / "dwi.nii.gz", "mask": directory / "mask.nii.gz",
+             "bval": directory / "dwi.bval", "bvec": directory / "dwi.bvec"}
+    nib.save(dwi, paths["dwi"])
+    nib.save(m, paths["mask"])
+    shutil.copy(bval, paths["bval"])
+    shutil.copy(bvec, paths["bvec"])
+    return paths
+
+
+def to_flat(volume: np.ndarray, n: int) -> np.ndarray:
+    spatial = int(np.prod(volume.shape[:3]))
+    if volume.ndim == 3:
+        return volume.reshape(spatial, order="F")[:n]
+    return np.stack([volume[..., k].reshape(spatial, order="F")[:n]
+                     for k in range(volume.shape[3])], axis=1)
+
+
+def errors(est: dict[str, np.ndarray], truth: dict[str, np.ndarray]) -> dict[str, float]:
+    from fingerprint.io.nifti import mu_to_vectors
+    from fingerprint.phantoms import angular_error_deg
+
+    out = {f"{k}_mae": float(np.mean(np.abs(est[k] - truth[k]))) for k in ("icvf", "odi", "isovf")}
+    ang = angular_error_deg(est["direction"], mu_to_vectors(truth["mu"]))
+    out["direction_median_deg"] = float(np.nanmedian(ang))
+    return out
+
+
+# --------------------------------------------------------------------------- ours
+def run_ours(paths: dict[str, Path], out: Path, n: int, threads: int, size: int | None
+             ) -> dict[str, object]:
+    import nibabel as nib
+
+    from fingerprint.fitting.pipeline import fit_volume
+
+    t = time.perf_counter()
+    first = fit_volume("noddi", paths["dwi"], paths["bval"], paths["bvec"], out / "cold",
+                       mask=paths["mask"], threads=threads, dictionary_size=size)
+    cold = time.perf_counter() - t
+    t = time.perf_counter()
+    res = fit_volume("noddi", paths["dwi"], paths["bval"], paths["bvec"], out / "warm",
+                     mask=paths["mask"], threads=threads, dictionary_size=size)
+    warm = time.perf_counter() - t
+    maps = {k: to_flat(np.asarray(nib.load(res.maps[k]).dataobj), n)
+            for k in ("icvf", "odi", "isovf", "direction")}
+    from fingerprint.dictionary import open_dictionary
+
+    atoms = open_dictionary(res.dictionary).n_atoms if res.dictionary else None
+    return {"maps": maps, "cold_seconds": cold, "warm_seconds": warm,
+            "dictionary_seconds_cold": first.timings.get("dictionary"),
+            "fit_seconds": res.timings["fit"], "us_per_voxel_fit": res.timings["fit"] / n * 1e6,
+            "us_per_voxel_total": warm / n * 1e6, "atoms": atoms}
+
+
+def run_estimator_only(paths: dict[str, Path], n: int, threads: int, size: int | None
+                       ) -> dict[str, float]:
+    """In-memory matching speed (no NIfTI I/O): estimate() on the (n, N) array."""
+    from fingerprint.fitting.estimator import FingerprintEstimator
+    from fingerprint.io.gradients import read_bvals_bvecs
+    from fingerprint.io.nifti import DWIImage, load_mask
+    from fingerprint.models import get_model
+
+    img = DWIImage(paths["dwi"])
+    mask = load_mask(paths["mask"], img.spatial_shape)
+    data = np.concatenate([s.data for s in img.iter_slabs(mask)])
+    scheme = read_bvals_bvecs(paths["bval"], paths["bvec"])
+    est = FingerprintEstimator.from_model(get_model("noddi"), scheme, dictionary_size=size,
+                                          n_jobs=threads)
+    est.estimate(data[:100])  # warm-up (JIT, index load)
+    t = time.perf_counter()
+    est.estimate(data)
+    sec = time.perf_counter() - t
+    return {"estimate_seconds": sec, "us_per_voxel_estimate": sec / data.shape[0] * 1e6}
+
+
+# --------------------------------------------------------------------------- AMICO
+AMICO_RUNNER = textwrap.dedent("""
+    import json, sys, time
+    import numpy as np
+    import amico
+    dwi, bval, bvec, mask, work, threads, out = sys.argv[1:8]
+    amico.setup()
+    scheme = work + "/dwi.scheme"
+    amico.util.fsl2scheme(bval, bvec, scheme)
+    ae = amico.Evaluation(study_path=work, subject=".", output_path=work + "/AMICO")
+    ae.load_data(dwi, scheme, mask_filename=mask, b0_thr=10)
+    ae.set_model("NODDI")
+    t = time.time(); ae.generate_kernels(regenerate=True); kernels = time.time() - t
+    t = time.time(); ae.load_kernels(); load = time.time() - t
+    ae.set_config("nthreads", int(threads))
+    ae.set_config("BLAS_nthreads", 1)
+    t = time.time(); ae.fit(); fit = time.time() - t
+    m = ae.RESULTS["MAPs"]
+    np.savez(out, maps=m, names=np.array(ae.model.maps_name), dirs=ae.RESULTS["DIRs"])
+    print(json.dumps({"kernels_seconds": kernels, "load_kernels_seconds": load,
+                      "fit_seconds": fit,
+                      "dirs_seconds": ae.get_config("dirs_precomputing_time"),
+                      "model_fit_seconds": ae.get_config("fit_time"),
+                      "version": getattr(amico, "__version__", "?")}))
+""")
+
+
+def ensure_amico(venv: Path) -> tuple[Path | None, str]:
+    """Python of a venv with dmri-amico (installed on first use), or (None, reason)."""
+    python = venv / "bin" / "python"
+    if python.exists():
+        ok = subprocess.run([str(python), "-c", "import amico"], capture_output=True)
+        if ok.returncode == 0:
+            return python, ""
+    try:
+        venv.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True,
+                       capture_output=True)
+        r = subprocess.run([str(python), "-m", "pip", "install", "-q", "dmri-amico"],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            return None, f"pip install dmri-amico failed: {r.stderr.strip()[-500:]}"
+        ok = subprocess.run([str(python), "-c", "import amico"], capture_output=True,
+                            text=True)
+        if ok.returncode != 0:
+            return None, f"amico does not import: {ok.stderr.strip()[-500:]}"
+        return python, ""
+    except (OSError, subprocess.CalledProcessError) as exc:
+        return None, f"cannot create the AMICO venv: {exc}"
+
+
+def run_amico(python: Path, paths: dict[str, Path], work: Path, n: int, threads: int
+              ) -> dict[str, object]:
+    work.mkdir(parents=True, exist_ok=True)
+    runner = work / "run_amico.py"
+    runner.write_text(AMICO_RUNNER)
+    out = work / "amico.npz"
+    t = time.perf_counter()
+    r = subprocess.run([str(python), str(runner), str(paths["dwi"]), str(paths["bval"]),
+                        str(paths["bvec"]), str(paths["mask"]), str(work), str(threads),
+                        str(out)], capture_output=True, text=True, cwd=work)
+    wall = time.perf_counter() - t
+    if r.returncode != 0:
+        raise RuntimeError(f"AMICO failed:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}")
+    info = json.loads(r.stdout.strip().splitlines()[-1])
+    z = np.load(out)
+    names = [str(x).upper() for x in z["names"]]
+
+    def pick(*options: str) -> np.ndarray:
+        for o in options:
+            if o in names:
+                return to_flat(z["maps"][..., names.index(o)], n)
+        raise KeyError(f"AMICO maps {names} have none of {options}")
+
+    maps = {"icvf": pick("NDI", "ICVF"), "odi": pick("ODI", "OD"),
+            "isovf": pick("FWF", "ISOVF"), "direction": to_flat(z["dirs"], n)}
+    fit = float(info["fit_seconds"])
+    return {"maps": maps, "wall_seconds": wall, **info,
+            "us_per_voxel_fit": fit / n * 1e6}
+
+
+# --------------------------------------------------------------------------- whole brain
+def run_whole_brain(signals: np.ndarray, bval: Path, bvec: Path, work: Path, voxels: int,
+                    threads: int, size: int | None, rng: np.random.Generator
+                    ) -> dict[str, object]:
+    side = int(round(voxels ** (1 / 3)))
+    shape = (side, side, int(np.ceil(voxels / side / side)))
+    reps = int(np.ceil(voxels / signals.shape[0]))
+    tiled = np.tile(signals, (reps, 1))[:voxels]
+    t = time.perf_counter()
+    paths = write_case(work / "data", tiled, bval, bvec, 1000.0, 30.0, rng, shape=shape)
+    write_seconds = time.perf_counter() - t
+    del tiled
+    n_meas = signals.shape[1]
+    float32_bytes = int(np.prod(shape)) * n_meas * 4
+    cmd = [sys.executable, "-m", "fingerprint", "fit", "--model", "noddi",
+           "--dwi", str(paths["dwi"]), "--bval", str(paths["bval"]), "--bvec",
+           str(paths["bvec"]), "--mask", str(paths["mask"]), "--out", str(work / "maps"),
+           "--threads", str(threads), "--no-progress"]
+    if size:
+        cmd += ["--dictionary-size", str(size)]
+    timer = shutil.which("time") or ("/usr/bin/time" if Path("/usr/bin/time").exists() else None)
+    t = time.perf_counter()
+    if timer:
+        r = subprocess.run([timer, "-v", *cmd], capture_output=True, text=True)
+        wall = time.perf_counter() - t
+        peak_kb = None
+        for line in r.stderr.splitlines():
+            if "Maximum resident set size" in line:
+                peak_kb = int(line.split(":")[1])
+    else:  # a fresh wrapper process whose only child is the CLI
+        code = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
+                "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); "
+                "sys.exit(r.returncode)")
+        r = subprocess.run([sys.executable, "-c", code, *cmd], capture_output=True, text=True)
+        wall = time.perf_counter() - t
+        peak_kb = int(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else None
+    if r.returncode != 0:
+        raise RuntimeError(f"fingerprint fit failed:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}")
+    summary = [ln for ln in r.stdout.splitlines() if ln.startswith("fitted")]
+    return {"voxels": voxels, "shape": list(shape), "measurements": n_meas,
+            "input_bytes_on_disk": paths["dwi"].stat().st_size,
+            "input_float32_bytes": float32_bytes, "write_input_seconds": write_seconds,
+            "wall_seconds": wall, "peak_rss_bytes": peak_kb * 1024 if peak_kb else None,
+            "peak_rss_over_float32": (peak_kb * 1024 / float32_bytes) if peak_kb else None,
+            "cli_summary": summary[0] if summary else ""}
+
+
+# --------------------------------------------------------------------------- main
+def main(args: argparse.Namespace) -> dict[str, object]:
+    import fingerprint
+    from fingerprint.io.gradients import read_bvals_bvecs
+
+    bval, bvec = scheme_paths(args.scheme)
+    if not bval.exists() or not bvec.exists():
+        raise SystemExit(f"scheme files {bval} / {bvec} not found (give --scheme)")
+    scheme = read_bvals_bvecs(bval, bvec)
+    work = args.work or Path(tempfile.mkdtemp(prefix="bench_noddi_"))
+    work.mkdir(parents=True, exist_ok=True)
+    results: dict[str, object] = {
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": f"{platform.machine()} {platform.processor() or ''} "
+                   f"{os.cpu_count()} cpus, {platform.python_version()}".strip(),
+        "fingerprint": fingerprint.__version__, "scheme": str(args.scheme),
+        "measurements": int(scheme.number_of_measurements), "voxels": args.voxels,
+        "threads": args.threads, "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "cases": {},
+    }
+    amico_python, amico_reason = (None, "skipped (--no-amico)")
+    if not args.no_amico and not args.only_whole_brain:
+        print("preparing AMICO venv ...", flush=True)
+        amico_python, amico_reason = ensure_amico(args.amico_venv)
+        if amico_python is None:
+            print(f"AMICO unavailable: {amico_reason}", flush=True)
+    results["amico"] = str(amico_python) if amico_python else amico_reason
+    uniform_signals = None
+    cases = [] if args.only_whole_brain else [("uniform", 30.0), ("wm-gm", 20.0)]
+    for case_i, (kind, snr) in enumerate(cases):
+        rng = np.random.default_rng(args.seed + case_i)
+        params = sample_parameters(kind, args.voxels, rng)
+        t = time.perf_counter()
+        signals = simulate(scheme, params)
+        sim = time.perf_counter() - t
+        if kind == "uniform":
+            uniform_signals = signals
+        paths = write_case(work / kind, signals, bval, bvec, 1000.0, snr, rng)
+        print(f"[{kind}] simulated {args.voxels} voxels in {sim:.1f} s; fitting ...",
+              flush=True)
+        case: dict[str, object] = {"snr": snr, "simulate_seconds": sim}
+        ours = run_ours(paths, work / kind / "ours", args.voxels, args.threads,
+                        args.dictionary_size)
+        case["fingerprint"] = {**{k: v for k, v in ours.items() if k != "maps"},
+                               **errors(ours["maps"], params)}
+        try:
+            case["fingerprint"].update(run_estimator_only(paths, args.voxels, args.threads,
+                                                          args.dictionary_size))
+        except Exception as exc:  # the in-memory timing is an extra
+            case["fingerprint"]["estimate_error"] = str(exc)
+        print(f"[{kind}] fingerprint: {json.dumps(case['fingerprint'])}", flush=True)
+        if amico_python is not None:
+            try:
+                am = run_amico(amico_python, paths, work / kind / "amico", args.voxels,
+                               args.threads)
+                case["amico"] = {**{k: v for k, v in am.items() if k != "maps"},
+                                 **errors(am["maps"], params)}
+            except Exception as exc:
+                case["amico"] = {"error": str(exc)[-3000:]}
+            print(f"[{kind}] AMICO: {json.dumps(case['amico'])}", flush=True)
+        results["cases"][kind] = case
+    if args.whole_brain:
+        rng = np.random.default_rng(args.seed + 100)
+        if uniform_signals is None:
+            params = sample_parameters("uniform", args.voxels, rng)
+            uniform_signals = simulate(scheme, params)
+        print(f"[whole brain] {args.whole_brain_voxels} voxels through `fingerprint fit` ...",
+              flush=True)
+        results["whole_brain"] = run_whole_brain(
+            uniform_signals, bval, bvec, work / "whole_brain", args.whole_brain_voxels,
+            args.threads, args.dictionary_size, rng)
+        print(f"[whole brain] {json.dumps(results['whole_brain'])}", flush=True)
+    if not args.keep and args.work is None:
+        shutil.rmtree(work, ignore_errors=True)
+    return results
+
+
+def report(results: dict[str, object]) -> str:
+    lines = [f"date: {results['date']}", f"machine: {results['machine']}",
+             f"command: {results['command']}",
+             f"scheme: {results['scheme']} ({results['measurements']} measurements), "
+             f"{results['voxels']} voxels per phantom, {results['threads']} threads", ""]
+    lines.append("| phantom | method | icvf MAE | odi MAE | isovf MAE | median angle (deg) | "
+                 "µs/voxel |")
+    lines.append("|---|---|---|---|---|---|---|")
+    for kind, case in results["cases"].items():
+        for method in ("fingerprint", "amico"):
+            r = case.get(method)
+            if not r or "error" in r:
+                if r:
+                    lines.append(f"| {kind} | {method} | failed: {r['error'][:80]} | | | | |")
+                continue
+            lines.append(f"| {kind} (SNR {case['snr']:g}) | {method} | {r['icvf_mae']:.4f} | "
+                         f"{r['odi_mae']:.4f} | {r['isovf_mae']:.4f} | "
+                         f"{r['direction_median_deg']:.2f} | {r['us_per_voxel_fit']:.1f} |")
+    wb = results.get("whole_brain")
+    if wb:
+        peak = wb["peak_rss_bytes"]
+        lines += ["", f"whole brain: {wb['voxels']} voxels x {wb['measurements']} measurements "
+                      f"through `fingerprint fit`: {wb['wall_seconds']:.1f} s wall, peak RSS "
+                      f"{peak / 2**30:.2f} GiB vs input {wb['input_float32_bytes'] / 2**30:.2f} "
+                      f"GiB as float32 (ratio {wb['peak_rss_over_float32']:.2f})"
+                  if peak else f"whole brain: {wb}"]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    res = main(ARGS)
+    text = report(res)
+    print("\n" + text)
+    if ARGS.json:
+        ARGS.json.write_text(json.dumps(res, indent=2, default=str))
