@@ -723,8 +723,15 @@ class MultiCompartmentModelProperties(_ParameterNamespace):
             if self._spherical_mean:
                 if _is_distributed(model):
                     sig = model._spherical_mean_batch(ctx, local, n)
+                    isotropic = all(is_isotropic(m) for m in model.models)
                 else:
                     sig = compartment_spherical_mean(model, ctx.shells, local, n)
+                    isotropic = is_isotropic(model)
+                b0 = getattr(ctx.scheme, "shell_b0_mask", None)
+                if not isotropic and b0 is not None and np.any(b0):
+                    # like dmipy: anisotropic spherical means are 1 on b0 shells
+                    sig = np.array(sig, dtype=float)
+                    sig[:, np.asarray(b0, dtype=bool)] = 1.0
             else:
                 if _is_distributed(model):
                     sig = model._signal_batch(ctx, local, n)

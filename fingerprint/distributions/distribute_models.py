@@ -351,16 +351,16 @@ class SD1WatsonDistributed(_SphericalDistributed):
         uniq, inverse = ctx.unique
         n_unique = uniq.number_of_measurements
         meas_t = _tile_measurements(uniq, q_half, interleave=True)
-        cos_t = np.tile(nodes, n_unique)
+        cos_t = np.tile(nodes, n_unique)[None, :]  # shared by every atom
         out = np.empty((n, ctx.meas.number_of_measurements))
         step = max(1, _BLOCK_VALUES // (n_unique * q_half))
+        inverse = np.ascontiguousarray(inverse, dtype=np.int64)
         for start in range(0, n, step):
             sl = slice(start, min(n, start + step))
             nc = sl.stop - sl.start
-            cos_block = np.broadcast_to(cos_t, (nc, cos_t.size))
             kern = np.zeros((nc, cos_t.size))
             for k, model in enumerate(self.models):
-                kern += fractions[sl, k:k + 1] * _kernel(model, meas_t, cos_block,
+                kern += fractions[sl, k:k + 1] * _kernel(model, meas_t, cos_t,
                                                          _rows(per_model[k], sl), nc)
             coeffs = (kern.reshape(nc * n_unique, q_half) @ proj).reshape(nc, n_unique, n_even)
             watson = watson_legendre_coefficients(kappa[sl], l_max)

@@ -22,10 +22,15 @@ no spherical-harmonic fit per shell.
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from functools import lru_cache
+from typing import Any
 
 import numba
 import numpy as np
+
+from fingerprint.kernels import njit, prange
 
 __all__ = [
     "dispersed_legendre_sum",
@@ -35,6 +40,23 @@ __all__ = [
     "watson_legendre_coefficients",
     "watson_order",
 ]
+
+
+_LOCK = threading.Lock()
+
+
+def run_parallel(kernel: Callable[..., Any], *args: Any) -> Any:
+    """Call a parallel kernel; serialised when numba's threading layer is ``workqueue``
+    (the only layer that is not safe for concurrent launches from several threads)."""
+    try:
+        layer = numba.threading_layer()
+    except ValueError:  # no parallel kernel has run yet
+        with _LOCK:
+            return kernel(*args)
+    if layer == "workqueue":
+        with _LOCK:
+            return kernel(*args)
+    return kernel(*args)
 
 
 @lru_cache(maxsize=64)
@@ -48,7 +70,7 @@ def gauss_legendre_unit(n: int) -> tuple[np.ndarray, np.ndarray]:
     return nodes, weights
 
 
-@numba.njit(cache=True)
+@njit(cache=True)
 def _legendre_even_row(t: float, n_even: int, out: np.ndarray) -> None:
     """P_0, P_2, ..., P_{2(n_even-1)} at t (three-term recurrence)."""
     p_prev = 1.0  # P_0
@@ -63,7 +85,7 @@ def _legendre_even_row(t: float, n_even: int, out: np.ndarray) -> None:
             out[(l + 1) // 2] = p_cur
 
 
-@numba.njit(cache=True)
+@njit(cache=True)
 def _legendre_even_matrix(t: np.ndarray, n_even: int) -> np.ndarray:
     out = np.empty((t.shape[0], n_even))
     row = np.empty(n_even)
@@ -79,13 +101,13 @@ def legendre_even_matrix(t: np.ndarray, l_max: int) -> np.ndarray:
     return _legendre_even_matrix(np.ascontiguousarray(t, dtype=np.float64), l_max // 2 + 1)
 
 
-@numba.njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True)
 def _watson_coefficients(kappa: np.ndarray, nodes: np.ndarray, weights: np.ndarray,
                          pmat: np.ndarray) -> np.ndarray:
     n = kappa.shape[0]
     q, n_even = pmat.shape
     out = np.empty((n, n_even))
-    for i in numba.prange(n):
+    for i in prange(n):
         k = kappa[i]
         norm = 0.0
         w = np.empty(q)
@@ -116,7 +138,7 @@ def watson_legendre_coefficients(kappa: np.ndarray, l_max: int) -> np.ndarray:
     kmax = float(np.max(kappa)) if kappa.size else 0.0
     nodes, weights = gauss_legendre_unit(watson_quadrature_size(l_max, kmax))
     pmat = legendre_even_matrix(nodes, l_max)
-    return _watson_coefficients(kappa, nodes, weights, pmat)
+    return run_parallel(_watson_coefficients, kappa, nodes, weights, pmat)
 
 
 def watson_order(kappa_max: float, tolerance: float = 1e-9, cap: int = 400) -> int:
@@ -139,12 +161,12 @@ def watson_order(kappa_max: float, tolerance: float = 1e-9, cap: int = 400) -> i
         l_try = min(cap, 2 * l_try)
 
 
-@numba.njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True)
 def _dispersed_sum(coeffs: np.ndarray, cosines: np.ndarray, inverse: np.ndarray,
                    n_terms: np.ndarray, rec_a: np.ndarray, rec_b: np.ndarray) -> np.ndarray:
     n, nmeas = cosines.shape
     out = np.empty((n, nmeas))
-    for i in numba.prange(n):
+    for i in prange(n):
         terms = n_terms[i]
         for j in range(nmeas):
             t = cosines[i, j]
@@ -181,8 +203,8 @@ def dispersed_legendre_sum(coeffs: np.ndarray, cosines: np.ndarray, inverse: np.
     ls = np.arange(2 * n_even + 1, dtype=np.float64)
     rec_a = (2.0 * ls + 1.0) / (ls + 1.0)  # P_{l+1} = a_l t P_l - b_l P_{l-1}
     rec_b = ls / (ls + 1.0)
-    return _dispersed_sum(coeffs, np.ascontiguousarray(cosines, dtype=np.float64),
-                          np.ascontiguousarray(inverse, dtype=np.int64), n_terms, rec_a, rec_b)
+    return run_parallel(_dispersed_sum, coeffs, np.ascontiguousarray(cosines, dtype=np.float64),
+                        np.ascontiguousarray(inverse, dtype=np.int64), n_terms, rec_a, rec_b)
 
 
 def significant_terms(coeffs: np.ndarray, tolerance: float) -> np.ndarray:
@@ -194,30 +216,43 @@ def significant_terms(coeffs: np.ndarray, tolerance: float) -> np.ndarray:
     return np.where(big.any(axis=1), last + 1, 1).astype(np.int64)
 
 
-@numba.njit(cache=True, parallel=True)
-def cosines_to_axes(directions: np.ndarray, axes: np.ndarray) -> np.ndarray:
+@njit(cache=True, parallel=True)
+def _cosines_to_axes(directions: np.ndarray, axes: np.ndarray) -> np.ndarray:
     """``g_j . axis_i`` for directions (N, 3) and unit axes (n, 3): (n, N)."""
     n = axes.shape[0]
     m = directions.shape[0]
     out = np.empty((n, m))
-    for i in numba.prange(n):
+    for i in prange(n):
         ax, ay, az = axes[i, 0], axes[i, 1], axes[i, 2]
         for j in range(m):
             out[i, j] = directions[j, 0] * ax + directions[j, 1] * ay + directions[j, 2] * az
     return out
 
 
-@numba.njit(cache=True, parallel=True)
-def weighted_node_sum(values: np.ndarray, weights: np.ndarray, n_nodes: int) -> np.ndarray:
+@njit(cache=True, parallel=True)
+def _weighted_node_sum(values: np.ndarray, weights: np.ndarray, n_nodes: int) -> np.ndarray:
     """Sum over quadrature nodes: values (n, K*N) laid out node-major per row
     (column ``k*N + j``), weights (n, K) -> (n, N)."""
     n, total = values.shape
     m = total // n_nodes
     out = np.zeros((n, m))
-    for i in numba.prange(n):
+    for i in prange(n):
         for k in range(n_nodes):
             w = weights[i, k]
             base = k * m
             for j in range(m):
                 out[i, j] += w * values[i, base + j]
     return out
+
+
+def cosines_to_axes(directions: np.ndarray, axes: np.ndarray) -> np.ndarray:
+    """Cosines (n, N) between directions (N, 3) and unit axes (n, 3)."""
+    return run_parallel(_cosines_to_axes, np.ascontiguousarray(directions, dtype=np.float64),
+                        np.ascontiguousarray(axes, dtype=np.float64))
+
+
+def weighted_node_sum(values: np.ndarray, weights: np.ndarray, n_nodes: int) -> np.ndarray:
+    """Sum over quadrature nodes: values (n, K*N) node-major per row (column k*N + j),
+    weights (n, K) -> (n, N)."""
+    return run_parallel(_weighted_node_sum, np.ascontiguousarray(values, dtype=np.float64),
+                        np.ascontiguousarray(weights, dtype=np.float64), int(n_nodes))
