@@ -62,6 +62,8 @@ def progress_bar(desc: str, enabled: bool = True):
 
     def progress(fraction: float) -> None:
         bar = holder.get("bar")
+        if bar is None and fraction <= 0:
+            return  # nothing drawn before the work starts (errors stay one line)
         if bar is None:
             bar = holder["bar"] = tqdm(
                 total=1000, desc=desc, file=sys.stderr,

@@ -512,9 +512,9 @@ def fit_volume(model: Any, dwi: Any, bval: Any, bvec: Any, out_dir: Any, *,
     if dictionary_size is not None and int(dictionary_size) < 1:
         raise InputError(f"dictionary_size must be positive, got {dictionary_size}")
     prog = _Progress(progress)
-    prog(0.0)
     model_obj, model_label, est = _resolve_model(model)
     image, scheme, mask_arr, _ = _open_inputs(dwi, bval, bvec, mask, delta, Delta, TE)
+    prog(0.0)
     if mask_arr is None:
         mask_arr = _default_mask(image, scheme)
     n_total = int(mask_arr.sum())

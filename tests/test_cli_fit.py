@@ -1,0 +1,90 @@
+"""`fingerprint fit` and `fingerprint demo`: outputs, progress, one-line errors (exit 2)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from fingerprint.cli.main import main
+from fingerprint.phantoms import noddi_phantom, write_phantom
+
+SIZE = 3000
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    phantom = noddi_phantom(shape=(4, 3, 2), seed=1, snr=40)
+    return write_phantom(phantom, tmp_path_factory.mktemp("phantom"), prefix="sub-07_ses-2")
+
+
+def _run(capsys, *argv):
+    code = main([*map(str, argv)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _fit_args(files, out, *extra):
+    return ["fit", "--model", "noddi", "--dwi", files["dwi"], "--bval", files["bval"],
+            "--bvec", files["bvec"], "--out", out, "--dictionary-size", SIZE, *extra]
+
+
+def test_fit_writes_maps_with_the_prefix_of_the_input(capsys, files, tmp_path):
+    code, out, err = _run(capsys, *_fit_args(files, tmp_path / "maps", "--mask", files["mask"],
+                                             "--threads", 1, "--preview"))
+    assert code == 0, err
+    assert "100%" in err  # tqdm progress bar on stderr
+    written = sorted(p.name for p in (tmp_path / "maps").iterdir())
+    assert "sub-07_ses-2_model-noddi_param-odi_dwimap.nii.gz" in written
+    assert "sub-07_ses-2_model-noddi_param-odi_dwimap.json" in written
+    assert "sub-07_ses-2_model-noddi_desc-preview.png" in written
+    assert "fitted 24 voxels with noddi" in out
+    assert "sub-07_ses-2_model-noddi_param-direction_dwimap.nii.gz" in out
+    direction = nib.load(
+        tmp_path / "maps" / "sub-07_ses-2_model-noddi_param-direction_dwimap.nii.gz")
+    assert direction.shape == (4, 3, 2, 3)
+
+    code, out, err = _run(capsys, *_fit_args(files, tmp_path / "other", "--prefix", "sub-x",
+                                             "--no-progress", "--chunk-voxels", 5))
+    assert code == 0 and err == ""
+    for name in ("icvf", "odi", "isovf", "direction", "s0", "r2"):
+        ours = np.asarray(nib.load(tmp_path / "other" /
+                                   f"sub-x_model-noddi_param-{name}_dwimap.nii.gz").dataobj)
+        theirs = np.asarray(nib.load(tmp_path / "maps" /
+                                     f"sub-07_ses-2_model-noddi_param-{name}_dwimap.nii.gz")
+                            .dataobj)
+        np.testing.assert_array_equal(ours, theirs, err_msg=name)
+
+
+def test_fit_errors_are_one_line_with_exit_code_2(capsys, files, tmp_path):
+    cases = [
+        (_fit_args(files, tmp_path)[:2] + ["nodi"] + _fit_args(files, tmp_path)[3:], "nodi"),
+        (_fit_args(files, tmp_path, "--mask", tmp_path / "missing.nii.gz"), "missing.nii.gz"),
+        (_fit_args(files, tmp_path, "--delta", 0.01), "--Delta"),
+        (_fit_args(files, tmp_path, "--threads", 0), "--threads"),
+        (_fit_args(files, tmp_path, "--prefix", "a/b"), "prefix"),
+        (["fit", "--model", "noddi", "--dwi", files["bval"], "--bval", files["bval"],
+          "--bvec", files["bvec"], "--out", tmp_path], files["bval"].name),
+    ]
+    for argv, needle in cases:
+        code, out, err = _run(capsys, *argv)
+        assert code == 2, (argv, err)
+        assert needle in err and err.startswith("fingerprint fit: error:"), err
+        assert len(err.strip().splitlines()) == 1, err
+    with pytest.raises(SystemExit):
+        main(["fit", "--model", "noddi"])  # argparse: missing required arguments
+
+
+def test_demo_runs_and_reports_accuracy(capsys, tmp_path):
+    code, out, err = _run(capsys, "demo", "--out", tmp_path, "--shape", 4, 4, 2,
+                          "--dictionary-size", SIZE, "--no-progress")
+    assert code == 0, err
+    assert "accuracy vs ground truth" in out and "icvf" in out and "angular error" in out
+    png = tmp_path / "sub-demo_model-noddi_desc-preview.png"
+    assert png.read_bytes()[:4] == b"\x89PNG" and str(png) in out
+    assert (tmp_path / "fit" / "sub-demo_model-noddi_param-icvf_dwimap.nii.gz").exists()
+    assert (tmp_path / "phantom" / "sub-demo_dwi.nii.gz").exists()
+    mae = float(out.split("icvf")[1].split()[0])
+    assert 0 <= mae < 0.2
