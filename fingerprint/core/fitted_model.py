@@ -1,0 +1,203 @@
+"""FittedMultiCompartmentModel: what ``model.fit`` returns (dmipy's fitted-model API).
+
+>>> fitted = model.fit(scheme, data, mask=mask)
+>>> fitted.fitted_parameters['SD1Watson_1_odi']      # short names resolve
+>>> fitted.fitted_parameters_vector.shape            # data.shape[:-1] + (P,)
+>>> fitted.R2_coefficient_of_determination(data)
+
+Voxels outside ``mask`` hold 0 like dmipy; voxels inside the mask that could not be
+fitted (non-finite values, no positive b0 signal) hold NaN and are False in ``valid``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import numpy as np
+
+from fingerprint.errors import InputError
+
+__all__ = ["FittedMultiCompartmentModel", "FittedParameters"]
+
+
+class FittedParameters(Mapping):
+    """Read-only mapping of parameter name -> map; keys are the model's full dmipy names,
+    and any unambiguous suffix (``'SD1Watson_1_odi'``, ``'odi'``) resolves too."""
+
+    def __init__(self, values: dict[str, np.ndarray]):
+        self._values = values
+
+    def _resolve(self, key: str) -> str:
+        if key in self._values:
+            return key
+        matches = [k for k in self._values if k.endswith("_" + key)]
+        if len(matches) == 1:
+            return matches[0]
+        if matches:
+            raise KeyError(f"{key!r} is ambiguous: it matches {matches}")
+        raise KeyError(f"{key!r} is not a fitted parameter; parameters: "
+                       f"{list(self._values)}")
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        return self._values[self._resolve(key)]
+
+    def __contains__(self, key: object) -> bool:
+        try:
+            self._resolve(str(key))
+        except KeyError:
+            return False
+        return True
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __repr__(self) -> str:
+        return f"FittedParameters({list(self._values)})"
+
+
+class FittedMultiCompartmentModel:
+    """Result of fitting a (spherical-mean) multi-compartment model to data.
+
+    Attributes
+    ----------
+    model: the fitted model.
+    acquisition_scheme: the scheme of the data.
+    fitted_parameters_vector: data.shape[:-1] + (P,) parameter vectors (dmipy order, SI).
+    fitted_parameters: :class:`FittedParameters` (name -> map, orientation maps end in 2).
+    uncertainty: like ``fitted_parameters_vector``, the posterior spread of each parameter.
+    uncertainty_parameters: the same split per parameter name.
+    S0: data.shape[:-1] mean b0 signal.
+    mask: data.shape[:-1] bool, the voxels that were fitted.
+    valid: data.shape[:-1] bool, the voxels fitted successfully.
+    r2_estimate, mse_estimate: goodness of fit reported by the estimator (from the
+        signal the matched features describe; :meth:`R2_coefficient_of_determination`
+        and :meth:`mean_squared_error` recompute them with the exact forward model).
+    """
+
+    def __init__(self, model: Any, acquisition_scheme: Any, parameters_vector: np.ndarray,
+                 *, mask: np.ndarray, S0: np.ndarray, uncertainty: np.ndarray | None = None,
+                 valid: np.ndarray | None = None, r2: np.ndarray | None = None,
+                 mse: np.ndarray | None = None, estimator: Any = None):
+        self.model = model
+        self.acquisition_scheme = acquisition_scheme
+        self.fitted_parameters_vector = np.asarray(parameters_vector, dtype=np.float64)
+        self.mask = np.asarray(mask, dtype=bool)
+        self.S0 = np.asarray(S0, dtype=np.float64)
+        self.uncertainty = None if uncertainty is None else np.asarray(uncertainty)
+        self.valid = self.mask.copy() if valid is None else np.asarray(valid, dtype=bool)
+        self.r2_estimate = r2
+        self.mse_estimate = mse
+        self.estimator = estimator
+        self.parameter_names = list(model.parameter_names)
+        self.parameter_cardinality = {k: int(v) for k, v in
+                                      model.parameter_cardinality.items()}
+
+    # ------------------------------------------------------------------ parameters
+    def _split(self, vector: np.ndarray) -> dict[str, np.ndarray]:
+        out, i = {}, 0
+        for name in self.parameter_names:
+            c = self.parameter_cardinality[name]
+            out[name] = vector[..., i] if c == 1 else vector[..., i:i + c]
+            i += c
+        return out
+
+    @property
+    def fitted_parameters(self) -> FittedParameters:
+        """Parameter maps by dmipy name (short names resolve)."""
+        return FittedParameters(self._split(self.fitted_parameters_vector))
+
+    @property
+    def uncertainty_parameters(self) -> FittedParameters | None:
+        """Posterior spread maps by parameter name (None when not available)."""
+        if self.uncertainty is None:
+            return None
+        return FittedParameters(self._split(self.uncertainty))
+
+    @property
+    def fitted_and_linked_parameters(self) -> dict[str, np.ndarray]:
+        """Fitted parameters plus the linked/fixed ones the model derives from them."""
+        params = dict(self._split(self.fitted_parameters_vector))
+        add = getattr(self.model, "add_linked_parameters_to_parameters", None)
+        if add is None:
+            return params
+        try:
+            return dict(add(params))
+        except Exception:  # a model whose links cannot broadcast over maps
+            return params
+
+    # ------------------------------------------------------------------ prediction
+    def predict(self, acquisition_scheme: Any = None, S0: Any = None,
+                mask: Any = None) -> np.ndarray:
+        """Signals of the fitted parameters, shape mask.shape + (N,) ((S,) shells for
+        spherical-mean models), times ``S0`` (default: the fitted S0 maps); zeros outside
+        the mask and NaN for invalid voxels."""
+        scheme = self.acquisition_scheme if acquisition_scheme is None else acquisition_scheme
+        use = self.mask & self.valid if mask is None else \
+            (np.asarray(mask, dtype=bool) & self.valid)
+        s0 = self.S0 if S0 is None else np.broadcast_to(np.asarray(S0, dtype=float),
+                                                        self.mask.shape)
+        vectors = self.fitted_parameters_vector[use]
+        sim = np.asarray(self.model.simulate_signal(scheme, vectors)) if vectors.size else \
+            None
+        width = sim.shape[-1] if sim is not None else _signal_width(self.model, scheme)
+        out = np.zeros(self.mask.shape + (width,))
+        if sim is not None:
+            out[use] = sim * np.asarray(s0)[use][:, None]
+        out[self.mask & ~self.valid] = np.nan
+        return out
+
+    def _normalised(self, data: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        arr = np.asarray(data, dtype=np.float64)
+        if arr.shape[:-1] != self.mask.shape:
+            raise InputError(f"data has shape {arr.shape}; expected {self.mask.shape} + "
+                             "(measurements,)")
+        use = self.mask & self.valid
+        scheme = self.acquisition_scheme
+        b0 = np.asarray(scheme.b0_mask, dtype=bool)
+        y = arr[use]
+        s0 = y[:, b0].mean(axis=1) if b0.any() else np.ones(y.shape[0])
+        with np.errstate(divide="ignore", invalid="ignore"):
+            y = y / s0[:, None]
+        pred = np.asarray(self.model.simulate_signal(scheme, self.fitted_parameters_vector[use])
+                          ) if use.any() else np.zeros((0, y.shape[1]))
+        if bool(getattr(self.model, "is_spherical_mean", False)):
+            shells = np.asarray(scheme.shell_indices)
+            y = np.stack([y[:, shells == s].mean(axis=1)
+                          for s in range(int(shells.max()) + 1)], axis=1)
+        return y, pred, use
+
+    def mean_squared_error(self, data: Any) -> np.ndarray:
+        """Mean squared error (mask.shape) between the b0-normalised data and the fitted
+        signal (per-shell means for spherical-mean models); 0 outside the mask."""
+        y, pred, use = self._normalised(data)
+        out = np.zeros(self.mask.shape)
+        out[use] = np.mean((y - pred) ** 2, axis=-1)
+        out[self.mask & ~self.valid] = np.nan
+        return out
+
+    def R2_coefficient_of_determination(self, data: Any) -> np.ndarray:
+        """Coefficient of determination 1 - SS_res / SS_tot (mask.shape) of the fitted
+        signal against the b0-normalised data; 0 outside the mask."""
+        y, pred, use = self._normalised(data)
+        res = np.sum((y - pred) ** 2, axis=-1)
+        tot = np.sum((y - y.mean(axis=-1, keepdims=True)) ** 2, axis=-1)
+        out = np.zeros(self.mask.shape)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            out[use] = np.where(tot > 0, 1.0 - res / tot, np.nan)
+        out[self.mask & ~self.valid] = np.nan
+        return out
+
+    def __repr__(self) -> str:
+        return (f"FittedMultiCompartmentModel({type(self.model).__name__}, shape="
+                f"{self.mask.shape}, fitted={int(self.mask.sum())}, "
+                f"valid={int((self.mask & self.valid).sum())})")
+
+
+def _signal_width(model: Any, scheme: Any) -> int:
+    if bool(getattr(model, "is_spherical_mean", False)):
+        return int(np.asarray(scheme.shell_bvalues).size)
+    return int(scheme.number_of_measurements)

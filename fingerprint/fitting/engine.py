@@ -1,0 +1,173 @@
+"""``fit_model``: what ``MultiCompartmentModel.fit`` runs.
+
+It finds (or builds, once) the model's dictionary for the scheme, gets the matching
+estimator (kept in a small in-process cache, so fitting the same model again -- from any
+thread -- reuses the loaded dictionary and FAISS index), fits the voxels in ``mask`` and
+wraps the result in a :class:`~fingerprint.core.fitted_model.FittedMultiCompartmentModel`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from fingerprint.errors import InputError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["DMIPY_SOLVERS", "clear_estimator_cache", "fit_model", "get_estimator"]
+
+#: dmipy's solver names: accepted (and answered by dictionary matching) so that ported
+#: scripts run unchanged.
+DMIPY_SOLVERS = ("brute2fine", "mix", "amico")
+
+_CACHE: OrderedDict[tuple, Any] = OrderedDict()
+_CACHE_LOCK = threading.Lock()
+_BUILD_LOCKS: dict[tuple, threading.Lock] = {}
+_MAX_CACHED = 4
+
+
+def clear_estimator_cache() -> None:
+    """Forget the estimators kept by :func:`get_estimator`."""
+    with _CACHE_LOCK:
+        _CACHE.clear()
+        _BUILD_LOCKS.clear()
+
+
+def get_estimator(model: Any, scheme: Any, *, dictionary_size: int | None = None,
+                  dictionary_dir: str | os.PathLike | None = None, n_jobs: int | None = None,
+                  progress: Any = None, should_cancel: Any = None,
+                  **options: Any) -> Any:
+    """The :class:`~fingerprint.fitting.estimator.FingerprintEstimator` of ``model`` on
+    ``scheme`` (cached per model spec, scheme, dictionary and options)."""
+    from fingerprint.fitting.estimator import FingerprintEstimator
+
+    spec_hash = getattr(model, "spec_hash", None) if not isinstance(model, str) else model
+    key = (str(spec_hash), str(scheme.hash), dictionary_size,
+           None if dictionary_dir is None else os.fspath(dictionary_dir), n_jobs,
+           tuple(sorted((k, repr(v)) for k, v in options.items())))
+    with _CACHE_LOCK:
+        est = _CACHE.get(key)
+        if est is not None:
+            _CACHE.move_to_end(key)
+            return est
+        lock = _BUILD_LOCKS.setdefault(key, threading.Lock())
+    with lock:
+        with _CACHE_LOCK:
+            est = _CACHE.get(key)
+        if est is None:
+            est = FingerprintEstimator.from_model(
+                model, scheme, dictionary_size=dictionary_size,
+                dictionary_dir=dictionary_dir, n_jobs=n_jobs, progress=progress,
+                should_cancel=should_cancel, **options)
+            with _CACHE_LOCK:
+                _CACHE[key] = est
+                while len(_CACHE) > _MAX_CACHED:
+                    _CACHE.popitem(last=False)
+    return est
+
+
+def _x0_flat(x0_vector: Any, spatial: tuple[int, ...], use: np.ndarray) -> Any:
+    """Select the masked voxels of an x0 given per voxel; pass broadcast ones through."""
+    if x0_vector is None:
+        return None
+    if isinstance(x0_vector, Mapping):
+        out = {}
+        for k, v in x0_vector.items():
+            arr = np.asarray(v, dtype=np.float64)
+            if spatial and arr.shape[:len(spatial)] == spatial:
+                out[k] = arr[use]
+            else:
+                out[k] = arr
+        return out
+    arr = np.asarray(x0_vector, dtype=np.float64)
+    if spatial and arr.shape[:-1] == spatial:
+        return arr[use]
+    if arr.ndim == 1:
+        return arr
+    raise InputError(f"x0_vector has shape {arr.shape}; expected (P,) or the data's "
+                     f"spatial shape {spatial} + (P,)")
+
+
+def fit_model(model: Any, acquisition_scheme: Any, data: Any, mask: Any = None,
+              solver: str = "fingerprint", x0_vector: Any = None, n_jobs: int | None = None,
+              dictionary_size: int | None = None,
+              dictionary_dir: str | os.PathLike | None = None, refine: bool = True,
+              n_neighbors: int | None = None, progress: Any = None,
+              **options: Any) -> Any:
+    """Fit ``model`` to ``data`` (..., N) measured with ``acquisition_scheme``.
+
+    Parameters
+    ----------
+    model: a MultiCompartmentModel / MultiCompartmentSphericalMeanModel.
+    acquisition_scheme: the AcquisitionScheme of the last axis of ``data``.
+    data: raw signals, any shape ending in N measurements.
+    mask: bool array of data.shape[:-1]; voxels to fit (default: every voxel whose mean b0
+        signal is positive).
+    solver: ``'fingerprint'`` (dmipy's ``'brute2fine'``, ``'mix'`` and ``'amico'`` are
+        accepted and also answered by dictionary matching).
+    x0_vector: initial guess: parameter vectors (P,) or data.shape[:-1] + (P,), or a dict
+        of (possibly short) parameter names; NaN entries are estimated. A given
+        orientation fixes the fibre frame (e.g. from a Ball-Stick fit).
+    n_jobs: threads for FAISS, BLAS and Numba.
+    dictionary_size, dictionary_dir: dictionary atoms and directory (default: the
+        recipe's size, the user cache directory).
+    refine: local-linear refinement after matching.
+    n_neighbors: atoms matched per voxel.
+    options: further :class:`~fingerprint.fitting.estimator.FingerprintEstimator`
+        options (``rician``, ``matcher_method``, ``frame_iterations``, ...).
+
+    Returns
+    -------
+    FittedMultiCompartmentModel
+    """
+    from fingerprint.core.fitted_model import FittedMultiCompartmentModel
+
+    solver_name = str(solver).lower()
+    if solver_name in DMIPY_SOLVERS:
+        logger.info("solver %r: fitting by dictionary matching instead", solver)
+    elif solver_name != "fingerprint":
+        raise InputError(f"unknown solver {solver!r}; use 'fingerprint' (dmipy's "
+                         f"{', '.join(DMIPY_SOLVERS)} are accepted as aliases)")
+    arr = np.asarray(data, dtype=np.float64)
+    n_meas = int(acquisition_scheme.number_of_measurements)
+    if arr.ndim == 0 or arr.shape[-1] != n_meas:
+        raise InputError(f"data has shape {arr.shape}; its last axis must hold the "
+                         f"{n_meas} measurements of the acquisition scheme")
+    spatial = arr.shape[:-1]
+    b0 = np.asarray(acquisition_scheme.b0_mask, dtype=bool)
+    if mask is None:
+        with np.errstate(invalid="ignore"):
+            s0 = arr[..., b0].mean(axis=-1) if b0.any() else np.ones(spatial)
+        use = np.isfinite(s0) & (s0 > 0)
+    else:
+        use = np.asarray(mask).astype(bool)
+        if use.shape != spatial:
+            raise InputError(f"mask has shape {use.shape}; expected the data's spatial "
+                             f"shape {spatial}")
+    est = get_estimator(model, acquisition_scheme, dictionary_size=dictionary_size,
+                        dictionary_dir=dictionary_dir, n_jobs=n_jobs, progress=progress,
+                        refine=refine, n_neighbors=n_neighbors, **options)
+    ve = est.estimate(arr[use], x0=_x0_flat(x0_vector, spatial, use))
+    P = est.n_parameters
+    params = np.zeros(spatial + (P,))
+    unc = np.zeros(spatial + (P,))
+    s0_map = np.zeros(spatial)
+    valid = np.zeros(spatial, dtype=bool)
+    r2 = np.zeros(spatial)
+    mse = np.zeros(spatial)
+    params[use] = ve.parameters
+    unc[use] = ve.uncertainty
+    s0_map[use] = ve.s0
+    valid[use] = ve.valid
+    r2[use] = ve.r2
+    mse[use] = ve.mse
+    return FittedMultiCompartmentModel(model, acquisition_scheme, params, mask=use, S0=s0_map,
+                                       uncertainty=unc, valid=valid, r2=r2, mse=mse,
+                                       estimator=est)
