@@ -241,8 +241,8 @@ class DistributedModel(_ParameterNamespace):
         per_model: list[dict[str, np.ndarray]] = [{} for _ in self.models]
         dist: dict[str, np.ndarray] = {}
         for p in state.params:
-            if p.owner is None:
-                continue
+            if p.owner is None or p.name not in values:
+                continue  # (orientations are absent from spherical-mean evaluations)
             if p.owner == -1:
                 dist[p.local] = np.asarray(values[p.name], dtype=float)
             else:
