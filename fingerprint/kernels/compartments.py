@@ -123,10 +123,16 @@ def bessel_j1(x: float) -> float:
 def dawson(x: float) -> float:
     """Dawson's integral F(x) = exp(-x²) int_0^x exp(t²) dt, x >= 0 (Rybicki, h = 0.2)."""
     if x < 0.2:
+        # Maclaurin series sum_n (-2x²)^n x / (1 3 5 ... (2n+1))
         x2 = x * x
-        # Maclaurin series: x - 2x³/3 + 4x⁵/15 - 8x⁷/105 + 16x⁹/945
-        return x * (1.0 - x2 * (2.0 / 3.0 - x2 * (4.0 / 15.0 - x2 * (8.0 / 105.0
-                                                                     - x2 * 16.0 / 945.0))))
+        term = x
+        total = x
+        for k in range(1, 40):
+            term *= -2.0 * x2 / (2 * k + 1)
+            total += term
+            if abs(term) < 1e-17 * abs(total):
+                break
+        return total
     h = 0.2
     # F(x) = lim_{h->0} 1/sqrt(pi) sum_{n odd} exp(-(x - n h)²) / n, error ~ exp(-(pi/2h)²)
     n_lo = int(math.floor((x - 8.0) / h))
@@ -382,9 +388,17 @@ def sphere_stejskal_tanner_signal(q: np.ndarray, diameter: np.ndarray,
             if x <= 0.0:
                 out[i, j] = 1.0
                 continue
-            if x < 1e-2:
-                x2 = x * x
-                f = 1.0 - x2 / 10.0 + x2 * x2 / 280.0 - x2 * x2 * x2 / 15120.0
+            if x < 1.0:
+                # 3 j1(x) / x = 3 sum_k (-x²/2)^k / (k! (2k+3)!!), no cancellation
+                h = -0.5 * x * x
+                term = 1.0 / 3.0
+                f = term
+                for k in range(1, 30):
+                    term *= h / (k * (2 * k + 3))
+                    f += term
+                    if abs(term) < 1e-17:
+                        break
+                f *= 3.0
             else:
                 f = 3.0 * (math.sin(x) - x * math.cos(x)) / (x * x * x)
             out[i, j] = f * f
