@@ -555,3 +555,22 @@ def test_njit_falls_back_to_uncached_compilation(monkeypatch, caplog) -> None:
         return 4 * x
 
     assert four(1) == 4
+
+
+def test_concurrent_calls_from_threads_agree(activeax) -> None:
+    """Compartments are immutable and kernels pure: threads may share one instance."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = C4CylinderGaussianPhaseApproximation()
+    meas = activeax.measurements
+    rng = np.random.default_rng(5)
+    cos = rng.uniform(-1, 1, (200, meas.b.shape[0]))
+    lam = rng.uniform(0.5e-9, 2.5e-9, 200)
+    diam = rng.uniform(1e-6, 1e-5, 200)
+    expected = model.signal_from_cosines(meas, cos, lambda_par=lam, diameter=diam)
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(
+            lambda _: model.signal_from_cosines(meas, cos, lambda_par=lam, diameter=diam),
+            range(8)))
+    for got in results:
+        np.testing.assert_array_equal(got, expected)

@@ -21,13 +21,14 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numba
 
-__all__ = ["CACHE_DIR", "caching_enabled", "njit", "prange"]
+__all__ = ["CACHE_DIR", "caching_enabled", "njit", "prange", "run_parallel"]
 
 logger = logging.getLogger(__name__)
 
@@ -136,3 +137,23 @@ def _compile(func: Callable[..., Any], options: dict[str, Any]) -> Any:
         _log_cache_failure(func.__qualname__, error)
         opts["cache"] = False
         return numba.njit(**opts)(func)
+
+
+_LAUNCH_LOCK = threading.RLock()
+
+
+def run_parallel(kernel: Callable[..., Any], *args: Any) -> Any:
+    """Call a ``parallel=True`` kernel safely from any thread.
+
+    numba's ``workqueue`` threading layer (used when neither TBB nor OpenMP is available)
+    aborts the process when two threads launch parallel kernels at once; launches are then
+    serialised through one package-wide lock. Other layers run concurrently.
+    """
+    try:
+        layer = numba.threading_layer()
+    except ValueError:  # no parallel kernel has run yet: the layer is not chosen
+        layer = None
+    if layer is None or layer == "workqueue":
+        with _LAUNCH_LOCK:
+            return kernel(*args)
+    return kernel(*args)

@@ -10,6 +10,7 @@ import numpy as np
 from fingerprint.core.constants import WATER_IN_AXONS_DIFFUSION_CONSTANT
 from fingerprint.errors import InputError
 from fingerprint.kernels import compartments as kernels
+from fingerprint.kernels import run_parallel
 from fingerprint.signal_models.base import (
     DIAMETER_SCALING,
     DIFFUSIVITY_SCALING,
@@ -108,14 +109,14 @@ class C1Stick(CompartmentModel):
 
     def _kernel(self, meas: MeasurementArrays, cos: np.ndarray | None,
                 params: dict[str, np.ndarray], out: np.ndarray) -> None:
-        kernels.stick_signal(meas.b, cos, params["lambda_par"], out)
+        run_parallel(kernels.stick_signal, meas.b, cos, params["lambda_par"], out)
 
     def _spherical_mean_kernel(self, meas: Any, arrays: MeasurementArrays,
                                params: dict[str, np.ndarray], out: np.ndarray) -> None:
         n = out.shape[0]
         zeros = np.zeros(n)
-        kernels.axisymmetric_gaussian_spherical_mean(
-            arrays.b, np.zeros(arrays.size), params["lambda_par"], zeros, zeros, out)
+        run_parallel(kernels.axisymmetric_gaussian_spherical_mean, arrays.b,
+                     np.zeros(arrays.size), params["lambda_par"], zeros, zeros, out)
 
 
 class C2CylinderStejskalTannerApproximation(CompartmentModel):
@@ -144,8 +145,8 @@ class C2CylinderStejskalTannerApproximation(CompartmentModel):
 
     def _kernel(self, meas: MeasurementArrays, cos: np.ndarray | None,
                 params: dict[str, np.ndarray], out: np.ndarray) -> None:
-        kernels.cylinder_stejskal_tanner_signal(meas.b, meas.q, cos, params["lambda_par"],
-                                                params["diameter"], out)
+        run_parallel(kernels.cylinder_stejskal_tanner_signal, meas.b, meas.q, cos,
+                     params["lambda_par"], params["diameter"], out)
 
 
 class C3CylinderCallaghanApproximation(CompartmentModel):
@@ -194,9 +195,9 @@ class C3CylinderCallaghanApproximation(CompartmentModel):
         q = meas.q
         index, deltas, Deltas = meas.unique_timings(q > 0.0)
         taus = np.ascontiguousarray(Deltas - deltas / 3.0)
-        kernels.cylinder_callaghan_signal(meas.b, q, index, taus, cos, params["lambda_par"],
-                                          params["diameter"], alpha, weights,
-                                          self.diffusion_perpendicular, out)
+        run_parallel(kernels.cylinder_callaghan_signal, meas.b, q, index, taus, cos,
+                     params["lambda_par"], params["diameter"], alpha, weights,
+                     self.diffusion_perpendicular, out)
 
 
 class C4CylinderGaussianPhaseApproximation(CompartmentModel):
@@ -235,7 +236,6 @@ class C4CylinderGaussianPhaseApproximation(CompartmentModel):
                 params: dict[str, np.ndarray], out: np.ndarray) -> None:
         gg = meas.gamma_g()
         index, deltas, Deltas = meas.unique_timings(gg > 0.0)
-        kernels.cylinder_gaussian_phase_signal(meas.b, gg, index, deltas, Deltas, cos,
-                                               params["lambda_par"], params["diameter"],
-                                               cylinder_gpa_roots(),
-                                               self.diffusion_perpendicular, out)
+        run_parallel(kernels.cylinder_gaussian_phase_signal, meas.b, gg, index, deltas, Deltas,
+                     cos, params["lambda_par"], params["diameter"], cylinder_gpa_roots(),
+                     self.diffusion_perpendicular, out)

@@ -11,6 +11,7 @@ import numpy as np
 from fingerprint.core.constants import WATER_IN_AXONS_DIFFUSION_CONSTANT
 from fingerprint.errors import InputError
 from fingerprint.kernels import compartments as kernels
+from fingerprint.kernels import run_parallel
 from fingerprint.signal_models.base import (
     DIAMETER_SCALING,
     CompartmentModel,
@@ -90,7 +91,7 @@ class S2SphereStejskalTannerApproximation(CompartmentModel):
 
     def _kernel(self, meas: MeasurementArrays, cos: np.ndarray | None,
                 params: dict[str, np.ndarray], out: np.ndarray) -> None:
-        kernels.sphere_stejskal_tanner_signal(meas.q, params["diameter"], out)
+        run_parallel(kernels.sphere_stejskal_tanner_signal, meas.q, params["diameter"], out)
 
 
 class S4SphereGaussianPhaseApproximation(CompartmentModel):
@@ -129,5 +130,5 @@ class S4SphereGaussianPhaseApproximation(CompartmentModel):
                 params: dict[str, np.ndarray], out: np.ndarray) -> None:
         gg = meas.gamma_g()
         index, deltas, Deltas = meas.unique_timings(gg > 0.0)
-        kernels.sphere_gaussian_phase_signal(gg, index, deltas, Deltas, params["diameter"],
-                                             sphere_gpa_roots(), self.diffusion_constant, out)
+        run_parallel(kernels.sphere_gaussian_phase_signal, gg, index, deltas, Deltas,
+                     params["diameter"], sphere_gpa_roots(), self.diffusion_constant, out)
