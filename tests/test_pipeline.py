@@ -132,6 +132,7 @@ def test_chunking_slabs_and_executor_give_identical_maps(fitted, files, tmp_path
                    mask=files["mask"], prefix="sub-01", dictionary_size=SIZE, **kwargs)
         maps = _maps(out)
         assert maps.keys() == reference.keys(), name
+        assert not [p for p in out.iterdir() if p.name.startswith(".")], name  # spool gone
         for key in maps:
             np.testing.assert_array_equal(maps[key], reference[key], err_msg=f"{name}: {key}")
         if "executor" in kwargs:

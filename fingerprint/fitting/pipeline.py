@@ -16,7 +16,10 @@ Steps of :func:`fit_volume`:
    through any :class:`concurrent.futures.Executor` (a Dask client's ``get_executor()``
    works): workers receive the dictionary *path* and rebuild (and cache) the estimator,
    so nothing large is pickled but the voxel chunks themselves; ``should_cancel`` is
-   polled between chunks (:class:`~fingerprint.errors.CancelledError`);
+   polled between chunks (:class:`~fingerprint.errors.CancelledError`). A gzip-compressed
+   DWI that needs more than one slab is first decompressed into a hidden temporary file
+   in ``out_dir`` (removed at the end), because every slab read of a gzip stream would
+   decompress the file again;
 4. write float32 maps named ``<prefix>_model-<model>_param-<label>_dwimap.nii.gz`` with
    JSON sidecars into ``out_dir`` atomically (see :mod:`fingerprint.io.nifti` for the
    names of the s0, r2 and uncertainty maps), plus an optional PNG preview.
@@ -570,8 +573,10 @@ def fit_volume(model: Any, dwi: Any, bval: Any, bvec: Any, out_dir: Any, *,
             {**options, "n_jobs": threads}.items())))
         _register(handle, est)
     window = executor_window or max(2, 2 * int(getattr(executor, "_max_workers", 2) or 2))
-    _run_chunks(_chunks(image, mask_arr, int(chunk_voxels), int(slab_bytes)), est, handle,
-                executor, store, done, should_cancel, window)
+    out_dir = Path(os.fspath(out_dir))
+    with image.spooled(mask_arr, out_dir, max_bytes=int(slab_bytes)) as source:
+        _run_chunks(_chunks(source, mask_arr, int(chunk_voxels), int(slab_bytes)), est,
+                    handle, executor, store, done, should_cancel, window)
     t_fit = time.perf_counter() - t0
     n_invalid = int(n_total - valid.sum())
     if n_invalid:
@@ -580,7 +585,6 @@ def fit_volume(model: Any, dwi: Any, bval: Any, bvec: Any, out_dir: Any, *,
 
     # -- write ---------------------------------------------------------------------------
     t0 = time.perf_counter()
-    out_dir = Path(os.fspath(out_dir))
     out_dir.mkdir(parents=True, exist_ok=True)
     pref = prefix or ""
     sources = [Path(os.fspath(dwi)).name, Path(os.fspath(bval)).name,

@@ -34,6 +34,7 @@ fitted, are 0 in every map.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import logging
@@ -219,6 +220,48 @@ class DWIImage:
         x, y, _, n = self.shape
         per_slice = x * y * n * 4
         return max(1, int(max_bytes // max(per_slice, 1)))
+
+    @property
+    def is_compressed(self) -> bool:
+        """Whether the file is gzip-compressed (slab reads then cost a pass each)."""
+        with open(self.path, "rb") as fh:
+            return fh.read(2) == b"\x1f\x8b"
+
+    def n_slabs(self, mask: np.ndarray, max_bytes: int = DEFAULT_SLAB_BYTES) -> int:
+        """Number of slabs :meth:`iter_slabs` reads for ``mask``."""
+        step = self.slab_slices(max_bytes)
+        z = np.flatnonzero(np.asarray(mask, dtype=bool).any(axis=(0, 1)))
+        return int(np.unique(z // step).size)
+
+    @contextlib.contextmanager
+    def spooled(self, mask: np.ndarray, directory: str | os.PathLike, *,
+                max_bytes: int = DEFAULT_SLAB_BYTES) -> Iterator[DWIImage]:
+        """This image, or -- when it is gzip-compressed and would be read in more than one
+        slab -- an uncompressed temporary copy in ``directory`` (one decompression pass
+        instead of one per slab; removed on exit). Memory stays bounded either way."""
+        if not self.is_compressed or self.n_slabs(mask, max_bytes) <= 1:
+            yield self
+            return
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = directory / f".fingerprint-dwi-{os.getpid()}-{secrets.token_hex(4)}.nii"
+        try:
+            try:
+                with gzip.open(self.path, "rb") as src, open(tmp, "wb") as dst:
+                    while True:
+                        block = src.read(16 * 1024**2)
+                        if not block:
+                            break
+                        dst.write(block)
+            except _READ_ERRORS as exc:
+                raise InputError(f"DWI file {self.path} cannot be decompressed: {exc}") \
+                    from None
+            logger.debug("decompressed %s to %s for slab reading", self.path, tmp)
+            copy = DWIImage(tmp)
+            copy.path = self.path  # errors keep naming the user's file
+            yield copy
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def iter_slabs(self, mask: np.ndarray, *, max_bytes: int = DEFAULT_SLAB_BYTES,
                    start_slice: int = 0) -> Iterator[Slab]:
