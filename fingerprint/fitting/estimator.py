@@ -39,7 +39,7 @@ from fingerprint.errors import InputError
 from .features import FeatureMap
 from .frame import FrameEstimator, angles_to_frames, frames_to_angles
 from .matcher import DEFAULT_HNSW_THRESHOLD, HNSW_EF_SEARCH, Matcher, faiss_threads
-from .refine import local_linear_step, posterior_mean
+from .refine import local_linear_step, orientation_curvature, posterior_mean
 
 logger = logging.getLogger(__name__)
 
@@ -132,8 +132,10 @@ class FingerprintEstimator:
                  n_neighbors: int | None = None, refine: bool = True, rician: bool = True,
                  n_jobs: int | None = None, matcher_method: str = "auto",
                  hnsw_threshold: int = DEFAULT_HNSW_THRESHOLD,
-                 ef_search: int = HNSW_EF_SEARCH, frame_iterations: int = 2,
-                 temperature: float = 1.0, cache_index: bool = True) -> None:
+                 ef_search: int = HNSW_EF_SEARCH, frame_iterations: int = 1,
+                 temperature: float = 1.0, cache_index: bool = True,
+                 marginalise_orientation: float = 0.0,
+                 refine_shrinkage: float = 1.0) -> None:
         self.model = model
         self.scheme = scheme
         self.dictionary = dictionary
@@ -149,6 +151,8 @@ class FingerprintEstimator:
         self.rician = bool(rician)
         self.n_jobs = n_jobs
         self.temperature = float(temperature)
+        self.marginalise_orientation = float(marginalise_orientation)
+        self.refine_shrinkage = float(refine_shrinkage)
         self.feature_map = FeatureMap.from_model(model, scheme)
         self.atom_parameters = np.ascontiguousarray(atom_parameters, dtype=np.float64)
         self.atom_features = np.ascontiguousarray(atom_features, dtype=np.float64)
@@ -200,6 +204,9 @@ class FingerprintEstimator:
         self.frame_estimator = (FrameEstimator.for_scheme(
             self.feature_map, refine_iterations=frame_iterations)
             if self.feature_map.kind == "zonal" else None)
+        self._curvature = self.marginalise_orientation * orientation_curvature(
+            self.feature_map, self.atom_features)
+        self._curvature.setflags(write=False)
         self._b0 = np.asarray(scheme.b0_mask, dtype=bool)
         self._n_meas = int(self._b0.size)
 
@@ -217,7 +224,7 @@ class FingerprintEstimator:
         n_jobs: threads for FAISS, BLAS and Numba (default: all).
         options: ``rician`` (bias correction, default True), ``matcher_method``
             ('auto', 'exact', 'hnsw'), ``hnsw_threshold`` (atoms), ``ef_search``,
-            ``frame_iterations`` (orientation refinement, default 2), ``temperature``,
+            ``frame_iterations`` (orientation refinement, default 1), ``temperature``,
             ``cache_index``.
         """
         meta = dictionary.metadata
@@ -370,9 +377,9 @@ class FingerprintEstimator:
 
         # fibre frames
         frames = None
+        seeded = np.zeros(rows.size, dtype=bool)
         x0v = None if x0 is None else x0[rows]
         if fmap.kind == "zonal":
-            seeded = np.zeros(rows.size, dtype=bool)
             if x0v is not None and self.orientation_names:
                 ang = x0v[:, self._orientation_columns]
                 seeded = np.isfinite(ang).all(axis=1)
@@ -397,8 +404,11 @@ class FingerprintEstimator:
 
         feats = fmap.voxel_features(ynorm, frames)
         dist, idx = self.matcher.search(feats, self.n_neighbors)
+        marg = None
+        if self.marginalise_orientation and fmap.kind == "zonal":
+            marg = ~seeded
         mean, sd, weights = posterior_mean(dist, idx, self.atom_parameters, sig2_feat,
-                                           self.temperature)
+                                           self.temperature, self._curvature, marg)
         # orientation: from the frame (canonical dictionaries) or the best atom
         if self.canonical_orientation and frames is not None:
             mean[:, self._orientation_columns] = frames_to_angles(frames)
@@ -421,6 +431,14 @@ class FingerprintEstimator:
             est, pred_feats = local_linear_step(
                 feats, idx, weights, self.atom_features, self.atom_parameters, start, rc,
                 self._lower[rc], self._upper[rc], max_step)
+            if self.refine_shrinkage:
+                # the step matters when the posterior is narrower than the dictionary's
+                # spacing (few effective neighbours); when many atoms share the weight the
+                # posterior mean already interpolates, and the step only adds noise
+                n_eff = 1.0 / np.maximum((weights ** 2).sum(axis=1), 1e-300)
+                lam = np.minimum(1.0, self.refine_shrinkage / n_eff)[:, None]
+                est[:, rc] = start[:, rc] + lam * (est[:, rc] - start[:, rc])
+                pred_feats = None
             if len(self._simplex_columns) >= 2:
                 others = self._simplex_columns[:-1]
                 total = est[:, others].sum(axis=1)

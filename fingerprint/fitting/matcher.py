@@ -33,9 +33,9 @@ __all__ = ["DEFAULT_HNSW_THRESHOLD", "Matcher", "faiss_threads"]
 #: Number of atoms from which the approximate (HNSW) index is used.
 DEFAULT_HNSW_THRESHOLD = 100_000
 #: HNSW graph degree, construction and search beam widths.
-HNSW_M = 32
+HNSW_M = 16
 HNSW_EF_CONSTRUCTION = 80
-HNSW_EF_SEARCH = 96
+HNSW_EF_SEARCH = 32
 #: Queries per FAISS call (bounds the distance buffers of the exact search).
 QUERY_BATCH = 16384
 

@@ -23,25 +23,53 @@ Two cheap steps, both vectorised over voxels (Numba kernels in
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
-__all__ = ["local_linear_step", "posterior_mean"]
+__all__ = ["local_linear_step", "orientation_curvature", "posterior_mean"]
 
 
 def posterior_mean(distances: np.ndarray, indices: np.ndarray, atom_parameters: np.ndarray,
-                   sigma2: np.ndarray, temperature: float = 1.0
+                   sigma2: np.ndarray, temperature: float = 1.0,
+                   orientation_curvature: np.ndarray | None = None,
+                   marginalise: np.ndarray | None = None
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Posterior mean (n, P), standard deviation (n, P) and normalised weights (n, k) of
     the neighbours' parameters, from squared feature distances (n, k), atom indices
     (n, k) (-1: none), the atoms' parameters (atoms, P) and the noise variance (n,) in
-    feature units. ``temperature`` > 1 flattens the weights."""
+    feature units. ``temperature`` > 1 flattens the weights.
+
+    ``orientation_curvature`` (atoms,) with ``marginalise`` (n,) bool adds the Laplace
+    factor 1 / (1 + J_j / sigma²) of integrating each atom's likelihood over the fibre
+    orientation (see :func:`orientation_curvature`) for voxels whose frame was estimated
+    from their own data."""
     from fingerprint.kernels.features import posterior_average
 
+    n = np.shape(distances)[0]
+    if orientation_curvature is None:
+        orientation_curvature = np.zeros(np.shape(atom_parameters)[0])
+    if marginalise is None:
+        marginalise = np.zeros(n, dtype=np.bool_)
     return posterior_average(np.ascontiguousarray(distances, dtype=np.float64),
                              np.ascontiguousarray(indices, dtype=np.int64),
                              np.ascontiguousarray(atom_parameters, dtype=np.float64),
                              np.ascontiguousarray(sigma2, dtype=np.float64),
-                             float(temperature))
+                             float(temperature),
+                             np.ascontiguousarray(orientation_curvature, dtype=np.float64),
+                             np.ascontiguousarray(marginalise, dtype=np.bool_))
+
+
+def orientation_curvature(feature_map: Any, atom_features: np.ndarray) -> np.ndarray:
+    """Curvature J (atoms,) of each atom's squared residual with respect to a small tilt
+    of its axis, from its whitened zonal features f_l:
+    J = 1/2 sum_shells sum_l l (l + 1) f_l² (from the orthogonality of the associated
+    Legendre functions, directions spread over each shell). Zero for non-zonal maps."""
+    feats = np.asarray(atom_features, dtype=np.float64)
+    if getattr(feature_map, "kind", None) != "zonal":
+        return np.zeros(feats.shape[0])
+    ell = np.concatenate([2.0 * np.arange(int(nc)) for nc in feature_map.n_coefficients])
+    return 0.5 * (feats ** 2 * (ell * (ell + 1.0))).sum(axis=1)
 
 
 def local_linear_step(queries: np.ndarray, indices: np.ndarray, weights: np.ndarray,

@@ -438,14 +438,20 @@ def shell_means(signals: np.ndarray, shell_of: np.ndarray, n_shells: int,
 
 @njit(cache=True, parallel=True)
 def posterior_average(distances: np.ndarray, indices: np.ndarray,
-                      atom_params: np.ndarray, sigma2: np.ndarray,
-                      temperature: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                      atom_params: np.ndarray, sigma2: np.ndarray, temperature: float,
+                      orientation_curvature: np.ndarray, use_curvature: np.ndarray
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Posterior-weighted average of the neighbours' parameters.
 
     ``distances`` (n, k) are squared feature distances (whitened features: the squared
     signal residual of each neighbour, up to a per-voxel constant), ``indices`` (n, k)
     atom rows (-1: missing), ``atom_params`` (atoms, P), ``sigma2`` (n,) the voxel's noise
-    variance in feature units. Weights exp(-(d - d_min) / (2 temperature sigma2)).
+    variance in feature units. The log-weight of neighbour j is
+    -(d_j - d_min) / (2 T sigma2) - log(1 + J_j / (T sigma2)) where J_j =
+    ``orientation_curvature[atom]`` is the curvature of the atom's squared residual with
+    respect to a tilt of its axis: the second term is the Laplace approximation of the
+    integral of the likelihood over the (estimated, not known) orientation, relative to
+    the hemisphere (applied where ``use_curvature[i]``).
     Returns (mean (n, P), standard deviation (n, P), weights (n, k)).
     """
     n, k = indices.shape
@@ -454,17 +460,24 @@ def posterior_average(distances: np.ndarray, indices: np.ndarray,
     std = np.full((n, npar), np.nan)
     weights = np.zeros((n, k))
     for i in prange(n):
-        dmin = np.inf
+        scale = temperature * max(sigma2[i], 1e-12)
+        lw = np.full(k, -np.inf)
+        lmax = -np.inf
         for j in range(k):
-            if indices[i, j] >= 0 and distances[i, j] < dmin:
-                dmin = distances[i, j]
-        if not math.isfinite(dmin):
+            a = indices[i, j]
+            if a >= 0 and math.isfinite(distances[i, j]):
+                v = -distances[i, j] / (2.0 * scale)
+                if use_curvature[i]:
+                    v -= math.log1p(orientation_curvature[a] / scale)
+                lw[j] = v
+                if v > lmax:
+                    lmax = v
+        if not math.isfinite(lmax):
             continue
-        scale = 2.0 * temperature * max(sigma2[i], 1e-12)
         wsum = 0.0
         for j in range(k):
-            if indices[i, j] >= 0:
-                w = math.exp(-(distances[i, j] - dmin) / scale)
+            if math.isfinite(lw[j]):
+                w = math.exp(lw[j] - lmax)
                 weights[i, j] = w
                 wsum += w
         for j in range(k):
