@@ -280,7 +280,7 @@ def test_gamma_matches_dense_radius_integration(compartment, power, irregular_sc
         params = {"lambda_par": np.full(radii.size, 1.7e-9)}
     kern = compartment.signal_from_cosines(meas, cos, diameter=2 * radii, **params)
     expected = np.trapezoid(weight[:, None] * kern, radii, axis=0) / np.trapezoid(weight, radii)
-    np.testing.assert_allclose(simulated, expected, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(simulated, expected, atol=1e-6, rtol=0)
 
 
 def test_gamma_requires_a_diameter_and_one_kind():

@@ -23,8 +23,8 @@ Numerics (SI units):
 * Gamma: distribution of the *radius* with shape ``alpha`` and scale ``beta`` (m),
   weighted by the cross-section area ``pi r^2`` for cylinders (volume ``r^3`` for
   spheres) like dmipy; the weighted density is again a Gamma density (shape
-  ``alpha + 2``, resp. ``alpha + 3``) and is integrated by Gauss-Legendre quadrature of
-  its quantile function (no truncation of the tails).
+  ``alpha + 2``, resp. ``alpha + 3``) and is integrated by generalised Gauss-Laguerre
+  quadrature for that density (no truncation of the tails).
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ from functools import lru_cache
 from typing import Any
 
 import numpy as np
-from scipy.special import gammaincinv
 
 from fingerprint.core.modeling_framework import (
     ParameterInfo,
@@ -77,8 +76,8 @@ __all__ = [
 _BLOCK_VALUES = 4_000_000
 #: Legendre truncation tolerance of the Watson coefficients ((2l+1) a_l below this)
 _WATSON_TOLERANCE = 1e-7
-#: Gauss-Legendre nodes of the Gamma quantile quadrature
-_GAMMA_NODES = 64
+#: Gauss-Laguerre nodes of the Gamma size quadrature
+_GAMMA_NODES = 24
 #: Bingham quadrature: Gauss-Legendre nodes in cos(theta) on [0, 1], trapezoid in phi
 _BINGHAM_THETA = 48
 _BINGHAM_PHI = 64
@@ -105,6 +104,23 @@ def watson_order_for(kappa_max: float) -> int:
     k = max(float(kappa_max), 1.0)
     bucket = 2.0 ** (math.ceil(8.0 * math.log2(k)) / 8.0)
     return _order_for(bucket)
+
+
+def gauss_laguerre(shape: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Generalised Gauss-Laguerre rules for the weights ``x^(shape-1) exp(-x)``, one per
+    row of ``shape`` (n,): nodes (n, k) and normalised weights (n, k) (Golub-Welsch)."""
+    shape = np.asarray(shape, dtype=float).reshape(-1)
+    a = shape - 1.0
+    i = np.arange(k)
+    jac = np.zeros((shape.size, k, k))
+    jac[:, i, i] = 2.0 * i + 1.0 + a[:, None]
+    j = np.arange(1, k)
+    off = np.sqrt(j[None, :] * (j[None, :] + a[:, None]))
+    jac[:, j, j - 1] = off
+    jac[:, j - 1, j] = off
+    nodes, vectors = np.linalg.eigh(jac)
+    weights = vectors[:, 0, :] ** 2
+    return nodes, weights / weights.sum(axis=1, keepdims=True)
 
 
 def _tile_measurements(meas: Any, repeats: int, *, interleave: bool) -> Any:
@@ -501,34 +517,33 @@ class DD1GammaDistributed(DistributedModel):
             return ptype
         return "sphere" if is_isotropic(model) else "cylinder"
 
-    def _radii(self, dist: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    def _shape(self, dist: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         alpha = np.asarray(dist["alpha"], dtype=float)
         beta = np.asarray(dist["beta"], dtype=float)
         if not np.all((alpha > 0) & np.isfinite(alpha)):
             raise InputError("DD1Gamma_1_alpha must be positive")
         if not np.all((beta > 0) & np.isfinite(beta)):
             raise InputError("DD1Gamma_1_beta must be positive (m)")
-        shape = alpha + (3.0 if self.normalization == "sphere" else 2.0)
-        p, w = gauss_legendre_unit(_GAMMA_NODES)
-        radii = beta[:, None] * gammaincinv(shape[:, None], p[None, :])
-        return radii, w
+        return alpha + (3.0 if self.normalization == "sphere" else 2.0), beta
 
     def _integrate(self, n: int, n_out: int, local: Mapping[str, np.ndarray],
                    evaluate: Any) -> np.ndarray:
         per_model, dist, fractions = self._split(local, n)
-        radii, w = self._radii(dist)
-        k_nodes = w.size
+        shape, beta = self._shape(dist)
+        k_nodes = _GAMMA_NODES
         out = np.zeros((n, n_out))
         step = max(1, _BLOCK_VALUES // (k_nodes * max(n_out, 1)))
         for start in range(0, n, step):
             sl = slice(start, min(n, start + step))
             nc = sl.stop - sl.start
+            x, w = gauss_laguerre(shape[sl], k_nodes)
+            radii = beta[sl, None] * x
             for k, model in enumerate(self.models):
                 params = {name: np.repeat(v[sl], k_nodes, axis=0)
                           for name, v in per_model[k].items()}
-                params["diameter"] = 2.0 * radii[sl].ravel()
+                params["diameter"] = 2.0 * radii.ravel()
                 sig = evaluate(model, params, nc, k_nodes)
-                avg = np.einsum("nkj,k->nj", sig.reshape(nc, k_nodes, n_out), w)
+                avg = np.einsum("nkj,nk->nj", sig.reshape(nc, k_nodes, n_out), w)
                 out[sl] += fractions[sl, k:k + 1] * avg
         return out
 
