@@ -31,6 +31,7 @@ __all__ = [
     "cylinder_gaussian_phase_signal",
     "cylinder_stejskal_tanner_signal",
     "dawson",
+    "gather_columns",
     "sphere_gaussian_phase_signal",
     "sphere_stejskal_tanner_signal",
     "stick_signal",
@@ -436,3 +437,13 @@ def sphere_gaussian_phase_signal(gG: np.ndarray, timing_index: np.ndarray,
         for j in range(m):
             g = gG[j]
             out[i, j] = math.exp(-2.0 * g * g / D * sums[timing_index[j]])
+
+
+# --------------------------------------------------------------------------- helpers
+@njit(cache=True, parallel=True)
+def gather_columns(small: np.ndarray, index: np.ndarray, out: np.ndarray) -> None:
+    """out[i, j] = small[i, index[j]] (expand signals of distinct measurements)."""
+    n, m = out.shape
+    for i in prange(n):
+        for j in range(m):
+            out[i, j] = small[i, index[j]]
