@@ -22,6 +22,7 @@ import hashlib
 import importlib
 import json
 import logging
+import threading
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -387,6 +388,10 @@ class _ParameterNamespace:
 
 
 # =========================================================================== sub-models
+_UNIQUE_CACHE: dict[str, tuple[Any, np.ndarray]] = {}
+_UNIQUE_LOCK = threading.Lock()
+
+
 class _SchemeContext:
     """What the sub-models need of a scheme, computed once per simulation."""
 
@@ -400,7 +405,16 @@ class _SchemeContext:
     @property
     def unique(self) -> tuple[Any, np.ndarray]:
         if self._unique is None:
-            self._unique = self.scheme.unique_measurements()
+            key = getattr(self.scheme, "hash", None)
+            cached = _UNIQUE_CACHE.get(key) if key is not None else None
+            if cached is None:
+                cached = self.scheme.unique_measurements()
+                if key is not None:
+                    with _UNIQUE_LOCK:
+                        if len(_UNIQUE_CACHE) >= 32:
+                            _UNIQUE_CACHE.pop(next(iter(_UNIQUE_CACHE)))
+                        _UNIQUE_CACHE[key] = cached
+            self._unique = cached
         return self._unique
 
     @property

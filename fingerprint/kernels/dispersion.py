@@ -43,20 +43,28 @@ __all__ = [
 
 
 _LOCK = threading.Lock()
+#: below this many inner operations a kernel runs on the calling thread only (launching
+#: the parallel team costs milliseconds on a busy machine)
+SERIAL_WORK = 200_000
 
 
-def run_parallel(kernel: Callable[..., Any], *args: Any) -> Any:
-    """Call a parallel kernel; serialised when numba's threading layer is ``workqueue``
-    (the only layer that is not safe for concurrent launches from several threads)."""
+def run_kernel(parallel: Callable[..., Any], serial: Callable[..., Any], work: float,
+               *args: Any) -> None:
+    """Run ``serial(*args)`` for small ``work``, else ``parallel(*args)``; parallel
+    launches are serialised when numba's threading layer is ``workqueue`` (the only layer
+    that is not safe for concurrent launches from several threads)."""
+    if work < SERIAL_WORK:
+        serial(*args)
+        return
     try:
         layer = numba.threading_layer()
     except ValueError:  # no parallel kernel has run yet
+        layer = "unknown"
+    if layer in ("workqueue", "unknown"):
         with _LOCK:
-            return kernel(*args)
-    if layer == "workqueue":
-        with _LOCK:
-            return kernel(*args)
-    return kernel(*args)
+            parallel(*args)
+        return
+    parallel(*args)
 
 
 @lru_cache(maxsize=64)
@@ -101,26 +109,36 @@ def legendre_even_matrix(t: np.ndarray, l_max: int) -> np.ndarray:
     return _legendre_even_matrix(np.ascontiguousarray(t, dtype=np.float64), l_max // 2 + 1)
 
 
-@njit(cache=True, parallel=True)
-def _watson_coefficients(kappa: np.ndarray, nodes: np.ndarray, weights: np.ndarray,
-                         pmat: np.ndarray) -> np.ndarray:
-    n = kappa.shape[0]
+@njit(cache=True)
+def _watson_row(i: int, kappa: np.ndarray, nodes: np.ndarray, weights: np.ndarray,
+                pmat: np.ndarray, out: np.ndarray) -> None:
     q, n_even = pmat.shape
-    out = np.empty((n, n_even))
-    for i in prange(n):
-        k = kappa[i]
-        norm = 0.0
-        w = np.empty(q)
+    k = kappa[i]
+    norm = 0.0
+    w = np.empty(q)
+    for j in range(q):
+        # exp(kappa (t^2 - 1)) keeps large kappa finite; the factor cancels.
+        w[j] = weights[j] * np.exp(k * (nodes[j] * nodes[j] - 1.0))
+        norm += w[j]
+    for m in range(n_even):
+        s = 0.0
         for j in range(q):
-            # exp(kappa (t^2 - 1)) keeps large kappa finite; the factor cancels.
-            w[j] = weights[j] * np.exp(k * (nodes[j] * nodes[j] - 1.0))
-            norm += w[j]
-        for m in range(n_even):
-            s = 0.0
-            for j in range(q):
-                s += w[j] * pmat[j, m]
-            out[i, m] = s / norm
-    return out
+            s += w[j] * pmat[j, m]
+        out[i, m] = s / norm
+
+
+@njit(cache=True, parallel=True)
+def _watson_parallel(kappa: np.ndarray, nodes: np.ndarray, weights: np.ndarray,
+                     pmat: np.ndarray, out: np.ndarray) -> None:
+    for i in prange(kappa.shape[0]):
+        _watson_row(i, kappa, nodes, weights, pmat, out)
+
+
+@njit(cache=True)
+def _watson_serial(kappa: np.ndarray, nodes: np.ndarray, weights: np.ndarray,
+                   pmat: np.ndarray, out: np.ndarray) -> None:
+    for i in range(kappa.shape[0]):
+        _watson_row(i, kappa, nodes, weights, pmat, out)
 
 
 def watson_quadrature_size(l_max: int, kappa_max: float) -> int:
@@ -138,7 +156,10 @@ def watson_legendre_coefficients(kappa: np.ndarray, l_max: int) -> np.ndarray:
     kmax = float(np.max(kappa)) if kappa.size else 0.0
     nodes, weights = gauss_legendre_unit(watson_quadrature_size(l_max, kmax))
     pmat = legendre_even_matrix(nodes, l_max)
-    return run_parallel(_watson_coefficients, kappa, nodes, weights, pmat)
+    out = np.empty((kappa.shape[0], pmat.shape[1]))
+    run_kernel(_watson_parallel, _watson_serial, kappa.size * pmat.size, kappa, nodes,
+               weights, pmat, out)
+    return out
 
 
 def watson_order(kappa_max: float, tolerance: float = 1e-9, cap: int = 400) -> int:
@@ -161,30 +182,43 @@ def watson_order(kappa_max: float, tolerance: float = 1e-9, cap: int = 400) -> i
         l_try = min(cap, 2 * l_try)
 
 
+@njit(cache=True)
+def _dispersed_row(i: int, coeffs: np.ndarray, cosines: np.ndarray, inverse: np.ndarray,
+                   n_terms: np.ndarray, rec_a: np.ndarray, rec_b: np.ndarray,
+                   out: np.ndarray) -> None:
+    terms = n_terms[i]
+    for j in range(cosines.shape[1]):
+        t = cosines[i, j]
+        if t > 1.0:
+            t = 1.0
+        elif t < -1.0:
+            t = -1.0
+        u = inverse[j]
+        s = coeffs[i, u, 0]
+        p_even = 1.0  # P_{2m-2}
+        p_odd = t  # P_{2m-1}
+        for m in range(1, terms):
+            l_odd = 2 * m - 1
+            p_even = rec_a[l_odd] * t * p_odd - rec_b[l_odd] * p_even  # P_{2m}
+            s += coeffs[i, u, m] * p_even
+            p_odd = rec_a[l_odd + 1] * t * p_even - rec_b[l_odd + 1] * p_odd  # P_{2m+1}
+        out[i, j] = s
+
+
 @njit(cache=True, parallel=True)
-def _dispersed_sum(coeffs: np.ndarray, cosines: np.ndarray, inverse: np.ndarray,
-                   n_terms: np.ndarray, rec_a: np.ndarray, rec_b: np.ndarray) -> np.ndarray:
-    n, nmeas = cosines.shape
-    out = np.empty((n, nmeas))
-    for i in prange(n):
-        terms = n_terms[i]
-        for j in range(nmeas):
-            t = cosines[i, j]
-            if t > 1.0:
-                t = 1.0
-            elif t < -1.0:
-                t = -1.0
-            u = inverse[j]
-            s = coeffs[i, u, 0]
-            p_even = 1.0  # P_{2m-2}
-            p_odd = t  # P_{2m-1}
-            for m in range(1, terms):
-                l_odd = 2 * m - 1
-                p_even = rec_a[l_odd] * t * p_odd - rec_b[l_odd] * p_even  # P_{2m}
-                s += coeffs[i, u, m] * p_even
-                p_odd = rec_a[l_odd + 1] * t * p_even - rec_b[l_odd + 1] * p_odd  # P_{2m+1}
-            out[i, j] = s
-    return out
+def _dispersed_parallel(coeffs: np.ndarray, cosines: np.ndarray, inverse: np.ndarray,
+                        n_terms: np.ndarray, rec_a: np.ndarray, rec_b: np.ndarray,
+                        out: np.ndarray) -> None:
+    for i in prange(cosines.shape[0]):
+        _dispersed_row(i, coeffs, cosines, inverse, n_terms, rec_a, rec_b, out)
+
+
+@njit(cache=True)
+def _dispersed_serial(coeffs: np.ndarray, cosines: np.ndarray, inverse: np.ndarray,
+                      n_terms: np.ndarray, rec_a: np.ndarray, rec_b: np.ndarray,
+                      out: np.ndarray) -> None:
+    for i in range(cosines.shape[0]):
+        _dispersed_row(i, coeffs, cosines, inverse, n_terms, rec_a, rec_b, out)
 
 
 def dispersed_legendre_sum(coeffs: np.ndarray, cosines: np.ndarray, inverse: np.ndarray,
@@ -203,8 +237,12 @@ def dispersed_legendre_sum(coeffs: np.ndarray, cosines: np.ndarray, inverse: np.
     ls = np.arange(2 * n_even + 1, dtype=np.float64)
     rec_a = (2.0 * ls + 1.0) / (ls + 1.0)  # P_{l+1} = a_l t P_l - b_l P_{l-1}
     rec_b = ls / (ls + 1.0)
-    return run_parallel(_dispersed_sum, coeffs, np.ascontiguousarray(cosines, dtype=np.float64),
-                        np.ascontiguousarray(inverse, dtype=np.int64), n_terms, rec_a, rec_b)
+    cosines = np.ascontiguousarray(cosines, dtype=np.float64)
+    out = np.empty(cosines.shape)
+    run_kernel(_dispersed_parallel, _dispersed_serial, cosines.size * float(n_terms.mean()),
+               coeffs, cosines, np.ascontiguousarray(inverse, dtype=np.int64), n_terms, rec_a,
+               rec_b, out)
+    return out
 
 
 def significant_terms(coeffs: np.ndarray, tolerance: float) -> np.ndarray:
@@ -216,43 +254,66 @@ def significant_terms(coeffs: np.ndarray, tolerance: float) -> np.ndarray:
     return np.where(big.any(axis=1), last + 1, 1).astype(np.int64)
 
 
+@njit(cache=True)
+def _cosines_row(i: int, directions: np.ndarray, axes: np.ndarray, out: np.ndarray) -> None:
+    ax, ay, az = axes[i, 0], axes[i, 1], axes[i, 2]
+    for j in range(directions.shape[0]):
+        out[i, j] = directions[j, 0] * ax + directions[j, 1] * ay + directions[j, 2] * az
+
+
 @njit(cache=True, parallel=True)
-def _cosines_to_axes(directions: np.ndarray, axes: np.ndarray) -> np.ndarray:
-    """``g_j . axis_i`` for directions (N, 3) and unit axes (n, 3): (n, N)."""
-    n = axes.shape[0]
-    m = directions.shape[0]
-    out = np.empty((n, m))
-    for i in prange(n):
-        ax, ay, az = axes[i, 0], axes[i, 1], axes[i, 2]
+def _cosines_parallel(directions: np.ndarray, axes: np.ndarray, out: np.ndarray) -> None:
+    for i in prange(axes.shape[0]):
+        _cosines_row(i, directions, axes, out)
+
+
+@njit(cache=True)
+def _cosines_serial(directions: np.ndarray, axes: np.ndarray, out: np.ndarray) -> None:
+    for i in range(axes.shape[0]):
+        _cosines_row(i, directions, axes, out)
+
+
+@njit(cache=True)
+def _node_sum_row(i: int, values: np.ndarray, weights: np.ndarray, n_nodes: int,
+                  out: np.ndarray) -> None:
+    m = out.shape[1]
+    for j in range(m):
+        out[i, j] = 0.0
+    for k in range(n_nodes):
+        w = weights[i, k]
+        base = k * m
         for j in range(m):
-            out[i, j] = directions[j, 0] * ax + directions[j, 1] * ay + directions[j, 2] * az
-    return out
+            out[i, j] += w * values[i, base + j]
 
 
 @njit(cache=True, parallel=True)
-def _weighted_node_sum(values: np.ndarray, weights: np.ndarray, n_nodes: int) -> np.ndarray:
-    """Sum over quadrature nodes: values (n, K*N) laid out node-major per row
-    (column ``k*N + j``), weights (n, K) -> (n, N)."""
-    n, total = values.shape
-    m = total // n_nodes
-    out = np.zeros((n, m))
-    for i in prange(n):
-        for k in range(n_nodes):
-            w = weights[i, k]
-            base = k * m
-            for j in range(m):
-                out[i, j] += w * values[i, base + j]
-    return out
+def _node_sum_parallel(values: np.ndarray, weights: np.ndarray, n_nodes: int,
+                       out: np.ndarray) -> None:
+    for i in prange(values.shape[0]):
+        _node_sum_row(i, values, weights, n_nodes, out)
+
+
+@njit(cache=True)
+def _node_sum_serial(values: np.ndarray, weights: np.ndarray, n_nodes: int,
+                     out: np.ndarray) -> None:
+    for i in range(values.shape[0]):
+        _node_sum_row(i, values, weights, n_nodes, out)
 
 
 def cosines_to_axes(directions: np.ndarray, axes: np.ndarray) -> np.ndarray:
     """Cosines (n, N) between directions (N, 3) and unit axes (n, 3)."""
-    return run_parallel(_cosines_to_axes, np.ascontiguousarray(directions, dtype=np.float64),
-                        np.ascontiguousarray(axes, dtype=np.float64))
+    directions = np.ascontiguousarray(directions, dtype=np.float64)
+    axes = np.ascontiguousarray(axes, dtype=np.float64)
+    out = np.empty((axes.shape[0], directions.shape[0]))
+    run_kernel(_cosines_parallel, _cosines_serial, out.size, directions, axes, out)
+    return out
 
 
 def weighted_node_sum(values: np.ndarray, weights: np.ndarray, n_nodes: int) -> np.ndarray:
     """Sum over quadrature nodes: values (n, K*N) node-major per row (column k*N + j),
     weights (n, K) -> (n, N)."""
-    return run_parallel(_weighted_node_sum, np.ascontiguousarray(values, dtype=np.float64),
-                        np.ascontiguousarray(weights, dtype=np.float64), int(n_nodes))
+    values = np.ascontiguousarray(values, dtype=np.float64)
+    out = np.empty((values.shape[0], values.shape[1] // int(n_nodes)))
+    run_kernel(_node_sum_parallel, _node_sum_serial, values.size, values,
+               np.ascontiguousarray(weights, dtype=np.float64), int(n_nodes), out)
+    return out
