@@ -157,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
             "max": round(1000 * max(latencies), 2) if latencies else None,
         },
         "outcomes": statuses,
+        "errors": sorted({r["error"] for r in results if r["status"] == "failed"})[:5],
     }
     text = json.dumps(figures, indent=2)
     print(text)
