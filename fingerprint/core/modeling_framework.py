@@ -388,7 +388,7 @@ class _ParameterNamespace:
 
 
 # =========================================================================== sub-models
-_UNIQUE_CACHE: dict[str, tuple[Any, np.ndarray]] = {}
+_UNIQUE_CACHE: dict[int, tuple[Any, tuple[Any, np.ndarray]]] = {}
 _UNIQUE_LOCK = threading.Lock()
 
 
@@ -405,16 +405,16 @@ class _SchemeContext:
     @property
     def unique(self) -> tuple[Any, np.ndarray]:
         if self._unique is None:
-            key = getattr(self.scheme, "hash", None)
-            cached = _UNIQUE_CACHE.get(key) if key is not None else None
-            if cached is None:
-                cached = self.scheme.unique_measurements()
-                if key is not None:
-                    with _UNIQUE_LOCK:
-                        if len(_UNIQUE_CACHE) >= 32:
-                            _UNIQUE_CACHE.pop(next(iter(_UNIQUE_CACHE)))
-                        _UNIQUE_CACHE[key] = cached
-            self._unique = cached
+            # keyed by object identity (the cache holds the scheme, so ids are not reused)
+            key = id(self.scheme)
+            entry = _UNIQUE_CACHE.get(key)
+            if entry is None or entry[0] is not self.scheme:
+                entry = (self.scheme, self.scheme.unique_measurements())
+                with _UNIQUE_LOCK:
+                    if len(_UNIQUE_CACHE) >= 16:
+                        _UNIQUE_CACHE.pop(next(iter(_UNIQUE_CACHE)), None)
+                    _UNIQUE_CACHE[key] = entry
+            self._unique = entry[1]
         return self._unique
 
     @property
