@@ -260,7 +260,7 @@ def write_phantom(phantom: dict[str, Any], directory: str | os.PathLike,
         path = directory / bids_map_name(prefix, "noddi", label, desc="truth", extension=ext)
         atomic_write_nifti(image(np.asarray(data, dtype=np.float32)), path)
         paths[f"truth_{label}"] = path
-    logger.info("phantom written to %s", directory)
+    logger.debug("phantom written to %s", directory)
     return paths
 
 

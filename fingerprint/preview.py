@@ -90,5 +90,5 @@ def write_preview(maps: Mapping[str, Any], path: str | os.PathLike, *, title: st
         plt.close(fig)
         if tmp.exists():
             tmp.unlink()
-    logger.info("preview written to %s", path)
+    logger.debug("preview written to %s", path)
     return path

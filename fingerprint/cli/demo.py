@@ -49,7 +49,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     import nibabel as nib
     import numpy as np
 
-    from fingerprint.cli.fit import progress_bar
+    from fingerprint.cli.fit import progress_bar, quiet_third_party_logs
     from fingerprint.fitting.pipeline import fit_volume
     from fingerprint.phantoms import noddi_errors, noddi_phantom, write_phantom
     from fingerprint.preview import write_preview
@@ -62,6 +62,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         raise InputError("--dictionary-size must be a positive integer")
     if args.threads is not None and args.threads < 1:
         raise InputError("--threads must be at least 1")
+    quiet_third_party_logs(args)
     out = sys.stdout
     t0 = time.perf_counter()
     phantom = noddi_phantom(shape=tuple(args.shape), seed=args.seed, snr=args.snr or None)

@@ -12,6 +12,7 @@ the prefix defaults to the BIDS entities of the DWI file name (``sub-01_ses-1`` 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -80,6 +81,12 @@ def progress_bar(desc: str, enabled: bool = True):
     return _Closer(), progress
 
 
+def quiet_third_party_logs(args: argparse.Namespace) -> None:
+    """FAISS announces its CPU-feature probing at INFO level: hide it unless -vv."""
+    if getattr(args, "verbose", 0) < 2:
+        logging.getLogger("faiss").setLevel(logging.WARNING)
+
+
 def _cli_error(message: str) -> Exception:
     from fingerprint.cli.main import CLIError
 
@@ -91,6 +98,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     from fingerprint.models import get_recipe
 
     get_recipe(args.model)  # unknown names fail before any file is read
+    quiet_third_party_logs(args)
     if args.threads is not None and args.threads < 1:
         raise InputError("--threads must be at least 1")
     if args.dictionary_size is not None and args.dictionary_size < 1:

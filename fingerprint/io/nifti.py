@@ -5,7 +5,9 @@ Input
 :class:`DWIImage` opens a 4-D diffusion-weighted NIfTI without reading its voxels; data are
 read through nibabel's array proxy in slabs of whole slices along the last spatial axis
 (the slowest-varying spatial axis on disk), so a volume is never held as a float64 copy:
-at most one slab (``max_slab_bytes``, float32) is in memory at a time. Masks are small
+at most one slab (``max_bytes``, float32) is in memory at a time; uncompressed files are
+read volume by volume within a slab (no second copy); gzip files that need several
+slabs are decompressed once to a temporary file first (:meth:`DWIImage.spooled`). Masks are small
 3-D images and are read whole by :func:`load_mask`.
 
 Output
@@ -68,7 +70,7 @@ __all__ = [
 ]
 
 #: Largest slab of float32 DWI data read at once (bytes).
-DEFAULT_SLAB_BYTES = 256 * 1024**2
+DEFAULT_SLAB_BYTES = 128 * 1024**2
 
 _READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, struct.error, gzip.BadGzipFile)
 
@@ -276,6 +278,7 @@ class DWIImage:
                              f"{self.spatial_shape}")
         nz = self.shape[2]
         step = self.slab_slices(max_bytes)
+        compressed = self.is_compressed
         for z0 in range(start_slice, nz, step):
             z1 = min(nz, z0 + step)
             sub = mask[:, :, z0:z1]
@@ -284,10 +287,15 @@ class DWIImage:
             # read only the range of slices that actually holds masked voxels
             zs = np.flatnonzero(sub.any(axis=(0, 1)))
             a, b = z0 + int(zs[0]), z0 + int(zs[-1]) + 1
-            block = self._read((slice(None), slice(None), slice(a, b), slice(None)))
             local = mask[:, :, a:b]
-            data = np.ascontiguousarray(block[local])
-            del block
+            if compressed:  # one read: each read of a gzip stream decompresses from the start
+                block = self._read((slice(None), slice(None), slice(a, b), slice(None)))
+                data = np.ascontiguousarray(block[local])
+                del block
+            else:  # volume by volume: no second slab-sized copy
+                data = np.empty((int(local.sum()), self.n_volumes), dtype=np.float32)
+                for t in range(self.n_volumes):
+                    data[:, t] = self._read((slice(None), slice(None), slice(a, b), t))[local]
             coords = np.argwhere(local)
             coords[:, 2] += a
             yield Slab(a, b, coords, data)
