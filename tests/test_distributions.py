@@ -364,3 +364,35 @@ def test_distributed_spherical_mean_ignores_dispersion(irregular_scheme):
     sm = model.simulate_signal(irregular_scheme, [2e-9, 0.3])
     plain = MultiCompartmentSphericalMeanModel(models=[C1Stick()])
     np.testing.assert_allclose(sm, plain.simulate_signal(irregular_scheme, [2e-9]))
+
+
+def test_gamma_spherical_mean_is_the_orientation_average():
+    """Spherical-mean model of Gamma-distributed cylinders against the average of the
+    directional model over 4,000 near-uniform directions of each shell."""
+    from fingerprint.core.modeling_framework import MultiCompartmentSphericalMeanModel
+
+    n_dir = 4000
+    k = np.arange(n_dir) + 0.5
+    theta = np.arccos(1 - 2 * k / n_dir)
+    phi = np.pi * (1 + 5 ** 0.5) * k
+    dirs = np.stack([np.sin(theta) * np.cos(phi), np.sin(theta) * np.sin(phi), np.cos(theta)], 1)
+    b = np.r_[0.0, np.full(n_dir, 1e9), np.full(n_dir, 3e9)]
+    scheme = acquisition_scheme_from_bvalues(b, np.r_[[[0.0, 0.0, 0.0]], dirs, dirs],
+                                             delta=0.012, Delta=0.03)
+    cyl = C4CylinderGaussianPhaseApproximation()
+    sm = MultiCompartmentSphericalMeanModel(models=[DD1GammaDistributed(models=[cyl])])
+    assert sm.parameter_names == [
+        "DD1GammaDistributed_1_C4CylinderGaussianPhaseApproximation_1_lambda_par",
+        "DD1GammaDistributed_1_DD1Gamma_1_alpha", "DD1GammaDistributed_1_DD1Gamma_1_beta"]
+    directional = MultiCompartmentModel(models=[DD1GammaDistributed(models=[cyl])])
+    means = sm.simulate_signal(scheme, [1.7e-9, 2.5, 1.5e-6])
+    signal = directional.simulate_signal(scheme, [0.4, 0.9, 1.7e-9, 2.5, 1.5e-6])
+    averages = [signal[scheme.shell_indices == s].mean() for s in range(scheme.number_of_shells)]
+    np.testing.assert_allclose(means, averages, atol=2e-4)
+
+
+def test_initial_guess_vector():
+    model = MultiCompartmentModel(models=[G1Ball(), _noddi_bundle()])
+    vec = model.parameter_initial_guess_to_parameter_vector(odi=0.3)
+    assert vec.shape == (7,)  # lambda_iso, mu (2), odi, three volume fractions
+    assert vec[3] == 0.3 and np.isnan(vec[[0, 1, 2, 4, 5, 6]]).all()

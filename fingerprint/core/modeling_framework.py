@@ -362,6 +362,16 @@ class _ParameterNamespace:
                 parts.append(np.broadcast_to(v, (*shape, card)))
         return np.concatenate(parts, axis=-1).astype(float)
 
+    def parameter_initial_guess_to_parameter_vector(self, **parameters: Any) -> np.ndarray:
+        """Parameter vector with the given parameters and NaN for the others (dmipy's
+        initial-guess helper; NaN entries are left to the solver)."""
+        cards = self.parameter_cardinality
+        given = {self.resolve_parameter_name(k, free_only=True): v
+                 for k, v in parameters.items()}
+        full = {name: given.get(name, np.full(card, np.nan) if card > 1 else np.nan)
+                for name, card in cards.items()}
+        return self.parameters_to_parameter_vector(**full)
+
     # ------------------------------------------------------------------ evaluation
     def _parameters_with_links(self, free: Mapping[str, np.ndarray], n: int,
                                state: _State | None = None) -> dict[str, np.ndarray]:
@@ -573,7 +583,13 @@ class MultiCompartmentModelProperties(_ParameterNamespace):
     _spherical_mean = False
     _kind_label = "model"
 
-    def __init__(self, models: Sequence[Any]) -> None:
+    def __init__(self, models: Sequence[Any], S0_tissue_responses: Any = None,
+                 parameter_links: Any = None) -> None:
+        if S0_tissue_responses is not None:
+            raise InputError("S0_tissue_responses (multi-tissue models) is not supported")
+        if parameter_links:
+            raise InputError("parameter_links is not supported; use set_fixed_parameter / "
+                             "set_equal_parameter / set_tortuous_parameter")
         if isinstance(models, (str, bytes)) or not isinstance(models, Sequence) or not models:
             raise InputError("models must be a non-empty list of compartments or distributed "
                              "models")
