@@ -574,3 +574,16 @@ def test_concurrent_calls_from_threads_agree(activeax) -> None:
             range(8)))
     for got in results:
         np.testing.assert_array_equal(got, expected)
+
+
+def test_fast_exp_matches_libm() -> None:
+    xs = np.concatenate([np.linspace(-760.0, 720.0, 20001), np.linspace(-1.0, 1.0, 2001),
+                         [0.0, -0.0, 1e-300, -1e-300, -745.2, 709.78, 710.0, -np.inf, np.inf]])
+    got = np.array([kernels.fast_exp(x) for x in xs])
+    with np.errstate(over="ignore", under="ignore"):
+        expected = np.exp(xs)
+    normal = expected > 1e-300
+    np.testing.assert_allclose(got[normal], expected[normal], rtol=5e-16, atol=0)
+    assert np.all(got[~normal] < 1e-300) and np.all(got[~normal] >= 0)
+    assert np.isinf(kernels.fast_exp(710.0)) and kernels.fast_exp(-np.inf) == 0.0
+    assert np.isnan(kernels.fast_exp(np.nan))

@@ -31,6 +31,7 @@ __all__ = [
     "cylinder_gaussian_phase_signal",
     "cylinder_stejskal_tanner_signal",
     "dawson",
+    "fast_exp",
     "gather_columns",
     "sphere_gaussian_phase_signal",
     "sphere_stejskal_tanner_signal",
@@ -166,6 +167,34 @@ def _dawson_ratio(x2: float) -> float:
     return dawson(x) / x
 
 
+# --------------------------------------------------------------------------- exponential
+_LOG2E = 1.4426950408889634
+_LN2_HI = 6.93147180369123816490e-01  # ln 2 split for an exact reduction (Cody-Waite)
+_LN2_LO = 1.90821492927058770002e-10
+_EXP2_OFFSET = 1100
+#: 2**k for k in [-1100, 1100] (0 below the subnormals, inf above the largest double).
+with np.errstate(over="ignore", under="ignore"):
+    _EXP2_TABLE = np.ldexp(1.0, np.arange(-_EXP2_OFFSET, _EXP2_OFFSET + 1))
+
+
+@njit(cache=True, nogil=True, inline="always")
+def fast_exp(x: float) -> float:
+    """exp(x) to ~1 ulp, written so that loops calling it vectorise (no libm call).
+
+    x = k ln2 + r with |r| <= ln2 / 2; e^r by its degree-13 Taylor polynomial (truncation
+    below 1e-17); 2^k from a table. Underflows to 0, overflows to inf, NaN propagates.
+    """
+    xc = min(max(x, -750.0), 750.0)
+    k = math.floor(xc * _LOG2E + 0.5)
+    r = (xc - k * _LN2_HI) - k * _LN2_LO
+    p = 1.0 + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (
+        1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0 + r * (1.0 / 40320.0 + r * (
+            1.0 / 362880.0 + r * (1.0 / 3628800.0 + r * (1.0 / 39916800.0 + r * (
+                1.0 / 479001600.0 + r * (1.0 / 6227020800.0)))))))))))))
+    y = (p * _EXP2_TABLE[np.int64(k) + _EXP2_OFFSET - 1]) * 2.0  # 2^(k-1): no overflow at k=1024
+    return y if x == x else x
+
+
 # --------------------------------------------------------------------------- Gaussian
 @njit(cache=True, parallel=True, error_model="numpy")
 def stick_signal(b: np.ndarray, cos: np.ndarray, lambda_par: np.ndarray,
@@ -178,7 +207,7 @@ def stick_signal(b: np.ndarray, cos: np.ndarray, lambda_par: np.ndarray,
         lp = lambda_par[i]
         for j in range(m):
             u = cos[ci, j]
-            out[i, j] = math.exp(-b[j] * lp * u * u)
+            out[i, j] = fast_exp(-b[j] * lp * u * u)
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
@@ -194,7 +223,7 @@ def zeppelin_signal(b: np.ndarray, cos: np.ndarray, lambda_par: np.ndarray,
         d = lp - lq
         for j in range(m):
             u = cos[ci, j]
-            out[i, j] = math.exp(-b[j] * (lq + d * u * u))
+            out[i, j] = fast_exp(-b[j] * (lq + d * u * u))
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
@@ -214,7 +243,7 @@ def temporal_zeppelin_signal(b: np.ndarray, time_factor: np.ndarray, cos: np.nda
         for j in range(m):
             u = cos[ci, j]
             lq = lambda_inf[i] + A[i] * time_factor[j]
-            out[i, j] = math.exp(-b[j] * (lq + (lp - lq) * u * u))
+            out[i, j] = fast_exp(-b[j] * (lq + (lp - lq) * u * u))
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
@@ -224,7 +253,7 @@ def ball_signal(b: np.ndarray, lambda_iso: np.ndarray, out: np.ndarray) -> None:
     for i in prange(n):
         li = lambda_iso[i]
         for j in range(m):
-            out[i, j] = math.exp(-b[j] * li)
+            out[i, j] = fast_exp(-b[j] * li)
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
@@ -356,23 +385,26 @@ def cylinder_gaussian_phase_signal(b: np.ndarray, gG: np.ndarray, timing_index: 
         lp = lambda_par[i]
         radius = 0.5 * diameter[i]
         sums = np.zeros(n_t)
+        terms = np.empty(roots.shape[0])
         for t in range(n_t):
             d = deltas[t]
             dd = Deltas[t]
-            s = 0.0
-            for r in range(roots.shape[0]):
+            for r in range(roots.shape[0]):  # no reduction here: this loop vectorises
                 a = roots[r] / radius
                 a2 = a * a
                 a2d = a2 * D
-                num = (2.0 * a2d * d - 2.0 + 2.0 * math.exp(-a2d * d)
-                       + 2.0 * math.exp(-a2d * dd) - math.exp(-a2d * (dd - d))
-                       - math.exp(-a2d * (dd + d)))
-                s += num / (D * D * a2 * a2 * a2 * (radius * radius * a2 - 1.0))
+                num = (2.0 * a2d * d - 2.0 + 2.0 * fast_exp(-a2d * d)
+                       + 2.0 * fast_exp(-a2d * dd) - fast_exp(-a2d * (dd - d))
+                       - fast_exp(-a2d * (dd + d)))
+                terms[r] = num / (D * D * a2 * a2 * a2 * (radius * radius * a2 - 1.0))
+            s = 0.0
+            for r in range(roots.shape[0]):
+                s += terms[r]
             sums[t] = s
         for j in range(m):
             u = cos[ci, j]
             g = gG[j]
-            out[i, j] = math.exp(-b[j] * lp * u * u
+            out[i, j] = fast_exp(-b[j] * lp * u * u
                                  - 2.0 * g * g * _sin2(u) * sums[timing_index[j]])
 
 
@@ -422,21 +454,24 @@ def sphere_gaussian_phase_signal(gG: np.ndarray, timing_index: np.ndarray,
     for i in prange(n):
         radius = 0.5 * diameter[i]
         sums = np.zeros(n_t)
+        terms = np.empty(roots.shape[0])
         for t in range(n_t):
             d = deltas[t]
             dd = Deltas[t]
-            s = 0.0
-            for r in range(roots.shape[0]):
+            for r in range(roots.shape[0]):  # no reduction here: this loop vectorises
                 a = roots[r] / radius
                 a2 = a * a
                 a2d = a2 * D
-                inner = (2.0 + math.exp(-a2d * (dd - d)) - 2.0 * math.exp(-a2d * d)
-                         - 2.0 * math.exp(-a2d * dd) + math.exp(-a2d * (dd + d)))
-                s += (2.0 * d - inner / a2d) / (a2 * a2 * (a2 * radius * radius - 2.0))
+                inner = (2.0 + fast_exp(-a2d * (dd - d)) - 2.0 * fast_exp(-a2d * d)
+                         - 2.0 * fast_exp(-a2d * dd) + fast_exp(-a2d * (dd + d)))
+                terms[r] = (2.0 * d - inner / a2d) / (a2 * a2 * (a2 * radius * radius - 2.0))
+            s = 0.0
+            for r in range(roots.shape[0]):
+                s += terms[r]
             sums[t] = s
         for j in range(m):
             g = gG[j]
-            out[i, j] = math.exp(-2.0 * g * g / D * sums[timing_index[j]])
+            out[i, j] = fast_exp(-2.0 * g * g / D * sums[timing_index[j]])
 
 
 # --------------------------------------------------------------------------- helpers
