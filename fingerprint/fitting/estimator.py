@@ -50,7 +50,7 @@ DEFAULT_NEIGHBORS = 32
 #: Minimum number of b0 measurements for a per-voxel noise estimate from their spread.
 MIN_B0_FOR_NOISE = 4
 #: Voxels per internal batch (bounds temporary memory).
-BATCH_VOXELS = 65536
+BATCH_VOXELS = 16384
 
 
 @dataclass
@@ -344,64 +344,61 @@ class FingerprintEstimator:
         return out
 
     def _estimate_batch(self, data: np.ndarray, x0: np.ndarray | None) -> VoxelEstimates:
+        from fingerprint.kernels.features import prepare_signals, zonal_residuals
+
         n = data.shape[0]
         b0 = self._b0
         P = self.n_parameters
+        fmap = self.feature_map
         params = np.full((n, P), np.nan)
         unc = np.full((n, P), np.nan)
-        s0 = np.full(n, np.nan)
         r2 = np.full(n, np.nan)
         mse = np.full(n, np.nan)
-        sigma_out = np.full(n, np.nan)
-        finite = np.isfinite(data).all(axis=1)
-        if b0.any():
-            s0_all = np.where(finite, data[:, b0].mean(axis=1) if finite.any() else np.nan,
-                              np.nan)
-        else:
-            s0_all = np.where(finite, 1.0, np.nan)
-        valid = finite & np.isfinite(s0_all) & (s0_all > 0)
+        if data.dtype not in (np.float32, np.float64):
+            data = data.astype(np.float64)
+        data = np.ascontiguousarray(data)
+        no_sigma = np.full(n, np.nan)
+        ynorm_all, plain_all, s0, sigma_all, valid = prepare_signals(
+            data, b0, no_sigma, MIN_B0_FOR_NOISE, self.rician)
         rows = np.flatnonzero(valid)
         if rows.size == 0:
-            return VoxelEstimates(params, unc, s0, r2, mse, valid, sigma_out)
-        y = data[rows]
-        s0v = s0_all[rows]
-        fmap = self.feature_map
-        ynorm = y / s0v[:, None]
-
-        # noise level (raw units) per voxel
-        n_b0 = int(b0.sum())
-        if n_b0 >= MIN_B0_FOR_NOISE:
-            sigma = y[:, b0].std(axis=1, ddof=1)
-        else:
-            sigma = None
-
-        # fibre frames
-        frames = None
-        seeded = np.zeros(rows.size, dtype=bool)
+            return VoxelEstimates(params, unc, s0, r2, mse, valid, sigma_all)
+        ynorm = ynorm_all[rows]
+        plain = plain_all[rows] if plain_all is not ynorm_all else ynorm
+        sigma = sigma_all[rows]
+        s0v = s0[rows]
         x0v = None if x0 is None else x0[rows]
-        if fmap.kind == "zonal":
-            if x0v is not None and self.orientation_names:
-                ang = x0v[:, self._orientation_columns]
-                seeded = np.isfinite(ang).all(axis=1)
-            if seeded.all():
-                frames = angles_to_frames(ang)
-            else:
-                frames = self.frame_estimator.estimate(ynorm)
-                if seeded.any():
-                    frames[seeded] = angles_to_frames(ang[seeded])
-        if sigma is None:
-            _, rss = fmap.voxel_features(ynorm, frames, return_rss=True)
+
+        # orientation given in x0
+        seeded = np.zeros(rows.size, dtype=bool)
+        given = None
+        if x0v is not None and self.orientation_names:
+            ang = x0v[:, self._orientation_columns]
+            seeded = np.isfinite(ang).all(axis=1)
+            given = angles_to_frames(np.where(np.isfinite(ang), ang, 0.0))
+
+        # noise from the residual of the feature fit when there are too few b0s
+        missing = ~np.isfinite(sigma)
+        if missing.any():
+            frames0 = self._frames(plain[missing], seeded[missing],
+                                   None if given is None else given[missing])
+            _, rss = fmap.voxel_features(plain[missing], frames0, return_rss=True)
             dof = max(int(np.sum(fmap.shell_of >= 0)) - fmap.n_fitted_coefficients, 1)
-            sigma = np.sqrt(rss / dof) * s0v if fmap.kind != "signal" else \
-                np.full(rows.size, 0.0)
+            est_sigma = np.sqrt(rss / dof) * s0v[missing] if fmap.kind != "signal" else \
+                np.zeros(int(missing.sum()))
+            sig_in = np.full(n, np.nan)
+            sig_in[rows[missing]] = est_sigma
+            sub = rows[missing]
+            redo, _, _, sig_redo, _ = prepare_signals(data[sub], b0, sig_in[sub],
+                                                      MIN_B0_FOR_NOISE, self.rician)
+            ynorm[missing] = redo
+            sigma[missing] = sig_redo
         sigma = np.where(np.isfinite(sigma), sigma, 0.0)
-        if self.rician:
-            dwi = ~b0
-            corr = y.copy()
-            corr[:, dwi] = np.sqrt(np.maximum(y[:, dwi] ** 2 - sigma[:, None] ** 2, 0.0))
-            ynorm = corr / s0v[:, None]
         sig2_feat = (sigma / s0v) ** 2
 
+        # frames from the uncorrected signals (the bias correction, floored at zero,
+        # distorts the angular profile of low signals), features from the corrected ones
+        frames = self._frames(plain, seeded, given)
         feats = fmap.voxel_features(ynorm, frames)
         dist, idx = self.matcher.search(feats, self.n_neighbors)
         marg = None
@@ -419,10 +416,11 @@ class FingerprintEstimator:
         sd[:, self._orientation_columns] = np.nan
         start = mean
         if x0v is not None:
-            seeded = x0v[:, self._scalar_columns]
+            seeded_scalars = x0v[:, self._scalar_columns]
             cols = self._scalar_columns
             start = mean.copy()
-            start[:, cols] = np.where(np.isfinite(seeded), seeded, mean[:, cols])
+            start[:, cols] = np.where(np.isfinite(seeded_scalars), seeded_scalars,
+                                      mean[:, cols])
         pred_feats = None
         if self.refine and self._refine_columns.size:
             rc = self._refine_columns
@@ -436,9 +434,11 @@ class FingerprintEstimator:
                 # spacing (few effective neighbours); when many atoms share the weight the
                 # posterior mean already interpolates, and the step only adds noise
                 n_eff = 1.0 / np.maximum((weights ** 2).sum(axis=1), 1e-300)
-                lam = np.minimum(1.0, self.refine_shrinkage / n_eff)[:, None]
-                est[:, rc] = start[:, rc] + lam * (est[:, rc] - start[:, rc])
-                pred_feats = None
+                lam = np.minimum(1.0, self.refine_shrinkage / n_eff)
+                est[:, rc] = start[:, rc] + lam[:, None] * (est[:, rc] - start[:, rc])
+                base = np.einsum("nk,nkf->nf", weights,
+                                 self.atom_features[np.maximum(idx, 0)])
+                pred_feats = base + lam[:, None] * (pred_feats - base)
             if len(self._simplex_columns) >= 2:
                 others = self._simplex_columns[:-1]
                 total = est[:, others].sum(axis=1)
@@ -454,22 +454,42 @@ class FingerprintEstimator:
                                    self.atom_features[np.maximum(idx, 0)])
 
         # goodness of fit on b0-normalised (bias-corrected) signals
-        pred = fmap.reconstruct(pred_feats, frames)
-        if fmap.kind == "shell_means":
-            obs, predicted = self._shell_means(ynorm), self._shell_means(pred)
+        if fmap.kind == "zonal":
+            res, tot = zonal_residuals(ynorm, fmap.zonal_coefficients(pred_feats), frames,
+                                       fmap.directions, fmap.shell_of, fmap.n_coefficients,
+                                       fmap.offsets)
+            width = ynorm.shape[1]
         else:
-            obs, predicted = ynorm, pred
-        res = ((obs - predicted) ** 2).sum(axis=1)
-        tot = ((obs - obs.mean(axis=1, keepdims=True)) ** 2).sum(axis=1)
+            pred = fmap.reconstruct(pred_feats, frames)
+            if fmap.kind == "shell_means":
+                obs, predicted = self._shell_means(ynorm), self._shell_means(pred)
+            else:
+                obs, predicted = ynorm, pred
+            res = ((obs - predicted) ** 2).sum(axis=1)
+            tot = ((obs - obs.mean(axis=1, keepdims=True)) ** 2).sum(axis=1)
+            width = obs.shape[1]
         with np.errstate(divide="ignore", invalid="ignore"):
             r2v = np.where(tot > 0, 1.0 - res / tot, np.nan)
         params[rows] = est
         unc[rows] = sd
-        s0[rows] = s0v
         r2[rows] = r2v
-        mse[rows] = res / obs.shape[1]
-        sigma_out[rows] = sigma
-        return VoxelEstimates(params, unc, s0, r2, mse, valid, sigma_out)
+        mse[rows] = res / width
+        sigma_all[rows] = sigma
+        return VoxelEstimates(params, unc, s0, r2, mse, valid, sigma_all)
+
+    def _frames(self, ynorm: np.ndarray, seeded: np.ndarray, given: np.ndarray | None
+                ) -> np.ndarray | None:
+        """Fibre frames (n, 3) of b0-normalised signals (None for non-zonal features):
+        the orientation given in x0 where ``seeded``, else the tensor eigenvector refined
+        by the zonal fit."""
+        if self.feature_map.kind != "zonal":
+            return None
+        if given is not None and seeded.all():
+            return given
+        frames = self.frame_estimator.estimate(ynorm)
+        if given is not None and seeded.any():
+            frames[seeded] = given[seeded]
+        return frames
 
     def _shell_means(self, signals: np.ndarray) -> np.ndarray:
         shells = np.asarray(self.scheme.shell_indices)

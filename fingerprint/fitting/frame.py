@@ -119,7 +119,20 @@ class FrameEstimator:
             return np.asarray(frames, dtype=np.float64)
         return refine_frames(np.ascontiguousarray(signals, dtype=np.float64),
                              np.ascontiguousarray(frames, dtype=np.float64), self.directions,
-                             self.shell_of, self.n_coefficients, it, self.max_step)
+                             self.shell_of, self.n_coefficients, it, self.max_step, True)[0]
+
+    def refine_unchecked(self, signals: np.ndarray, frames: np.ndarray
+                         ) -> tuple[np.ndarray, np.ndarray]:
+        """Like :meth:`refine` but the last step is not checked: returns the moved frames
+        and the zonal residual sum of squares at the starting ``frames``; the caller
+        keeps the move only where its own fit at the new frame has a lower residual
+        (this saves one pass over the data when the features are computed anyway)."""
+        from fingerprint.kernels.features import refine_frames
+
+        return refine_frames(np.ascontiguousarray(signals, dtype=np.float64),
+                             np.ascontiguousarray(frames, dtype=np.float64), self.directions,
+                             self.shell_of, self.n_coefficients,
+                             max(int(self.refine_iterations), 1), self.max_step, False)
 
     def estimate(self, signals: np.ndarray, start: np.ndarray | None = None) -> np.ndarray:
         """Fibre axes (n, 3), unit vectors with z >= 0, of b0-normalised ``signals``

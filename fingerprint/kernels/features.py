@@ -18,6 +18,8 @@ __all__ = [
     "legendre_even",
     "local_linear_refine",
     "posterior_average",
+    "prepare_signals",
+    "zonal_residuals",
     "reconstruct_zonal",
     "refine_frames",
     "shell_means",
@@ -249,11 +251,14 @@ def zonal_features(signals: np.ndarray, frames: np.ndarray, directions: np.ndarr
 @njit(cache=True, parallel=True)
 def refine_frames(signals: np.ndarray, frames: np.ndarray, directions: np.ndarray,
                   shell_of: np.ndarray, n_coefficients: np.ndarray, iterations: int,
-                  max_step: float) -> np.ndarray:
+                  max_step: float, check_last: bool) -> tuple[np.ndarray, np.ndarray]:
     """Axis of symmetry of every voxel's signal: Gauss-Newton on the orientation of the
     per-shell zonal Legendre model (coefficients re-fitted by least squares each
     iteration). Starts from ``frames`` (n, 3); steps are limited to ``max_step`` radians;
-    a step that does not lower the residual is rejected. Returns (n, 3) unit vectors."""
+    a step that does not lower the residual is rejected. Without ``check_last`` the last
+    step is returned unchecked (the caller compares the residual of its own fit at the
+    new axis with the returned starting residual). Returns ((n, 3) unit vectors,
+    residual sum of squares at the starting axes (n,))."""
     n = signals.shape[0]
     nmeas = signals.shape[1]
     n_shells = n_coefficients.shape[0]
@@ -261,6 +266,7 @@ def refine_frames(signals: np.ndarray, frames: np.ndarray, directions: np.ndarra
     for s in range(n_shells):
         lmax_n = max(lmax_n, n_coefficients[s])
     out = frames.copy()
+    rss0 = np.full(n, np.nan)
     for i in prange(n):
         p = np.empty(lmax_n)
         dp = np.empty(lmax_n)
@@ -270,7 +276,11 @@ def refine_frames(signals: np.ndarray, frames: np.ndarray, directions: np.ndarra
         mu = out[i].copy()
         best_rss = np.inf
         best_mu = mu.copy()
+        unchecked = False
         for it in range(iterations + 1):
+            if it == iterations and not check_last:
+                unchecked = True
+                break
             # zonal least squares at mu
             ata[:] = 0.0
             aty[:] = 0.0
@@ -305,6 +315,8 @@ def refine_frames(signals: np.ndarray, frames: np.ndarray, directions: np.ndarra
                     c[s, a] = sol[a]
                     fit += sol[a] * aty[s, a]
             rss = yty - fit
+            if it == 0:
+                rss0[i] = rss
             if rss < best_rss:
                 best_rss = rss
                 best_mu[:] = mu
@@ -370,10 +382,12 @@ def refine_frames(signals: np.ndarray, frames: np.ndarray, directions: np.ndarra
             mu[2] = mz / nn
             if step < 1e-4:
                 break
+        if unchecked:
+            best_mu[:] = mu
         out[i, 0] = best_mu[0]
         out[i, 1] = best_mu[1]
         out[i, 2] = best_mu[2]
-    return out
+    return out, rss0
 
 
 @njit(cache=True, parallel=True)
@@ -403,6 +417,111 @@ def reconstruct_zonal(coefficients: np.ndarray, frames: np.ndarray, directions: 
                 v += coefficients[i, offsets[s] + a] * p[a]
             out[i, j] = v
     return out
+
+
+@njit(cache=True, parallel=True)
+def prepare_signals(data: np.ndarray, b0_mask: np.ndarray, sigma_in: np.ndarray,
+                    min_b0_for_noise: int, rician: bool
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Validity, S0, noise level and b0-normalised signals of raw voxels ``data`` (n, N).
+
+    A voxel is valid when every value is finite and the mean of its b0 measurements
+    (``b0_mask``) is positive (without b0 measurements S0 = 1). The noise standard
+    deviation is ``sigma_in[i]`` when finite, else the sample standard deviation of the
+    b0s when there are at least ``min_b0_for_noise`` of them, else NaN. With ``rician``,
+    diffusion-weighted values become sqrt(max(S² - sigma², 0)) (first-order Rician bias
+    correction). Returns (corrected signals / S0 (n, N), uncorrected signals / S0 (n, N)
+    (the same array without ``rician``), s0 (n,), sigma (n,), valid (n,)).
+    """
+    n, m = data.shape
+    out = np.zeros((n, m))
+    plain = np.zeros((n, m)) if rician else out
+    s0 = np.full(n, np.nan)
+    sigma = np.full(n, np.nan)
+    valid = np.zeros(n, dtype=np.bool_)
+    nb0 = 0
+    for j in range(m):
+        if b0_mask[j]:
+            nb0 += 1
+    for i in prange(n):
+        ok = True
+        acc = 0.0
+        for j in range(m):
+            v = data[i, j]
+            if not math.isfinite(v):
+                ok = False
+                break
+            if b0_mask[j]:
+                acc += v
+        if not ok:
+            continue
+        mean = acc / nb0 if nb0 > 0 else 1.0
+        if not (mean > 0.0):
+            continue
+        sg = sigma_in[i]
+        if not math.isfinite(sg) and nb0 >= min_b0_for_noise:
+            ss = 0.0
+            for j in range(m):
+                if b0_mask[j]:
+                    d = data[i, j] - mean
+                    ss += d * d
+            sg = math.sqrt(ss / (nb0 - 1))
+        s2 = sg * sg if (rician and math.isfinite(sg)) else 0.0
+        inv = 1.0 / mean
+        for j in range(m):
+            v = data[i, j]
+            plain[i, j] = v * inv
+            if s2 > 0.0 and not b0_mask[j]:
+                v = math.sqrt(max(v * v - s2, 0.0))
+            out[i, j] = v * inv
+        s0[i] = mean
+        sigma[i] = sg
+        valid[i] = True
+    return out, plain, s0, sigma, valid
+
+
+@njit(cache=True, parallel=True)
+def zonal_residuals(signals: np.ndarray, coefficients: np.ndarray, frames: np.ndarray,
+                    directions: np.ndarray, shell_of: np.ndarray,
+                    n_coefficients: np.ndarray, offsets: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Residual and total sums of squares (n,) of b0-normalised ``signals`` (n, N) against
+    the per-shell Legendre series ``coefficients`` (n, k) around ``frames`` (n, 3);
+    measurements with ``shell_of`` -1 are predicted as 1 (b0)."""
+    n, nmeas = signals.shape
+    lmax_n = 1
+    for s in range(n_coefficients.shape[0]):
+        lmax_n = max(lmax_n, n_coefficients[s])
+    rss = np.full(n, np.nan)
+    tss = np.full(n, np.nan)
+    for i in prange(n):
+        if not math.isfinite(coefficients[i, 0]):
+            continue
+        p = np.empty(lmax_n)
+        mean = 0.0
+        for j in range(nmeas):
+            mean += signals[i, j]
+        mean /= nmeas
+        r = 0.0
+        t = 0.0
+        for j in range(nmeas):
+            s = shell_of[j]
+            pred = 1.0
+            if s >= 0:
+                u = directions[j, 0] * frames[i, 0] + directions[j, 1] * frames[i, 1] + \
+                    directions[j, 2] * frames[i, 2]
+                nc = n_coefficients[s]
+                legendre_even(u, 2 * (nc - 1), p)
+                pred = 0.0
+                for a in range(nc):
+                    pred += coefficients[i, offsets[s] + a] * p[a]
+            d = signals[i, j] - pred
+            r += d * d
+            e = signals[i, j] - mean
+            t += e * e
+        rss[i] = r
+        tss[i] = t
+    return rss, tss
 
 
 @njit(cache=True, parallel=True)
