@@ -134,9 +134,10 @@ def write_case(directory: Path, signals: np.ndarray, bval: Path, bvec: Path, s0:
     directory.mkdir(parents=True, exist_ok=True)
     n, N = signals.shape
     shape = shape or grid_shape(n)
-    noisy = add_rician_noise(signals * s0, s0 / snr, rng).astype(np.float32)
     data = np.zeros((int(np.prod(shape)), N), np.float32)
-    data[:n] = noisy
+    for a in range(0, n, 100_000):  # blockwise: bounded float64 temporaries
+        b = min(n, a + 100_000)
+        data[a:b] = add_rician_noise(signals[a:b] * s0, s0 / snr, rng)
     mask = np.zeros(int(np.prod(shape)), np.uint8)
     mask[:n] = 1
     affine = np.diag([1.25, 1.25, 1.25, 1.0])
@@ -304,8 +305,7 @@ def run_whole_brain(signals: np.ndarray, bval: Path, bvec: Path, work: Path, vox
                     ) -> dict[str, object]:
     side = int(round(voxels ** (1 / 3)))
     shape = (side, side, int(np.ceil(voxels / side / side)))
-    reps = int(np.ceil(voxels / signals.shape[0]))
-    tiled = np.tile(signals, (reps, 1))[:voxels]
+    tiled = signals.astype(np.float32)[np.arange(voxels) % signals.shape[0]]
     t = time.perf_counter()
     paths = write_case(work / "data", tiled, bval, bvec, 1000.0, 30.0, rng, shape=shape)
     write_seconds = time.perf_counter() - t
@@ -346,6 +346,23 @@ def run_whole_brain(signals: np.ndarray, bval: Path, bvec: Path, work: Path, vox
 
 
 # --------------------------------------------------------------------------- main
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def _memory_gib() -> float:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError, AttributeError):
+        return float("nan")
+
+
 def main(args: argparse.Namespace) -> dict[str, object]:
     import fingerprint
     from fingerprint.io.gradients import read_bvals_bvecs
@@ -358,8 +375,8 @@ def main(args: argparse.Namespace) -> dict[str, object]:
     work.mkdir(parents=True, exist_ok=True)
     results: dict[str, object] = {
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": f"{platform.machine()} {platform.processor() or ''} "
-                   f"{os.cpu_count()} cpus, {platform.python_version()}".strip(),
+        "machine": f"{platform.machine()} {_cpu_model()}, {os.cpu_count()} cpus, "
+                   f"{_memory_gib():.0f} GiB, Python {platform.python_version()}",
         "fingerprint": fingerprint.__version__, "scheme": str(args.scheme),
         "measurements": int(scheme.number_of_measurements), "voxels": args.voxels,
         "threads": args.threads, "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),

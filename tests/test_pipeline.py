@@ -163,6 +163,23 @@ def test_workers_rebuild_the_estimator_from_the_dictionary_path(fitted, files):
     np.testing.assert_array_equal(rebuilt["parameters"][:, col], icvf)
 
 
+def test_process_pool_executor_gives_identical_maps(fitted, files, tmp_path):
+    """Chunks fitted in another process (spawned: nothing inherited) from the dictionary
+    path give the same maps as in-process fitting."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    result, _ = fitted
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        fit_volume("noddi", files["dwi"], files["bval"], files["bvec"], tmp_path,
+                   mask=files["mask"], prefix="sub-01", dictionary_size=SIZE, executor=pool,
+                   chunk_voxels=16)
+    ours, reference = _maps(tmp_path), _maps(result.out_dir)
+    assert ours.keys() == reference.keys()
+    for key in ours:
+        np.testing.assert_array_equal(ours[key], reference[key], err_msg=key)
+
+
 def _vector_names(width: int) -> list[str]:
     from fingerprint.models import get_model
 
