@@ -258,21 +258,18 @@ class _ParameterNamespace:
 
     def _tortuous(self, lambda_perp: str, lambda_par: str, vf_intra: str,
                   vf_extra: str | None) -> None:
-        perp = self._free_info(lambda_perp)
-        par = self._free_info(lambda_par)
-        intra = self._free_info(vf_intra)
-        names = [perp.name, par.name, intra.name]
-        call: tuple[Any, ...] = ("set_tortuous_parameter", perp.name, par.name, intra.name)
+        infos = [self._free_info(lambda_perp), self._free_info(lambda_par),
+                 self._free_info(vf_intra)]
         if vf_extra is not None:
-            extra = self._free_info(vf_extra)
-            names.append(extra.name)
-            call = call + (extra.name,)
+            infos.append(self._free_info(vf_extra))
+        names = [info.name for info in infos]
         if len(set(names)) != len(names):
             raise InputError(f"set_tortuous_parameter needs distinct parameters, got {names}")
-        for info in [perp, par, *([self._free_info(n) for n in names[2:]])]:
+        for info in infos:
             if info.cardinality != 1:
                 raise InputError(f"set_tortuous_parameter: {info.name} is not a scalar")
-        self._add_link(Link("tortuous", perp.name, tuple(names[1:])), call)
+        self._add_link(Link("tortuous", names[0], tuple(names[1:])),
+                       ("set_tortuous_parameter", *names))
 
     def set_parameter_optimization_bounds(self, parameter_name: str, bounds: Any) -> None:
         """Set the bounds (SI units, shape (cardinality, 2)) of a free parameter.
