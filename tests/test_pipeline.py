@@ -341,7 +341,9 @@ def test_argument_errors(files, tmp_path):
 def test_names_units_vectors_prefixes():
     assert bids_map_name("sub-01", "noddi", "icvf") == "sub-01_model-noddi_param-icvf_dwimap.nii.gz"
     assert bids_map_name("", "ball_stick", "odi", desc="uncertainty") == \
-        "model-ballstick_param-odi_desc-uncertainty_dwimap.nii.gz"
+        "model-ballStick_param-odi_desc-uncertainty_dwimap.nii.gz"
+    assert bids_map_name("sub-1", "smt_noddi", "lambda_par") == \
+        "sub-1_model-smtNoddi_param-lambdaPar_dwimap.nii.gz"
     assert map_units("C1Stick_1_lambda_par") == "m^2/s"
     assert map_units("C4CylinderGaussianPhaseApproximation_1_diameter") == "m"
     assert map_units("SD1WatsonDistributed_1_SD1Watson_1_odi") == "n/a"

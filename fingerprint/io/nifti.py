@@ -41,6 +41,7 @@ import gzip
 import json
 import logging
 import os
+import re
 import secrets
 import struct
 import zlib
@@ -346,11 +347,13 @@ def bids_map_name(prefix: str, model: str, label: str, desc: str | None = None,
                   extension: str = ".nii.gz") -> str:
     """``<prefix>_model-<model>_param-<label>[_desc-<desc>]_dwimap<extension>``.
 
-    BIDS labels are alphanumeric: other characters of ``model``, ``label`` and ``desc``
-    are dropped (``ball_stick`` -> ``ballstick``).
+    BIDS labels are alphanumeric: ``model``, ``label`` and ``desc`` are written in lower
+    camel case (``ball_stick`` -> ``ballStick``, ``lambda_par`` -> ``lambdaPar``) and any
+    other character is dropped.
     """
     def clean(text: str) -> str:
-        out = "".join(ch for ch in str(text) if ch.isalnum())
+        words = [w for w in re.split(r"[^0-9A-Za-z]+", str(text)) if w]
+        out = "".join(w if i == 0 else w[:1].upper() + w[1:] for i, w in enumerate(words))
         if not out:
             raise InputError(f"cannot make a BIDS label from {text!r}")
         return out
