@@ -214,13 +214,6 @@ def noddi_phantom(shape: tuple[int, int, int] = (8, 8, 4), seed: int = 0, snr: f
     }
 
 
-def _write_fsl(scheme: Any, bval_path: Path, bvec_path: Path) -> None:
-    b = np.asarray(scheme.bvalues, dtype=np.float64) / 1e6
-    g = np.asarray(scheme.gradient_directions, dtype=np.float64)
-    bval_path.write_text(" ".join(f"{v:g}" for v in np.round(b, 3)) + "\n")
-    bvec_path.write_text("\n".join(" ".join(f"{v:.8f}" for v in row) for row in g.T) + "\n")
-
-
 def write_phantom(phantom: dict[str, Any], directory: str | os.PathLike,
                   prefix: str = "sub-01", *, compress: bool = True) -> dict[str, Path]:
     """Write a phantom as BIDS-like files in ``directory`` (created if needed).
@@ -231,6 +224,7 @@ def write_phantom(phantom: dict[str, Any], directory: str | os.PathLike,
     """
     import nibabel as nib
 
+    from fingerprint.io.gradients import write_bvals_bvecs
     from fingerprint.io.nifti import atomic_write_nifti, bids_map_name
 
     directory = Path(directory)
@@ -252,7 +246,7 @@ def write_phantom(phantom: dict[str, Any], directory: str | os.PathLike,
         "mask": directory / f"{prefix}_desc-brain_mask{ext}",
     }
     atomic_write_nifti(image(np.asarray(phantom["dwi"], dtype=np.float32)), paths["dwi"])
-    _write_fsl(phantom["scheme"], paths["bval"], paths["bvec"])
+    write_bvals_bvecs(phantom["scheme"], paths["bval"], paths["bvec"])
     atomic_write_nifti(image(np.asarray(phantom["mask"], dtype=np.uint8)), paths["mask"])
     for label, data in phantom.get("truth", {}).items():
         if label == "mu":

@@ -372,6 +372,10 @@ def test_phantom_is_reproducible_and_written_faithfully(phantom, files):
     ref = default_scheme()
     np.testing.assert_allclose(scheme.bvalues, ref.bvalues)
     np.testing.assert_allclose(scheme.gradient_directions, ref.gradient_directions, atol=1e-7)
+    from fingerprint.core.acquisition_scheme import acquisition_scheme_from_bvalues
+
+    untimed = acquisition_scheme_from_bvalues(ref.bvalues, ref.gradient_directions)
+    assert scheme.hash == untimed.hash  # exact round trip through the FSL files
     truth = nib.load(files["truth_direction"]).get_fdata()
     np.testing.assert_allclose(truth, phantom["truth"]["direction"], atol=1e-6)
     m = phantom["mask"]
