@@ -154,12 +154,6 @@ class MeasurementArrays:
             self._q = q
         return self._q
 
-    def q_or_none(self) -> np.ndarray | None:
-        try:
-            return self.q
-        except InputError:
-            return None
-
     @property
     def time_factor(self) -> np.ndarray:
         """(ln(Delta / delta) + 3/2) / (Delta - delta / 3) (1/s); zero where b = 0."""
@@ -410,6 +404,8 @@ class CompartmentModel:
         ``cosines``: (n, M), or (M,) / (1, M) shared by all atoms, cosine between
         gradient and compartment axis; None for isotropic compartments. Parameters are
         (n,) arrays or scalars in SI units, named without prefix; ``mu`` is ignored.
+        n comes from the parameters and cosines; when nothing gives it (the dot, or only
+        scalars) one row is returned, which broadcasts.
         """
         params = {k: v for k, v in params.items() if k != "mu"}
         arrays = MeasurementArrays(meas, type(self).__name__)
