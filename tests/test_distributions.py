@@ -396,3 +396,25 @@ def test_initial_guess_vector():
     vec = model.parameter_initial_guess_to_parameter_vector(odi=0.3)
     assert vec.shape == (7,)  # lambda_iso, mu (2), odi, three volume fractions
     assert vec[3] == 0.3 and np.isnan(vec[[0, 1, 2, 4, 5, 6]]).all()
+
+
+def test_fod_densities():
+    from scipy.special import hyp1f1
+
+    pts, w = _sphere_grid()
+    model = MultiCompartmentModel(models=[G1Ball(), _noddi_bundle()])
+    fod = model.fod(pts, lambda_iso=3e-9, mu=[0.3, 0.4], odi=0.1,
+                    SD1WatsonDistributed_1_partial_volume_0=0.5, partial_volume_0=0.3,
+                    partial_volume_1=0.7)
+    assert (fod * w).sum() == pytest.approx(0.7, rel=1e-9)
+    kappa = float(odi2kappa(0.1))
+    axis = mu_to_axes(np.array([[0.3, 0.4]]))[0]
+    assert fod.max() == pytest.approx(0.7 * np.exp(kappa) / (4 * np.pi * hyp1f1(0.5, 1.5, kappa)),
+                                      rel=1e-3)
+    assert abs(pts[np.argmax(fod)] @ axis) == pytest.approx(1.0, abs=2e-3)  # axial
+    bingham = MultiCompartmentModel(models=[SD2BinghamDistributed(models=[C1Stick()])])
+    dens = bingham.fod(pts, lambda_par=1e-9, mu=[1.0, 2.0], psi=0.5, odi=0.05,
+                       beta_fraction=0.7)
+    assert (dens * w).sum() == pytest.approx(1.0, rel=1e-8)
+    with pytest.raises(InputError, match="orientation distribution"):
+        MultiCompartmentModel(models=[C1Stick()]).fod(pts, mu=[0, 0], lambda_par=1e-9)

@@ -769,6 +769,28 @@ class MultiCompartmentModelProperties(_ParameterNamespace):
         assert total is not None
         return total
 
+    def fod(self, vertices: Any, **kwargs: Any) -> np.ndarray:
+        """Fibre orientation density at unit vectors ``vertices`` (K, 3): the orientation
+        distributions of the dispersed sub-models weighted by their volume fractions, for
+        one set of named parameters (dmipy's ``fod``)."""
+        vec = self.parameters_to_parameter_vector(**kwargs).reshape(1, -1)
+        values = self._parameters_with_links(self._free_dict(vec, self._state), 1)
+        vertices = np.asarray(vertices, dtype=float).reshape(-1, 3)
+        total = np.zeros(vertices.shape[0])
+        found = False
+        for k, model in enumerate(self.models):
+            if not hasattr(model, "fod"):
+                continue
+            found = True
+            local = {p.local: values[p.name][0] for p in self._state.params if p.owner == k}
+            weight = float(values[f"partial_volume_{k}"][0]) if self.N_models > 1 else 1.0
+            dist = {n: v for n, v in local.items() if n.startswith(model.distribution_name)}
+            total += weight * model.fod(vertices, **dist)
+        if not found:
+            raise InputError(f"{type(self).__name__} has no orientation distribution "
+                             "(SD1WatsonDistributed / SD2BinghamDistributed) to give an FOD")
+        return total
+
     def __call__(self, acquisition_scheme: Any, **kwargs: Any) -> np.ndarray:
         """Signal for one set of named parameters (dmipy call style)."""
         return self.simulate_signal(acquisition_scheme,
