@@ -180,6 +180,20 @@ def test_process_pool_executor_gives_identical_maps(fitted, files, tmp_path):
         np.testing.assert_array_equal(ours[key], reference[key], err_msg=key)
 
 
+def test_dask_client_executor_gives_identical_maps(fitted, files, tmp_path):
+    distributed = pytest.importorskip("distributed")
+    result, _ = fitted
+    with distributed.Client(processes=False, n_workers=1, threads_per_worker=2,
+                            dashboard_address=None) as client:
+        fit_volume("noddi", files["dwi"], files["bval"], files["bvec"], tmp_path,
+                   mask=files["mask"], prefix="sub-01", dictionary_size=SIZE,
+                   executor=client.get_executor(), chunk_voxels=10)
+    ours, reference = _maps(tmp_path), _maps(result.out_dir)
+    assert ours.keys() == reference.keys()
+    for key in ours:
+        np.testing.assert_array_equal(ours[key], reference[key], err_msg=key)
+
+
 def _vector_names(width: int) -> list[str]:
     from fingerprint.models import get_model
 
