@@ -587,3 +587,24 @@ def test_fast_exp_matches_libm() -> None:
     assert np.all(got[~normal] < 1e-300) and np.all(got[~normal] >= 0)
     assert np.isinf(kernels.fast_exp(710.0)) and kernels.fast_exp(-np.inf) == 0.0
     assert np.isnan(kernels.fast_exp(np.nan))
+
+
+@pytest.mark.parametrize("cls", [C2CylinderStejskalTannerApproximation,
+                                 C3CylinderCallaghanApproximation,
+                                 C4CylinderGaussianPhaseApproximation])
+def test_numerical_spherical_mean_at_extreme_q(cls: type) -> None:
+    """The Gauss-Legendre average stays exact where the kernel oscillates (2 pi q R ~ 38)."""
+    q = np.array([1e5, 3e5, 6e5])
+    delta, Delta = np.full(3, 0.005), np.full(3, 0.02)
+    b = (2 * np.pi * q) ** 2 * (Delta - delta / 3)
+    meas = MeasurementSet(b=b, q=q, G=None, delta=delta, Delta=Delta,
+                          directions=np.zeros((3, 3)))
+    kwargs = {"lambda_par": 0.2e-9, "diameter": 20e-6}
+    got = cls().spherical_mean_batch(meas, **kwargs)[0]
+    u = np.linspace(0.0, 1.0, 20001)
+    for r in range(3):
+        one = MeasurementSet(b=np.full(u.size, b[r]), q=np.full(u.size, q[r]), G=None,
+                             delta=np.full(u.size, delta[r]), Delta=np.full(u.size, Delta[r]),
+                             directions=np.zeros((u.size, 3)))
+        exact = integrate.simpson(cls().signal_from_cosines(one, u, **kwargs)[0], x=u)
+        assert got[r] == pytest.approx(exact, rel=1e-8)
