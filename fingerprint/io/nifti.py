@@ -76,8 +76,16 @@ DEFAULT_SLAB_BYTES = 128 * 1024**2
 _READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, struct.error, gzip.BadGzipFile)
 
 
+def _is_gzip(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        return fh.read(2) == b"\x1f\x8b"
+
+
 def open_nifti(path: str | os.PathLike, what: str = "image") -> Any:
-    """Open a NIfTI file with nibabel (header only), with errors naming the file."""
+    """Open a NIfTI file with nibabel (header only), with errors naming the file.
+
+    A gzip file is kept open between reads, so that reads at increasing offsets (volume
+    after volume) continue the decompression instead of restarting it."""
     import nibabel as nib
     from nibabel.filebasedimages import ImageFileError
 
@@ -87,7 +95,7 @@ def open_nifti(path: str | os.PathLike, what: str = "image") -> Any:
     if not path.is_file():
         raise InputError(f"{what} file {path} is not a regular file")
     try:
-        img = nib.load(str(path))
+        img = nib.load(str(path), keep_file_open=_is_gzip(path))
     except (ImageFileError, *_READ_ERRORS) as exc:
         raise InputError(f"{what} file {path} cannot be read as NIfTI: {exc}") from None
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
@@ -154,7 +162,8 @@ class DWIImage:
     """
 
     def __init__(self, path: str | os.PathLike, *, check: bool = True):
-        self.path = Path(path)
+        self.path = Path(path)  # the file named in messages
+        self._file = self.path  # the file actually read (a temporary copy when spooled)
         self.img = open_nifti(self.path, "DWI")
         shape = tuple(int(s) for s in self.img.shape)
         if len(shape) == 5 and shape[3] == 1:  # (X, Y, Z, 1, N) is sometimes written
@@ -227,8 +236,7 @@ class DWIImage:
     @property
     def is_compressed(self) -> bool:
         """Whether the file is gzip-compressed (slab reads then cost a pass each)."""
-        with open(self.path, "rb") as fh:
-            return fh.read(2) == b"\x1f\x8b"
+        return _is_gzip(self._file)
 
     def n_slabs(self, mask: np.ndarray, max_bytes: int = DEFAULT_SLAB_BYTES) -> int:
         """Number of slabs :meth:`iter_slabs` reads for ``mask``."""
