@@ -137,6 +137,11 @@ def test_authentication(server, finished_job):
                 assert r.status_code == 401, (method, url, r.text)
                 assert "API key" in r.json()["detail"]
         assert anonymous.get("/healthz").status_code == 200
+        assert anonymous.get("/docs").status_code == 200  # interactive OpenAPI docs
+        schema = anonymous.get("/openapi.json").json()
+        assert {"/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/results",
+                "/v1/jobs/{job_id}/results/{file_name}", "/v1/models", "/v1/dictionaries",
+                "/healthz", "/readyz"} <= set(schema["paths"])
         ready = anonymous.get("/readyz")
         assert ready.status_code == 200 and ready.json()["status"] == "ok"
     with client(server, server.keys["alice"]) as http:

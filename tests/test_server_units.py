@@ -348,3 +348,23 @@ def test_job_errors_do_not_disclose_server_paths(tmp_path):
     assert str(tmp_path) not in message
     assert "DWI file 'dwi' has NaN" in message and "bvals 'bval'" in message
     assert "<dictionaries>/noddi-1" in message and "<job>/outputs.partial.1" in message
+
+
+def test_serve_flags_override_the_environment(monkeypatch, tmp_path, capsys):
+    from fingerprint.cli import serve
+    from fingerprint.cli.main import main
+
+    monkeypatch.setenv("FINGERPRINT_WORKERS", "3")
+    monkeypatch.setenv("FINGERPRINT_DASK_SCHEDULER", "tcp://env:8786")
+    parser = argparse.ArgumentParser()
+    serve.add_parser(parser.add_subparsers())
+    args = parser.parse_args(["serve", "--data-dir", str(tmp_path), "--port", "9001"])
+    settings = serve.settings_from_args(args)
+    assert (settings.workers, settings.port, settings.data_dir) == (3, 9001, tmp_path)
+    assert settings.dask_scheduler == "tcp://env:8786"
+    args = parser.parse_args(["serve", "--workers", "2", "--dask-scheduler", "tcp://s:1"])
+    settings = serve.settings_from_args(args)
+    assert (settings.workers, settings.dask_scheduler) == (2, "tcp://s:1")
+    # invalid settings: a one-line error and exit status 2, no server started
+    assert main(["serve", "--workers", "0"]) == 2
+    assert "workers" in capsys.readouterr().err
