@@ -77,6 +77,9 @@ __all__ = [
 _BLOCK_VALUES = 4_000_000
 #: Legendre truncation tolerance of the Watson coefficients ((2l+1) a_l below this)
 _WATSON_TOLERANCE = 1e-7
+#: kernel projection nodes: max(MIN, l_max / 2 + EXTRA) (EXTRA resolves the kernel itself)
+_KERNEL_NODES_MIN = 24
+_KERNEL_NODES_EXTRA = 16
 #: Gauss-Laguerre nodes of the Gamma size quadrature
 _GAMMA_NODES = 24
 #: Bingham quadrature: Gauss-Legendre nodes in cos(theta) on [0, 1], trapezoid in phi
@@ -122,6 +125,11 @@ def gauss_laguerre(shape: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     nodes, vectors = np.linalg.eigh(jac)
     weights = vectors[:, 0, :] ** 2
     return nodes, weights / weights.sum(axis=1, keepdims=True)
+
+
+def _kernel_nodes(l_max: int) -> int:
+    """Gauss-Legendre nodes on [0, 1] for projecting kernels onto P_0 ... P_l_max."""
+    return max(_KERNEL_NODES_MIN, l_max // 2 + _KERNEL_NODES_EXTRA)
 
 
 def _tile_measurements(meas: Any, repeats: int, *, interleave: bool) -> Any:
@@ -393,7 +401,7 @@ class SD1WatsonDistributed(_SphericalDistributed):
         kappa = self._kappa(dist["odi"], "SD1Watson_1_odi")
         l_max = watson_order_for(float(np.max(kappa)) if n else 1.0)
         n_even = l_max // 2 + 1
-        q_half = max(48, l_max // 2 + 40)
+        q_half = _kernel_nodes(l_max)
         nodes, weights = gauss_legendre_unit(q_half)
         proj = legendre_even_matrix(nodes, l_max) * (weights[:, None]
                                                      * (4.0 * np.arange(n_even) + 1.0))
