@@ -418,3 +418,24 @@ def test_fod_densities():
     assert (dens * w).sum() == pytest.approx(1.0, rel=1e-8)
     with pytest.raises(InputError, match="orientation distribution"):
         MultiCompartmentModel(models=[C1Stick()]).fod(pts, mu=[0, 0], lambda_par=1e-9)
+
+
+@pytest.mark.parametrize("odi", [0.005, 0.3])
+def test_watson_exact_at_very_high_b(odi):
+    """b up to 30 ms/um^2 (sharp kernels) and a very concentrated distribution."""
+    rng = np.random.default_rng(11)
+    dirs = rng.normal(size=(16, 3))
+    dirs /= np.linalg.norm(dirs, axis=1)[:, None]
+    scheme = acquisition_scheme_from_bvalues(rng.uniform(1e8, 3e10, 16), dirs,
+                                             delta=rng.uniform(0.005, 0.03, 16), Delta=0.04)
+    stick, cyl = C1Stick(), C4CylinderGaussianPhaseApproximation()
+    model = MultiCompartmentModel(models=[SD1WatsonDistributed(models=[stick, cyl])])
+    vec = model.parameters_to_parameter_vector(
+        C1Stick_1_lambda_par=3e-9, C4CylinderGaussianPhaseApproximation_1_lambda_par=3e-9,
+        diameter=1e-5, mu=[0.7, 0.2], odi=odi, partial_volume_0=0.4)
+    kappa = float(odi2kappa(odi))
+    axis = mu_to_axes(np.array([[0.7, 0.2]]))[0]
+    expected = _brute_force([(0.4, stick, {"lambda_par": 3e-9}),
+                             (0.6, cyl, {"lambda_par": 3e-9, "diameter": 1e-5})],
+                            scheme, lambda pts: np.exp(kappa * ((pts @ axis) ** 2 - 1)))
+    np.testing.assert_allclose(model.simulate_signal(scheme, vec), expected, atol=1e-8, rtol=0)
