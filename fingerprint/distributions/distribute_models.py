@@ -83,8 +83,8 @@ _KERNEL_NODES_EXTRA = 16
 #: Gauss-Laguerre nodes of the Gamma size quadrature
 _GAMMA_NODES = 24
 #: Bingham quadrature: Gauss-Legendre nodes in cos(theta) on [0, 1], trapezoid in phi
-_BINGHAM_THETA = 48
-_BINGHAM_PHI = 64
+_BINGHAM_THETA = 32
+_BINGHAM_PHI = 48
 
 
 def odi2kappa(odi: Any) -> np.ndarray:
