@@ -13,7 +13,26 @@ A model is an immutable description in practice: the ``set_*`` methods (which re
 None, like dmipy's) swap in a new internal state instead of editing it, and simulation
 reads one state snapshot, so models may be shared between threads. Models serialise to
 JSON-able specs (:meth:`MultiCompartmentModelProperties.to_spec`) and are rebuilt exactly
-by :func:`model_from_spec`.
+by :func:`model_from_spec`::
+
+    {"format": "fingerprint.model/1", "class": "MultiCompartmentModel",
+     "models": [{"type": "compartment", "class": "G1Ball",
+                 "module": "fingerprint.signal_models.gaussian_models", "constants": {}},
+                {"type": "distributed", "class": "SD1WatsonDistributed",
+                 "models": [...], "calls": [...]}],
+     "calls": [["set_fixed_parameter", "G1Ball_1_lambda_iso", 3e-09], ...]}
+
+``calls`` replays the set_* calls in order with full parameter names and SI values;
+``spec_hash`` is the SHA-256 of the spec as compact JSON with sorted keys.
+
+>>> from fingerprint.signal_models.gaussian_models import G1Ball
+>>> from fingerprint.signal_models.cylinder_models import C1Stick
+>>> model = MultiCompartmentModel(models=[G1Ball(), C1Stick()])
+>>> model.parameter_names[:3]
+['G1Ball_1_lambda_iso', 'C1Stick_1_mu', 'C1Stick_1_lambda_par']
+>>> model.set_fixed_parameter("lambda_iso", 3e-9)   # unique suffix of G1Ball_1_lambda_iso
+>>> model.parameter_names
+['C1Stick_1_mu', 'C1Stick_1_lambda_par', 'partial_volume_0', 'partial_volume_1']
 """
 
 from __future__ import annotations
