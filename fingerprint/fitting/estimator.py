@@ -344,6 +344,7 @@ class FingerprintEstimator:
         return out
 
     def _estimate_batch(self, data: np.ndarray, x0: np.ndarray | None) -> VoxelEstimates:
+        from fingerprint.kernels import run_parallel
         from fingerprint.kernels.features import prepare_signals, zonal_residuals
 
         n = data.shape[0]
@@ -358,8 +359,8 @@ class FingerprintEstimator:
             data = data.astype(np.float64)
         data = np.ascontiguousarray(data)
         no_sigma = np.full(n, np.nan)
-        ynorm_all, plain_all, s0, sigma_all, valid = prepare_signals(
-            data, b0, no_sigma, MIN_B0_FOR_NOISE, self.rician)
+        ynorm_all, plain_all, s0, sigma_all, valid = run_parallel(
+            prepare_signals, data, b0, no_sigma, MIN_B0_FOR_NOISE, self.rician)
         rows = np.flatnonzero(valid)
         if rows.size == 0:
             return VoxelEstimates(params, unc, s0, r2, mse, valid, sigma_all)
@@ -389,8 +390,9 @@ class FingerprintEstimator:
             sig_in = np.full(n, np.nan)
             sig_in[rows[missing]] = est_sigma
             sub = rows[missing]
-            redo, _, _, sig_redo, _ = prepare_signals(data[sub], b0, sig_in[sub],
-                                                      MIN_B0_FOR_NOISE, self.rician)
+            redo, _, _, sig_redo, _ = run_parallel(prepare_signals, data[sub], b0,
+                                                   sig_in[sub], MIN_B0_FOR_NOISE,
+                                                   self.rician)
             ynorm[missing] = redo
             sigma[missing] = sig_redo
         sigma = np.where(np.isfinite(sigma), sigma, 0.0)
@@ -455,9 +457,10 @@ class FingerprintEstimator:
 
         # goodness of fit on b0-normalised (bias-corrected) signals
         if fmap.kind == "zonal":
-            res, tot = zonal_residuals(ynorm, fmap.zonal_coefficients(pred_feats), frames,
-                                       fmap.directions, fmap.shell_of, fmap.n_coefficients,
-                                       fmap.offsets)
+            res, tot = run_parallel(zonal_residuals, ynorm,
+                                    fmap.zonal_coefficients(pred_feats), frames,
+                                    fmap.directions, fmap.shell_of, fmap.n_coefficients,
+                                    fmap.offsets)
             width = ynorm.shape[1]
         else:
             pred = fmap.reconstruct(pred_feats, frames)

@@ -206,11 +206,13 @@ class FeatureMap:
             feats = np.ascontiguousarray(signals[:, self.dwi_columns], dtype=np.float32)
             rss = np.zeros(n)
         elif self.kind == "shell_means":
+            from fingerprint.kernels import run_parallel
             from fingerprint.kernels.features import shell_means
 
-            feats, rss = shell_means(np.ascontiguousarray(signals, dtype=np.float64),
-                                     self.shell_of, int(self.shell_columns.size),
-                                     self.weights)
+            feats, rss = run_parallel(shell_means,
+                                      np.ascontiguousarray(signals, dtype=np.float64),
+                                      self.shell_of, int(self.shell_columns.size),
+                                      self.weights)
         else:
             if frames is None:
                 from .frame import FrameEstimator
@@ -241,10 +243,12 @@ class FeatureMap:
             for j in self.dwi_columns:
                 out[:, j] = coef[:, self.shell_of[j]]
             return out
+        from fingerprint.kernels import run_parallel
         from fingerprint.kernels.features import reconstruct_zonal
 
-        return reconstruct_zonal(coef, np.asarray(frames, dtype=np.float64), self.directions,
-                                 self.shell_of, self.n_coefficients, self.offsets, out)
+        return run_parallel(reconstruct_zonal, coef,
+                            np.ascontiguousarray(frames, dtype=np.float64), self.directions,
+                            self.shell_of, self.n_coefficients, self.offsets, out)
 
     # ---------------------------------------------------------------- helpers
     def _check_width(self, signals: np.ndarray) -> None:
@@ -254,9 +258,10 @@ class FeatureMap:
                 f"scheme, got {signals.shape}")
 
     def _zonal(self, signals: np.ndarray, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        from fingerprint.kernels import run_parallel
         from fingerprint.kernels.features import zonal_features
 
-        return zonal_features(np.ascontiguousarray(signals, dtype=np.float64),
+        return run_parallel(zonal_features, np.ascontiguousarray(signals, dtype=np.float64),
                               np.ascontiguousarray(frames, dtype=np.float64),
                               self.directions, self.shell_of, self.n_coefficients,
                               self.offsets, self.weights, _RIDGE)

@@ -104,20 +104,23 @@ class FrameEstimator:
 
     def tensor_directions(self, signals: np.ndarray) -> np.ndarray:
         """Principal tensor eigenvectors (n, 3) of b0-normalised ``signals`` (n, N)."""
+        from fingerprint.kernels import run_parallel
         from fingerprint.kernels.features import dti_principal_directions
 
-        return dti_principal_directions(np.ascontiguousarray(signals, dtype=np.float64),
-                                        self.columns, self.pinv, _LOG_FLOOR)
+        return run_parallel(dti_principal_directions,
+                            np.ascontiguousarray(signals, dtype=np.float64), self.columns,
+                            self.pinv, _LOG_FLOOR)
 
     def refine(self, signals: np.ndarray, frames: np.ndarray,
                iterations: int | None = None) -> np.ndarray:
         """Refine ``frames`` (n, 3) by Gauss-Newton on the zonal model's axis."""
+        from fingerprint.kernels import run_parallel
         from fingerprint.kernels.features import refine_frames
 
         it = self.refine_iterations if iterations is None else int(iterations)
         if it <= 0:
             return np.asarray(frames, dtype=np.float64)
-        return refine_frames(np.ascontiguousarray(signals, dtype=np.float64),
+        return run_parallel(refine_frames, np.ascontiguousarray(signals, dtype=np.float64),
                              np.ascontiguousarray(frames, dtype=np.float64), self.directions,
                              self.shell_of, self.n_coefficients, it, self.max_step, True)[0]
 
@@ -127,9 +130,10 @@ class FrameEstimator:
         and the zonal residual sum of squares at the starting ``frames``; the caller
         keeps the move only where its own fit at the new frame has a lower residual
         (this saves one pass over the data when the features are computed anyway)."""
+        from fingerprint.kernels import run_parallel
         from fingerprint.kernels.features import refine_frames
 
-        return refine_frames(np.ascontiguousarray(signals, dtype=np.float64),
+        return run_parallel(refine_frames, np.ascontiguousarray(signals, dtype=np.float64),
                              np.ascontiguousarray(frames, dtype=np.float64), self.directions,
                              self.shell_of, self.n_coefficients,
                              max(int(self.refine_iterations), 1), self.max_step, False)

@@ -44,6 +44,7 @@ def posterior_mean(distances: np.ndarray, indices: np.ndarray, atom_parameters: 
     factor 1 / (1 + J_j / sigma²) of integrating each atom's likelihood over the fibre
     orientation (see :func:`orientation_curvature`) for voxels whose frame was estimated
     from their own data."""
+    from fingerprint.kernels import run_parallel
     from fingerprint.kernels.features import posterior_average
 
     n = np.shape(distances)[0]
@@ -51,7 +52,7 @@ def posterior_mean(distances: np.ndarray, indices: np.ndarray, atom_parameters: 
         orientation_curvature = np.zeros(np.shape(atom_parameters)[0])
     if marginalise is None:
         marginalise = np.zeros(n, dtype=np.bool_)
-    return posterior_average(np.ascontiguousarray(distances, dtype=np.float64),
+    return run_parallel(posterior_average, np.ascontiguousarray(distances, dtype=np.float64),
                              np.ascontiguousarray(indices, dtype=np.int64),
                              np.ascontiguousarray(atom_parameters, dtype=np.float64),
                              np.ascontiguousarray(sigma2, dtype=np.float64),
@@ -84,9 +85,11 @@ def local_linear_step(queries: np.ndarray, indices: np.ndarray, weights: np.ndar
     bounds, ``max_step`` (n, m) the largest move per voxel and column; neighbour weights
     are floored at ``floor_weight`` times the largest so that the regression sees the
     whole neighbourhood. Returns (parameters (n, P), predicted features (n, k))."""
+    from fingerprint.kernels import run_parallel
     from fingerprint.kernels.features import local_linear_refine
 
-    return local_linear_refine(
+    return run_parallel(
+        local_linear_refine,
         np.ascontiguousarray(queries, dtype=np.float64),
         np.ascontiguousarray(indices, dtype=np.int64),
         np.ascontiguousarray(weights, dtype=np.float64),

@@ -11,7 +11,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit, prange
+
+from fingerprint.kernels import njit, prange
 
 __all__ = [
     "dti_principal_directions",
