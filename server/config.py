@@ -48,6 +48,9 @@ class Settings(BaseSettings):
                                      description="largest dictionary a job may ask for")
     cancel_wait_seconds: float = Field(
         10.0, ge=0, description="how long DELETE waits for a running job to stop")
+    cancel_kill_seconds: float = Field(
+        30.0, gt=0, description="a running job that has not stopped this long after its "
+                                "cancellation has its worker process killed")
     poll_interval: float = Field(0.2, gt=0, description="dispatcher polling period (s)")
     log_level: str = Field("info", description="uvicorn log level")
 

@@ -11,7 +11,10 @@ a :class:`~server.dask_executor.DaskJobExecutor`: the voxel chunks become Dask t
 the cluster and the dictionary is shipped to the cluster once per job.
 
 Cancellation is a flag file in the job directory (``cancel``), polled through
-``fit_volume``'s ``should_cancel``. Worker processes also stop when the API process dies
+``fit_volume``'s ``should_cancel``; a job that has not stopped ``cancel_kill_seconds``
+after the request (stuck in a long library call) has its worker process killed, and the
+other jobs that shared the pool go back to the queue without losing an attempt. Worker
+processes also stop when the API process dies
 (parent-death signal on Linux, parent-pid check elsewhere), so a restarted server never
 races an orphan over the same job directory.
 """
@@ -269,6 +272,25 @@ def run_job(spec: JobSpec, *, executor: Any = None,
         db.close()
 
 
+PID_FILE = "worker.pid"
+
+
+def run_in_worker(function: Callable[[JobSpec], dict[str, Any]],
+                  spec: JobSpec) -> dict[str, Any]:
+    """What the pool runs: note this process's id in the job directory (so a job that
+    ignores its cancellation can be stopped), then run ``function(spec)``."""
+    pid_file = Path(spec.job_dir) / PID_FILE
+    try:
+        pid_file.write_text(str(os.getpid()))
+    except OSError:  # the job directory is gone: nothing to run
+        return {"status": "failed", "error": "the job's files are missing", "outputs": [],
+                "result": {}}
+    try:
+        return function(spec)
+    finally:
+        pid_file.unlink(missing_ok=True)
+
+
 def _worker_init(parent_pid: int) -> None:
     """Worker-process start-up: die with the parent, ignore Ctrl-C (the parent handles
     it), and import the library once so the first job does not pay for it."""
@@ -309,6 +331,10 @@ class Dispatcher:
         self._client_error: str | None = None
         self._lock = threading.Lock()
         self.mode = "dask" if settings.dask_scheduler else "process"
+        #: what a worker process runs for a job (replaceable in tests)
+        self.job_function: Callable[[JobSpec], dict[str, Any]] = run_job
+        self._cancel_seen: dict[str, float] = {}
+        self._killed_for_cancel = False
 
     # -- lifecycle ---------------------------------------------------------------------
     def start(self) -> None:
@@ -401,6 +427,7 @@ class Dispatcher:
         while not self._stop.is_set():
             try:
                 self._reap()
+                self._enforce_cancels()
                 if self.mode == "dask" and self._client is None:
                     if time.monotonic() >= next_dask_try and not self._connect_dask():
                         next_dask_try = time.monotonic() + 5.0
@@ -437,7 +464,7 @@ class Dispatcher:
             job = self.db.get_job(job["id"])
             spec = self._spec(job)
             try:
-                future = self._pool.submit(run_job, spec)
+                future = self._pool.submit(run_in_worker, self.job_function, spec)
             except Exception as exc:  # pool broken or shutting down
                 logger.warning("cannot submit job %s: %s", job["id"], exc)
                 self.db.requeue(job["id"], refund_attempt=True)
@@ -449,6 +476,37 @@ class Dispatcher:
             logger.info("job %s (%s, %s) started, attempt %d", job["id"], job["kind"],
                         job["model"], spec.attempt)
 
+    def _enforce_cancels(self) -> None:
+        """Kill the worker process of a job still running ``cancel_kill_seconds`` after
+        its owner cancelled it."""
+        now = time.monotonic()
+        with self._lock:
+            running = dict(self._running)
+        for job_id in list(self._cancel_seen):
+            if job_id not in running:
+                del self._cancel_seen[job_id]
+        for job_id, (future, spec) in running.items():
+            if future.done() or not (Path(spec.job_dir) / "cancel").exists():
+                continue
+            first = self._cancel_seen.setdefault(job_id, now)
+            if now - first < self.settings.cancel_kill_seconds:
+                continue
+            self._cancel_seen[job_id] = now  # try again after another grace period
+            try:
+                pid = int((Path(spec.job_dir) / PID_FILE).read_text())
+            except (OSError, ValueError):
+                continue
+            pool_pids = set(getattr(self._pool, "_processes", None) or {})
+            if pid not in pool_pids:  # never signal a process that is not our worker
+                continue
+            logger.warning("job %s ignored its cancellation for %g s: killing its worker "
+                           "process %d", job_id, self.settings.cancel_kill_seconds, pid)
+            self._killed_for_cancel = True
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:  # already gone
+                pass
+
     def _replace_pool(self) -> None:
         if self._stop.is_set():
             return
@@ -458,9 +516,15 @@ class Dispatcher:
         except Exception:  # pragma: no cover
             pass
         self._pool = self._new_process_pool()
+        self._killed_for_cancel = False
         logger.warning("worker process pool replaced")
 
     def _reap(self) -> None:
+        if getattr(self._pool, "_broken", False):
+            # a worker died: every job of the pool fails; collect them all in one go
+            with self._lock:
+                futures = [f for f, _ in self._running.values()]
+            cf.wait(futures, timeout=5)
         with self._lock:
             done = {k: v for k, v in self._running.items() if v[0].done()}
         if not done:
@@ -491,6 +555,9 @@ class Dispatcher:
         if outcome is None:  # the worker process died (killed, out of memory, ...)
             if job["cancel_requested"]:
                 self.db.finish(job_id, "cancelled", error="cancelled by the owner")
+            elif self._killed_for_cancel:  # collateral of stopping a cancelled job
+                self.db.requeue(job_id, "re-queued: the worker pool was restarted to stop "
+                                        "a cancelled job", refund_attempt=True)
             elif job["attempts"] < self.settings.max_attempts:
                 self.db.requeue(job_id, "re-queued: the worker process died")
             else:

@@ -368,3 +368,57 @@ def test_serve_flags_override_the_environment(monkeypatch, tmp_path, capsys):
     # invalid settings: a one-line error and exit status 2, no server started
     assert main(["serve", "--workers", "0"]) == 2
     assert "workers" in capsys.readouterr().err
+
+
+def _stubborn_job(spec):
+    """A job that never looks at its cancellation flag."""
+    import time
+
+    time.sleep(300)
+    return {"status": "succeeded", "error": None, "outputs": [], "result": {}}
+
+
+def test_a_job_ignoring_its_cancellation_is_killed(tmp_path):
+    import os
+    import time
+
+    from server.executor import PID_FILE, Dispatcher
+
+    settings = Settings(data_dir=tmp_path / "data", workers=2, cancel_kill_seconds=0.5,
+                        poll_interval=0.05)
+    storage = JobStorage(settings.data_dir)
+    storage.ensure()
+    db = Database(settings.database_path)
+    db.initialize()
+    ids = []
+    for _ in range(2):
+        job_id = db.new_job_id()
+        db.insert_job(job_id, owner="k", kind="fit", model="noddi", options={}, inputs={})
+        storage.inputs_dir(job_id).mkdir(parents=True)
+        ids.append(job_id)
+    victim, bystander = ids
+    dispatcher = Dispatcher(settings, db, storage)
+    dispatcher.job_function = _stubborn_job
+    dispatcher.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not all((storage.job_dir(i) / PID_FILE).exists() for i in ids):
+            assert time.monotonic() < deadline, "the jobs did not start"
+            time.sleep(0.05)
+        pid = int((storage.job_dir(victim) / PID_FILE).read_text())
+        storage.request_cancel(victim)
+        db.request_cancel(victim)
+        while db.get_job(victim)["status"] == "running":
+            assert time.monotonic() < deadline, "the cancelled job was not stopped"
+            time.sleep(0.05)
+        assert db.get_job(victim)["status"] == "cancelled"
+        with pytest.raises(ProcessLookupError):
+            for _ in range(100):  # the killed worker disappears
+                os.kill(pid, 0)
+                time.sleep(0.05)
+        # the other job lost its worker too: queued again, without losing an attempt
+        job = db.get_job(bystander)
+        assert job["status"] in ("queued", "running") and job["attempts"] <= 1
+    finally:
+        dispatcher.stop()
+    assert db.get_job(bystander)["status"] == "queued"
