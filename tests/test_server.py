@@ -328,6 +328,8 @@ def test_submit_command(server, phantom, tmp_path, capsys):
     written = capsys.readouterr().out.split()
     assert written and all(Path(p).is_file() for p in written)
     assert {Path(p).parent for p in written} == {tmp_path / "maps"}
+    # the BIDS entities of the DWI file name prefix the maps
+    assert all(Path(p).name.startswith("sub-01_model-noddi_") for p in written)
 
     args = parser.parse_args([*base, "--api-key", "fpk_00000000_" + "y" * 43])
     with pytest.raises(CLIError, match="401"):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,9 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--mask", type=Path, help="3-D brain mask NIfTI")
     parser.add_argument("--threads", type=int, help="threads for the job on the server")
     parser.add_argument("--dictionary-size", type=int, help="atoms in the dictionary")
-    parser.add_argument("--prefix", help="BIDS prefix of the output files (sub-01_ses-1)")
+    parser.add_argument("--prefix",
+                        help="BIDS prefix of the output files (default: the BIDS entities of "
+                             "the --dwi file name, e.g. sub-01_ses-1)")
     parser.add_argument("--delta", type=float, metavar="SECONDS",
                         help="gradient pulse duration (models that need timing)")
     parser.add_argument("--Delta", type=float, metavar="SECONDS",
@@ -76,11 +79,12 @@ def run(args: argparse.Namespace) -> int:
     if not api_key:
         raise _fail("--api-key is required (or set $FINGERPRINT_API_KEY)")
     wait = args.wait or args.out is not None
+    prefix = args.prefix if args.prefix is not None else _default_prefix(args.dwi)
     try:
         with FingerprintClient(args.server, api_key) as client:
             job = client.submit(args.dwi, args.bval, args.bvec, args.mask, model=args.model,
                                 threads=args.threads, dictionary_size=args.dictionary_size,
-                                prefix=args.prefix, delta=args.delta, Delta=args.Delta,
+                                prefix=prefix, delta=args.delta, Delta=args.Delta,
                                 TE=args.TE)
             sys.stderr.write(f"submitted job {job['id']} ({job['model']})\n")
             if not wait:
@@ -102,6 +106,16 @@ def run(args: argparse.Namespace) -> int:
     for path in files:
         sys.stdout.write(f"{path}\n")
     return 0
+
+
+def _default_prefix(dwi: Path) -> str | None:
+    """``sub-01_ses-1`` for ``sub-01_ses-1_dwi.nii.gz`` (None without BIDS entities)."""
+    from fingerprint.fitting.pipeline import prefix_from_filename
+
+    prefix = prefix_from_filename(dwi)
+    if prefix and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}", prefix):
+        return prefix
+    return None
 
 
 def _wait(client: Any, job_id: str, poll: float, show: bool) -> dict[str, Any]:
