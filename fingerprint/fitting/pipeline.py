@@ -425,26 +425,31 @@ def _run_chunks(chunks: Iterator[tuple[np.ndarray, np.ndarray]], est: Any,
         raise
 
 
-def _sidecar(*, label: str, parameter: str | None, units: str, description: str,
-             model: Any, model_label: str, sources: list[str], extra: dict[str, Any]
-             ) -> dict[str, Any]:
-    import fingerprint
+def _model_info(model: Any, model_label: str) -> dict[str, Any]:
+    """The sidecars' ``Model`` entry."""
     from fingerprint.models import recipe_for_model
 
     recipe = recipe_for_model(model)
-    model_info: dict[str, Any] = {"Name": model_label,
-                                  "Class": type(model).__name__}
+    info: dict[str, Any] = {"Name": model_label, "Class": type(model).__name__}
     if recipe is not None:
-        model_info["Description"] = recipe.description.strip()
+        info["Description"] = recipe.description.strip()
         if getattr(recipe, "reference", None):
-            model_info["Reference"] = recipe.reference
-    model_info["Parameters"] = list(model.parameter_names)
+            info["Reference"] = recipe.reference
+    info["Parameters"] = list(model.parameter_names)
+    return info
+
+
+def _sidecar(*, label: str, parameter: str | None, units: str, description: str,
+             model_info: dict[str, Any], sources: list[str], extra: dict[str, Any]
+             ) -> dict[str, Any]:
+    import fingerprint
+
     out: dict[str, Any] = {
         "Description": description,
         "Parameter": label,
         "ParameterName": parameter,
         "Units": units,
-        "Model": model_info,
+        "Model": dict(model_info),
         "GeneratedBy": [{"Name": "fingerprint", "Version": fingerprint.__version__,
                          "Description": "dictionary matching (fingerprinting)"}],
         "Sources": sources,
@@ -593,6 +598,7 @@ def fit_volume(model: Any, dwi: Any, bval: Any, bvec: Any, out_dir: Any, *,
     if dict_path is not None:
         common_extra["Dictionary"] = {"Key": getattr(dictionary, "key", None),
                                       "Atoms": int(getattr(dictionary, "n_atoms", 0) or 0)}
+    model_info = _model_info(model_obj, model_label)
     files: list[Path] = []
     maps: dict[str, Path] = {}
     params[~valid] = 0.0
@@ -610,7 +616,7 @@ def fit_volume(model: Any, dwi: Any, bval: Any, bvec: Any, out_dir: Any, *,
         name = bids_map_name(pref, model_label, label, desc=desc)
         sidecar = _sidecar(label=label if desc is None else f"{label} ({desc})",
                            parameter=parameter, units=units, description=description,
-                           model=model_obj, model_label=model_label, sources=sources,
+                           model_info=model_info, sources=sources,
                            extra={**common_extra, **(extra or {})})
         nii, js = write_map(volume(values), image.img, out_dir, name, sidecar)
         files.extend([nii, js])
@@ -647,8 +653,8 @@ def fit_volume(model: Any, dwi: Any, bval: Any, bvec: Any, out_dir: Any, *,
 
         preview_path = write_preview(
             {label: p for label, p in maps.items() if not label.endswith("_uncertainty")},
-            out_dir / (bids_map_name(pref, model_label, "preview").replace(
-                "_dwimap.nii.gz", ".png").replace("_param-preview", "_desc-preview")),
+            out_dir / bids_map_name(pref, model_label, None, desc="preview", suffix=None,
+                                    extension=".png"),
             title=f"fingerprint {model_label}")
         files.append(preview_path)
     t_write = time.perf_counter() - t0

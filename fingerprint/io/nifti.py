@@ -351,9 +351,10 @@ def load_mask(path: str | os.PathLike, spatial_shape: tuple[int, ...],
 
 
 # ---------------------------------------------------------------------- output
-def bids_map_name(prefix: str, model: str, label: str, desc: str | None = None,
-                  extension: str = ".nii.gz") -> str:
-    """``<prefix>_model-<model>_param-<label>[_desc-<desc>]_dwimap<extension>``.
+def bids_map_name(prefix: str, model: str, label: str | None, desc: str | None = None,
+                  extension: str = ".nii.gz", suffix: str | None = "dwimap") -> str:
+    """``<prefix>_model-<model>_param-<label>[_desc-<desc>]_dwimap<extension>``
+    (no ``param`` entity when ``label`` is None, no suffix when ``suffix`` is None).
 
     BIDS labels are alphanumeric: ``model``, ``label`` and ``desc`` are written in lower
     camel case (``ball_stick`` -> ``ballStick``, ``lambda_par`` -> ``lambdaPar``) and any
@@ -367,10 +368,14 @@ def bids_map_name(prefix: str, model: str, label: str, desc: str | None = None,
         return out
 
     parts = [prefix] if prefix else []
-    parts += [f"model-{clean(model)}", f"param-{clean(label)}"]
+    parts.append(f"model-{clean(model)}")
+    if label is not None:
+        parts.append(f"param-{clean(label)}")
     if desc:
         parts.append(f"desc-{clean(desc)}")
-    return "_".join(parts) + "_dwimap" + extension
+    if suffix:
+        parts.append(suffix)
+    return "_".join(parts) + extension
 
 
 def map_units(parameter_name: str) -> str:
