@@ -226,6 +226,12 @@ def test_partial_mask_and_uncompressed_input(phantom, tmp_path):
     assert result.n_voxels == int(half.sum())
     icvf = np.asarray(nib.load(result.maps["icvf"]).dataobj)
     assert np.all(icvf[half == 0] == 0) and np.all(icvf[half == 1] > 0)
+    again = fit_volume("noddi", paths["dwi"], paths["bval"], paths["bvec"], tmp_path / "arr",
+                       mask=half.astype(bool), dictionary_size=SIZE)  # in-memory mask
+    np.testing.assert_array_equal(np.asarray(nib.load(again.maps["icvf"]).dataobj), icvf)
+    with pytest.raises(InputError, match="mask array"):
+        fit_volume("noddi", paths["dwi"], paths["bval"], paths["bvec"], tmp_path / "bad",
+                   mask=np.ones((2, 2, 2), bool))
 
 
 def test_cancellation_between_chunks_writes_nothing(files, tmp_path):

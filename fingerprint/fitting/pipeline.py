@@ -141,6 +141,17 @@ def _open_inputs(dwi: Any, bval: Any, bvec: Any, mask: Any, delta: Any = None,
                          f"{scheme.b0_threshold / 1e6:g} s/mm²): signals cannot be normalised")
     if np.all(scheme.b0_mask):
         raise InputError(f"bval file {bval_p} has only b=0 measurements")
+    if isinstance(mask, np.ndarray):  # an in-memory mask (library use)
+        mask_arr = np.asarray(mask)
+        if mask_arr.ndim == 4 and mask_arr.shape[3] == 1:
+            mask_arr = mask_arr[..., 0]
+        if mask_arr.shape != image.spatial_shape:
+            raise InputError(f"mask array has shape {mask_arr.shape} but the volumes of DWI "
+                             f"file {dwi_p} are {image.spatial_shape}")
+        mask_arr = mask_arr.astype(bool) & np.isfinite(mask_arr)
+        if not mask_arr.any():
+            raise InputError("the mask array is empty (no nonzero voxel)")
+        return image, scheme, mask_arr, None
     mask_p = _path(mask, "mask") if mask is not None else None
     mask_arr = load_mask(mask_p, image.spatial_shape, image.affine) if mask_p else None
     return image, scheme, mask_arr, mask_p
@@ -478,8 +489,9 @@ def fit_volume(model: Any, dwi: Any, bval: Any, bvec: Any, out_dir: Any, *,
         4-D NIfTI (.nii or .nii.gz) and FSL b-values (s/mm²) / b-vectors.
     out_dir : path
         Output directory (created if needed); maps are written there atomically.
-    mask : path, optional
-        3-D mask NIfTI (nonzero = fit); default: voxels with a positive mean b=0 signal.
+    mask : path or array, optional
+        3-D mask NIfTI or boolean array (nonzero = fit); default: voxels with a positive
+        mean b=0 signal.
     prefix : str, optional
         File-name prefix, e.g. ``'sub-01_ses-1'`` (default: none, names start at
         ``model-``).
@@ -593,7 +605,9 @@ def fit_volume(model: Any, dwi: Any, bval: Any, bvec: Any, out_dir: Any, *,
     out_dir.mkdir(parents=True, exist_ok=True)
     pref = prefix or ""
     sources = [Path(os.fspath(dwi)).name, Path(os.fspath(bval)).name,
-               Path(os.fspath(bvec)).name] + ([Path(os.fspath(mask)).name] if mask else [])
+               Path(os.fspath(bvec)).name]
+    if mask is not None and not isinstance(mask, np.ndarray):
+        sources.append(Path(os.fspath(mask)).name)
     common_extra: dict[str, Any] = {"FittedVoxels": n_total, "InvalidVoxels": n_invalid}
     if dict_path is not None:
         common_extra["Dictionary"] = {"Key": getattr(dictionary, "key", None),
