@@ -373,6 +373,11 @@ class Dispatcher:
                     proc.kill()
                 except Exception:  # already gone
                     pass
+            for proc in processes:
+                proc.join(timeout=5)
+            manager = getattr(pool, "_executor_manager_thread", None)
+            if manager is not None:  # let the pool release its queues and semaphores
+                manager.join(timeout=5)
         if self._client is not None:
             try:
                 self._client.close(timeout=5)
