@@ -137,6 +137,7 @@ def test_chunking_slabs_and_executor_give_identical_maps(fitted, files, tmp_path
             np.testing.assert_array_equal(maps[key], reference[key], err_msg=f"{name}: {key}")
         if "executor" in kwargs:
             kwargs["executor"].shutdown()
+            assert not pipeline._ESTIMATORS  # the fit's estimator is not kept alive
 
 
 def test_workers_rebuild_the_estimator_from_the_dictionary_path(fitted, files):

@@ -583,17 +583,25 @@ def fit_volume(model: Any, dwi: Any, bval: Any, bvec: Any, out_dir: Any, *,
         fit_span(done_count[0] / max(n_total, 1))
 
     handle = None
+    registered = False
     if executor is not None:
         if dict_path is None:
             raise InputError("an executor needs an estimator backed by a stored dictionary")
         handle = EstimatorHandle(str(dict_path), tuple(sorted(
             {**options, "n_jobs": threads}.items())))
-        _register(handle, est)
+        with _ESTIMATORS_LOCK:
+            registered = handle.key not in _ESTIMATORS
+        _register(handle, est)  # tasks run in this process's threads share it
     window = executor_window or max(2, 2 * int(getattr(executor, "_max_workers", 2) or 2))
     out_dir = Path(os.fspath(out_dir))
-    with image.spooled(mask_arr, out_dir, max_bytes=int(slab_bytes)) as source:
-        _run_chunks(_chunks(source, mask_arr, int(chunk_voxels), int(slab_bytes)), est,
-                    handle, executor, store, done, should_cancel, window)
+    try:
+        with image.spooled(mask_arr, out_dir, max_bytes=int(slab_bytes)) as source:
+            _run_chunks(_chunks(source, mask_arr, int(chunk_voxels), int(slab_bytes)), est,
+                        handle, executor, store, done, should_cancel, window)
+    finally:
+        if registered:  # do not keep this fit's estimator alive in the caller's process
+            with _ESTIMATORS_LOCK:
+                _ESTIMATORS.pop(handle.key, None)
     t_fit = time.perf_counter() - t0
     n_invalid = int(n_total - valid.sum())
     if n_invalid:
