@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-import numpy as np
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -123,21 +122,9 @@ def wait_for(http: httpx.Client, job_id: str, *, states=("succeeded", "failed", 
 
 def write_phantom(directory: Path, *, shape=(3, 3, 2), seed: int = 0) -> dict[str, Path]:
     """A small NODDI phantom (NIfTI + FSL bval/bvec + mask) written into ``directory``."""
-    import nibabel as nib
-
     from fingerprint import phantoms
 
     directory.mkdir(parents=True, exist_ok=True)
-    phantom = phantoms.noddi_phantom(shape=shape, seed=seed)
-    paths = phantoms.write_phantom(phantom, directory, prefix="sub-01") \
-        if hasattr(phantoms, "write_phantom") else None
-    if paths is None:  # pragma: no cover - depends on the phantom module's API
-        raise RuntimeError("fingerprint.phantoms has no writer")
-    dwi = Path(paths["dwi"])
-    if "mask" not in paths:
-        img = nib.load(dwi)
-        mask = np.ones(img.shape[:3], np.uint8)
-        mask_path = directory / "mask.nii.gz"
-        nib.save(nib.Nifti1Image(mask, img.affine), mask_path)
-        paths["mask"] = mask_path
+    paths = phantoms.write_phantom(phantoms.noddi_phantom(shape=shape, seed=seed), directory,
+                                   prefix="sub-01")
     return {k: Path(paths[k]) for k in ("dwi", "bval", "bvec", "mask")}
