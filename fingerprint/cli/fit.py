@@ -26,7 +26,11 @@ def add_parser(subparsers: Any) -> None:
         "fit", help="fit a model to a DWI volume and write parameter maps",
         description="Fit a microstructure model to every voxel of a DWI volume (within the "
                     "mask) by dictionary matching, and write BIDS-derivative parameter maps "
-                    "with JSON sidecars.")
+                    "with JSON sidecars.",
+        epilog="Outputs in DIR: <prefix>_model-<model>_param-<label>_dwimap.nii.gz (+ .json) "
+               "for each of the model's maps, param-s0, param-r2, and "
+               "param-<label>_desc-uncertainty for each scalar map; direction maps hold unit "
+               "vectors in the b-vector frame.")
     parser.add_argument("--model", required=True,
                         help="named model (see `fingerprint dictionary models`), e.g. noddi")
     parser.add_argument("--dwi", required=True, type=Path, help="4-D DWI NIfTI (.nii/.nii.gz)")
@@ -34,19 +38,19 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--bvec", required=True, type=Path, help="FSL bvec file")
     parser.add_argument("--mask", type=Path,
                         help="3-D mask NIfTI (default: voxels with a positive b=0 signal)")
-    parser.add_argument("--out", required=True, type=Path, help="output directory")
+    parser.add_argument("--out", required=True, type=Path, metavar="DIR", help="output directory")
     parser.add_argument("--prefix",
                         help="output file prefix (default: the DWI name's BIDS entities)")
-    parser.add_argument("--threads", type=int, help="threads (default: all cores)")
-    parser.add_argument("--dictionary-size", type=int, dest="dictionary_size",
+    parser.add_argument("--threads", type=int, metavar="N", help="threads (default: all cores)")
+    parser.add_argument("--dictionary-size", type=int, dest="dictionary_size", metavar="N",
                         help="atoms of the dictionary (default: the model's)")
-    parser.add_argument("--dictionary-dir", type=Path, dest="dictionary_dir",
+    parser.add_argument("--dictionary-dir", type=Path, dest="dictionary_dir", metavar="DIR",
                         help="dictionary directory (default: $FINGERPRINT_DICTIONARY_DIR or "
                              "the user cache)")
-    parser.add_argument("--delta", type=float, help="gradient pulse duration (s)")
-    parser.add_argument("--Delta", type=float, help="gradient pulse separation (s)")
-    parser.add_argument("--TE", type=float, help="echo time (s)")
-    parser.add_argument("--chunk-voxels", type=int, dest="chunk_voxels",
+    parser.add_argument("--delta", type=float, metavar="S", help="gradient pulse duration (s)")
+    parser.add_argument("--Delta", type=float, metavar="S", help="gradient pulse separation (s)")
+    parser.add_argument("--TE", type=float, metavar="S", help="echo time (s)")
+    parser.add_argument("--chunk-voxels", type=int, dest="chunk_voxels", metavar="N",
                         help="voxels per chunk (default 20000)")
     parser.add_argument("--preview", action="store_true", help="also write a PNG preview")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
