@@ -138,9 +138,14 @@ class FrameEstimator:
                              self.shell_of, self.n_coefficients,
                              max(int(self.refine_iterations), 1), self.max_step, False)
 
-    def estimate(self, signals: np.ndarray, start: np.ndarray | None = None) -> np.ndarray:
+    def estimate(self, signals: np.ndarray, start: np.ndarray | None = None, *,
+                 check: bool = True) -> np.ndarray:
         """Fibre axes (n, 3), unit vectors with z >= 0, of b0-normalised ``signals``
-        (n, N): tensor eigenvector (or ``start`` when given) refined by the zonal fit."""
+        (n, N): tensor eigenvector (or ``start`` when given) refined by the zonal fit.
+        Without ``check`` the last (bounded) Gauss-Newton step is kept without verifying
+        that it lowers the residual (one pass over the data less)."""
         frames = self.tensor_directions(signals) if start is None else \
             np.asarray(start, dtype=np.float64)
-        return self.refine(signals, frames)
+        if check or self.refine_iterations <= 0:
+            return self.refine(signals, frames)
+        return self.refine_unchecked(signals, frames)[0]
