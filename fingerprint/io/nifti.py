@@ -16,7 +16,10 @@ Parameter maps follow the BIDS derivatives proposal for diffusion models (BEP016
 
     <prefix>_model-<model>_param-<label>_dwimap.nii.gz      (+ .json sidecar)
 
-Every fitted model writes, besides its own labels (``fingerprint.models.map_labels``):
+(``<prefix>_`` is omitted when there is no prefix; model names and labels are written in
+lower camel case, ``ball_stick`` -> ``ballStick``; the optional PNG preview is
+``<prefix>_model-<model>_desc-preview.png``). Every fitted model writes, besides its own
+labels (``fingerprint.models.map_labels``):
 
 =====================================================  ========================================
 ``..._param-s0_dwimap``                                 fitted non-diffusion-weighted signal
@@ -32,6 +35,13 @@ last axis) in the frame of the b-vectors. Maps are float32, use the input's affi
 header (data type, scaling and dimensions adapted) and are written atomically (temporary
 file in the same directory, then renamed). Voxels outside the mask, or that could not be
 fitted, are 0 in every map.
+
+Sidecar keys: ``Description``, ``Parameter`` (label), ``ParameterName`` (dmipy parameter
+name, None for s0/r2), ``Units`` (SI in CMIXF: ``m^2/s``, ``m``, ``rad``, ``s``; ``n/a`` for
+dimensionless, ``arbitrary`` for s0), ``Model`` (Name, Class, Description, Reference,
+Parameters), ``GeneratedBy`` (software name and version), ``Sources`` (input file names),
+``FittedVoxels``, ``InvalidVoxels``, ``Dictionary`` (Key, Atoms) and, for orientation maps,
+``OrientationEncoding``.
 """
 
 from __future__ import annotations
