@@ -8,20 +8,54 @@ import sys
 
 import pytest
 
-from tests.server_helpers import ServerProcess, make_keys
+from tests.server_helpers import (
+    ServerProcess,
+    client,
+    make_keys,
+    upload_files,
+    wait_for,
+    write_phantom,
+)
 
 schemathesis = pytest.importorskip(
     "schemathesis", reason="schemathesis is not installed (pip install schemathesis, or the "
-                           "project's 'fuzz' extra)")
+                           "project's 'test' or 'fuzz' extra)")
+
+SIZE = 2000
+
+#: the job routes' ``job_id`` is pinned to finished jobs, so that the fuzzer reaches the
+#: code behind the id check (result files by name, the ZIP, deletion); DELETE gets a job
+#: of its own
+CONFIG = """
+[[operations]]
+include-path-regex = "/results"
+parameters = {{ "path.job_id" = "{job_id}" }}
+
+[[operations]]
+include-name = "GET /v1/jobs/{{job_id}}"
+parameters = {{ "path.job_id" = "{job_id}" }}
+
+[[operations]]
+include-name = "DELETE /v1/jobs/{{job_id}}"
+parameters = {{ "path.job_id" = "{victim}" }}
+"""
 
 
 def test_openapi_fuzz_has_no_server_errors(tmp_path):
     data_dir = tmp_path / "data"
     keys = make_keys(data_dir)
+    phantom = write_phantom(tmp_path / "phantom")
     server = ServerProcess(data_dir, args=["--max-upload-mb", "1", "--max-jobs-per-key", "2",
-                                           "--max-dictionary-size", "1000"]).start()
+                                           "--max-dictionary-size", str(SIZE)]).start()
     report = tmp_path / "report"
     try:
+        with client(server, keys["root"]) as http:
+            job, victim = (wait_for(http, http.post(
+                "/v1/jobs", files=upload_files(phantom),
+                data={"dictionary_size": str(SIZE)}).json()["id"]) for _ in range(2))
+            assert job["status"] == victim["status"] == "succeeded", (job, victim)
+        (tmp_path / "schemathesis.toml").write_text(
+            CONFIG.format(job_id=job["id"], victim=victim["id"]))
         result = subprocess.run(
             [sys.executable, "-m", "schemathesis.cli", "run", f"{server.url}/openapi.json",
              # the admin key reaches every operation (dictionaries too)
@@ -31,6 +65,12 @@ def test_openapi_fuzz_has_no_server_errors(tmp_path):
              "--max-time", "15", "--workers", "2", "--request-timeout", "30",
              "--report", "ndjson", "--report-dir", str(report)],
             capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        with client(server, keys["root"]) as http:  # the pinned job survived, files intact
+            again = http.get(f"/v1/jobs/{job['id']}").json()
+            assert again["files"] == job["files"]
+            name = job["files"][0]
+            assert http.get(f"/v1/jobs/{job['id']}/results/{name}").status_code == 200
+            assert http.get(f"/v1/jobs/{victim['id']}").status_code == 404  # fuzzed away
     finally:
         server.stop()
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
