@@ -84,4 +84,8 @@ class Settings(BaseSettings):
     def threads_per_job(self) -> int:
         if self.threads:
             return self.threads
-        return max(1, (os.cpu_count() or 1) // self.workers)
+        try:
+            cores = len(os.sched_getaffinity(0))  # the cores this process may use
+        except (AttributeError, OSError):  # pragma: no cover - not Linux
+            cores = os.cpu_count() or 1
+        return max(1, cores // self.workers)
