@@ -97,16 +97,13 @@ def thread_limits(n_jobs: int | None):
 
             stack.enter_context(threadpool_limits(limits=n))
         except ImportError:  # pragma: no cover - threadpoolctl is optional
-            pass
+            # without threadpoolctl only BLAS libraries loaded from now on see the limit
+            for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+                os.environ.setdefault(var, str(n))
         previous = numba.get_num_threads()
         numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
         stack.callback(numba.set_num_threads, previous)
         yield
-
-
-def _set_default_threads_env(n_jobs: int | None) -> None:
-    if n_jobs and "OMP_NUM_THREADS" not in os.environ:
-        os.environ.setdefault("OPENBLAS_NUM_THREADS", str(int(n_jobs)))
 
 
 class FingerprintEstimator:
