@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import time
 import zipfile
 from pathlib import Path
 
@@ -104,7 +105,8 @@ def test_dask_executor_gives_the_same_maps(tmp_path, phantom):  # noqa: F811
                                   protocol="tcp",
                                   dashboard_address=None) as cluster:
         dask_server = ServerProcess(data_dir, args=[
-            "--dask-scheduler", cluster.scheduler_address]).start()
+            "--dask-scheduler", cluster.scheduler_address,
+            "--max-dictionary-size", str(SLOW_SIZE)]).start()
         try:
             with client(dask_server, keys["alice"]) as http:
                 ready = http.get("/readyz").json()
@@ -114,10 +116,21 @@ def test_dask_executor_gives_the_same_maps(tmp_path, phantom):  # noqa: F811
                 job = wait_for(http, r.json()["id"])
                 assert job["status"] == "succeeded", job
                 dask_maps = _maps(http.get(f"/v1/jobs/{job['id']}/results").content)
-            # the voxel chunks ran as tasks on the cluster
-            prefixes = cluster.scheduler.task_prefixes
-            assert "fit_chunk" in prefixes, sorted(prefixes)
-            assert sum(prefixes["fit_chunk"].state_counts.values()) >= 1
+                # the voxel chunks ran as tasks on the cluster
+                prefixes = cluster.scheduler.task_prefixes
+                assert "fit_chunk" in prefixes, sorted(prefixes)
+                assert sum(prefixes["fit_chunk"].state_counts.values()) >= 1
+                # cancelling a running job works the same with Dask
+                slow = http.post("/v1/jobs", files=upload_files(phantom),
+                                 data={"dictionary_size": str(SLOW_SIZE)}).json()
+                wait_for(http, slow["id"], states=("running",))
+                assert http.delete(f"/v1/jobs/{slow['id']}").status_code in (200, 202)
+                assert http.get(f"/v1/jobs/{slow['id']}").status_code == 404
+                deadline = time.monotonic() + 60
+                while (data_dir / "jobs" / slow["id"]).exists():
+                    assert time.monotonic() < deadline, "the cancelled job did not stop"
+                    time.sleep(0.1)
+                assert not cluster.scheduler.tasks  # nothing left on the cluster
         finally:
             dask_server.stop()
     local_dir = tmp_path / "local"
