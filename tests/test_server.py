@@ -14,8 +14,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-
-from tests.server_helpers import (
+from server_helpers import (
     ServerProcess,
     client,
     make_keys,

@@ -7,8 +7,7 @@ import subprocess
 import sys
 
 import pytest
-
-from tests.server_helpers import (
+from server_helpers import (
     ServerProcess,
     client,
     make_keys,

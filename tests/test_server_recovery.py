@@ -11,9 +11,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-
-from tests.server_helpers import ServerProcess, client, make_keys, upload_files, wait_for
-from tests.test_server import SIZE, SLOW_SIZE, phantom  # noqa: F401 - fixture
+from server_helpers import ServerProcess, client, make_keys, upload_files, wait_for
+from test_server import SIZE, SLOW_SIZE, phantom  # noqa: F401 - fixture
 
 
 def _maps(zip_bytes: bytes) -> dict[str, np.ndarray]:
@@ -134,8 +133,9 @@ def test_dask_executor_gives_the_same_maps(tmp_path, phantom):  # noqa: F811
         finally:
             dask_server.stop()
     local_dir = tmp_path / "local"
+    from test_server import _size_kwargs
+
     from fingerprint.fitting.pipeline import fit_volume
-    from tests.test_server import _size_kwargs
 
     fit_volume("noddi", phantom["dwi"], phantom["bval"], phantom["bvec"], local_dir,
                mask=phantom["mask"], **_size_kwargs(fit_volume))
