@@ -1,4 +1,5 @@
-"""Checks of submitted jobs, run before a job is accepted (cheap, header-only reads).
+"""Checks of submitted jobs, run before a job is accepted (headers, counts, units, then one
+pass over the data for truncation and NaN).
 
 The library names files by path in its messages; here the server's private upload paths
 are replaced by the form field names the client used, and the field at fault is reported.

@@ -144,8 +144,8 @@ def accepted(job: dict[str, Any]) -> JSONResponse:
                         429: {"model": ErrorBody, "description": "too many active jobs"}})
 async def submit_job(request: Request, ctx: Context, key: CallerKey) -> JSONResponse:
     """Upload a DWI (+ bval, bvec, optional mask) and queue a fit. The inputs are checked
-    (header-only) before the job is accepted; the answer is 202 with the job and its
-    ``Location``."""
+    (headers, counts, units, then one pass over the data) before the job is accepted; the
+    answer is 202 with the job and its ``Location``."""
     upload, upload_dir = await receive_job_upload(request, ctx, key.id, FIT_FILES, FIT_TEXT)
     try:
         fields = upload.fields
