@@ -327,3 +327,19 @@ def test_dmipy_solver_names_accepted(noddi, scheme, dict_dir):
                   dictionary_dir=dict_dir)
     b = fit_model(noddi, scheme, data, dictionary_size=SIZE, dictionary_dir=dict_dir)
     np.testing.assert_array_equal(a.fitted_parameters_vector, b.fitted_parameters_vector)
+
+
+def test_noise_from_residual_with_few_b0s(noddi, scheme, dict_dir):
+    """With fewer than 4 b0s the noise level comes from the residual of the feature fit."""
+    b0 = np.flatnonzero(np.asarray(scheme.b0_mask))
+    keep = np.ones(scheme.number_of_measurements, dtype=bool)
+    keep[b0[2:]] = False
+    sub = scheme.subset(keep)
+    d = get_or_build_dictionary("noddi", sub, size=2048, directory=dict_dir)
+    est = FingerprintEstimator.from_dictionary(d)
+    truth, data = phantom(noddi, sub, 400, seed=14, snr=30)
+    ve = est.estimate(data)
+    assert ve.valid.all()
+    assert np.median(ve.sigma) == pytest.approx(1000.0 / 30, rel=0.3)
+    err = mae(ve.parameters[:, [ODI, ICVF, PV0]], truth[:, [ODI, ICVF, PV0]])
+    assert err[0] < 0.06 and err[1] < 0.04 and err[2] < 0.04, err

@@ -344,7 +344,11 @@ class FingerprintEstimator:
 
     def _estimate_batch(self, data: np.ndarray, x0: np.ndarray | None) -> VoxelEstimates:
         from fingerprint.kernels import run_parallel
-        from fingerprint.kernels.features import prepare_signals, zonal_residuals
+        from fingerprint.kernels.features import (
+            prepare_signals,
+            rician_correct,
+            zonal_residuals,
+        )
 
         n = data.shape[0]
         b0 = self._b0
@@ -358,14 +362,13 @@ class FingerprintEstimator:
             data = data.astype(np.float64)
         data = np.ascontiguousarray(data)
         no_sigma = np.full(n, np.nan)
-        ynorm_all, plain_all, s0, sigma_all, valid = run_parallel(
-            prepare_signals, data, b0, no_sigma, MIN_B0_FOR_NOISE, self.rician)
+        plain_all, _, s0, sigma_all, valid = run_parallel(
+            prepare_signals, data, b0, no_sigma, MIN_B0_FOR_NOISE, False)
         rows = np.flatnonzero(valid)
         if rows.size == 0:
             return VoxelEstimates(params, unc, s0, r2, mse, valid, sigma_all)
-        ynorm = ynorm_all[rows]
-        plain = plain_all[rows] if plain_all is not ynorm_all else ynorm
-        sigma = sigma_all[rows]
+        plain = plain_all[rows]
+        sigma_b0 = sigma_all[rows]
         s0v = s0[rows]
         x0v = None if x0 is None else x0[rows]
 
@@ -377,29 +380,14 @@ class FingerprintEstimator:
             seeded = np.isfinite(ang).all(axis=1)
             given = angles_to_frames(np.where(np.isfinite(ang), ang, 0.0))
 
-        # noise from the residual of the feature fit when there are too few b0s
-        missing = ~np.isfinite(sigma)
-        if missing.any():
-            frames0 = self._frames(plain[missing], seeded[missing],
-                                   None if given is None else given[missing])
-            _, rss = fmap.voxel_features(plain[missing], frames0, return_rss=True)
-            dof = max(int(np.sum(fmap.shell_of >= 0)) - fmap.n_fitted_coefficients, 1)
-            est_sigma = np.sqrt(rss / dof) * s0v[missing] if fmap.kind != "signal" else \
-                np.zeros(int(missing.sum()))
-            sig_in = np.full(n, np.nan)
-            sig_in[rows[missing]] = est_sigma
-            sub = rows[missing]
-            redo, _, _, sig_redo, _ = run_parallel(prepare_signals, data[sub], b0,
-                                                   sig_in[sub], MIN_B0_FOR_NOISE,
-                                                   self.rician)
-            ynorm[missing] = redo
-            sigma[missing] = sig_redo
-        sigma = np.where(np.isfinite(sigma), sigma, 0.0)
-        sig2_feat = (sigma / s0v) ** 2
-
         # frames from the uncorrected signals (the bias correction, floored at zero,
-        # distorts the angular profile of low signals), features from the corrected ones
-        frames = self._frames(plain, seeded, given)
+        # distorts the angular profile of low signals)
+        frames, rss_plain = self._frames(plain, seeded, given)
+        sigma = self._noise(plain, frames, sigma_b0, s0v, rss_plain)
+        sig2_feat = (sigma / s0v) ** 2
+        ynorm = plain
+        if self.rician:
+            ynorm = run_parallel(rician_correct, plain, sigma / s0v, b0)
         feats = fmap.voxel_features(ynorm, frames)
         dist, idx = self.matcher.search(feats, self.n_neighbors)
         marg = None
@@ -479,21 +467,53 @@ class FingerprintEstimator:
         sigma_all[rows] = sigma
         return VoxelEstimates(params, unc, s0, r2, mse, valid, sigma_all)
 
+    def _noise(self, plain: np.ndarray, frames: np.ndarray | None, sigma_b0: np.ndarray,
+               s0: np.ndarray, rss: np.ndarray | None = None) -> np.ndarray:
+        """Noise standard deviation (raw units) per voxel: the b0 spread pooled with the
+        residual of the zonal fit (weighted by degrees of freedom; the residual's ~250
+        degrees of freedom on HCP make it the more precise of the two); for other
+        feature kinds the b0 spread alone, or the residual when there are too few b0s.
+        ``rss``: the zonal residual sum of squares of ``plain`` when already known."""
+        fmap = self.feature_map
+        n_b0 = int(self._b0.sum())
+        nu_b0 = max(n_b0 - 1, 0) if n_b0 >= MIN_B0_FOR_NOISE else 0
+        has_b0 = np.isfinite(sigma_b0) & (nu_b0 > 0)
+        if fmap.kind == "signal" or (fmap.kind == "shell_means" and has_b0.all()):
+            return np.where(has_b0, sigma_b0, 0.0)
+        if rss is None:
+            _, rss = fmap.voxel_features(plain, frames, return_rss=True)
+        nu_res = max(int(np.sum(fmap.shell_of >= 0)) - fmap.n_fitted_coefficients, 1)
+        var_res = rss / nu_res * s0 ** 2
+        if fmap.kind == "shell_means":  # within-shell spread is not only noise
+            return np.where(has_b0, sigma_b0, np.sqrt(var_res))
+        var_b0 = np.where(has_b0, sigma_b0, 0.0) ** 2
+        w_b0 = np.where(has_b0, nu_b0, 0)
+        return np.sqrt((w_b0 * var_b0 + nu_res * var_res) / (w_b0 + nu_res))
+
     def _frames(self, ynorm: np.ndarray, seeded: np.ndarray, given: np.ndarray | None
-                ) -> np.ndarray | None:
+                ) -> tuple[np.ndarray | None, np.ndarray | None]:
         """Fibre frames (n, 3) of b0-normalised signals (None for non-zonal features):
         the orientation given in x0 where ``seeded``, else the tensor eigenvector refined
-        by the zonal fit."""
+        by one bounded Gauss-Newton step of the zonal fit; plus, when the refinement ran
+        on every voxel, the zonal residual sum of squares at the tensor frame (a noise
+        estimate that costs nothing more)."""
         if self.feature_map.kind != "zonal":
-            return None
+            return None, None
         if given is not None and seeded.all():
-            return given
-        # the Gauss-Newton step on the axis is bounded; checking that it lowers the
-        # residual costs a pass over the data and changed no result in the benchmarks
-        frames = self.frame_estimator.estimate(ynorm, check=False)
+            return given, None
+        fe = self.frame_estimator
+        tensor = fe.tensor_directions(ynorm)
+        rss = None
+        if fe.refine_iterations > 0:
+            # checking that the bounded step lowers the residual costs a pass over the
+            # data and changed no result in the benchmarks
+            frames, rss = fe.refine_unchecked(ynorm, tensor)
+        else:
+            frames = tensor
         if given is not None and seeded.any():
             frames[seeded] = given[seeded]
-        return frames
+            rss = None
+        return frames, rss
 
     def _shell_means(self, signals: np.ndarray) -> np.ndarray:
         shells = np.asarray(self.scheme.shell_indices)

@@ -22,6 +22,7 @@ __all__ = [
     "prepare_signals",
     "zonal_residuals",
     "reconstruct_zonal",
+    "rician_correct",
     "refine_frames",
     "shell_means",
     "zonal_features",
@@ -479,6 +480,26 @@ def prepare_signals(data: np.ndarray, b0_mask: np.ndarray, sigma_in: np.ndarray,
         sigma[i] = sg
         valid[i] = True
     return out, plain, s0, sigma, valid
+
+
+@njit(cache=True, parallel=True)
+def rician_correct(signals: np.ndarray, sigma: np.ndarray, b0_mask: np.ndarray
+                   ) -> np.ndarray:
+    """First-order Rician bias correction sqrt(max(S² - sigma², 0)) of the non-b0
+    columns of b0-normalised ``signals`` (n, N), ``sigma`` (n,) in the same units.
+    Returns a new array."""
+    n, m = signals.shape
+    out = np.empty((n, m))
+    for i in prange(n):
+        s2 = sigma[i] * sigma[i]
+        if not math.isfinite(s2):
+            s2 = 0.0
+        for j in range(m):
+            v = signals[i, j]
+            if not b0_mask[j] and s2 > 0.0:
+                v = math.sqrt(max(v * v - s2, 0.0))
+            out[i, j] = v
+    return out
 
 
 @njit(cache=True, parallel=True)
