@@ -608,3 +608,32 @@ def test_numerical_spherical_mean_at_extreme_q(cls: type) -> None:
                              directions=np.zeros((u.size, 3)))
         exact = integrate.simpson(cls().signal_from_cosines(one, u, **kwargs)[0], x=u)
         assert got[r] == pytest.approx(exact, rel=1e-8)
+
+
+def test_serial_twins_match_parallel_kernels(activeax) -> None:
+    import fingerprint.kernels as kernel_pkg
+
+    meas = activeax.measurements
+    rng = np.random.default_rng(2)
+    cos = rng.uniform(-1, 1, (3, meas.b.shape[0]))
+    lam = rng.uniform(0.5e-9, 2.5e-9, 3)
+    par = np.empty((3, meas.b.shape[0]))
+    ser = np.empty_like(par)
+    kernels.stick_signal(meas.b, cos, lam, par)
+    kernels.stick_signal.serial(meas.b, cos, lam, ser)
+    np.testing.assert_array_equal(par, ser)
+    kernel_pkg.run_kernel(kernels.stick_signal, 1e9, meas.b, cos, lam, ser)  # parallel path
+    np.testing.assert_array_equal(par, ser)
+
+
+def test_prepared_measurements_are_shared_and_errors_name_the_caller() -> None:
+    scheme = acquisition_scheme_from_bvalues(np.array([0.0, 1e9, 2e9]),
+                                             np.array([[0, 0, 0], [1.0, 0, 0], [0, 1.0, 0]]))
+    first = base.MeasurementArrays.of(scheme, "C1Stick")
+    assert base.MeasurementArrays.of(scheme.measurements, "G1Ball") is first
+    assert not first.b.flags.writeable
+    C1Stick()(scheme, mu=[0, 0], lambda_par=1e-9)
+    with pytest.raises(InputError, match="^S4SphereGaussianPhaseApproximation needs the pulse"):
+        S4SphereGaussianPhaseApproximation()(scheme, diameter=5e-6)
+    with pytest.raises(InputError, match="^G3TemporalZeppelin needs the pulse"):
+        G3TemporalZeppelin()(scheme, mu=[0, 0], lambda_par=1e-9, lambda_inf=1e-10, A=1e-12)

@@ -22,13 +22,23 @@ import logging
 import os
 import tempfile
 import threading
+import types
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numba
 
-__all__ = ["CACHE_DIR", "caching_enabled", "njit", "prange", "run_parallel"]
+__all__ = [
+    "CACHE_DIR",
+    "SERIAL_WORK_THRESHOLD",
+    "caching_enabled",
+    "njit",
+    "parallel_kernel",
+    "prange",
+    "run_kernel",
+    "run_parallel",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -157,3 +167,38 @@ def run_parallel(kernel: Callable[..., Any], *args: Any) -> Any:
         with _LAUNCH_LOCK:
             return kernel(*args)
     return kernel(*args)
+
+
+#: Below this much work (about one exponential per unit) :func:`run_kernel` uses the
+#: serial twin: waking the worker threads of a parallel launch costs microseconds on an idle
+#: machine and milliseconds on a busy one, far more than a small batch itself.
+SERIAL_WORK_THRESHOLD = 200_000
+
+
+def parallel_kernel(**options: Any) -> Callable[[Callable[..., Any]], Any]:
+    """Compile a ``prange`` kernel twice: parallel (returned) and serial (``.serial``).
+
+    Both are cached (separate cache entries); options are those of :func:`numba.njit`
+    (``cache=True`` and ``parallel`` are set here). Call through :func:`run_kernel`.
+    """
+
+    def decorator(func: Callable[..., Any]) -> Any:
+        parallel = _compile(func, {**options, "cache": True, "parallel": True})
+        twin = types.FunctionType(func.__code__, func.__globals__, func.__name__ + "_serial",
+                                  func.__defaults__, func.__closure__)
+        twin.__qualname__ = func.__qualname__ + "_serial"
+        twin.__module__ = func.__module__
+        twin.__doc__ = func.__doc__
+        parallel.serial = _compile(twin, {**options, "cache": True, "parallel": False})
+        return parallel
+
+    return decorator
+
+
+def run_kernel(kernel: Any, work: float, *args: Any) -> Any:
+    """Run a :func:`parallel_kernel` on ``args``: serially for small ``work`` or one thread,
+    otherwise in parallel (through :func:`run_parallel`)."""
+    serial = getattr(kernel, "serial", None)
+    if serial is not None and (work < SERIAL_WORK_THRESHOLD or numba.get_num_threads() == 1):
+        return serial(*args)
+    return run_parallel(kernel, *args)

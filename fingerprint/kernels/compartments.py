@@ -1,9 +1,10 @@
 """Numba kernels of the compartment signals (SI units throughout).
 
 Every kernel fills ``out`` of shape ``(n, M)``: ``n`` parameter sets (atoms) by ``M``
-measurements, parallel over atoms. Per-measurement inputs are ``(M,)`` arrays, per-atom
-parameters ``(n,)`` arrays. ``cos`` holds the cosine between gradient and compartment axis,
-either per atom ``(n, M)`` or shared by all atoms ``(1, M)``.
+measurements, parallel over atoms; each has a serial twin (``kernel.serial``) for small
+batches, chosen by :func:`fingerprint.kernels.run_kernel`. Per-measurement inputs are
+``(M,)`` arrays, per-atom parameters ``(n,)`` arrays. ``cos`` holds the cosine between
+gradient and compartment axis, either per atom ``(n, M)`` or shared by all atoms ``(1, M)``.
 
 Timing-dependent kernels receive the distinct timings of the measurements (``T`` of them)
 and, per measurement, the index of its timing, so that per-atom sums over roots are
@@ -20,7 +21,7 @@ import math
 
 import numpy as np
 
-from fingerprint.kernels import njit, prange
+from fingerprint.kernels import njit, parallel_kernel, prange
 
 __all__ = [
     "axisymmetric_gaussian_spherical_mean",
@@ -196,7 +197,7 @@ def fast_exp(x: float) -> float:
 
 
 # --------------------------------------------------------------------------- Gaussian
-@njit(cache=True, parallel=True, error_model="numpy")
+@parallel_kernel(error_model="numpy")
 def stick_signal(b: np.ndarray, cos: np.ndarray, lambda_par: np.ndarray,
                  out: np.ndarray) -> None:
     """Stick: exp(-b lambda_par u²)."""
@@ -210,7 +211,7 @@ def stick_signal(b: np.ndarray, cos: np.ndarray, lambda_par: np.ndarray,
             out[i, j] = fast_exp(-b[j] * lp * u * u)
 
 
-@njit(cache=True, parallel=True, error_model="numpy")
+@parallel_kernel(error_model="numpy")
 def zeppelin_signal(b: np.ndarray, cos: np.ndarray, lambda_par: np.ndarray,
                     lambda_perp: np.ndarray, out: np.ndarray) -> None:
     """Zeppelin: exp(-b (lambda_par u² + lambda_perp (1 - u²)))."""
@@ -226,7 +227,7 @@ def zeppelin_signal(b: np.ndarray, cos: np.ndarray, lambda_par: np.ndarray,
             out[i, j] = fast_exp(-b[j] * (lq + d * u * u))
 
 
-@njit(cache=True, parallel=True, error_model="numpy")
+@parallel_kernel(error_model="numpy")
 def temporal_zeppelin_signal(b: np.ndarray, time_factor: np.ndarray, cos: np.ndarray,
                              lambda_par: np.ndarray, lambda_inf: np.ndarray, A: np.ndarray,
                              out: np.ndarray) -> None:
@@ -246,7 +247,7 @@ def temporal_zeppelin_signal(b: np.ndarray, time_factor: np.ndarray, cos: np.nda
             out[i, j] = fast_exp(-b[j] * (lq + (lp - lq) * u * u))
 
 
-@njit(cache=True, parallel=True, error_model="numpy")
+@parallel_kernel(error_model="numpy")
 def ball_signal(b: np.ndarray, lambda_iso: np.ndarray, out: np.ndarray) -> None:
     """Ball: exp(-b lambda_iso)."""
     n, m = out.shape
@@ -256,7 +257,7 @@ def ball_signal(b: np.ndarray, lambda_iso: np.ndarray, out: np.ndarray) -> None:
             out[i, j] = fast_exp(-b[j] * li)
 
 
-@njit(cache=True, parallel=True, error_model="numpy")
+@parallel_kernel(error_model="numpy")
 def axisymmetric_gaussian_spherical_mean(b: np.ndarray, time_factor: np.ndarray,
                                          lambda_par: np.ndarray, lambda_perp: np.ndarray,
                                          A: np.ndarray, out: np.ndarray) -> None:
@@ -290,7 +291,7 @@ def _sin2(u: float) -> float:
     return s if s > 0.0 else 0.0
 
 
-@njit(cache=True, parallel=True, error_model="numpy")
+@parallel_kernel(error_model="numpy")
 def cylinder_stejskal_tanner_signal(b: np.ndarray, q: np.ndarray, cos: np.ndarray,
                                     lambda_par: np.ndarray, diameter: np.ndarray,
                                     out: np.ndarray) -> None:
@@ -314,7 +315,7 @@ def cylinder_stejskal_tanner_signal(b: np.ndarray, q: np.ndarray, cos: np.ndarra
             out[i, j] = e
 
 
-@njit(cache=True, parallel=True, error_model="numpy")
+@parallel_kernel(error_model="numpy")
 def cylinder_callaghan_signal(b: np.ndarray, q: np.ndarray, tau_index: np.ndarray,
                               taus: np.ndarray, cos: np.ndarray, lambda_par: np.ndarray,
                               diameter: np.ndarray, alpha: np.ndarray, weights: np.ndarray,
@@ -364,7 +365,7 @@ def cylinder_callaghan_signal(b: np.ndarray, q: np.ndarray, tau_index: np.ndarra
             out[i, j] = e
 
 
-@njit(cache=True, parallel=True, error_model="numpy")
+@parallel_kernel(error_model="numpy")
 def cylinder_gaussian_phase_signal(b: np.ndarray, gG: np.ndarray, timing_index: np.ndarray,
                                    deltas: np.ndarray, Deltas: np.ndarray, cos: np.ndarray,
                                    lambda_par: np.ndarray, diameter: np.ndarray,
@@ -409,7 +410,7 @@ def cylinder_gaussian_phase_signal(b: np.ndarray, gG: np.ndarray, timing_index: 
 
 
 # --------------------------------------------------------------------------- spheres
-@njit(cache=True, parallel=True, error_model="numpy")
+@parallel_kernel(error_model="numpy")
 def sphere_stejskal_tanner_signal(q: np.ndarray, diameter: np.ndarray,
                                   out: np.ndarray) -> None:
     """Sphere, short-pulse long-time limit: (3 (sin x - x cos x) / x³)², x = 2 pi q R."""
@@ -437,7 +438,7 @@ def sphere_stejskal_tanner_signal(q: np.ndarray, diameter: np.ndarray,
             out[i, j] = f * f
 
 
-@njit(cache=True, parallel=True, error_model="numpy")
+@parallel_kernel(error_model="numpy")
 def sphere_gaussian_phase_signal(gG: np.ndarray, timing_index: np.ndarray,
                                  deltas: np.ndarray, Deltas: np.ndarray,
                                  diameter: np.ndarray, roots: np.ndarray,
@@ -475,7 +476,7 @@ def sphere_gaussian_phase_signal(gG: np.ndarray, timing_index: np.ndarray,
 
 
 # --------------------------------------------------------------------------- helpers
-@njit(cache=True, parallel=True)
+@parallel_kernel()
 def gather_columns(small: np.ndarray, index: np.ndarray, out: np.ndarray) -> None:
     """out[i, j] = small[i, index[j]] (expand signals of distinct measurements)."""
     n, m = out.shape

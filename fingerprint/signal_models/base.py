@@ -24,6 +24,7 @@ the parameter out (dmipy's behaviour). Non-fitted constants (for example
 from __future__ import annotations
 
 import math
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from functools import lru_cache
@@ -33,7 +34,7 @@ import numpy as np
 
 from fingerprint.errors import InputError
 from fingerprint.kernels import compartments as kernels
-from fingerprint.kernels import run_parallel
+from fingerprint.kernels import run_kernel
 
 __all__ = [
     "CompartmentModel",
@@ -93,108 +94,208 @@ def unitsphere2cart(mu: Any) -> np.ndarray:
                     axis=-1)
 
 
+_FIELDS = ("b", "q", "G", "delta", "Delta")
+
+
+def _source(meas: Any) -> Any:
+    """The MeasurementSet behind ``meas`` (a MeasurementSet or an AcquisitionScheme)."""
+    if not hasattr(meas, "b") and hasattr(meas, "measurements"):
+        return meas.measurements
+    return meas
+
+
 class MeasurementArrays:
     """Contiguous float64 arrays a kernel needs, derived from a MeasurementSet (SI).
 
     ``q`` is derived from ``b``, ``delta`` and ``Delta`` when absent, and
     ``gG = 2 pi q / delta`` (gyromagnetic ratio x gradient strength) from ``q`` so that the
     kernels depend on the same (b, q, delta, Delta) as the scheme, whatever gyromagnetic
-    ratio produced its gradient strengths.
+    ratio produced its gradient strengths. Derived arrays are computed once (read-only);
+    methods that can fail take the name of the calling compartment for the message.
+    Use :meth:`of` to share one instance per (immutable) MeasurementSet.
     """
 
     def __init__(self, meas: Any, owner: str) -> None:
-        if not hasattr(meas, "b") and hasattr(meas, "measurements"):
-            meas = meas.measurements
+        meas = _source(meas)
         if not hasattr(meas, "b"):
             raise InputError(f"{owner}: expected a MeasurementSet (with b, q, G, delta, "
                              f"Delta, directions), got {type(meas).__name__}")
-        self.owner = owner
         self._meas = meas
-        self.b = self._array("b", required=True)
-        self.size = int(self.b.shape[0])
-        self._q: np.ndarray | None = None
+        self._cache: dict[Any, Any] = {}
+        b = np.asarray(meas.b, dtype=np.float64).reshape(-1)
+        self.size = int(b.shape[0])
+        self.fields: dict[str, np.ndarray | None] = {}
+        for name in _FIELDS:
+            value = getattr(meas, name, None)
+            if value is None:
+                if name == "b":
+                    raise InputError(f"{owner} needs the measurements' b-values")
+                self.fields[name] = None
+                continue
+            arr = _readonly(np.ascontiguousarray(value, dtype=np.float64).reshape(-1))
+            if arr.shape[0] != self.size:
+                raise InputError(f"{owner}: measurement field {name} has {arr.shape[0]} "
+                                 f"values for {self.size} measurements")
+            self.fields[name] = arr
+        self.b: np.ndarray = self.fields["b"]
 
-    def _array(self, name: str, required: bool = False) -> np.ndarray | None:
-        value = getattr(self._meas, name, None)
+    # ------------------------------------------------------------------ sharing
+    @classmethod
+    def of(cls, meas: Any, owner: str) -> MeasurementArrays:
+        """The shared instance for an immutable MeasurementSet (a fresh one otherwise)."""
+        from fingerprint.core.acquisition_scheme import MeasurementSet
+
+        source = _source(meas)
+        if not isinstance(source, MeasurementSet):
+            return cls(source, owner)
+        key = id(source)
+        entry = _PREPARED.get(key)
+        if entry is not None and entry[0] is source:
+            return entry[1]
+        arrays = cls(source, owner)
+        with _PREPARED_LOCK:
+            while len(_PREPARED) >= _PREPARED_MAX:
+                _PREPARED.pop(next(iter(_PREPARED)))
+            _PREPARED[key] = (source, arrays)
+        return arrays
+
+    def _cached(self, key: Any, compute: Callable[[], Any]) -> Any:
+        value = self._cache.get(key)
         if value is None:
-            if required:
-                raise InputError(f"{self.owner} needs the measurements' {name}")
-            return None
-        arr = np.ascontiguousarray(value, dtype=np.float64).reshape(-1)
-        if hasattr(self, "size") and arr.shape[0] != self.size:
-            raise InputError(f"{self.owner}: measurement field {name} has {arr.shape[0]} "
-                             f"values for {self.size} measurements")
-        return arr
+            value = compute()
+            self._cache[key] = value
+        return value
 
-    def _timing(self, what: str) -> tuple[np.ndarray, np.ndarray]:
-        delta = self._array("delta")
-        Delta = self._array("Delta")
+    # ------------------------------------------------------------------ derived arrays
+    def _timing(self, owner: str, what: str) -> tuple[np.ndarray, np.ndarray]:
+        delta, Delta = self.fields["delta"], self.fields["Delta"]
         if delta is None or Delta is None:
-            raise InputError(f"{self.owner} needs the pulse timing (delta and Delta, in s) "
-                             f"of the acquisition scheme to compute {what}; build the "
-                             "scheme with delta= and Delta=")
+            raise InputError(f"{owner} needs the pulse timing (delta and Delta, in s) of the "
+                             f"acquisition scheme to compute {what}; build the scheme with "
+                             "delta= and Delta=")
         return delta, Delta
 
-    @property
-    def weighted(self) -> np.ndarray:
-        """Measurements with diffusion weighting (b > 0)."""
-        return self.b > 0.0
-
-    @property
-    def q(self) -> np.ndarray:
+    def q(self, owner: str) -> np.ndarray:
         """q-values (1/m): given, or derived from b, delta and Delta."""
-        if self._q is None:
-            q = self._array("q")
-            if q is None:
-                delta, Delta = self._timing("q-values")
-                tau = Delta - delta / 3.0
-                q = np.zeros(self.size)
-                ok = self.weighted & (tau > 0.0)
-                q[ok] = np.sqrt(self.b[ok] / tau[ok]) / (2.0 * math.pi)
-            self._q = q
-        return self._q
+        q = self.fields["q"]
+        if q is not None:
+            return q
 
-    @property
-    def time_factor(self) -> np.ndarray:
+        def compute() -> np.ndarray:
+            delta, Delta = self._timing(owner, "q-values")
+            tau = Delta - delta / 3.0
+            out = np.zeros(self.size)
+            ok = (self.b > 0.0) & (tau > 0.0)
+            out[ok] = np.sqrt(self.b[ok] / tau[ok]) / (2.0 * math.pi)
+            return _readonly(out)
+
+        return self._cached("q", compute)
+
+    def time_factor(self, owner: str) -> np.ndarray:
         """(ln(Delta / delta) + 3/2) / (Delta - delta / 3) (1/s); zero where b = 0."""
-        delta, Delta = self._timing("the time-dependent perpendicular diffusivity")
-        out = np.zeros(self.size)
-        ok = self.weighted
-        if ok.any():
-            d = delta[ok]
-            dd = Delta[ok]
-            if (d <= 0).any() or (dd - d / 3.0 <= 0).any():
-                raise InputError(f"{self.owner}: delta must be positive and Delta > delta/3 "
-                                 "for every diffusion-weighted measurement")
-            out[ok] = (np.log(dd / d) + 1.5) / (dd - d / 3.0)
-        return out
 
-    def gamma_g(self) -> np.ndarray:
+        def compute() -> np.ndarray:
+            delta, Delta = self._timing(owner, "the time-dependent perpendicular diffusivity")
+            out = np.zeros(self.size)
+            ok = self.b > 0.0
+            if ok.any():
+                d, dd = delta[ok], Delta[ok]
+                if (d <= 0).any() or (dd - d / 3.0 <= 0).any():
+                    raise InputError(f"{owner}: delta must be positive and Delta > delta/3 "
+                                     "for every diffusion-weighted measurement")
+                out[ok] = (np.log(dd / d) + 1.5) / (dd - d / 3.0)
+            return _readonly(out)
+
+        return self._cached("time_factor", compute)
+
+    def gamma_g(self, owner: str) -> np.ndarray:
         """gyromagnetic ratio x gradient strength (rad s⁻¹ m⁻¹); zero where q = 0."""
-        delta, _ = self._timing("the gradient strengths")
-        q = self.q
-        out = np.zeros(self.size)
-        ok = q > 0.0
-        if (delta[ok] <= 0.0).any():
-            raise InputError(f"{self.owner}: delta must be positive for every "
-                             "diffusion-weighted measurement")
-        out[ok] = 2.0 * math.pi * q[ok] / delta[ok]
-        return out
 
-    def unique_timings(self, active: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Distinct (delta, Delta) among ``active`` measurements.
+        def compute() -> np.ndarray:
+            delta, _ = self._timing(owner, "the gradient strengths")
+            q = self.q(owner)
+            out = np.zeros(self.size)
+            ok = q > 0.0
+            if (delta[ok] <= 0.0).any():
+                raise InputError(f"{owner}: delta must be positive for every "
+                                 "diffusion-weighted measurement")
+            out[ok] = 2.0 * math.pi * q[ok] / delta[ok]
+            return _readonly(out)
 
-        Returns ``(index (M,) int64, deltas (T,), Deltas (T,))``; inactive measurements
-        point at timing 0 (their kernels must not depend on it).
+        return self._cached("gamma_g", compute)
+
+    def timings(self, owner: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Distinct (delta, Delta) among the measurements with q > 0.
+
+        Returns ``(index (M,) int64, deltas (T,), Deltas (T,))``; measurements with q = 0
+        point at timing 0 (their kernels do not depend on it).
         """
-        delta, Delta = self._timing("restricted diffusion")
-        index = np.zeros(self.size, dtype=np.int64)
-        if not active.any():
-            return index, np.array([1.0]), np.array([1.0])
-        pairs = np.column_stack([delta[active], Delta[active]])
-        uniq, inverse = np.unique(pairs, axis=0, return_inverse=True)
-        index[active] = np.asarray(inverse).ravel()
-        return (index, np.ascontiguousarray(uniq[:, 0]), np.ascontiguousarray(uniq[:, 1]))
+
+        def compute() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            delta, Delta = self._timing(owner, "restricted diffusion")
+            active = self.q(owner) > 0.0
+            index = np.zeros(self.size, dtype=np.int64)
+            if not active.any():
+                return (_readonly(index), _readonly(np.array([1.0])),
+                        _readonly(np.array([1.0])))
+            pairs = np.column_stack([delta[active], Delta[active]])
+            uniq, inverse = np.unique(pairs, axis=0, return_inverse=True)
+            index[active] = np.asarray(inverse).ravel()
+            return (_readonly(index), _readonly(np.ascontiguousarray(uniq[:, 0])),
+                    _readonly(np.ascontiguousarray(uniq[:, 1])))
+
+        return self._cached("timings", compute)
+
+    # ------------------------------------------------------------------ derived sets
+    def _derived(self, rows: Callable[[np.ndarray], np.ndarray], size: int,
+                 owner: str) -> MeasurementArrays:
+        derived = _DerivedMeasurements(
+            {name: None if arr is None else rows(arr) for name, arr in self.fields.items()},
+            size)
+        return MeasurementArrays(derived, owner)
+
+    def unique_rows(self, owner: str) -> tuple[MeasurementArrays | None, np.ndarray]:
+        """Distinct (b, q, G, delta, Delta) rows and the inverse index (M,) int64.
+
+        Returns (None, inverse) when every row is distinct.
+        """
+
+        def compute() -> tuple[MeasurementArrays | None, np.ndarray]:
+            table = np.column_stack([arr for arr in self.fields.values() if arr is not None])
+            _, first, inverse = np.unique(table, axis=0, return_index=True,
+                                          return_inverse=True)
+            inverse = _readonly(np.ascontiguousarray(np.asarray(inverse).reshape(-1),
+                                                     dtype=np.int64))
+            if first.shape[0] == self.size:
+                return None, inverse
+            return self._derived(lambda a: a[first], int(first.shape[0]), owner), inverse
+
+        return self._cached("unique_rows", compute)
+
+    def tiled(self, k: int, owner: str) -> MeasurementArrays:
+        """Each measurement repeated ``k`` times (quadrature nodes)."""
+        return self._cached(("tiled", k), lambda: self._derived(
+            lambda a: np.repeat(a, k), self.size * k, owner))
+
+
+class _DerivedMeasurements:
+    """Duck-typed MeasurementSet from already selected arrays (zero directions)."""
+
+    def __init__(self, fields: Mapping[str, np.ndarray | None], size: int) -> None:
+        for name in _FIELDS:
+            setattr(self, name, fields.get(name))
+        self.directions = np.zeros((size, 3))
+
+
+#: Shared MeasurementArrays per MeasurementSet (by identity; bounded, oldest dropped).
+_PREPARED: dict[int, tuple[Any, MeasurementArrays]] = {}
+_PREPARED_LOCK = threading.Lock()
+_PREPARED_MAX = 64
+
+
+def _readonly(arr: np.ndarray) -> np.ndarray:
+    arr.setflags(write=False)
+    return arr
 
 
 class CompartmentModel:
@@ -210,6 +311,8 @@ class CompartmentModel:
     #: True for compartments whose signal does not depend on the gradient direction.
     is_isotropic: ClassVar[bool] = False
     S0_response: ClassVar[float] = 1.0
+    #: Rough cost of one signal value (in exponentials), to choose serial or parallel runs.
+    _work_per_value: ClassVar[float] = 1.0
 
     # -------------------------------------------------------------- dmipy attributes
     @staticmethod
@@ -408,7 +511,7 @@ class CompartmentModel:
         scalars) one row is returned, which broadcasts.
         """
         params = {k: v for k, v in params.items() if k != "mu"}
-        arrays = MeasurementArrays(meas, type(self).__name__)
+        arrays = MeasurementArrays.of(meas, type(self).__name__)
         cos = self._cosines(cosines, arrays.size)
         n, values = self._batch_params(params, cos)
         out = np.empty((n, arrays.size))
@@ -417,12 +520,11 @@ class CompartmentModel:
         if self.is_isotropic and arrays.size > 1:
             # isotropic signals depend on (b, q, G, delta, Delta) only: evaluate each
             # distinct row once and scatter (e.g. 4 instead of 288 on HCP)
-            unique, inverse = _unique_rows(meas, arrays.size)
+            unique, inverse = arrays.unique_rows(type(self).__name__)
             if unique is not None:
-                small = np.empty((n, unique.b.shape[0]))
-                self._kernel(MeasurementArrays(unique, type(self).__name__), None, values,
-                             small)
-                run_parallel(kernels.gather_columns, small, inverse, out)
+                small = np.empty((n, unique.size))
+                self._kernel(unique, None, values, small)
+                run_kernel(kernels.gather_columns, 0.25 * out.size, small, inverse, out)
                 return out
         self._kernel(arrays, cos, values, out)
         return out
@@ -431,6 +533,13 @@ class CompartmentModel:
                 params: dict[str, np.ndarray], out: np.ndarray) -> None:
         raise NotImplementedError
 
+    def _work(self, out: np.ndarray) -> float:
+        return out.size * self._work_per_value
+
+    @property
+    def _name(self) -> str:
+        return type(self).__name__
+
     def spherical_mean_batch(self, meas: Any, **params: Any) -> np.ndarray:
         """Orientation-averaged signals (n, M), one value per row of ``meas``.
 
@@ -438,7 +547,7 @@ class CompartmentModel:
         quadrature over the cosine otherwise.
         """
         params = {k: v for k, v in params.items() if k != "mu"}
-        arrays = MeasurementArrays(meas, type(self).__name__)
+        arrays = MeasurementArrays.of(meas, type(self).__name__)
         if self.is_isotropic:
             return self.signal_from_cosines(meas, None, **params)
         n, values = self._batch_params(params, None)
@@ -453,57 +562,16 @@ class CompartmentModel:
         nodes, weights = gauss_legendre_half(SPHERICAL_MEAN_NODES)
         k = nodes.shape[0]
         m = arrays.size
-        tiled = _TiledMeasurements(meas, arrays, k)
         cos = np.ascontiguousarray(np.tile(nodes, m)[None, :])
         n = out.shape[0]
         chunk = max(1, _SPHERICAL_MEAN_CHUNK // max(1, m * k))
-        tiled_arrays = MeasurementArrays(tiled, type(self).__name__)
+        tiled_arrays = arrays.tiled(k, type(self).__name__)
         for start in range(0, n, chunk):
             stop = min(n, start + chunk)
             sub = {name: value[start:stop] for name, value in params.items()}
             buf = np.empty((stop - start, m * k))
             self._kernel(tiled_arrays, cos, sub, buf)
             out[start:stop] = buf.reshape(stop - start, m, k) @ weights
-
-
-_FIELDS = ("b", "q", "G", "delta", "Delta")
-
-
-class _DerivedMeasurements:
-    """Duck-typed MeasurementSet built from row selections of another one."""
-
-    def __init__(self, meas: Any, rows: Callable[[np.ndarray], np.ndarray], size: int) -> None:
-        if not hasattr(meas, "b") and hasattr(meas, "measurements"):
-            meas = meas.measurements
-        for name in _FIELDS:
-            value = getattr(meas, name, None)
-            setattr(self, name,
-                    None if value is None else rows(np.asarray(value, dtype=float).reshape(-1)))
-        self.directions = np.zeros((size, 3))
-
-
-class _TiledMeasurements(_DerivedMeasurements):
-    """Each measurement repeated ``k`` times (quadrature nodes)."""
-
-    def __init__(self, meas: Any, arrays: MeasurementArrays, k: int) -> None:
-        super().__init__(meas, lambda a: np.repeat(a, k), arrays.size * k)
-
-
-def _unique_rows(meas: Any, size: int) -> tuple[_DerivedMeasurements | None, np.ndarray]:
-    """Distinct (b, q, G, delta, Delta) rows and the inverse index (M,) int64.
-
-    Returns (None, inverse) when every row is distinct.
-    """
-    source = meas.measurements if not hasattr(meas, "b") and hasattr(meas, "measurements") \
-        else meas
-    columns = [np.asarray(getattr(source, name), dtype=float).reshape(-1)
-               for name in _FIELDS if getattr(source, name, None) is not None]
-    table = np.column_stack(columns)
-    _, first, inverse = np.unique(table, axis=0, return_index=True, return_inverse=True)
-    inverse = np.ascontiguousarray(np.asarray(inverse).reshape(-1), dtype=np.int64)
-    if first.shape[0] == size:
-        return None, inverse
-    return _DerivedMeasurements(source, lambda a: a[first], first.shape[0]), inverse
 
 
 def _copy_value(value: Any) -> Any:

@@ -10,7 +10,7 @@ import numpy as np
 from fingerprint.core.constants import WATER_IN_AXONS_DIFFUSION_CONSTANT
 from fingerprint.errors import InputError
 from fingerprint.kernels import compartments as kernels
-from fingerprint.kernels import run_parallel
+from fingerprint.kernels import run_kernel
 from fingerprint.signal_models.base import (
     DIAMETER_SCALING,
     DIFFUSIVITY_SCALING,
@@ -109,14 +109,14 @@ class C1Stick(CompartmentModel):
 
     def _kernel(self, meas: MeasurementArrays, cos: np.ndarray | None,
                 params: dict[str, np.ndarray], out: np.ndarray) -> None:
-        run_parallel(kernels.stick_signal, meas.b, cos, params["lambda_par"], out)
+        run_kernel(kernels.stick_signal, self._work(out), meas.b, cos, params["lambda_par"], out)
 
     def _spherical_mean_kernel(self, meas: Any, arrays: MeasurementArrays,
                                params: dict[str, np.ndarray], out: np.ndarray) -> None:
         n = out.shape[0]
         zeros = np.zeros(n)
-        run_parallel(kernels.axisymmetric_gaussian_spherical_mean, arrays.b,
-                     np.zeros(arrays.size), params["lambda_par"], zeros, zeros, out)
+        run_kernel(kernels.axisymmetric_gaussian_spherical_mean, self._work(out), arrays.b,
+                   np.zeros(arrays.size), params["lambda_par"], zeros, zeros, out)
 
 
 class C2CylinderStejskalTannerApproximation(CompartmentModel):
@@ -135,6 +135,7 @@ class C2CylinderStejskalTannerApproximation(CompartmentModel):
     """
 
     _required_acquisition_parameters = ["bvalues", "gradient_directions", "qvalues"]
+    _work_per_value = 40.0
     _parameter_ranges = _CYLINDER_RANGES
     _parameter_scales = _CYLINDER_SCALES
     _parameter_types = _CYLINDER_TYPES
@@ -145,8 +146,8 @@ class C2CylinderStejskalTannerApproximation(CompartmentModel):
 
     def _kernel(self, meas: MeasurementArrays, cos: np.ndarray | None,
                 params: dict[str, np.ndarray], out: np.ndarray) -> None:
-        run_parallel(kernels.cylinder_stejskal_tanner_signal, meas.b, meas.q, cos,
-                     params["lambda_par"], params["diameter"], out)
+        run_kernel(kernels.cylinder_stejskal_tanner_signal, self._work(out), meas.b,
+                   meas.q(self._name), cos, params["lambda_par"], params["diameter"], out)
 
 
 class C3CylinderCallaghanApproximation(CompartmentModel):
@@ -169,6 +170,7 @@ class C3CylinderCallaghanApproximation(CompartmentModel):
     """
 
     _required_acquisition_parameters = ["bvalues", "gradient_directions", "qvalues", "tau"]
+    _work_per_value = 2000.0
     _parameter_ranges = _CYLINDER_RANGES
     _parameter_scales = _CYLINDER_SCALES
     _parameter_types = _CYLINDER_TYPES
@@ -192,12 +194,12 @@ class C3CylinderCallaghanApproximation(CompartmentModel):
     def _kernel(self, meas: MeasurementArrays, cos: np.ndarray | None,
                 params: dict[str, np.ndarray], out: np.ndarray) -> None:
         alpha, weights = callaghan_roots(self.number_of_roots, self.number_of_functions)
-        q = meas.q
-        index, deltas, Deltas = meas.unique_timings(q > 0.0)
+        q = meas.q(self._name)
+        index, deltas, Deltas = meas.timings(self._name)
         taus = np.ascontiguousarray(Deltas - deltas / 3.0)
-        run_parallel(kernels.cylinder_callaghan_signal, meas.b, q, index, taus, cos,
-                     params["lambda_par"], params["diameter"], alpha, weights,
-                     self.diffusion_perpendicular, out)
+        run_kernel(kernels.cylinder_callaghan_signal, self._work(out), meas.b, q, index, taus, cos,
+                   params["lambda_par"], params["diameter"], alpha, weights,
+                   self.diffusion_perpendicular, out)
 
 
 class C4CylinderGaussianPhaseApproximation(CompartmentModel):
@@ -219,6 +221,7 @@ class C4CylinderGaussianPhaseApproximation(CompartmentModel):
 
     _required_acquisition_parameters = [
         "bvalues", "gradient_directions", "gradient_strengths", "delta", "Delta"]
+    _work_per_value = 4.0
     _parameter_ranges = _CYLINDER_RANGES
     _parameter_scales = _CYLINDER_SCALES
     _parameter_types = _CYLINDER_TYPES
@@ -234,8 +237,8 @@ class C4CylinderGaussianPhaseApproximation(CompartmentModel):
 
     def _kernel(self, meas: MeasurementArrays, cos: np.ndarray | None,
                 params: dict[str, np.ndarray], out: np.ndarray) -> None:
-        gg = meas.gamma_g()
-        index, deltas, Deltas = meas.unique_timings(gg > 0.0)
-        run_parallel(kernels.cylinder_gaussian_phase_signal, meas.b, gg, index, deltas, Deltas,
-                     cos, params["lambda_par"], params["diameter"], cylinder_gpa_roots(),
-                     self.diffusion_perpendicular, out)
+        gg = meas.gamma_g(self._name)
+        index, deltas, Deltas = meas.timings(self._name)
+        run_kernel(kernels.cylinder_gaussian_phase_signal, self._work(out), meas.b, gg, index,
+                   deltas, Deltas, cos, params["lambda_par"], params["diameter"],
+                   cylinder_gpa_roots(), self.diffusion_perpendicular, out)

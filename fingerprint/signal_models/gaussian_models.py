@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from fingerprint.kernels import compartments as kernels
-from fingerprint.kernels import run_parallel
+from fingerprint.kernels import run_kernel
 from fingerprint.signal_models.base import (
     A_SCALING,
     DIFFUSIVITY_SCALING,
@@ -39,7 +39,7 @@ class G1Ball(CompartmentModel):
 
     def _kernel(self, meas: MeasurementArrays, cos: np.ndarray | None,
                 params: dict[str, np.ndarray], out: np.ndarray) -> None:
-        run_parallel(kernels.ball_signal, meas.b, params["lambda_iso"], out)
+        run_kernel(kernels.ball_signal, self._work(out), meas.b, params["lambda_iso"], out)
 
 
 class G2Zeppelin(CompartmentModel):
@@ -74,15 +74,15 @@ class G2Zeppelin(CompartmentModel):
 
     def _kernel(self, meas: MeasurementArrays, cos: np.ndarray | None,
                 params: dict[str, np.ndarray], out: np.ndarray) -> None:
-        run_parallel(kernels.zeppelin_signal, meas.b, cos, params["lambda_par"],
-                     params["lambda_perp"], out)
+        run_kernel(kernels.zeppelin_signal, self._work(out), meas.b, cos, params["lambda_par"],
+                   params["lambda_perp"], out)
 
     def _spherical_mean_kernel(self, meas: Any, arrays: MeasurementArrays,
                                params: dict[str, np.ndarray], out: np.ndarray) -> None:
         n = out.shape[0]
-        run_parallel(kernels.axisymmetric_gaussian_spherical_mean, arrays.b,
-                     np.zeros(arrays.size), params["lambda_par"], params["lambda_perp"],
-                     np.zeros(n), out)
+        run_kernel(kernels.axisymmetric_gaussian_spherical_mean, self._work(out), arrays.b,
+                   np.zeros(arrays.size), params["lambda_par"], params["lambda_perp"], np.zeros(n),
+                   out)
 
 
 class G3TemporalZeppelin(CompartmentModel):
@@ -127,11 +127,12 @@ class G3TemporalZeppelin(CompartmentModel):
 
     def _kernel(self, meas: MeasurementArrays, cos: np.ndarray | None,
                 params: dict[str, np.ndarray], out: np.ndarray) -> None:
-        run_parallel(kernels.temporal_zeppelin_signal, meas.b, meas.time_factor, cos,
-                     params["lambda_par"], params["lambda_inf"], params["A"], out)
+        run_kernel(kernels.temporal_zeppelin_signal, self._work(out), meas.b,
+                   meas.time_factor(self._name), cos, params["lambda_par"],
+                   params["lambda_inf"], params["A"], out)
 
     def _spherical_mean_kernel(self, meas: Any, arrays: MeasurementArrays,
                                params: dict[str, np.ndarray], out: np.ndarray) -> None:
-        run_parallel(kernels.axisymmetric_gaussian_spherical_mean, arrays.b,
-                     arrays.time_factor, params["lambda_par"], params["lambda_inf"],
-                     params["A"], out)
+        run_kernel(kernels.axisymmetric_gaussian_spherical_mean, self._work(out), arrays.b,
+                   arrays.time_factor(self._name), params["lambda_par"],
+                   params["lambda_inf"], params["A"], out)

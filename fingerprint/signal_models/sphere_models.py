@@ -11,7 +11,7 @@ import numpy as np
 from fingerprint.core.constants import WATER_IN_AXONS_DIFFUSION_CONSTANT
 from fingerprint.errors import InputError
 from fingerprint.kernels import compartments as kernels
-from fingerprint.kernels import run_parallel
+from fingerprint.kernels import run_kernel
 from fingerprint.signal_models.base import (
     DIAMETER_SCALING,
     CompartmentModel,
@@ -81,6 +81,7 @@ class S2SphereStejskalTannerApproximation(CompartmentModel):
     """
 
     _required_acquisition_parameters = ["qvalues"]
+    _work_per_value = 3.0
     _parameter_ranges = {"diameter": (1e-2, 20)}
     _parameter_scales = {"diameter": DIAMETER_SCALING}
     _parameter_types = {"diameter": "sphere"}
@@ -91,7 +92,8 @@ class S2SphereStejskalTannerApproximation(CompartmentModel):
 
     def _kernel(self, meas: MeasurementArrays, cos: np.ndarray | None,
                 params: dict[str, np.ndarray], out: np.ndarray) -> None:
-        run_parallel(kernels.sphere_stejskal_tanner_signal, meas.q, params["diameter"], out)
+        run_kernel(kernels.sphere_stejskal_tanner_signal, self._work(out), meas.q(self._name),
+                   params["diameter"], out)
 
 
 class S4SphereGaussianPhaseApproximation(CompartmentModel):
@@ -108,6 +110,7 @@ class S4SphereGaussianPhaseApproximation(CompartmentModel):
     """
 
     _required_acquisition_parameters = ["gradient_strengths", "delta", "Delta"]
+    _work_per_value = 4.0
     _parameter_ranges = {"diameter": (1e-2, 20)}
     _parameter_scales = {"diameter": DIAMETER_SCALING}
     _parameter_types = {"diameter": "sphere"}
@@ -128,7 +131,7 @@ class S4SphereGaussianPhaseApproximation(CompartmentModel):
 
     def _kernel(self, meas: MeasurementArrays, cos: np.ndarray | None,
                 params: dict[str, np.ndarray], out: np.ndarray) -> None:
-        gg = meas.gamma_g()
-        index, deltas, Deltas = meas.unique_timings(gg > 0.0)
-        run_parallel(kernels.sphere_gaussian_phase_signal, gg, index, deltas, Deltas,
-                     params["diameter"], sphere_gpa_roots(), self.diffusion_constant, out)
+        gg = meas.gamma_g(self._name)
+        index, deltas, Deltas = meas.timings(self._name)
+        run_kernel(kernels.sphere_gaussian_phase_signal, self._work(out), gg, index, deltas,
+                   Deltas, params["diameter"], sphere_gpa_roots(), self.diffusion_constant, out)
