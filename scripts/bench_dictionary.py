@@ -38,9 +38,8 @@ def _reference_scheme() -> tuple[Path, Path, float, float]:
 
 
 def child(args: argparse.Namespace) -> None:
-    from fingerprint.io.gradients import read_bvals_bvecs
-
     from fingerprint.dictionary import build_dictionary
+    from fingerprint.io.gradients import read_bvals_bvecs
 
     scheme = read_bvals_bvecs(args.bval, args.bvec, delta=args.delta, Delta=args.Delta)
     with tempfile.TemporaryDirectory(prefix="fp-bench-") as tmp:
