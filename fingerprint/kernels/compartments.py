@@ -402,11 +402,15 @@ def cylinder_gaussian_phase_signal(b: np.ndarray, gG: np.ndarray, timing_index: 
             for r in range(roots.shape[0]):
                 s += terms[r]
             sums[t] = s
+        # per-measurement factor first: an indexed read in the main loop would stop it
+        # from vectorising
+        factor = np.empty(m)
+        for j in range(m):
+            g = gG[j]
+            factor[j] = 2.0 * g * g * sums[timing_index[j]]
         for j in range(m):
             u = cos[ci, j]
-            g = gG[j]
-            out[i, j] = fast_exp(-b[j] * lp * u * u
-                                 - 2.0 * g * g * _sin2(u) * sums[timing_index[j]])
+            out[i, j] = fast_exp(-b[j] * lp * u * u - factor[j] * _sin2(u))
 
 
 # --------------------------------------------------------------------------- spheres
@@ -470,7 +474,7 @@ def sphere_gaussian_phase_signal(gG: np.ndarray, timing_index: np.ndarray,
             for r in range(roots.shape[0]):
                 s += terms[r]
             sums[t] = s
-        for j in range(m):
+        for j in range(m):  # few distinct timings: the exponent repeats, no need to vectorise
             g = gG[j]
             out[i, j] = fast_exp(-2.0 * g * g / D * sums[timing_index[j]])
 
