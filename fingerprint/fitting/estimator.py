@@ -8,11 +8,12 @@ Per call of :meth:`FingerprintEstimator.estimate` (every step vectorised over vo
 
 1. validity and S0: a voxel is valid when all its values are finite and the mean of its
    b0 measurements is positive (logged count of the others, which get NaN parameters);
-2. noise: sigma per voxel from the spread of its b0s (>= 4 b0s) or else from the
-   residual of the feature fit; a first-order Rician bias correction
-   sqrt(max(S² - sigma², 0)) of the diffusion-weighted signals; division by S0;
-3. fibre frame (models with one orientation): tensor eigenvector refined by the zonal
-   fit (:mod:`.frame`), or the orientation given in ``x0``;
+2. fibre frame (models with one orientation; from the b0-normalised signals): tensor
+   eigenvector refined by the zonal fit (:mod:`.frame`), or the orientation given in
+   ``x0``;
+3. noise: sigma per voxel from the spread of its b0s (>= 4 b0s) pooled with the
+   residual of the zonal fit (by degrees of freedom); then a first-order Rician bias
+   correction sqrt(max(S² - sigma², 0)) of the diffusion-weighted signals;
 4. features (:mod:`.features`), k-nearest atoms (:mod:`.matcher`);
 5. posterior-weighted mean and spread of the neighbours, then one local-linear
    Gauss-Newton step (:mod:`.refine`);
