@@ -1,4 +1,4 @@
-"""PNG previews of parameter maps (matplotlib, Agg backend: no display needed).
+"""PNG previews of parameter maps (matplotlib's object API: no display, no pyplot state).
 
 >>> from fingerprint.preview import write_preview
 >>> write_preview({"icvf": "..._param-icvf_dwimap.nii.gz", ...}, "preview.png")
@@ -35,11 +35,8 @@ def write_preview(maps: Mapping[str, Any], path: str | os.PathLike, *, title: st
     """Write a PNG with one panel per map (label -> NIfTI path or array); with ``truth``
     (label -> path or array), a second row shows the ground truth of the same labels.
     The file is written atomically. Returns its path."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
     import nibabel as nib
+    from matplotlib.figure import Figure  # no pyplot: no global backend, thread-safe
 
     def load(value: Any) -> np.ndarray:
         if isinstance(value, np.ndarray):
@@ -49,8 +46,8 @@ def write_preview(maps: Mapping[str, Any], path: str | os.PathLike, *, title: st
     labels = list(maps)
     rows = 2 if truth else 1
     cols = max(1, len(labels))
-    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.8 * rows + 0.4),
-                             squeeze=False)
+    fig = Figure(figsize=(2.6 * cols, 2.8 * rows + 0.4))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for row, source in enumerate([maps, truth] if truth else [maps]):
         for col, label in enumerate(labels):
             ax = axes[row][col]
@@ -87,7 +84,6 @@ def write_preview(maps: Mapping[str, Any], path: str | os.PathLike, *, title: st
         fig.savefig(tmp, dpi=90)
         os.replace(tmp, path)
     finally:
-        plt.close(fig)
         if tmp.exists():
             tmp.unlink()
     logger.debug("preview written to %s", path)
