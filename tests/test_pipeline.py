@@ -108,12 +108,12 @@ def test_maps_geometry_values_and_accuracy(fitted, files, phantom):
     np.testing.assert_allclose(np.linalg.norm(maps["direction"][mask], axis=-1), 1, atol=1e-5)
     for label in ("icvf", "odi", "isovf"):
         assert np.all((maps[label][mask] >= 0) & (maps[label][mask] <= 1)), label
-    assert np.all(maps["r2"][mask] > 0.5)
-    np.testing.assert_allclose(maps["s0"][mask], phantom["s0"], rtol=0.15)
+    assert np.all(maps["r2"][mask] > 0.9)
+    np.testing.assert_allclose(maps["s0"][mask], phantom["s0"], rtol=0.06)
     errors = noddi_errors(maps, phantom["truth"], mask)
-    # a 3000-atom dictionary at SNR 50: coarse but clearly informative
-    assert errors["icvf_mae"] < 0.12 and errors["isovf_mae"] < 0.12
-    assert errors["odi_mae"] < 0.15 and errors["direction_median_deg"] < 15
+    # 3000 atoms at SNR 50 give ~0.03 and ~2-3 degrees (seeds 3-5); bounds leave 2x room
+    assert errors["icvf_mae"] < 0.08 and errors["isovf_mae"] < 0.08
+    assert errors["odi_mae"] < 0.07 and errors["direction_median_deg"] < 7
     assert progress[0] == 0.0 and progress[-1] == 1.0
     assert progress == sorted(progress) and all(0 <= p <= 1 for p in progress)
 
