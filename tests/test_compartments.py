@@ -637,3 +637,17 @@ def test_prepared_measurements_are_shared_and_errors_name_the_caller() -> None:
         S4SphereGaussianPhaseApproximation()(scheme, diameter=5e-6)
     with pytest.raises(InputError, match="^G3TemporalZeppelin needs the pulse"):
         G3TemporalZeppelin()(scheme, mu=[0, 0], lambda_par=1e-9, lambda_inf=1e-10, A=1e-12)
+
+
+def test_prepared_measurement_cache_is_bounded() -> None:
+    sets = [MeasurementSet(b=np.full(10, 1e9 + i), q=None, G=None, delta=None, Delta=None,
+                           directions=np.tile([[1.0, 0, 0]], (10, 1))) for i in range(80)]
+    for meas in sets:
+        G1Ball().signal_from_cosines(meas, lambda_iso=1e-9)
+    assert len(base._PREPARED) <= base._PREPARED_MAX
+    big = base._PREPARED_MAX_ROWS + 1
+    huge = MeasurementSet(b=np.zeros(big), q=None, G=None, delta=None, Delta=None,
+                          directions=np.zeros((big, 3)))
+    assert base.MeasurementArrays.of(huge, "G1Ball") is not base.MeasurementArrays.of(
+        huge, "G1Ball")
+    assert sum(entry[1].size for entry in base._PREPARED.values()) <= base._PREPARED_MAX_ROWS

@@ -153,9 +153,13 @@ class MeasurementArrays:
         if entry is not None and entry[0] is source:
             return entry[1]
         arrays = cls(source, owner)
+        if arrays.size > _PREPARED_MAX_ROWS:
+            return arrays
         with _PREPARED_LOCK:
-            while len(_PREPARED) >= _PREPARED_MAX:
-                _PREPARED.pop(next(iter(_PREPARED)))
+            rows = sum(e[1].size for e in _PREPARED.values())
+            while _PREPARED and (len(_PREPARED) >= _PREPARED_MAX
+                                 or rows + arrays.size > _PREPARED_MAX_ROWS):
+                rows -= _PREPARED.pop(next(iter(_PREPARED)))[1].size
             _PREPARED[key] = (source, arrays)
         return arrays
 
@@ -273,9 +277,14 @@ class MeasurementArrays:
         return self._cached("unique_rows", compute)
 
     def tiled(self, k: int, owner: str) -> MeasurementArrays:
-        """Each measurement repeated ``k`` times (quadrature nodes)."""
-        return self._cached(("tiled", k), lambda: self._derived(
-            lambda a: np.repeat(a, k), self.size * k, owner))
+        """Each measurement repeated ``k`` times (quadrature nodes); kept when small."""
+
+        def compute() -> MeasurementArrays:
+            return self._derived(lambda a: np.repeat(a, k), self.size * k, owner)
+
+        if self.size * k > _PREPARED_MAX_ROWS // 16:
+            return compute()
+        return self._cached(("tiled", k), compute)
 
 
 class _DerivedMeasurements:
@@ -287,10 +296,12 @@ class _DerivedMeasurements:
         self.directions = np.zeros((size, 3))
 
 
-#: Shared MeasurementArrays per MeasurementSet (by identity; bounded, oldest dropped).
+#: Shared MeasurementArrays per MeasurementSet (by identity; bounded in count and rows,
+#: oldest dropped first). Entries keep their MeasurementSet alive, so ids are not reused.
 _PREPARED: dict[int, tuple[Any, MeasurementArrays]] = {}
 _PREPARED_LOCK = threading.Lock()
 _PREPARED_MAX = 64
+_PREPARED_MAX_ROWS = 1 << 18
 
 
 def _readonly(arr: np.ndarray) -> np.ndarray:
