@@ -593,7 +593,7 @@ def fit_volume(model: Any, dwi: Any, bval: Any, bvec: Any, out_dir: Any, *,
             registered = handle.key not in _ESTIMATORS
         _register(handle, est)  # tasks run in this process's threads share it
     window = executor_window or max(2, 2 * int(getattr(executor, "_max_workers", 2) or 2))
-    out_dir = Path(os.fspath(out_dir))
+    out_dir = Path(os.fspath(out_dir)).absolute()
     try:
         with image.spooled(mask_arr, out_dir, max_bytes=int(slab_bytes)) as source:
             _run_chunks(_chunks(source, mask_arr, int(chunk_voxels), int(slab_bytes)), est,
