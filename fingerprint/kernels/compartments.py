@@ -51,7 +51,7 @@ _INV_SQRT_PI = 1.0 / math.sqrt(math.pi)
 def _miller_start(x: float, nmax: int) -> int:
     """Even starting order of the backward recurrence for J_0..J_nmax at x."""
     n = max(nmax, int(x)) + 1
-    start = n + int(math.sqrt(160.0 * n)) + 20
+    start = n + int(math.sqrt(40.0 * n)) + 10
     return start + (start % 2)
 
 
