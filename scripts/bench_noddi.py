@@ -62,6 +62,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--whole-brain", action="store_true",
                    help="also run the whole-brain CLI benchmark")
     p.add_argument("--whole-brain-voxels", type=int, default=1_000_000)
+    p.add_argument("--whole-brain-box", type=int, nargs=3, metavar=("X", "Y", "Z"),
+                   help="put the whole-brain voxels in an ellipsoidal mask inside a box of "
+                        "this size (e.g. 145 174 145, the HCP grid); default: a full cube")
     p.add_argument("--only-whole-brain", action="store_true",
                    help="skip the phantom comparisons")
     p.add_argument("--json", type=Path, help="write the results as JSON here")
@@ -124,9 +127,10 @@ def grid_shape(n: int) -> tuple[int, int, int]:
 
 
 def write_case(directory: Path, signals: np.ndarray, bval: Path, bvec: Path, s0: float,
-               snr: float, rng: np.random.Generator, shape: tuple[int, int, int] | None = None
-               ) -> dict[str, Path]:
-    """Noisy NIfTI (x, y, z, N) of the n voxels (padding voxels outside the mask)."""
+               snr: float, rng: np.random.Generator, shape: tuple[int, int, int] | None = None,
+               mask_flat: np.ndarray | None = None) -> dict[str, Path]:
+    """Noisy NIfTI (x, y, z, N) of the n voxels: voxel i at flat (x fastest) index i, or at
+    the i-th True position of ``mask_flat``; zero signal outside the mask."""
     import nibabel as nib
 
     from fingerprint.phantoms import add_rician_noise
@@ -135,11 +139,16 @@ def write_case(directory: Path, signals: np.ndarray, bval: Path, bvec: Path, s0:
     n, N = signals.shape
     shape = shape or grid_shape(n)
     data = np.zeros((int(np.prod(shape)), N), np.float32)
+    if mask_flat is None:
+        where = np.arange(n)
+    else:
+        where = np.flatnonzero(mask_flat)
+        assert where.size == n
     for a in range(0, n, 100_000):  # blockwise: bounded float64 temporaries
         b = min(n, a + 100_000)
-        data[a:b] = add_rician_noise(signals[a:b] * s0, s0 / snr, rng)
+        data[where[a:b]] = add_rician_noise(signals[a:b] * s0, s0 / snr, rng)
     mask = np.zeros(int(np.prod(shape)), np.uint8)
-    mask[:n] = 1
+    mask[where] = 1
     affine = np.diag([1.25, 1.25, 1.25, 1.0])
     order = "F"  # voxel i <-> flat index i in (x fastest) order, matching coords below
     dwi = nib.Nifti1Image(data.reshape(shape + (N,), order=order), affine)
@@ -300,14 +309,33 @@ def run_amico(python: Path, paths: dict[str, Path], work: Path, n: int, threads:
 
 
 # --------------------------------------------------------------------------- whole brain
+def ellipsoid_mask(box: tuple[int, int, int], voxels: int) -> np.ndarray:
+    """Flat (x fastest) mask of an ellipsoid centred in ``box`` with about ``voxels`` voxels
+    (semi-axes proportional to the box's)."""
+    half = np.asarray(box, dtype=float) / 2
+    scale = (voxels / (4 / 3 * np.pi * np.prod(half))) ** (1 / 3)
+    if scale > 1:
+        raise SystemExit(f"{voxels} voxels do not fit in an ellipsoid inside {box}")
+    axes = [(np.arange(n) + 0.5 - h) / (h * scale) for n, h in zip(box, half, strict=True)]
+    x, y, z = np.meshgrid(*axes, indexing="ij")
+    return (x * x + y * y + z * z <= 1.0).ravel(order="F")
+
+
 def run_whole_brain(signals: np.ndarray, bval: Path, bvec: Path, work: Path, voxels: int,
-                    threads: int, size: int | None, rng: np.random.Generator
-                    ) -> dict[str, object]:
-    side = int(round(voxels ** (1 / 3)))
-    shape = (side, side, int(np.ceil(voxels / side / side)))
+                    threads: int, size: int | None, rng: np.random.Generator,
+                    box: tuple[int, int, int] | None = None) -> dict[str, object]:
+    if box is None:  # a cube filled by the mask
+        side = int(round(voxels ** (1 / 3)))
+        shape = (side, side, int(np.ceil(voxels / side / side)))
+        mask_flat = None
+    else:  # a brain-like ellipsoid in a larger box (zero background)
+        shape = tuple(int(b) for b in box)
+        mask_flat = ellipsoid_mask(shape, voxels)
+        voxels = int(mask_flat.sum())
     tiled = signals.astype(np.float32)[np.arange(voxels) % signals.shape[0]]
     t = time.perf_counter()
-    paths = write_case(work / "data", tiled, bval, bvec, 1000.0, 30.0, rng, shape=shape)
+    paths = write_case(work / "data", tiled, bval, bvec, 1000.0, 30.0, rng, shape=shape,
+                       mask_flat=mask_flat)
     write_seconds = time.perf_counter() - t
     del tiled
     n_meas = signals.shape[1]
@@ -432,7 +460,8 @@ def main(args: argparse.Namespace) -> dict[str, object]:
               flush=True)
         results["whole_brain"] = run_whole_brain(
             uniform_signals, bval, bvec, work / "whole_brain", args.whole_brain_voxels,
-            args.threads, args.dictionary_size, rng)
+            args.threads, args.dictionary_size, rng,
+            box=tuple(args.whole_brain_box) if args.whole_brain_box else None)
         print(f"[whole brain] {json.dumps(results['whole_brain'])}", flush=True)
     if not args.keep and args.work is None:
         shutil.rmtree(work, ignore_errors=True)
@@ -460,7 +489,8 @@ def report(results: dict[str, object]) -> str:
     wb = results.get("whole_brain")
     if wb:
         peak = wb["peak_rss_bytes"]
-        lines += ["", f"whole brain: {wb['voxels']} voxels x {wb['measurements']} measurements "
+        lines += ["", f"whole brain: {wb['voxels']} voxels (box {wb['shape']}) x "
+                      f"{wb['measurements']} measurements "
                       f"through `fingerprint fit`: {wb['wall_seconds']:.1f} s wall, peak RSS "
                       f"{peak / 2**30:.2f} GiB vs input {wb['input_float32_bytes'] / 2**30:.2f} "
                       f"GiB as float32 (ratio {wb['peak_rss_over_float32']:.2f})"
