@@ -683,7 +683,7 @@ def fit_volume(model: Any, dwi: Any, bval: Any, bvec: Any, out_dir: Any, *,
     prog(1.0)
     seconds = time.perf_counter() - t_start
     logger.debug("fitted %d voxels with %s in %.1f s (dictionary %.1f s, fit %.1f s, "
-                "write %.1f s)", n_total, model_label, seconds, t_dict, t_fit, t_write)
+                 "write %.1f s)", n_total, model_label, seconds, t_dict, t_fit, t_write)
     return FitResult(files=files, n_voxels=n_total, seconds=seconds, out_dir=out_dir,
                      maps=maps, n_invalid=n_invalid, model=model_label, dictionary=dict_path,
                      preview=preview_path,
