@@ -46,7 +46,7 @@ def configure_logging(verbose: int, quiet: bool) -> None:
         level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S"
     )
     if verbose < 2:
-        for noisy in ("numba", "distributed", "httpx", "httpcore", "matplotlib"):
+        for noisy in ("numba", "distributed", "httpx", "httpcore", "matplotlib", "faiss"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
