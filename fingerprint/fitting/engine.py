@@ -21,11 +21,16 @@ from fingerprint.errors import InputError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DMIPY_SOLVERS", "clear_estimator_cache", "fit_model", "get_estimator"]
+__all__ = ["DMIPY_IGNORED_OPTIONS", "DMIPY_SOLVERS", "clear_estimator_cache", "fit_model",
+           "get_estimator"]
 
 #: dmipy's solver names: accepted (and answered by dictionary matching) so that ported
 #: scripts run unchanged.
 DMIPY_SOLVERS = ("brute2fine", "mix", "amico")
+#: dmipy ``fit`` keywords of its optimisers, meaningless for dictionary matching: accepted
+#: and ignored (``number_of_processors`` and ``use_parallel_processing`` set ``n_jobs``).
+DMIPY_IGNORED_OPTIONS = ("Ns", "N_sphere_samples", "maxiter", "hard_constraints",
+                         "lambda_inf", "lambda_1")
 
 _CACHE: OrderedDict[tuple, Any] = OrderedDict()
 _CACHE_LOCK = threading.Lock()
@@ -71,6 +76,22 @@ def get_estimator(model: Any, scheme: Any, *, dictionary_size: int | None = None
                 while len(_CACHE) > _MAX_CACHED:
                     _CACHE.popitem(last=False)
     return est
+
+
+def _check_options(options: Mapping[str, Any]) -> None:
+    import inspect
+
+    from fingerprint.fitting.estimator import FingerprintEstimator
+
+    known = set(inspect.signature(FingerprintEstimator.__init__).parameters) - {
+        "self", "model", "scheme", "atom_parameters", "atom_features", "dictionary",
+        "parameter_names", "parameter_cardinality", "canonical_orientation",
+        "simplex_names"}
+    known |= {"seed", "should_cancel"}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise InputError(f"unknown fit option(s) {unknown}; fingerprint options: "
+                         f"{sorted(known)}")
 
 
 def _x0_flat(x0_vector: Any, spatial: tuple[int, ...], use: np.ndarray) -> Any:
@@ -121,7 +142,9 @@ def fit_model(model: Any, acquisition_scheme: Any, data: Any, mask: Any = None,
     refine: local-linear refinement after matching.
     n_neighbors: atoms matched per voxel.
     options: further :class:`~fingerprint.fitting.estimator.FingerprintEstimator`
-        options (``rician``, ``matcher_method``, ``frame_iterations``, ...).
+        options (``rician``, ``matcher_method``, ``frame_iterations``, ...). dmipy's
+        ``number_of_processors`` / ``use_parallel_processing`` set ``n_jobs``; its
+        optimiser settings (``Ns``, ``N_sphere_samples``, ``maxiter``, ...) are ignored.
 
     Returns
     -------
@@ -129,6 +152,16 @@ def fit_model(model: Any, acquisition_scheme: Any, data: Any, mask: Any = None,
     """
     from fingerprint.core.fitted_model import FittedMultiCompartmentModel
 
+    processors = options.pop("number_of_processors", None)
+    if processors is not None and n_jobs is None:
+        n_jobs = int(processors)
+    if options.pop("use_parallel_processing", True) is False and n_jobs is None:
+        n_jobs = 1
+    for name in DMIPY_IGNORED_OPTIONS:
+        if name in options:
+            logger.info("fit option %r is for dmipy's optimisers; ignored", name)
+            options.pop(name)
+    _check_options(options)
     solver_name = str(solver).lower()
     if solver_name in DMIPY_SOLVERS:
         logger.info("solver %r: fitting by dictionary matching instead", solver)
