@@ -36,6 +36,8 @@ _CACHE: OrderedDict[tuple, Any] = OrderedDict()
 _CACHE_LOCK = threading.Lock()
 _BUILD_LOCKS: dict[tuple, threading.Lock] = {}
 _MAX_CACHED = 4
+#: Best atoms added to the estimate as starts of the non-linear refinement.
+NONLINEAR_STARTS = 3
 
 
 def clear_estimator_cache() -> None:
@@ -116,10 +118,42 @@ def _x0_flat(x0_vector: Any, spatial: tuple[int, ...], use: np.ndarray) -> Any:
                      f"spatial shape {spatial} + (P,)")
 
 
+def _polish(est: Any, model: Any, scheme: Any, data: np.ndarray, ve: Any, starts: int,
+            max_nfev: Any, n_jobs: int | None) -> None:
+    """Polish the valid voxels of ``ve`` in place by non-linear least squares, started
+    from the estimate and (signal features) the ``starts`` best atoms."""
+    import time
+
+    from fingerprint.fitting.nonlinear import (
+        DEFAULT_MAX_NFEV,
+        goodness_of_fit,
+        refine_nonlinear,
+    )
+
+    rows = np.flatnonzero(ve.valid)
+    if rows.size == 0:
+        return
+    t0 = time.perf_counter()
+    y = data[rows] / ve.s0[rows, None]
+    x0 = ve.parameters[rows][:, None, :]
+    fmap = est.feature_map
+    if starts > 1 and fmap.kind == "signal":
+        _, idx = est.matcher.search(fmap.voxel_features(y), starts)
+        atoms = est.atom_parameters[np.maximum(idx, 0)].astype(np.float64)
+        atoms[idx < 0] = np.nan
+        x0 = np.concatenate([x0, atoms], axis=1)
+    polished = refine_nonlinear(model, scheme, y, x0, n_jobs=n_jobs,
+                                max_nfev=int(max_nfev or DEFAULT_MAX_NFEV))
+    ve.parameters[rows] = polished
+    ve.r2[rows], ve.mse[rows] = goodness_of_fit(model, scheme, y, polished)
+    logger.info("non-linear refinement of %d voxels from %d start(s) each: %.3g s",
+                rows.size, x0.shape[1], time.perf_counter() - t0)
+
+
 def fit_model(model: Any, acquisition_scheme: Any, data: Any, mask: Any = None,
               solver: str = "fingerprint", x0_vector: Any = None, n_jobs: int | None = None,
               dictionary_size: int | None = None,
-              dictionary_dir: str | os.PathLike | None = None, refine: bool = True,
+              dictionary_dir: str | os.PathLike | None = None, refine: bool | str = True,
               n_neighbors: int | None = None, progress: Any = None,
               **options: Any) -> Any:
     """Fit ``model`` to ``data`` (..., N) measured with ``acquisition_scheme``.
@@ -139,7 +173,13 @@ def fit_model(model: Any, acquisition_scheme: Any, data: Any, mask: Any = None,
     n_jobs: threads for FAISS, BLAS and Numba.
     dictionary_size, dictionary_dir: dictionary atoms and directory (default: the
         recipe's size, the user cache directory).
-    refine: local-linear refinement after matching.
+    refine: local-linear refinement after matching; ``'nonlinear'`` adds a bounded
+        non-linear least-squares polish of the matched parameters on the signals
+        (:func:`~fingerprint.fitting.nonlinear.refine_nonlinear`), which models with
+        more than one orientation get by default (``False`` turns both off).
+        It starts from the estimate and, for models matched on the signal itself, the
+        ``nonlinear_starts`` (default 3) best atoms; ``nonlinear_max_nfev`` limits the
+        residual evaluations per start.
     n_neighbors: atoms matched per voxel.
     options: further :class:`~fingerprint.fitting.estimator.FingerprintEstimator`
         options (``rician``, ``matcher_method``, ``frame_iterations``, ...). dmipy's
@@ -161,7 +201,14 @@ def fit_model(model: Any, acquisition_scheme: Any, data: Any, mask: Any = None,
         if name in options:
             logger.info("fit option %r is for dmipy's optimisers; ignored", name)
             options.pop(name)
+    starts = int(options.pop("nonlinear_starts", NONLINEAR_STARTS))
+    max_nfev = options.pop("nonlinear_max_nfev", None)
     _check_options(options)
+    nonlinear = isinstance(refine, str) and refine.lower() == "nonlinear"
+    if isinstance(refine, str) and not nonlinear:
+        raise InputError(f"refine must be True, False or 'nonlinear', got {refine!r}")
+    if refine is not False and len(model.orientation_parameter_names) > 1:
+        nonlinear = True
     solver_name = str(solver).lower()
     if solver_name in DMIPY_SOLVERS:
         logger.info("solver %r: fitting by dictionary matching instead", solver)
@@ -186,8 +233,10 @@ def fit_model(model: Any, acquisition_scheme: Any, data: Any, mask: Any = None,
                              f"shape {spatial}")
     est = get_estimator(model, acquisition_scheme, dictionary_size=dictionary_size,
                         dictionary_dir=dictionary_dir, n_jobs=n_jobs, progress=progress,
-                        refine=refine, n_neighbors=n_neighbors, **options)
+                        refine=bool(refine), n_neighbors=n_neighbors, **options)
     ve = est.estimate(arr[use], x0=_x0_flat(x0_vector, spatial, use))
+    if nonlinear:
+        _polish(est, model, acquisition_scheme, arr[use], ve, starts, max_nfev, n_jobs)
     P = est.n_parameters
     params = np.zeros(spatial + (P,))
     unc = np.zeros(spatial + (P,))
