@@ -54,11 +54,9 @@ from fingerprint.core.modeling_framework import (
 )
 from fingerprint.errors import InputError
 from fingerprint.kernels.dispersion import (
-    dispersed_legendre_sum,
     gauss_legendre_unit,
     legendre_even_matrix,
-    significant_terms,
-    watson_legendre_coefficients,
+    watson_dispersed_sum,
     watson_order,
     watson_quadrature_size,
     weighted_node_sum,
@@ -77,6 +75,9 @@ __all__ = [
 _BLOCK_VALUES = 4_000_000
 #: Legendre truncation tolerance of the Watson coefficients ((2l+1) a_l below this)
 _WATSON_TOLERANCE = 1e-7
+#: per atom and unique measurement, trailing terms of the dispersed Legendre series are
+#: dropped while their absolute sum (a bound on their contribution) stays below this
+_SUM_TOLERANCE = 1e-13
 #: kernel projection nodes: max(MIN, l_max / 2 + EXTRA) (EXTRA resolves the kernel itself)
 _KERNEL_NODES_MIN = 24
 _KERNEL_NODES_EXTRA = 16
@@ -399,7 +400,8 @@ class SD1WatsonDistributed(_SphericalDistributed):
         mu = dist["mu"].reshape(n, 2)
         _check_orientation(mu, "SD1Watson_1_mu")
         kappa = self._kappa(dist["odi"], "SD1Watson_1_odi")
-        l_max = watson_order_for(float(np.max(kappa)) if n else 1.0)
+        kmax = float(np.max(kappa)) if n else 1.0
+        l_max = watson_order_for(kmax)
         n_even = l_max // 2 + 1
         q_half = _kernel_nodes(l_max)
         nodes, weights = gauss_legendre_unit(q_half)
@@ -409,22 +411,42 @@ class SD1WatsonDistributed(_SphericalDistributed):
         n_unique = uniq.number_of_measurements
         meas_t = _tile_measurements(uniq, q_half, interleave=True)
         cos_t = np.tile(nodes, n_unique)[None, :]  # shared by every atom
+        # compartments whose parameters are the same for every atom (e.g. NODDI's stick:
+        # lambda_par fixed) have one set of kernel coefficients for the whole batch; the
+        # others are projected atom by atom inside the fused kernel
+        shared_k: list[int] = []
+        shared_coef = []
+        varying_k: list[int] = []
+        for k, model in enumerate(self.models):
+            params = per_model[k]
+            if n > 1 and all(np.all(v == v[:1]) for v in params.values()):
+                kern = _kernel(model, meas_t, cos_t, _rows(params, slice(0, 1)), 1)
+                shared_k.append(k)
+                shared_coef.append(np.asarray(kern).reshape(n_unique, q_half) @ proj)
+            else:
+                varying_k.append(k)
+        scoef = np.stack(shared_coef) if shared_coef else None
+        axes = mu_to_axes(mu)
         out = np.empty((n, ctx.meas.number_of_measurements))
         step = max(1, _BLOCK_VALUES // (n_unique * q_half))
-        inverse = np.ascontiguousarray(inverse, dtype=np.int64)
         for start in range(0, n, step):
             sl = slice(start, min(n, start + step))
             nc = sl.stop - sl.start
-            kern = np.zeros((nc, cos_t.size))
-            for k, model in enumerate(self.models):
-                kern += fractions[sl, k:k + 1] * _kernel(model, meas_t, cos_t,
-                                                         _rows(per_model[k], sl), nc)
-            coeffs = (kern.reshape(nc * n_unique, q_half) @ proj).reshape(nc, n_unique, n_even)
-            watson = watson_legendre_coefficients(kappa[sl], l_max)
-            coeffs *= watson[:, None, :]
-            cos = axis_cosines(ctx.directions, mu[sl])
-            out[sl] = dispersed_legendre_sum(coeffs, cos, inverse,
-                                             significant_terms(watson, _WATSON_TOLERANCE))
+            values = weights_v = None
+            if len(varying_k) == 1:
+                k = varying_k[0]
+                values = _kernel(self.models[k], meas_t, cos_t, _rows(per_model[k], sl), nc)
+                weights_v = fractions[sl, k]
+            elif varying_k:
+                values = np.zeros((nc, n_unique * q_half))
+                for k in varying_k:
+                    values += fractions[sl, k:k + 1] * _kernel(
+                        self.models[k], meas_t, cos_t, _rows(per_model[k], sl), nc)
+            watson_dispersed_sum(kappa[sl], axes[sl], ctx.directions, inverse, proj,
+                                 kernel_values=values, kernel_weights=weights_v,
+                                 shared_coefficients=scoef,
+                                 shared_weights=fractions[sl][:, shared_k] if shared_k else None,
+                                 tolerance=_SUM_TOLERANCE, out=out[sl])
         return out
 
 
