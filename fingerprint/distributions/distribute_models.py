@@ -16,8 +16,10 @@ Numerics (SI units):
   the fibre axis), projected on even Legendre polynomials and multiplied by the Watson
   Legendre coefficients (Funk-Hecke); the sum is evaluated at each measurement's own
   cosine with the distribution axis. The Legendre order adapts to the largest
-  concentration in the batch (``kappa = 1 / tan(odi pi / 2)``). See
-  :mod:`fingerprint.kernels.dispersion`.
+  concentration in the batch (``kappa = 1 / tan(odi pi / 2)``); per atom and unique
+  measurement, trailing terms are dropped only while their absolute sum stays below
+  1e-13. Compartments whose parameters are the same for every atom are evaluated once per
+  batch. See :mod:`fingerprint.kernels.dispersion`.
 * Bingham: 2-D quadrature over the hemisphere in the distribution's frame
   (Gauss-Legendre in ``cos theta``, trapezoid in ``phi``), normalised numerically.
 * Gamma: distribution of the *radius* with shape ``alpha`` and scale ``beta`` (m),

@@ -15,9 +15,19 @@ Funk-Hecke theorem gives the dispersed signal at a gradient ``g``:
     E(g) = sum_l k_l a_l P_l(g . mu).
 
 ``k_l`` is obtained by Gauss-Legendre quadrature of ``K`` on ``[0, 1]`` for each unique
-(b, q, delta, Delta) of the scheme; ``a_l`` of the Watson density
-``W ~ exp(kappa t^2)`` by Gauss-Legendre quadrature too. Everything is per measurement:
-no spherical-harmonic fit per shell.
+(b, q, delta, Delta) of the scheme. Everything is per measurement: no spherical-harmonic
+fit per shell.
+
+Fast path (:func:`watson_dispersed_sum`, one fused kernel per batch): the Watson
+coefficients ``a_l`` of ``W ~ exp(kappa t^2)`` come from a backward continued fraction of
+their ratios (relative accuracy, ~20-50 divisions per atom); kernels common to every atom
+are projected once, the others atom by atom onto the orders the atom needs; per atom and
+unique measurement the series is cut where the absolute sum of the remaining terms (a
+strict error bound, ``|P_l| <= 1``) falls below a tolerance, converted to a Chebyshev
+series in ``x = 2 t^2 - 1`` (a perfectly conditioned change of basis) and summed by
+Clenshaw, vectorised over the measurements of that unique row.
+:func:`watson_legendre_coefficients` (Gauss-Legendre quadrature) and
+:func:`dispersed_legendre_sum` remain as the plain reference computations.
 """
 
 from __future__ import annotations
