@@ -1,7 +1,8 @@
 """NODDI benchmark: accuracy and speed of fingerprint vs AMICO on simulated phantoms.
 
     python scripts/bench_noddi.py [--scheme ../shared/reference/schemes/hcp] [--voxels 10000]
-        [--threads 2] [--dictionary-size N] [--no-amico] [--whole-brain] [--json out.json]
+        [--threads 2] [--dictionary-size N] [--no-amico] [--no-dmipy] [--dmipy-voxels 1000]
+        [--whole-brain] [--json out.json]
 
 Phantoms come from our NODDI forward model on the given scheme (FSL ``<scheme>.bval`` /
 ``<scheme>.bvec``; default: the HCP scheme of the reference fixtures beside the
@@ -19,6 +20,18 @@ AMICO's NODDI (PyPI package ``dmri-amico``, installed by this script into its ow
 environment, by default ``~/.cache/fingerprint/amico-venv``; never a dependency of
 fingerprint) in a subprocess on the same files. Reported: mean absolute error of icvf,
 odi, isovf, median angular error of the fibre direction, and µs per voxel.
+
+Unless ``--no-dmipy``, dmipy 1.0.5 (the reference implementation, PyPI ``dmipy``) fits a
+random subset of ``--dmipy-voxels`` voxels of each phantom (default 1,000: its
+brute2fine solver costs tens of ms per voxel) in a subprocess, with NODDI-Watson built as
+in its documentation (G1Ball lambda_iso fixed 3e-9; SD1WatsonDistributed(C1Stick,
+G2Zeppelin), tortuous lambda_perp, equal lambda_par fixed 1.7e-9 m²/s; default solver
+brute2fine, ``number_of_processors`` = ``--threads``). dmipy pins ``scipy==1.4.1``, which
+has no wheel for current Pythons, so the script installs it into its own virtual
+environment (by default ``~/.cache/fingerprint/dmipy-venv``; never a dependency of
+fingerprint) from binary wheels of older numpy / scipy / dipy / numba, then dmipy itself
+without its declared dependencies. fingerprint's (and AMICO's) errors on the very same
+subset are reported beside dmipy's.
 
 ``--whole-brain`` also fits ``--whole-brain-voxels`` voxels (default 1,000,000, signals
 of the uniform phantom with fresh noise) through the ``fingerprint fit`` command and
@@ -44,6 +57,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SCHEME = REPO.parent / "shared" / "reference" / "schemes" / "hcp"
 DEFAULT_AMICO_VENV = Path.home() / ".cache" / "fingerprint" / "amico-venv"
+DEFAULT_DMIPY_VENV = Path.home() / ".cache" / "fingerprint" / "dmipy-venv"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -59,6 +73,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--keep", action="store_true", help="keep the working directory")
     p.add_argument("--no-amico", action="store_true", help="skip AMICO")
     p.add_argument("--amico-venv", type=Path, default=DEFAULT_AMICO_VENV)
+    p.add_argument("--no-dmipy", action="store_true", help="skip dmipy")
+    p.add_argument("--dmipy-voxels", type=int, default=1_000,
+                   help="random voxels of each phantom fitted by dmipy (and compared like "
+                        "for like with the others on the same subset)")
+    p.add_argument("--dmipy-venv", type=Path, default=DEFAULT_DMIPY_VENV)
     p.add_argument("--whole-brain", action="store_true",
                    help="also run the whole-brain CLI benchmark")
     p.add_argument("--whole-brain-voxels", type=int, default=1_000_000)
@@ -308,6 +327,133 @@ def run_amico(python: Path, paths: dict[str, Path], work: Path, n: int, threads:
             "us_per_voxel_fit": fit / n * 1e6}
 
 
+# --------------------------------------------------------------------------- dmipy
+# Versions with CPython 3.11 binary wheels that dmipy 1.0.5 still works with (it uses
+# pkg_resources, hence an older setuptools); dmipy itself is installed without its
+# declared dependencies (it pins scipy==1.4.1, which would be built from source).
+DMIPY_BINARY_DEPS = ["numpy==1.23.5", "scipy==1.10.1", "dipy==1.7.0", "numba==0.58.1",
+                     "pathos", "setuptools<70"]
+DMIPY_PACKAGE = "dmipy==1.0.5"
+
+DMIPY_RUNNER = textwrap.dedent("""
+    import json, sys, time
+    import numpy as np
+    import dmipy
+    from dmipy.core.acquisition_scheme import acquisition_scheme_from_bvalues
+    from dmipy.core.modeling_framework import MultiCompartmentModel
+    from dmipy.distributions.distribute_models import SD1WatsonDistributed
+    from dmipy.signal_models import cylinder_models, gaussian_models
+
+    data_path, bval, bvec, threads, out = sys.argv[1:6]
+    threads = int(threads)
+    bvals = np.loadtxt(bval).ravel() * 1e6
+    bvecs = np.loadtxt(bvec)
+    if bvecs.shape[0] == 3 and bvecs.shape[1] != 3:
+        bvecs = bvecs.T
+    norms = np.linalg.norm(bvecs, axis=1)
+    bvecs = np.where(norms[:, None] > 0, bvecs / np.where(norms > 0, norms, 1)[:, None], 0)
+    scheme = acquisition_scheme_from_bvalues(bvals, bvecs)
+    ball = gaussian_models.G1Ball()
+    stick = cylinder_models.C1Stick()
+    zeppelin = gaussian_models.G2Zeppelin()
+    watson = SD1WatsonDistributed(models=[stick, zeppelin])
+    watson.set_tortuous_parameter("G2Zeppelin_1_lambda_perp", "C1Stick_1_lambda_par",
+                                  "partial_volume_0")
+    watson.set_equal_parameter("G2Zeppelin_1_lambda_par", "C1Stick_1_lambda_par")
+    watson.set_fixed_parameter("G2Zeppelin_1_lambda_par", 1.7e-9)
+    model = MultiCompartmentModel(models=[ball, watson])
+    model.set_fixed_parameter("G1Ball_1_lambda_iso", 3e-9)
+    data = np.load(data_path).astype(np.float64)
+    parallel = threads > 1
+    kw = dict(use_parallel_processing=parallel)
+    if parallel:
+        kw["number_of_processors"] = threads
+    t = time.time()
+    model.fit(scheme, data[:2], use_parallel_processing=False)  # warm-up (numba JIT)
+    warm = time.time() - t
+    t = time.time()
+    fitted = model.fit(scheme, data, **kw)
+    fit = time.time() - t
+    p = fitted.fitted_parameters
+    np.savez(out, icvf=p["SD1WatsonDistributed_1_partial_volume_0"],
+             odi=p["SD1WatsonDistributed_1_SD1Watson_1_odi"],
+             isovf=p["partial_volume_0"], mu=p["SD1WatsonDistributed_1_SD1Watson_1_mu"])
+    print(json.dumps({"fit_seconds": fit, "warmup_seconds": warm,
+                      "version": getattr(dmipy, "__version__", "1.0.5"),
+                      "numpy": np.__version__, "parallel": parallel, "processes": threads}))
+""")
+
+
+def ensure_dmipy(venv: Path) -> tuple[Path | None, str]:
+    """Python of a venv with dmipy (installed on first use), or (None, reason)."""
+    python = venv / "bin" / "python"
+    probe = ("import dmipy.core.modeling_framework, "
+             "dmipy.distributions.distribute_models")
+    if python.exists():
+        ok = subprocess.run([str(python), "-c", probe], capture_output=True)
+        if ok.returncode == 0:
+            return python, ""
+    try:
+        venv.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True,
+                       capture_output=True)
+        pip = [str(python), "-m", "pip", "install", "-q"]
+        steps = [[*pip, "--only-binary=:all:", *DMIPY_BINARY_DEPS],
+                 [*pip, "--no-deps", DMIPY_PACKAGE]]
+        for cmd in steps:
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            if r.returncode != 0:
+                return None, f"{' '.join(cmd[3:])} failed: {r.stderr.strip()[-500:]}"
+        ok = subprocess.run([str(python), "-c", probe], capture_output=True, text=True)
+        if ok.returncode != 0:
+            return None, f"dmipy does not import: {ok.stderr.strip()[-500:]}"
+        return python, ""
+    except (OSError, subprocess.CalledProcessError) as exc:
+        return None, f"cannot create the dmipy venv: {exc}"
+
+
+def dmipy_subset(n: int, k: int, seed: int) -> np.ndarray:
+    """Sorted random voxel indices (k of n) fitted by dmipy."""
+    rng = np.random.default_rng(seed + 1000)
+    return np.sort(rng.choice(n, size=min(k, n), replace=False))
+
+
+def run_dmipy(python: Path, paths: dict[str, Path], work: Path, n: int, subset: np.ndarray,
+              threads: int) -> dict[str, object]:
+    import nibabel as nib
+
+    from fingerprint.io.nifti import mu_to_vectors
+
+    work.mkdir(parents=True, exist_ok=True)
+    volume = np.asarray(nib.load(paths["dwi"]).dataobj, dtype=np.float32)
+    data = to_flat(volume, n)[subset]  # the very voxels (noise included) the others fit
+    del volume
+    np.save(work / "data.npy", data)
+    runner = work / "run_dmipy.py"
+    runner.write_text(DMIPY_RUNNER)
+    out = work / "dmipy.npz"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
+           "MKL_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1"}  # parallel over processes
+    t = time.perf_counter()
+    r = subprocess.run([str(python), str(runner), str(work / "data.npy"), str(paths["bval"]),
+                        str(paths["bvec"]), str(threads), str(out)],
+                       capture_output=True, text=True, cwd=work, env=env)
+    wall = time.perf_counter() - t
+    if r.returncode != 0:
+        raise RuntimeError(f"dmipy failed:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}")
+    info = json.loads(r.stdout.strip().splitlines()[-1])
+    z = np.load(out)
+    maps = {k: z[k] for k in ("icvf", "odi", "isovf")}
+    maps["direction"] = mu_to_vectors(z["mu"])
+    fit = float(info["fit_seconds"])
+    return {"maps": maps, "wall_seconds": wall, **info, "voxels": int(subset.size),
+            "us_per_voxel_fit": fit / subset.size * 1e6}
+
+
+def subset_of(values: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, np.ndarray]:
+    return {k: np.asarray(v)[idx] for k, v in values.items()}
+
+
 # --------------------------------------------------------------------------- whole brain
 def ellipsoid_mask(box: tuple[int, int, int], voxels: int) -> np.ndarray:
     """Flat (x fastest) mask of an ellipsoid centred in ``box`` with about ``voxels`` voxels
@@ -417,6 +563,14 @@ def main(args: argparse.Namespace) -> dict[str, object]:
         if amico_python is None:
             print(f"AMICO unavailable: {amico_reason}", flush=True)
     results["amico"] = str(amico_python) if amico_python else amico_reason
+    dmipy_python, dmipy_reason = (None, "skipped (--no-dmipy)")
+    if not args.no_dmipy and not args.only_whole_brain and args.dmipy_voxels > 0:
+        print("preparing dmipy venv ...", flush=True)
+        dmipy_python, dmipy_reason = ensure_dmipy(args.dmipy_venv)
+        if dmipy_python is None:
+            print(f"dmipy unavailable: {dmipy_reason}", flush=True)
+    results["dmipy"] = str(dmipy_python) if dmipy_python else dmipy_reason
+    results["dmipy_voxels"] = min(args.dmipy_voxels, args.voxels) if dmipy_python else 0
     uniform_signals = None
     cases = [] if args.only_whole_brain else [("uniform", 30.0), ("wm-gm", 20.0)]
     for case_i, (kind, snr) in enumerate(cases):
@@ -450,6 +604,26 @@ def main(args: argparse.Namespace) -> dict[str, object]:
             except Exception as exc:
                 case["amico"] = {"error": str(exc)[-3000:]}
             print(f"[{kind}] AMICO: {json.dumps(case['amico'])}", flush=True)
+        if dmipy_python is not None:
+            idx = dmipy_subset(args.voxels, args.dmipy_voxels, args.seed + case_i)
+            truth = subset_of(params, idx)
+            same: dict[str, object] = {"voxels": int(idx.size),
+                                       "fingerprint": errors(subset_of(ours["maps"], idx),
+                                                             truth)}
+            if amico_python is not None and "error" not in case.get("amico", {}):
+                same["amico"] = errors(subset_of(am["maps"], idx), truth)
+            try:
+                print(f"[{kind}] dmipy on {idx.size} voxels ...", flush=True)
+                dm = run_dmipy(dmipy_python, paths, work / kind / "dmipy", args.voxels, idx,
+                               args.threads)
+                case["dmipy"] = {**{k: v for k, v in dm.items() if k != "maps"},
+                                 **errors(dm["maps"], truth)}
+                same["dmipy"] = errors(dm["maps"], truth)
+            except Exception as exc:
+                case["dmipy"] = {"error": str(exc)[-3000:]}
+            case["subset"] = same
+            print(f"[{kind}] dmipy: {json.dumps(case['dmipy'])}", flush=True)
+            print(f"[{kind}] same subset: {json.dumps(same)}", flush=True)
         results["cases"][kind] = case
     if args.whole_brain:
         rng = np.random.default_rng(args.seed + 100)
@@ -477,15 +651,28 @@ def report(results: dict[str, object]) -> str:
                  "µs/voxel |")
     lines.append("|---|---|---|---|---|---|---|")
     for kind, case in results["cases"].items():
-        for method in ("fingerprint", "amico"):
+        for method in ("fingerprint", "amico", "dmipy"):
             r = case.get(method)
             if not r or "error" in r:
                 if r:
                     lines.append(f"| {kind} | {method} | failed: {r['error'][:80]} | | | | |")
                 continue
-            lines.append(f"| {kind} (SNR {case['snr']:g}) | {method} | {r['icvf_mae']:.4f} | "
+            label = method if method != "dmipy" else f"dmipy ({r['voxels']} voxels)"
+            lines.append(f"| {kind} (SNR {case['snr']:g}) | {label} | {r['icvf_mae']:.4f} | "
                          f"{r['odi_mae']:.4f} | {r['isovf_mae']:.4f} | "
                          f"{r['direction_median_deg']:.2f} | {r['us_per_voxel_fit']:.1f} |")
+    subsets = {k: c["subset"] for k, c in results["cases"].items() if "subset" in c}
+    if subsets:
+        lines += ["", "Same random subset of voxels for every method (the one dmipy fits):", "",
+                  "| phantom | voxels | method | icvf MAE | odi MAE | isovf MAE | "
+                  "median angle (deg) |", "|---|---|---|---|---|---|---|"]
+        for kind, same in subsets.items():
+            for method in ("fingerprint", "amico", "dmipy"):
+                r = same.get(method)
+                if r:
+                    lines.append(f"| {kind} | {same['voxels']} | {method} | "
+                                 f"{r['icvf_mae']:.4f} | {r['odi_mae']:.4f} | "
+                                 f"{r['isovf_mae']:.4f} | {r['direction_median_deg']:.2f} |")
     wb = results.get("whole_brain")
     if wb:
         peak = wb["peak_rss_bytes"]
