@@ -120,14 +120,43 @@ def test_shell_mean_features(scheme):
     sig = rng.uniform(0.1, 1.0, size=(4, scheme.number_of_measurements))
     feats = fmap.voxel_features(sig)
     shells = np.asarray(scheme.shell_indices)
-    for i, s in enumerate(fmap.shell_columns):
-        sel = (shells == s) & ~np.asarray(scheme.b0_mask)
-        np.testing.assert_allclose(feats[:, i], sig[:, sel].mean(axis=1) * np.sqrt(sel.sum()),
-                                   rtol=1e-5)
-    # atoms of spherical-mean dictionaries hold one column per shell
     per_shell = np.stack([sig[:, shells == s].mean(axis=1)
                           for s in range(int(shells.max()) + 1)], axis=1)
+    for i, s in enumerate(fmap.shell_columns):
+        sel = (shells == s) & ~np.asarray(scheme.b0_mask)
+        w = fmap.mean_weights[sel]
+        assert w.sum() == pytest.approx(1.0)
+        # HCP's well-spread directions: close to the plain mean
+        np.testing.assert_allclose(w * sel.sum(), 1.0, atol=0.25)
+        np.testing.assert_allclose(feats[:, i], sig[:, sel] @ w * np.sqrt(sel.sum()),
+                                   rtol=1e-5)
+        per_shell[:, s] = sig[:, sel] @ w
+    # atoms of spherical-mean dictionaries hold one column per shell
     np.testing.assert_allclose(fmap.atom_features(per_shell), feats, rtol=1e-5)
+
+
+def test_spherical_mean_weights_undo_uneven_sampling():
+    """On 40 random (uneven) directions the weighted mean of a stick's signal is close
+    to its exact spherical mean, the plain mean is not."""
+    from scipy.special import erf
+
+    from fingerprint.fitting.features import spherical_mean_weights
+
+    rng = np.random.default_rng(1)
+    dirs = rng.normal(size=(40, 3))
+    dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
+    weights = spherical_mean_weights(dirs)
+    assert weights.sum() == pytest.approx(1.0)
+    bd = 2e9 * 1.7e-9
+    exact = np.sqrt(np.pi) * erf(np.sqrt(bd)) / (2 * np.sqrt(bd))
+    errors_plain, errors_weighted = [], []
+    for axis in rng.normal(size=(20, 3)):
+        axis /= np.linalg.norm(axis)
+        signal = np.exp(-bd * (dirs @ axis) ** 2)
+        errors_plain.append(abs(signal.mean() - exact))
+        errors_weighted.append(abs(weights @ signal - exact))
+    assert np.mean(errors_weighted) < 0.01
+    assert np.mean(errors_weighted) < 0.5 * np.mean(errors_plain)
 
 
 def test_signal_features_are_dwis(scheme):

@@ -517,11 +517,19 @@ class FingerprintEstimator:
         return frames, rss
 
     def _shell_means(self, signals: np.ndarray) -> np.ndarray:
+        """Per-shell spherical means (n, shells): the feature map's weighted means for
+        diffusion-weighted shells, plain means for b0 shells."""
         shells = np.asarray(self.scheme.shell_indices)
         n_shells = int(shells.max()) + 1
+        weights = self.feature_map.mean_weights
         out = np.empty((signals.shape[0], n_shells))
         for s in range(n_shells):
-            out[:, s] = signals[:, shells == s].mean(axis=1)
+            members = shells == s
+            w = weights[members] if weights is not None else np.zeros(int(members.sum()))
+            if w.sum() > 0:
+                out[:, s] = signals[:, members] @ (w / w.sum())
+            else:
+                out[:, s] = signals[:, members].mean(axis=1)
         return out
 
 

@@ -15,8 +15,11 @@ Three kinds, chosen from the model by :meth:`FeatureMap.from_model`:
     the squared signal residual (b0-normalised units) between the two zonal fits, so
     feature distances are noise-calibrated log-likelihoods.
 ``shell_means`` (spherical-mean models)
-    The per-shell mean of the b0-normalised signal of every non-b0 shell, times
-    sqrt(N_s) (same whitening).
+    The spherical mean of the b0-normalised signal of every non-b0 shell, times
+    sqrt(N_s) (same whitening). It is the l = 0 coefficient of a regularised even
+    spherical-harmonic fit of the shell (as dmipy estimates it), which is a fixed
+    weighted mean of the shell's measurements: the plain mean when the directions cover
+    the sphere evenly, and unbiased when they do not.
 ``signal`` (anything else: no or several orientations)
     The b0-normalised signal of every diffusion-weighted measurement.
 
@@ -72,6 +75,8 @@ class FeatureMap:
         signal layout of spherical-mean dictionaries.
     dwi_columns: indices of the measurements that enter the features.
     bvalues: (N,) b-values of the scheme, s/m².
+    mean_weights: (N,) for ``shell_means``: weight of each measurement in its shell's
+        spherical mean (each shell's weights sum to 1; 0 for b0s / unused ones).
     """
 
     kind: str
@@ -86,6 +91,7 @@ class FeatureMap:
     n_measurements: int
     bvalues: np.ndarray | None = None
     feature_names: tuple[str, ...] = field(default=())
+    mean_weights: np.ndarray | None = None
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -142,10 +148,15 @@ class FeatureMap:
         else:
             raise InputError(f"unknown feature kind {kind!r}; use 'zonal', 'shell_means' "
                              "or 'signal'")
+        mean_weights = np.zeros(n)
+        for i in range(len(dwi_shells)):
+            members = np.flatnonzero(shell_of == i)
+            mean_weights[members] = spherical_mean_weights(dirs[members])
         arrays = dict(directions=dirs, b0_mask=b0, shell_of=shell_of, n_coefficients=ncoef,
                       offsets=offsets, weights=weights_arr, shell_columns=shell_columns,
                       dwi_columns=np.flatnonzero(~b0).astype(np.int64),
-                      bvalues=np.array(scheme.bvalues, dtype=np.float64))
+                      bvalues=np.array(scheme.bvalues, dtype=np.float64),
+                      mean_weights=mean_weights)
         for a in arrays.values():
             a.setflags(write=False)
         return cls(kind=kind, n_measurements=n, feature_names=tuple(names), **arrays)
@@ -212,7 +223,7 @@ class FeatureMap:
             feats, rss = run_parallel(shell_means,
                                       np.ascontiguousarray(signals, dtype=np.float64),
                                       self.shell_of, int(self.shell_columns.size),
-                                      self.weights)
+                                      self.weights, self.mean_weights)
         else:
             if frames is None:
                 from .frame import FrameEstimator
@@ -265,3 +276,51 @@ class FeatureMap:
                               np.ascontiguousarray(frames, dtype=np.float64),
                               self.directions, self.shell_of, self.n_coefficients,
                               self.offsets, self.weights, _RIDGE)
+
+
+#: Laplace-Beltrami regularisation of the per-shell spherical-harmonic fit behind the
+#: spherical means (the value DIPY and dmipy use for their shell fits).
+SPHERICAL_MEAN_REGULARISATION = 0.006
+
+
+def spherical_mean_weights(directions: np.ndarray,
+                           regularisation: float = SPHERICAL_MEAN_REGULARISATION
+                           ) -> np.ndarray:
+    """Weights (n,) summing to 1 such that ``weights @ signal`` is the spherical mean of an
+    antipodally symmetric signal measured along ``directions`` (n, 3) unit vectors.
+
+    The spherical mean is Y_00 times the l = 0 coefficient of a regularised least-squares
+    fit of even real spherical harmonics, of the highest order the directions support
+    (at most 8, at least two measurements per coefficient); for evenly spread directions
+    the weights are ~1/n, for uneven ones they undo the uneven coverage.
+    """
+    from scipy.special import sph_harm_y
+
+    dirs = np.asarray(directions, dtype=np.float64).reshape(-1, 3)
+    n = dirs.shape[0]
+    if n < 6:
+        return np.full(n, 1.0 / max(n, 1))
+    lmax = 0
+    while lmax < 8 and (lmax + 3) * (lmax + 4) // 2 * 2 <= n:
+        lmax += 2
+    if lmax == 0:
+        return np.full(n, 1.0 / n)
+    theta = np.arccos(np.clip(dirs[:, 2], -1.0, 1.0))
+    phi = np.arctan2(dirs[:, 1], dirs[:, 0])
+    columns, penalty = [], []
+    for l_ in range(0, lmax + 1, 2):
+        for m in range(-l_, l_ + 1):
+            y = sph_harm_y(l_, abs(m), theta, phi)
+            if m < 0:
+                col = np.sqrt(2.0) * y.imag
+            elif m == 0:
+                col = y.real
+            else:
+                col = np.sqrt(2.0) * y.real
+            columns.append(col)
+            penalty.append(float(l_ * l_ * (l_ + 1) ** 2))
+    basis = np.stack(columns, axis=1)
+    gram = basis.T @ basis + regularisation * np.diag(penalty)
+    first_row = np.linalg.solve(gram, basis.T)[0]
+    weights = first_row / np.sqrt(4.0 * np.pi)
+    return weights / weights.sum()

@@ -548,15 +548,18 @@ def zonal_residuals(signals: np.ndarray, coefficients: np.ndarray, frames: np.nd
 
 @njit(cache=True, parallel=True)
 def shell_means(signals: np.ndarray, shell_of: np.ndarray, n_shells: int,
-                weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-shell means of every voxel (measurements with ``shell_of`` -1 skipped), times
-    ``weights``. Returns (features (n, n_shells) float32, within-shell residual sum of
-    squares (n,))."""
+                weights: np.ndarray, mean_weights: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Per-shell spherical means of every voxel, ``sum_j mean_weights[j] * signal[j]``
+    over each shell's measurements (``shell_of`` -1 skipped), times ``weights``. Returns
+    (features (n, n_shells) float32, within-shell residual sum of squares about the
+    means (n,))."""
     n = signals.shape[0]
     nmeas = signals.shape[1]
     feats = np.empty((n, n_shells), dtype=np.float32)
     rss = np.empty(n)
     for i in prange(n):
+        mean = np.zeros(n_shells)
         acc = np.zeros(n_shells)
         acc2 = np.zeros(n_shells)
         cnt = np.zeros(n_shells)
@@ -565,14 +568,15 @@ def shell_means(signals: np.ndarray, shell_of: np.ndarray, n_shells: int,
             if s < 0:
                 continue
             y = signals[i, j]
+            mean[s] += mean_weights[j] * y
             acc[s] += y
             acc2[s] += y * y
             cnt[s] += 1.0
         total = 0.0
         for s in range(n_shells):
-            mean = acc[s] / max(cnt[s], 1.0)
-            feats[i, s] = mean * weights[s]
-            total += max(acc2[s] - cnt[s] * mean * mean, 0.0)
+            m = mean[s]
+            feats[i, s] = m * weights[s]
+            total += max(acc2[s] - 2.0 * m * acc[s] + cnt[s] * m * m, 0.0)
         rss[i] = total
     return feats, rss
 
