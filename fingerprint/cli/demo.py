@@ -49,7 +49,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     import nibabel as nib
     import numpy as np
 
-    from fingerprint.cli.fit import progress_bar, quiet_third_party_logs
+    from fingerprint.cli.fit import quiet_third_party_logs
+    from fingerprint.cli.progress import progress_bar
     from fingerprint.fitting.pipeline import fit_volume
     from fingerprint.phantoms import noddi_errors, noddi_phantom, write_phantom
     from fingerprint.preview import write_preview

@@ -131,28 +131,10 @@ def _cmd_build(args: argparse.Namespace) -> int:
 def _progress_bar(args: argparse.Namespace):
     """A lazily created tqdm bar (nothing is drawn before the build starts) and its
     fraction callback."""
-    if args.no_progress or getattr(args, "quiet", False):
-        return None, None
-    from tqdm import tqdm
+    from fingerprint.cli.progress import progress_bar
 
-    holder: dict[str, Any] = {}
-
-    def progress(fraction: float) -> None:
-        bar = holder.get("bar")
-        if bar is None:
-            bar = holder["bar"] = tqdm(
-                total=1000, desc="dictionary", file=sys.stderr,
-                bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining}")
-        target = int(round(fraction * 1000))
-        if target > bar.n:
-            bar.update(target - bar.n)
-
-    class _Closer:
-        def close(self) -> None:
-            if "bar" in holder:
-                holder["bar"].close()
-
-    return _Closer(), progress
+    return progress_bar("dictionary", enabled=not (args.no_progress or
+                                                   getattr(args, "quiet", False)))
 
 
 def _cmd_list(args: argparse.Namespace) -> int:

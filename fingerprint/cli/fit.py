@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from fingerprint.cli.progress import progress_bar
 from fingerprint.errors import CancelledError, DictionaryError, InputError
 
 
@@ -55,34 +56,6 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--preview", action="store_true", help="also write a PNG preview")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=_cmd_fit)
-
-
-def progress_bar(desc: str, enabled: bool = True):
-    """(closer, callback): a tqdm bar on stderr drawn on the first call of the callback."""
-    if not enabled:
-        return None, None
-    from tqdm import tqdm
-
-    holder: dict[str, Any] = {}
-
-    def progress(fraction: float) -> None:
-        bar = holder.get("bar")
-        if bar is None and fraction <= 0:
-            return  # nothing drawn before the work starts (errors stay one line)
-        if bar is None:
-            bar = holder["bar"] = tqdm(
-                total=1000, desc=desc, file=sys.stderr,
-                bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining}")
-        target = int(round(fraction * 1000))
-        if target > bar.n:
-            bar.update(target - bar.n)
-
-    class _Closer:
-        def close(self) -> None:
-            if "bar" in holder:
-                holder["bar"].close()
-
-    return _Closer(), progress
 
 
 def quiet_third_party_logs(args: argparse.Namespace) -> None:
