@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from reference_helpers import noddi_watson
 from scipy.integrate import quad
 from scipy.special import eval_legendre
 
 from fingerprint.core.acquisition_scheme import acquisition_scheme_from_bvalues
-from fingerprint.core.modeling_framework import MultiCompartmentModel
-from fingerprint.distributions.distribute_models import SD1WatsonDistributed, odi2kappa
+from fingerprint.distributions.distribute_models import odi2kappa
 from fingerprint.kernels.dispersion import (
     _watson_ratios,
     _watson_sum_parallel,
@@ -24,8 +24,6 @@ from fingerprint.kernels.dispersion import (
     watson_recurrence_start,
     watson_recurrence_terms,
 )
-from fingerprint.signal_models.cylinder_models import C1Stick
-from fingerprint.signal_models.gaussian_models import G1Ball, G2Zeppelin
 
 
 def _ratios(kappa: float, n_even: int) -> np.ndarray:
@@ -144,15 +142,7 @@ def test_truncation_is_bounded_by_the_tolerance():
     assert 0.0 < diff <= 1e-6 + 1e-14
 
 
-def _noddi() -> MultiCompartmentModel:
-    bundle = SD1WatsonDistributed(models=[C1Stick(), G2Zeppelin()])
-    bundle.set_tortuous_parameter("G2Zeppelin_1_lambda_perp", "C1Stick_1_lambda_par",
-                                  "partial_volume_0")
-    bundle.set_equal_parameter("G2Zeppelin_1_lambda_par", "C1Stick_1_lambda_par")
-    bundle.set_fixed_parameter("G2Zeppelin_1_lambda_par", 1.7e-9)
-    model = MultiCompartmentModel(models=[G1Ball(), bundle])
-    model.set_fixed_parameter("G1Ball_1_lambda_iso", 3e-9)
-    return model
+_noddi = noddi_watson
 
 
 def test_batched_noddi_equals_one_atom_at_a_time():

@@ -3,10 +3,9 @@ over the sphere (Watson, Bingham) and over radii (Gamma), naming and links."""
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
+from reference_helpers import load_reference
 from scipy import stats
 from scipy.integrate import quad
 from scipy.special import eval_legendre
@@ -35,19 +34,11 @@ EXACT_TOL = 1e-5
 
 
 # --------------------------------------------------------------------------- fixtures
-def _scheme(reference_dir, name):
-    info = json.loads((reference_dir / "schemes" / f"{name}.json").read_text())
-    return acquisition_scheme_from_bvalues(
-        np.array(info["bvalues_s_per_m2"]), np.array(info["gradient_directions"]),
-        delta=np.array(info["delta_s"]), Delta=np.array(info["Delta_s"]))
 
 
 @pytest.fixture(scope="module", params=["hcp", "activeax"])
 def reference(request, reference_dir):
-    name = request.param
-    signals = np.load(reference_dir / f"signals_{name}.npz")
-    names = json.loads((reference_dir / f"signals_{name}.json").read_text())
-    return name, _scheme(reference_dir, name), signals, names
+    return load_reference(reference_dir, request.param)
 
 
 @pytest.fixture(scope="module")

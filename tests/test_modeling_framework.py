@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+from reference_helpers import load_reference, noddi_watson, reference_scheme
 
 from fingerprint.core.acquisition_scheme import acquisition_scheme_from_bvalues
 from fingerprint.core.modeling_framework import (
@@ -33,35 +34,19 @@ RTOL = {"hcp": 3e-5, "activeax": 1e-6}
 SM_CYLINDER_TOL = 1e-3  # dmipy's numerical spherical mean of cylinders
 
 
-def _scheme(reference_dir, name):
-    info = json.loads((reference_dir / "schemes" / f"{name}.json").read_text())
-    return acquisition_scheme_from_bvalues(
-        np.array(info["bvalues_s_per_m2"]), np.array(info["gradient_directions"]),
-        delta=np.array(info["delta_s"]), Delta=np.array(info["Delta_s"]))
 
 
 @pytest.fixture(scope="module", params=["hcp", "activeax"])
 def reference(request, reference_dir):
-    name = request.param
-    signals = np.load(reference_dir / f"signals_{name}.npz")
-    names = json.loads((reference_dir / f"signals_{name}.json").read_text())
-    return name, _scheme(reference_dir, name), signals, names
+    return load_reference(reference_dir, request.param)
 
 
 @pytest.fixture(scope="module")
 def scheme(reference_dir):
-    return _scheme(reference_dir, "activeax")
+    return reference_scheme(reference_dir, "activeax")
 
 
-def noddi():
-    bundle = SD1WatsonDistributed(models=[C1Stick(), G2Zeppelin()])
-    bundle.set_tortuous_parameter("G2Zeppelin_1_lambda_perp", "C1Stick_1_lambda_par",
-                                  "partial_volume_0")
-    bundle.set_equal_parameter("G2Zeppelin_1_lambda_par", "C1Stick_1_lambda_par")
-    bundle.set_fixed_parameter("G2Zeppelin_1_lambda_par", 1.7e-9)
-    model = MultiCompartmentModel(models=[G1Ball(), bundle])
-    model.set_fixed_parameter("G1Ball_1_lambda_iso", 3e-9)
-    return model
+noddi = noddi_watson
 
 
 def build(case):
