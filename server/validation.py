@@ -19,8 +19,8 @@ from .dependencies import ApiError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["check_model", "float_field", "int_field", "prefix_field", "timing_fields",
-           "validate_fit", "validate_scheme"]
+__all__ = ["check_model", "check_timing", "float_field", "int_field", "prefix_field",
+           "timing_fields", "validate_fit", "validate_scheme"]
 
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
@@ -87,6 +87,16 @@ def check_model(name: str) -> str:
         raise ApiError(422, str(exc), "model") from None
 
 
+def check_timing(model: str, timing: dict[str, Any]) -> None:
+    """422 on the ``delta`` field when model ``model`` needs pulse timing the form lacks
+    (otherwise the job would be accepted and fail when it runs)."""
+    from fingerprint.models import requires_timing
+
+    if requires_timing(model) and ("delta" not in timing or "Delta" not in timing):
+        raise ApiError(422, f"model {model!r} needs the pulse timing of the acquisition: give "
+                            f"the 'delta' and 'Delta' form fields (seconds)", "delta")
+
+
 def _rewrite(message: str, files: dict[str, Path]) -> tuple[str, str | None]:
     """Replace server paths by field names; return the message and the field at fault."""
     field = None
@@ -126,10 +136,10 @@ def validate_fit(files: dict[str, Path], timing: dict[str, float] | None = None)
 
 def validate_scheme(files: dict[str, Path], timing: dict[str, Any] | None = None) -> Any:
     """Read an uploaded bval/bvec pair as an acquisition scheme (422 on bad input)."""
-    read_bvals_bvecs = importlib.import_module("fingerprint.io.gradients").read_bvals_bvecs
+    read_fsl_scheme = importlib.import_module("fingerprint.fitting.pipeline").read_fsl_scheme
     timing = {k: v for k, v in (timing or {}).items() if k in ("delta", "Delta", "TE")}
     try:
-        return read_bvals_bvecs(str(files["bval"]), str(files["bvec"]), **timing)
+        return read_fsl_scheme(str(files["bval"]), str(files["bvec"]), **timing)
     except ImportError:
         raise
     except Exception as exc:  # an unreadable scheme is the client's problem

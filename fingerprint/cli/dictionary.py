@@ -94,8 +94,10 @@ def _load_scheme(args: argparse.Namespace) -> Any:
             raise InputError(f"{flag} file {path} does not exist")
     if (args.delta is None) != (args.Delta is None):
         raise InputError("give both --delta and --Delta (seconds), or neither")
-    return gradients.read_bvals_bvecs(args.bval, args.bvec, delta=args.delta,
-                                      Delta=args.Delta, TE=args.TE)
+    from fingerprint.fitting.pipeline import read_fsl_scheme
+
+    return read_fsl_scheme(args.bval, args.bvec, delta=args.delta, Delta=args.Delta,
+                           TE=args.TE)
 
 
 def _cmd_build(args: argparse.Namespace) -> int:

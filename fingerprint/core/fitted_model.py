@@ -18,7 +18,14 @@ import numpy as np
 
 from fingerprint.errors import InputError
 
-__all__ = ["FittedMultiCompartmentModel", "FittedParameters"]
+__all__ = ["FittedMultiCompartmentModel", "FittedParameters", "UnknownParameterError"]
+
+
+class UnknownParameterError(InputError, KeyError):
+    """A key of ``fitted_parameters`` that names no fitted parameter (or several)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
 
 
 class FittedParameters(Mapping):
@@ -35,8 +42,8 @@ class FittedParameters(Mapping):
         if len(matches) == 1:
             return matches[0]
         if matches:
-            raise KeyError(f"{key!r} is ambiguous: it matches {matches}")
-        raise KeyError(f"{key!r} is not a fitted parameter; parameters: "
+            raise UnknownParameterError(f"{key!r} is ambiguous: it matches {matches}")
+        raise UnknownParameterError(f"{key!r} is not a fitted parameter; parameters: "
                        f"{list(self._values)}")
 
     def __getitem__(self, key: str) -> np.ndarray:
@@ -136,10 +143,17 @@ class FittedMultiCompartmentModel:
         spherical-mean models), times ``S0`` (default: the fitted S0 maps); zeros outside
         the mask and NaN for invalid voxels."""
         scheme = self.acquisition_scheme if acquisition_scheme is None else acquisition_scheme
+        if mask is not None and np.shape(mask) != self.mask.shape:
+            raise InputError(f"mask has shape {np.shape(mask)}; expected the fitted "
+                             f"shape {self.mask.shape}")
         use = self.mask & self.valid if mask is None else \
             (np.asarray(mask, dtype=bool) & self.valid)
-        s0 = self.S0 if S0 is None else np.broadcast_to(np.asarray(S0, dtype=float),
-                                                        self.mask.shape)
+        try:
+            s0 = self.S0 if S0 is None else np.broadcast_to(np.asarray(S0, dtype=float),
+                                                            self.mask.shape)
+        except (TypeError, ValueError):
+            raise InputError(f"S0 must be a number or an array of the fitted shape "
+                             f"{self.mask.shape}, got shape {np.shape(S0)}") from None
         vectors = self.fitted_parameters_vector[use]
         sim = np.asarray(self.model.simulate_signal(scheme, vectors)) if vectors.size else \
             None
@@ -151,12 +165,16 @@ class FittedMultiCompartmentModel:
         return out
 
     def _normalised(self, data: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        arr = np.asarray(data, dtype=np.float64)
-        if arr.shape[:-1] != self.mask.shape:
-            raise InputError(f"data has shape {arr.shape}; expected {self.mask.shape} + "
-                             "(measurements,)")
-        use = self.mask & self.valid
         scheme = self.acquisition_scheme
+        try:
+            arr = np.asarray(data, dtype=np.float64)
+        except (TypeError, ValueError) as exc:
+            raise InputError(f"data must be a numeric array: {exc}") from None
+        n_meas = int(scheme.number_of_measurements)
+        if arr.ndim == 0 or arr.shape != self.mask.shape + (n_meas,):
+            raise InputError(f"data has shape {arr.shape}; expected {self.mask.shape} + "
+                             f"({n_meas} measurements,)")
+        use = self.mask & self.valid
         b0 = np.asarray(scheme.b0_mask, dtype=bool)
         y = arr[use]
         s0 = y[:, b0].mean(axis=1) if b0.any() else np.ones(y.shape[0])

@@ -246,7 +246,7 @@ class _ParameterNamespace:
         """Fix a parameter to ``value`` (SI units; a list of ``cardinality`` values for
         orientations); it leaves the free parameters."""
         info = self._free_info(parameter_name)
-        arr = np.asarray(value, dtype=float)
+        arr = _as_float_array(value, f"fixed value of {info.name}")
         if info.cardinality == 1:
             if arr.ndim != 0 and arr.shape != (1,):
                 raise InputError(f"{info.name} can only be fixed to one number, got shape "
@@ -259,6 +259,7 @@ class _ParameterNamespace:
             fixed = tuple(float(v) for v in arr)
         if not np.all(np.isfinite(np.asarray(fixed, dtype=float))):
             raise InputError(f"fixed value of {info.name} must be finite, got {value!r}")
+        _check_fixed_range(info, fixed)
         self._add_link(Link("fixed", info.name, (), fixed),
                        ("set_fixed_parameter", info.name, _jsonable(fixed)))
 
@@ -583,8 +584,41 @@ def _required_of(model: Any) -> list[str]:
     return list(getattr(model, "_required_acquisition_parameters", []) or [])
 
 
+def _as_float_array(value: Any, what: str) -> np.ndarray:
+    """``value`` as a float array; InputError naming ``what`` when it is not numeric."""
+    try:
+        arr = np.asarray(value, dtype=float)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"{what} must be numeric, got {type(value).__name__}: {exc}") from None
+    return arr
+
+
+def _check_fixed_range(info: ParameterInfo, fixed: Any) -> None:
+    """Volume fractions must lie in [0, 1]; other values outside the parameter's range
+    (SI = range * scale) are allowed but logged, as they usually mean a unit mistake."""
+    if "partial_volume_" in info.name:
+        if not 0.0 <= float(fixed) <= 1.0:
+            raise InputError(f"fixed value of {info.name} must be a volume fraction in "
+                             f"[0, 1], got {fixed!r}")
+        return
+    if info.cardinality != 1 or info.range is None or info.scale is None:
+        return
+    try:
+        lo, hi = (float(v) * float(info.scale) for v in np.ravel(info.range)[:2])
+    except (TypeError, ValueError):
+        return
+    if not lo <= float(fixed) <= hi:
+        logger.warning("%s fixed to %g, outside its range [%g, %g] (SI units)", info.name,
+                       float(fixed), lo, hi)
+
+
 def check_scheme(scheme: Any, required: Sequence[str], who: str) -> None:
-    """InputError when the scheme lacks timing a model needs."""
+    """InputError when ``scheme`` is not an acquisition scheme or lacks timing a model
+    needs."""
+    if not (hasattr(scheme, "measurements") and hasattr(scheme, "b0_mask")):
+        raise InputError(f"{who}: acquisition_scheme must be an AcquisitionScheme (see "
+                         f"acquisition_scheme_from_bvalues or read_bvals_bvecs), got "
+                         f"{type(scheme).__name__}")
     for name in required:
         if name in _TIMING_PARAMETERS and getattr(scheme, name, None) is None:
             raise InputError(f"{who} needs the acquisition's {name}, which this scheme does "
@@ -723,7 +757,7 @@ class MultiCompartmentModelProperties(_ParameterNamespace):
     def _check_vector(self, vector: Any) -> np.ndarray:
         if isinstance(vector, Mapping):
             vector = self.parameters_to_parameter_vector(**vector)
-        vec = np.asarray(vector, dtype=float)
+        vec = _as_float_array(vector, "parameter vector")
         total = sum(self.parameter_cardinality.values())
         if vec.ndim == 0 or vec.shape[-1] != total:
             raise InputError(f"parameter vector must have last dimension {total} "

@@ -36,6 +36,7 @@ import os
 import re
 import threading
 import time
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -58,7 +59,7 @@ from fingerprint.io.nifti import (
 logger = logging.getLogger(__name__)
 
 __all__ = ["DEFAULT_CHUNK_VOXELS", "FitResult", "InputSummary", "fit_volume",
-           "prefix_from_filename", "validate_inputs"]
+           "prefix_from_filename", "read_fsl_scheme", "validate_inputs"]
 
 #: Voxels per fitted chunk (one task of an executor).
 DEFAULT_CHUNK_VOXELS = 20_000
@@ -107,6 +108,14 @@ def _path(value: Any, what: str) -> Path:
         raise InputError(f"{what} must be a file path, got {type(value).__name__}") from None
 
 
+def read_fsl_scheme(bval: Any, bvec: Any, *, delta: Any = None, Delta: Any = None,
+                    TE: Any = None) -> Any:
+    """Read an FSL bval/bvec pair (s/mm²) as an AcquisitionScheme, strictly: unlike
+    ``read_bvals_bvecs`` (which only warns), b-values that look like s/m² are an
+    InputError naming the bval file. Used by fits, dictionary builds and the server."""
+    return _read_scheme(_path(bval, "bval"), _path(bvec, "bvec"), delta, Delta, TE)
+
+
 def _read_scheme(bval: Path, bvec: Path, delta: Any, Delta: Any, TE: Any) -> Any:
     from fingerprint.io.gradients import read_bvals_bvecs
 
@@ -114,15 +123,17 @@ def _read_scheme(bval: Path, bvec: Path, delta: Any, Delta: Any, TE: Any) -> Any
         if not p.is_file():
             raise InputError(f"{what} file {p} does not exist")
     try:
-        raw = np.loadtxt(bval, dtype=np.float64, ndmin=1)
+        with warnings.catch_warnings():  # an empty file: the reader reports it precisely
+            warnings.simplefilter("ignore", UserWarning)
+            raw = np.loadtxt(bval, dtype=np.float64, ndmin=1)
     except ValueError:
         raw = None  # the reader reports it precisely
-    scheme = read_bvals_bvecs(bval, bvec, delta=delta, Delta=Delta, TE=TE)
-    if raw is not None and raw.size and float(np.nanmax(raw)) > MAX_B_S_PER_MM2:
+    # checked before reading the scheme, so the reader's unit warning is not logged too
+    if raw is not None and np.isfinite(raw).any() and np.nanmax(raw) > MAX_B_S_PER_MM2:
         raise InputError(
             f"bval file {bval}: b-values reach {float(np.nanmax(raw)):g}; FSL bval files are "
             f"in s/mm² (these look like s/m²: divide them by 1e6)")
-    return scheme
+    return read_bvals_bvecs(bval, bvec, delta=delta, Delta=Delta, TE=TE)
 
 
 def _open_inputs(dwi: Any, bval: Any, bvec: Any, mask: Any, delta: Any = None,
@@ -157,10 +168,15 @@ def _open_inputs(dwi: Any, bval: Any, bvec: Any, mask: Any, delta: Any = None,
     return image, scheme, mask_arr, mask_p
 
 
-def _scan_finite(image: DWIImage, mask: np.ndarray | None) -> None:
-    """Every (masked) voxel of every volume must be finite; read volume by volume."""
+def _scan_finite(image: DWIImage, mask: np.ndarray | None,
+                 b0_mask: np.ndarray | None = None) -> None:
+    """Every (masked) voxel of every volume must be finite; read volume by volume. Without
+    a mask, some voxel must have a positive mean b=0 signal (the default mask)."""
+    b0_sum = None
     for i in range(image.n_volumes):
         vol = image.read_volume(i)
+        if mask is None and b0_mask is not None and b0_mask[i]:
+            b0_sum = vol if b0_sum is None else b0_sum + vol
         bad = ~np.isfinite(vol)
         if mask is not None:
             bad &= mask
@@ -170,6 +186,8 @@ def _scan_finite(image: DWIImage, mask: np.ndarray | None) -> None:
                 f"DWI file {image.path} has {int(bad.sum())} NaN or infinite values in volume "
                 f"{i}{' inside the mask' if mask is not None else ''} (first at voxel "
                 f"{where}); give a mask that excludes them")
+    if b0_sum is not None and not np.any(np.isfinite(b0_sum) & (b0_sum > 0)):
+        raise InputError(f"DWI file {image.path}: no voxel has a positive b=0 signal")
 
 
 def validate_inputs(dwi: Any, bval: Any, bvec: Any, mask: Any = None, *, delta: Any = None,
@@ -186,7 +204,7 @@ def validate_inputs(dwi: Any, bval: Any, bvec: Any, mask: Any = None, *, delta: 
     """
     image, scheme, mask_arr, mask_p = _open_inputs(dwi, bval, bvec, mask, delta, Delta, TE)
     if scan_data:
-        _scan_finite(image, mask_arr)
+        _scan_finite(image, mask_arr, np.asarray(scheme.b0_mask, dtype=bool))
     n_vox = int(mask_arr.sum()) if mask_arr is not None else int(np.prod(image.spatial_shape))
     shells = tuple(float(b) / 1e6 for b in np.asarray(scheme.shell_bvalues))
     return InputSummary(dwi=image.path, bval=_path(bval, "bval"), bvec=_path(bvec, "bvec"),
@@ -380,6 +398,24 @@ def _chunks(image: DWIImage, mask: np.ndarray, chunk_voxels: int, slab_bytes: in
             yield slab.coords[start:start + chunk_voxels], data
 
 
+def _check_out_dir(out_dir: Any) -> Path:
+    """The absolute output directory; InputError before any work when it cannot be one
+    (an existing file, or under a file or a read-only directory)."""
+    if out_dir is None:
+        raise InputError("an output directory (out_dir) is required")
+    path = _path(out_dir, "output directory").absolute()
+    if path.exists() and not path.is_dir():
+        raise InputError(f"output directory {path} exists and is not a directory")
+    parent = path
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise InputError(f"output directory {path} cannot be created: {parent} is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"output directory {path} is not writable ({parent} is read-only)")
+    return path
+
+
 def _default_mask(image: DWIImage, scheme: Any) -> np.ndarray:
     """Voxels whose mean b=0 signal is finite and positive."""
     b0 = image.mean_b0(np.asarray(scheme.b0_mask))
@@ -531,6 +567,7 @@ def fit_volume(model: Any, dwi: Any, bval: Any, bvec: Any, out_dir: Any, *,
         raise InputError(f"prefix {prefix!r} may only hold letters, digits, '-' and '_'")
     if dictionary_size is not None and int(dictionary_size) < 1:
         raise InputError(f"dictionary_size must be positive, got {dictionary_size}")
+    out_dir = _check_out_dir(out_dir)
     prog = _Progress(progress)
     model_obj, model_label, est = _resolve_model(model)
     image, scheme, mask_arr, _ = _open_inputs(dwi, bval, bvec, mask, delta, Delta, TE)
@@ -593,7 +630,6 @@ def fit_volume(model: Any, dwi: Any, bval: Any, bvec: Any, out_dir: Any, *,
             registered = handle.key not in _ESTIMATORS
         _register(handle, est)  # tasks run in this process's threads share it
     window = executor_window or max(2, 2 * int(getattr(executor, "_max_workers", 2) or 2))
-    out_dir = Path(os.fspath(out_dir)).absolute()
     try:
         with image.spooled(mask_arr, out_dir, max_bytes=int(slab_bytes)) as source:
             _run_chunks(_chunks(source, mask_arr, int(chunk_voxels), int(slab_bytes)), est,
@@ -610,7 +646,11 @@ def fit_volume(model: Any, dwi: Any, bval: Any, bvec: Any, out_dir: Any, *,
 
     # -- write ---------------------------------------------------------------------------
     t0 = time.perf_counter()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"output directory {out_dir} cannot be created: "
+                         f"{exc.strerror or exc}") from None
     pref = prefix or ""
     sources = [Path(os.fspath(dwi)).name, Path(os.fspath(bval)).name,
                Path(os.fspath(bvec)).name]

@@ -83,6 +83,7 @@ __all__ = [
 #: Largest slab of float32 DWI data read at once (bytes).
 DEFAULT_SLAB_BYTES = 128 * 1024**2
 
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 _READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, struct.error, gzip.BadGzipFile)
 
 
@@ -231,6 +232,15 @@ class DWIImage:
                 out = np.asarray(proxy[slicer])
         except _READ_ERRORS as exc:
             raise InputError(f"DWI file {self.path} cannot be read: {exc}") from None
+        out = np.asarray(out)
+        if out.dtype != np.float32 and out.size:
+            with np.errstate(invalid="ignore"):
+                top = np.nanmax(np.abs(out), initial=0.0, where=np.isfinite(out))
+            if top > _FLOAT32_MAX:
+                raise InputError(
+                    f"DWI file {self.path} holds values up to {float(top):.3g}, beyond the "
+                    f"float32 range (±{_FLOAT32_MAX:.3g}) signals are fitted in; rescale the "
+                    f"data (the fit only depends on signal ratios)")
         return np.asarray(out, dtype=np.float32)
 
     def read_volume(self, index: int) -> np.ndarray:
@@ -351,6 +361,9 @@ def load_mask(path: str | os.PathLike, spatial_shape: tuple[int, ...],
         raise InputError(f"mask file {path} cannot be read: {exc}") from None
     if data.dtype.kind == "f" and not np.all(np.isfinite(data)):
         raise InputError(f"mask file {path} contains NaN or infinite values")
+    if data.dtype.kind in "if" and data.size and data.min() < 0:
+        raise InputError(f"mask file {path} has negative values (down to {data.min():g}): a "
+                         f"mask holds 0 outside and 1 (or any positive value) inside")
     mask = data != 0
     if not mask.any():
         raise InputError(f"mask file {path} is empty (no nonzero voxel)")

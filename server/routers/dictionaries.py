@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 from ..dependencies import AdminKey, CallerKey, Context
 from ..schemas import DictionaryInfo, ErrorBody, JobOut
 from ..storage import FileField
-from ..validation import check_model, int_field, timing_fields, validate_scheme
+from ..validation import check_model, check_timing, int_field, timing_fields, validate_scheme
 from .jobs import accept_job, accepted, receive_job_upload
 
 router = APIRouter(prefix="/dictionaries", tags=["dictionaries"])
@@ -64,6 +64,7 @@ async def build_dictionary(request: Request, ctx: Context, key: AdminKey) -> JSO
             **timing_fields(fields),
         }
         options = {k: v for k, v in options.items() if v is not None}
+        check_timing(model, options)
         await run_in_threadpool(validate_scheme, upload.files, options)
         inputs = {name: path.name for name, path in upload.files.items()}
         job = await run_in_threadpool(accept_job, ctx, key.id, upload_dir, kind="dictionary",

@@ -20,6 +20,7 @@ from ..schemas import ErrorBody, JobList, JobOut, job_out
 from ..storage import DRAIN_LIMIT, FileField, UploadError, _drain, receive_multipart
 from ..validation import (
     check_model,
+    check_timing,
     int_field,
     prefix_field,
     timing_fields,
@@ -162,6 +163,7 @@ async def submit_job(request: Request, ctx: Context, key: CallerKey) -> JSONResp
         if prefix is not None:
             options["prefix"] = prefix
         timing = timing_fields(fields)
+        check_timing(model, timing)
         options.update(timing)
         await run_in_threadpool(validate_fit, upload.files, timing)
         inputs = {name: path.name for name, path in upload.files.items()}
