@@ -174,3 +174,51 @@ def test_noddi_default_path_unchanged(scheme):
     assert np.all(polished.r2_estimate >= ve.r2 - 1e-3)
     with pytest.raises(InputError, match="refine"):
         fit_model(noddi, scheme, data, dictionary_size=3000, refine="cubic")
+
+
+def test_batched_matches_scipy(bss, scheme):
+    """The batched Levenberg-Marquardt (default) and scipy's least_squares (reference)
+    reach the same fits from the same starts, noiseless and noisy."""
+    truth = _truth(bss, 6, seed=8)
+    clean = bss.simulate_signal(scheme, truth)
+    rng = np.random.default_rng(9)
+    starts = np.repeat(truth[:, None, :], 2, axis=1)
+    starts[:, :, [1, 2, 4, 5]] += rng.normal(0.0, 0.15, (6, 2, 4))
+    starts[:, :, [0, 3, 6]] *= rng.uniform(0.8, 1.2, (6, 2, 3))
+    sigma = 1.0 / 30.0
+    noisy = np.hypot(clean + sigma * rng.normal(size=clean.shape),
+                     sigma * rng.normal(size=clean.shape))
+    for y in (clean, noisy):
+        fast, c_fast = refine_nonlinear(bss, scheme, y, starts, return_cost=True)
+        ref, c_ref = refine_nonlinear(bss, scheme, y, starts, return_cost=True,
+                                      method="scipy")
+        assert _within_bounds(bss, fast)
+        assert np.all(c_fast <= c_ref * (1 + 1e-4) + 1e-14), (c_fast, c_ref)
+        ang, pv = _pair_errors(bss, fast, ref)
+        assert ang.max() < 0.05 and pv.max() < 1e-3, (ang, pv)
+    ang, pv = _pair_errors(bss, refine_nonlinear(bss, scheme, clean, starts), truth)
+    assert ang.max() < 1e-3 and pv.max() < 1e-5
+    with pytest.raises(InputError, match="method"):
+        refine_nonlinear(bss, scheme, clean, starts, method="newton")
+
+
+def test_batched_nnls_and_unusable_voxels(bss, scheme):
+    from scipy.optimize import nnls
+
+    from fingerprint.fitting.nonlinear import _nnls_batch
+
+    rng = np.random.default_rng(10)
+    at = rng.uniform(0.0, 1.0, (50, 3, 20))
+    y = rng.normal(0.0, 1.0, (50, 20))
+    want = np.stack([nnls(at[i].T, y[i])[0] for i in range(50)])
+    np.testing.assert_allclose(_nnls_batch(at, y), want, atol=1e-10)
+    # a voxel with non-finite signals is returned as its start; one without a finite
+    # start gets an infinite cost
+    truth = _truth(bss, 3, seed=12)
+    y = bss.simulate_signal(scheme, truth)
+    y[1, 5] = np.nan
+    x0 = truth.copy()
+    x0[2, 1] = np.nan
+    out, cost = refine_nonlinear(bss, scheme, y, x0, return_cost=True)
+    assert cost[0] < 1e-12 and np.isnan(cost[1]) and np.isinf(cost[2])
+    np.testing.assert_array_equal(out[1], x0[1])

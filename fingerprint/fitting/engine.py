@@ -119,7 +119,7 @@ def _x0_flat(x0_vector: Any, spatial: tuple[int, ...], use: np.ndarray) -> Any:
 
 
 def _polish(est: Any, model: Any, scheme: Any, data: np.ndarray, ve: Any, starts: int,
-            max_nfev: Any, n_jobs: int | None) -> None:
+            max_nfev: Any, n_jobs: int | None, method: str = "batched") -> None:
     """Polish the valid voxels of ``ve`` in place by non-linear least squares, started
     from the estimate and (signal features) the ``starts`` best atoms."""
     import time
@@ -143,7 +143,7 @@ def _polish(est: Any, model: Any, scheme: Any, data: np.ndarray, ve: Any, starts
         atoms[idx < 0] = np.nan
         x0 = np.concatenate([x0, atoms], axis=1)
     polished = refine_nonlinear(model, scheme, y, x0, n_jobs=n_jobs,
-                                max_nfev=int(max_nfev or DEFAULT_MAX_NFEV))
+                                max_nfev=int(max_nfev or DEFAULT_MAX_NFEV), method=method)
     ve.parameters[rows] = polished
     ve.r2[rows], ve.mse[rows] = goodness_of_fit(model, scheme, y, polished)
     logger.info("non-linear refinement of %d voxels from %d start(s) each: %.3g s",
@@ -179,7 +179,8 @@ def fit_model(model: Any, acquisition_scheme: Any, data: Any, mask: Any = None,
         more than one orientation get by default (``False`` turns both off).
         It starts from the estimate and, for models matched on the signal itself, the
         ``nonlinear_starts`` (default 3) best atoms; ``nonlinear_max_nfev`` limits the
-        residual evaluations per start.
+        residual evaluations per start; ``nonlinear_method`` is ``'batched'`` (default:
+        all voxels advance together) or ``'scipy'`` (voxel by voxel, the reference).
     n_neighbors: atoms matched per voxel.
     options: further :class:`~fingerprint.fitting.estimator.FingerprintEstimator`
         options (``rician``, ``matcher_method``, ``frame_iterations``, ...). dmipy's
@@ -203,6 +204,7 @@ def fit_model(model: Any, acquisition_scheme: Any, data: Any, mask: Any = None,
             options.pop(name)
     starts = int(options.pop("nonlinear_starts", NONLINEAR_STARTS))
     max_nfev = options.pop("nonlinear_max_nfev", None)
+    method = str(options.pop("nonlinear_method", "batched"))
     _check_options(options)
     nonlinear = isinstance(refine, str) and refine.lower() == "nonlinear"
     if isinstance(refine, str) and not nonlinear:
@@ -215,25 +217,7 @@ def fit_model(model: Any, acquisition_scheme: Any, data: Any, mask: Any = None,
     elif solver_name != "fingerprint":
         raise InputError(f"unknown solver {solver!r}; use 'fingerprint' (dmipy's "
                          f"{', '.join(DMIPY_SOLVERS)} are accepted as aliases)")
-    if not (hasattr(acquisition_scheme, "number_of_measurements")
-            and hasattr(acquisition_scheme, "b0_mask")):
-        raise InputError(f"acquisition_scheme must be an AcquisitionScheme (see "
-                         f"acquisition_scheme_from_bvalues or read_bvals_bvecs), got "
-                         f"{type(acquisition_scheme).__name__}")
-    if n_jobs is not None and (isinstance(n_jobs, bool) or int(n_jobs) < 1):
-        raise InputError(f"n_jobs must be a positive number of threads or None (all "
-                         f"cores), got {n_jobs!r}")
-    raw = np.asarray(data)
-    if raw.dtype.kind not in "biuf":
-        raise InputError(f"data must be real-valued signal magnitudes (a numeric array), "
-                         f"got dtype {raw.dtype}")
-    arr = raw.astype(np.float64, copy=False)
-    with np.errstate(invalid="ignore"):
-        top = np.max(np.abs(arr), initial=0.0, where=np.isfinite(arr))
-    if top > np.finfo(np.float32).max:
-        raise InputError(f"data holds values up to {top:.3g}, beyond the float32 range "
-                         f"signals are matched in; rescale the data (the fit only depends "
-                         f"on signal ratios)")
+    arr = np.asarray(data, dtype=np.float64)
     n_meas = int(acquisition_scheme.number_of_measurements)
     if arr.ndim == 0 or arr.shape[-1] != n_meas:
         raise InputError(f"data has shape {arr.shape}; its last axis must hold the "
@@ -244,25 +228,18 @@ def fit_model(model: Any, acquisition_scheme: Any, data: Any, mask: Any = None,
         with np.errstate(invalid="ignore"):
             s0 = arr[..., b0].mean(axis=-1) if b0.any() else np.ones(spatial)
         use = np.isfinite(s0) & (s0 > 0)
-        if use.size and not use.any():
-            raise InputError("no voxel of data has a positive mean b=0 signal (all zero, "
-                             "negative or NaN?); nothing to fit")
     else:
-        mask_arr = np.asarray(mask)
-        if mask_arr.dtype.kind == "f" and not np.all(np.isfinite(mask_arr)):
-            raise InputError("mask contains NaN or infinite values; expected a boolean array")
-        use = mask_arr.astype(bool)
+        use = np.asarray(mask).astype(bool)
         if use.shape != spatial:
             raise InputError(f"mask has shape {use.shape}; expected the data's spatial "
                              f"shape {spatial}")
-        if use.size and not use.any():
-            raise InputError("mask is empty (no voxel selected)")
     est = get_estimator(model, acquisition_scheme, dictionary_size=dictionary_size,
                         dictionary_dir=dictionary_dir, n_jobs=n_jobs, progress=progress,
                         refine=bool(refine), n_neighbors=n_neighbors, **options)
     ve = est.estimate(arr[use], x0=_x0_flat(x0_vector, spatial, use))
     if nonlinear:
-        _polish(est, model, acquisition_scheme, arr[use], ve, starts, max_nfev, n_jobs)
+        _polish(est, model, acquisition_scheme, arr[use], ve, starts, max_nfev, n_jobs,
+                method)
     P = est.n_parameters
     params = np.zeros(spatial + (P,))
     unc = np.zeros(spatial + (P,))
