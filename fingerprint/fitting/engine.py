@@ -217,7 +217,25 @@ def fit_model(model: Any, acquisition_scheme: Any, data: Any, mask: Any = None,
     elif solver_name != "fingerprint":
         raise InputError(f"unknown solver {solver!r}; use 'fingerprint' (dmipy's "
                          f"{', '.join(DMIPY_SOLVERS)} are accepted as aliases)")
-    arr = np.asarray(data, dtype=np.float64)
+    if not (hasattr(acquisition_scheme, "number_of_measurements")
+            and hasattr(acquisition_scheme, "b0_mask")):
+        raise InputError(f"acquisition_scheme must be an AcquisitionScheme (see "
+                         f"acquisition_scheme_from_bvalues or read_bvals_bvecs), got "
+                         f"{type(acquisition_scheme).__name__}")
+    if n_jobs is not None and (isinstance(n_jobs, bool) or int(n_jobs) < 1):
+        raise InputError(f"n_jobs must be a positive number of threads or None (all "
+                         f"cores), got {n_jobs!r}")
+    raw = np.asarray(data)
+    if raw.dtype.kind not in "biuf":
+        raise InputError(f"data must be real-valued signal magnitudes (a numeric array), "
+                         f"got dtype {raw.dtype}")
+    arr = raw.astype(np.float64, copy=False)
+    with np.errstate(invalid="ignore"):
+        top = np.max(np.abs(arr), initial=0.0, where=np.isfinite(arr))
+    if top > np.finfo(np.float32).max:
+        raise InputError(f"data holds values up to {top:.3g}, beyond the float32 range "
+                         f"signals are matched in; rescale the data (the fit only depends "
+                         f"on signal ratios)")
     n_meas = int(acquisition_scheme.number_of_measurements)
     if arr.ndim == 0 or arr.shape[-1] != n_meas:
         raise InputError(f"data has shape {arr.shape}; its last axis must hold the "
@@ -228,11 +246,19 @@ def fit_model(model: Any, acquisition_scheme: Any, data: Any, mask: Any = None,
         with np.errstate(invalid="ignore"):
             s0 = arr[..., b0].mean(axis=-1) if b0.any() else np.ones(spatial)
         use = np.isfinite(s0) & (s0 > 0)
+        if use.size and not use.any():
+            raise InputError("no voxel of data has a positive mean b=0 signal (all zero, "
+                             "negative or NaN?); nothing to fit")
     else:
-        use = np.asarray(mask).astype(bool)
+        mask_arr = np.asarray(mask)
+        if mask_arr.dtype.kind == "f" and not np.all(np.isfinite(mask_arr)):
+            raise InputError("mask contains NaN or infinite values; expected a boolean array")
+        use = mask_arr.astype(bool)
         if use.shape != spatial:
             raise InputError(f"mask has shape {use.shape}; expected the data's spatial "
                              f"shape {spatial}")
+        if use.size and not use.any():
+            raise InputError("mask is empty (no voxel selected)")
     est = get_estimator(model, acquisition_scheme, dictionary_size=dictionary_size,
                         dictionary_dir=dictionary_dir, n_jobs=n_jobs, progress=progress,
                         refine=bool(refine), n_neighbors=n_neighbors, **options)
