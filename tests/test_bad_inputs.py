@@ -109,6 +109,48 @@ def test_cli_fit_empty_bval_file_prints_one_line(files, tmp_path):
         f"fingerprint fit: error: bval file {empty} contains no b-values"]
 
 
+@pytest.mark.parametrize("flags, expected", [
+    (["--delta", "10", "--Delta", "30"], "--delta must be in seconds, between 0 and 1; got 10 "
+                                         "(milliseconds? 10 ms is 0.01 s)"),
+    (["--delta", "0.01", "--Delta", "nan"], "--Delta must be in seconds"),
+    (["--TE", "80"], "--TE must be in seconds"),
+])
+def test_cli_timing_flags_in_milliseconds_or_nan(files, tmp_path, capsys, flags, expected):
+    for command in (["fit", "--dwi", str(files["dwi"]), "--out", str(tmp_path / "o")],
+                    ["dictionary", "build", "--out", str(tmp_path / "d.zarr")]):
+        code = main([*command, "--model", "noddi", "--bval", str(files["bval"]), "--bvec",
+                     str(files["bvec"]), "--no-progress", *flags])
+        err = capsys.readouterr().err
+        assert code == 2 and expected in err, err
+    assert not (tmp_path / "o").exists() and not (tmp_path / "d.zarr").exists()
+
+
+def test_cli_fit_names_a_directory_given_as_a_file(files, tmp_path, capsys):
+    code = main(["fit", "--model", "noddi", "--dwi", str(tmp_path), "--bval",
+                 str(files["bval"]), "--bvec", str(files["bvec"]), "--out", str(tmp_path / "o")])
+    assert code == 2
+    assert f"--dwi file {tmp_path} is not a file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--snr", "nan"], "--snr must be positive"),
+    (["--seed", "-1"], "--seed must be a non-negative integer"),
+    (["--shape", "100000", "100000", "100000"], "too large for a demo phantom"),
+    (["--out", "{file}"], "exists and is not a directory"),
+    (["--out", "{file}/sub"], "is a file"),
+])
+def test_cli_demo_bad_options_fail_before_any_work(tmp_path, capsys, flags, expected):
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    flags = [f.format(file=blocker) for f in flags]
+    if "--out" not in flags:
+        flags += ["--out", str(tmp_path / "demo")]
+    code = main(["demo", "--no-progress", "--dictionary-dir", str(tmp_path / "dicts"), *flags])
+    err = capsys.readouterr().err
+    assert code == 2 and expected in err, err
+    assert not (tmp_path / "demo").exists() and not (tmp_path / "dicts").exists()
+
+
 # ---------------------------------------------------------------------------- pipeline
 def test_fit_volume_checks_the_output_directory_first(files, tmp_path):
     blocker = tmp_path / "afile"

@@ -20,6 +20,8 @@ from fingerprint.errors import CancelledError, DictionaryError, InputError
 
 #: Atoms of the demo's dictionary: small enough to build in seconds on a laptop.
 DEMO_DICTIONARY_SIZE = 20_000
+#: Largest demo phantom (voxels); ~0.8 GB of float32 signals at the demo's 96 measurements.
+MAX_DEMO_VOXELS = 2_000_000
 
 
 def add_parser(subparsers: Any) -> None:
@@ -51,18 +53,24 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     from fingerprint.cli.fit import quiet_third_party_logs
     from fingerprint.cli.progress import progress_bar
-    from fingerprint.fitting.pipeline import fit_volume
+    from fingerprint.fitting.pipeline import check_output_directory, fit_volume
     from fingerprint.phantoms import noddi_errors, noddi_phantom, write_phantom
     from fingerprint.preview import write_preview
 
     if min(args.shape) < 1:
         raise InputError("--shape needs three positive sizes")
-    if args.snr < 0:
+    if int(np.prod(args.shape, dtype=np.int64)) > MAX_DEMO_VOXELS:
+        raise InputError(f"--shape {' '.join(map(str, args.shape))} is too large for a demo "
+                         f"phantom (at most {MAX_DEMO_VOXELS:,} voxels)")
+    if not np.isfinite(args.snr) or args.snr < 0:
         raise InputError("--snr must be positive (0: no noise)")
+    if args.seed < 0:
+        raise InputError("--seed must be a non-negative integer")
     if args.dictionary_size < 1:
         raise InputError("--dictionary-size must be a positive integer")
     if args.threads is not None and args.threads < 1:
         raise InputError("--threads must be at least 1")
+    check_output_directory(args.out)  # before the phantom is simulated and written
     quiet_third_party_logs(args)
     out = sys.stdout
     t0 = time.perf_counter()

@@ -79,6 +79,8 @@ def _cli_error(message: str) -> Exception:
 
 
 def _load_scheme(args: argparse.Namespace) -> Any:
+    from fingerprint.cli.fit import check_timing_flags
+    from fingerprint.fitting.pipeline import read_fsl_scheme
     from fingerprint.io import gradients
 
     if args.scheme is not None:
@@ -94,7 +96,7 @@ def _load_scheme(args: argparse.Namespace) -> Any:
             raise InputError(f"{flag} file {path} does not exist")
     if (args.delta is None) != (args.Delta is None):
         raise InputError("give both --delta and --Delta (seconds), or neither")
-    from fingerprint.fitting.pipeline import read_fsl_scheme
+    check_timing_flags(args)
 
     return read_fsl_scheme(args.bval, args.bvec, delta=args.delta, Delta=args.Delta,
                            TE=args.TE)

@@ -64,6 +64,24 @@ def quiet_third_party_logs(args: argparse.Namespace) -> None:
         logging.getLogger("faiss").setLevel(logging.WARNING)
 
 
+#: Largest plausible pulse timing (s) per flag; larger values are milliseconds given as s.
+TIMING_LIMITS_S = {"delta": 1.0, "Delta": 10.0, "TE": 10.0}
+
+
+def check_timing_flags(args: argparse.Namespace) -> None:
+    """--delta / --Delta / --TE must be finite, positive and in seconds (the server's
+    limits): 10 for --delta is a millisecond value, not 10 s."""
+    for name, limit in TIMING_LIMITS_S.items():
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        if not (0.0 < value < limit):  # also false for NaN
+            hint = f" (milliseconds? {value:g} ms is {value / 1e3:g} s)" \
+                if limit <= value < limit * 1e3 else ""
+            raise InputError(f"--{name} must be in seconds, between 0 and {limit:g}; got "
+                             f"{value:g}{hint}")
+
+
 def _cli_error(message: str) -> Exception:
     from fingerprint.cli.main import CLIError
 
@@ -84,10 +102,12 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         raise InputError("--chunk-voxels must be a positive integer")
     if (args.delta is None) != (args.Delta is None):
         raise InputError("give both --delta and --Delta (seconds), or neither")
+    check_timing_flags(args)
     for flag, path in (("--dwi", args.dwi), ("--bval", args.bval), ("--bvec", args.bvec),
                        ("--mask", args.mask)):
         if path is not None and not path.is_file():
-            raise InputError(f"{flag} file {path} does not exist")
+            raise InputError(f"{flag} file {path} "
+                             f"{'is not a file' if path.exists() else 'does not exist'}")
     if args.out.exists() and not args.out.is_dir():
         raise InputError(f"--out {args.out} exists and is not a directory")
     prefix = args.prefix if args.prefix is not None else prefix_from_filename(args.dwi)

@@ -58,7 +58,8 @@ from fingerprint.io.nifti import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_CHUNK_VOXELS", "FitResult", "InputSummary", "fit_volume",
+__all__ = ["DEFAULT_CHUNK_VOXELS", "FitResult", "InputSummary", "check_output_directory",
+           "fit_volume",
            "prefix_from_filename", "read_fsl_scheme", "validate_inputs"]
 
 #: Voxels per fitted chunk (one task of an executor).
@@ -398,7 +399,7 @@ def _chunks(image: DWIImage, mask: np.ndarray, chunk_voxels: int, slab_bytes: in
             yield slab.coords[start:start + chunk_voxels], data
 
 
-def _check_out_dir(out_dir: Any) -> Path:
+def check_output_directory(out_dir: Any) -> Path:
     """The absolute output directory; InputError before any work when it cannot be one
     (an existing file, or under a file or a read-only directory)."""
     if out_dir is None:
@@ -567,7 +568,7 @@ def fit_volume(model: Any, dwi: Any, bval: Any, bvec: Any, out_dir: Any, *,
         raise InputError(f"prefix {prefix!r} may only hold letters, digits, '-' and '_'")
     if dictionary_size is not None and int(dictionary_size) < 1:
         raise InputError(f"dictionary_size must be positive, got {dictionary_size}")
-    out_dir = _check_out_dir(out_dir)
+    out_dir = check_output_directory(out_dir)
     prog = _Progress(progress)
     model_obj, model_label, est = _resolve_model(model)
     image, scheme, mask_arr, _ = _open_inputs(dwi, bval, bvec, mask, delta, Delta, TE)
