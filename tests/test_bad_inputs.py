@@ -178,6 +178,20 @@ def test_float64_dwi_beyond_float32_range_is_named_not_reported_as_nan(files, dw
         validate_inputs(path, files["bval"], files["bvec"])
 
 
+def test_nifti_with_the_wrong_compression_suffix_gets_a_hint(files, tmp_path):
+    raw = tmp_path / "plain.nii"
+    nib.save(nib.load(files["dwi"]), str(raw))
+    misnamed = tmp_path / "plain_dwi.nii.gz"
+    misnamed.write_bytes(raw.read_bytes())
+    with pytest.raises(InputError, match=r"plain_dwi\.nii\.gz .*uncompressed NIfTI: name it "
+                                         r"\.nii\)"):
+        validate_inputs(misnamed, files["bval"], files["bvec"])
+    gz_as_plain = tmp_path / "gz_dwi.nii"
+    gz_as_plain.write_bytes(Path(files["dwi"]).read_bytes())
+    with pytest.raises(InputError, match=r"gz_dwi\.nii .*gzip-compressed: name it \.nii\.gz"):
+        validate_inputs(gz_as_plain, files["bval"], files["bvec"])
+
+
 def test_mask_with_negative_values_is_rejected(dwi, tmp_path):
     data, affine = dwi
     mask = np.ones(data.shape[:3], dtype=np.float32)

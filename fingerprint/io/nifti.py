@@ -108,10 +108,26 @@ def open_nifti(path: str | os.PathLike, what: str = "image") -> Any:
     try:
         img = nib.load(str(path), keep_file_open=_is_gzip(path))
     except (ImageFileError, *_READ_ERRORS) as exc:
-        raise InputError(f"{what} file {path} cannot be read as NIfTI: {exc}") from None
+        gz_name = path.name.lower().endswith(".gz")
+        hint = ""
+        if gz_name and not _is_gzip(path) and _has_nifti_magic(path):
+            hint = " (it is an uncompressed NIfTI: name it .nii)"
+        elif not gz_name and _is_gzip(path):
+            hint = " (it is gzip-compressed: name it .nii.gz)"
+        raise InputError(f"{what} file {path} cannot be read as NIfTI: {exc}{hint}") from None
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise InputError(f"{what} file {path} is a {type(img).__name__}, not a NIfTI image")
     return img
+
+
+def _has_nifti_magic(path: Path) -> bool:
+    """Whether ``path`` starts with an uncompressed NIfTI-1/2 header."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(348)
+    except OSError:
+        return False
+    return head[344:347] in (b"n+1", b"ni1") or head[4:7] in (b"n+2", b"ni2")
 
 
 def _expected_data_end(img: Any) -> int:
