@@ -64,10 +64,10 @@ _SUM_WEIGHT = 10.0
 _CHUNK = 16
 #: Starts of a voxel whose cost is still above _PRUNE_RATIO x the voxel's best after
 #: _PRUNE_AFTER steps are abandoned (batched solver).
-_PRUNE_AFTER = 6
+_PRUNE_AFTER = 3
 _PRUNE_RATIO = 2.0
 #: Rows (voxel x start pairs) advanced together by the batched solver.
-_BATCH_ROWS = 4096
+_BATCH_ROWS = 2048
 # Levenberg-Marquardt settings of the batched solver (costs relative to 0.5 |y|²).
 _LM_LAMBDA0 = 1e-3
 _LM_LAMBDA_MAX = 1e12
