@@ -66,6 +66,8 @@ _CHUNK = 16
 #: _PRUNE_AFTER steps are abandoned (batched solver).
 _PRUNE_AFTER = 3
 _PRUNE_RATIO = 2.0
+#: ... and so are starts within this distance (scaled units) of a better start.
+_DUPLICATE_TOL = 1e-3
 #: Rows (voxel x start pairs) advanced together by the batched solver.
 _BATCH_ROWS = 2048
 # Levenberg-Marquardt settings of the batched solver (costs relative to 0.5 |y|²).
@@ -357,6 +359,7 @@ class _Problem:
         eye = np.eye(m)
         if groups is not None:
             labels, groups = np.unique(groups, return_inverse=True)
+            group_size = int(np.bincount(groups).max())
         iteration = 0
         while True:
             iteration += 1
@@ -364,6 +367,13 @@ class _Problem:
                 best = np.full(labels.size, np.inf)
                 np.minimum.at(best, groups, cost)
                 active &= ~(cost > _PRUNE_RATIO * best[groups] + _LM_ATOL * scale0)
+                # starts that reached the same point as a better start of their voxel
+                order = np.lexsort((cost, groups))
+                gs, zs = groups[order], z[order]
+                for off in range(1, group_size):
+                    same = (gs[off:] == gs[:-off]) & (
+                        np.max(np.abs(zs[off:] - zs[:-off]), axis=1) < _DUPLICATE_TOL)
+                    active[order[off:][same]] = False
             idx = np.flatnonzero(active & need_j)
             if idx.size:
                 jt = self.jacobian_t(templates[idx], z[idx], ys[idx], res[idx],
