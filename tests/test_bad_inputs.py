@@ -322,3 +322,21 @@ def test_server_dictionary_scheme_in_si_units_is_a_422(files, tmp_path):
         validate_scheme({"bval": _si_bval(files, tmp_path), "bvec": Path(files["bvec"])})
     assert info.value.status_code == 422 and info.value.field == "bval"
     assert "'bval'" in info.value.detail and "s/mm²" in info.value.detail
+
+
+# ---------------------------------------------------------------------------- schemes
+def test_swapped_pulse_timing_is_rejected():
+    from fingerprint.core.acquisition_scheme import acquisition_scheme_from_bvalues
+
+    b = np.array([0.0, 1e9, 1e9, 2e9])
+    g = np.vstack([np.zeros(3), np.eye(3)])
+    with pytest.raises(InputError, match="Delta must be at least the pulse duration delta"):
+        acquisition_scheme_from_bvalues(b, g, delta=0.03, Delta=0.02)
+    assert acquisition_scheme_from_bvalues(b, g, delta=0.02, Delta=0.03).delta is not None
+
+
+def test_write_bvals_bvecs_needs_a_scheme(tmp_path):
+    from fingerprint.io.gradients import write_bvals_bvecs
+
+    with pytest.raises(InputError, match="needs an AcquisitionScheme, got NoneType"):
+        write_bvals_bvecs(None, tmp_path / "a.bval", tmp_path / "a.bvec")

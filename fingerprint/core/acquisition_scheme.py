@@ -692,6 +692,10 @@ def _check_tau(nonzero: np.ndarray, delta: np.ndarray, Delta: np.ndarray) -> Non
     if bad.any():
         raise InputError("Delta - delta/3 must be positive for diffusion-weighted measurements "
                          f"(Delta < delta/3 at measurement index {_first(bad)})")
+    bad = nonzero & (Delta < delta)
+    if bad.any():
+        raise InputError("the pulse separation Delta must be at least the pulse duration delta "
+                         f"(swapped?): Delta < delta at measurement index {_first(bad)}")
 
 
 def _reference_vector(name: str, values: Any) -> np.ndarray:

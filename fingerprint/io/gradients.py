@@ -209,6 +209,9 @@ def _fmt(value: float) -> str:
 def write_bvals_bvecs(scheme: AcquisitionScheme, bval_path: PathLike,
                       bvec_path: PathLike) -> None:
     """Write ``scheme`` as FSL files: b-values in s/mm² (one row), bvecs 3×N."""
+    if not isinstance(scheme, AcquisitionScheme):
+        raise InputError(f"write_bvals_bvecs needs an AcquisitionScheme, got "
+                         f"{type(scheme).__name__}")
     b = np.asarray(scheme.bvalues) / 1e6
     Path(bval_path).write_text(" ".join(_fmt(x) for x in b) + "\n")
     dirs = np.asarray(scheme.gradient_directions)
