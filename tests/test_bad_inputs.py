@@ -340,3 +340,22 @@ def test_write_bvals_bvecs_needs_a_scheme(tmp_path):
 
     with pytest.raises(InputError, match="needs an AcquisitionScheme, got NoneType"):
         write_bvals_bvecs(None, tmp_path / "a.bval", tmp_path / "a.bvec")
+
+
+def test_a_dictionary_larger_than_the_free_disk_is_refused_before_building(
+        files, tmp_path, capsys, monkeypatch):
+    import collections
+
+    import fingerprint.fitting.pipeline as pipeline
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(pipeline.shutil, "disk_usage", lambda path: usage(10**9, 0, 10**6))
+    code = main(["dictionary", "build", "--model", "noddi", "--bval", str(files["bval"]),
+                 "--bvec", str(files["bvec"]), "--size", "100000", "--dir",
+                 str(tmp_path / "dicts"), "--no-progress"])
+    assert code == 2
+    assert "a dictionary of 100,000 atoms needs about" in capsys.readouterr().err
+    with pytest.raises(InputError, match="give a smaller dictionary size"):
+        fit_volume("noddi", files["dwi"], files["bval"], files["bvec"], tmp_path / "maps",
+                   dictionary_dir=tmp_path / "dicts", dictionary_size=100_000)
+    assert not (tmp_path / "dicts").exists()

@@ -114,6 +114,10 @@ def _cmd_build(args: argparse.Namespace) -> int:
     if args.out is not None and args.dir is not None:
         raise InputError("give either --out or --dir, not both")
     scheme = _load_scheme(args)
+    from fingerprint.fitting.pipeline import check_dictionary_space
+
+    check_dictionary_space(args.size, scheme.number_of_measurements,
+                           args.out.parent if args.out is not None else args.dir)
     bar, progress = _progress_bar(args)
     try:
         if args.out is not None:

@@ -34,6 +34,7 @@ import concurrent.futures as cf
 import logging
 import os
 import re
+import shutil
 import threading
 import time
 import warnings
@@ -58,8 +59,8 @@ from fingerprint.io.nifti import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_CHUNK_VOXELS", "FitResult", "InputSummary", "check_output_directory",
-           "fit_volume",
+__all__ = ["DEFAULT_CHUNK_VOXELS", "FitResult", "InputSummary", "check_dictionary_space",
+           "check_output_directory", "fit_volume",
            "prefix_from_filename", "read_fsl_scheme", "validate_inputs"]
 
 #: Voxels per fitted chunk (one task of an executor).
@@ -417,6 +418,28 @@ def check_output_directory(out_dir: Any) -> Path:
     return path
 
 
+def check_dictionary_space(size: int | None, n_measurements: int, directory: Any) -> None:
+    """InputError before building when a dictionary of ``size`` atoms cannot fit on the
+    disk of ``directory`` (default: the dictionary cache): its simulated signals alone take
+    ``size * n_measurements * 4`` bytes, at best about half of that once compressed."""
+    if size is None:
+        return
+    from fingerprint.dictionary.cache import default_dictionary_dir
+
+    parent = Path(os.fspath(directory)).absolute() if directory else default_dictionary_dir()
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    try:
+        free = shutil.disk_usage(parent).free
+    except OSError:
+        return
+    need = int(size) * int(n_measurements) * 4
+    if need / 2 > free:
+        raise InputError(f"a dictionary of {int(size):,} atoms needs about {need / 1e9:.3g} GB "
+                         f"for its signals but {parent} has {free / 1e9:.3g} GB free; give a "
+                         f"smaller dictionary size")
+
+
 def _default_mask(image: DWIImage, scheme: Any) -> np.ndarray:
     """Voxels whose mean b=0 signal is finite and positive."""
     b0 = image.mean_b0(np.asarray(scheme.b0_mask))
@@ -582,6 +605,7 @@ def fit_volume(model: Any, dwi: Any, bval: Any, bvec: Any, out_dir: Any, *,
     t0 = time.perf_counter()
     options = dict(estimator_options or {})
     if est is None:
+        check_dictionary_space(dictionary_size, scheme.number_of_measurements, dictionary_dir)
         est = _build_estimator(model_obj, scheme, dictionary_dir=dictionary_dir,
                                dictionary_size=dictionary_size, threads=threads,
                                progress=prog.span(0.0, _DICTIONARY_SHARE),
