@@ -359,3 +359,22 @@ def test_a_dictionary_larger_than_the_free_disk_is_refused_before_building(
         fit_volume("noddi", files["dwi"], files["bval"], files["bvec"], tmp_path / "maps",
                    dictionary_dir=tmp_path / "dicts", dictionary_size=100_000)
     assert not (tmp_path / "dicts").exists()
+
+
+def test_the_disk_check_lets_an_existing_dictionary_through(files, tmp_path, monkeypatch):
+    import collections
+
+    import fingerprint.fitting.pipeline as pipeline
+
+    dicts = tmp_path / "dicts"
+    assert main(["dictionary", "build", "--model", "noddi", "--bval", str(files["bval"]),
+                 "--bvec", str(files["bvec"]), "--size", "2000", "--dir", str(dicts),
+                 "--no-progress"]) == 0
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(pipeline.shutil, "disk_usage", lambda path: usage(10**9, 0, 10))
+    assert main(["dictionary", "build", "--model", "noddi", "--bval", str(files["bval"]),
+                 "--bvec", str(files["bvec"]), "--size", "2000", "--dir", str(dicts),
+                 "--no-progress"]) == 0
+    result = fit_volume("noddi", files["dwi"], files["bval"], files["bvec"], tmp_path / "maps",
+                        dictionary_dir=dicts, dictionary_size=2000)
+    assert result.n_voxels > 0

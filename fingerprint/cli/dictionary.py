@@ -116,8 +116,10 @@ def _cmd_build(args: argparse.Namespace) -> int:
     scheme = _load_scheme(args)
     from fingerprint.fitting.pipeline import check_dictionary_space
 
-    check_dictionary_space(args.size, scheme.number_of_measurements,
-                           args.out.parent if args.out is not None else args.dir)
+    if args.out is None or not args.out.exists():
+        check_dictionary_space(args.size, scheme.number_of_measurements,
+                               args.out.parent if args.out is not None else args.dir,
+                               model=recipe.name, scheme=scheme, seed=args.seed)
     bar, progress = _progress_bar(args)
     try:
         if args.out is not None:

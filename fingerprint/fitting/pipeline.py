@@ -46,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-from fingerprint.errors import CancelledError, InputError
+from fingerprint.errors import CancelledError, FingerprintError, InputError
 from fingerprint.io.nifti import (
     DEFAULT_SLAB_BYTES,
     DWIImage,
@@ -418,15 +418,27 @@ def check_output_directory(out_dir: Any) -> Path:
     return path
 
 
-def check_dictionary_space(size: int | None, n_measurements: int, directory: Any) -> None:
+def check_dictionary_space(size: int | None, n_measurements: int, directory: Any, *,
+                           model: Any = None, scheme: Any = None, seed: int | None = 0
+                           ) -> None:
     """InputError before building when a dictionary of ``size`` atoms cannot fit on the
     disk of ``directory`` (default: the dictionary cache): its simulated signals alone take
-    ``size * n_measurements * 4`` bytes, at best about half of that once compressed."""
+    ``size * n_measurements * 4`` bytes, at best about half of that once compressed. With
+    ``model`` and ``scheme``, a dictionary already in the cache is not checked."""
     if size is None:
         return
-    from fingerprint.dictionary.cache import default_dictionary_dir
+    from fingerprint.dictionary.cache import default_dictionary_dir, store_path
 
     parent = Path(os.fspath(directory)).absolute() if directory else default_dictionary_dir()
+    if model is not None and scheme is not None and parent.is_dir():
+        from fingerprint.dictionary.build import prepare_build
+
+        try:
+            key = prepare_build(model, scheme, size=size, seed=seed).key
+            if store_path(parent, key).exists():
+                return
+        except (FingerprintError, ValueError):  # reported by the build itself
+            pass
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
     try:
@@ -605,7 +617,9 @@ def fit_volume(model: Any, dwi: Any, bval: Any, bvec: Any, out_dir: Any, *,
     t0 = time.perf_counter()
     options = dict(estimator_options or {})
     if est is None:
-        check_dictionary_space(dictionary_size, scheme.number_of_measurements, dictionary_dir)
+        check_dictionary_space(dictionary_size, scheme.number_of_measurements, dictionary_dir,
+                               model=model_obj, scheme=scheme,
+                               seed=options.get("seed", 0))
         est = _build_estimator(model_obj, scheme, dictionary_dir=dictionary_dir,
                                dictionary_size=dictionary_size, threads=threads,
                                progress=prog.span(0.0, _DICTIONARY_SHARE),
