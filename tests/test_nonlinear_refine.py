@@ -222,3 +222,19 @@ def test_batched_nnls_and_unusable_voxels(bss, scheme):
     out, cost = refine_nonlinear(bss, scheme, y, x0, return_cost=True)
     assert cost[0] < 1e-12 and np.isnan(cost[1]) and np.isinf(cost[2])
     np.testing.assert_array_equal(out[1], x0[1])
+
+
+def test_batched_budget_exhausted(bss, scheme):
+    """Voxels whose best start runs out of evaluations are continued by the
+    trust-region solver: within bounds and never worse than the starts."""
+    from fingerprint.fitting.nonlinear import goodness_of_fit
+
+    truth = _truth(bss, 4, seed=13)
+    y = bss.simulate_signal(scheme, truth)
+    start = truth.copy()
+    start[:, [1, 4]] += 0.4
+    out, cost = refine_nonlinear(bss, scheme, y, start, max_nfev=2, return_cost=True)
+    assert _within_bounds(bss, out) and np.all(np.isfinite(cost))
+    _, mse_start = goodness_of_fit(bss, scheme, y, start)
+    _, mse_out = goodness_of_fit(bss, scheme, y, out)
+    assert np.all(mse_out <= mse_start + 1e-12)

@@ -29,7 +29,9 @@ Two solvers (``method``):
   compartments a parameter changes are simulated again for its Jacobian column (the
   dependence is probed once), and the small NNLS problems are solved together (the
   unconstrained solution where it is non-negative, else every support). Starts whose
-  cost is still far above their voxel's best after a few steps are abandoned.
+  cost is still far above their voxel's best after a few steps are abandoned. Voxels
+  whose best start runs out of evaluations before converging (slow, flat valleys, where
+  Levenberg-Marquardt lags) are continued by the ``'scipy'`` solver from there.
   ``n_jobs`` sets Numba's threads for the simulation.
 * ``'scipy'`` -- :func:`scipy.optimize.least_squares` (trust-region reflective) voxel by
   voxel, the reference (a Python loop per voxel holding the GIL: ``n_jobs`` threads
@@ -334,20 +336,22 @@ class _Problem:
 
     def solve_batched(self, ys: np.ndarray, templates: np.ndarray, z0: np.ndarray,
                       max_nfev: int, groups: np.ndarray | None = None
-                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]:
         """Levenberg-Marquardt on r rows at once (each row its own damping, accepted
         or rejected on its own), bounds by projection with the bound-active
         variables held. Rows sharing a ``groups`` label (several starts of one voxel)
         stop early when, after a few steps, their cost is far above the group's best.
-        Returns scaled free values (r, m), costs (r,) and the fractions (r, K)
-        (variable projection) or None."""
+        Returns scaled free values (r, m), costs (r,), the fractions (r, K)
+        (variable projection) or None, and which rows ran out of evaluations before
+        converging (r,)."""
         r, m = z0.shape
         lo, hi = self.z_lower, self.z_upper
         z = np.clip(z0, lo, hi)
         res, fr, amat = self.batch_residuals(templates, z, ys)
         cost = 0.5 * np.sum(res ** 2, axis=1)
+        exhausted = np.zeros(r, dtype=bool)
         if m == 0:
-            return z, cost, fr
+            return z, cost, fr, exhausted
         scale0 = 0.5 * np.sum(ys ** 2, axis=1) + 1e-300
         lam = np.full(r, _LM_LAMBDA0)
         nu = np.full(r, 2.0)
@@ -431,8 +435,9 @@ class _Problem:
                 lam[rej] *= nu[rej]
                 nu[rej] *= 2.0
                 active[rej[lam[rej] > _LM_LAMBDA_MAX]] = False
+            exhausted |= active & (nfev >= max_nfev)
             active &= nfev < max_nfev
-        return z, cost, fr
+        return z, cost, fr, exhausted
 
     def steps_batch(self, z: np.ndarray) -> np.ndarray:
         """Forward-difference steps (r, m), pointing inside the bounds."""
@@ -468,11 +473,13 @@ class _Problem:
         cost[good_obs] = np.inf
         vox, which = np.nonzero(ok)
         best = np.full(n, np.inf)
+        unfinished = np.zeros(n, dtype=bool)
         for lo in range(0, vox.size, _BATCH_ROWS):
             v, w = vox[lo:lo + _BATCH_ROWS], which[lo:lo + _BATCH_ROWS]
             templates = starts[v, w]
             z0 = templates[:, self.free] / self.scales[self.free]
-            z, c, fr = self.solve_batched(obs[v], templates, z0, max_nfev, groups=v)
+            z, c, fr, tired = self.solve_batched(obs[v], templates, z0, max_nfev,
+                                                 groups=v)
             x = templates.copy()
             x[:, self.free] = z * self.scales[self.free]
             if fr is not None:
@@ -484,6 +491,15 @@ class _Problem:
                 if c[j] < best[v[j]]:
                     best[v[j]] = c[j]
                     out[v[j]] = x[j]
+                    unfinished[v[j]] = tired[j]
+        # voxels whose best start ran out of evaluations (slow, flat valleys): go on
+        # with the trust-region solver from there
+        for i in np.flatnonzero(unfinished):
+            x, c_i = self.solve(obs[i], out[i][None, :], max_nfev)
+            if c_i < best[i]:
+                out[i], best[i] = x, c_i
+        if unfinished.any():
+            logger.debug("%d voxel(s) continued with least_squares", int(unfinished.sum()))
         cost[np.isfinite(best)] = best[np.isfinite(best)]
         rows = good_obs
         out[rows] = self.finish_batch(out[rows])
