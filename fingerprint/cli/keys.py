@@ -51,10 +51,12 @@ def _no_action(parser: argparse.ArgumentParser) -> int:
 
 
 def _database(args: argparse.Namespace) -> Any:
+    from fingerprint.cli.serve import check_data_dir
     from server.config import Settings
     from server.db import Database
 
     settings = Settings(data_dir=args.data_dir) if args.data_dir else Settings()
+    check_data_dir(settings.data_dir)
     db = Database(settings.database_path)
     db.initialize()
     return db

@@ -70,12 +70,36 @@ def settings_from_args(args: argparse.Namespace) -> Any:
         raise ValueError(f"invalid server settings: {problems}") from None
 
 
+def check_data_dir(path: Path) -> None:
+    """One-line errors (CLIError) for a ``--data-dir`` that cannot hold the server's data."""
+    from fingerprint.cli.main import CLIError
+
+    path = Path(path)
+    for parent in (path, *path.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                where = "is a file" if parent == path else f"is under the file {parent}"
+                raise CLIError(f"--data-dir {path} {where}; give a directory")
+            break
+
+
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from server.app import create_app
+    from fingerprint.cli.main import CLIError
+    from server.app import DataDirLocked, _DataDirLock, create_app
 
     settings = settings_from_args(args)
+    check_data_dir(settings.data_dir)
+    probe = _DataDirLock(Path(settings.data_dir))
+    try:
+        probe.acquire()
+    except DataDirLocked as exc:
+        raise CLIError(str(exc)) from None
+    except OSError as exc:
+        raise CLIError(f"cannot use --data-dir {settings.data_dir}: "
+                       f"{exc.strerror or exc}") from None
+    probe.release()
     app = create_app(settings)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                 timeout_graceful_shutdown=10)
