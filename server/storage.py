@@ -268,9 +268,12 @@ async def receive_multipart(request, dest: Path, *, file_fields: dict[str, FileF
     """
     content_type = request.headers.get("content-type", "")
     mime, options = parse_options_header(content_type)
-    if mime != b"multipart/form-data" or not options.get(b"boundary"):
+    if mime != b"multipart/form-data":
         raise UploadError(415, "the request body must be multipart/form-data "
                                f"(got {content_type or 'no Content-Type'})")
+    if not options.get(b"boundary"):
+        raise UploadError(415, "the multipart/form-data Content-Type has no boundary "
+                               "parameter")
     limit_mb = max_bytes / (1024 * 1024)
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:

@@ -152,7 +152,8 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
     directory = args.dir if args.dir is not None else default_dictionary_dir()
     if args.dir is not None and not args.dir.is_dir():
-        raise InputError(f"dictionary directory {args.dir} does not exist")
+        problem = "is not a directory" if args.dir.exists() else "does not exist"
+        raise InputError(f"dictionary directory {args.dir} {problem}")
     entries = list_dictionaries(directory)
     if args.json:
         sys.stdout.write(json.dumps(entries, indent=2) + "\n")

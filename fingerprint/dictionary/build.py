@@ -163,7 +163,9 @@ def _check_timing(model: Any, recipe: Any, scheme: Any) -> None:
         label = f"model {recipe.name!r}" if recipe is not None else "this model"
         raise InputError(
             f"{label} needs pulse timing but the acquisition scheme has no delta/Delta: "
-            "give --delta and --Delta (seconds) or a Camino .scheme file")
+            "give the pulse duration and separation in seconds (delta=, Delta= of the "
+            "scheme constructors and readers; --delta and --Delta on the command line) or "
+            "read a Camino .scheme file")
 
 
 def prepare_build(model: Any, scheme: Any, *, sampling: SamplingSpec | None = None,
