@@ -584,6 +584,16 @@ def _required_of(model: Any) -> list[str]:
     return list(getattr(model, "_required_acquisition_parameters", []) or [])
 
 
+def _required_of_all(models: Any) -> list[str]:
+    """The acquisition parameters any of ``models`` needs, in first-seen order."""
+    out: list[str] = []
+    for model in models:
+        for name in _required_of(model):
+            if name not in out:
+                out.append(name)
+    return out
+
+
 def _as_float_array(value: Any, what: str) -> np.ndarray:
     """``value`` as a float array; InputError naming ``what`` when it is not numeric."""
     try:
@@ -686,12 +696,7 @@ class MultiCompartmentModelProperties(_ParameterNamespace):
 
     @property
     def _required_acquisition_parameters(self) -> list[str]:
-        out: list[str] = []
-        for model in self.models:
-            for name in _required_of(model):
-                if name not in out:
-                    out.append(name)
-        return out
+        return _required_of_all(self.models)
 
     @property
     def bounds_for_optimization(self) -> list[tuple[float, float]]:

@@ -42,7 +42,7 @@ from fingerprint.core.modeling_framework import (
     ParameterInfo,
     _ParameterNamespace,
     _prefixes,
-    _required_of,
+    _required_of_all,
     _SchemeContext,
     _State,
     axis_cosines,
@@ -221,12 +221,7 @@ class DistributedModel(_ParameterNamespace):
 
     @property
     def _required_acquisition_parameters(self) -> list[str]:
-        out: list[str] = []
-        for model in self.models:
-            for name in _required_of(model):
-                if name not in out:
-                    out.append(name)
-        return out
+        return _required_of_all(self.models)
 
     def set_tortuous_parameter(self, lambda_perp: str, lambda_par: str,
                                volume_fraction_intra: str,

@@ -24,15 +24,18 @@ import tempfile
 import threading
 import types
 from collections.abc import Callable
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import numba
+import numpy as np
 
 __all__ = [
     "CACHE_DIR",
     "SERIAL_WORK_THRESHOLD",
     "caching_enabled",
+    "gauss_legendre_unit",
     "njit",
     "parallel_kernel",
     "prange",
@@ -202,3 +205,15 @@ def run_kernel(kernel: Any, work: float, *args: Any) -> Any:
     if serial is not None and (work < SERIAL_WORK_THRESHOLD or numba.get_num_threads() == 1):
         return serial(*args)
     return run_parallel(kernel, *args)
+
+
+@lru_cache(maxsize=64)
+def gauss_legendre_unit(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Gauss-Legendre nodes and weights for integrals over ``[0, 1]`` (``n`` nodes,
+    read-only arrays)."""
+    x, w = np.polynomial.legendre.leggauss(int(n))
+    nodes = 0.5 * (x + 1.0)
+    weights = 0.5 * w
+    nodes.setflags(write=False)
+    weights.setflags(write=False)
+    return nodes, weights

@@ -40,7 +40,7 @@ from typing import Any
 import numba
 import numpy as np
 
-from fingerprint.kernels import njit, prange, run_parallel
+from fingerprint.kernels import gauss_legendre_unit, njit, prange, run_parallel
 
 __all__ = [
     "chebyshev_from_legendre_even",
@@ -68,17 +68,6 @@ def run_kernel(parallel: Callable[..., Any], serial: Callable[..., Any], work: f
         serial(*args)
         return
     run_parallel(parallel, *args)
-
-
-@lru_cache(maxsize=64)
-def gauss_legendre_unit(n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Gauss-Legendre nodes and weights on ``[0, 1]`` (``n`` nodes, read-only)."""
-    x, w = np.polynomial.legendre.leggauss(int(n))
-    nodes = 0.5 * (x + 1.0)
-    weights = 0.5 * w
-    nodes.setflags(write=False)
-    weights.setflags(write=False)
-    return nodes, weights
 
 
 @njit(cache=True)

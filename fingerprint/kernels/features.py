@@ -392,6 +392,22 @@ def refine_frames(signals: np.ndarray, frames: np.ndarray, directions: np.ndarra
     return out, rss0
 
 
+@njit(cache=True, nogil=True)
+def _zonal_value(coefficients: np.ndarray, i: int, j: int, s: int, frames: np.ndarray,
+                 directions: np.ndarray, n_coefficients: np.ndarray, offsets: np.ndarray,
+                 p: np.ndarray) -> float:
+    """Value of voxel ``i``'s Legendre series of shell ``s`` at measurement ``j`` (``p`` is
+    scratch space for the polynomials)."""
+    u = directions[j, 0] * frames[i, 0] + directions[j, 1] * frames[i, 1] + \
+        directions[j, 2] * frames[i, 2]
+    nc = n_coefficients[s]
+    legendre_even(u, 2 * (nc - 1), p)
+    v = 0.0
+    for a in range(nc):
+        v += coefficients[i, offsets[s] + a] * p[a]
+    return v
+
+
 @njit(cache=True, parallel=True)
 def reconstruct_zonal(coefficients: np.ndarray, frames: np.ndarray, directions: np.ndarray,
                       shell_of: np.ndarray, n_coefficients: np.ndarray, offsets: np.ndarray,
@@ -410,14 +426,8 @@ def reconstruct_zonal(coefficients: np.ndarray, frames: np.ndarray, directions: 
             s = shell_of[j]
             if s < 0:
                 continue
-            u = directions[j, 0] * frames[i, 0] + directions[j, 1] * frames[i, 1] + \
-                directions[j, 2] * frames[i, 2]
-            nc = n_coefficients[s]
-            legendre_even(u, 2 * (nc - 1), p)
-            v = 0.0
-            for a in range(nc):
-                v += coefficients[i, offsets[s] + a] * p[a]
-            out[i, j] = v
+            out[i, j] = _zonal_value(coefficients, i, j, s, frames, directions,
+                                     n_coefficients, offsets, p)
     return out
 
 
@@ -530,13 +540,8 @@ def zonal_residuals(signals: np.ndarray, coefficients: np.ndarray, frames: np.nd
             s = shell_of[j]
             pred = 1.0
             if s >= 0:
-                u = directions[j, 0] * frames[i, 0] + directions[j, 1] * frames[i, 1] + \
-                    directions[j, 2] * frames[i, 2]
-                nc = n_coefficients[s]
-                legendre_even(u, 2 * (nc - 1), p)
-                pred = 0.0
-                for a in range(nc):
-                    pred += coefficients[i, offsets[s] + a] * p[a]
+                pred = _zonal_value(coefficients, i, j, s, frames, directions,
+                                    n_coefficients, offsets, p)
             d = signals[i, j] - pred
             r += d * d
             e = signals[i, j] - mean

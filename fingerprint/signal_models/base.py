@@ -27,19 +27,17 @@ import math
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from functools import lru_cache
 from typing import Any, ClassVar
 
 import numpy as np
 
 from fingerprint.errors import InputError
 from fingerprint.kernels import compartments as kernels
-from fingerprint.kernels import run_kernel
+from fingerprint.kernels import gauss_legendre_unit, run_kernel
 
 __all__ = [
     "CompartmentModel",
     "MeasurementArrays",
-    "gauss_legendre_half",
     "unitsphere2cart",
 ]
 
@@ -68,17 +66,6 @@ class _ClassProperty:
 
     def __get__(self, instance: Any, owner: type) -> Any:
         return self._getter(owner)
-
-
-@lru_cache(maxsize=16)
-def gauss_legendre_half(n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Gauss-Legendre nodes and weights for integrals over [0, 1] (read-only arrays)."""
-    x, w = np.polynomial.legendre.leggauss(int(n))
-    nodes = 0.5 * (x + 1.0)
-    weights = 0.5 * w
-    nodes.setflags(write=False)
-    weights.setflags(write=False)
-    return nodes, weights
 
 
 def unitsphere2cart(mu: Any) -> np.ndarray:
@@ -570,7 +557,7 @@ class CompartmentModel:
     def _spherical_mean_kernel(self, meas: Any, arrays: MeasurementArrays,
                                params: dict[str, np.ndarray], out: np.ndarray) -> None:
         """Numerical orientation average: sum_k w_k K(u_k) over Gauss-Legendre u in [0, 1]."""
-        nodes, weights = gauss_legendre_half(SPHERICAL_MEAN_NODES)
+        nodes, weights = gauss_legendre_unit(SPHERICAL_MEAN_NODES)
         k = nodes.shape[0]
         m = arrays.size
         cos = np.ascontiguousarray(np.tile(nodes, m)[None, :])
