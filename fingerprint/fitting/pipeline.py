@@ -37,7 +37,6 @@ import re
 import shutil
 import threading
 import time
-import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -65,8 +64,6 @@ __all__ = ["DEFAULT_CHUNK_VOXELS", "FitResult", "InputSummary", "check_dictionar
 
 #: Voxels per fitted chunk (one task of an executor).
 DEFAULT_CHUNK_VOXELS = 20_000
-#: Largest plausible b-value in an FSL bval file (s/mm²); above it the file is in s/m².
-MAX_B_S_PER_MM2 = 1e5
 #: Share of the progress range spent on finding/building the dictionary.
 _DICTIONARY_SHARE = 0.3
 _WRITE_SHARE = 0.03
@@ -112,8 +109,8 @@ def _path(value: Any, what: str) -> Path:
 
 def read_fsl_scheme(bval: Any, bvec: Any, *, delta: Any = None, Delta: Any = None,
                     TE: Any = None) -> Any:
-    """Read an FSL bval/bvec pair (s/mm²) as an AcquisitionScheme, strictly: unlike
-    ``read_bvals_bvecs`` (which only warns), b-values that look like s/m² are an
+    """Read an FSL bval/bvec pair (s/mm²) as an AcquisitionScheme, strictly:
+    ``read_bvals_bvecs(..., strict_units=True)``, so b-values that look like s/m² are an
     InputError naming the bval file. Used by fits, dictionary builds and the server."""
     return _read_scheme(_path(bval, "bval"), _path(bvec, "bvec"), delta, Delta, TE)
 
@@ -121,21 +118,7 @@ def read_fsl_scheme(bval: Any, bvec: Any, *, delta: Any = None, Delta: Any = Non
 def _read_scheme(bval: Path, bvec: Path, delta: Any, Delta: Any, TE: Any) -> Any:
     from fingerprint.io.gradients import read_bvals_bvecs
 
-    for what, p in (("bval", bval), ("bvec", bvec)):
-        if not p.is_file():
-            raise InputError(f"{what} file {p} does not exist")
-    try:
-        with warnings.catch_warnings():  # an empty file: the reader reports it precisely
-            warnings.simplefilter("ignore", UserWarning)
-            raw = np.loadtxt(bval, dtype=np.float64, ndmin=1)
-    except ValueError:
-        raw = None  # the reader reports it precisely
-    # checked before reading the scheme, so the reader's unit warning is not logged too
-    if raw is not None and np.isfinite(raw).any() and np.nanmax(raw) > MAX_B_S_PER_MM2:
-        raise InputError(
-            f"bval file {bval}: b-values reach {float(np.nanmax(raw)):g}; FSL bval files are "
-            f"in s/mm² (these look like s/m²: divide them by 1e6)")
-    return read_bvals_bvecs(bval, bvec, delta=delta, Delta=Delta, TE=TE)
+    return read_bvals_bvecs(bval, bvec, delta=delta, Delta=Delta, TE=TE, strict_units=True)
 
 
 def _open_inputs(dwi: Any, bval: Any, bvec: Any, mask: Any, delta: Any = None,

@@ -114,11 +114,16 @@ def _check_nonnegative_b(b: np.ndarray, path: PathLike, what: str) -> None:
                          f"{b[neg[0]]:g} at measurement {int(neg[0])}")
 
 
-def _warn_if_si(b_s_per_mm2: np.ndarray, path: PathLike) -> None:
+def _warn_if_si(b_s_per_mm2: np.ndarray, path: PathLike, strict: bool = False) -> None:
+    """Log a warning (InputError when ``strict``) when b-values read from a format that
+    stores s/mm² look like s/m²."""
     bmax = float(b_s_per_mm2.max()) if b_s_per_mm2.size else 0.0
     if bmax > _MAX_PLAUSIBLE_B_S_PER_MM2:
-        logger.warning("%s: b-values reach %g; this format stores s/mm², these look like "
-                       "s/m² (divide them by 1e6)", path, bmax)
+        message = (f"{path}: b-values reach {bmax:g}; this format stores s/mm², these look "
+                   "like s/m² (divide them by 1e6)")
+        if strict:
+            raise InputError(message)
+        logger.warning("%s", message)
 
 
 def _directions(vectors: np.ndarray, b_si: np.ndarray, b0_threshold: float,
@@ -176,8 +181,8 @@ def _read_bvecs(path: PathLike, n: int, bval_path: PathLike) -> np.ndarray:
 
 
 def read_bvals_bvecs(bval_path: PathLike, bvec_path: PathLike, delta: Any = None,
-                     Delta: Any = None, TE: Any = None, **scheme_kwargs: Any
-                     ) -> AcquisitionScheme:
+                     Delta: Any = None, TE: Any = None, *, strict_units: bool = False,
+                     **scheme_kwargs: Any) -> AcquisitionScheme:
     """Read an FSL bval/bvec pair into an :class:`AcquisitionScheme` (SI units).
 
     Parameters
@@ -185,14 +190,16 @@ def read_bvals_bvecs(bval_path: PathLike, bvec_path: PathLike, delta: Any = None
     bval_path, bvec_path: the FSL files (b in s/mm²; bvecs 3×N or N×3).
     delta, Delta, TE: optional pulse duration, separation and echo time in seconds
         (scalar or one per measurement).
+    strict_units: b-values that look like s/m² are an InputError naming the bval file
+        instead of a logged warning (what the command line and the server use).
     scheme_kwargs: ``b0_threshold`` / ``min_b_shell_distance`` in s/m².
     """
     unknown = set(scheme_kwargs) - {"b0_threshold", "min_b_shell_distance"}
     if unknown:
         raise TypeError(f"read_bvals_bvecs got unexpected keyword arguments {sorted(unknown)}")
     b = _read_bvals(bval_path)
+    _warn_if_si(b, bval_path, strict=strict_units)
     vecs = _read_bvecs(bvec_path, b.size, bval_path)
-    _warn_if_si(b, bval_path)
     b_si = b * 1e6
     dirs = _directions(vecs, b_si, _b0_threshold(scheme_kwargs), bvec_path, "bvec")
     try:
