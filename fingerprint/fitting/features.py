@@ -76,7 +76,8 @@ class FeatureMap:
     dwi_columns: indices of the measurements that enter the features.
     bvalues: (N,) b-values of the scheme, s/m².
     mean_weights: (N,) for ``shell_means``: weight of each measurement in its shell's
-        spherical mean (each shell's weights sum to 1; 0 for b0s / unused ones).
+        spherical mean (each shell's weights sum to 1; 0 for b0s, unused measurements and
+        other feature kinds).
     """
 
     kind: str
@@ -149,9 +150,10 @@ class FeatureMap:
             raise InputError(f"unknown feature kind {kind!r}; use 'zonal', 'shell_means' "
                              "or 'signal'")
         mean_weights = np.zeros(n)
-        for i in range(len(dwi_shells)):
-            members = np.flatnonzero(shell_of == i)
-            mean_weights[members] = spherical_mean_weights(dirs[members])
+        if kind == "shell_means":
+            for i in range(len(dwi_shells)):
+                members = np.flatnonzero(shell_of == i)
+                mean_weights[members] = spherical_mean_weights(dirs[members])
         arrays = dict(directions=dirs, b0_mask=b0, shell_of=shell_of, n_coefficients=ncoef,
                       offsets=offsets, weights=weights_arr, shell_columns=shell_columns,
                       dwi_columns=np.flatnonzero(~b0).astype(np.int64),
