@@ -133,7 +133,7 @@ class FingerprintEstimator:
                  ef_search: int = HNSW_EF_SEARCH, frame_iterations: int = 1,
                  temperature: float = 1.0, cache_index: bool = True,
                  marginalise_orientation: float = 0.0,
-                 refine_shrinkage: float = 1.0) -> None:
+                 refine_shrinkage: float = 1.0, align_axis: bool = True) -> None:
         self.model = model
         self.scheme = scheme
         self.dictionary = dictionary
@@ -151,6 +151,7 @@ class FingerprintEstimator:
         self.temperature = float(temperature)
         self.marginalise_orientation = float(marginalise_orientation)
         self.refine_shrinkage = float(refine_shrinkage)
+        self.align_axis = bool(align_axis)
         self.feature_map = FeatureMap.from_model(model, scheme)
         self.atom_parameters = np.ascontiguousarray(atom_parameters, dtype=np.float64)
         self.atom_features = np.ascontiguousarray(atom_features, dtype=np.float64)
@@ -396,6 +397,13 @@ class FingerprintEstimator:
             marg = ~seeded
         mean, sd, weights = posterior_mean(dist, idx, self.atom_parameters, sig2_feat,
                                            self.temperature, self._curvature, marg)
+        if self.align_axis and frames is not None and not seeded.all():
+            free = np.flatnonzero(~seeded)
+            frames = frames.copy()
+            frames[free], feats[free], dist[free], idx[free], mean[free], sd[free], \
+                weights[free] = self._align_and_rematch(
+                    ynorm[free], frames[free], idx[free], weights[free], sig2_feat[free],
+                    None if marg is None else marg[free])
         # orientation: from the frame (canonical dictionaries) or the best atom
         if self.canonical_orientation and frames is not None:
             mean[:, self._orientation_columns] = frames_to_angles(frames)
@@ -468,6 +476,27 @@ class FingerprintEstimator:
         sigma_all[rows] = sigma
         return VoxelEstimates(params, unc, s0, r2, mse, valid, sigma_all)
 
+    def _align_and_rematch(self, ynorm: np.ndarray, frames: np.ndarray, idx: np.ndarray,
+                           weights: np.ndarray, sig2: np.ndarray,
+                           marginalise: np.ndarray | None) -> tuple[np.ndarray, ...]:
+        """Second pass of a zonal match: move each voxel's axis to the one that best fits
+        the angular profile of its matched neighbours (their posterior-weighted features)
+        and match again in that frame. Returns (frames, features, distances, indices,
+        mean, sd, weights) for the given voxels.
+
+        The first frame comes from a free zonal fit, whose profile bends towards the
+        noise of the axis it is fitted around; the matched profile cannot, so the new
+        axis is closer to the fibre's for dispersed voxels (white/grey-matter phantom:
+        odi MAE 0.0291 -> 0.0269, median angle 2.64 -> 2.43 degrees; docs/fitting.md)."""
+        fmap = self.feature_map
+        profile = np.einsum("nk,nkf->nf", weights, self.atom_features[np.maximum(idx, 0)])
+        frames = self.frame_estimator.align(ynorm, frames, fmap.zonal_coefficients(profile))
+        feats = fmap.voxel_features(ynorm, frames)
+        dist, idx = self.matcher.search(feats, self.n_neighbors)
+        mean, sd, weights = posterior_mean(dist, idx, self.atom_parameters, sig2,
+                                           self.temperature, self._curvature, marginalise)
+        return frames, feats, dist, idx, mean, sd, weights
+
     def _noise(self, plain: np.ndarray, frames: np.ndarray | None, sigma_b0: np.ndarray,
                s0: np.ndarray, rss: np.ndarray | None = None) -> np.ndarray:
         """Noise standard deviation (raw units) per voxel: the b0 spread pooled with the
@@ -495,9 +524,9 @@ class FingerprintEstimator:
                 ) -> tuple[np.ndarray | None, np.ndarray | None]:
         """Fibre frames (n, 3) of b0-normalised signals (None for non-zonal features):
         the orientation given in x0 where ``seeded``, else the tensor eigenvector refined
-        by one bounded Gauss-Newton step of the zonal fit; plus, when the refinement ran
-        on every voxel, the zonal residual sum of squares at the tensor frame (a noise
-        estimate that costs nothing more)."""
+        by one bounded Gauss-Newton step of the zonal fit; plus, when the refinement ran,
+        the zonal residual sum of squares at each voxel's starting frame (the tensor's,
+        or the given one; a noise estimate that costs nothing more)."""
         if self.feature_map.kind != "zonal":
             return None, None
         if given is not None and seeded.all():
@@ -513,7 +542,9 @@ class FingerprintEstimator:
             frames = tensor
         if given is not None and seeded.any():
             frames[seeded] = given[seeded]
-            rss = None
+            if rss is not None:  # each voxel's residual at its own starting frame
+                rss[seeded] = self.feature_map.voxel_features(
+                    ynorm[seeded], given[seeded], return_rss=True)[1]
         return frames, rss
 
     def _shell_means(self, signals: np.ndarray) -> np.ndarray:

@@ -138,6 +138,26 @@ class FrameEstimator:
                              self.shell_of, self.n_coefficients,
                              max(int(self.refine_iterations), 1), self.max_step, False)
 
+    def align(self, signals: np.ndarray, frames: np.ndarray, coefficients: np.ndarray,
+              iterations: int = 3) -> np.ndarray:
+        """Axes (n, 3) that best fit b0-normalised ``signals`` (n, N) with the per-shell
+        Legendre series ``coefficients`` (n, k) (unwhitened zonal features, e.g. of the
+        matched atoms) held fixed, by Gauss-Newton from ``frames`` (n, 3).
+
+        The free zonal fit of :meth:`refine` bends its profile towards the noise of the
+        axis it is fitted around; with the profile of the matched atoms the axis is an
+        estimate of the model's own orientation (better for dispersed voxels)."""
+        from fingerprint.kernels import run_parallel
+        from fingerprint.kernels.features import align_frames
+
+        nc = np.asarray(self.n_coefficients, dtype=np.int64)
+        offsets = np.concatenate([[0], np.cumsum(nc)[:-1]]).astype(np.int64)
+        return run_parallel(align_frames, np.ascontiguousarray(signals, dtype=np.float64),
+                            np.ascontiguousarray(frames, dtype=np.float64),
+                            np.ascontiguousarray(coefficients, dtype=np.float64),
+                            self.directions, self.shell_of, nc, offsets, int(iterations),
+                            self.max_step)
+
     def estimate(self, signals: np.ndarray, start: np.ndarray | None = None, *,
                  check: bool = True) -> np.ndarray:
         """Fibre axes (n, 3), unit vectors with z >= 0, of b0-normalised ``signals``

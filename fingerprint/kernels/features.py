@@ -15,6 +15,7 @@ import numpy as np
 from fingerprint.kernels import njit, prange
 
 __all__ = [
+    "align_frames",
     "dti_principal_directions",
     "legendre_even",
     "local_linear_refine",
@@ -250,6 +251,126 @@ def zonal_features(signals: np.ndarray, frames: np.ndarray, directions: np.ndarr
     return feats, rss
 
 
+@njit(cache=True, nogil=True)
+def _axis_gauss_newton_step(signals: np.ndarray, i: int, mu: np.ndarray, c: np.ndarray,
+                            directions: np.ndarray, shell_of: np.ndarray,
+                            n_coefficients: np.ndarray, max_step: float, p: np.ndarray,
+                            dp: np.ndarray, rss: np.ndarray) -> float:
+    """One Gauss-Newton step (in place on the unit vector ``mu``, kept with z >= 0) of the
+    axis of voxel ``i``'s per-shell Legendre series ``c`` (shells, L) against its signal;
+    the step is limited to ``max_step`` radians. Writes the residual sum of squares at
+    the *starting* axis into ``rss[0]``. Returns the step length, or -1 when the normal
+    equations are singular (``mu`` unchanged)."""
+    nmeas = signals.shape[1]
+    # tangent basis at mu
+    if abs(mu[2]) < 0.9:
+        e1x, e1y, e1z = -mu[1], mu[0], 0.0
+    else:
+        e1x, e1y, e1z = 0.0, -mu[2], mu[1]
+    nn = math.sqrt(e1x * e1x + e1y * e1y + e1z * e1z)
+    e1x /= nn
+    e1y /= nn
+    e1z /= nn
+    e2x = mu[1] * e1z - mu[2] * e1y
+    e2y = mu[2] * e1x - mu[0] * e1z
+    e2z = mu[0] * e1y - mu[1] * e1x
+    j11 = 0.0
+    j12 = 0.0
+    j22 = 0.0
+    r1 = 0.0
+    r2 = 0.0
+    total = 0.0
+    for j in range(nmeas):
+        s = shell_of[j]
+        if s < 0:
+            continue
+        gx, gy, gz = directions[j, 0], directions[j, 1], directions[j, 2]
+        u = gx * mu[0] + gy * mu[1] + gz * mu[2]
+        nc = n_coefficients[s]
+        legendre_even_with_derivative(u, 2 * (nc - 1), p, dp)
+        pred = 0.0
+        dpred = 0.0
+        for a in range(nc):
+            pred += c[s, a] * p[a]
+            dpred += c[s, a] * dp[a]
+        res = signals[i, j] - pred
+        total += res * res
+        ja = dpred * (gx * e1x + gy * e1y + gz * e1z)
+        jb = dpred * (gx * e2x + gy * e2y + gz * e2z)
+        j11 += ja * ja
+        j12 += ja * jb
+        j22 += jb * jb
+        r1 += ja * res
+        r2 += jb * res
+    rss[0] = total
+    det = j11 * j22 - j12 * j12
+    if not (det > 1e-30):
+        return -1.0
+    da = (j22 * r1 - j12 * r2) / det
+    db = (j11 * r2 - j12 * r1) / det
+    step = math.sqrt(da * da + db * db)
+    if step > max_step:
+        da *= max_step / step
+        db *= max_step / step
+    mx = mu[0] + da * e1x + db * e2x
+    my = mu[1] + da * e1y + db * e2y
+    mz = mu[2] + da * e1z + db * e2z
+    nn = math.sqrt(mx * mx + my * my + mz * mz)
+    if mz < 0.0:
+        nn = -nn
+    mu[0] = mx / nn
+    mu[1] = my / nn
+    mu[2] = mz / nn
+    return step
+
+
+@njit(cache=True, parallel=True)
+def align_frames(signals: np.ndarray, frames: np.ndarray, coefficients: np.ndarray,
+                 directions: np.ndarray, shell_of: np.ndarray, n_coefficients: np.ndarray,
+                 offsets: np.ndarray, iterations: int, max_step: float) -> np.ndarray:
+    """Axis of every voxel for a *given* angular profile: Gauss-Newton on the orientation
+    of the per-shell Legendre series ``coefficients`` (n, k) (unwhitened, layout of
+    ``offsets``) held fixed, from ``frames`` (n, 3); steps limited to ``max_step``
+    radians. A step whose residual turns out higher is undone and ends the search (one
+    pass over the data per iteration: each pass measures the residual of the previous
+    step and takes the next). Unlike :func:`refine_frames`, whose coefficients follow the
+    axis, the profile here is a matched atom's, so the axis cannot bend the profile
+    towards the noise. Returns (n, 3) unit vectors with z >= 0."""
+    n = signals.shape[0]
+    n_shells = n_coefficients.shape[0]
+    lmax_n = 1
+    for s in range(n_shells):
+        lmax_n = max(lmax_n, n_coefficients[s])
+    out = frames.copy()
+    for i in prange(n):
+        p = np.empty(lmax_n)
+        dp = np.empty(lmax_n)
+        rss = np.empty(1)
+        c = np.zeros((n_shells, lmax_n))
+        for s in range(n_shells):
+            for a in range(n_coefficients[s]):
+                c[s, a] = coefficients[i, offsets[s] + a]
+        mu = out[i].copy()
+        good = mu.copy()
+        trial = mu.copy()
+        best_rss = np.inf
+        for _ in range(iterations + 1):
+            trial[:] = mu
+            step = _axis_gauss_newton_step(signals, i, mu, c, directions, shell_of,
+                                           n_coefficients, max_step, p, dp, rss)
+            if not (rss[0] < best_rss):  # the step that led here made it worse
+                break
+            best_rss = rss[0]
+            good[:] = trial
+            if not (step >= 1e-4):  # converged, or no step possible
+                break
+        mu = good
+        out[i, 0] = mu[0]
+        out[i, 1] = mu[1]
+        out[i, 2] = mu[2]
+    return out
+
+
 @njit(cache=True, parallel=True)
 def refine_frames(signals: np.ndarray, frames: np.ndarray, directions: np.ndarray,
                   shell_of: np.ndarray, n_coefficients: np.ndarray, iterations: int,
@@ -278,6 +399,7 @@ def refine_frames(signals: np.ndarray, frames: np.ndarray, directions: np.ndarra
         mu = out[i].copy()
         best_rss = np.inf
         best_mu = mu.copy()
+        scratch = np.empty(1)
         unchecked = False
         for it in range(iterations + 1):
             if it == iterations and not check_last:
@@ -326,62 +448,10 @@ def refine_frames(signals: np.ndarray, frames: np.ndarray, directions: np.ndarra
                 break
             if it == iterations:
                 break
-            # tangent basis at mu
-            if abs(mu[2]) < 0.9:
-                e1x, e1y, e1z = -mu[1], mu[0], 0.0
-            else:
-                e1x, e1y, e1z = 0.0, -mu[2], mu[1]
-            nn = math.sqrt(e1x * e1x + e1y * e1y + e1z * e1z)
-            e1x /= nn
-            e1y /= nn
-            e1z /= nn
-            e2x = mu[1] * e1z - mu[2] * e1y
-            e2y = mu[2] * e1x - mu[0] * e1z
-            e2z = mu[0] * e1y - mu[1] * e1x
-            j11 = 0.0
-            j12 = 0.0
-            j22 = 0.0
-            r1 = 0.0
-            r2 = 0.0
-            for j in range(nmeas):
-                s = shell_of[j]
-                if s < 0:
-                    continue
-                gx, gy, gz = directions[j, 0], directions[j, 1], directions[j, 2]
-                u = gx * mu[0] + gy * mu[1] + gz * mu[2]
-                nc = n_coefficients[s]
-                legendre_even_with_derivative(u, 2 * (nc - 1), p, dp)
-                pred = 0.0
-                dpred = 0.0
-                for a in range(nc):
-                    pred += c[s, a] * p[a]
-                    dpred += c[s, a] * dp[a]
-                res = signals[i, j] - pred
-                ja = dpred * (gx * e1x + gy * e1y + gz * e1z)
-                jb = dpred * (gx * e2x + gy * e2y + gz * e2z)
-                j11 += ja * ja
-                j12 += ja * jb
-                j22 += jb * jb
-                r1 += ja * res
-                r2 += jb * res
-            det = j11 * j22 - j12 * j12
-            if not (det > 1e-30):
+            step = _axis_gauss_newton_step(signals, i, mu, c, directions, shell_of,
+                                           n_coefficients, max_step, p, dp, scratch)
+            if not (step >= 0.0):
                 break
-            da = (j22 * r1 - j12 * r2) / det
-            db = (j11 * r2 - j12 * r1) / det
-            step = math.sqrt(da * da + db * db)
-            if step > max_step:
-                da *= max_step / step
-                db *= max_step / step
-            mx = mu[0] + da * e1x + db * e2x
-            my = mu[1] + da * e1y + db * e2y
-            mz = mu[2] + da * e1z + db * e2z
-            nn = math.sqrt(mx * mx + my * my + mz * mz)
-            if mz < 0.0:
-                nn = -nn
-            mu[0] = mx / nn
-            mu[1] = my / nn
-            mu[2] = mz / nn
             if step < 1e-4:
                 break
         if unchecked:
