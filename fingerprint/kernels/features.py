@@ -33,29 +33,54 @@ __all__ = [
 @njit(cache=True, nogil=True)
 def legendre_even(u: float, lmax: int, out: np.ndarray) -> None:
     """Write P_0(u), P_2(u), ..., P_lmax(u) (even orders) into ``out``."""
-    p_prev = 1.0  # P_{l-1}
-    p_cur = u     # P_l, starting at l = 1
+    x = u * u
     out[0] = 1.0
-    j = 1
-    for lval in range(1, lmax):
-        p_next = ((2 * lval + 1) * u * p_cur - lval * p_prev) / (lval + 1)
-        p_prev = p_cur
-        p_cur = p_next
-        if (lval + 1) % 2 == 0:
-            out[j] = p_cur
-            j += 1
+    if lmax > 6:
+        _legendre_even_recursion(u, lmax, out, out, False)
+        return
+    # explicit polynomials in u² up to the features' l = 6: these run for every
+    # measurement of every voxel, and the recursion's divisions sit on its critical path
+    if lmax >= 2:
+        out[1] = 1.5 * x - 0.5
+    if lmax >= 4:
+        out[2] = (4.375 * x - 3.75) * x + 0.375
+    if lmax >= 6:
+        out[3] = ((14.4375 * x - 19.6875) * x + 6.5625) * x - 0.3125
 
 
 @njit(cache=True, nogil=True)
 def legendre_even_with_derivative(u: float, lmax: int, out: np.ndarray,
                                   dout: np.ndarray) -> None:
     """P_0..P_lmax (even orders) into ``out`` and their derivatives dP_l/du into ``dout``."""
-    p_prev = 1.0
-    p_cur = u
-    dp_prev = 0.0  # P'_{l-1}
-    dp_cur = 1.0   # P'_l at l = 1
+    x = u * u
     out[0] = 1.0
     dout[0] = 0.0
+    if lmax > 6:
+        _legendre_even_recursion(u, lmax, out, dout, True)
+        return
+    if lmax >= 2:
+        out[1] = 1.5 * x - 0.5
+        dout[1] = 3.0 * u
+    if lmax >= 4:
+        out[2] = (4.375 * x - 3.75) * x + 0.375
+        dout[2] = (17.5 * x - 7.5) * u
+    if lmax >= 6:
+        out[3] = ((14.4375 * x - 19.6875) * x + 6.5625) * x - 0.3125
+        dout[3] = ((86.625 * x - 78.75) * x + 13.125) * u
+
+
+@njit(cache=True, nogil=True)
+def _legendre_even_recursion(u: float, lmax: int, out: np.ndarray, dout: np.ndarray,
+                             derivative: bool) -> None:
+    """Bonnet's recursion for any even ``lmax`` (and dP_l/du into ``dout`` when
+    ``derivative``)."""
+    p_prev = 1.0  # P_{l-1}
+    p_cur = u     # P_l, starting at l = 1
+    dp_prev = 0.0
+    dp_cur = 1.0
+    out[0] = 1.0
+    if derivative:
+        dout[0] = 0.0
     j = 1
     for lval in range(1, lmax):
         p_next = ((2 * lval + 1) * u * p_cur - lval * p_prev) / (lval + 1)
@@ -66,7 +91,8 @@ def legendre_even_with_derivative(u: float, lmax: int, out: np.ndarray,
         dp_cur = dp_next
         if (lval + 1) % 2 == 0:
             out[j] = p_cur
-            dout[j] = dp_cur
+            if derivative:
+                dout[j] = dp_cur
             j += 1
 
 
