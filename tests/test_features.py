@@ -208,6 +208,32 @@ def test_frame_refinement_reduces_angular_error(scheme, noddi):
     assert np.median(err(r)) < np.median(err(t))
 
 
+def test_residuals_from_the_fit_equal_direct_evaluation(scheme, noddi):
+    """The residual of any coefficients computed from the fit's Gram matrices equals the
+    sum of squares of the signal minus the evaluated series (b0s predicted as 1)."""
+    fmap = FeatureMap.from_model(noddi, scheme)
+    rng = np.random.default_rng(10)
+    n = 30
+    axes = _random_dirs(n, rng)
+    sig = noddi.simulate_signal(scheme, _noddi_vectors(
+        axes, rng.uniform(0.05, 0.9, n), rng.uniform(0.2, 0.9, n), rng.uniform(0, 0.4, n)))
+    sig = sig + rng.normal(0, 0.03, sig.shape)
+    frames = _random_dirs(n, rng)
+    fit = fmap.voxel_features(sig, frames, return_rss=True, return_gram=True)
+    coef = fmap.zonal_coefficients(fit[0]) + rng.normal(0, 0.05, fit[0].shape)
+    res, tot = fmap.residuals(sig, fit, coef)
+    pred = fmap.reconstruct(coef * fmap.weights, frames)
+    np.testing.assert_allclose(res, ((sig - pred) ** 2).sum(axis=1), rtol=1e-5)
+    np.testing.assert_allclose(tot, ((sig - sig.mean(axis=1, keepdims=True)) ** 2).sum(axis=1),
+                               rtol=1e-10)
+    # at the fitted coefficients the residual is the fit's own
+    own, _ = fmap.residuals(sig, fit, fmap.zonal_coefficients(fit[0]))
+    b0 = fmap.shell_of < 0
+    np.testing.assert_allclose(own, fit[1] + ((sig[:, b0] - 1) ** 2).sum(axis=1), rtol=1e-5)
+    with pytest.raises(InputError):
+        FeatureMap.for_scheme(scheme, "signal").voxel_features(sig, return_gram=True)
+
+
 def test_align_recovers_the_axis_of_a_known_profile(scheme, noddi):
     """Noise-free NODDI signals with their own (canonical-frame) Legendre profile: the
     aligned axis is the true one from starts up to ~15 degrees away."""

@@ -40,7 +40,7 @@ from fingerprint.errors import InputError
 from .features import FeatureMap
 from .frame import FrameEstimator, angles_to_frames, frames_to_angles
 from .matcher import DEFAULT_HNSW_THRESHOLD, HNSW_EF_SEARCH, Matcher, faiss_threads
-from .refine import local_linear_step, orientation_curvature, posterior_mean
+from .refine import local_linear_step, orientation_curvature, posterior_mean, weighted_atoms
 
 logger = logging.getLogger(__name__)
 
@@ -51,9 +51,11 @@ DEFAULT_NEIGHBORS = 32
 #: Minimum number of b0 measurements for a per-voxel noise estimate from their spread.
 MIN_B0_FOR_NOISE = 4
 #: Neighbours (and HNSW search depth) of the quick match whose profile the fibre axis is
-#: aligned to (from 4 to 32 neighbours give the same accuracy: the profile is smooth).
-PROFILE_NEIGHBORS = 8
-PROFILE_EF_SEARCH = 16
+#: aligned to (1 to 32 neighbours give the same accuracy: the profile is smooth).
+PROFILE_NEIGHBORS = 4
+PROFILE_EF_SEARCH = 8
+#: Gauss-Newton steps of the axis alignment (2 steps: wm-gm odi 0.0271, 3: 0.0268, 4: 0.0267).
+ALIGN_ITERATIONS = 3
 #: Voxels per internal batch (bounds temporary memory).
 BATCH_VOXELS = 16384
 
@@ -134,7 +136,7 @@ class FingerprintEstimator:
                  n_neighbors: int | None = None, refine: bool = True, rician: bool = True,
                  n_jobs: int | None = None, matcher_method: str = "auto",
                  hnsw_threshold: int = DEFAULT_HNSW_THRESHOLD,
-                 ef_search: int = HNSW_EF_SEARCH, frame_iterations: int = 1,
+                 ef_search: int = HNSW_EF_SEARCH, frame_iterations: int | None = None,
                  temperature: float = 1.0, cache_index: bool = True,
                  marginalise_orientation: float = 0.0,
                  refine_shrinkage: float = 1.0, align_axis: bool = True) -> None:
@@ -204,6 +206,9 @@ class FingerprintEstimator:
             if dictionary is not None else Matcher(
                 self.atom_features, method=matcher_method, hnsw_threshold=hnsw_threshold,
                 ef_search=ef_search)
+        if frame_iterations is None:
+            # the alignment to the matched profile supersedes the free zonal refinement
+            frame_iterations = 0 if self.align_axis else 1
         self.frame_estimator = (FrameEstimator.for_scheme(
             self.feature_map, refine_iterations=frame_iterations)
             if self.feature_map.kind == "zonal" else None)
@@ -227,7 +232,9 @@ class FingerprintEstimator:
         n_jobs: threads for FAISS, BLAS and Numba (default: all).
         options: ``rician`` (bias correction, default True), ``matcher_method``
             ('auto', 'exact', 'hnsw'), ``hnsw_threshold`` (atoms), ``ef_search``,
-            ``frame_iterations`` (orientation refinement, default 1), ``temperature``,
+            ``frame_iterations`` (Gauss-Newton steps of the free zonal fit's axis before
+            the match; default 0 with ``align_axis``, else 1), ``align_axis`` (align the
+            axis to the profile of a quick match first, default True), ``temperature``,
             ``cache_index``.
         """
         meta = dictionary.metadata
@@ -353,7 +360,6 @@ class FingerprintEstimator:
         from fingerprint.kernels.features import (
             prepare_signals,
             rician_correct,
-            zonal_residuals,
         )
 
         n = data.shape[0]
@@ -389,6 +395,11 @@ class FingerprintEstimator:
         # frames from the uncorrected signals (the bias correction, floored at zero,
         # distorts the angular profile of low signals)
         frames, rss_plain = self._frames(plain, seeded, given)
+        plain_feats = None
+        if fmap.kind == "zonal" and rss_plain is None:
+            # the zonal fit of the uncorrected signals at the starting frames: its residual
+            # estimates the noise, its features are the query of the profile match
+            plain_feats, rss_plain = fmap.voxel_features(plain, frames, return_rss=True)
         sigma = self._noise(plain, frames, sigma_b0, s0v, rss_plain)
         sig2_feat = (sigma / s0v) ** 2
         ynorm = plain
@@ -396,8 +407,15 @@ class FingerprintEstimator:
             ynorm = run_parallel(rician_correct, plain, sigma / s0v, b0)
         if self.align_axis and frames is not None and not seeded.all():
             free = np.flatnonzero(~seeded)
-            frames[free] = self._aligned_frames(ynorm[free], frames[free], sig2_feat[free])
-        feats = fmap.voxel_features(ynorm, frames)
+            frames[free] = self._aligned_frames(
+                ynorm[free], frames[free], sig2_feat[free],
+                None if plain_feats is None else plain_feats[free])
+        fit = None
+        if fmap.kind == "zonal":
+            fit = fmap.voxel_features(ynorm, frames, return_rss=True, return_gram=True)
+            feats = fit[0]
+        else:
+            feats = fmap.voxel_features(ynorm, frames)
         dist, idx = self.matcher.search(feats, self.n_neighbors)
         marg = None
         if self.marginalise_orientation and fmap.kind == "zonal":
@@ -434,8 +452,7 @@ class FingerprintEstimator:
                 n_eff = 1.0 / np.maximum((weights ** 2).sum(axis=1), 1e-300)
                 lam = np.minimum(1.0, self.refine_shrinkage / n_eff)
                 est[:, rc] = start[:, rc] + lam[:, None] * (est[:, rc] - start[:, rc])
-                base = np.einsum("nk,nkf->nf", weights,
-                                 self.atom_features[np.maximum(idx, 0)])
+                base = weighted_atoms(weights, idx, self.atom_features)
                 pred_feats = base + lam[:, None] * (pred_feats - base)
             if len(self._simplex_columns) >= 2:
                 others = self._simplex_columns[:-1]
@@ -448,15 +465,11 @@ class FingerprintEstimator:
         else:
             est = start
         if pred_feats is None:
-            pred_feats = np.einsum("nk,nkf->nf", weights,
-                                   self.atom_features[np.maximum(idx, 0)])
+            pred_feats = weighted_atoms(weights, idx, self.atom_features)
 
         # goodness of fit on b0-normalised (bias-corrected) signals
-        if fmap.kind == "zonal":
-            res, tot = run_parallel(zonal_residuals, ynorm,
-                                    fmap.zonal_coefficients(pred_feats), frames,
-                                    fmap.directions, fmap.shell_of, fmap.n_coefficients,
-                                    fmap.offsets)
+        if fit is not None:
+            res, tot = fmap.residuals(ynorm, fit, fmap.zonal_coefficients(pred_feats))
             width = ynorm.shape[1]
         else:
             pred = fmap.reconstruct(pred_feats, frames)
@@ -476,24 +489,27 @@ class FingerprintEstimator:
         sigma_all[rows] = sigma
         return VoxelEstimates(params, unc, s0, r2, mse, valid, sigma_all)
 
-    def _aligned_frames(self, ynorm: np.ndarray, frames: np.ndarray, sig2: np.ndarray
-                        ) -> np.ndarray:
+    def _aligned_frames(self, ynorm: np.ndarray, frames: np.ndarray, sig2: np.ndarray,
+                        query: np.ndarray | None = None) -> np.ndarray:
         """Frames (n, 3) moved to the axis that best fits the angular profile of each
-        voxel's first match: a quick match in ``frames`` (``PROFILE_NEIGHBORS`` atoms),
-        whose posterior-weighted features are held fixed while the axis is fitted to the
-        signal (:meth:`~fingerprint.fitting.frame.FrameEstimator.align`).
+        voxel's first match: a quick match in ``frames`` (:data:`PROFILE_NEIGHBORS` atoms)
+        of ``query`` (features in ``frames``; default those of ``ynorm``; the uncorrected
+        signals' serve as well), whose posterior-weighted features are held fixed while
+        the axis is fitted to ``ynorm`` (:meth:`~fingerprint.fitting.frame.FrameEstimator.align`).
 
         The starting frame comes from a free zonal fit, whose profile bends towards the
         noise of the axis it is fitted around; the matched profile cannot, so the new
         axis is closer to the fibre's for dispersed voxels (docs/fitting.md)."""
         fmap = self.feature_map
-        feats = fmap.voxel_features(ynorm, frames)
-        dist, idx = self.matcher.search(feats, PROFILE_NEIGHBORS,
+        if query is None:
+            query = fmap.voxel_features(ynorm, frames)
+        dist, idx = self.matcher.search(query, PROFILE_NEIGHBORS,
                                         ef_search=PROFILE_EF_SEARCH)
         _, _, weights = posterior_mean(dist, idx, self.atom_parameters, sig2,
                                        self.temperature)
-        profile = np.einsum("nk,nkf->nf", weights, self.atom_features[np.maximum(idx, 0)])
-        return self.frame_estimator.align(ynorm, frames, fmap.zonal_coefficients(profile))
+        profile = weighted_atoms(weights, idx, self.atom_features)
+        return self.frame_estimator.align(ynorm, frames, fmap.zonal_coefficients(profile),
+                                          iterations=ALIGN_ITERATIONS)
 
     def _noise(self, plain: np.ndarray, frames: np.ndarray | None, sigma_b0: np.ndarray,
                s0: np.ndarray, rss: np.ndarray | None = None) -> np.ndarray:

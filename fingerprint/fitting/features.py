@@ -204,14 +204,16 @@ class FeatureMap:
 
     # ---------------------------------------------------------------- voxels
     def voxel_features(self, signals: np.ndarray, frames: np.ndarray | None = None, *,
-                       return_rss: bool = False) -> Any:
+                       return_rss: bool = False, return_gram: bool = False) -> Any:
         """Features (n, k) float32 of voxels ``signals`` (n, N), already divided by their
         b0 (S0 = 1), in the voxels' own fibre ``frames`` (n, 3) unit vectors (needed by
         the zonal kind; computed by a DTI fit when None).
 
         With ``return_rss`` also returns the residual sum of squares (n,) of the fit
         behind the features (zonal / shell means; zeros for the signal kind), from which
-        the noise level can be estimated."""
+        the noise level can be estimated; with ``return_gram`` (zonal kind) also each
+        voxel's per-shell Gram matrices (n, shells, L, L) of the fit, from which
+        :meth:`residuals` computes the residual of any other coefficients."""
         signals = np.asarray(signals)
         self._check_width(signals)
         n = signals.shape[0]
@@ -234,7 +236,12 @@ class FeatureMap:
             frames = np.asarray(frames, dtype=np.float64)
             if frames.shape != (n, 3):
                 raise InputError(f"frames must have shape ({n}, 3), got {frames.shape}")
+            if return_gram:
+                feats, rss, gram = self._zonal(signals, frames, gram=True)
+                return (feats, rss, gram) if return_rss else (feats, gram)
             feats, rss = self._zonal(signals, frames)
+        if return_gram:
+            raise InputError(f"Gram matrices exist only for zonal features, not {self.kind!r}")
         return (feats, rss) if return_rss else feats
 
     def zonal_coefficients(self, features: np.ndarray) -> np.ndarray:
@@ -270,14 +277,37 @@ class FeatureMap:
                 f"signals must have shape (n, {self.n_measurements}) for this acquisition "
                 f"scheme, got {signals.shape}")
 
-    def _zonal(self, signals: np.ndarray, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _zonal(self, signals: np.ndarray, frames: np.ndarray, gram: bool = False
+               ) -> tuple[np.ndarray, ...]:
         from fingerprint.kernels import run_parallel
         from fingerprint.kernels.features import zonal_features
 
-        return run_parallel(zonal_features, np.ascontiguousarray(signals, dtype=np.float64),
-                              np.ascontiguousarray(frames, dtype=np.float64),
-                              self.directions, self.shell_of, self.n_coefficients,
-                              self.offsets, self.weights, _RIDGE)
+        n = signals.shape[0]
+        width = max(int(self.n_coefficients.max(initial=1)), 1)
+        out = np.zeros((n, self.n_coefficients.size, width, width) if gram else (0, 1, 1, 1))
+        feats, rss = run_parallel(zonal_features,
+                                  np.ascontiguousarray(signals, dtype=np.float64),
+                                  np.ascontiguousarray(frames, dtype=np.float64),
+                                  self.directions, self.shell_of, self.n_coefficients,
+                                  self.offsets, self.weights, _RIDGE, out)
+        return (feats, rss, out) if gram else (feats, rss)
+
+    def residuals(self, signals: np.ndarray, fit: tuple[np.ndarray, np.ndarray, np.ndarray],
+                  coefficients: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Residual and total sums of squares (n,) of b0-normalised ``signals`` (n, N)
+        against the Legendre ``coefficients`` (n, k) (unwhitened; b0s predicted as 1),
+        in the frames of ``fit`` = :meth:`voxel_features` (features, rss, gram) of the
+        same signals with ``return_rss`` and ``return_gram`` (zonal kind)."""
+        from fingerprint.kernels import run_parallel
+        from fingerprint.kernels.features import zonal_fit_residuals
+
+        feats, rss, gram = fit
+        return run_parallel(zonal_fit_residuals,
+                            np.ascontiguousarray(signals, dtype=np.float64),
+                            np.ascontiguousarray(feats, dtype=np.float64),
+                            np.ascontiguousarray(rss, dtype=np.float64), gram,
+                            np.ascontiguousarray(coefficients, dtype=np.float64),
+                            self.weights, self.shell_of, self.n_coefficients, self.offsets)
 
 
 #: Laplace-Beltrami regularisation of the per-shell spherical-harmonic fit behind the

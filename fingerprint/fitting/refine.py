@@ -27,7 +27,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["local_linear_step", "orientation_curvature", "posterior_mean"]
+__all__ = ["local_linear_step", "orientation_curvature", "posterior_mean",
+           "weighted_atoms"]
 
 
 def posterior_mean(distances: np.ndarray, indices: np.ndarray, atom_parameters: np.ndarray,
@@ -59,6 +60,18 @@ def posterior_mean(distances: np.ndarray, indices: np.ndarray, atom_parameters: 
                              float(temperature),
                              np.ascontiguousarray(orientation_curvature, dtype=np.float64),
                              np.ascontiguousarray(marginalise, dtype=np.bool_))
+
+
+def weighted_atoms(weights: np.ndarray, indices: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """Posterior-weighted average (n, columns) of rows of ``table`` (atoms, columns), e.g.
+    the atoms' features, over each voxel's neighbours ``indices`` (n, k) (-1: none) with
+    normalised ``weights`` (n, k)."""
+    from fingerprint.kernels import run_parallel
+    from fingerprint.kernels.features import weighted_rows
+
+    return run_parallel(weighted_rows, np.ascontiguousarray(weights, dtype=np.float64),
+                        np.ascontiguousarray(indices, dtype=np.int64),
+                        np.ascontiguousarray(table, dtype=np.float64))
 
 
 def orientation_curvature(feature_map: Any, atom_features: np.ndarray) -> np.ndarray:

@@ -21,11 +21,12 @@ __all__ = [
     "local_linear_refine",
     "posterior_average",
     "prepare_signals",
-    "zonal_residuals",
+    "zonal_fit_residuals",
     "reconstruct_zonal",
     "rician_correct",
     "refine_frames",
     "shell_means",
+    "weighted_rows",
     "zonal_features",
 ]
 
@@ -215,7 +216,7 @@ def _cholesky_solve(a: np.ndarray, b: np.ndarray, n: int, x: np.ndarray) -> bool
 def zonal_features(signals: np.ndarray, frames: np.ndarray, directions: np.ndarray,
                    shell_of: np.ndarray, n_coefficients: np.ndarray,
                    offsets: np.ndarray, weights: np.ndarray,
-                   ridge: float) -> tuple[np.ndarray, np.ndarray]:
+                   ridge: float, gram: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Zonal (axially symmetric) Legendre coefficients of every voxel's signal per shell.
 
     For each voxel i and shell s, fits S(g) ~ sum_l c_l P_l(g . frame_i) over the
@@ -224,6 +225,9 @@ def zonal_features(signals: np.ndarray, frames: np.ndarray, directions: np.ndarr
     ``offsets[s] + j`` holds ``c_{2j} * weights[offsets[s] + j]``.
 
     ``shell_of`` (N,) maps each measurement to its feature shell (-1: unused, e.g. b0).
+    When ``gram`` has n rows, (n, shells, L, L), each shell's Gram matrix of the Legendre
+    basis at the voxel's frame is written there (for :func:`zonal_fit_residuals`; pass
+    an empty (0, 1, 1, 1) array otherwise).
     Returns (features (n, k) float32, residual sum of squares (n,) float64).
     """
     n = signals.shape[0]
@@ -256,8 +260,14 @@ def zonal_features(signals: np.ndarray, frames: np.ndarray, directions: np.ndarr
             yty[s] += y * y
         total = 0.0
         c = np.zeros(lmax_n)
+        keep_gram = gram.shape[0] == n
         for s in range(n_shells):
             nc = n_coefficients[s]
+            if keep_gram:
+                for a in range(nc):
+                    for b in range(a + 1):
+                        gram[i, s, a, b] = ata[s, a, b]
+                        gram[i, s, b, a] = ata[s, a, b]
             for a in range(nc):
                 ata[s, a, a] += ridge * (ata[s, 0, 0] + 1.0)
                 for b in range(a):
@@ -609,41 +619,42 @@ def rician_correct(signals: np.ndarray, sigma: np.ndarray, b0_mask: np.ndarray
 
 
 @njit(cache=True, parallel=True)
-def zonal_residuals(signals: np.ndarray, coefficients: np.ndarray, frames: np.ndarray,
-                    directions: np.ndarray, shell_of: np.ndarray,
-                    n_coefficients: np.ndarray, offsets: np.ndarray
-                    ) -> tuple[np.ndarray, np.ndarray]:
+def zonal_fit_residuals(signals: np.ndarray, fit_features: np.ndarray, fit_rss: np.ndarray,
+                        gram: np.ndarray, coefficients: np.ndarray, weights: np.ndarray,
+                        shell_of: np.ndarray, n_coefficients: np.ndarray,
+                        offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Residual and total sums of squares (n,) of b0-normalised ``signals`` (n, N) against
-    the per-shell Legendre series ``coefficients`` (n, k) around ``frames`` (n, 3);
-    measurements with ``shell_of`` -1 are predicted as 1 (b0)."""
+    the per-shell Legendre series ``coefficients`` (n, k) (unwhitened), around the frames
+    at which :func:`zonal_features` gave ``fit_features`` (whitened), ``fit_rss`` and
+    ``gram``; measurements with ``shell_of`` -1 are predicted as 1 (b0).
+
+    No Legendre series is evaluated: the least-squares fit leaves a residual orthogonal to
+    the basis, so |y - Z c|² = |y - Z ĉ|² + (ĉ - c)ᵀ ZᵀZ (ĉ - c) shell by shell."""
     n, nmeas = signals.shape
-    lmax_n = 1
-    for s in range(n_coefficients.shape[0]):
-        lmax_n = max(lmax_n, n_coefficients[s])
+    n_shells = n_coefficients.shape[0]
     rss = np.full(n, np.nan)
     tss = np.full(n, np.nan)
     for i in prange(n):
         if not math.isfinite(coefficients[i, 0]):
             continue
-        p = np.empty(lmax_n)
-        mean = 0.0
+        r = fit_rss[i]
+        for s in range(n_shells):
+            o = offsets[s]
+            for a in range(n_coefficients[s]):
+                da = fit_features[i, o + a] / weights[o + a] - coefficients[i, o + a]
+                for b in range(n_coefficients[s]):
+                    db = fit_features[i, o + b] / weights[o + b] - coefficients[i, o + b]
+                    r += da * gram[i, s, a, b] * db
+        total = 0.0
+        squares = 0.0
         for j in range(nmeas):
-            mean += signals[i, j]
-        mean /= nmeas
-        r = 0.0
-        t = 0.0
-        for j in range(nmeas):
-            s = shell_of[j]
-            pred = 1.0
-            if s >= 0:
-                pred = _zonal_value(coefficients, i, j, s, frames, directions,
-                                    n_coefficients, offsets, p)
-            d = signals[i, j] - pred
-            r += d * d
-            e = signals[i, j] - mean
-            t += e * e
-        rss[i] = r
-        tss[i] = t
+            y = signals[i, j]
+            total += y
+            squares += y * y
+            if shell_of[j] < 0:
+                r += (y - 1.0) * (y - 1.0)
+        rss[i] = max(r, 0.0)
+        tss[i] = max(squares - total * total / nmeas, 0.0)
     return rss, tss
 
 
@@ -680,6 +691,24 @@ def shell_means(signals: np.ndarray, shell_of: np.ndarray, n_shells: int,
             total += max(acc2[s] - 2.0 * m * acc[s] + cnt[s] * m * m, 0.0)
         rss[i] = total
     return feats, rss
+
+
+@njit(cache=True, parallel=True)
+def weighted_rows(weights: np.ndarray, indices: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """sum_j weights[i, j] * table[indices[i, j]] for every i: (n, columns) float64
+    (indices -1 are skipped)."""
+    n, k = indices.shape
+    m = table.shape[1]
+    out = np.zeros((n, m))
+    for i in prange(n):
+        for j in range(k):
+            a = indices[i, j]
+            if a < 0:
+                continue
+            w = weights[i, j]
+            for c in range(m):
+                out[i, c] += w * table[a, c]
+    return out
 
 
 @njit(cache=True, parallel=True)
