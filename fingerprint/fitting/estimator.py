@@ -9,11 +9,13 @@ Per call of :meth:`FingerprintEstimator.estimate` (every step vectorised over vo
 1. validity and S0: a voxel is valid when all its values are finite and the mean of its
    b0 measurements is positive (logged count of the others, which get NaN parameters);
 2. fibre frame (models with one orientation; from the b0-normalised signals): tensor
-   eigenvector refined by the zonal fit (:mod:`.frame`), or the orientation given in
-   ``x0``;
+   eigenvector (refined by the free zonal fit when ``frame_iterations`` > 0;
+   :mod:`.frame`), or the orientation given in ``x0``;
 3. noise: sigma per voxel from the spread of its b0s (>= 4 b0s) pooled with the
    residual of the zonal fit (by degrees of freedom); then a first-order Rician bias
    correction sqrt(max(S² - sigma², 0)) of the diffusion-weighted signals;
+   with ``align_axis`` (default) the axis is then re-fitted to the signal with the
+   profile of a quick match held fixed (:meth:`FingerprintEstimator._aligned_frames`);
 4. features (:mod:`.features`), k-nearest atoms (:mod:`.matcher`);
 5. posterior-weighted mean and spread of the neighbours, then one local-linear
    Gauss-Newton step (:mod:`.refine`);
@@ -392,8 +394,9 @@ class FingerprintEstimator:
             seeded = np.isfinite(ang).all(axis=1)
             given = angles_to_frames(np.where(np.isfinite(ang), ang, 0.0))
 
-        # frames from the uncorrected signals (the bias correction, floored at zero,
-        # distorts the angular profile of low signals)
+        # starting frames from the uncorrected signals (the bias correction, floored at
+        # zero, distorts the free zonal fit of low signals); the alignment below fits the
+        # corrected signals, which are what the matched profile describes
         frames, rss_plain = self._frames(plain, seeded, given)
         plain_feats = None
         if fmap.kind == "zonal" and rss_plain is None:
