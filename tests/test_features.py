@@ -41,6 +41,15 @@ def _noddi_vectors(mu_dirs, odi, icvf, iso):
     return np.column_stack([ang, odi, icvf, iso, 1.0 - iso])
 
 
+def _noisy_noddi(noddi, scheme, n, rng, noise):
+    """(axes (n, 3), signals (n, N)): random NODDI voxels (odi 0.05-0.9, icvf 0.2-0.9,
+    isovf 0-0.4) plus Gaussian noise of standard deviation ``noise``."""
+    axes = _random_dirs(n, rng)
+    sig = noddi.simulate_signal(scheme, _noddi_vectors(
+        axes, rng.uniform(0.05, 0.9, n), rng.uniform(0.2, 0.9, n), rng.uniform(0, 0.4, n)))
+    return axes, sig + rng.normal(0, noise, sig.shape)
+
+
 def test_features_version_is_int():
     assert isinstance(FEATURES_VERSION, int) and FEATURES_VERSION >= 1
 
@@ -214,10 +223,7 @@ def test_residuals_from_the_fit_equal_direct_evaluation(scheme, noddi):
     fmap = FeatureMap.from_model(noddi, scheme)
     rng = np.random.default_rng(10)
     n = 30
-    axes = _random_dirs(n, rng)
-    sig = noddi.simulate_signal(scheme, _noddi_vectors(
-        axes, rng.uniform(0.05, 0.9, n), rng.uniform(0.2, 0.9, n), rng.uniform(0, 0.4, n)))
-    sig = sig + rng.normal(0, 0.03, sig.shape)
+    _, sig = _noisy_noddi(noddi, scheme, n, rng, 0.03)
     frames = _random_dirs(n, rng)
     fit = fmap.voxel_features(sig, frames, return_rss=True, return_gram=True)
     coef = fmap.zonal_coefficients(fit[0]) + rng.normal(0, 0.05, fit[0].shape)
@@ -266,10 +272,7 @@ def test_align_never_increases_the_residual(scheme, noddi):
     fe = FrameEstimator.for_scheme(fmap)
     rng = np.random.default_rng(9)
     n = 200
-    axes = _random_dirs(n, rng)
-    sig = noddi.simulate_signal(scheme, _noddi_vectors(
-        axes, rng.uniform(0.05, 0.9, n), rng.uniform(0.2, 0.9, n), rng.uniform(0, 0.4, n)))
-    sig = sig + rng.normal(0, 0.05, sig.shape)
+    _, sig = _noisy_noddi(noddi, scheme, n, rng, 0.05)
     z = np.tile([0.0, 0.0, 1.0], (n, 1))
     other = _noddi_vectors(z, rng.uniform(0.05, 0.9, n), rng.uniform(0.2, 0.9, n),
                            rng.uniform(0, 0.4, n))

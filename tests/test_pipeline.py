@@ -272,6 +272,33 @@ def test_scaled_integer_input_is_read_as_float32(tmp_path):
     assert sorted(map(tuple, coords)) == sorted(map(tuple, np.argwhere(mask)))
 
 
+def test_spooled_gzip_copy_is_identical_and_corruption_names_the_file(tmp_path):
+    """A gzip DWI read in several slabs is decompressed once to a temporary copy with the
+    same voxels (removed afterwards); a corrupt deflate stream is an InputError naming
+    the file, not a crash."""
+    rng = np.random.default_rng(4)
+    data = rng.uniform(1, 100, (6, 5, 8, 7)).astype(np.float32)
+    path = tmp_path / "dwi.nii.gz"
+    nib.save(nib.Nifti1Image(data, np.eye(4)), path)
+    dwi = DWIImage(path)
+    mask = np.ones(data.shape[:3], bool)
+    with dwi.spooled(mask, tmp_path / "spool", max_bytes=1) as copy:
+        assert copy is not dwi and not copy.is_compressed
+        values = np.concatenate([s.data for s in copy.iter_slabs(mask, max_bytes=1)])
+        coords = np.concatenate([s.coords for s in copy.iter_slabs(mask, max_bytes=1)])
+    np.testing.assert_array_equal(values, data[tuple(coords.T)])
+    assert not any((tmp_path / "spool").iterdir())
+    blob = bytearray(path.read_bytes())
+    middle = len(blob) // 2
+    blob[middle:middle + 64] = bytes(64)
+    bad = tmp_path / "bad.nii.gz"
+    bad.write_bytes(bytes(blob))
+    with pytest.raises(InputError, match="bad.nii.gz"):
+        with DWIImage(bad).spooled(mask, tmp_path / "spool", max_bytes=1):
+            pass
+    assert not any((tmp_path / "spool").iterdir())
+
+
 # ----------------------------------------------------------------------------- validation
 def test_validate_inputs_summary(files, phantom):
     summary = validate_inputs(files["dwi"], files["bval"], files["bvec"], mask=files["mask"])

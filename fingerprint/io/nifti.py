@@ -84,7 +84,16 @@ __all__ = [
 DEFAULT_SLAB_BYTES = 128 * 1024**2
 
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
-_READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, struct.error, gzip.BadGzipFile)
+
+try:  # ISA-L decompresses gzip about 1.6x faster than zlib (the spooling of large DWIs)
+    from isal import igzip as _fast_gzip
+    from isal.isal_zlib import error as _fast_gzip_error
+except ImportError:  # pragma: no cover - isal is a dependency; stdlib as a fallback
+    _fast_gzip = gzip
+    _fast_gzip_error = zlib.error
+
+_READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, struct.error, gzip.BadGzipFile,
+                _fast_gzip_error)
 
 
 def _is_gzip(path: Path) -> bool:
@@ -294,7 +303,7 @@ class DWIImage:
         tmp = directory / f".fingerprint-dwi-{os.getpid()}-{secrets.token_hex(4)}.nii"
         try:
             try:
-                with gzip.open(self.path, "rb") as src, open(tmp, "wb") as dst:
+                with _fast_gzip.open(self.path, "rb") as src, open(tmp, "wb") as dst:
                     while True:
                         block = src.read(16 * 1024**2)
                         if not block:
