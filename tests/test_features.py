@@ -263,6 +263,12 @@ def test_align_recovers_the_axis_of_a_known_profile(scheme, noddi):
     assert np.all(cos > np.cos(np.radians(0.05)))
     assert np.all(found[:, 2] >= 0)
     np.testing.assert_allclose(np.linalg.norm(found, axis=1), 1.0, atol=1e-12)
+    with pytest.raises(InputError, match="frames"):
+        fe.align(sig, start[:-1], profile)
+    with pytest.raises(InputError, match="coefficients"):
+        fe.align(sig, start, profile[:, :-1])
+    with pytest.raises(InputError, match="signals"):
+        fe.align(sig[:, :-1], start, profile)
 
 
 def test_align_never_increases_the_residual(scheme, noddi):

@@ -151,6 +151,16 @@ class FrameEstimator:
         from fingerprint.kernels.features import align_frames
 
         nc = np.asarray(self.n_coefficients, dtype=np.int64)
+        signals = np.asarray(signals)
+        n = signals.shape[0] if signals.ndim == 2 else -1
+        if signals.ndim != 2 or signals.shape[1] != self.directions.shape[0]:
+            raise InputError(f"signals must have shape (n, {self.directions.shape[0]}), got "
+                             f"{signals.shape}")
+        if np.shape(frames) != (n, 3):
+            raise InputError(f"frames must have shape ({n}, 3), got {np.shape(frames)}")
+        if np.shape(coefficients) != (n, int(nc.sum())):
+            raise InputError(f"coefficients must have shape ({n}, {int(nc.sum())}), got "
+                             f"{np.shape(coefficients)}")
         offsets = np.concatenate([[0], np.cumsum(nc)[:-1]]).astype(np.int64)
         return run_parallel(align_frames, np.ascontiguousarray(signals, dtype=np.float64),
                             np.ascontiguousarray(frames, dtype=np.float64),
