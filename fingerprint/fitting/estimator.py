@@ -56,8 +56,6 @@ MIN_B0_FOR_NOISE = 4
 #: aligned to (1 to 32 neighbours give the same accuracy: the profile is smooth).
 PROFILE_NEIGHBORS = 4
 PROFILE_EF_SEARCH = 8
-#: Gauss-Newton steps of the axis alignment (2 steps: wm-gm odi 0.0271, 3: 0.0268, 4: 0.0267).
-ALIGN_ITERATIONS = 3
 #: Voxels per internal batch (bounds temporary memory).
 BATCH_VOXELS = 16384
 
@@ -511,8 +509,7 @@ class FingerprintEstimator:
         _, _, weights = posterior_mean(dist, idx, self.atom_parameters, sig2,
                                        self.temperature)
         profile = weighted_atoms(weights, idx, self.atom_features)
-        return self.frame_estimator.align(ynorm, frames, fmap.zonal_coefficients(profile),
-                                          iterations=ALIGN_ITERATIONS)
+        return self.frame_estimator.align(ynorm, frames, fmap.zonal_coefficients(profile))
 
     def _noise(self, plain: np.ndarray, frames: np.ndarray | None, sigma_b0: np.ndarray,
                s0: np.ndarray, rss: np.ndarray | None = None) -> np.ndarray:
