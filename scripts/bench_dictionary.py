@@ -8,8 +8,8 @@ temporary directory that is removed afterwards.
     python3 scripts/bench_dictionary.py --sizes 100000 1000000 --threads 2
     python3 scripts/bench_dictionary.py --bval dwi.bval --bvec dwi.bvec --model ball_stick
 
-The HCP scheme defaults to the reference fixtures (``$FINGERPRINT_REFERENCE_DIR`` or
-``shared/reference`` beside the checkout).
+The HCP scheme defaults to the reference test data (``tests/data/reference``, or
+``$FINGERPRINT_REFERENCE_DIR``).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 
 def _reference_scheme() -> tuple[Path, Path, float, float]:
-    default = REPO_ROOT.parent / "shared" / "reference"
+    default = REPO_ROOT / "tests" / "data" / "reference"
     ref = Path(os.environ.get("FINGERPRINT_REFERENCE_DIR", default))
     info = json.loads((ref / "schemes" / "hcp.json").read_text())
     return (ref / "schemes" / "hcp.bval", ref / "schemes" / "hcp.bvec",

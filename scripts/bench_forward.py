@@ -12,7 +12,7 @@ axes -> cosines -> signal_from_cosines; for NODDI-Watson: the framework's
     python3 scripts/bench_forward.py --json results.json
 
 The HCP scheme defaults to the reference fixtures (``$FINGERPRINT_REFERENCE_DIR`` or
-``shared/reference`` beside the checkout), read with ``read_bvals_bvecs`` and
+``tests/data/reference`` in the repository), read with ``read_bvals_bvecs`` and
 delta = 10.6 ms, Delta = 43.1 ms.
 """
 
@@ -38,7 +38,7 @@ MODELS = ["stick", "zeppelin", "cylinder", "noddi"]
 
 def _reference_dir() -> Path:
     return Path(os.environ.get("FINGERPRINT_REFERENCE_DIR",
-                               REPO_ROOT.parent / "shared" / "reference"))
+                               REPO_ROOT / "tests" / "data" / "reference"))
 
 
 def _random_axes(rng: np.random.Generator, n: int) -> np.ndarray:

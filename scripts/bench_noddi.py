@@ -1,12 +1,12 @@
 """NODDI benchmark: accuracy and speed of fingerprint vs AMICO on simulated phantoms.
 
-    python scripts/bench_noddi.py [--scheme ../shared/reference/schemes/hcp] [--voxels 10000]
+    python scripts/bench_noddi.py [--scheme tests/data/reference/schemes/hcp] [--voxels 10000]
         [--threads 2] [--dictionary-size N] [--no-amico] [--no-dmipy] [--dmipy-voxels 1000]
         [--whole-brain] [--json out.json]
 
 Phantoms come from our NODDI forward model on the given scheme (FSL ``<scheme>.bval`` /
-``<scheme>.bvec``; default: the HCP scheme of the reference fixtures beside the
-repository):
+``<scheme>.bvec``; default: the HCP scheme of the reference test data in
+``tests/data/reference``):
 
 * ``uniform``: random orientations, odi ~ U(0.03, 0.95), icvf ~ U(0.1, 0.95),
   isovf ~ U(0, 0.5) (lambda_par 1.7e-9, lambda_iso 3e-9 m²/s, as in the recipe),
@@ -55,7 +55,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_SCHEME = REPO.parent / "shared" / "reference" / "schemes" / "hcp"
+DEFAULT_SCHEME = REPO / "tests" / "data" / "reference" / "schemes" / "hcp"
 DEFAULT_AMICO_VENV = Path.home() / ".cache" / "fingerprint" / "amico-venv"
 DEFAULT_DMIPY_VENV = Path.home() / ".cache" / "fingerprint" / "dmipy-venv"
 

@@ -1,7 +1,7 @@
 """How accurate can any NODDI fit be on the uniform benchmark phantom? An oracle bound.
 
     python scripts/bench_noddi_bound.py [--voxels 2000] [--grid 2000] [--threads 2]
-        [--scheme ../shared/reference/schemes/hcp] [--json out.json]
+        [--scheme tests/data/reference/schemes/hcp] [--json out.json]
 
 ``scripts/bench_noddi.py``'s uniform phantom (same seed, same 10,000 voxels: odi ~
 U(0.03, 0.95), icvf ~ U(0.1, 0.95), isovf ~ U(0, 0.5), random orientations, Rician noise
@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_SCHEME = REPO.parent / "shared" / "reference" / "schemes" / "hcp"
+DEFAULT_SCHEME = REPO / "tests" / "data" / "reference" / "schemes" / "hcp"
 BINS = (0.0, 0.1, 0.2, 0.4, 0.6, 0.8, 0.96)
 
 

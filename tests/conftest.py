@@ -1,7 +1,7 @@
 """Shared test fixtures.
 
-The dmipy reference signals live in ``shared/reference`` beside the checkout (as CI has
-them); ``FINGERPRINT_REFERENCE_DIR`` overrides the location.
+The dmipy reference signals are test data in ``tests/data/reference`` (see its README);
+``FINGERPRINT_REFERENCE_DIR`` points the tests at another copy.
 """
 
 from __future__ import annotations
@@ -10,22 +10,17 @@ import os
 from pathlib import Path
 
 import pytest
+from reference_helpers import default_reference_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def _reference_dir() -> Path:
-    env = os.environ.get("FINGERPRINT_REFERENCE_DIR")
-    if env:
-        return Path(env)
-    return REPO_ROOT.parent / "shared" / "reference"
-
-
 @pytest.fixture(scope="session")
 def reference_dir() -> Path:
-    path = _reference_dir()
-    if not (path / "README.md").exists():
-        pytest.fail(f"dmipy reference fixtures not found at {path} (set FINGERPRINT_REFERENCE_DIR)")
+    path = default_reference_dir()
+    if not (path / "signals_hcp.npz").exists():
+        pytest.fail(f"dmipy reference signals not found in {path}: expected signals_hcp.npz "
+                    "(tests/data/reference in the repository, or FINGERPRINT_REFERENCE_DIR)")
     return path
 
 

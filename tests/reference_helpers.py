@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,15 @@ from fingerprint.core.modeling_framework import MultiCompartmentModel
 from fingerprint.distributions.distribute_models import SD1WatsonDistributed
 from fingerprint.signal_models.cylinder_models import C1Stick
 from fingerprint.signal_models.gaussian_models import G1Ball, G2Zeppelin
+
+#: The dmipy 1.0.5 reference signals kept in the repository as test data.
+REFERENCE_DIR = Path(__file__).resolve().parent / "data" / "reference"
+
+
+def default_reference_dir() -> Path:
+    """``$FINGERPRINT_REFERENCE_DIR`` when set, else the repository's ``tests/data/reference``."""
+    env = os.environ.get("FINGERPRINT_REFERENCE_DIR")
+    return Path(env) if env else REFERENCE_DIR
 
 
 def reference_scheme(reference_dir: Path, name: str):
