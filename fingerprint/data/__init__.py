@@ -1,0 +1,2 @@
+"""Data shipped with fingerprint: named acquisition schemes
+(:mod:`.saved_acquisition_schemes`)."""

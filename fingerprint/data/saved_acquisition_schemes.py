@@ -1,0 +1,56 @@
+"""Named acquisition schemes used throughout dmipy's tutorials and tests (SI units).
+
+The gradient tables are package data (``fingerprint/data/schemes``):
+
+* ``wu_minn_hcp``: the WU-Minn Human Connectome Project scheme, 288 measurements
+  (18 b0 and 90 directions on each of b = 1000, 2000, 3000 s/mm²), pulse duration
+  delta = 10.6 ms, separation Delta = 43.1 ms (FSL ``.bval`` / ``.bvec`` files).
+* ``duval_cat_spinal_cord_2d``: a 2-D q-space scheme after the ex vivo cat spinal cord
+  acquisition of Duval et al. (2015): gradients along the four diagonals of the plane
+  transverse to the cord, 50 gradient strengths up to 0.6 T/m per axis (0.849 T/m along
+  the diagonals), four b0s per timing, nine (Delta, delta, TE) timings from
+  (7, 3, 36.2) ms to (40, 8, 62.3) ms (Camino ``STEJSKALTANNER`` file). It reproduces the
+  published design (several diffusion times and pulse durations), not the measured table
+  measurement for measurement.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from fingerprint.core.acquisition_scheme import (
+    AcquisitionScheme,
+    acquisition_scheme_from_bvalues,
+    acquisition_scheme_from_schemefile,
+)
+
+__all__ = [
+    "SCHEME_DIRECTORY",
+    "duval_cat_spinal_cord_2d_acquisition_scheme",
+    "wu_minn_hcp_acquisition_scheme",
+]
+
+#: Folder of the shipped gradient tables.
+SCHEME_DIRECTORY = Path(str(resources.files("fingerprint.data").joinpath("schemes")))
+
+#: HCP WU-Minn pulse duration and separation (s).
+HCP_DELTA = 0.0106
+HCP_BIG_DELTA = 0.0431
+
+
+def wu_minn_hcp_acquisition_scheme() -> AcquisitionScheme:
+    """The WU-Minn HCP scheme: 288 measurements, b = 0/1000/2000/3000 s/mm² (stored in
+    s/m²), delta = 10.6 ms, Delta = 43.1 ms."""
+    bvals = np.loadtxt(SCHEME_DIRECTORY / "wu_minn_hcp.bval") * 1e6
+    bvecs = np.loadtxt(SCHEME_DIRECTORY / "wu_minn_hcp.bvec").T
+    return acquisition_scheme_from_bvalues(bvals, bvecs, HCP_DELTA, HCP_BIG_DELTA)
+
+
+def duval_cat_spinal_cord_2d_acquisition_scheme() -> AcquisitionScheme:
+    """2-D q-space scheme of the ex vivo cat spinal cord design (Duval et al. 2015):
+    1836 measurements with nine (Delta, delta, TE) timings (see the module docstring)."""
+    return acquisition_scheme_from_schemefile(
+        SCHEME_DIRECTORY / "duval_cat_spinal_cord_2d.scheme")
