@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import importlib
-import inspect
 import logging
 import multiprocessing
 import os
@@ -90,14 +89,6 @@ class _Progress:
             logger.debug("progress write failed", exc_info=True)
 
 
-def _supported(func: Callable, name: str) -> bool:
-    try:
-        params = inspect.signature(func).parameters
-    except (TypeError, ValueError):  # pragma: no cover
-        return False
-    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
-
-
 def _cancel_check(spec: JobSpec, stop_event: threading.Event | None) -> Callable[[], bool]:
     flag = Path(spec.job_dir) / "cancel"
 
@@ -113,6 +104,7 @@ def _cancel_check(spec: JobSpec, stop_event: threading.Event | None) -> Callable
 
 def _run_fit(spec: JobSpec, progress: Callable[[float], None],
              should_cancel: Callable[[], bool], executor: Any) -> dict[str, Any]:
+    from fingerprint.fitting.options import FitOptions
     from fingerprint.fitting.pipeline import fit_volume
 
     job_dir = Path(spec.job_dir)
@@ -131,16 +123,11 @@ def _run_fit(spec: JobSpec, progress: Callable[[float], None],
     for name in ("delta", "Delta", "TE"):
         if options.get(name) is not None:
             kwargs[name] = float(options[name])
-    size = options.get("dictionary_size")
-    if size is not None:
-        for name in ("dictionary_size", "size"):
-            if _supported(fit_volume, name):
-                kwargs[name] = int(size)
-                break
-        else:
-            raise RuntimeError("this library version cannot choose the dictionary size")
+    # the job's fit options, validated by the library's one options object
+    fit_options = FitOptions.from_mapping(
+        {k: v for k, v in options.items() if k in FitOptions.option_names()})
     result = fit_volume(spec.model, inputs["dwi"], inputs["bval"], inputs["bvec"], partial,
-                        **kwargs)
+                        options=fit_options, **kwargs)
     names = []
     root = partial.resolve()
     for path in result.files:
@@ -174,8 +161,7 @@ def _run_dictionary(spec: JobSpec, progress: Callable[[float], None],
     kwargs: dict[str, Any] = {"size": options.get("size"), "seed": options.get("seed", 0),
                               "directory": spec.dictionary_dir, "progress": progress,
                               "n_jobs": spec.threads}
-    if _supported(get_or_build_dictionary, "should_cancel"):
-        kwargs["should_cancel"] = should_cancel
+    kwargs["should_cancel"] = should_cancel
     dictionary = get_or_build_dictionary(spec.model, scheme, **kwargs)
     path = Path(dictionary.path)
     info: dict[str, Any] = {"dictionary": path.name}

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from fingerprint.errors import FingerprintError, UnknownModelError
+from fingerprint.fitting.options import PREFIX_PATTERN, TIMING_LIMITS_S
 
 from .dependencies import ApiError
 
@@ -22,7 +23,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["check_model", "check_timing", "float_field", "int_field", "prefix_field",
            "timing_fields", "validate_fit", "validate_scheme"]
 
-_PREFIX_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+_PREFIX_RE = PREFIX_PATTERN
 
 
 def int_field(fields: dict[str, str], name: str, *, low: int, high: int) -> int | None:
@@ -66,11 +67,8 @@ def prefix_field(fields: dict[str, str]) -> str | None:
 
 def timing_fields(fields: dict[str, str]) -> dict[str, float]:
     """The optional pulse timing of a form (``delta``, ``Delta``, ``TE``, in s)."""
-    values = {
-        "delta": float_field(fields, "delta", low=0, high=1, unit="seconds"),
-        "Delta": float_field(fields, "Delta", low=0, high=10, unit="seconds"),
-        "TE": float_field(fields, "TE", low=0, high=10, unit="seconds"),
-    }
+    values = {name: float_field(fields, name, low=0, high=limit, unit="seconds")
+              for name, limit in TIMING_LIMITS_S.items()}
     return {k: v for k, v in values.items() if v is not None}
 
 

@@ -247,7 +247,7 @@ def test_fit_of_all_zero_data_says_there_is_nothing_to_fit(ball_stick, scheme, d
 
 @pytest.mark.parametrize("n_jobs", [0, -1, -3])
 def test_fit_rejects_non_positive_n_jobs(ball_stick, scheme, dwi, n_jobs):
-    with pytest.raises(InputError, match="n_jobs must be a positive number"):
+    with pytest.raises(InputError, match="option 'n_jobs' must be an integer >= 1"):
         fit_model(ball_stick, scheme, dwi[0], n_jobs=n_jobs)
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from fingerprint.errors import CancelledError, InputError
-from fingerprint.fitting import pipeline
+from fingerprint.fitting import engine, pipeline
 from fingerprint.fitting.pipeline import fit_volume, prefix_from_filename, validate_inputs
 from fingerprint.io.nifti import (
     DWIImage,
@@ -137,27 +137,25 @@ def test_chunking_slabs_and_executor_give_identical_maps(fitted, files, tmp_path
             np.testing.assert_array_equal(maps[key], reference[key], err_msg=f"{name}: {key}")
         if "executor" in kwargs:
             kwargs["executor"].shutdown()
-            assert not pipeline._ESTIMATORS  # the fit's estimator is not kept alive
+            # the estimator shared with the executor's tasks under its dictionary's path
+            # is not kept alive after the fit
+            assert not [k for k in engine.ESTIMATORS._items if k[0] == "dictionary"]
 
 
 def test_workers_rebuild_the_estimator_from_the_dictionary_path(fitted, files):
-    """What a worker process does: unpickle a handle, open the dictionary, fit."""
+    """What a worker process does: unpickle a fitter (its dictionary path and options),
+    open the dictionary, fit -- through the same core as in-process fitting."""
     result, _ = fitted
     phantom_img = DWIImage(files["dwi"])
     mask = load_mask(files["mask"], phantom_img.spatial_shape)
     slab = next(phantom_img.iter_slabs(mask))
-    handle = pipeline.EstimatorHandle(str(result.dictionary), (("n_jobs", 1),))
-    assert pickle.loads(pickle.dumps(handle)) == handle
-    with pipeline._ESTIMATORS_LOCK:
-        saved = dict(pipeline._ESTIMATORS)
-        pipeline._ESTIMATORS.clear()
-    try:
-        rebuilt = pipeline.fit_chunk(pickle.loads(pickle.dumps(handle)), slab.data)
-        assert handle.key in pipeline._ESTIMATORS
-    finally:
-        with pipeline._ESTIMATORS_LOCK:
-            pipeline._ESTIMATORS.clear()
-            pipeline._ESTIMATORS.update(saved)
+    fitter = engine._fitter_from_dictionary(str(result.dictionary), (("n_jobs", 1),), None)
+    payload = pickle.dumps(fitter)
+    assert len(payload) < 2000  # the path and options, not the dictionary
+    key = engine.dictionary_cache_key(str(result.dictionary), {"n_jobs": 1})
+    engine.ESTIMATORS.clear()
+    rebuilt = pipeline.fit_chunk(pickle.loads(payload), slab.data)
+    assert key in engine.ESTIMATORS
     icvf = np.asarray(nib.load(result.maps["icvf"]).dataobj)[tuple(slab.coords.T)]
     col = [i for i, n in enumerate(_vector_names(rebuilt["parameters"].shape[1]))
            if n == "SD1WatsonDistributed_1_partial_volume_0"][0]
@@ -354,20 +352,24 @@ def test_every_validation_error_names_the_file(files, phantom, tmp_path):
     bad = data.copy()
     bad[2, 2, 1, 5] = np.nan
     nan_dwi = _write(tmp_path / "nan_dwi.nii.gz", bad)
-    cases.append(("NaN signal", (nan_dwi, bval, bvec, mask), "nan_dwi.nii.gz"))
     for label, args, name in cases:
         with pytest.raises(InputError) as info:
             validate_inputs(*args)
         assert name in str(info.value), (label, str(info.value))
 
-    # NaN outside the mask is fine; inside the mask fit_volume refuses it too
+    # NaN outside the mask is not counted; inside the mask it is counted, and the voxel
+    # is left out of the fit (NaN in its maps) instead of stopping it
     outside = data.copy()
     outside[0, 0, 0, :] = np.nan  # background voxel
     ok = _write(tmp_path / "nan_outside.nii.gz", outside)
-    validate_inputs(ok, bval, bvec, mask=mask)
-    with pytest.raises(InputError, match="nan_dwi.nii.gz"):
-        fit_volume("noddi", nan_dwi, bval, bvec, tmp_path / "o", mask=mask,
-                   dictionary_size=SIZE)
+    assert validate_inputs(ok, bval, bvec, mask=mask).n_nonfinite_voxels == 0
+    assert validate_inputs(nan_dwi, bval, bvec, mask=mask).n_nonfinite_voxels == 1
+    result = fit_volume("noddi", nan_dwi, bval, bvec, tmp_path / "o", mask=mask,
+                        dictionary_size=SIZE)
+    assert result.n_unusable == 1
+    icvf = np.asarray(nib.load(result.maps["icvf"]).dataobj)
+    assert np.isnan(icvf[2, 2, 1])
+    assert np.isfinite(icvf[load_mask(mask, icvf.shape)]).sum() == result.n_voxels - 1
 
 
 def test_argument_errors(files, tmp_path):

@@ -19,6 +19,7 @@ from typing import Any
 
 from fingerprint.cli.progress import progress_bar
 from fingerprint.errors import CancelledError, DictionaryError, InputError
+from fingerprint.fitting.options import TIMING_LIMITS_S, check_timing
 
 
 def add_parser(subparsers: Any) -> None:
@@ -64,22 +65,12 @@ def quiet_third_party_logs(args: argparse.Namespace) -> None:
         logging.getLogger("faiss").setLevel(logging.WARNING)
 
 
-#: Largest plausible pulse timing (s) per flag; larger values are milliseconds given as s.
-TIMING_LIMITS_S = {"delta": 1.0, "Delta": 10.0, "TE": 10.0}
-
-
 def check_timing_flags(args: argparse.Namespace) -> None:
-    """--delta / --Delta / --TE must be finite, positive and in seconds (the server's
-    limits): 10 for --delta is a millisecond value, not 10 s."""
-    for name, limit in TIMING_LIMITS_S.items():
-        value = getattr(args, name, None)
-        if value is None:
-            continue
-        if not (0.0 < value < limit):  # also false for NaN
-            hint = f" (milliseconds? {value:g} ms is {value / 1e3:g} s)" \
-                if limit <= value < limit * 1e3 else ""
-            raise InputError(f"--{name} must be in seconds, between 0 and {limit:g}; got "
-                             f"{value:g}{hint}")
+    """--delta / --Delta / --TE must be finite, positive and in seconds (the limits of
+    :data:`fingerprint.fitting.options.TIMING_LIMITS_S`, shared with the server): 10 for
+    --delta is a millisecond value, not 10 s."""
+    for name in TIMING_LIMITS_S:
+        check_timing(name, getattr(args, name, None), flag=f"--{name}")
 
 
 def _cli_error(message: str) -> Exception:
@@ -129,7 +120,9 @@ def _cmd_fit(args: argparse.Namespace) -> int:
               f" ({result.n_voxels / max(result.timings.get('fit', 0.0), 1e-9):,.0f} voxels/s"
               f" matching)\n")
     if result.n_invalid:
-        out.write(f"{result.n_invalid} voxels could not be fitted (0 in the maps)\n")
+        out.write(f"{result.n_invalid} voxels were left out ({result.n_unusable} for NaN, "
+                  f"infinite or negative signals or no positive b=0 signal; NaN in the "
+                  f"maps)\n")
     out.write(f"maps in {result.out_dir}:\n")
     for path in result.files:
         if path.suffix != ".json":

@@ -1,9 +1,17 @@
-"""``fit_model``: what ``MultiCompartmentModel.fit`` runs.
+"""The one fitting core: what ``model.fit``, ``fit_volume``, ``fingerprint fit`` and the lab
+server run.
 
-It finds (or builds, once) the model's dictionary for the scheme, gets the matching
-estimator (kept in a small in-process cache, so fitting the same model again -- from any
-thread -- reuses the loaded dictionary and FAISS index), fits the voxels in ``mask`` and
-wraps the result in a :class:`~fingerprint.core.fitted_model.FittedMultiCompartmentModel`.
+* :func:`prepare_fitter` turns a model, a scheme and
+  :class:`~fingerprint.fitting.options.FitOptions` into a
+  :class:`~fingerprint.fitting.registry.VoxelFitter` of the registered solver named by
+  ``options.solver`` (the built-in ``'fingerprint'``: dictionary matching through an
+  estimator from the process's one :data:`ESTIMATORS` cache, then the non-linear polish
+  for models with more than one orientation or ``refine='nonlinear'``);
+* :func:`fit_voxels` fits voxels (n, N) with it, leaving out the unusable ones
+  (:mod:`fingerprint.fitting.validity`);
+* :func:`fit_model` (``model.fit``) is arrays in, fitted model out around those two;
+  :func:`fingerprint.fitting.pipeline.fit_volume` is the chunked NIfTI adapter around the
+  same two.
 """
 
 from __future__ import annotations
@@ -11,92 +19,153 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections import OrderedDict
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Hashable, Mapping
 
 import numpy as np
 
+from fingerprint.core.acquisition_scheme import AcquisitionScheme
+from fingerprint.core.fitted_model import FittedMultiCompartmentModel
+from fingerprint.core.modeling_framework import MultiCompartmentModelProperties as Model
+from fingerprint.dictionary import open_dictionary
 from fingerprint.errors import InputError
+from fingerprint.fitting.estimator import FingerprintEstimator, VoxelEstimates
+from fingerprint.fitting.nonlinear import DEFAULT_MAX_NFEV, goodness_of_fit, refine_nonlinear
+from fingerprint.fitting.options import (
+    DMIPY_IGNORED_OPTIONS,
+    DMIPY_SOLVERS,
+    FitOptions,
+    PolishSettings,
+)
+from fingerprint.fitting.registry import (
+    BUILTIN_SOLVER,
+    SolverRequest,
+    VoxelFitter,
+    get_solver,
+    register_solver,
+)
+from fingerprint.fitting.validity import default_mask, report_unusable, usable_voxels
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DMIPY_IGNORED_OPTIONS", "DMIPY_SOLVERS", "clear_estimator_cache", "fit_model",
-           "get_estimator"]
+__all__ = ["DMIPY_IGNORED_OPTIONS", "DMIPY_SOLVERS", "ESTIMATORS", "EstimatorCache",
+           "FingerprintFitter", "clear_estimator_cache", "dictionary_cache_key",
+           "estimator_for_dictionary", "fitter_for_estimator",
+           "fit_model", "fit_voxels", "get_estimator", "prepare_fitter"]
 
-#: dmipy's solver names: accepted (and answered by dictionary matching) so that ported
-#: scripts run unchanged.
-DMIPY_SOLVERS = ("brute2fine", "mix", "amico")
-#: dmipy ``fit`` keywords of its optimisers, meaningless for dictionary matching: accepted
-#: and ignored (``number_of_processors`` and ``use_parallel_processing`` set ``n_jobs``).
-DMIPY_IGNORED_OPTIONS = ("Ns", "N_sphere_samples", "maxiter", "hard_constraints",
-                         "lambda_inf", "lambda_1")
+ProgressCallback = Callable[[float], object]
+CancelCheck = Callable[[], bool]
 
-_CACHE: OrderedDict[tuple, Any] = OrderedDict()
-_CACHE_LOCK = threading.Lock()
-_BUILD_LOCKS: dict[tuple, threading.Lock] = {}
+#: Estimators kept per process (dictionary and FAISS index loaded once).
 _MAX_CACHED = 4
 #: Best atoms added to the estimate as starts of the non-linear refinement.
-NONLINEAR_STARTS = 3
+NONLINEAR_STARTS = PolishSettings().starts
+
+
+class EstimatorCache:
+    """The process's one cache of loaded estimators (least recently used evicted),
+    keyed by model spec + scheme + dictionary + options, or by a stored dictionary's path
+    + options (executor workers). Building one key happens once even when several threads
+    ask for it at the same time."""
+
+    def __init__(self, size: int = _MAX_CACHED) -> None:
+        self.size = int(size)
+        self._items: OrderedDict[Hashable, FingerprintEstimator] = OrderedDict()
+        self._lock = threading.Lock()
+        self._building: dict[Hashable, threading.Lock] = {}
+
+    def get(self, key: Hashable, build: Callable[[], FingerprintEstimator]
+            ) -> FingerprintEstimator:
+        """The estimator of ``key``, built by ``build()`` when missing."""
+        with self._lock:
+            est = self._items.get(key)
+            if est is not None:
+                self._items.move_to_end(key)
+                return est
+            lock = self._building.setdefault(key, threading.Lock())
+        with lock:
+            with self._lock:
+                est = self._items.get(key)
+            if est is None:
+                est = build()
+                self.put(key, est)
+        with self._lock:
+            self._building.pop(key, None)
+        return est
+
+    def put(self, key: Hashable, est: FingerprintEstimator) -> None:
+        """Keep ``est`` under ``key``."""
+        with self._lock:
+            self._items[key] = est
+            self._items.move_to_end(key)
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+
+    def pop(self, key: Hashable) -> None:
+        """Forget ``key``."""
+        with self._lock:
+            self._items.pop(key, None)
+
+    def __contains__(self, key: object) -> bool:
+        with self._lock:
+            return key in self._items
+
+    def clear(self) -> None:
+        """Forget every estimator."""
+        with self._lock:
+            self._items.clear()
+            self._building.clear()
+
+
+#: The estimator cache of this process (``model.fit``, ``fit_volume`` and their workers).
+ESTIMATORS = EstimatorCache()
 
 
 def clear_estimator_cache() -> None:
     """Forget the estimators kept by :func:`get_estimator`."""
-    with _CACHE_LOCK:
-        _CACHE.clear()
-        _BUILD_LOCKS.clear()
+    ESTIMATORS.clear()
 
 
-def get_estimator(model: Any, scheme: Any, *, dictionary_size: int | None = None,
-                  dictionary_dir: str | os.PathLike | None = None, n_jobs: int | None = None,
-                  progress: Any = None, should_cancel: Any = None,
-                  **options: Any) -> Any:
+def _options_key(options: Mapping[str, object]) -> tuple[tuple[str, str], ...]:
+    return tuple(sorted((k, repr(v)) for k, v in options.items()))
+
+
+def get_estimator(model: Model | str, scheme: AcquisitionScheme, *,
+                  dictionary_size: int | None = None,
+                  dictionary_dir: str | os.PathLike[str] | None = None,
+                  n_jobs: int | None = None, progress: ProgressCallback | None = None,
+                  should_cancel: CancelCheck | None = None, seed: int = 0,
+                  **options: object) -> FingerprintEstimator:
     """The :class:`~fingerprint.fitting.estimator.FingerprintEstimator` of ``model`` on
-    ``scheme`` (cached per model spec, scheme, dictionary and options)."""
-    from fingerprint.fitting.estimator import FingerprintEstimator
-
+    ``scheme`` (cached per model spec, scheme, dictionary and options; a model name such
+    as ``'noddi'`` works too)."""
     spec_hash = getattr(model, "spec_hash", None) if not isinstance(model, str) else model
-    key = (str(spec_hash), str(scheme.hash), dictionary_size,
+    key = ("model", str(spec_hash), str(scheme.hash), dictionary_size, seed,
            None if dictionary_dir is None else os.fspath(dictionary_dir), n_jobs,
-           tuple(sorted((k, repr(v)) for k, v in options.items())))
-    with _CACHE_LOCK:
-        est = _CACHE.get(key)
-        if est is not None:
-            _CACHE.move_to_end(key)
-            return est
-        lock = _BUILD_LOCKS.setdefault(key, threading.Lock())
-    with lock:
-        with _CACHE_LOCK:
-            est = _CACHE.get(key)
-        if est is None:
-            est = FingerprintEstimator.from_model(
-                model, scheme, dictionary_size=dictionary_size,
-                dictionary_dir=dictionary_dir, n_jobs=n_jobs, progress=progress,
-                should_cancel=should_cancel, **options)
-            with _CACHE_LOCK:
-                _CACHE[key] = est
-                while len(_CACHE) > _MAX_CACHED:
-                    _CACHE.popitem(last=False)
-    return est
+           _options_key(options))
+    return ESTIMATORS.get(key, lambda: FingerprintEstimator.from_model(
+        model, scheme, dictionary_size=dictionary_size, dictionary_dir=dictionary_dir,
+        n_jobs=n_jobs, progress=progress, should_cancel=should_cancel, seed=seed,
+        **options))  # type: ignore[arg-type]
 
 
-def _check_options(options: Mapping[str, Any]) -> None:
-    import inspect
-
-    from fingerprint.fitting.estimator import FingerprintEstimator
-
-    known = set(inspect.signature(FingerprintEstimator.__init__).parameters) - {
-        "self", "model", "scheme", "atom_parameters", "atom_features", "dictionary",
-        "parameter_names", "parameter_cardinality", "canonical_orientation",
-        "simplex_names"}
-    known |= {"seed", "should_cancel"}
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise InputError(f"unknown fit option(s) {unknown}; fingerprint options: "
-                         f"{sorted(known)}")
+def dictionary_cache_key(path: str, options: Mapping[str, object]) -> Hashable:
+    """The :data:`ESTIMATORS` key of the estimator over the stored dictionary ``path``."""
+    return ("dictionary", str(path), _options_key(options))
 
 
-def _x0_flat(x0_vector: Any, spatial: tuple[int, ...], use: np.ndarray) -> Any:
+def estimator_for_dictionary(path: str, options: Mapping[str, object]
+                             ) -> FingerprintEstimator:
+    """The estimator over the stored dictionary at ``path`` with estimator ``options``
+    (cached; what executor workers use)."""
+    key = dictionary_cache_key(path, options)
+    return ESTIMATORS.get(key, lambda: FingerprintEstimator.from_dictionary(
+        open_dictionary(path), **options))  # type: ignore[arg-type]
+
+
+def _x0_flat(x0_vector: object, spatial: tuple[int, ...], use: np.ndarray
+             ) -> np.ndarray | dict[str, np.ndarray] | None:
     """Select the masked voxels of an x0 given per voxel; pass broadcast ones through."""
     if x0_vector is None:
         return None
@@ -105,9 +174,9 @@ def _x0_flat(x0_vector: Any, spatial: tuple[int, ...], use: np.ndarray) -> Any:
         for k, v in x0_vector.items():
             arr = np.asarray(v, dtype=np.float64)
             if spatial and arr.shape[:len(spatial)] == spatial:
-                out[k] = arr[use]
+                out[str(k)] = arr[use]
             else:
-                out[k] = arr
+                out[str(k)] = arr
         return out
     arr = np.asarray(x0_vector, dtype=np.float64)
     if spatial and arr.shape[:-1] == spatial:
@@ -118,44 +187,169 @@ def _x0_flat(x0_vector: Any, spatial: tuple[int, ...], use: np.ndarray) -> Any:
                      f"spatial shape {spatial} + (P,)")
 
 
-def _polish(est: Any, model: Any, scheme: Any, data: np.ndarray, ve: Any, starts: int,
-            max_nfev: Any, n_jobs: int | None, method: str = "batched") -> None:
+def _polish(est: FingerprintEstimator, data: np.ndarray, ve: VoxelEstimates,
+            polish: PolishSettings) -> None:
     """Polish the valid voxels of ``ve`` in place by non-linear least squares, started
-    from the estimate and (signal features) the ``starts`` best atoms."""
-    import time
-
-    from fingerprint.fitting.nonlinear import (
-        DEFAULT_MAX_NFEV,
-        goodness_of_fit,
-        refine_nonlinear,
-    )
-
+    from the estimate and (signal features) the ``polish.starts`` best atoms."""
     rows = np.flatnonzero(ve.valid)
     if rows.size == 0:
         return
     t0 = time.perf_counter()
+    model, scheme = est.model, est.scheme
     y = data[rows] / ve.s0[rows, None]
     x0 = ve.parameters[rows][:, None, :]
     fmap = est.feature_map
-    if starts > 1 and fmap.kind == "signal":
-        _, idx = est.matcher.search(fmap.voxel_features(y), starts)
+    if polish.starts > 1 and fmap.kind == "signal":
+        _, idx = est.matcher.search(fmap.voxel_features(y), polish.starts)
         atoms = est.atom_parameters[np.maximum(idx, 0)].astype(np.float64)
         atoms[idx < 0] = np.nan
         x0 = np.concatenate([x0, atoms], axis=1)
-    polished = refine_nonlinear(model, scheme, y, x0, n_jobs=n_jobs,
-                                max_nfev=int(max_nfev or DEFAULT_MAX_NFEV), method=method)
+    polished = refine_nonlinear(model, scheme, y, x0, n_jobs=est.n_jobs,
+                                max_nfev=int(polish.max_nfev or DEFAULT_MAX_NFEV),
+                                method=polish.method)
     ve.parameters[rows] = polished
     ve.r2[rows], ve.mse[rows] = goodness_of_fit(model, scheme, y, polished)
     logger.info("non-linear refinement of %d voxels from %d start(s) each: %.3g s",
                 rows.size, x0.shape[1], time.perf_counter() - t0)
 
 
-def fit_model(model: Any, acquisition_scheme: Any, data: Any, mask: Any = None,
-              solver: str = "fingerprint", x0_vector: Any = None, n_jobs: int | None = None,
-              dictionary_size: int | None = None,
-              dictionary_dir: str | os.PathLike | None = None, refine: bool | str = True,
-              n_neighbors: int | None = None, progress: Any = None,
-              **options: Any) -> Any:
+class FingerprintFitter:
+    """The built-in solver's :class:`~fingerprint.fitting.registry.VoxelFitter`:
+    dictionary matching (:class:`FingerprintEstimator`), then, when ``polish`` is given,
+    the non-linear polish. Pickles to its dictionary's path and options, so executor
+    workers rebuild it from the shared dictionary once per process."""
+
+    def __init__(self, estimator: FingerprintEstimator, options: Mapping[str, object],
+                 polish: PolishSettings | None) -> None:
+        self.estimator = estimator
+        self.model = estimator.model
+        self.scheme = estimator.scheme
+        self.options = dict(options)
+        self.polish = polish
+
+    @property
+    def dictionary_path(self) -> str | None:
+        """Path of the stored dictionary, or None for an in-memory one."""
+        path = getattr(self.estimator.dictionary, "path", None)
+        return None if path is None else os.fspath(path)
+
+    def __reduce__(self) -> tuple[Callable[..., FingerprintFitter], tuple[object, ...]]:
+        path = self.dictionary_path
+        if path is None:
+            raise InputError("an executor needs an estimator backed by a stored dictionary")
+        return _fitter_from_dictionary, (path, tuple(sorted(self.options.items())),
+                                         self.polish)
+
+    def fit_voxels(self, data: np.ndarray,
+                   x0: np.ndarray | Mapping[str, np.ndarray] | None = None
+                   ) -> VoxelEstimates:
+        ve = self.estimator.estimate(data, x0=x0)
+        if self.polish is not None:
+            _polish(self.estimator, data, ve, self.polish)
+        return ve
+
+
+def _fitter_from_dictionary(path: str, options: tuple[tuple[str, object], ...],
+                            polish: PolishSettings | None) -> FingerprintFitter:
+    opts = dict(options)
+    return FingerprintFitter(estimator_for_dictionary(path, opts), opts, polish)
+
+
+def fitter_for_estimator(est: FingerprintEstimator, options: FitOptions) -> FingerprintFitter:
+    """The fitter of a ready estimator with ``options``' polish rule."""
+    n_orient = len(getattr(est.model, "orientation_parameter_names", []) or [])
+    polish = options.polish if options.nonlinear_for(n_orient) else None
+    est_options = {k: v for k, v in options.estimator_options().items()
+                   if k not in ("n_neighbors", "refine", "n_jobs")}
+    est_options.update(n_neighbors=est.n_neighbors, refine=est.refine, n_jobs=est.n_jobs)
+    return FingerprintFitter(est, est_options, polish)
+
+
+def _prepare_fingerprint(request: SolverRequest) -> FingerprintFitter:
+    options = request.options
+    est_options = options.estimator_options()
+    n_jobs = est_options.pop("n_jobs")
+    est = get_estimator(request.model, request.scheme,
+                        dictionary_size=options.dictionary_size,
+                        dictionary_dir=request.dictionary_dir, n_jobs=n_jobs,  # type: ignore[arg-type]
+                        progress=request.progress, should_cancel=request.should_cancel,
+                        seed=options.seed, **est_options)
+    n_orient = len(request.model.orientation_parameter_names)
+    polish = options.polish if options.nonlinear_for(n_orient) else None
+    return FingerprintFitter(est, {**est_options, "n_jobs": n_jobs}, polish)
+
+
+register_solver(BUILTIN_SOLVER, _prepare_fingerprint, uses_dictionary=True,
+                description="dictionary matching with a local-linear refinement (and a "
+                            "non-linear polish for several orientations)", replace=True)
+
+
+def prepare_fitter(model: Model, scheme: AcquisitionScheme, options: FitOptions, *,
+                   dictionary_dir: str | os.PathLike[str] | None = None,
+                   progress: ProgressCallback | None = None,
+                   should_cancel: CancelCheck | None = None) -> VoxelFitter:
+    """The fitter of ``options.solver`` for ``model`` on ``scheme`` (builds or loads what
+    it needs, e.g. the dictionary)."""
+    info = get_solver(options.solver)
+    if options.solver in DMIPY_SOLVERS and info.name == BUILTIN_SOLVER:
+        logger.info("solver %r: fitting by dictionary matching instead", options.solver)
+    return info.prepare(SolverRequest(model, scheme, options, dictionary_dir, progress,
+                                      should_cancel))
+
+
+def fit_voxels(fitter: VoxelFitter, data: np.ndarray,
+               x0: np.ndarray | Mapping[str, np.ndarray] | None = None) -> VoxelEstimates:
+    """The one fitting core: fit ``data`` (n, N) raw signals with ``fitter``.
+
+    Voxels that are not usable (:func:`~fingerprint.fitting.validity.usable_voxels`) are
+    left out and get NaN estimates and ``valid`` False; the others are fitted in float64
+    whatever the input's precision, so that every entry point gives the same numbers.
+    ``x0`` (P,) / (n, P) / dict: starts (see :func:`fit_model`)."""
+    arr = np.asarray(data)
+    if arr.ndim != 2:
+        raise InputError(f"data must have shape (voxels, measurements), got {arr.shape}")
+    n = arr.shape[0]
+    usable = usable_voxels(arr, fitter.scheme.b0_mask)
+    rows = np.flatnonzero(usable)
+    sub = np.ascontiguousarray(arr[rows], dtype=np.float64)
+    x0_rows = _x0_rows(x0, rows, n)
+    ve = fitter.fit_voxels(sub, x0_rows)
+    if rows.size == n:
+        return ve
+    P = ve.parameters.shape[1]
+
+    def full(values: np.ndarray, shape: tuple[int, ...], fill: float | bool) -> np.ndarray:
+        out = np.full(shape, fill, dtype=values.dtype)
+        out[rows] = values
+        return out
+
+    return VoxelEstimates(full(ve.parameters, (n, P), np.nan),
+                          full(ve.uncertainty, (n, P), np.nan), full(ve.s0, (n,), np.nan),
+                          full(ve.r2, (n,), np.nan), full(ve.mse, (n,), np.nan),
+                          full(ve.valid, (n,), False), full(ve.sigma, (n,), np.nan))
+
+
+def _x0_rows(x0: np.ndarray | Mapping[str, np.ndarray] | None, rows: np.ndarray, n: int
+             ) -> np.ndarray | dict[str, np.ndarray] | None:
+    """The rows of a per-voxel x0 (n, ...) that are fitted; broadcast ones unchanged."""
+    if x0 is None or rows.size == n:
+        return x0
+    if isinstance(x0, Mapping):
+        return {k: (np.asarray(v)[rows] if np.ndim(v) >= 1 and np.shape(v)[0] == n else
+                    np.asarray(v)) for k, v in x0.items()}
+    arr = np.asarray(x0)
+    return arr[rows] if arr.ndim == 2 and arr.shape[0] == n else arr
+
+
+def fit_model(model: Model, acquisition_scheme: AcquisitionScheme, data: np.ndarray,
+              mask: np.ndarray | None = None, solver: str = "fingerprint",
+              x0_vector: np.ndarray | Mapping[str, np.ndarray] | None = None,
+              n_jobs: int | None = None, dictionary_size: int | None = None,
+              dictionary_dir: str | os.PathLike[str] | None = None,
+              refine: bool | str = True, n_neighbors: int | None = None,
+              progress: ProgressCallback | None = None,
+              options: FitOptions | None = None,
+              **kwargs: object) -> FittedMultiCompartmentModel:
     """Fit ``model`` to ``data`` (..., N) measured with ``acquisition_scheme``.
 
     Parameters
@@ -164,9 +358,12 @@ def fit_model(model: Any, acquisition_scheme: Any, data: Any, mask: Any = None,
     acquisition_scheme: the AcquisitionScheme of the last axis of ``data``.
     data: raw signals, any shape ending in N measurements.
     mask: bool array of data.shape[:-1]; voxels to fit (default: every voxel whose mean b0
-        signal is positive).
-    solver: ``'fingerprint'`` (dmipy's ``'brute2fine'``, ``'mix'`` and ``'amico'`` are
-        accepted and also answered by dictionary matching).
+        signal is positive; ``mask_rule='all'``: every voxel). Voxels of the mask with
+        NaN, infinite or negative signals or no positive b=0 signal are left out, reported
+        in one warning and NaN in the result (:mod:`fingerprint.fitting.validity`).
+    solver: a registered solver (``'fingerprint'``, dictionary matching, by default;
+        dmipy's ``'brute2fine'``, ``'mix'`` and ``'amico'`` are accepted and answered by
+        dictionary matching unless solvers of those names are registered).
     x0_vector: initial guess: parameter vectors (P,) or data.shape[:-1] + (P,), or a dict
         of (possibly short) parameter names; NaN entries are estimated. A given
         orientation fixes the fibre frame (e.g. from a Ball-Stick fit).
@@ -182,8 +379,11 @@ def fit_model(model: Any, acquisition_scheme: Any, data: Any, mask: Any = None,
         residual evaluations per start; ``nonlinear_method`` is ``'batched'`` (default:
         all voxels advance together) or ``'scipy'`` (voxel by voxel, the reference).
     n_neighbors: atoms matched per voxel.
-    options: further :class:`~fingerprint.fitting.estimator.FingerprintEstimator`
-        options (``rician``, ``matcher_method``, ``frame_iterations``, ...). dmipy's
+    progress: called with a fraction in [0, 1] while a dictionary is built.
+    options: a :class:`~fingerprint.fitting.options.FitOptions` (the keywords above and
+        ``kwargs`` override its fields).
+    kwargs: further :class:`~fingerprint.fitting.options.FitOptions` fields (``rician``,
+        ``matcher_method``, ``frame_iterations``, ``seed``, ``mask_rule``, ...). dmipy's
         ``number_of_processors`` / ``use_parallel_processing`` set ``n_jobs``; its
         optimiser settings (``Ns``, ``N_sphere_samples``, ``maxiter``, ...) are ignored.
 
@@ -191,40 +391,26 @@ def fit_model(model: Any, acquisition_scheme: Any, data: Any, mask: Any = None,
     -------
     FittedMultiCompartmentModel
     """
-    from fingerprint.core.fitted_model import FittedMultiCompartmentModel
-
-    processors = options.pop("number_of_processors", None)
-    if processors is not None and n_jobs is None:
-        n_jobs = int(processors)
-    if options.pop("use_parallel_processing", True) is False and n_jobs is None:
-        n_jobs = 1
     for name in DMIPY_IGNORED_OPTIONS:
-        if name in options:
+        if name in kwargs:
             logger.info("fit option %r is for dmipy's optimisers; ignored", name)
-            options.pop(name)
-    starts = int(options.pop("nonlinear_starts", NONLINEAR_STARTS))
-    max_nfev = options.pop("nonlinear_max_nfev", None)
-    method = str(options.pop("nonlinear_method", "batched"))
-    _check_options(options)
-    nonlinear = isinstance(refine, str) and refine.lower() == "nonlinear"
-    if isinstance(refine, str) and not nonlinear:
-        raise InputError(f"refine must be True, False or 'nonlinear', got {refine!r}")
-    if refine is not False and len(model.orientation_parameter_names) > 1:
-        nonlinear = True
-    solver_name = str(solver).lower()
-    if solver_name in DMIPY_SOLVERS:
-        logger.info("solver %r: fitting by dictionary matching instead", solver)
-    elif solver_name != "fingerprint":
-        raise InputError(f"unknown solver {solver!r}; use 'fingerprint' (dmipy's "
-                         f"{', '.join(DMIPY_SOLVERS)} are accepted as aliases)")
+    given: dict[str, object] = dict(options.to_dict()) if options is not None else {}
+    explicit = {"solver": solver, "n_jobs": n_jobs, "dictionary_size": dictionary_size,
+                "refine": refine, "n_neighbors": n_neighbors}
+    defaults = {"solver": "fingerprint", "refine": True}
+    for key, value in explicit.items():
+        if options is None or (value is not None and value != defaults.get(key)):
+            given[key] = value
+    if n_jobs is not None or "number_of_processors" in kwargs or \
+            kwargs.get("use_parallel_processing") is False:
+        given.pop("threads", None)
+    given.update(kwargs)
+    opts = FitOptions.from_mapping(given, dmipy=True)
     if not (hasattr(acquisition_scheme, "number_of_measurements")
             and hasattr(acquisition_scheme, "b0_mask")):
         raise InputError(f"acquisition_scheme must be an AcquisitionScheme (see "
                          f"acquisition_scheme_from_bvalues or read_bvals_bvecs), got "
                          f"{type(acquisition_scheme).__name__}")
-    if n_jobs is not None and (isinstance(n_jobs, bool) or int(n_jobs) < 1):
-        raise InputError(f"n_jobs must be a positive number of threads or None (all "
-                         f"cores), got {n_jobs!r}")
     raw = np.asarray(data)
     if raw.dtype.kind not in "biuf":
         raise InputError(f"data must be real-valued signal magnitudes (a numeric array), "
@@ -243,12 +429,12 @@ def fit_model(model: Any, acquisition_scheme: Any, data: Any, mask: Any = None,
     spatial = arr.shape[:-1]
     b0 = np.asarray(acquisition_scheme.b0_mask, dtype=bool)
     if mask is None:
-        with np.errstate(invalid="ignore"):
-            s0 = arr[..., b0].mean(axis=-1) if b0.any() else np.ones(spatial)
-        use = np.isfinite(s0) & (s0 > 0)
-        if use.size and not use.any():
-            raise InputError("no voxel of data has a positive mean b=0 signal (all zero, "
-                             "negative or NaN?); nothing to fit")
+        if opts.mask_rule == "all":
+            use = np.ones(spatial, dtype=bool)
+        else:
+            with np.errstate(invalid="ignore"):
+                s0 = arr[..., b0].mean(axis=-1) if b0.any() else np.ones(spatial)
+            use = default_mask(s0)
     else:
         mask_arr = np.asarray(mask)
         if mask_arr.dtype.kind == "f" and not np.all(np.isfinite(mask_arr)):
@@ -259,14 +445,15 @@ def fit_model(model: Any, acquisition_scheme: Any, data: Any, mask: Any = None,
                              f"shape {spatial}")
         if use.size and not use.any():
             raise InputError("mask is empty (no voxel selected)")
-    est = get_estimator(model, acquisition_scheme, dictionary_size=dictionary_size,
-                        dictionary_dir=dictionary_dir, n_jobs=n_jobs, progress=progress,
-                        refine=bool(refine), n_neighbors=n_neighbors, **options)
-    ve = est.estimate(arr[use], x0=_x0_flat(x0_vector, spatial, use))
-    if nonlinear:
-        _polish(est, model, acquisition_scheme, arr[use], ve, starts, max_nfev, n_jobs,
-                method)
-    P = est.n_parameters
+    fitter = prepare_fitter(model, acquisition_scheme, opts, dictionary_dir=dictionary_dir,
+                            progress=progress)
+    selected = arr[use]
+    ve = fit_voxels(fitter, selected, _x0_flat(x0_vector, spatial, use))
+    usable = usable_voxels(selected, b0)
+    if not usable.all():
+        coords = np.argwhere(use)[~usable] if spatial else np.zeros((1, 0), dtype=int)
+        report_unusable(coords, int(selected.shape[0]))
+    P = ve.parameters.shape[1]
     params = np.zeros(spatial + (P,))
     unc = np.zeros(spatial + (P,))
     s0_map = np.zeros(spatial)
@@ -281,4 +468,4 @@ def fit_model(model: Any, acquisition_scheme: Any, data: Any, mask: Any = None,
     mse[use] = ve.mse
     return FittedMultiCompartmentModel(model, acquisition_scheme, params, mask=use, S0=s0_map,
                                        uncertainty=unc, valid=valid, r2=r2, mse=mse,
-                                       estimator=est)
+                                       estimator=getattr(fitter, "estimator", fitter))

@@ -37,15 +37,27 @@ import re
 import shutil
 import threading
 import time
-from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from fingerprint.core.acquisition_scheme import AcquisitionScheme
 from fingerprint.errors import CancelledError, FingerprintError, InputError
+from fingerprint.fitting.engine import (
+    ESTIMATORS,
+    FingerprintFitter,
+    dictionary_cache_key,
+    fit_voxels,
+    fitter_for_estimator,
+    prepare_fitter,
+)
+from fingerprint.fitting.estimator import VoxelEstimates
+from fingerprint.fitting.options import FitOptions, check_prefix
+from fingerprint.fitting.registry import VoxelFitter
+from fingerprint.fitting.validity import default_mask, report_unusable, usable_voxels
 from fingerprint.io.nifti import (
     DEFAULT_SLAB_BYTES,
     DWIImage,
@@ -59,7 +71,7 @@ from fingerprint.io.nifti import (
 logger = logging.getLogger(__name__)
 
 __all__ = ["DEFAULT_CHUNK_VOXELS", "FitResult", "InputSummary", "check_dictionary_space",
-           "check_output_directory", "fit_volume",
+           "check_output_directory", "fit_chunk", "fit_volume",
            "prefix_from_filename", "read_fsl_scheme", "validate_inputs"]
 
 #: Voxels per fitted chunk (one task of an executor).
@@ -69,7 +81,6 @@ _DICTIONARY_SHARE = 0.3
 _WRITE_SHARE = 0.03
 
 ProgressCallback = Callable[[float], Any]
-_PREFIX_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -88,14 +99,17 @@ class InputSummary:
     shell_bvalues: tuple[float, ...]
     dtype: str
     affine: np.ndarray = field(repr=False)
-    scheme: Any = field(repr=False)
+    scheme: AcquisitionScheme = field(repr=False)
+    #: voxels (of the mask) with NaN or infinite values, left out of fits (0 unscanned)
+    n_nonfinite_voxels: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able summary (b-values in s/mm²)."""
         return {"dwi": str(self.dwi), "bval": str(self.bval), "bvec": str(self.bvec),
                 "mask": str(self.mask) if self.mask else None, "shape": list(self.shape),
                 "n_volumes": self.n_volumes, "n_voxels": self.n_voxels, "n_b0": self.n_b0,
-                "shell_bvalues_s_per_mm2": list(self.shell_bvalues), "dtype": self.dtype}
+                "shell_bvalues_s_per_mm2": list(self.shell_bvalues), "dtype": self.dtype,
+                "n_nonfinite_voxels": self.n_nonfinite_voxels}
 
 
 def _path(value: Any, what: str) -> Path:
@@ -153,26 +167,29 @@ def _open_inputs(dwi: Any, bval: Any, bvec: Any, mask: Any, delta: Any = None,
     return image, scheme, mask_arr, mask_p
 
 
-def _scan_finite(image: DWIImage, mask: np.ndarray | None,
-                 b0_mask: np.ndarray | None = None) -> None:
-    """Every (masked) voxel of every volume must be finite; read volume by volume. Without
-    a mask, some voxel must have a positive mean b=0 signal (the default mask)."""
+def _scan_data(image: DWIImage, mask: np.ndarray | None,
+               b0_mask: np.ndarray | None = None) -> int:
+    """Read every volume once (truncated files fail here) and count the voxels (of the
+    mask) with NaN or infinite values: they are left out of a fit, not refused. Without a
+    mask, some voxel must have a positive mean b=0 signal (the default mask)."""
     b0_sum = None
+    bad = np.zeros(image.spatial_shape, dtype=bool)
     for i in range(image.n_volumes):
         vol = image.read_volume(i)
         if mask is None and b0_mask is not None and b0_mask[i]:
             b0_sum = vol if b0_sum is None else b0_sum + vol
-        bad = ~np.isfinite(vol)
-        if mask is not None:
-            bad &= mask
-        if bad.any():
-            where = tuple(int(c) for c in np.argwhere(bad)[0])
-            raise InputError(
-                f"DWI file {image.path} has {int(bad.sum())} NaN or infinite values in volume "
-                f"{i}{' inside the mask' if mask is not None else ''} (first at voxel "
-                f"{where}); give a mask that excludes them")
+        bad |= ~np.isfinite(vol)
+    if mask is not None:
+        bad &= mask
     if b0_sum is not None and not np.any(np.isfinite(b0_sum) & (b0_sum > 0)):
         raise InputError(f"DWI file {image.path}: no voxel has a positive b=0 signal")
+    n_bad = int(bad.sum())
+    if n_bad:
+        where = ", ".join(str(tuple(int(c) for c in row)) for row in np.argwhere(bad)[:5])
+        logger.info("DWI file %s: %d voxels%s hold NaN or infinite values (left out of "
+                    "fits; first at %s)", image.path, n_bad,
+                    " of the mask" if mask is not None else "", where)
+    return n_bad
 
 
 def validate_inputs(dwi: Any, bval: Any, bvec: Any, mask: Any = None, *, delta: Any = None,
@@ -183,20 +200,22 @@ def validate_inputs(dwi: Any, bval: Any, bvec: Any, mask: Any = None, *, delta: 
     Raises :class:`~fingerprint.errors.InputError` naming the file at fault for: missing,
     unreadable, truncated or non-NIfTI files; a DWI that is not 4-D; bval/bvec files that
     do not parse, disagree with each other or with the number of volumes, hold b-values
-    in s/m², or have no b=0; a mask that is unreadable, of another shape, or empty; NaN or
-    infinite signals (inside the mask; only when ``scan_data``, which reads the image once,
-    one volume at a time).
+    in s/m², or have no b=0; a mask that is unreadable, of another shape, or empty. With
+    ``scan_data`` the image is read once, one volume at a time: truncated data fails, and
+    voxels with NaN or infinite values are counted (``n_nonfinite_voxels``; fits leave
+    them out, see :mod:`fingerprint.fitting.validity`).
     """
     image, scheme, mask_arr, mask_p = _open_inputs(dwi, bval, bvec, mask, delta, Delta, TE)
+    n_bad = 0
     if scan_data:
-        _scan_finite(image, mask_arr, np.asarray(scheme.b0_mask, dtype=bool))
+        n_bad = _scan_data(image, mask_arr, np.asarray(scheme.b0_mask, dtype=bool))
     n_vox = int(mask_arr.sum()) if mask_arr is not None else int(np.prod(image.spatial_shape))
     shells = tuple(float(b) / 1e6 for b in np.asarray(scheme.shell_bvalues))
     return InputSummary(dwi=image.path, bval=_path(bval, "bval"), bvec=_path(bvec, "bvec"),
                         mask=mask_p, shape=image.shape, n_volumes=image.n_volumes,
                         n_voxels=n_vox, n_b0=int(np.sum(scheme.b0_mask)),
                         shell_bvalues=shells, dtype=str(image.dtype), affine=image.affine,
-                        scheme=scheme)
+                        scheme=scheme, n_nonfinite_voxels=n_bad)
 
 
 def prefix_from_filename(path: Any) -> str | None:
@@ -211,77 +230,24 @@ def prefix_from_filename(path: Any) -> str | None:
     return "_".join(entities) or None
 
 
-# ----------------------------------------------------------------------------- estimator cache
-_ESTIMATORS: OrderedDict[tuple, Any] = OrderedDict()
-_ESTIMATORS_LOCK = threading.Lock()
-_MAX_CACHED_ESTIMATORS = 4
-
-
-@dataclass(frozen=True)
-class EstimatorHandle:
-    """Picklable reference to an estimator: the dictionary path and the options.
-
-    :func:`estimator_from_handle` returns the cached estimator of this process, building
-    it from the dictionary the first time (worker processes) -- the process that created
-    the handle registered its own estimator, so in-process threads share it.
-    """
-
-    dictionary_path: str
-    options: tuple[tuple[str, Any], ...] = ()
-
-    @property
-    def key(self) -> tuple:
-        return (self.dictionary_path, self.options)
-
-
-def _register(handle: EstimatorHandle, estimator: Any) -> None:
-    with _ESTIMATORS_LOCK:
-        _ESTIMATORS[handle.key] = estimator
-        _ESTIMATORS.move_to_end(handle.key)
-        while len(_ESTIMATORS) > _MAX_CACHED_ESTIMATORS:
-            _ESTIMATORS.popitem(last=False)
-
-
-def estimator_from_handle(handle: EstimatorHandle) -> Any:
-    """The estimator of ``handle`` (cached per process)."""
-    with _ESTIMATORS_LOCK:
-        est = _ESTIMATORS.get(handle.key)
-        if est is not None:
-            _ESTIMATORS.move_to_end(handle.key)
-            return est
-    from fingerprint.dictionary import open_dictionary
-    from fingerprint.fitting.estimator import FingerprintEstimator
-
-    est = FingerprintEstimator.from_dictionary(open_dictionary(handle.dictionary_path),
-                                               **dict(handle.options))
-    _register(handle, est)
-    return est
-
-
-def _estimate(est: Any, data: np.ndarray) -> dict[str, np.ndarray]:
-    ve = est.estimate(np.asarray(data))
-    n = data.shape[0]
-
-    def arr(name: str, shape: tuple) -> np.ndarray:
-        value = getattr(ve, name, None)
-        if value is None:
-            return np.full(shape, np.nan, dtype=np.float32)
-        return np.asarray(value, dtype=np.float32).reshape(shape)
-
-    params = arr("parameters", (n, -1))
+# ----------------------------------------------------------------------------- chunks
+def _chunk_result(ve: VoxelEstimates) -> dict[str, np.ndarray]:
+    n = ve.parameters.shape[0]
     return {
-        "parameters": params,
-        "uncertainty": arr("uncertainty", params.shape),
-        "s0": arr("s0", (n,)),
-        "r2": arr("r2", (n,)),
-        "valid": (np.asarray(ve.valid, dtype=bool).reshape(n) if getattr(ve, "valid", None)
-                  is not None else np.all(np.isfinite(params), axis=1)),
+        "parameters": np.asarray(ve.parameters, dtype=np.float32).reshape(n, -1),
+        "uncertainty": np.asarray(ve.uncertainty, dtype=np.float32).reshape(n, -1),
+        "s0": np.asarray(ve.s0, dtype=np.float32).reshape(n),
+        "r2": np.asarray(ve.r2, dtype=np.float32).reshape(n),
+        "valid": np.asarray(ve.valid, dtype=bool).reshape(n),
     }
 
 
-def fit_chunk(handle: EstimatorHandle, data: np.ndarray) -> dict[str, np.ndarray]:
-    """Fit one chunk of voxels (n, N) with the estimator of ``handle``; what executors run."""
-    return _estimate(estimator_from_handle(handle), data)
+def fit_chunk(fitter: VoxelFitter, data: np.ndarray) -> dict[str, np.ndarray]:
+    """Fit one chunk of voxels (n, N) with ``fitter`` through the fitting core
+    (:func:`~fingerprint.fitting.engine.fit_voxels`); what executors run. Fitters pickle
+    small (the built-in one to its dictionary's path), so workers rebuild and cache
+    them."""
+    return _chunk_result(fit_voxels(fitter, np.asarray(data)))
 
 
 # ----------------------------------------------------------------------------- results
@@ -298,8 +264,11 @@ class FitResult:
     out_dir: Path = Path(".")
     #: map label -> NIfTI path (includes s0, r2 and '<label>_uncertainty')
     maps: dict[str, Path] = field(default_factory=dict)
-    #: voxels the estimator could not fit (zero in the maps)
+    #: voxels of the mask that were not fitted (NaN in the maps), unusable ones included
     n_invalid: int = 0
+    #: voxels of the mask left out for their signals (NaN, infinite or negative values, no
+    #: positive b=0 signal; :mod:`fingerprint.fitting.validity`)
+    n_unusable: int = 0
     model: str = ""
     dictionary: Path | None = None
     preview: Path | None = None
@@ -350,11 +319,10 @@ def _resolve_model(model: Any) -> tuple[Any, str, Any]:
     return model, model_name(model) or type(model).__name__, None
 
 
-def _map_plan(model: Any, est: Any) -> list[tuple[str, str, slice, bool]]:
+def _map_plan(model: Any, offsets: dict[str, slice]) -> list[tuple[str, str, slice, bool]]:
     """(label, parameter name, columns in the parameter vector, is orientation)."""
     from fingerprint.models import map_labels
 
-    offsets = _offsets(est, model)
     orientation = set(getattr(model, "orientation_parameter_names", None) or
                       [n for n, t in getattr(model, "parameter_types", {}).items()
                        if t == "orientation"])
@@ -367,20 +335,19 @@ def _map_plan(model: Any, est: Any) -> list[tuple[str, str, slice, bool]]:
     return plan
 
 
-def _chunks(image: DWIImage, mask: np.ndarray, chunk_voxels: int, slab_bytes: int
+def _chunks(image: DWIImage, mask: np.ndarray, chunk_voxels: int, slab_bytes: int,
+            b0_mask: np.ndarray, unusable: list[np.ndarray]
             ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(coords (n, 3), data (n, N) float32) chunks of masked voxels."""
+    """(coords (n, 3), data (n, N) float32) chunks of masked voxels; the coordinates of
+    unusable voxels (:func:`~.validity.usable_voxels`) are appended to ``unusable``."""
     for slab in image.iter_slabs(mask, max_bytes=slab_bytes):
         for start in range(0, slab.data.shape[0], chunk_voxels):
             data = slab.data[start:start + chunk_voxels]
-            bad = ~np.all(np.isfinite(data), axis=1)
+            coords = slab.coords[start:start + chunk_voxels]
+            bad = ~usable_voxels(data, b0_mask)
             if bad.any():
-                where = tuple(int(c) for c in slab.coords[start + int(np.flatnonzero(bad)[0])])
-                raise InputError(
-                    f"DWI file {image.path} has NaN or infinite values in {int(bad.sum())} "
-                    f"voxels of the mask (first at voxel {where}); give a mask that excludes "
-                    f"them")
-            yield slab.coords[start:start + chunk_voxels], data
+                unusable.append(coords[bad])
+            yield coords, data
 
 
 def check_output_directory(out_dir: Any) -> Path:
@@ -435,38 +402,27 @@ def check_dictionary_space(size: int | None, n_measurements: int, directory: Any
                          f"smaller dictionary size")
 
 
-def _default_mask(image: DWIImage, scheme: Any) -> np.ndarray:
-    """Voxels whose mean b=0 signal is finite and positive."""
-    b0 = image.mean_b0(np.asarray(scheme.b0_mask))
-    mask = np.isfinite(b0) & (b0 > 0)
-    if not mask.any():
-        raise InputError(f"DWI file {image.path}: no voxel has a positive b=0 signal")
-    return mask
+def _volume_mask(image: DWIImage, scheme: AcquisitionScheme, rule: str) -> np.ndarray:
+    """The default mask of ``image`` under ``rule`` (:data:`~.options.MASK_RULES`)."""
+    if rule == "all":
+        return np.ones(image.spatial_shape, dtype=bool)
+    return default_mask(image.mean_b0(np.asarray(scheme.b0_mask)),
+                        source=f"DWI file {image.path}")
 
 
-def _build_estimator(model: Any, scheme: Any, *, dictionary_dir: Any, dictionary_size: Any,
-                     threads: int | None, progress: ProgressCallback,
-                     should_cancel: Callable[[], bool] | None, options: dict[str, Any]) -> Any:
-    from fingerprint.fitting.estimator import FingerprintEstimator
-
-    return FingerprintEstimator.from_model(
-        model, scheme, dictionary_size=dictionary_size, dictionary_dir=dictionary_dir,
-        progress=progress, n_jobs=threads, should_cancel=should_cancel, **options)
-
-
-def _run_chunks(chunks: Iterator[tuple[np.ndarray, np.ndarray]], est: Any,
-                handle: EstimatorHandle | None, executor: cf.Executor | None,
+def _run_chunks(chunks: Iterator[tuple[np.ndarray, np.ndarray]], fitter: VoxelFitter,
+                executor: cf.Executor | None,
                 store: Callable[[np.ndarray, dict[str, np.ndarray]], None],
                 done: Callable[[int], None], should_cancel: Callable[[], bool] | None,
                 window: int) -> None:
     if executor is None:
         for coords, data in chunks:
             _check_cancel(should_cancel)
-            store(coords, _estimate(est, data))
+            store(coords, fit_chunk(fitter, data))
             done(coords.shape[0])
         _check_cancel(should_cancel)
         return
-    pending: dict[cf.Future, np.ndarray] = {}
+    pending: dict[cf.Future[dict[str, np.ndarray]], np.ndarray] = {}
 
     def drain(block_until: int) -> None:
         while len(pending) > block_until:
@@ -481,7 +437,7 @@ def _run_chunks(chunks: Iterator[tuple[np.ndarray, np.ndarray]], est: Any,
     try:
         for coords, data in chunks:
             _check_cancel(should_cancel)
-            pending[executor.submit(fit_chunk, handle, data)] = coords
+            pending[executor.submit(fit_chunk, fitter, data)] = coords
             drain(window - 1)
         drain(0)
         _check_cancel(should_cancel)
@@ -531,8 +487,8 @@ def fit_volume(model: Any, dwi: Any, bval: Any, bvec: Any, out_dir: Any, *,
                dictionary_size: int | None = None, chunk_voxels: int = DEFAULT_CHUNK_VOXELS,
                preview: bool = False, delta: float | None = None, Delta: float | None = None,
                TE: float | None = None, estimator_options: dict[str, Any] | None = None,
-               slab_bytes: int = DEFAULT_SLAB_BYTES, executor_window: int | None = None
-               ) -> FitResult:
+               slab_bytes: int = DEFAULT_SLAB_BYTES, executor_window: int | None = None,
+               options: FitOptions | None = None) -> FitResult:
     """Fit ``model`` to every masked voxel of a DWI volume and write the maps.
 
     Parameters
@@ -546,7 +502,9 @@ def fit_volume(model: Any, dwi: Any, bval: Any, bvec: Any, out_dir: Any, *,
         Output directory (created if needed); maps are written there atomically.
     mask : path or array, optional
         3-D mask NIfTI or boolean array (nonzero = fit); default: voxels with a positive
-        mean b=0 signal.
+        mean b=0 signal (``options.mask_rule``). Voxels of the mask with NaN, infinite or
+        negative signals or no positive b=0 signal are left out, reported in one warning
+        and NaN in the maps, as in ``model.fit``.
     prefix : str, optional
         File-name prefix, e.g. ``'sub-01_ses-1'`` (default: none, names start at
         ``model-``).
@@ -568,10 +526,17 @@ def fit_volume(model: Any, dwi: Any, bval: Any, bvec: Any, out_dir: Any, *,
     delta, Delta, TE : float, optional
         Pulse duration / separation / echo time in s (models that need timing).
     estimator_options : dict, optional
-        Extra keyword arguments of ``FingerprintEstimator.from_model`` (e.g.
-        ``n_neighbors``, ``refine``); they must be picklable when an executor is used.
+        Further :class:`~fingerprint.fitting.options.FitOptions` fields by name (e.g.
+        ``n_neighbors``, ``refine``); validated like ``options``.
     slab_bytes : int
         Largest block of float32 input data read at once (bytes).
+    executor_window : int, optional
+        Chunks in flight on the executor (default: twice its workers).
+    options : FitOptions, optional
+        How to fit (solver, dictionary size, neighbours, refinement, threads, mask rule):
+        the same object and the same fitting core as ``model.fit``, so the maps equal
+        ``model.fit``'s on the same data. ``threads``, ``dictionary_size`` and
+        ``estimator_options`` override its fields.
 
     Returns
     -------
@@ -580,36 +545,34 @@ def fit_volume(model: Any, dwi: Any, bval: Any, bvec: Any, out_dir: Any, *,
     t_start = time.perf_counter()
     if chunk_voxels < 1:
         raise InputError(f"chunk_voxels must be positive, got {chunk_voxels}")
-    if threads is not None and int(threads) < 1:
-        raise InputError(f"threads must be at least 1, got {threads}")
-    if prefix is not None and prefix != "" and not _PREFIX_RE.match(prefix):
-        raise InputError(f"prefix {prefix!r} may only hold letters, digits, '-' and '_'")
-    if dictionary_size is not None and int(dictionary_size) < 1:
-        raise InputError(f"dictionary_size must be positive, got {dictionary_size}")
+    prefix = check_prefix(prefix)
+    opts = _volume_options(options, threads=threads, dictionary_size=dictionary_size,
+                           estimator_options=estimator_options)
     out_dir = check_output_directory(out_dir)
     prog = _Progress(progress)
     model_obj, model_label, est = _resolve_model(model)
     image, scheme, mask_arr, _ = _open_inputs(dwi, bval, bvec, mask, delta, Delta, TE)
     prog(0.0)
     if mask_arr is None:
-        mask_arr = _default_mask(image, scheme)
+        mask_arr = _volume_mask(image, scheme, opts.mask_rule)
     n_total = int(mask_arr.sum())
     _check_cancel(should_cancel)
 
-    # -- dictionary and estimator ------------------------------------------------------
+    # -- dictionary and fitter -----------------------------------------------------------
     t0 = time.perf_counter()
-    options = dict(estimator_options or {})
+    fitter: VoxelFitter
     if est is None:
-        check_dictionary_space(dictionary_size, scheme.number_of_measurements, dictionary_dir,
-                               model=model_obj, scheme=scheme,
-                               seed=options.get("seed", 0))
-        est = _build_estimator(model_obj, scheme, dictionary_dir=dictionary_dir,
-                               dictionary_size=dictionary_size, threads=threads,
-                               progress=prog.span(0.0, _DICTIONARY_SHARE),
-                               should_cancel=should_cancel, options=options)
+        check_dictionary_space(opts.dictionary_size, scheme.number_of_measurements,
+                               dictionary_dir, model=model_obj, scheme=scheme, seed=opts.seed)
+        fitter = prepare_fitter(model_obj, scheme, opts, dictionary_dir=dictionary_dir,
+                                progress=prog.span(0.0, _DICTIONARY_SHARE),
+                                should_cancel=should_cancel)
+    else:
+        fitter = fitter_for_estimator(est, opts)
+    est = getattr(fitter, "estimator", None)
     dictionary = getattr(est, "dictionary", None)
     dict_path = Path(dictionary.path) if getattr(dictionary, "path", None) else None
-    if getattr(est, "scheme", None) is not None and not _same_acquisition(est.scheme, scheme):
+    if not _same_acquisition(fitter.scheme, scheme):
         raise InputError(f"the estimator was made for another acquisition scheme than "
                          f"{Path(os.fspath(bval))} / {Path(os.fspath(bvec))}")
     prog(_DICTIONARY_SHARE)
@@ -618,12 +581,13 @@ def fit_volume(model: Any, dwi: Any, bval: Any, bvec: Any, out_dir: Any, *,
 
     # -- fit chunk by chunk --------------------------------------------------------------
     t0 = time.perf_counter()
-    plan = _map_plan(model_obj, est)
-    n_params = sum(sl.stop - sl.start for sl in _offsets(est, model_obj).values())
-    params = np.zeros((n_total, n_params), dtype=np.float32)
-    unc = np.zeros((n_total, n_params), dtype=np.float32)
-    s0 = np.zeros(n_total, dtype=np.float32)
-    r2 = np.zeros(n_total, dtype=np.float32)
+    layout = _layout(fitter)
+    plan = _map_plan(model_obj, layout)
+    n_params = sum(sl.stop - sl.start for sl in layout.values())
+    params = np.full((n_total, n_params), np.nan, dtype=np.float32)
+    unc = np.full((n_total, n_params), np.nan, dtype=np.float32)
+    s0 = np.full(n_total, np.nan, dtype=np.float32)
+    r2 = np.full(n_total, np.nan, dtype=np.float32)
     valid = np.zeros(n_total, dtype=bool)
     rows = _row_index(mask_arr)
     fit_span = prog.span(_DICTIONARY_SHARE, 1.0 - _WRITE_SHARE)
@@ -641,30 +605,39 @@ def fit_volume(model: Any, dwi: Any, bval: Any, bvec: Any, out_dir: Any, *,
         done_count[0] += n
         fit_span(done_count[0] / max(n_total, 1))
 
-    handle = None
-    registered = False
+    shared_key = None
     if executor is not None:
-        if dict_path is None:
-            raise InputError("an executor needs an estimator backed by a stored dictionary")
-        handle = EstimatorHandle(str(dict_path), tuple(sorted(
-            {**options, "n_jobs": threads}.items())))
-        with _ESTIMATORS_LOCK:
-            registered = handle.key not in _ESTIMATORS
-        _register(handle, est)  # tasks run in this process's threads share it
+        if isinstance(fitter, FingerprintFitter) and est is not None:
+            if dict_path is None:
+                raise InputError("an executor needs an estimator backed by a stored "
+                                 "dictionary")
+            # tasks run in this process's threads (or unpickled here) share the estimator
+            shared_key = dictionary_cache_key(str(dict_path), fitter.options)
+            if shared_key in ESTIMATORS:
+                shared_key = None
+            else:
+                ESTIMATORS.put(shared_key, est)
     window = executor_window or max(2, 2 * int(getattr(executor, "_max_workers", 2) or 2))
+    unusable: list[np.ndarray] = []
+    b0_mask = np.asarray(scheme.b0_mask, dtype=bool)
     try:
         with image.spooled(mask_arr, out_dir, max_bytes=int(slab_bytes)) as source:
-            _run_chunks(_chunks(source, mask_arr, int(chunk_voxels), int(slab_bytes)), est,
-                        handle, executor, store, done, should_cancel, window)
+            _run_chunks(_chunks(source, mask_arr, int(chunk_voxels), int(slab_bytes),
+                                b0_mask, unusable),
+                        fitter, executor, store, done, should_cancel, window)
     finally:
-        if registered:  # do not keep this fit's estimator alive in the caller's process
-            with _ESTIMATORS_LOCK:
-                _ESTIMATORS.pop(handle.key, None)
+        if shared_key is not None:  # do not keep this fit's estimator alive here
+            ESTIMATORS.pop(shared_key)
     t_fit = time.perf_counter() - t0
+    bad_coords = np.concatenate(unusable) if unusable else np.zeros((0, 3), dtype=np.int64)
+    if bad_coords.shape[0]:
+        order = np.lexsort(bad_coords.T[::-1])  # first voxels in C order, like the mask's
+        report_unusable(bad_coords[order], n_total, source=f"DWI file {image.path}")
+    n_unusable = int(bad_coords.shape[0])
     n_invalid = int(n_total - valid.sum())
-    if n_invalid:
-        logger.warning("%d of %d voxels could not be fitted (zero in the maps)", n_invalid,
-                       n_total)
+    if n_invalid > n_unusable:
+        logger.warning("%d of %d voxels could not be fitted (NaN in the maps)",
+                       n_invalid - n_unusable, n_total)
 
     # -- write ---------------------------------------------------------------------------
     t0 = time.perf_counter()
@@ -678,17 +651,19 @@ def fit_volume(model: Any, dwi: Any, bval: Any, bvec: Any, out_dir: Any, *,
                Path(os.fspath(bvec)).name]
     if mask is not None and not isinstance(mask, np.ndarray):
         sources.append(Path(os.fspath(mask)).name)
-    common_extra: dict[str, Any] = {"FittedVoxels": n_total, "InvalidVoxels": n_invalid}
+    common_extra: dict[str, Any] = {"FittedVoxels": n_total, "InvalidVoxels": n_invalid,
+                                    "UnusableInputVoxels": n_unusable}
     if dict_path is not None:
         common_extra["Dictionary"] = {"Key": getattr(dictionary, "key", None),
                                       "Atoms": int(getattr(dictionary, "n_atoms", 0) or 0)}
     model_info = _model_info(model_obj, model_label)
     files: list[Path] = []
     maps: dict[str, Path] = {}
-    params[~valid] = 0.0
-    unc[~valid] = 0.0
-    unc[~np.isfinite(unc)] = 0.0
-    params[~np.isfinite(params)] = 0.0
+    # valid voxels: finite values (an uncertainty that is not defined is 0); voxels that
+    # were not fitted: NaN; outside the mask: 0
+    unc[valid] = np.nan_to_num(unc[valid], nan=0.0, posinf=0.0, neginf=0.0)
+    params[~valid] = np.nan
+    unc[~valid] = np.nan
 
     def volume(values: np.ndarray) -> np.ndarray:
         vol = np.zeros(image.spatial_shape + values.shape[1:], dtype=np.float32)
@@ -710,8 +685,8 @@ def fit_volume(model: Any, dwi: Any, bval: Any, bvec: Any, out_dir: Any, *,
         _check_cancel(should_cancel)
         values = params[:, cols]
         if is_orientation and values.shape[1] == 2:
-            vec = mu_to_vectors(values).astype(np.float32)
-            vec[~valid] = 0.0
+            vec = mu_to_vectors(np.nan_to_num(values)).astype(np.float32)
+            vec[~valid] = np.nan
             emit(label, vec, parameter=pname, units="n/a",
                  description=f"{label}: unit vector (x, y, z in the b-vector frame) of the "
                              f"orientation {pname}",
@@ -727,9 +702,10 @@ def fit_volume(model: Any, dwi: Any, bval: Any, bvec: Any, out_dir: Any, *,
              units=map_units(pname), desc="uncertainty",
              description=f"uncertainty of {label}: spread (standard deviation) of the "
                          f"parameter among the matched dictionary atoms")
-    emit("s0", np.where(valid, s0, 0.0).astype(np.float32), parameter=None, units="arbitrary",
+    emit("s0", np.where(valid, s0, np.nan).astype(np.float32), parameter=None,
+         units="arbitrary",
          description="fitted signal without diffusion weighting (units of the input)")
-    emit("r2", np.where(valid & np.isfinite(r2), r2, 0.0).astype(np.float32), parameter=None,
+    emit("r2", np.where(valid, r2, np.nan).astype(np.float32), parameter=None,
          units="n/a", description="coefficient of determination R² of the fitted signal")
     preview_path = None
     if preview:
@@ -747,19 +723,36 @@ def fit_volume(model: Any, dwi: Any, bval: Any, bvec: Any, out_dir: Any, *,
     logger.debug("fitted %d voxels with %s in %.1f s (dictionary %.1f s, fit %.1f s, "
                  "write %.1f s)", n_total, model_label, seconds, t_dict, t_fit, t_write)
     return FitResult(files=files, n_voxels=n_total, seconds=seconds, out_dir=out_dir,
-                     maps=maps, n_invalid=n_invalid, model=model_label, dictionary=dict_path,
+                     maps=maps, n_invalid=n_invalid, n_unusable=n_unusable,
+                     model=model_label, dictionary=dict_path,
                      preview=preview_path,
                      timings={"dictionary": t_dict, "fit": t_fit, "write": t_write})
 
 
-def _offsets(est: Any, model: Any) -> dict[str, slice]:
-    names = list(getattr(est, "parameter_names", None) or model.parameter_names)
-    card = dict(getattr(est, "parameter_cardinality", None) or model.parameter_cardinality)
+def _layout(fitter: VoxelFitter) -> dict[str, slice]:
+    """Parameter name -> columns of the fitter's parameter vectors."""
+    est = getattr(fitter, "estimator", None)
+    names = list(getattr(est, "parameter_names", None) or fitter.model.parameter_names)
+    card = dict(getattr(est, "parameter_cardinality", None) or
+                fitter.model.parameter_cardinality)
     out, pos = {}, 0
     for name in names:
         out[name] = slice(pos, pos + int(card[name]))
         pos += int(card[name])
     return out
+
+
+def _volume_options(options: FitOptions | None, *, threads: int | None,
+                    dictionary_size: int | None,
+                    estimator_options: Mapping[str, object] | None) -> FitOptions:
+    """``options`` with the keyword shortcuts of :func:`fit_volume` applied."""
+    values: dict[str, object] = dict(options.to_dict()) if options is not None else {}
+    if threads is not None:
+        values["threads"] = threads
+    if dictionary_size is not None:
+        values["dictionary_size"] = dictionary_size
+    values.update(estimator_options or {})
+    return FitOptions.from_mapping(values)
 
 
 def _row_index(mask: np.ndarray) -> np.ndarray:

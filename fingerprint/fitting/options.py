@@ -1,0 +1,327 @@
+"""Fit options: one typed, validated object shared by ``model.fit``, ``fit_volume``, the
+command line and the lab server, plus the limits of what they accept.
+
+>>> opts = FitOptions.from_mapping({"n_neighbors": 16, "refine": "nonlinear"})
+>>> opts.n_neighbors, opts.polish_for(model)
+>>> FitOptions(n_neighbors=0)          # InputError: option 'n_neighbors' must be ...
+
+Every field is checked in :meth:`FitOptions.__post_init__`, once, with an error that names
+the option; unknown names are refused by :meth:`FitOptions.from_mapping`. What the CLI
+and the server offer is read from :data:`FIT_OPTION_SPECS` (name, type, bounds, help),
+never from function signatures.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+from fingerprint.errors import InputError
+from fingerprint.fitting.registry import DMIPY_SOLVERS, check_solver
+
+__all__ = ["DMIPY_IGNORED_OPTIONS", "DMIPY_SOLVERS", "FIT_OPTION_SPECS", "MASK_RULES",
+           "PREFIX_PATTERN", "TIMING_LIMITS_S", "FitOptions", "OptionSpec", "PolishSettings",
+           "check_prefix", "check_timing"]
+
+#: dmipy ``fit`` keywords of its optimisers, meaningless for dictionary matching: accepted
+#: and ignored (``number_of_processors`` and ``use_parallel_processing`` set ``threads``).
+DMIPY_IGNORED_OPTIONS = ("Ns", "N_sphere_samples", "maxiter", "hard_constraints",
+                         "lambda_inf", "lambda_1")
+#: Default-mask rules: ``'positive_b0'`` (voxels whose mean b=0 signal is finite and
+#: positive) or ``'all'`` (every voxel; unusable ones are reported and left out).
+MASK_RULES = ("positive_b0", "all")
+#: Largest plausible pulse timing (s) per acquisition parameter; larger values are
+#: milliseconds given as seconds.
+TIMING_LIMITS_S: Mapping[str, float] = {"delta": 1.0, "Delta": 10.0, "TE": 10.0}
+#: Output-name prefixes: BIDS entity strings such as ``sub-01_ses-1`` (1-64 characters).
+PREFIX_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+
+RefineOption = bool | Literal["nonlinear"]
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    """What a front end needs to offer one fit option."""
+
+    name: str
+    kind: Literal["int", "float", "bool", "choice", "refine"]
+    help: str
+    low: float | None = None
+    high: float | None = None
+    choices: tuple[str, ...] = ()
+    #: offered by the lab server's job form
+    server: bool = False
+
+
+#: The options front ends offer (the rest are library tuning knobs).
+FIT_OPTION_SPECS: tuple[OptionSpec, ...] = (
+    OptionSpec("dictionary_size", "int", "atoms in the dictionary (default: the model's)",
+               low=1, high=10**9, server=True),
+    OptionSpec("n_neighbors", "int", "dictionary atoms matched per voxel (default 32)",
+               low=1, high=4096, server=True),
+    OptionSpec("refine", "refine", "after matching: true (local-linear step), false, or "
+               "'nonlinear' (plus a non-linear least-squares polish; the default for models "
+               "with more than one orientation)", server=True),
+    OptionSpec("threads", "int", "threads for matching and dictionary builds (default: all "
+               "cores)", low=1, high=4096),
+    OptionSpec("seed", "int", "seed of the dictionary's sampling", low=0, high=2**31 - 1),
+    OptionSpec("mask_rule", "choice", "default mask when none is given", choices=MASK_RULES),
+)
+
+
+@dataclass(frozen=True)
+class PolishSettings:
+    """The non-linear least-squares polish after matching
+    (:func:`fingerprint.fitting.nonlinear.refine_nonlinear`)."""
+
+    #: best atoms added to the estimate as starts (signal-feature models)
+    starts: int = 3
+    #: residual evaluations per start (None: the refinement's default)
+    max_nfev: int | None = None
+    #: ``'batched'`` (all voxels advance together) or ``'scipy'`` (voxel by voxel)
+    method: Literal["batched", "scipy"] = "batched"
+
+
+def _fail(name: str, expected: str, value: object) -> InputError:
+    return InputError(f"option {name!r} must be {expected}, got {value!r}")
+
+
+def _int(name: str, value: object, low: int, *, optional: bool = True) -> int | None:
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise _fail(name, f"an integer >= {low}", value)
+    try:
+        number = float(value)
+    except ValueError:
+        raise _fail(name, f"an integer >= {low}", value) from None
+    if not math.isfinite(number) or number != int(number) or number < low:
+        raise _fail(name, f"an integer >= {low}", value)
+    return int(number)
+
+
+def _float(name: str, value: object, low: float, high: float = math.inf) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise _fail(name, f"a number in [{low:g}, {high:g}]", value)
+    try:
+        number = float(value)
+    except ValueError:
+        raise _fail(name, f"a number in [{low:g}, {high:g}]", value) from None
+    if not (low <= number <= high):  # also false for NaN
+        raise _fail(name, f"a number in [{low:g}, {high:g}]", value)
+    return number
+
+
+def _bool(name: str, value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+        return value.lower() in ("true", "1", "yes")
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    raise _fail(name, "true or false", value)
+
+
+def _choice(name: str, value: object, choices: tuple[str, ...]) -> str:
+    text = str(value).lower() if isinstance(value, str) else None
+    if text not in choices:
+        raise _fail(name, "one of " + ", ".join(repr(c) for c in choices), value)
+    return text
+
+
+@dataclass(frozen=True)
+class FitOptions:
+    """How to fit: solver, dictionary, matching, refinement, threads, default mask.
+
+    Attributes
+    ----------
+    solver: a registered solver (:func:`fingerprint.fitting.registry.available_solvers`;
+        ``'fingerprint'``, dictionary matching, by default; dmipy's ``'brute2fine'``,
+        ``'mix'``, ``'amico'`` are answered by dictionary matching unless registered).
+    dictionary_size: atoms (default: the model's recipe); seed: its sampling seed.
+    n_neighbors: atoms matched per voxel (default 32).
+    refine: local-linear step after matching; ``'nonlinear'`` adds the non-linear polish,
+        which models with more than one orientation get by default; False turns both off.
+    threads: threads for FAISS, BLAS and Numba (default: all cores).
+    mask_rule: default mask when none is given (:data:`MASK_RULES`).
+    rician, matcher_method, hnsw_threshold, ef_search, frame_iterations, temperature,
+    cache_index, marginalise_orientation, refine_shrinkage, align_axis: estimator knobs
+        (:meth:`fingerprint.fitting.estimator.FingerprintEstimator.from_dictionary`).
+    polish: :class:`PolishSettings` of the non-linear polish.
+    """
+
+    solver: str = "fingerprint"
+    dictionary_size: int | None = None
+    seed: int = 0
+    n_neighbors: int | None = None
+    refine: RefineOption = True
+    threads: int | None = None
+    mask_rule: Literal["positive_b0", "all"] = "positive_b0"
+    rician: bool = True
+    matcher_method: Literal["auto", "exact", "hnsw"] = "auto"
+    hnsw_threshold: int | None = None
+    ef_search: int | None = None
+    frame_iterations: int | None = None
+    temperature: float = 1.0
+    cache_index: bool = True
+    marginalise_orientation: float = 0.0
+    refine_shrinkage: float = 1.0
+    align_axis: bool = True
+    polish: PolishSettings = field(default_factory=PolishSettings)
+
+    def __post_init__(self) -> None:
+        setv = object.__setattr__
+        setv(self, "solver", check_solver(self.solver))
+        setv(self, "dictionary_size", _int("dictionary_size", self.dictionary_size, 1))
+        setv(self, "seed", _int("seed", self.seed, 0, optional=False))
+        setv(self, "n_neighbors", _int("n_neighbors", self.n_neighbors, 1))
+        refine = self.refine
+        if isinstance(refine, str) and refine.lower() == "nonlinear":
+            refine = "nonlinear"
+        else:
+            try:
+                refine = _bool("refine", refine)
+            except InputError:
+                raise _fail("refine", "true, false or 'nonlinear'", self.refine) from None
+        setv(self, "refine", refine)
+        setv(self, "threads", _int("threads", self.threads, 1))
+        setv(self, "mask_rule", _choice("mask_rule", self.mask_rule, MASK_RULES))
+        setv(self, "rician", _bool("rician", self.rician))
+        setv(self, "matcher_method", _choice("matcher_method", self.matcher_method,
+                                             ("auto", "exact", "hnsw")))
+        setv(self, "hnsw_threshold", _int("hnsw_threshold", self.hnsw_threshold, 1))
+        setv(self, "ef_search", _int("ef_search", self.ef_search, 1))
+        setv(self, "frame_iterations", _int("frame_iterations", self.frame_iterations, 0))
+        setv(self, "temperature", _float("temperature", self.temperature, 1e-9))
+        setv(self, "cache_index", _bool("cache_index", self.cache_index))
+        setv(self, "marginalise_orientation",
+             _float("marginalise_orientation", self.marginalise_orientation, 0.0))
+        setv(self, "refine_shrinkage", _float("refine_shrinkage", self.refine_shrinkage, 0.0))
+        setv(self, "align_axis", _bool("align_axis", self.align_axis))
+        if not isinstance(self.polish, PolishSettings):
+            raise _fail("polish", "PolishSettings", self.polish)
+        p = self.polish
+        setv(self, "polish", PolishSettings(
+            starts=int(_int("nonlinear_starts", p.starts, 1, optional=False) or 1),
+            max_nfev=_int("nonlinear_max_nfev", p.max_nfev, 1),
+            method=_choice("nonlinear_method", p.method, ("batched", "scipy"))))  # type: ignore[arg-type]
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def option_names(cls) -> tuple[str, ...]:
+        """Every name :meth:`from_mapping` accepts."""
+        names = [f.name for f in dataclasses.fields(cls) if f.name != "polish"]
+        return tuple(names + ["n_jobs", "nonlinear_starts", "nonlinear_max_nfev",
+                              "nonlinear_method"])
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, object] | None = None, *,
+                     dmipy: bool = False) -> FitOptions:
+        """Options from keyword values; unknown names are an InputError listing the known
+        ones. ``n_jobs`` is an alias of ``threads``; ``nonlinear_starts`` /
+        ``nonlinear_max_nfev`` / ``nonlinear_method`` set :attr:`polish`. With ``dmipy``,
+        dmipy's ``number_of_processors`` / ``use_parallel_processing`` set ``threads`` and
+        its optimiser settings (:data:`DMIPY_IGNORED_OPTIONS`) are ignored."""
+        kw = dict(values or {})
+        if dmipy:
+            processors = kw.pop("number_of_processors", None)
+            if processors is not None and kw.get("threads", kw.get("n_jobs")) is None:
+                kw["threads"] = _int("number_of_processors", processors, 1)
+            if kw.pop("use_parallel_processing", True) is False and \
+                    kw.get("threads", kw.get("n_jobs")) is None:
+                kw["threads"] = 1
+            for name in DMIPY_IGNORED_OPTIONS:
+                kw.pop(name, None)
+        if "n_jobs" in kw:
+            jobs = _int("n_jobs", kw.pop("n_jobs"), 1)
+            if kw.get("threads") is None:
+                kw["threads"] = jobs
+        polish = {}
+        for key, attr in (("nonlinear_starts", "starts"), ("nonlinear_max_nfev", "max_nfev"),
+                          ("nonlinear_method", "method")):
+            if key in kw:
+                polish[attr] = kw.pop(key)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kw) - known)
+        if unknown:
+            raise InputError(f"unknown fit option(s) {unknown}; known options: "
+                             f"{sorted(cls.option_names())}")
+        if polish:
+            base = kw.get("polish", PolishSettings())
+            if not isinstance(base, PolishSettings):
+                raise _fail("polish", "PolishSettings", base)
+            kw["polish"] = dataclasses.replace(base, **polish)  # type: ignore[arg-type]
+        return cls(**kw)  # type: ignore[arg-type]
+
+    def replace(self, **changes: object) -> FitOptions:
+        """A copy with ``changes`` (validated like :meth:`from_mapping`)."""
+        values: dict[str, object] = {f.name: getattr(self, f.name)
+                                     for f in dataclasses.fields(self)}
+        values.update(changes)
+        return FitOptions.from_mapping(values)
+
+    # ------------------------------------------------------------------ derived
+    def estimator_options(self) -> dict[str, object]:
+        """Keyword arguments of ``FingerprintEstimator.from_dictionary`` (defaults left
+        out, so that equal settings give equal cache keys)."""
+        out: dict[str, object] = {"n_neighbors": self.n_neighbors,
+                                  "refine": self.refine is not False,
+                                  "n_jobs": self.threads}
+        defaults = FitOptions.__dataclass_fields__
+        for name in ("rician", "matcher_method", "hnsw_threshold", "ef_search",
+                     "frame_iterations", "temperature", "cache_index",
+                     "marginalise_orientation", "refine_shrinkage", "align_axis"):
+            value = getattr(self, name)
+            if value is not None and value != defaults[name].default:
+                out[name] = value
+        return out
+
+    def nonlinear_for(self, n_orientations: int) -> bool:
+        """Whether the non-linear polish runs for a model with ``n_orientations``."""
+        if self.refine is False:
+            return False
+        return self.refine == "nonlinear" or n_orientations > 1
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-able values (the polish flattened to ``nonlinear_*``)."""
+        out: dict[str, object] = {f.name: getattr(self, f.name)
+                                  for f in dataclasses.fields(self) if f.name != "polish"}
+        out.update(nonlinear_starts=self.polish.starts,
+                   nonlinear_max_nfev=self.polish.max_nfev,
+                   nonlinear_method=self.polish.method)
+        return out
+
+
+def check_timing(name: str, value: float | None, *, flag: str | None = None) -> float | None:
+    """``value`` (s) of pulse-timing parameter ``name`` (``delta``, ``Delta``, ``TE``) when
+    finite, positive and below :data:`TIMING_LIMITS_S`; InputError naming ``flag`` (default
+    the parameter) otherwise, with a hint when it looks like milliseconds."""
+    if value is None:
+        return None
+    label = flag or name
+    limit = TIMING_LIMITS_S[name]
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"{label} must be a number of seconds, got {value!r}") from None
+    if not (0.0 < number < limit):  # also false for NaN
+        hint = f" (milliseconds? {number:g} ms is {number / 1e3:g} s)" \
+            if limit <= number < limit * 1e3 else ""
+        raise InputError(f"{label} must be in seconds, between 0 and {limit:g}; got "
+                         f"{number:g}{hint}")
+    return number
+
+
+def check_prefix(prefix: str | None, *, label: str = "prefix") -> str | None:
+    """``prefix`` when it is a BIDS entity string (:data:`PREFIX_PATTERN`), None when empty;
+    InputError naming ``label`` otherwise."""
+    if prefix is None or prefix == "":
+        return None
+    if not isinstance(prefix, str) or not PREFIX_PATTERN.match(prefix):
+        raise InputError(f"{label} {prefix!r} must be 1-64 letters, digits, '_' or '-' (a "
+                         f"BIDS entity string such as sub-01_ses-1)")
+    return prefix
