@@ -27,7 +27,7 @@ from .db import Database
 from .dependencies import ApiError, ServerContext
 from .executor import Dispatcher
 from .reconcile import reconcile
-from .routers import dictionaries, health, jobs, models
+from .routers import admin, dictionaries, health, jobs, maps, models, web
 from .storage import JobStorage, UploadError
 
 logger = logging.getLogger(__name__)
@@ -167,4 +167,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     for module in (jobs, models, dictionaries):
         app.include_router(module.router, prefix=API_PREFIX)
+    # the web page and the endpoints it alone needs (viewer, catalogue, admin)
+    for router in (maps.router, web.catalogue_router, admin.router, admin.me_router):
+        app.include_router(router, prefix=API_PREFIX)
+    web.install(app)
     return app
