@@ -557,11 +557,14 @@ async function refreshDictionaries() {
     showError("dicts-error", null);
     const rows = list.map((d) => {
       const det = d.details || {};
-      const model = det.model || det.model_name || (det.recipe && det.recipe.name) || "–";
-      const atoms = det.size || det.n_atoms || det.atoms || "–";
-      return el("tr", {}, [el("td", { text: typeof model === "string" ? model : JSON.stringify(model) }),
-        el("td", { text: typeof atoms === "number" ? atoms.toLocaleString("en") : String(atoms) }),
-        el("td", {}, [el("code", { text: d.name })]), el("td", { text: d.valid ? "ready" : "incomplete" })]);
+      const model = typeof det.name === "string" ? det.name : "–";
+      const atoms = typeof det.atoms === "number" ? det.atoms.toLocaleString("en") : "–";
+      const extra = [];
+      if (typeof det.measurements === "number") extra.push(`${det.measurements} measurements`);
+      if (typeof det.size_bytes === "number") extra.push(humanBytes(det.size_bytes));
+      return el("tr", {}, [el("td", { text: model }), el("td", { text: atoms }),
+        el("td", {}, [el("code", { text: d.name, attrs: { title: String(det.key || "") } }), el("span", { cls: "hint", text: extra.length ? ` ${extra.join(", ")}` : "" })]),
+        el("td", { text: d.valid ? "ready" : "incomplete" })]);
     });
     $("dicts-table").tBodies[0].replaceChildren(...(rows.length ? rows : [el("tr", {}, [el("td", { text: "No dictionary stored yet.", attrs: { colspan: "4" } })])]));
   } catch (error) {

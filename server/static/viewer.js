@@ -88,7 +88,7 @@ export class SliceViewer {
     sctx.putImageData(image, 0, 0);
     // scale to the canvas's displayed size, keeping the voxel aspect (square voxels)
     const box = this.canvas.parentElement.getBoundingClientRect();
-    const room = Math.max(120, Math.min(box.width - 150, 0.62 * window.innerHeight, 560));
+    const room = Math.max(120, Math.min(box.width - 150, 0.5 * window.innerHeight, 560));
     const scale = Math.max(1, Math.floor(room / Math.max(w, h)) || 1);
     const fit = Math.min(room / w, room / h);
     const s = fit >= 1 ? Math.max(scale, Math.floor(fit)) : fit;
