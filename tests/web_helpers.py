@@ -212,22 +212,29 @@ def take_screenshots(url: str, keys: dict[str, str], inputs: dict[str, Path],
         wait_until(lambda: visible(driver, "signin-error"), what="the wrong-key message")
         shot("signin")
         sign_in(driver, url, keys["alice"])
-        submit_files(driver, inputs, options={"dictionary_size": str(dictionary_size),
-                                              "prefix": "sub-01"}, click=False)
-        driver.find_element(By.ID, "submit-button").click()
+        options = {"dictionary_size": str(dictionary_size), "prefix": "sub-01"}
+        submit_files(driver, inputs, options=options)
         wait_until(lambda: visible(driver, "view-jobs"), timeout=120, what="the upload")
-        driver.execute_script("window.scrollTo(0, 0)")
-        shot("jobs")
         wait_until(lambda: driver.find_elements(By.XPATH, "//button[text()='Open maps']"),
                    timeout=600, what="the job to finish")
-        driver.find_element(By.ID, "nav-submit").click()
-        submit_files(driver, {"bval": inputs["bval"], "bvec": inputs["bvec"]}, click=False)
-        driver.find_element(By.ID, "submit-button").click()
+        # the in-page checks, on a bval/bvec pair without its DWI
+        submit_files(driver, {"bval": inputs["bval"], "bvec": inputs["bvec"]})
         wait_until(lambda: driver.find_elements(By.CSS_SELECTOR, "#checks li"), what="checks")
         shot("submit")
-        driver.find_element(By.ID, "nav-jobs").click()
-        wait_until(lambda: driver.find_elements(By.XPATH, "//button[text()='Open maps']"),
-                   what="the finished job")
+        # a second job, shown while it runs beside the finished one
+        submit_files(driver, inputs, options=options)
+        wait_until(lambda: visible(driver, "view-jobs"), timeout=120, what="the upload")
+
+        def running() -> bool:  # the second job running (or, if it was quick, finished)
+            return bool(driver.find_elements(By.CSS_SELECTOR, ".status-running")) or len(
+                driver.find_elements(By.XPATH, "//button[text()='Open maps']")) >= 2
+
+        wait_until(running, timeout=600, interval=0.05, what="the second job to run")
+        time.sleep(1.5)
+        driver.execute_script("window.scrollTo(0, 0)")
+        shot("jobs")
+        wait_until(lambda: len(driver.find_elements(By.XPATH, "//button[text()='Open maps']"))
+                   >= 2, timeout=600, what="the second job to finish")
         driver.find_element(By.XPATH, "//button[text()='Open maps']").click()
         wait_until(lambda: driver.execute_script("return document.body.dataset.mapShown"),
                    what="a map")
