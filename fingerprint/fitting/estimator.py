@@ -370,9 +370,9 @@ class FingerprintEstimator:
         unc = np.full((n, P), np.nan)
         r2 = np.full(n, np.nan)
         mse = np.full(n, np.nan)
-        if data.dtype not in (np.float32, np.float64):
-            data = data.astype(np.float64)
-        data = np.ascontiguousarray(data)
+        # one dtype for every input (float32 NIfTI slabs, float64 arrays, integer scanner
+        # data): each dtype would otherwise compile the kernels once more
+        data = np.ascontiguousarray(data, dtype=np.float64)
         no_sigma = np.full(n, np.nan)
         plain_all, _, s0, sigma_all, valid = run_parallel(
             prepare_signals, data, b0, no_sigma, MIN_B0_FOR_NOISE, False)

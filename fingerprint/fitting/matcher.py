@@ -5,9 +5,11 @@ Below ``hnsw_threshold`` atoms (100,000 by default) the search is exact
 (``IndexHNSWFlat``) answers queries in logarithmic time; its ``ef_search`` is chosen so
 that the recall of the k nearest neighbours against the exact search is at least 0.99
 (tests/test_fitting_engine.py measures it). An HNSW graph of a stored dictionary is built
-once and cached beside it (``<store>.hnsw<M>.faiss``, written to a temporary file and
-renamed into place, so concurrent builders never see a partial file); a cache that cannot
-be written (read-only directory) only costs the rebuild.
+once, when a query batch first needs it (small batches, such as a one-slice volume, are
+searched exactly: that is quicker than building the graph), and cached beside it
+(``<store>.hnsw<M>.faiss``, written to a temporary file and renamed into place, so
+concurrent builders never see a partial file); a cache that cannot be written (read-only
+directory) only costs the rebuild.
 
 Searching is read-only on the index and thread-safe; per-call search parameters are
 passed explicitly, never set on the shared index.
@@ -19,6 +21,7 @@ import contextlib
 import logging
 import os
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +41,9 @@ HNSW_EF_CONSTRUCTION = 80
 HNSW_EF_SEARCH = 32
 #: Queries per FAISS call (bounds the distance buffers of the exact search).
 QUERY_BATCH = 16384
+#: With ``method='auto'``, query batches below atoms / this are searched exactly (see
+#: :attr:`Matcher.exact_below`).
+EXACT_QUERY_FRACTION = 8
 
 
 @contextlib.contextmanager
@@ -66,21 +72,31 @@ class Matcher:
     Parameters
     ----------
     features: atom features.
-    method: ``'auto'`` (exact below ``hnsw_threshold`` atoms, HNSW above), ``'exact'`` or
-        ``'hnsw'``.
+    method: ``'auto'`` (exact below ``hnsw_threshold`` atoms, HNSW above, with small query
+        batches answered exactly, see :attr:`exact_below`), ``'exact'`` or ``'hnsw'``.
     hnsw_threshold: atoms from which ``'auto'`` uses HNSW.
     ef_search: HNSW search beam (larger: higher recall, slower).
     index: a prebuilt FAISS index over ``features`` (e.g. read from the cache).
+    cache_path: where ``'auto'`` reads or writes its HNSW graph when it first needs one.
+
+    Attributes
+    ----------
+    method: the search used for large query batches (``'exact'`` or ``'hnsw'``).
+    exact_below: query batches smaller than this are searched exactly. With ``'auto'``
+        over an HNSW-sized dictionary it is ``atoms // EXACT_QUERY_FRACTION``: building the
+        graph costs about as much as exact searches for a quarter of the atoms' number of
+        queries, so a small volume (the demo, one slice) is matched exactly and at once,
+        and the graph is built (and cached) only when a large batch needs it.
     """
 
     def __init__(self, features: np.ndarray, *, method: str = "auto",
                  hnsw_threshold: int = DEFAULT_HNSW_THRESHOLD,
-                 ef_search: int = HNSW_EF_SEARCH, index: Any = None):
-        import faiss
-
+                 ef_search: int = HNSW_EF_SEARCH, index: Any = None,
+                 cache_path: str | os.PathLike | None = None):
         feats = np.ascontiguousarray(features, dtype=np.float32)
         if feats.ndim != 2 or feats.shape[0] == 0:
             raise DictionaryError(f"cannot index features of shape {feats.shape}")
+        lazy = method == "auto" and index is None
         if method == "auto":
             method = "hnsw" if feats.shape[0] >= int(hnsw_threshold) else "exact"
         if method not in ("exact", "hnsw"):
@@ -89,14 +105,70 @@ class Matcher:
         self.method = method
         self.n_atoms, self.dimension = feats.shape
         self.ef_search = int(ef_search)
-        if index is None:
-            if method == "exact":
-                index = faiss.IndexFlatL2(self.dimension)
-            else:
-                index = faiss.IndexHNSWFlat(self.dimension, HNSW_M)
-                index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
-            index.add(feats)
-        self.index = index
+        self._features = feats
+        self._cache_path = None if cache_path is None else Path(cache_path)
+        self._lock = threading.Lock()
+        self._flat: Any = None
+        self._hnsw: Any = None
+        self.exact_below = self.n_atoms // EXACT_QUERY_FRACTION \
+            if (lazy and method == "hnsw") else 0
+        if method == "exact":
+            self._flat = index if index is not None else self._build_flat()
+        elif index is not None:
+            self._hnsw = index
+        elif not lazy:
+            self._hnsw = self._load_or_build_hnsw()
+
+    def _build_flat(self) -> Any:
+        import faiss
+
+        index = faiss.IndexFlatL2(self.dimension)
+        index.add(self._features)
+        return index
+
+    def _load_or_build_hnsw(self) -> Any:
+        """The HNSW graph: read from :attr:`_cache_path` when valid, else built (and
+        written there)."""
+        import faiss
+
+        path = self._cache_path
+        if path is not None and path.exists():
+            try:
+                index = faiss.read_index(str(path))
+                if index.ntotal == self.n_atoms and index.d == self.dimension:
+                    logger.info("using cached HNSW index %s", path)
+                    return index
+                logger.warning("cached HNSW index %s does not match the dictionary; "
+                               "rebuilding it", path)
+            except Exception as exc:  # unreadable cache: rebuild
+                logger.warning("cannot read cached HNSW index %s (%s); rebuilding it", path,
+                               exc)
+        logger.info("building the HNSW index of %d atoms (once per dictionary)", self.n_atoms)
+        index = faiss.IndexHNSWFlat(self.dimension, HNSW_M)
+        index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+        index.add(self._features)
+        self._hnsw = index
+        if path is not None:
+            self.save(path)
+        return index
+
+    @property
+    def index(self) -> Any:
+        """The FAISS index of large query batches (an HNSW graph is built on first use)."""
+        return self._index_for(self.exact_below)
+
+    def _index_for(self, n_queries: int) -> Any:
+        if self.method == "exact" or n_queries < self.exact_below:
+            if self._flat is None:
+                with self._lock:
+                    if self._flat is None:
+                        self._flat = self._build_flat()
+            return self._flat
+        if self._hnsw is None:
+            with self._lock:
+                if self._hnsw is None:
+                    self._hnsw = self._load_or_build_hnsw()
+        return self._hnsw
 
     # ------------------------------------------------------------ dictionaries
     @classmethod
@@ -104,30 +176,19 @@ class Matcher:
                        method: str = "auto", hnsw_threshold: int = DEFAULT_HNSW_THRESHOLD,
                        ef_search: int = HNSW_EF_SEARCH, cache: bool = True) -> Matcher:
         """Matcher over a stored dictionary's features; an HNSW graph is read from (or
-        written to) the cache file beside the store."""
-        import faiss
-
+        written to) the cache file beside the store: at once with ``method='hnsw'``, at
+        the first large query batch with ``'auto'``."""
         feats = dictionary.read_features() if features is None else features
         n = int(feats.shape[0])
+        resolved = method
         if method == "auto":
-            method = "hnsw" if n >= int(hnsw_threshold) else "exact"
-        if method != "hnsw" or not cache or getattr(dictionary, "path", None) is None:
-            return cls(feats, method=method, ef_search=ef_search)
-        path = _hnsw_cache_path(Path(dictionary.path))
-        if path.exists():
-            try:
-                index = faiss.read_index(str(path))
-                if index.ntotal == n and index.d == feats.shape[1]:
-                    logger.info("using cached HNSW index %s", path)
-                    return cls(feats, method="hnsw", ef_search=ef_search, index=index)
-                logger.warning("cached HNSW index %s does not match the dictionary; "
-                               "rebuilding it", path)
-            except Exception as exc:  # unreadable cache: rebuild
-                logger.warning("cannot read cached HNSW index %s (%s); rebuilding it", path,
-                               exc)
-        matcher = cls(feats, method="hnsw", ef_search=ef_search)
-        matcher.save(path)
-        return matcher
+            resolved = "hnsw" if n >= int(hnsw_threshold) else "exact"
+        path = getattr(dictionary, "path", None)
+        cache_path = _hnsw_cache_path(Path(path)) if (cache and path is not None) else None
+        if resolved != "hnsw":
+            return cls(feats, method=resolved, ef_search=ef_search)
+        return cls(feats, method=method, hnsw_threshold=hnsw_threshold, ef_search=ef_search,
+                   cache_path=cache_path)
 
     def save(self, path: str | os.PathLike) -> bool:
         """Write the index atomically (temporary file + rename); False when impossible."""
@@ -165,16 +226,17 @@ class Matcher:
         n = q.shape[0]
         dist = np.empty((n, k), dtype=np.float32)
         idx = np.empty((n, k), dtype=np.int64)
+        index = self._index_for(n)
         params = None
-        if self.method == "hnsw":
+        if index is self._hnsw:
             params = faiss.SearchParametersHNSW()
             params.efSearch = max(int(ef_search or self.ef_search), k)
         for start in range(0, n, QUERY_BATCH):
             stop = min(n, start + QUERY_BATCH)
             if params is None:
-                d, i = self.index.search(q[start:stop], k)
+                d, i = index.search(q[start:stop], k)
             else:
-                d, i = self.index.search(q[start:stop], k, params=params)
+                d, i = index.search(q[start:stop], k, params=params)
             dist[start:stop] = d
             idx[start:stop] = i
         return dist, idx

@@ -53,12 +53,16 @@ def posterior_mean(distances: np.ndarray, indices: np.ndarray, atom_parameters: 
         orientation_curvature = np.zeros(np.shape(atom_parameters)[0])
     if marginalise is None:
         marginalise = np.zeros(n, dtype=np.bool_)
+    # always a read-only view: writable and read-only arrays are distinct Numba types, and
+    # each would compile the kernel once more
+    curvature = np.ascontiguousarray(orientation_curvature, dtype=np.float64).view()
+    curvature.setflags(write=False)
     return run_parallel(posterior_average, np.ascontiguousarray(distances, dtype=np.float64),
                              np.ascontiguousarray(indices, dtype=np.int64),
                              np.ascontiguousarray(atom_parameters, dtype=np.float64),
                              np.ascontiguousarray(sigma2, dtype=np.float64),
                              float(temperature),
-                             np.ascontiguousarray(orientation_curvature, dtype=np.float64),
+                             curvature,
                              np.ascontiguousarray(marginalise, dtype=np.bool_))
 
 

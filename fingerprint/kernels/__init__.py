@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numba
+import numba.core.event
 import numpy as np
 
 __all__ = [
@@ -107,6 +108,55 @@ CACHE_DIR: Path | None = _configure_cache()
 _cache_failure_logged = False
 
 
+#: Marker left in the cache directory once kernels have been compiled there.
+_COMPILED_MARKER = ".fingerprint-kernels-compiled"
+
+
+class _CompileAnnouncer(numba.core.event.Listener):
+    """Says once per process, at INFO, that fingerprint's kernels are being compiled:
+    a first run on a machine spends most of its time there, and the user should know it
+    is a one-off."""
+
+    def __init__(self) -> None:
+        self.announced = False
+        self._lock = threading.Lock()
+
+    def on_start(self, event: Any) -> None:
+        if self.announced:
+            return
+        dispatcher = (event.data or {}).get("dispatcher")
+        module = getattr(getattr(dispatcher, "py_func", None), "__module__", "") or ""
+        if not module.startswith("fingerprint."):
+            return
+        with self._lock:
+            if self.announced:
+                return
+            self.announced = True
+            if not caching_enabled():
+                logger.info("compiling fingerprint's Numba kernels (no writable cache: "
+                            "repeated at each start)")
+                return
+            marker = CACHE_DIR / _COMPILED_MARKER
+            if marker.exists():
+                logger.info("compiling Numba kernels not used before on this machine "
+                            "(one-off; cached in %s)", CACHE_DIR)
+            else:
+                logger.info("first run on this machine: compiling fingerprint's Numba "
+                            "kernels for this CPU (one-off, up to a minute; cached in %s, "
+                            "later runs start in seconds)", CACHE_DIR)
+                try:
+                    marker.touch()
+                except OSError:
+                    pass
+
+    def on_end(self, event: Any) -> None:
+        pass
+
+
+_ANNOUNCER = _CompileAnnouncer()
+numba.core.event.register("numba:compile", _ANNOUNCER)
+
+
 def caching_enabled() -> bool:
     """True when compiled kernels are cached on disk."""
     return CACHE_DIR is not None and not _cache_failure_logged
@@ -161,7 +211,16 @@ def run_parallel(kernel: Callable[..., Any], *args: Any) -> Any:
     numba's ``workqueue`` threading layer (used when neither TBB nor OpenMP is available)
     aborts the process when two threads launch parallel kernels at once; launches are then
     serialised through one package-wide lock. Other layers run concurrently.
+
+    A :func:`parallel_kernel` made with ``serial_rows`` runs its serial twin instead when
+    its first argument has fewer rows than that (or Numba has one thread): small batches
+    then never pay the compilation of the parallel version, which takes several times
+    longer than the serial one.
     """
+    serial_rows = getattr(kernel, "serial_rows", None)
+    if serial_rows is not None and (numba.get_num_threads() == 1 or
+                                    np.shape(args[0])[:1] < (serial_rows,)):
+        return kernel.serial(*args)
     try:
         layer = numba.threading_layer()
     except ValueError:  # no parallel kernel has run yet: the layer is not chosen
@@ -178,11 +237,14 @@ def run_parallel(kernel: Callable[..., Any], *args: Any) -> Any:
 SERIAL_WORK_THRESHOLD = 200_000
 
 
-def parallel_kernel(**options: Any) -> Callable[[Callable[..., Any]], Any]:
+def parallel_kernel(*, serial_rows: int | None = None,
+                    **options: Any) -> Callable[[Callable[..., Any]], Any]:
     """Compile a ``prange`` kernel twice: parallel (returned) and serial (``.serial``).
 
-    Both are cached (separate cache entries); options are those of :func:`numba.njit`
-    (``cache=True`` and ``parallel`` are set here). Call through :func:`run_kernel`.
+    Both are compiled lazily (on first use) and cached (separate cache entries); options
+    are those of :func:`numba.njit` (``cache=True`` and ``parallel`` are set here). Call
+    through :func:`run_kernel` (the caller gives the work), or, with ``serial_rows``,
+    through :func:`run_parallel` (serial below that many rows of the first argument).
     """
 
     def decorator(func: Callable[..., Any]) -> Any:
@@ -193,6 +255,7 @@ def parallel_kernel(**options: Any) -> Callable[[Callable[..., Any]], Any]:
         twin.__module__ = func.__module__
         twin.__doc__ = func.__doc__
         parallel.serial = _compile(twin, {**options, "cache": True, "parallel": False})
+        parallel.serial_rows = None if serial_rows is None else int(serial_rows)
         return parallel
 
     return decorator

@@ -1,9 +1,11 @@
 """Numba kernels of the fitting engine: per-voxel fibre frames, zonal Legendre features,
 posterior-weighted neighbour averages and the local-linear refinement.
 
-All kernels are nopython, cached and parallel over voxels (``prange``); they take and
-return plain float64/float32 arrays and hold no state, so they are safe to call from
-several threads at once.
+All kernels are nopython, cached and parallel over voxels (``prange``), each with a serial
+twin that :func:`fingerprint.kernels.run_parallel` uses for fewer than
+:data:`SERIAL_ROWS` voxels (a small fit then never pays the much longer compilation of the
+parallel version); they take and return plain float64/float32 arrays and hold no state, so
+they are safe to call from several threads at once.
 """
 
 from __future__ import annotations
@@ -12,7 +14,10 @@ import math
 
 import numpy as np
 
-from fingerprint.kernels import njit, prange
+from fingerprint.kernels import njit, parallel_kernel, prange
+
+#: Below this many rows (voxels or atoms) a kernel of this module runs its serial twin.
+SERIAL_ROWS = 4096
 
 __all__ = [
     "align_frames",
@@ -157,7 +162,7 @@ def _principal_eigenvector(d: np.ndarray, out: np.ndarray) -> None:
     out[2] = vz / nn
 
 
-@njit(cache=True, parallel=True)
+@parallel_kernel(serial_rows=SERIAL_ROWS)
 def dti_principal_directions(signals: np.ndarray, columns: np.ndarray,
                              pinv: np.ndarray, floor: float) -> np.ndarray:
     """Principal diffusion direction of every voxel by a linear least-squares DTI fit.
@@ -212,7 +217,7 @@ def _cholesky_solve(a: np.ndarray, b: np.ndarray, n: int, x: np.ndarray) -> bool
     return True
 
 
-@njit(cache=True, parallel=True)
+@parallel_kernel(serial_rows=SERIAL_ROWS)
 def zonal_features(signals: np.ndarray, frames: np.ndarray, directions: np.ndarray,
                    shell_of: np.ndarray, n_coefficients: np.ndarray,
                    offsets: np.ndarray, weights: np.ndarray,
@@ -360,7 +365,7 @@ def _axis_gauss_newton_step(signals: np.ndarray, i: int, mu: np.ndarray, c: np.n
     return step
 
 
-@njit(cache=True, parallel=True)
+@parallel_kernel(serial_rows=SERIAL_ROWS)
 def align_frames(signals: np.ndarray, frames: np.ndarray, coefficients: np.ndarray,
                  directions: np.ndarray, shell_of: np.ndarray, n_coefficients: np.ndarray,
                  offsets: np.ndarray, iterations: int, max_step: float) -> np.ndarray:
@@ -407,7 +412,7 @@ def align_frames(signals: np.ndarray, frames: np.ndarray, coefficients: np.ndarr
     return out
 
 
-@njit(cache=True, parallel=True)
+@parallel_kernel(serial_rows=SERIAL_ROWS)
 def refine_frames(signals: np.ndarray, frames: np.ndarray, directions: np.ndarray,
                   shell_of: np.ndarray, n_coefficients: np.ndarray, iterations: int,
                   max_step: float, check_last: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -514,7 +519,7 @@ def _zonal_value(coefficients: np.ndarray, i: int, j: int, s: int, frames: np.nd
     return v
 
 
-@njit(cache=True, parallel=True)
+@parallel_kernel(serial_rows=SERIAL_ROWS)
 def reconstruct_zonal(coefficients: np.ndarray, frames: np.ndarray, directions: np.ndarray,
                       shell_of: np.ndarray, n_coefficients: np.ndarray, offsets: np.ndarray,
                       out: np.ndarray) -> np.ndarray:
@@ -537,7 +542,7 @@ def reconstruct_zonal(coefficients: np.ndarray, frames: np.ndarray, directions: 
     return out
 
 
-@njit(cache=True, parallel=True)
+@parallel_kernel(serial_rows=SERIAL_ROWS)
 def prepare_signals(data: np.ndarray, b0_mask: np.ndarray, sigma_in: np.ndarray,
                     min_b0_for_noise: int, rician: bool
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -598,7 +603,7 @@ def prepare_signals(data: np.ndarray, b0_mask: np.ndarray, sigma_in: np.ndarray,
     return out, plain, s0, sigma, valid
 
 
-@njit(cache=True, parallel=True)
+@parallel_kernel(serial_rows=SERIAL_ROWS)
 def rician_correct(signals: np.ndarray, sigma: np.ndarray, b0_mask: np.ndarray
                    ) -> np.ndarray:
     """First-order Rician bias correction sqrt(max(S² - sigma², 0)) of the non-b0
@@ -618,7 +623,7 @@ def rician_correct(signals: np.ndarray, sigma: np.ndarray, b0_mask: np.ndarray
     return out
 
 
-@njit(cache=True, parallel=True)
+@parallel_kernel(serial_rows=SERIAL_ROWS)
 def zonal_fit_residuals(signals: np.ndarray, fit_features: np.ndarray, fit_rss: np.ndarray,
                         gram: np.ndarray, coefficients: np.ndarray, weights: np.ndarray,
                         shell_of: np.ndarray, n_coefficients: np.ndarray,
@@ -658,7 +663,7 @@ def zonal_fit_residuals(signals: np.ndarray, fit_features: np.ndarray, fit_rss: 
     return rss, tss
 
 
-@njit(cache=True, parallel=True)
+@parallel_kernel(serial_rows=SERIAL_ROWS)
 def shell_means(signals: np.ndarray, shell_of: np.ndarray, n_shells: int,
                 weights: np.ndarray, mean_weights: np.ndarray
                 ) -> tuple[np.ndarray, np.ndarray]:
@@ -693,7 +698,7 @@ def shell_means(signals: np.ndarray, shell_of: np.ndarray, n_shells: int,
     return feats, rss
 
 
-@njit(cache=True, parallel=True)
+@parallel_kernel(serial_rows=SERIAL_ROWS)
 def weighted_rows(weights: np.ndarray, indices: np.ndarray, table: np.ndarray) -> np.ndarray:
     """sum_j weights[i, j] * table[indices[i, j]] for every i: (n, columns) float64
     (indices -1 are skipped)."""
@@ -711,7 +716,7 @@ def weighted_rows(weights: np.ndarray, indices: np.ndarray, table: np.ndarray) -
     return out
 
 
-@njit(cache=True, parallel=True)
+@parallel_kernel(serial_rows=SERIAL_ROWS)
 def posterior_average(distances: np.ndarray, indices: np.ndarray,
                       atom_params: np.ndarray, sigma2: np.ndarray, temperature: float,
                       orientation_curvature: np.ndarray, use_curvature: np.ndarray
@@ -772,7 +777,7 @@ def posterior_average(distances: np.ndarray, indices: np.ndarray,
     return mean, std, weights
 
 
-@njit(cache=True, parallel=True)
+@parallel_kernel(serial_rows=SERIAL_ROWS)
 def local_linear_refine(queries: np.ndarray, indices: np.ndarray, weights: np.ndarray,
                         atom_features: np.ndarray, atom_params: np.ndarray,
                         start: np.ndarray, lower: np.ndarray, upper: np.ndarray,

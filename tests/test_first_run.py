@@ -1,0 +1,74 @@
+"""The first run on a machine: serial twins for small batches, exact matching of small
+volumes (no HNSW graph built for them), and one INFO line while kernels compile."""
+
+from __future__ import annotations
+
+import logging
+from types import SimpleNamespace
+
+import numpy as np
+
+import fingerprint.kernels as kernels
+from fingerprint.fitting.matcher import EXACT_QUERY_FRACTION, Matcher
+from fingerprint.kernels import parallel_kernel, prange, run_parallel
+from fingerprint.kernels.features import weighted_rows
+
+
+@parallel_kernel(serial_rows=8)
+def _row_sums(x: np.ndarray) -> np.ndarray:
+    out = np.zeros(x.shape[0])
+    for i in prange(x.shape[0]):
+        out[i] = x[i].sum()
+    return out
+
+
+def test_small_batches_run_the_serial_twin_only() -> None:
+    small = np.arange(12.0).reshape(4, 3)
+    np.testing.assert_array_equal(run_parallel(_row_sums, small), small.sum(axis=1))
+    assert len(_row_sums.serial.signatures) == 1
+    assert len(_row_sums.signatures) == 0  # the parallel version was never compiled
+    large = np.arange(60.0).reshape(20, 3)
+    np.testing.assert_array_equal(run_parallel(_row_sums, large), large.sum(axis=1))
+
+
+def test_auto_matcher_searches_small_batches_exactly(tmp_path) -> None:
+    rng = np.random.default_rng(0)
+    atoms = rng.random((4000, 6)).astype(np.float32)
+    cache = tmp_path / "store.zarr.hnsw16.faiss"
+    auto = Matcher(atoms, method="auto", hnsw_threshold=1000, cache_path=cache)
+    exact = Matcher(atoms, method="exact")
+    assert auto.method == "hnsw" and auto.exact_below == 4000 // EXACT_QUERY_FRACTION
+    small = rng.random((auto.exact_below - 1, 6)).astype(np.float32)
+    d_auto, i_auto = auto.search(small, 5)
+    d_exact, i_exact = exact.search(small, 5)
+    np.testing.assert_array_equal(i_auto, i_exact)
+    np.testing.assert_allclose(d_auto, d_exact, rtol=1e-5)
+    assert not cache.exists()  # no graph was needed
+    large = rng.random((auto.exact_below, 6)).astype(np.float32)
+    _, i_large = auto.search(large, 5)
+    assert cache.exists()  # built (and cached) for the first large batch
+    _, i_large_exact = exact.search(large, 5)
+    recall = np.mean([len(set(a) & set(b)) / 5 for a, b in zip(i_large, i_large_exact,
+                                                                 strict=True)])
+    assert recall >= 0.95
+    again = Matcher(atoms, method="auto", hnsw_threshold=1000, cache_path=cache)
+    np.testing.assert_array_equal(again.search(large, 5)[1], i_large)
+
+
+def test_first_compilation_is_announced_once(tmp_path, monkeypatch, caplog) -> None:
+    monkeypatch.setattr(kernels, "CACHE_DIR", tmp_path)
+    monkeypatch.setattr(kernels, "_cache_failure_logged", False)
+    announcer = kernels._CompileAnnouncer()
+    ours = SimpleNamespace(data={"dispatcher": SimpleNamespace(py_func=weighted_rows.py_func)})
+    theirs = SimpleNamespace(data={"dispatcher": SimpleNamespace(py_func=np.sum)})
+    with caplog.at_level(logging.INFO, logger="fingerprint.kernels"):
+        announcer.on_start(theirs)
+        assert not caplog.records  # numba's own helpers are not announced
+        announcer.on_start(ours)
+        announcer.on_start(ours)
+    assert [r.getMessage() for r in caplog.records if "first run on this machine" in
+            r.getMessage() and "(one-off" in r.getMessage()] and len(caplog.records) == 1
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="fingerprint.kernels"):
+        kernels._CompileAnnouncer().on_start(ours)  # a later run: the marker is there
+    assert "not used before on this machine" in caplog.text
