@@ -52,7 +52,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     import numpy as np
 
     from fingerprint.cli.fit import quiet_third_party_logs
-    from fingerprint.cli.progress import progress_bar
+    from fingerprint.cli.progress import progress_bar, shown_path
     from fingerprint.fitting.pipeline import check_output_directory, fit_volume
     from fingerprint.phantoms import noddi_errors, noddi_phantom, write_phantom
     from fingerprint.preview import write_preview
@@ -78,7 +78,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     paths = write_phantom(phantom, args.out / "phantom", prefix="sub-demo")
     n_vox = int(np.prod(args.shape))
     out.write(f"phantom: {n_vox} voxels, {phantom['dwi'].shape[3]} measurements, SNR "
-              f"{args.snr:g} -> {paths['dwi'].parent}\n")
+              f"{args.snr:g} -> {shown_path(paths['dwi'].parent)}\n")
     bar, progress = progress_bar("demo", not (args.no_progress or
                                               getattr(args, "quiet", False)))
     try:
@@ -102,11 +102,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                             args.out / "sub-demo_model-noddi_desc-preview.png",
                             title="fingerprint demo: NODDI fit (top) vs ground truth (bottom)",
                             truth={k: phantom["truth"][k] for k in labels})
-    dictionary = f" (dictionary {result.dictionary})" if result.dictionary else ""
+    dictionary = f" (dictionary {shown_path(result.dictionary)})" if result.dictionary else ""
     out.write(f"fitted {result.n_voxels} voxels in {result.seconds:.1f} s: dictionary "
               f"{result.timings.get('dictionary', 0):.1f} s, matching "
               f"{result.timings.get('fit', 0):.2f} s{dictionary}\n")
-    out.write(f"maps:    {result.out_dir}\npreview: {preview}\n")
+    out.write(f"maps:    {shown_path(result.out_dir)}\npreview: {shown_path(preview)}\n")
     out.write("accuracy vs ground truth (mean absolute error):\n")
     for label in ("icvf", "odi", "isovf"):
         if f"{label}_mae" in errors:

@@ -4,20 +4,22 @@
         [--mask mask.nii.gz] --out DIR [--threads N] [--prefix P] [--dictionary-size N] \\
         [--delta S --Delta S] [--preview]
 
-Maps are named ``<prefix>_model-<model>_param-<label>_dwimap.nii.gz`` (+ JSON sidecars);
-the prefix defaults to the BIDS entities of the DWI file name (``sub-01_ses-1`` for
-``sub-01_ses-1_dwi.nii.gz``), or none.
+Maps are named ``<prefix>_model-<model>_param-<label>_dwimap.nii.gz`` (+ JSON sidecars).
+The prefix is ``--prefix`` when given, else the BIDS entities of the DWI file name
+(``sub-01_ses-1`` for ``sub-01_ses-1_dwi.nii.gz``), else the ``sub-``/``ses-`` folders of
+``--out`` (``sub-01`` for ``derivatives/fingerprint/sub-01/dwi``), else none.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from pathlib import Path
 from typing import Any
 
-from fingerprint.cli.progress import progress_bar
+from fingerprint.cli.progress import progress_bar, shown_path
 from fingerprint.errors import CancelledError, DictionaryError, InputError
 from fingerprint.fitting.options import TIMING_LIMITS_S, check_timing
 
@@ -42,7 +44,9 @@ def add_parser(subparsers: Any) -> None:
                         help="3-D mask NIfTI (default: voxels with a positive b=0 signal)")
     parser.add_argument("--out", required=True, type=Path, metavar="DIR", help="output directory")
     parser.add_argument("--prefix",
-                        help="output file prefix (default: the DWI name's BIDS entities)")
+                        help="output file prefix, e.g. sub-01_ses-1 (default: the BIDS "
+                             "entities of the DWI file name, else the sub-/ses- folders of "
+                             "--out, else none)")
     parser.add_argument("--threads", type=int, metavar="N", help="threads (default: all cores)")
     parser.add_argument("--dictionary-size", type=int, dest="dictionary_size", metavar="N",
                         help="atoms of the dictionary (default: the model's)")
@@ -73,6 +77,30 @@ def check_timing_flags(args: argparse.Namespace) -> None:
         check_timing(name, getattr(args, name, None), flag=f"--{name}")
 
 
+_BIDS_FOLDER = re.compile(r"^(sub|ses)-[A-Za-z0-9]+$")
+
+
+def prefix_from_output_dir(out: Path) -> str | None:
+    """The ``sub-``/``ses-`` entities of a BIDS derivatives folder
+    (``derivatives/fingerprint/sub-01/ses-2/dwi`` -> ``sub-01_ses-2``), or None."""
+    parts = [p for p in Path(out).parts if _BIDS_FOLDER.match(p)]
+    subjects = [i for i, p in enumerate(parts) if p.startswith("sub-")]
+    if not subjects:
+        return None
+    last = subjects[-1]
+    sessions = [p for p in parts[last + 1:] if p.startswith("ses-")]
+    return "_".join([parts[last]] + sessions[:1])
+
+
+def output_prefix(prefix: str | None, dwi: Path, out: Path) -> str | None:
+    """``prefix`` when given, else the DWI name's BIDS entities, else ``out``'s folders."""
+    from fingerprint.fitting.pipeline import prefix_from_filename
+
+    if prefix is not None:
+        return prefix
+    return prefix_from_filename(dwi) or prefix_from_output_dir(out)
+
+
 def _cli_error(message: str) -> Exception:
     from fingerprint.cli.main import CLIError
 
@@ -80,7 +108,7 @@ def _cli_error(message: str) -> Exception:
 
 
 def _cmd_fit(args: argparse.Namespace) -> int:
-    from fingerprint.fitting.pipeline import DEFAULT_CHUNK_VOXELS, fit_volume, prefix_from_filename
+    from fingerprint.fitting.pipeline import DEFAULT_CHUNK_VOXELS, fit_volume
     from fingerprint.models import get_recipe
 
     get_recipe(args.model)  # unknown names fail before any file is read
@@ -101,7 +129,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
                              f"{'is not a file' if path.exists() else 'does not exist'}")
     if args.out.exists() and not args.out.is_dir():
         raise InputError(f"--out {args.out} exists and is not a directory")
-    prefix = args.prefix if args.prefix is not None else prefix_from_filename(args.dwi)
+    prefix = output_prefix(args.prefix, args.dwi, args.out)
     bar, progress = progress_bar("fit", not (args.no_progress or getattr(args, "quiet", False)))
     try:
         result = fit_volume(
@@ -123,7 +151,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         out.write(f"{result.n_invalid} voxels were left out ({result.n_unusable} for NaN, "
                   f"infinite or negative signals or no positive b=0 signal; NaN in the "
                   f"maps)\n")
-    out.write(f"maps in {result.out_dir}:\n")
+    out.write(f"maps in {shown_path(result.out_dir)}:\n")
     for path in result.files:
         if path.suffix != ".json":
             out.write(f"  {path.name}\n")

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from fingerprint.errors import CancelledError, DictionaryError, InputError
+from fingerprint.progress import library_progress
 
 from .cache import (
     build_lock,
@@ -211,7 +212,8 @@ def _report(progress: ProgressCallback | None, fraction: float) -> None:
 
 def _write_store(request: BuildRequest, tmp: Path, *, chunk_atoms: int,
                  progress: ProgressCallback | None,
-                 should_cancel: Callable[[], bool] | None) -> None:
+                 should_cancel: Callable[[], bool] | None) -> float:
+    """Simulate and write the store at ``tmp``; returns the seconds it took."""
     t0 = time.perf_counter()
     plan, model, scheme = request.plan, request.model, request.scheme
     fmap = _feature_map(model, scheme)
@@ -244,8 +246,7 @@ def _write_store(request: BuildRequest, tmp: Path, *, chunk_atoms: int,
     attrs["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat()
     attrs["build_seconds"] = round(time.perf_counter() - t0, 3)
     writer.finalize(attrs)
-    logger.info("built dictionary %s: %d atoms in %.1f s", tmp.name, plan.size,
-                attrs["build_seconds"])
+    return float(attrs["build_seconds"])
 
 
 def _split(vector: np.ndarray, plan: SamplingPlan) -> list[Any]:
@@ -338,14 +339,19 @@ def _build_at(request: BuildRequest, target: Path, *, overwrite: bool, in_cache:
         cleanup_stale_temporaries(target)
         replace = _clear_target(target, overwrite=overwrite, in_cache=in_cache)
         tmp = temporary_sibling(target)
+        logger.info("building the %s dictionary (%d atoms) into %s",
+                    request.name or type(request.model).__name__, request.plan.size, target)
         try:
-            with _numba_threads(n_jobs):
-                _write_store(request, tmp, chunk_atoms=chunk_atoms, progress=progress,
-                             should_cancel=should_cancel)
+            with _numba_threads(n_jobs), \
+                    library_progress("building dictionary", progress) as shown:
+                seconds = _write_store(request, tmp, chunk_atoms=chunk_atoms, progress=shown,
+                                       should_cancel=should_cancel)
             result = _install(tmp, target, replace, request.key)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        logger.info("built dictionary %s: %d atoms in %.1f s", target, request.plan.size,
+                    seconds)
     _report(progress, 1.0)
     return result
 
