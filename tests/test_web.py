@@ -339,10 +339,18 @@ def test_browser_upload_watch_view_download(server, driver, phantom):
 
 @pytest.mark.slow
 @browser
-def test_browser_cancel_running_job(server, driver, phantom):
+def test_browser_cancel_running_job(server, driver, phantom, finished):
     from selenium.webdriver.common.by import By
 
     sign_in(driver, server.url, server.keys["bob"])
+    # per-key isolation: alice's jobs are not in bob's list
+    with client(server, server.keys["alice"]) as http:
+        alice_jobs = {j["id"] for j in http.get("/v1/jobs").json()["items"]}
+    assert alice_jobs
+    time.sleep(0.5)
+    shown = {li.get_attribute("data-job") for li in
+             driver.find_elements(By.CSS_SELECTOR, "#jobs-list li")}
+    assert not shown & alice_jobs
     submit_files(driver, phantom, options={"dictionary_size": str(SLOW_SIZE)})
     wait_until(lambda: visible(driver, "view-jobs"), timeout=120, what="the jobs view")
 
@@ -409,7 +417,7 @@ def test_browser_server_refusal_in_words(server, driver, phantom, tmp_path):
 
 @pytest.mark.slow
 @browser
-def test_browser_admin_and_revoked_key(server, driver):
+def test_browser_admin_and_revoked_key(server, driver, phantom):
     from selenium.webdriver.common.by import By
 
     sign_in(driver, server.url, server.keys["alice"])
@@ -431,6 +439,17 @@ def test_browser_admin_and_revoked_key(server, driver):
     assert key not in driver.page_source
     wait_until(lambda: "healthy" in driver.find_element(By.ID, "queue-executor").text,
                what="the executor")
+    # prebuild a small dictionary for the phantom's scheme (a job of the admin's key)
+    driver.find_element(By.ID, "pb-bval").send_keys(str(phantom["bval"]))
+    driver.find_element(By.ID, "pb-bvec").send_keys(str(phantom["bvec"]))
+    driver.find_element(By.ID, "pb-size").send_keys("500")
+    driver.find_element(By.CSS_SELECTOR, "#prebuild-form button[type=submit]").click()
+    wait_until(lambda: "queued as job" in driver.find_element(By.ID, "pb-status").text,
+               timeout=60, what="the build to be queued")
+    with client(server, server.keys["root"]) as root:
+        builds = root.get("/v1/jobs", params={"kind": "dictionary"}).json()["items"]
+        assert builds and builds[0]["options"]["size"] == 500
+        wait_for(root, builds[0]["id"], timeout=300)
     # erin signs in, then the admin revokes her key: her page says so
     sign_in(driver, server.url, key)
     with client(server, server.keys["root"]) as root:
@@ -473,3 +492,32 @@ def test_browser_phone_width_and_keyboard(server, driver, finished):
         assert unlabelled == []
     finally:
         set_viewport(driver, 1280, 800)
+
+
+@pytest.mark.slow
+@browser
+def test_browser_drop_sorts_files(server, driver):
+    from selenium.webdriver.common.by import By
+
+    sign_in(driver, server.url, server.keys["alice"])
+    driver.find_element(By.ID, "nav-submit").click()
+    # a drop of four files (made in the page: a browser test cannot drag from the desktop)
+    driver.execute_script("""
+        const dt = new DataTransfer();
+        for (const name of ['sub-02_dwi.nii.gz', 'sub-02_dwi.bvec', 'sub-02_dwi.bval',
+                            'sub-02_desc-brain_mask.nii', 'notes.txt'])
+          dt.items.add(new File(['0 1000'], name));
+        document.getElementById('drop-zone').dispatchEvent(
+          new DragEvent('drop', {dataTransfer: dt, bubbles: true, cancelable: true}));""")
+    wait_until(lambda: driver.find_element(By.ID, "chosen-dwi").text, what="the sorted files")
+    assert driver.find_element(By.ID, "chosen-dwi").text.startswith("sub-02_dwi.nii.gz")
+    assert driver.find_element(By.ID, "chosen-bval").text.startswith("sub-02_dwi.bval")
+    assert driver.find_element(By.ID, "chosen-bvec").text.startswith("sub-02_dwi.bvec")
+    assert driver.find_element(By.ID, "chosen-mask").text.startswith("sub-02_desc-brain_mask")
+    left_out = driver.find_element(By.ID, "checks").text
+    assert "notes.txt" in left_out and "left out" in left_out
+    # the fake DWI is caught by the page's checks, naming the file
+    driver.find_element(By.ID, "submit-button").click()
+    wait_until(lambda: "sub-02_dwi.nii.gz" in driver.find_element(By.ID, "checks").text
+               and "gzip" in driver.find_element(By.ID, "checks").text,
+               what="the DWI check")

@@ -221,8 +221,8 @@ def take_screenshots(url: str, keys: dict[str, str], inputs: dict[str, Path],
         submit_files(driver, {"bval": inputs["bval"], "bvec": inputs["bvec"]})
         wait_until(lambda: driver.find_elements(By.CSS_SELECTOR, "#checks li"), what="checks")
         shot("submit")
-        # a second job, shown while it runs beside the finished one
-        submit_files(driver, inputs, options=options)
+        # a second job (with a larger dictionary to build), shown while it runs
+        submit_files(driver, inputs, options={**options, "dictionary_size": "20000"})
         wait_until(lambda: visible(driver, "view-jobs"), timeout=120, what="the upload")
 
         def running() -> bool:  # the second job running (or, if it was quick, finished)
@@ -230,7 +230,13 @@ def take_screenshots(url: str, keys: dict[str, str], inputs: dict[str, Path],
                 driver.find_elements(By.XPATH, "//button[text()='Open maps']")) >= 2
 
         wait_until(running, timeout=600, interval=0.05, what="the second job to run")
-        time.sleep(1.5)
+        try:  # some progress to show
+            wait_until(lambda: any(float(b.get_attribute("value") or 0) > 0 for b in
+                                   driver.find_elements(By.CSS_SELECTOR,
+                                                        ".status-running progress")),
+                       timeout=60, interval=0.2, what="progress")
+        except AssertionError:
+            pass
         driver.execute_script("window.scrollTo(0, 0)")
         shot("jobs")
         wait_until(lambda: len(driver.find_elements(By.XPATH, "//button[text()='Open maps']"))

@@ -62,6 +62,7 @@ function banner(text) {
   const node = $("banner");
   node.textContent = text || "";
   node.hidden = !text;
+  if (text) setTimeout(() => { if (node.textContent === text) { node.textContent = ""; node.hidden = true; } }, 10000);
 }
 
 // ---------------------------------------------------------------- sign in

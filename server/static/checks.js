@@ -57,7 +57,9 @@ async function headBytes(file, n) {
   const head = file.slice(0, Math.min(file.size, 65536));
   const buffer = await head.arrayBuffer();
   const bytes = new Uint8Array(buffer);
-  if (bytes.length >= 2 && bytes[0] === 0x1f && bytes[1] === 0x8b) {
+  const gzipped = bytes.length >= 2 && bytes[0] === 0x1f && bytes[1] === 0x8b;
+  if (!gzipped && /\.gz$/i.test(file.name)) return { notGzip: true };
+  if (gzipped) {
     if (typeof DecompressionStream === "undefined") return null;
     // decompress only the start of the file
     const stream = file.stream().pipeThrough(new DecompressionStream("gzip"));
@@ -88,6 +90,7 @@ async function headBytes(file, n) {
 export async function readNiftiHeader(file) {
   const bytes = await headBytes(file, 544);
   if (bytes === null) return { dims: null };
+  if (bytes.notGzip) return { error: `${file.name} ends in .gz but is not gzip-compressed: is it a NIfTI image?` };
   if (bytes.corrupt) return { error: `${file.name} is not a valid gzip file (damaged or truncated).` };
   if (bytes.length < 348) return { error: `${file.name} is too short to be a NIfTI image.` };
   const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
