@@ -276,20 +276,28 @@ def test_browser_upload_watch_view_download(server, driver, phantom):
     submit_files(driver, phantom, options={"dictionary_size": str(SIZE)})
     # the upload goes through; the jobs view then follows the job until it finishes
     wait_until(lambda: visible(driver, "view-jobs"), timeout=120, what="the jobs view")
-    card = wait_until(lambda: driver.find_elements(By.CSS_SELECTOR, "#jobs-list li"),
-                      what="the job card")[0]
-    job_id_short = card.find_element(By.TAG_NAME, "code").text
-    assert card.find_element(By.CLASS_NAME, "label").text == phantom["dwi"].name
+    # the new job's card, labelled with the DWI's name (older jobs were not sent by the page)
+    banner = wait_until(lambda: driver.find_element(By.ID, "banner").text, what="the banner")
+    job_id_short = re.search(r"Job ([0-9a-f]{8}) queued", banner).group(1)
+
+    def card():
+        for li in driver.find_elements(By.CSS_SELECTOR, "#jobs-list li"):
+            if li.get_attribute("data-job").startswith(job_id_short):
+                return li
+        return None
+
+    assert wait_until(card, what="the job card").find_element(
+        By.CLASS_NAME, "label").text == phantom["dwi"].name
     seen = set()
 
     def finished():
-        first = driver.find_elements(By.CSS_SELECTOR, "#jobs-list li")[0]
+        first = card()
         seen.add(first.find_element(By.CLASS_NAME, "badge").text.lower())
         return first.find_elements(By.XPATH, ".//button[text()='Open maps']")
 
     button = wait_until(finished, timeout=600, what="the job to succeed")[0]
     assert "succeeded" in seen
-    facts = driver.find_elements(By.CSS_SELECTOR, "#jobs-list li .facts")[0].text
+    facts = card().find_element(By.CLASS_NAME, "facts").text
     assert "elapsed" in facts and "stage" in facts
     button.click()
     wait_until(lambda: driver.execute_script("return document.body.dataset.mapShown"),
