@@ -80,6 +80,8 @@ class FittedMultiCompartmentModel:
     S0: data.shape[:-1] mean b0 signal.
     mask: data.shape[:-1] bool, the voxels that were fitted.
     valid: data.shape[:-1] bool, the voxels fitted successfully.
+    solver: the solver that produced the fit (``'fingerprint'``, ``'brute2fine'``,
+        ``'mix'``).
     r2_estimate, mse_estimate: goodness of fit reported by the estimator (from the
         signal the matched features describe; :meth:`R2_coefficient_of_determination`
         and :meth:`mean_squared_error` recompute them with the exact forward model).
@@ -88,7 +90,8 @@ class FittedMultiCompartmentModel:
     def __init__(self, model: Any, acquisition_scheme: Any, parameters_vector: np.ndarray,
                  *, mask: np.ndarray, S0: np.ndarray, uncertainty: np.ndarray | None = None,
                  valid: np.ndarray | None = None, r2: np.ndarray | None = None,
-                 mse: np.ndarray | None = None, estimator: Any = None):
+                 mse: np.ndarray | None = None, estimator: Any = None,
+                 solver: str = "fingerprint"):
         self.model = model
         self.acquisition_scheme = acquisition_scheme
         self.fitted_parameters_vector = np.asarray(parameters_vector, dtype=np.float64)
@@ -99,6 +102,7 @@ class FittedMultiCompartmentModel:
         self.r2_estimate = r2
         self.mse_estimate = mse
         self.estimator = estimator
+        self.solver = str(solver)
         self.parameter_names = list(model.parameter_names)
         self.parameter_cardinality = {k: int(v) for k, v in
                                       model.parameter_cardinality.items()}

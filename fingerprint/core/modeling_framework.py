@@ -789,6 +789,64 @@ class MultiCompartmentModelProperties(_ParameterNamespace):
             out[start:start + block.shape[0]] = self._simulate_block(ctx, block, state, models)
         return out.reshape(vec.shape[:-1] + (n_out,))
 
+    def simulate_compartment_signals(self, acquisition_scheme: Any, parameters_array: Any,
+                                     which: Any = None) -> np.ndarray:
+        """Signals of each top-level sub-model at unit volume fraction.
+
+        ``parameters_array`` (n, P) parameter vectors; returns (n, K, N) ((n, K, S) shells
+        for spherical-mean models), K the number of sub-models, the model's signal being
+        ``sum_k partial_volume_k * out[:, k]`` when no link involves the top-level
+        fractions. With ``which`` (n,) sub-model indices, only that sub-model's signal
+        is simulated for each row: (n, N). Each sub-model is simulated once per row
+        (unlike a full simulation per one-hot fraction vector)."""
+        vec = self._check_vector(parameters_array)
+        flat = vec.reshape(-1, vec.shape[-1])
+        state = self._state
+        models = list(self.models)
+        check_scheme(acquisition_scheme, self._required_acquisition_parameters,
+                     type(self).__name__)
+        ctx = _SchemeContext(acquisition_scheme)
+        n = flat.shape[0]
+        values = self._parameters_with_links(self._free_dict(flat, state), n, state)
+        n_out = (ctx.shells.number_of_measurements if self._spherical_mean
+                 else ctx.meas.number_of_measurements)
+        pick = None if which is None else np.asarray(which, dtype=int).reshape(-1)
+        if pick is not None and pick.shape[0] != n:
+            raise InputError(f"which must give one sub-model per row ({n}), got "
+                             f"{pick.shape[0]}")
+        out = np.empty((n, n_out)) if pick is not None else np.empty((n, len(models), n_out))
+        for k, model in enumerate(models):
+            rows = np.arange(n) if pick is None else np.flatnonzero(pick == k)
+            if rows.size == 0:
+                continue
+            local = {p.local: np.ascontiguousarray(np.asarray(values[p.name])[rows])
+                     for p in state.params if p.owner == k}
+            sig = self._submodel_signal(ctx, model, local, rows.size)
+            if pick is None:
+                out[:, k] = sig
+            else:
+                out[rows] = sig
+        return out
+
+    def _submodel_signal(self, ctx: _SchemeContext, model: Any,
+                         local: Mapping[str, np.ndarray], n: int) -> np.ndarray:
+        """Signal (n, N) (or shell means (n, S)) of one sub-model at unit fraction."""
+        if self._spherical_mean:
+            if _is_distributed(model):
+                sig = model._spherical_mean_batch(ctx, local, n)
+                isotropic = all(is_isotropic(m) for m in model.models)
+            else:
+                sig = compartment_spherical_mean(model, ctx.shells, local, n)
+                isotropic = is_isotropic(model)
+            b0 = getattr(ctx.scheme, "shell_b0_mask", None)
+            if not isotropic and b0 is not None and np.any(b0):
+                sig = np.array(sig, dtype=float)
+                sig[:, np.asarray(b0, dtype=bool)] = 1.0
+            return sig
+        if _is_distributed(model):
+            return model._signal_batch(ctx, local, n)
+        return compartment_signal(model, ctx.meas, ctx.directions, local, n)
+
     def _free_dict(self, block: np.ndarray, state: _State) -> dict[str, np.ndarray]:
         out: dict[str, np.ndarray] = {}
         pos = 0
@@ -805,23 +863,7 @@ class MultiCompartmentModelProperties(_ParameterNamespace):
         total = None
         for k, model in enumerate(models):
             local = {p.local: values[p.name] for p in state.params if p.owner == k}
-            if self._spherical_mean:
-                if _is_distributed(model):
-                    sig = model._spherical_mean_batch(ctx, local, n)
-                    isotropic = all(is_isotropic(m) for m in model.models)
-                else:
-                    sig = compartment_spherical_mean(model, ctx.shells, local, n)
-                    isotropic = is_isotropic(model)
-                b0 = getattr(ctx.scheme, "shell_b0_mask", None)
-                if not isotropic and b0 is not None and np.any(b0):
-                    # like dmipy: anisotropic spherical means are 1 on b0 shells
-                    sig = np.array(sig, dtype=float)
-                    sig[:, np.asarray(b0, dtype=bool)] = 1.0
-            else:
-                if _is_distributed(model):
-                    sig = model._signal_batch(ctx, local, n)
-                else:
-                    sig = compartment_signal(model, ctx.meas, ctx.directions, local, n)
+            sig = self._submodel_signal(ctx, model, local, n)
             weight = values[f"partial_volume_{k}"][:, None] if len(models) > 1 else 1.0
             total = weight * sig if total is None else total + weight * sig
         assert total is not None

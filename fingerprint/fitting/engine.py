@@ -33,6 +33,7 @@ from fingerprint.errors import InputError
 from fingerprint.fitting.estimator import FingerprintEstimator, VoxelEstimates
 from fingerprint.fitting.nonlinear import DEFAULT_MAX_NFEV, goodness_of_fit, refine_nonlinear
 from fingerprint.fitting.options import (
+    CLASSICAL_OPTION_NAMES,
     DMIPY_IGNORED_OPTIONS,
     DMIPY_SOLVERS,
     FitOptions,
@@ -45,6 +46,7 @@ from fingerprint.fitting.registry import (
     get_solver,
     register_solver,
 )
+from fingerprint.fitting.solvers.cascade import x0_matrix
 from fingerprint.fitting.validity import default_mask, report_unusable, usable_voxels
 
 logger = logging.getLogger(__name__)
@@ -361,12 +363,17 @@ def fit_model(model: Model, acquisition_scheme: AcquisitionScheme, data: np.ndar
         signal is positive; ``mask_rule='all'``: every voxel). Voxels of the mask with
         NaN, infinite or negative signals or no positive b=0 signal are left out, reported
         in one warning and NaN in the result (:mod:`fingerprint.fitting.validity`).
-    solver: a registered solver (``'fingerprint'``, dictionary matching, by default;
-        dmipy's ``'brute2fine'``, ``'mix'`` and ``'amico'`` are accepted and answered by
-        dictionary matching unless solvers of those names are registered).
+    solver: a registered solver: ``'fingerprint'`` (dictionary matching, default),
+        ``'brute2fine'`` (brute-force grid then bounded non-linear least squares) or
+        ``'mix'`` (differential evolution with the fractions by NNLS, then the same
+        refinement), see :mod:`fingerprint.fitting.solvers`; dmipy's ``'amico'`` is
+        refused. The solver that ran is recorded as ``fitted.solver``.
     x0_vector: initial guess: parameter vectors (P,) or data.shape[:-1] + (P,), or a dict
         of (possibly short) parameter names; NaN entries are estimated. A given
-        orientation fixes the fibre frame (e.g. from a Ball-Stick fit).
+        orientation fixes the fibre frame (e.g. from a Ball-Stick fit); a compartment's
+        orientation the model carries through a distribution (``'C1Stick_1_mu'`` given
+        to NODDI) initialises that distribution's axis (see
+        :mod:`fingerprint.fitting.solvers.cascade`).
     n_jobs: threads for FAISS, BLAS and Numba.
     dictionary_size, dictionary_dir: dictionary atoms and directory (default: the
         recipe's size, the user cache directory).
@@ -385,15 +392,14 @@ def fit_model(model: Model, acquisition_scheme: AcquisitionScheme, data: np.ndar
     kwargs: further :class:`~fingerprint.fitting.options.FitOptions` fields (``rician``,
         ``matcher_method``, ``frame_iterations``, ``seed``, ``mask_rule``, ...). dmipy's
         ``number_of_processors`` / ``use_parallel_processing`` set ``n_jobs``; its
-        optimiser settings (``Ns``, ``N_sphere_samples``, ``maxiter``, ...) are ignored.
+        optimiser settings (``Ns``, ``N_sphere_samples``, ``maxiter``) set
+        :class:`~fingerprint.fitting.options.ClassicalSettings` (used by the classical
+        solvers, ignored by dictionary matching).
 
     Returns
     -------
     FittedMultiCompartmentModel
     """
-    for name in DMIPY_IGNORED_OPTIONS:
-        if name in kwargs:
-            logger.info("fit option %r is for dmipy's optimisers; ignored", name)
     given: dict[str, object] = dict(options.to_dict()) if options is not None else {}
     explicit = {"solver": solver, "n_jobs": n_jobs, "dictionary_size": dictionary_size,
                 "refine": refine, "n_neighbors": n_neighbors}
@@ -406,6 +412,12 @@ def fit_model(model: Model, acquisition_scheme: AcquisitionScheme, data: np.ndar
         given.pop("threads", None)
     given.update(kwargs)
     opts = FitOptions.from_mapping(given, dmipy=True)
+    solver_name = get_solver(opts.solver).name
+    for name in DMIPY_IGNORED_OPTIONS + CLASSICAL_OPTION_NAMES:
+        if name in kwargs and (solver_name == BUILTIN_SOLVER
+                               or name in DMIPY_IGNORED_OPTIONS):
+            logger.info("fit option %r is for dmipy's optimisers; ignored by solver %r",
+                        name, solver_name)
     if not (hasattr(acquisition_scheme, "number_of_measurements")
             and hasattr(acquisition_scheme, "b0_mask")):
         raise InputError(f"acquisition_scheme must be an AcquisitionScheme (see "
@@ -448,7 +460,8 @@ def fit_model(model: Model, acquisition_scheme: AcquisitionScheme, data: np.ndar
     fitter = prepare_fitter(model, acquisition_scheme, opts, dictionary_dir=dictionary_dir,
                             progress=progress)
     selected = arr[use]
-    ve = fit_voxels(fitter, selected, _x0_flat(x0_vector, spatial, use))
+    x0m = x0_matrix(model, _x0_flat(x0_vector, spatial, use), int(selected.shape[0]))
+    ve = fit_voxels(fitter, selected, x0m)
     usable = usable_voxels(selected, b0)
     if not usable.all():
         coords = np.argwhere(use)[~usable] if spatial else np.zeros((1, 0), dtype=int)
@@ -468,4 +481,5 @@ def fit_model(model: Model, acquisition_scheme: AcquisitionScheme, data: np.ndar
     mse[use] = ve.mse
     return FittedMultiCompartmentModel(model, acquisition_scheme, params, mask=use, S0=s0_map,
                                        uncertainty=unc, valid=valid, r2=r2, mse=mse,
-                                       estimator=getattr(fitter, "estimator", fitter))
+                                       estimator=getattr(fitter, "estimator", fitter),
+                                       solver=solver_name)

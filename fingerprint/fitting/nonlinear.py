@@ -246,6 +246,9 @@ class _Problem:
         """Signals (r, R) of compartment ``which[i]`` (all K when None: (r, K, R)) at
         unit fraction for parameter vectors x (r, P)."""
         K = self.pv_columns.size
+        direct = getattr(self.model, "simulate_compartment_signals", None)
+        if direct is not None:  # each sub-model simulated once per row
+            return direct(self.scheme, x, which)
         if which is None:
             rows = np.repeat(x, K, axis=0)
             rows[:, self.pv_columns] = np.tile(np.eye(K), (x.shape[0], 1))

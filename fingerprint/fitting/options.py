@@ -23,14 +23,18 @@ from typing import Literal
 from fingerprint.errors import InputError
 from fingerprint.fitting.registry import DMIPY_SOLVERS, check_solver
 
-__all__ = ["DMIPY_IGNORED_OPTIONS", "DMIPY_SOLVERS", "FIT_OPTION_SPECS", "MASK_RULES",
+__all__ = ["CLASSICAL_OPTION_NAMES", "DMIPY_IGNORED_OPTIONS", "DMIPY_SOLVERS",
+           "FIT_OPTION_SPECS", "MASK_RULES", "ClassicalSettings",
            "PREFIX_PATTERN", "TIMING_LIMITS_S", "FitOptions", "OptionSpec", "PolishSettings",
            "check_prefix", "check_timing"]
 
-#: dmipy ``fit`` keywords of its optimisers, meaningless for dictionary matching: accepted
-#: and ignored (``number_of_processors`` and ``use_parallel_processing`` set ``threads``).
-DMIPY_IGNORED_OPTIONS = ("Ns", "N_sphere_samples", "maxiter", "hard_constraints",
-                         "lambda_inf", "lambda_1")
+#: dmipy ``fit`` keywords of its other optimisers: accepted and ignored
+#: (``number_of_processors`` and ``use_parallel_processing`` set ``threads``).
+DMIPY_IGNORED_OPTIONS = ("hard_constraints", "lambda_inf", "lambda_1")
+#: Options of the classical solvers (:class:`ClassicalSettings`; dmipy's ``Ns``,
+#: ``N_sphere_samples``, ``maxiter``), ignored by dictionary matching.
+CLASSICAL_OPTION_NAMES = ("Ns", "N_sphere_samples", "maxiter", "grid_starts", "popsize",
+                          "tol")
 #: Default-mask rules: ``'positive_b0'`` (voxels whose mean b=0 signal is finite and
 #: positive) or ``'all'`` (every voxel; unusable ones are reported and left out).
 MASK_RULES = ("positive_b0", "all")
@@ -84,6 +88,27 @@ class PolishSettings:
     max_nfev: int | None = None
     #: ``'batched'`` (all voxels advance together) or ``'scipy'`` (voxel by voxel)
     method: Literal["batched", "scipy"] = "batched"
+
+
+@dataclass(frozen=True)
+class ClassicalSettings:
+    """Settings of the classical solvers (:mod:`fingerprint.fitting.solvers`).
+
+    Ns: grid points per scalar parameter (brute2fine; dmipy's name and default).
+    N_sphere_samples: orientations of the brute-force grid (brute2fine).
+    maxiter: residual evaluations per start of the refinement; for mix also the
+        generations of the differential evolution.
+    grid_starts: best grid points refined per voxel (brute2fine).
+    popsize: differential-evolution members per searched parameter (mix).
+    tol: relative spread of a voxel's population costs at which its evolution stops (mix).
+    """
+
+    Ns: int = 5
+    N_sphere_samples: int = 30
+    maxiter: int = 300
+    grid_starts: int = 1
+    popsize: int = 8
+    tol: float = 0.01
 
 
 def _fail(name: str, expected: str, value: object) -> InputError:
@@ -172,6 +197,7 @@ class FitOptions:
     refine_shrinkage: float = 1.0
     align_axis: bool = True
     polish: PolishSettings = field(default_factory=PolishSettings)
+    classical: ClassicalSettings = field(default_factory=ClassicalSettings)
 
     def __post_init__(self) -> None:
         setv = object.__setattr__
@@ -204,6 +230,17 @@ class FitOptions:
         setv(self, "align_axis", _bool("align_axis", self.align_axis))
         if not isinstance(self.polish, PolishSettings):
             raise _fail("polish", "PolishSettings", self.polish)
+        c = self.classical
+        if not isinstance(c, ClassicalSettings):
+            raise _fail("classical", "ClassicalSettings", c)
+        setv(self, "classical", ClassicalSettings(
+            Ns=int(_int("Ns", c.Ns, 2, optional=False) or 2),
+            N_sphere_samples=int(_int("N_sphere_samples", c.N_sphere_samples, 1,
+                                      optional=False) or 1),
+            maxiter=int(_int("maxiter", c.maxiter, 1, optional=False) or 1),
+            grid_starts=int(_int("grid_starts", c.grid_starts, 1, optional=False) or 1),
+            popsize=int(_int("popsize", c.popsize, 2, optional=False) or 2),
+            tol=_float("tol", c.tol, 1e-12, 1.0)))
         p = self.polish
         setv(self, "polish", PolishSettings(
             starts=int(_int("nonlinear_starts", p.starts, 1, optional=False) or 1),
@@ -214,9 +251,10 @@ class FitOptions:
     @classmethod
     def option_names(cls) -> tuple[str, ...]:
         """Every name :meth:`from_mapping` accepts."""
-        names = [f.name for f in dataclasses.fields(cls) if f.name != "polish"]
+        names = [f.name for f in dataclasses.fields(cls)
+                 if f.name not in ("polish", "classical")]
         return tuple(names + ["n_jobs", "nonlinear_starts", "nonlinear_max_nfev",
-                              "nonlinear_method"])
+                              "nonlinear_method", *CLASSICAL_OPTION_NAMES])
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, object] | None = None, *,
@@ -245,11 +283,17 @@ class FitOptions:
                           ("nonlinear_method", "method")):
             if key in kw:
                 polish[attr] = kw.pop(key)
+        classical = {name: kw.pop(name) for name in CLASSICAL_OPTION_NAMES if name in kw}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(kw) - known)
         if unknown:
             raise InputError(f"unknown fit option(s) {unknown}; known options: "
                              f"{sorted(cls.option_names())}")
+        if classical:
+            base_c = kw.get("classical", ClassicalSettings())
+            if not isinstance(base_c, ClassicalSettings):
+                raise _fail("classical", "ClassicalSettings", base_c)
+            kw["classical"] = dataclasses.replace(base_c, **classical)  # type: ignore[arg-type]
         if polish:
             base = kw.get("polish", PolishSettings())
             if not isinstance(base, PolishSettings):
@@ -287,12 +331,15 @@ class FitOptions:
         return self.refine == "nonlinear" or n_orientations > 1
 
     def to_dict(self) -> dict[str, object]:
-        """JSON-able values (the polish flattened to ``nonlinear_*``)."""
+        """JSON-able values (the polish flattened to ``nonlinear_*``, the classical
+        settings to their names)."""
         out: dict[str, object] = {f.name: getattr(self, f.name)
-                                  for f in dataclasses.fields(self) if f.name != "polish"}
+                                  for f in dataclasses.fields(self)
+                                  if f.name not in ("polish", "classical")}
         out.update(nonlinear_starts=self.polish.starts,
                    nonlinear_max_nfev=self.polish.max_nfev,
                    nonlinear_method=self.polish.method)
+        out.update(dataclasses.asdict(self.classical))
         return out
 
 

@@ -1,0 +1,117 @@
+"""Classical per-voxel solvers (dmipy's ``brute2fine`` and ``mix``), cascades and model
+selection.
+
+- :mod:`.brute2fine`: brute-force grid, then bounded non-linear least squares;
+- :mod:`.mix`: differential evolution with the volume fractions by NNLS, then the same
+  refinement;
+- :mod:`.cascade`: initial guesses (``x0_vector``) from other fits, by name;
+- :mod:`.selection`: free-parameter counts, AIC / BIC / AICc, comparing fitted models.
+
+:func:`fit_classical` is what ``model.fit(..., solver='brute2fine' | 'mix')`` runs.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+
+import numpy as np
+
+from fingerprint.errors import InputError
+from fingerprint.fitting.registry import SolverRequest, register_solver
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["CLASSICAL_SOLVERS", "REFUSED_SOLVERS", "ClassicalFitter"]
+
+#: Solvers of this package, registered in :mod:`fingerprint.fitting.registry`.
+CLASSICAL_SOLVERS = ("brute2fine", "mix")
+#: dmipy solvers refused, with the reason.
+REFUSED_SOLVERS = {
+    "amico": "solver 'amico' (dmipy's linearised AMICO fit) is not implemented; use "
+             "solver='fingerprint' (dictionary matching, the fast fit), 'brute2fine' or "
+             "'mix' (classical non-linear fits)",
+}
+
+
+def _runner(solver: str) -> Callable[..., tuple[np.ndarray, np.ndarray]]:
+    if solver == "brute2fine":
+        from fingerprint.fitting.solvers.brute2fine import fit_brute2fine
+        return fit_brute2fine
+    from fingerprint.fitting.solvers.mix import fit_mix
+    return fit_mix
+
+
+class ClassicalFitter:
+    """:class:`~fingerprint.fitting.registry.VoxelFitter` of a classical solver: holds
+    the model, the scheme and the settings (picklable: executor workers get a copy)."""
+
+    def __init__(self, model: object, scheme: object, solver: str,
+                 options: object) -> None:
+        if solver not in CLASSICAL_SOLVERS:
+            raise InputError(f"unknown classical solver {solver!r}; one of "
+                             f"{CLASSICAL_SOLVERS}")
+        self.model = model
+        self.scheme = scheme
+        self.solver = solver
+        self.options = options
+
+    def fit_voxels(self, data: np.ndarray,
+                   x0: np.ndarray | Mapping[str, np.ndarray] | None = None) -> object:
+        """Estimates (:class:`~fingerprint.fitting.estimator.VoxelEstimates`) of raw
+        signals ``data`` (n, N), every voxel usable; ``x0`` starts (see
+        :mod:`.cascade`). ``uncertainty`` is NaN (not estimated); ``sigma`` is the RMS
+        residual in the data's units."""
+        from fingerprint.fitting.estimator import VoxelEstimates
+        from fingerprint.fitting.nonlinear import goodness_of_fit
+        from fingerprint.fitting.solvers.cascade import x0_matrix
+
+        arr = np.asarray(data, dtype=np.float64)
+        n = arr.shape[0]
+        model, scheme = self.model, self.scheme
+        P = int(sum(model.parameter_cardinality.values()))  # type: ignore[attr-defined]
+        b0 = np.asarray(scheme.b0_mask, dtype=bool)  # type: ignore[attr-defined]
+        with np.errstate(invalid="ignore"):
+            s0 = arr[:, b0].mean(axis=1) if b0.any() else np.ones(n)
+        valid = np.isfinite(s0) & (s0 > 0) & np.all(np.isfinite(arr), axis=1)
+        params = np.full((n, P), np.nan)
+        r2 = np.full(n, np.nan)
+        mse = np.full(n, np.nan)
+        if valid.any():
+            y = arr[valid] / s0[valid, None]
+            x0m = x0_matrix(model, x0, n)
+            fitted, _ = _runner(self.solver)(model, scheme, y,
+                                             None if x0m is None else x0m[valid],
+                                             self.options)
+            params[valid] = fitted
+            r2[valid], mse[valid] = goodness_of_fit(model, scheme, y, fitted)
+        valid &= np.all(np.isfinite(params), axis=1)
+        s0_out = np.where(valid, s0, np.nan)
+        return VoxelEstimates(params, np.full((n, P), np.nan), s0_out, r2, mse, valid,
+                              np.sqrt(mse) * s0_out)
+
+
+def _prepare(solver: str) -> Callable[[SolverRequest], ClassicalFitter]:
+    def prepare(request: SolverRequest) -> ClassicalFitter:
+        from fingerprint.fitting.solvers.common import ClassicalOptions
+
+        return ClassicalFitter(request.model, request.scheme, solver,
+                               ClassicalOptions.from_fit_options(request.options))
+    return prepare
+
+
+def _refuse(name: str) -> Callable[[SolverRequest], ClassicalFitter]:
+    def prepare(request: SolverRequest) -> ClassicalFitter:
+        raise InputError(REFUSED_SOLVERS[name])
+    return prepare
+
+
+register_solver("brute2fine", _prepare("brute2fine"), replace=True,
+                description="dmipy's brute2fine: a grid over the parameters (Ns, "
+                            "N_sphere_samples), then bounded non-linear least squares")
+register_solver("mix", _prepare("mix"), replace=True,
+                description="dmipy's MIX: differential evolution with the volume "
+                            "fractions by NNLS, then bounded non-linear least squares")
+for _name in REFUSED_SOLVERS:
+    register_solver(_name, _refuse(_name), replace=True,
+                    description="refused: " + REFUSED_SOLVERS[_name])

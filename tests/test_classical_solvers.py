@@ -1,0 +1,150 @@
+"""Classical solvers (brute2fine, mix), cascades and the solver record of fitted models.
+
+Noise-free signals of the dmipy reference fixtures (the exact Watson signals for NODDI)
+must be fitted back to their parameters: fractions within 0.01, diffusivities within
+2 %, orientations within 2 degrees.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+from reference_helpers import load_reference, noddi_watson
+
+from fingerprint.core.modeling_framework import MultiCompartmentModel, mu_to_axes
+from fingerprint.errors import InputError
+from fingerprint.fitting.solvers.brute2fine import brute_force_grid
+from fingerprint.fitting.solvers.common import (
+    ClassicalOptions,
+    projected_costs,
+    sphere_samples,
+)
+from fingerprint.signal_models.cylinder_models import C1Stick
+from fingerprint.signal_models.gaussian_models import G1Ball
+
+
+@pytest.fixture(scope="module")
+def hcp(reference_dir):
+    return load_reference(reference_dir, "hcp")
+
+
+def ball_stick() -> MultiCompartmentModel:
+    return MultiCompartmentModel(models=[G1Ball(), C1Stick()])
+
+
+def _angles(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    cos = np.abs(np.sum(mu_to_axes(a) * mu_to_axes(b), axis=1))
+    return np.degrees(np.arccos(np.clip(cos, 0.0, 1.0)))
+
+
+def _check_recovery(model, fitted, truth):
+    est = fitted.fitted_parameters_vector.reshape(truth.shape)
+    pos = 0
+    for name, card in model.parameter_cardinality.items():
+        sl = slice(pos, pos + card)
+        pos += card
+        if card == 2:
+            assert _angles(est[:, sl], truth[:, sl]).max() < 2.0, name
+        elif "partial_volume" in name or name.endswith("odi"):
+            np.testing.assert_allclose(est[:, sl], truth[:, sl], atol=0.01, err_msg=name)
+        else:  # diffusivities
+            np.testing.assert_allclose(est[:, sl], truth[:, sl], rtol=0.02, err_msg=name)
+
+
+@pytest.mark.parametrize("solver", ["brute2fine", "mix"])
+@pytest.mark.parametrize("case", ["BallStick", "NODDIWatson"])
+def test_noise_free_reference_recovered(hcp, solver, case):
+    _, scheme, signals, _ = hcp
+    model = noddi_watson() if case == "NODDIWatson" else ball_stick()
+    truth = signals[f"{case}/params"]
+    data = signals[f"{case}/signals_exact" if case == "NODDIWatson" else f"{case}/signals"]
+    before = model.spec_hash
+    fitted = model.fit(scheme, 100.0 * data, solver=solver, number_of_processors=1)
+    assert fitted.solver == solver
+    assert model.spec_hash == before  # the model is not changed by fitting
+    assert fitted.valid.all()
+    _check_recovery(model, fitted, truth)
+    np.testing.assert_allclose(fitted.S0, 100.0)
+    assert np.all(fitted.R2_coefficient_of_determination(100.0 * data) > 0.9999)
+
+
+def test_fingerprint_solver_recorded_and_amico_refused(hcp):
+    _, scheme, signals, _ = hcp
+    data = signals["BallStick/signals"]
+    model = ball_stick()
+    with pytest.raises(InputError, match="amico"):
+        model.fit(scheme, data, solver="amico")
+    with pytest.raises(InputError, match="brute2fine, fingerprint, mix"):
+        model.fit(scheme, data, solver="lbfgs")
+    with pytest.raises(InputError, match="'Ns' must be an integer"):
+        model.fit(scheme, data, solver="brute2fine", Ns=1)
+    with pytest.raises(InputError, match="unknown fit option"):
+        model.fit(scheme, data, solver="mix", n_neighbours=3)
+
+
+def test_grid_follows_dmipy_options():
+    model = noddi_watson()
+    # odi and the bundle's fraction are gridded; the top-level fractions are projected
+    grid = brute_force_grid(model, ClassicalOptions(Ns=4, N_sphere_samples=12))
+    assert grid.shape == (12 * 4 * 4, 6)
+    assert len({tuple(r) for r in np.round(grid[:, :2], 9)}) == 12
+    odi = np.unique(grid[:, 2])
+    assert odi.size == 4 and odi.min() > 0.02 and odi.max() < 0.99
+    bs = ball_stick()
+    grid = brute_force_grid(bs, ClassicalOptions(Ns=3, N_sphere_samples=5))
+    assert grid.shape == (5 * 3 * 3, bs.parameter_cardinality and 6)
+    dirs = mu_to_axes(sphere_samples(200))
+    assert np.all(dirs[:, 2] >= 0) and np.allclose(np.linalg.norm(dirs, axis=1), 1)
+    # evenly spread: every direction of a fine set is within 12 degrees of a sample
+    fine = mu_to_axes(sphere_samples(5000))
+    assert np.degrees(np.arccos(np.max(np.abs(fine @ dirs.T), axis=1).min())) < 12
+
+
+def test_projected_costs_are_nnls():
+    from scipy.optimize import nnls
+
+    rng = np.random.default_rng(3)
+    a = rng.random((7, 3, 20))
+    y = rng.random((5, 20)) - 0.3
+    got = projected_costs(a, y)
+    for v in range(5):
+        for g in range(7):
+            _, r = nnls(a[g].T, y[v])
+            assert got[v, g] == pytest.approx(r ** 2, rel=1e-8, abs=1e-12)
+
+
+def test_cascade_ball_stick_orientation_into_noddi(hcp, caplog):
+    _, scheme, signals, _ = hcp
+    data = signals["NODDIWatson/signals_exact"][:4]
+    truth = signals["NODDIWatson/params"][:4]
+    bs = ball_stick().fit(scheme, data, solver="brute2fine", Ns=3)
+    noddi = noddi_watson()
+    with caplog.at_level(logging.INFO, logger="fingerprint.fitting.solvers.cascade"):
+        fitted = noddi.fit(scheme, data, solver="brute2fine", x0_vector={
+            "C1Stick_1_mu": bs.fitted_parameters["C1Stick_1_mu"]})
+    assert "SD1WatsonDistributed_1_SD1Watson_1_mu" in caplog.text
+    _check_recovery(noddi, fitted, truth)
+    # the fingerprint solver takes the same cascade
+    fp = noddi.fit(scheme, data, x0_vector={"C1Stick_1_mu": truth[:, :2]},
+                   dictionary_size=5000)
+    assert _angles(fp.fitted_parameters_vector[:, :2], truth[:, :2]).max() < 1e-6
+    with pytest.raises(InputError, match="G2Zeppelin_3_mu"):
+        noddi.fit(scheme, data, solver="mix", x0_vector={"G2Zeppelin_3_mu": [0.0, 0.0]})
+
+
+def test_x0_vector_broadcast_and_per_voxel(hcp):
+    _, scheme, signals, _ = hcp
+    data = signals["BallStick/signals"][:3].reshape(3, 1, -1)
+    truth = signals["BallStick/params"][:3]
+    model = ball_stick()
+    x0 = np.full(truth.shape, np.nan)
+    x0[:, 1:3] = truth[:, 1:3]  # orientations, per voxel
+    fitted = model.fit(scheme, data, solver="mix", x0_vector=x0.reshape(3, 1, -1),
+                       maxiter=5)
+    _check_recovery(model, fitted, truth)
+    one = model.fit(scheme, data[:1], solver="brute2fine", x0_vector=truth[0])
+    assert _angles(one.fitted_parameters_vector.reshape(1, -1)[:, 1:3],
+                   truth[:1, 1:3]).max() < 0.1
+
