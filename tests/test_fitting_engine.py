@@ -356,14 +356,20 @@ def test_input_errors(estimator, noddi, scheme, dict_dir):
 
 def test_dmipy_solver_names_and_options_accepted(noddi, scheme, dict_dir):
     truth, data = phantom(noddi, scheme, 5, seed=13, snr=30)
-    a = fit_model(noddi, scheme, data, solver="brute2fine", dictionary_size=SIZE,
-                  dictionary_dir=dict_dir, Ns=5, maxiter=300, number_of_processors=1,
-                  use_parallel_processing=False)
+    # dmipy's optimiser options: used by brute2fine, ignored by dictionary matching
+    a = fit_model(noddi, scheme, data, solver="brute2fine", Ns=5, maxiter=300,
+                  number_of_processors=1, use_parallel_processing=False)
+    assert a.solver == "brute2fine"
     b = fit_model(noddi, scheme, data, dictionary_size=SIZE, dictionary_dir=dict_dir)
-    np.testing.assert_array_equal(a.fitted_parameters_vector, b.fitted_parameters_vector)
+    c = fit_model(noddi, scheme, data, dictionary_size=SIZE, dictionary_dir=dict_dir, Ns=5,
+                  maxiter=300, N_sphere_samples=30)
+    assert b.solver == c.solver == "fingerprint"
+    np.testing.assert_array_equal(b.fitted_parameters_vector, c.fitted_parameters_vector)
     with pytest.raises(InputError, match="not_an_option"):
         fit_model(noddi, scheme, data, dictionary_size=SIZE, dictionary_dir=dict_dir,
                   not_an_option=1)
+    with pytest.raises(InputError, match="amico"):
+        fit_model(noddi, scheme, data, solver="amico")
 
 
 def test_noise_from_residual_with_few_b0s(noddi, scheme, dict_dir):

@@ -14,7 +14,7 @@ import sys
 
 from fingerprint import __version__
 
-SUBCOMMAND_MODULES = ("demo", "dictionary", "fit", "serve", "keys", "submit")
+SUBCOMMAND_MODULES = ("demo", "dictionary", "fit", "compare", "serve", "keys", "submit")
 
 logger = logging.getLogger("fingerprint")
 

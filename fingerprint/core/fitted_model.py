@@ -18,7 +18,8 @@ import numpy as np
 
 from fingerprint.errors import InputError
 
-__all__ = ["FittedMultiCompartmentModel", "FittedParameters", "UnknownParameterError"]
+__all__ = ["FittedMultiCompartmentModel", "FittedParameters", "UnknownParameterError",
+           "free_parameter_count"]
 
 
 class UnknownParameterError(InputError, KeyError):
@@ -213,10 +214,88 @@ class FittedMultiCompartmentModel:
         out[self.mask & ~self.valid] = np.nan
         return out
 
+    # ------------------------------------------------------------------ model selection
+    @property
+    def n_free_parameters(self) -> int:
+        """Free parameters of the fitted model, as the information criteria count them:
+        the entries of the parameter vector (an orientation counts as two), without
+        fixed or linked parameters (they are not in the vector) nor parameters whose
+        bounds are equal, and with the top-level volume fractions counting one less than
+        their number (they sum to one). S0 and the noise variance, estimated alike for
+        every model, are not counted."""
+        return free_parameter_count(self.model)
+
+    def residual_sum_of_squares(self, data: Any) -> np.ndarray:
+        """Residual sum of squares (mask.shape) of the fitted signal (times the fitted
+        S0) against ``data``, in the data's units (per-shell means for spherical-mean
+        models); 0 outside the mask, NaN where the fit is invalid."""
+        y, pred, use = self._normalised(data)
+        s0 = self.S0[use]
+        out = np.zeros(self.mask.shape)
+        out[use] = np.sum((y - pred) ** 2, axis=-1) * s0 ** 2
+        out[self.mask & ~self.valid] = np.nan
+        return out
+
+    def _criterion(self, data: Any, kind: str) -> np.ndarray:
+        rss = self.residual_sum_of_squares(data)
+        n = _signal_width(self.model, self.acquisition_scheme)
+        k = self.n_free_parameters
+        with np.errstate(divide="ignore", invalid="ignore"):
+            # Gaussian noise of one unknown variance per voxel: -2 log L = n log(RSS/n)
+            # + const; a perfect fit is floored so that the criterion stays finite
+            fit = n * np.log(np.maximum(rss, np.finfo(float).tiny) / n)
+        if kind == "aic":
+            out = fit + 2.0 * k
+        elif kind == "bic":
+            out = fit + k * np.log(n)
+        else:
+            out = fit + 2.0 * k + (2.0 * k * (k + 1) / (n - k - 1) if n - k - 1 > 0
+                                   else np.inf)
+        out = np.where(self.mask, out, 0.0)
+        out[self.mask & ~self.valid] = np.nan
+        return out
+
+    def aic(self, data: Any) -> np.ndarray:
+        """Akaike information criterion per voxel (mask.shape; lower is better).
+
+        Noise model: independent Gaussian noise of one unknown variance per voxel on the
+        n observations (measurements, or shells for spherical-mean models), so
+        ``AIC = n log(RSS / n) + 2 k`` with RSS :meth:`residual_sum_of_squares` and k
+        :attr:`n_free_parameters`. Rician noise is not modelled: at low SNR compare
+        models on data well above the noise floor. 0 outside the mask."""
+        return self._criterion(data, "aic")
+
+    def bic(self, data: Any) -> np.ndarray:
+        """Bayesian information criterion ``n log(RSS / n) + k log n`` per voxel (lower
+        is better); noise model and k as in :meth:`aic`."""
+        return self._criterion(data, "bic")
+
+    def aicc(self, data: Any) -> np.ndarray:
+        """AIC with the small-sample correction ``2 k (k + 1) / (n - k - 1)``, per voxel
+        (lower is better); noise model and k as in :meth:`aic`."""
+        return self._criterion(data, "aicc")
+
     def __repr__(self) -> str:
         return (f"FittedMultiCompartmentModel({type(self.model).__name__}, shape="
                 f"{self.mask.shape}, fitted={int(self.mask.sum())}, "
                 f"valid={int((self.mask & self.valid).sum())})")
+
+
+def free_parameter_count(model: Any) -> int:
+    """Free parameters of ``model`` for information criteria (see
+    :attr:`FittedMultiCompartmentModel.n_free_parameters`)."""
+    count = 0
+    for name, card in model.parameter_cardinality.items():
+        rng = np.atleast_2d(np.asarray(model.parameter_ranges[name], dtype=float))[:card]
+        if str(dict(model.parameter_types).get(name)) == "orientation":
+            count += int(card)
+        else:
+            count += int(np.sum(rng[:, 1] > rng[:, 0]))
+    free_pv = [n for n in getattr(model, "partial_volume_names", []) or []
+               if n in model.parameter_cardinality]
+    if free_pv:  # the fractions sum to one
+        count -= 1
+    return count
 
 
 def _signal_width(model: Any, scheme: Any) -> int:
