@@ -80,6 +80,7 @@ def test_outputs_are_bids_named_with_sidecars(fitted, files):
     odi = json.loads((result.out_dir / "sub-01_model-noddi_param-odi_dwimap.json").read_text())
     assert odi["ParameterName"] == "SD1WatsonDistributed_1_SD1Watson_1_odi"
     assert odi["Units"] == "n/a" and odi["Model"]["Name"] == "noddi"
+    assert odi["Solver"] == "fingerprint"
     assert "NODDI" in odi["Model"]["Description"] or "Watson" in odi["Model"]["Description"]
     assert odi["GeneratedBy"][0]["Name"] == "fingerprint" and odi["GeneratedBy"][0]["Version"]
     assert odi["Sources"][0] == files["dwi"].name

@@ -462,8 +462,8 @@ def _model_info(model: Any, model_label: str) -> dict[str, Any]:
 
 
 def _sidecar(*, label: str, parameter: str | None, units: str, description: str,
-             model_info: dict[str, Any], sources: list[str], extra: dict[str, Any]
-             ) -> dict[str, Any]:
+             model_info: dict[str, Any], sources: list[str], extra: dict[str, Any],
+             solver: str = "fingerprint") -> dict[str, Any]:
     import fingerprint
 
     out: dict[str, Any] = {
@@ -472,6 +472,7 @@ def _sidecar(*, label: str, parameter: str | None, units: str, description: str,
         "ParameterName": parameter,
         "Units": units,
         "Model": dict(model_info),
+        "Solver": solver,
         "GeneratedBy": [{"Name": "fingerprint", "Version": fingerprint.__version__,
                          "Description": "dictionary matching (fingerprinting)"}],
         "Sources": sources,
