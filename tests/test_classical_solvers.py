@@ -148,3 +148,21 @@ def test_x0_vector_broadcast_and_per_voxel(hcp):
     assert _angles(one.fitted_parameters_vector.reshape(1, -1)[:, 1:3],
                    truth[:1, 1:3]).max() < 0.1
 
+
+
+def test_fit_volume_runs_classical_solver_and_sidecars_say_so(tmp_path):
+    import json
+
+    from fingerprint.fitting.options import FitOptions
+    from fingerprint.fitting.pipeline import fit_volume
+    from fingerprint.phantoms import noddi_phantom, write_phantom
+
+    phantom = noddi_phantom(shape=(3, 2, 2), seed=1, snr=50)
+    paths = write_phantom(phantom, tmp_path / "in", prefix="sub-01")
+    result = fit_volume("noddi", paths["dwi"], paths["bval"], paths["bvec"], tmp_path / "out",
+                        mask=paths["mask"], prefix="sub-01",
+                        options=FitOptions.from_mapping({"solver": "brute2fine", "Ns": 4}))
+    sidecar = json.loads((result.out_dir / "sub-01_model-noddi_param-odi_dwimap.json"
+                          ).read_text())
+    assert sidecar["Solver"] == "brute2fine"
+    assert result.n_voxels > 0

@@ -816,16 +816,17 @@ class MultiCompartmentModelProperties(_ParameterNamespace):
                              f"{pick.shape[0]}")
         out = np.empty((n, n_out)) if pick is not None else np.empty((n, len(models), n_out))
         for k, model in enumerate(models):
-            rows = np.arange(n) if pick is None else np.flatnonzero(pick == k)
+            if pick is None:
+                local = {p.local: values[p.name] for p in state.params if p.owner == k}
+                out[:, k] = self._submodel_signal(ctx, model, local, n)
+                continue
+            rows = np.flatnonzero(pick == k)
             if rows.size == 0:
                 continue
             local = {p.local: np.ascontiguousarray(np.asarray(values[p.name])[rows])
                      for p in state.params if p.owner == k}
             sig = self._submodel_signal(ctx, model, local, rows.size)
-            if pick is None:
-                out[:, k] = sig
-            else:
-                out[rows] = sig
+            out[rows] = sig
         return out
 
     def _submodel_signal(self, ctx: _SchemeContext, model: Any,

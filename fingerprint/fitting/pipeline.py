@@ -56,7 +56,7 @@ from fingerprint.fitting.engine import (
 )
 from fingerprint.fitting.estimator import VoxelEstimates
 from fingerprint.fitting.options import FitOptions, check_prefix
-from fingerprint.fitting.registry import VoxelFitter
+from fingerprint.fitting.registry import VoxelFitter, get_solver
 from fingerprint.fitting.validity import default_mask, report_unusable, usable_voxels
 from fingerprint.io.nifti import (
     DEFAULT_SLAB_BYTES,
@@ -474,7 +474,8 @@ def _sidecar(*, label: str, parameter: str | None, units: str, description: str,
         "Model": dict(model_info),
         "Solver": solver,
         "GeneratedBy": [{"Name": "fingerprint", "Version": fingerprint.__version__,
-                         "Description": "dictionary matching (fingerprinting)"}],
+                         "Description": "dictionary matching (fingerprinting)"
+                         if solver == "fingerprint" else f"solver {solver}"}],
         "Sources": sources,
     }
     out.update(extra)
@@ -658,6 +659,7 @@ def fit_volume(model: Any, dwi: Any, bval: Any, bvec: Any, out_dir: Any, *,
         common_extra["Dictionary"] = {"Key": getattr(dictionary, "key", None),
                                       "Atoms": int(getattr(dictionary, "n_atoms", 0) or 0)}
     model_info = _model_info(model_obj, model_label)
+    solver_name = get_solver(opts.solver).name
     files: list[Path] = []
     maps: dict[str, Path] = {}
     # valid voxels: finite values (an uncertainty that is not defined is 0); voxels that
@@ -677,7 +679,7 @@ def fit_volume(model: Any, dwi: Any, bval: Any, bvec: Any, out_dir: Any, *,
         sidecar = _sidecar(label=label if desc is None else f"{label} ({desc})",
                            parameter=parameter, units=units, description=description,
                            model_info=model_info, sources=sources,
-                           extra={**common_extra, **(extra or {})})
+                           extra={**common_extra, **(extra or {})}, solver=solver_name)
         nii, js = write_map(volume(values), image.img, out_dir, name, sidecar)
         files.extend([nii, js])
         maps[label if desc is None else f"{label}_{desc}"] = nii

@@ -127,8 +127,8 @@ def compare_volume(models: Sequence[str], dwi: Any, bval: Any, bvec: Any, out_di
     from pathlib import Path
 
     from fingerprint.fitting.pipeline import (
-        _default_mask,
         _open_inputs,
+        _volume_mask,
         check_output_directory,
     )
     from fingerprint.io.nifti import bids_map_name, write_map
@@ -150,11 +150,8 @@ def compare_volume(models: Sequence[str], dwi: Any, bval: Any, bvec: Any, out_di
     out = check_output_directory(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if mask_arr is None:
-        mask_arr = _default_mask(image, scheme)
+        mask_arr = _volume_mask(image, scheme, "positive_b0")
     data = np.asarray(image.img.dataobj, dtype=np.float32)
-    if not np.all(np.isfinite(data[mask_arr])):
-        raise InputError(f"DWI file {image.path} has NaN or infinite signals inside the "
-                         f"mask")
     fits = {}
     for name in names:
         model = get_model(name)
