@@ -143,6 +143,8 @@ def test_summary_and_volumes_match_the_maps(server, finished, phantom):
         summary = http.get(f"/v1/jobs/{job_id}/summary").json()
         mask = np.asarray(nib.load(phantom["mask"]).dataobj) > 0
         assert summary["shape"] == list(mask.shape)
+        zooms = nib.load(phantom["dwi"]).header.get_zooms()[:3]
+        assert summary["voxel_size"] == pytest.approx([float(z) for z in zooms])
         assert summary["mask_voxels"] == int(mask.sum())
         assert summary["model"]["name"] == "noddi"
         assert summary["solver"]["dictionary_atoms"] == SIZE
@@ -313,6 +315,11 @@ def test_browser_upload_watch_view_download(server, driver, phantom):
     assert driver.find_element(By.ID, "cbar-units").text == "dimensionless"
     assert driver.find_element(By.ID, "cbar-max").text
     assert driver.find_element(By.ID, "cbar-min").text
+    # the value under the pointer
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    ActionChains(driver).move_to_element(driver.find_element(By.ID, "slice-canvas")).perform()
+    wait_until(lambda: "voxel (" in driver.find_element(By.ID, "probe").text, what="the probe")
     hist = image_stats(canvas_png(driver, "hist-canvas"))
     assert hist["colours"] > 3
     details = driver.find_element(By.ID, "job-details").text
@@ -342,6 +349,15 @@ def test_browser_upload_watch_view_download(server, driver, phantom):
     mask = np.asarray(nib.load(phantom["mask"]).dataobj) > 0
     assert np.all((data[mask] >= 0) & (data[mask] <= 1)) and data[mask].std() > 0
     assert any(n.endswith("param-direction_dwimap.nii.gz") for n in names)
+    # one map alone
+    sidecar = next(n for n in names if n.endswith("param-odi_dwimap.json"))
+    Select(driver.find_element(By.ID, "file-select")).select_by_value(sidecar)
+    driver.find_element(By.ID, "download-file").click()
+    got = wait_until(lambda: [p for p in driver.downloads.glob("*.json")], timeout=60,
+                     what="the single-file download")
+    wait_until(lambda: not list(driver.downloads.glob("*.crdownload")), what="the download")
+    with zipfile.ZipFile(zips[0]) as archive:
+        assert got[0].read_bytes() == archive.read(sidecar)
     assert not _console_errors(driver)
 
 
@@ -524,6 +540,20 @@ def test_browser_drop_sorts_files(server, driver):
     assert driver.find_element(By.ID, "chosen-mask").text.startswith("sub-02_desc-brain_mask")
     left_out = driver.find_element(By.ID, "checks").text
     assert "notes.txt" in left_out and "left out" in left_out
+    # a model that needs pulse timing shows its fields and asks for them
+    from selenium.webdriver.support.ui import Select
+
+    assert not visible(driver, "timing")
+    timed = [m["name"] for m in driver.execute_script(
+        "return fetch('/v1/catalogue', {headers: {'X-API-Key': "
+        "sessionStorage.getItem('fingerprint.apiKey')}}).then(r => r.json())")
+        if m["requires_timing"]]
+    Select(driver.find_element(By.ID, "model")).select_by_value(timed[0])
+    assert visible(driver, "timing")
+    assert "pulse timing" in driver.find_element(By.ID, "model-info").text
+    driver.find_element(By.ID, "submit-button").click()
+    wait_until(lambda: "needs δ" in driver.find_element(By.ID, "checks").text,
+               what="the timing check")
     # the fake DWI is caught by the page's checks, naming the file
     driver.find_element(By.ID, "submit-button").click()
     wait_until(lambda: "sub-02_dwi.nii.gz" in driver.find_element(By.ID, "checks").text

@@ -37,7 +37,7 @@ __all__ = ["HISTOGRAM_BINS", "router"]
 #: Bins of each map's histogram.
 HISTOGRAM_BINS = 64
 #: Version of the cached viewer files (bump when their format changes).
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2
 
 _JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 _MAP_NAME = re.compile(r"_param-([A-Za-z0-9]+)(_desc-([A-Za-z0-9]+))?_dwimap\.nii(\.gz)?$")
@@ -99,6 +99,17 @@ def _load(path: Path) -> np.ndarray:
     import nibabel as nib
 
     return np.asarray(nib.load(str(path)).dataobj, dtype=np.float32)
+
+
+def _voxel_size(path: Path) -> list[float]:
+    """The voxel size (mm) of a NIfTI, for the viewer's aspect ratio (1 mm if unknown)."""
+    import nibabel as nib
+
+    try:
+        zooms = [float(z) for z in nib.load(str(path)).header.get_zooms()[:3]]
+    except Exception:  # an odd header: square voxels
+        return [1.0, 1.0, 1.0]
+    return [z if np.isfinite(z) and z > 0 else 1.0 for z in zooms]
 
 
 def _mask(ctx: ServerContext, job: dict[str, Any], maps: dict[str, str],
@@ -241,6 +252,7 @@ def _build(ctx: ServerContext, job: dict[str, Any], cache: Path) -> dict[str, An
                    "invalid_voxels": first.get("InvalidVoxels")},
         "mask_voxels": int(mask.sum()) if mask is not None else 0,
         "shape": list(shape) if shape else [],
+        "voxel_size": _voxel_size(outputs / maps[order[0]]) if order else [1.0, 1.0, 1.0],
         "maps": entries,
     }
     (tmp / "summary.json").write_text(json.dumps(summary))

@@ -414,7 +414,7 @@ async function showMap(label, resetSlice = false) {
     if (state.volumes.size > 12) state.volumes.delete(state.volumes.keys().next().value);
     state.volumes.set(key, bytes);
   }
-  viewer.setMap(entry, bytes);
+  viewer.setMap(entry, bytes, state.summary.voxel_size);
   $("cmap-select").disabled = entry.kind === "direction";
   $("map-description").textContent = entry.kind === "direction"
     ? `${entry.description}. Direction-encoded colour: red = |x|, green = |y|, blue = |z| (b-vector frame).`
@@ -649,6 +649,17 @@ function wire() {
     $("slice-out").textContent = `${viewer.index + 1} / ${viewer.depth()}`;
     viewer.render();
   });
+  // the value under the pointer (from the map's bytes: within 1/254 of its range)
+  $("slice-canvas").addEventListener("mousemove", (e) => {
+    const entry = viewer.entry;
+    const at = viewer.voxelAt(e.offsetX, e.offsetY);
+    if (!entry || !at) { $("probe").textContent = ""; return; }
+    let value;
+    if (entry.kind === "direction") value = at.bytes.every((b) => b === 0) ? "outside the mask" : `|x|, |y|, |z| ≈ ${at.bytes.map((b) => (b / 255).toFixed(2)).join(", ")}`;
+    else value = at.bytes[0] === 0 ? "outside the mask" : `≈ ${formatValue(entry.min + ((at.bytes[0] - 1) / 254) * (entry.max - entry.min))} ${entry.units === "n/a" ? "" : entry.units}`;
+    $("probe").textContent = `voxel (${at.x}, ${at.y}, ${at.z}): ${value}`;
+  });
+  $("slice-canvas").addEventListener("mouseleave", () => { $("probe").textContent = ""; });
   window.addEventListener("resize", () => { if (state.view === "job") { viewer.render(); viewer.drawHistogram($("hist-stats")); } });
   $("download-zip").addEventListener("click", async () => {
     const id = state.job.id;

@@ -63,10 +63,40 @@ export class SliceViewer {
     this.scratch = document.createElement("canvas");
   }
 
-  /** Show map `entry` (from the summary) whose voxels are `bytes`. */
-  setMap(entry, bytes) {
+  /** Show map `entry` (from the summary) whose voxels are `bytes`; `voxelSize` (mm,
+   * x, y, z) gives the aspect ratio of the pixels. */
+  setMap(entry, bytes, voxelSize = [1, 1, 1]) {
     this.entry = entry;
     this.bytes = bytes;
+    this.voxelSize = voxelSize;
+  }
+
+  /** Pixel size (mm) of the current plane: [horizontal, vertical]. */
+  pixelSize() {
+    const [sx, sy, sz] = this.voxelSize || [1, 1, 1];
+    if (this.plane === "axial") return [sx, sy];
+    if (this.plane === "coronal") return [sx, sz];
+    return [sy, sz];
+  }
+
+  /** The voxel (x, y, z) under canvas point (px, py) in CSS pixels, and its byte value(s). */
+  voxelAt(px, py) {
+    const entry = this.entry;
+    if (!entry || !this.bytes) return null;
+    const [w, h, d] = planeSize(entry.shape, this.plane);
+    const rect = this.canvas.getBoundingClientRect();
+    const u = Math.floor((px / rect.width) * w);
+    const v = h - 1 - Math.floor((py / rect.height) * h);
+    if (u < 0 || u >= w || v < 0 || v >= h) return null;
+    const k = Math.max(0, Math.min(d - 1, this.index));
+    let x, y, z;
+    if (this.plane === "axial") { x = u; y = v; z = k; }
+    else if (this.plane === "coronal") { x = u; y = k; z = v; }
+    else { x = k; y = u; z = v; }
+    const [, ny, nz] = entry.shape;
+    const channels = entry.kind === "direction" ? 3 : 1;
+    const index = ((x * ny + y) * nz + z) * channels;
+    return { x, y, z, bytes: Array.from(this.bytes.slice(index, index + channels)) };
   }
 
   depth() {
@@ -89,11 +119,11 @@ export class SliceViewer {
     // scale to the canvas's displayed size, keeping the voxel aspect (square voxels)
     const box = this.canvas.parentElement.getBoundingClientRect();
     const room = Math.max(120, Math.min(box.width - 150, 0.5 * window.innerHeight, 560));
-    const scale = Math.max(1, Math.floor(room / Math.max(w, h)) || 1);
-    const fit = Math.min(room / w, room / h);
-    const s = fit >= 1 ? Math.max(scale, Math.floor(fit)) : fit;
-    const cw = Math.max(1, Math.round(w * s));
-    const ch = Math.max(1, Math.round(h * s));
+    // physical size of the slice (mm), scaled to fit the room
+    const [pw, ph] = this.pixelSize();
+    const fit = Math.min(room / (w * pw), room / (h * ph));
+    const cw = Math.max(1, Math.round(w * pw * fit));
+    const ch = Math.max(1, Math.round(h * ph * fit));
     this.canvas.width = cw;
     this.canvas.height = ch;
     const ctx = this.canvas.getContext("2d");
