@@ -26,9 +26,10 @@ from .config import Settings
 from .db import Database
 from .dependencies import ApiError, ServerContext
 from .executor import Dispatcher
+from .limits import UploadGate
 from .reconcile import reconcile
 from .routers import admin, dictionaries, health, jobs, maps, models, web
-from .storage import JobStorage, UploadError
+from .storage import JobStorage, UploadError, is_disk_full
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +85,19 @@ def _preload_library() -> None:
         logger.debug("library preload failed", exc_info=True)
 
 
+def _clean_dictionary_builds(directory) -> None:
+    """Remove what builds interrupted by a crash left in the dictionary directory."""
+    try:
+        from fingerprint.dictionary.cache import cleanup_stale_builds
+
+        removed = cleanup_stale_builds(directory)
+    except Exception:  # best effort
+        logger.debug("cleaning dictionary build leftovers failed", exc_info=True)
+        return
+    if removed:
+        logger.info("removed %d leftovers of interrupted dictionary builds", removed)
+
+
 def _error(status: int, detail: str, field: str | None = None,
            headers: dict[str, str] | None = None) -> JSONResponse:
     body: dict[str, Any] = {"detail": detail}
@@ -101,7 +115,7 @@ def _install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(UploadError)
     async def _upload_error(request: Request, exc: UploadError) -> JSONResponse:
-        return _error(exc.status_code, exc.detail, exc.field)
+        return _error(exc.status_code, exc.detail, exc.field, exc.headers)
 
     @app.exception_handler(InputError)
     async def _input_error(request: Request, exc: InputError) -> JSONResponse:
@@ -123,6 +137,10 @@ def _install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        if is_disk_full(exc):  # a full disk is the server's state, not a bug: 507
+            logger.warning("disk full on %s %s: %s", request.method, request.url.path, exc)
+            return _error(507, "not enough disk space on the server; try again later",
+                          headers={"Retry-After": "60"})
         logger.exception("unhandled error on %s %s", request.method, request.url.path)
         return _error(500, "internal server error")
 
@@ -140,13 +158,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             storage = JobStorage(settings.data_dir)
             storage.ensure()
             settings.resolved_dictionary_dir.mkdir(parents=True, exist_ok=True)
+            _clean_dictionary_builds(settings.resolved_dictionary_dir)
             db = Database(settings.database_path)
             db.initialize()
             reconcile(db, storage, max_attempts=settings.max_attempts)
             dispatcher = Dispatcher(settings, db, storage)
             dispatcher.start()
-            app.state.ctx = ServerContext(settings=settings, db=db, storage=storage,
-                                          dispatcher=dispatcher)
+            app.state.ctx = ServerContext(
+                settings=settings, db=db, storage=storage, dispatcher=dispatcher,
+                gate=UploadGate(settings.max_uploads_per_key, settings.max_uploads))
             threading.Thread(target=_preload_library, name="fingerprint-preload",
                              daemon=True).start()
             logger.info("fingerprint server ready: data in %s, %s", settings.data_dir,

@@ -40,6 +40,36 @@ class Settings(BaseSettings):
                           "voxel chunks then run as Dask tasks")
     max_upload_mb: float = Field(2048.0, gt=0, description="largest request body, in MiB")
     max_jobs_per_key: int = Field(4, ge=1, description="queued + running jobs per API key")
+    # -- limits per job and per key (a lab machine: 2-4 such jobs at once fit in 32 GB) ----
+    max_voxels: int = Field(
+        5_000_000, ge=1, description="most voxels a job may fit (in its mask, or in the "
+                                     "default mask when it gives none)")
+    max_dwi_mb: float = Field(
+        8192.0, gt=0, description="largest DWI data block once decompressed (MiB), read "
+                                  "from the NIfTI header before anything is decompressed")
+    max_user_dictionary_size: int | None = Field(
+        None, ge=1, description="largest dictionary (atoms) a non-admin key may ask for "
+                                "(default: the model's own size; admins go up to "
+                                "max_dictionary_size)")
+    max_uploads_per_key: int = Field(
+        2, ge=1, description="uploads (and their checks) in flight at once per API key")
+    max_uploads: int = Field(16, ge=1, description="uploads in flight at once in total")
+    min_upload_rate_kb: float = Field(
+        16.0, ge=0, description="slowest average upload rate accepted (KiB/s, measured "
+                                "after upload_grace_seconds); slower bodies get 408")
+    upload_grace_seconds: float = Field(
+        30.0, gt=0, description="time before the minimum upload rate applies (s), and "
+                                "longest wait for the next piece of a request body")
+    max_upload_seconds: float = Field(
+        3600.0, gt=0, description="longest time a request body may take to arrive (s)")
+    check_seconds: float = Field(
+        30.0, gt=0, description="time limit of the checks made while the client waits (s)")
+    dictionary_cache_gb: float = Field(
+        20.0, gt=0, description="size budget of the dictionary cache (GiB); least recently "
+                                "used dictionaries not in use are evicted beyond it")
+    disk_reserve_mb: float = Field(
+        512.0, ge=0, description="free space (MiB) kept on the data disk: uploads and jobs "
+                                 "that would go below it are refused with 507")
     max_attempts: int = Field(3, ge=1,
                               description="runs of a job interrupted by a server stop before "
                                           "it is failed")
@@ -62,6 +92,18 @@ class Settings(BaseSettings):
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1024 * 1024)
+
+    @property
+    def max_dwi_bytes(self) -> int:
+        return int(self.max_dwi_mb * 1024 * 1024)
+
+    @property
+    def dictionary_cache_bytes(self) -> int:
+        return int(self.dictionary_cache_gb * 1024**3)
+
+    @property
+    def disk_reserve_bytes(self) -> int:
+        return int(self.disk_reserve_mb * 1024 * 1024)
 
     @property
     def database_path(self) -> Path:

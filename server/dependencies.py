@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -38,6 +38,8 @@ class ServerContext:
     db: Database
     storage: JobStorage
     dispatcher: Dispatcher
+    #: uploads in flight per key and in total (server.limits.UploadGate); set at start-up
+    gate: object | None = field(default=None)
 
 
 def get_context(request: Request) -> ServerContext:

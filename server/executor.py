@@ -22,23 +22,25 @@ races an orphan over the same job directory.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import importlib
 import logging
 import multiprocessing
 import os
 import shutil
 import signal
+import sqlite3
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .config import Settings
 from .db import Database
-from .storage import JobStorage
+from .storage import JobStorage, is_disk_full
 
 logger = logging.getLogger(__name__)
 
@@ -112,22 +114,35 @@ def _run_fit(spec: JobSpec, progress: Callable[[float], None],
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     inputs = {k: str(job_dir / "inputs" / v) for k, v in spec.inputs.items()}
-    kwargs: dict[str, Any] = {
-        "mask": inputs.get("mask"), "threads": spec.threads, "executor": executor,
-        "progress": progress, "should_cancel": should_cancel,
-        "dictionary_dir": spec.dictionary_dir,
-    }
     options = spec.options
-    if options.get("prefix"):
-        kwargs["prefix"] = options["prefix"]
-    for name in ("delta", "Delta", "TE"):
-        if options.get(name) is not None:
-            kwargs[name] = float(options[name])
+    timing = {name: float(options[name]) for name in ("delta", "Delta", "TE")
+              if options.get(name) is not None}
     # the job's fit options, validated by the library's one options object
     fit_options = FitOptions.from_mapping(
         {k: v for k, v in options.items() if k in FitOptions.option_names()})
-    result = fit_volume(spec.model, inputs["dwi"], inputs["bval"], inputs["bvec"], partial,
-                        options=fit_options, **kwargs)
+    mask: Any = inputs.get("mask")
+    if spec.extra.get("limits"):  # the heavy input checks, under the job's limits
+        from .limits import InputLimits, check_job_inputs
+
+        default_mask = check_job_inputs(
+            Path(inputs["dwi"]), Path(inputs["bval"]), Path(inputs["bvec"]),
+            Path(mask) if mask else None, timing, InputLimits(**spec.extra["limits"]),
+            should_cancel, mask_rule=fit_options.mask_rule)
+        if default_mask is not None:
+            mask = default_mask
+    kwargs: dict[str, Any] = {
+        "mask": mask, "threads": spec.threads, "executor": executor,
+        "progress": progress, "should_cancel": should_cancel,
+        "dictionary_dir": spec.dictionary_dir,
+    }
+    if options.get("prefix"):
+        kwargs["prefix"] = options["prefix"]
+    kwargs.update(timing)
+    read_fsl_scheme = importlib.import_module("fingerprint.fitting.pipeline").read_fsl_scheme
+    scheme = read_fsl_scheme(inputs["bval"], inputs["bvec"], **timing)
+    with _dictionary_budget(spec, scheme, fit_options.dictionary_size, fit_options.seed):
+        result = fit_volume(spec.model, inputs["dwi"], inputs["bval"], inputs["bvec"],
+                            partial, options=fit_options, **kwargs)
     names = []
     root = partial.resolve()
     for path in result.files:
@@ -141,9 +156,41 @@ def _run_fit(spec: JobSpec, progress: Callable[[float], None],
     final = job_dir / "outputs"
     shutil.rmtree(final, ignore_errors=True)
     os.rename(partial, final)
-    return {"outputs": sorted(names),
-            "result": {"n_voxels": int(getattr(result, "n_voxels", 0)),
-                       "seconds": float(getattr(result, "seconds", 0.0))}}
+    info: dict[str, Any] = {"n_voxels": int(getattr(result, "n_voxels", 0)),
+                            "seconds": float(getattr(result, "seconds", 0.0))}
+    if getattr(result, "dictionary", None) is not None:
+        info["dictionary"] = Path(result.dictionary).name
+    return {"outputs": sorted(names), "result": info}
+
+
+@contextlib.contextmanager
+def _dictionary_budget(spec: JobSpec, scheme: Any, size: int | None,
+                       seed: int | None) -> Iterator[None]:
+    """Hold the job's dictionary as in use, and keep the dictionary cache within its
+    budget (``spec.extra['dictionary_cache_bytes']``): before a build, least recently
+    used dictionaries not in use are evicted to make room for it; a dictionary larger
+    than the whole budget is refused."""
+    budget = spec.extra.get("dictionary_cache_bytes")
+    if not budget:
+        yield
+        return
+    from fingerprint.dictionary import prepare_build, store_path
+    from fingerprint.dictionary.cache import evict_to_budget, in_use
+    from fingerprint.errors import InputError
+
+    request = prepare_build(spec.model, scheme, size=size, seed=seed)
+    target = store_path(spec.dictionary_dir, request.key)
+    with in_use(target):
+        if not target.exists():
+            need = int(request.size) * int(scheme.number_of_measurements) * 4
+            if need > budget:
+                raise InputError(
+                    f"a dictionary of {request.size:,} atoms takes about {need / 2**30:.3g} "
+                    f"GiB, more than the server's dictionary cache budget of "
+                    f"{budget / 2**30:.3g} GiB; ask for a smaller dictionary size")
+            evict_to_budget(spec.dictionary_dir, budget, need=need, keep=(target,))
+        yield
+        evict_to_budget(spec.dictionary_dir, budget, keep=(target,))
 
 
 def _run_dictionary(spec: JobSpec, progress: Callable[[float], None],
@@ -162,7 +209,8 @@ def _run_dictionary(spec: JobSpec, progress: Callable[[float], None],
                               "directory": spec.dictionary_dir, "progress": progress,
                               "n_jobs": spec.threads}
     kwargs["should_cancel"] = should_cancel
-    dictionary = get_or_build_dictionary(spec.model, scheme, **kwargs)
+    with _dictionary_budget(spec, scheme, options.get("size"), options.get("seed", 0)):
+        dictionary = get_or_build_dictionary(spec.model, scheme, **kwargs)
     path = Path(dictionary.path)
     info: dict[str, Any] = {"dictionary": path.name}
     for attr in ("key", "size", "n_atoms"):
@@ -242,9 +290,14 @@ def run_job(spec: JobSpec, *, executor: Any = None,
         return {"status": "succeeded", "error": None, **out}
     except CancelledError:
         return {"status": "cancelled", "error": "cancelled", "outputs": [], "result": {}}
-    except (FingerprintError, ValueError, OSError) as exc:
-        logger.info("job %s failed: %s", spec.job_id, exc)
-        error = public_message(f"{type(exc).__name__}: {exc}", spec)
+    except (FingerprintError, ValueError, OSError, sqlite3.OperationalError) as exc:
+        if is_disk_full(exc) or "GB free" in str(exc):  # ENOSPC, or the library's estimate
+            logger.warning("job %s: not enough disk space: %s", spec.job_id, exc)
+            error = public_message(f"not enough disk space on the server to run this job "
+                                   f"({exc}); try again later", spec)
+        else:
+            logger.info("job %s failed: %s", spec.job_id, exc)
+            error = public_message(f"{type(exc).__name__}: {exc}", spec)
         return {"status": "failed", "error": error, "outputs": [], "result": {}}
     except Exception as exc:
         logger.error("job %s crashed:\n%s", spec.job_id, traceback.format_exc())
@@ -439,7 +492,10 @@ class Dispatcher:
             dictionary_dir=str(self.settings.resolved_dictionary_dir),
             threads=int(job["options"].get("threads") or self.settings.threads_per_job),
             attempt=int(job["attempts"]),
-            parent_pid=os.getpid(), dask_scheduler=self.settings.dask_scheduler)
+            parent_pid=os.getpid(), dask_scheduler=self.settings.dask_scheduler,
+            extra={"limits": {"max_voxels": int(self.settings.max_voxels),
+                              "max_dwi_bytes": int(self.settings.max_dwi_bytes)},
+                   "dictionary_cache_bytes": int(self.settings.dictionary_cache_bytes)})
 
     def _fill(self) -> None:
         while not self._stop.is_set():
@@ -568,7 +624,17 @@ class Dispatcher:
         job = self.db.get_job(job_id)
         logger.info("job %s finished: %s%s", job_id, job["status"],
                     f" ({job['error']})" if job["status"] == "failed" else "")
+        if outcome is None or job["status"] == "cancelled":  # no half-built dictionary
+            self._clean_dictionary_builds()
         if job["deleted"]:
             self.storage.remove_job(job_id)
         elif job["status"] == "cancelled":
             shutil.rmtree(self.storage.partial_outputs_dir(job_id), ignore_errors=True)
+
+    def _clean_dictionary_builds(self) -> None:
+        try:
+            from fingerprint.dictionary.cache import cleanup_stale_builds
+
+            cleanup_stale_builds(self.settings.resolved_dictionary_dir)
+        except Exception:  # best effort: the next build of the same key cleans up too
+            logger.debug("cleaning dictionary build leftovers failed", exc_info=True)

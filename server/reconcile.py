@@ -9,8 +9,9 @@ lock (so no other server is using it):
 * ``queued`` jobs stay queued (the dispatcher resumes them), unless their inputs are gone;
 * finished jobs are left alone (their outputs are never touched), except that files of
   deleted jobs are removed;
-* partial outputs, cancel flags of finished jobs, job directories without a database row
-  and everything in ``tmp/`` are removed.
+* partial outputs, cancel flags of finished jobs, worker pid files (no worker survives
+  a restart), job directories without a database row and everything in ``tmp/`` are
+  removed.
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ def reconcile(db: Database, storage: JobStorage, *, max_attempts: int) -> Reconc
             continue
         for partial in path.glob("outputs.partial*"):
             shutil.rmtree(partial, ignore_errors=True)
+        (path / "worker.pid").unlink(missing_ok=True)
         if job["status"] in ("queued", "succeeded", "failed"):
             storage.cancel_flag(name).unlink(missing_ok=True)
         if job["status"] == "cancelled":

@@ -7,6 +7,7 @@ import argparse
 import gzip
 import io
 import json
+import os
 import time
 import zipfile
 from pathlib import Path
@@ -40,7 +41,8 @@ def server(tmp_path_factory):
     keys = make_keys(data_dir)
     proc = ServerProcess(data_dir, args=["--workers", "1", "--max-upload-mb", "1",
                                          "--max-jobs-per-key", "2",
-                                         "--max-dictionary-size", str(SLOW_SIZE)]).start()
+                                         "--max-dictionary-size", str(SLOW_SIZE),
+                                         "--max-user-dictionary-size", str(SLOW_SIZE)]).start()
     proc.keys = keys
     yield proc
     proc.stop()
@@ -286,6 +288,9 @@ def test_cancel_queued_and_running_jobs_and_the_per_key_limit(server, phantom):
             assert time.monotonic() < deadline, "files of the cancelled job were not removed"
             time.sleep(0.1)
         assert not (server.data_dir / "jobs" / queued["id"]).exists()
+        # the cancelled build left no half-built dictionary
+        dictionaries = Path(os.environ["FINGERPRINT_DICTIONARY_DIR"])
+        assert not [p for p in dictionaries.iterdir() if ".tmp-" in p.name]
         # the slot is free again
         r = http.post("/v1/jobs", files=upload_files(phantom),
                       data={"dictionary_size": str(SIZE)})

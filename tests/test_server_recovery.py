@@ -28,7 +28,8 @@ def _maps(zip_bytes: bytes) -> dict[str, np.ndarray]:
 def test_kill9_during_a_job_then_restart(tmp_path, phantom):  # noqa: F811
     data_dir = tmp_path / "data"
     keys = make_keys(data_dir)
-    args = ["--workers", "1", "--max-attempts", "2", "--max-dictionary-size", str(SLOW_SIZE)]
+    args = ["--workers", "1", "--max-attempts", "2", "--max-dictionary-size", str(SLOW_SIZE),
+            "--max-user-dictionary-size", str(SLOW_SIZE)]
     server = ServerProcess(data_dir, args=args).start()
     try:
         with client(server, keys["alice"]) as http:
@@ -77,7 +78,8 @@ def test_kill9_during_a_job_then_restart(tmp_path, phantom):  # noqa: F811
 def test_graceful_stop_requeues_without_counting(tmp_path, phantom):  # noqa: F811
     data_dir = tmp_path / "data"
     keys = make_keys(data_dir)
-    args = ["--workers", "1", "--max-attempts", "1", "--max-dictionary-size", str(SLOW_SIZE)]
+    args = ["--workers", "1", "--max-attempts", "1", "--max-dictionary-size", str(SLOW_SIZE),
+            "--max-user-dictionary-size", str(SLOW_SIZE)]
     server = ServerProcess(data_dir, args=args).start()
     try:
         with client(server, keys["alice"]) as http:
@@ -105,7 +107,8 @@ def test_dask_executor_gives_the_same_maps(tmp_path, phantom):  # noqa: F811
                                   dashboard_address=None) as cluster:
         dask_server = ServerProcess(data_dir, args=[
             "--dask-scheduler", cluster.scheduler_address,
-            "--max-dictionary-size", str(SLOW_SIZE)]).start()
+            "--max-dictionary-size", str(SLOW_SIZE),
+            "--max-user-dictionary-size", str(SLOW_SIZE)]).start()
         try:
             with client(dask_server, keys["alice"]) as http:
                 ready = http.get("/readyz").json()

@@ -18,7 +18,9 @@ from typing import Any
 
 _FLAGS = ("host", "port", "data_dir", "workers", "threads", "dask_scheduler", "max_upload_mb",
           "max_jobs_per_key", "max_attempts", "max_dictionary_size", "dictionary_dir",
-          "log_level")
+          "log_level", "max_voxels", "max_dwi_mb", "max_user_dictionary_size",
+          "max_uploads_per_key", "max_uploads", "min_upload_rate_kb", "max_upload_seconds",
+          "dictionary_cache_gb", "disk_reserve_mb")
 
 
 def add_parser(subparsers: Any) -> None:
@@ -49,6 +51,29 @@ def add_parser(subparsers: Any) -> None:
                              "(default 2000000)")
     parser.add_argument("--dictionary-dir", type=Path,
                         help="dictionary directory (default <data-dir>/dictionaries)")
+    limits = parser.add_argument_group(
+        "limits", "what one API key may use (see the server documentation)")
+    limits.add_argument("--max-voxels", type=int,
+                        help="most voxels one job may fit (default 5000000)")
+    limits.add_argument("--max-dwi-mb", type=float,
+                        help="largest decompressed DWI per job in MiB, from its header "
+                             "(default 8192)")
+    limits.add_argument("--max-user-dictionary-size", type=int,
+                        help="largest dictionary (atoms) a non-admin key may ask for "
+                             "(default: the model's own size)")
+    limits.add_argument("--max-uploads-per-key", type=int,
+                        help="uploads in progress at once per key (default 2)")
+    limits.add_argument("--max-uploads", type=int,
+                        help="uploads in progress at once in total (default 16)")
+    limits.add_argument("--min-upload-rate-kb", type=float,
+                        help="slowest average upload rate in KiB/s (default 16; 408 below)")
+    limits.add_argument("--max-upload-seconds", type=float,
+                        help="longest time an upload may take (default 3600)")
+    limits.add_argument("--dictionary-cache-gb", type=float,
+                        help="size budget of the dictionary cache in GiB (default 20)")
+    limits.add_argument("--disk-reserve-mb", type=float,
+                        help="free disk space kept in MiB; uploads and jobs below it get "
+                             "507 (default 512)")
     parser.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"],
                         help="server log level (default info)")
     parser.set_defaults(func=run)

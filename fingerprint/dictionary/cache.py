@@ -9,6 +9,11 @@ Builders write into a unique hidden sibling (``.<name>.tmp-<pid>-<random>``) and
 it into place when complete; a per-key file lock (POSIX ``flock``, released by the
 kernel even on ``kill -9``) makes a second builder of the same key wait and then reuse
 the first one's result instead of simulating again.
+
+A size budget keeps the directory bounded: :func:`in_use` marks a dictionary as used (a
+shared ``flock`` on ``.locks/<name>.use``, whose modification time records the last
+use), and :func:`evict_to_budget` removes the least recently used dictionaries, never one
+held by :func:`in_use`, until the directory fits its budget.
 """
 
 from __future__ import annotations
@@ -33,7 +38,11 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "DICTIONARY_DIR_ENV",
     "build_lock",
+    "cache_size",
+    "cleanup_stale_builds",
     "cleanup_stale_temporaries",
+    "evict_to_budget",
+    "in_use",
     "default_dictionary_dir",
     "dictionary_key",
     "list_dictionaries",
@@ -150,6 +159,110 @@ def build_lock(target: Path) -> Iterator[None]:
         with contextlib.suppress(OSError):
             fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
+
+
+def _use_path(store: Path) -> Path:
+    return store.parent / ".locks" / f"{store.name}.use"
+
+
+@contextlib.contextmanager
+def in_use(store: str | os.PathLike) -> Iterator[None]:
+    """Mark the dictionary at ``store`` (which may not exist yet) as in use for the block:
+    :func:`evict_to_budget` never removes it meanwhile. Entering and leaving record the
+    use (for least-recently-used eviction). Where ``flock`` is unavailable only the use
+    is recorded."""
+    path = _use_path(Path(store))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            import fcntl
+
+            fcntl.flock(fd, fcntl.LOCK_SH)
+        except ImportError:  # pragma: no cover - non-POSIX
+            pass
+        os.utime(path)
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.utime(path)
+        os.close(fd)  # releases the lock
+
+
+def _last_used(store: Path) -> float:
+    for path in (_use_path(store), store):
+        with contextlib.suppress(OSError):
+            return path.stat().st_mtime
+    return 0.0
+
+
+def _stores(directory: Path) -> list[Path]:
+    if not directory.is_dir():
+        return []
+    return [p for p in directory.iterdir()
+            if not p.name.startswith(".") and p.is_dir() and (p / "zarr.json").exists()]
+
+
+def cache_size(directory: str | os.PathLike) -> int:
+    """Bytes taken by the dictionaries in ``directory`` (build leftovers excluded)."""
+    return sum(_dir_size(p) for p in _stores(Path(directory)))
+
+
+def evict_to_budget(directory: str | os.PathLike, budget: int, *, need: int = 0,
+                    keep: tuple[str | os.PathLike, ...] = ()) -> list[Path]:
+    """Remove the least recently used dictionaries of ``directory`` until they take at
+    most ``budget - need`` bytes. Dictionaries held by :func:`in_use` (in any process on
+    this host) or listed in ``keep`` are never removed; a removal is atomic (renamed
+    away, then deleted). Returns the removed paths."""
+    directory = Path(directory)
+    kept = {Path(p).name for p in keep}
+    entries = [(_last_used(p), p.name, p, _dir_size(p)) for p in _stores(directory)]
+    total = sum(e[3] for e in entries)
+    removed: list[Path] = []
+    for _, _, path, size in sorted(entries):
+        if total + need <= budget:
+            break
+        if path.name in kept:
+            continue
+        lock = _use_path(path)
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                import fcntl
+
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except ImportError:  # pragma: no cover - non-POSIX: no eviction
+                continue
+            except OSError:  # in use
+                continue
+            trash = path.parent / f".{path.name}{_TRASH_MARK}{secrets.token_hex(4)}"
+            try:
+                os.rename(path, trash)
+            except OSError:  # gone already
+                continue
+            logger.info("dictionary cache over its budget: evicting %s (%d bytes)", path, size)
+            shutil.rmtree(trash, ignore_errors=True)
+            total -= size
+            removed.append(path)
+        finally:
+            os.close(fd)
+    return removed
+
+
+def cleanup_stale_builds(directory: str | os.PathLike) -> int:
+    """Remove the leftovers of every interrupted build in ``directory`` (temporaries of
+    builder processes that are gone, and trash). Returns the number removed."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return 0
+    targets = set()
+    for entry in directory.iterdir():
+        name = entry.name
+        for mark in (_TMP_MARK, _TRASH_MARK):
+            if name.startswith(".") and mark in name:
+                targets.add(name[1:name.index(mark)])
+    return sum(cleanup_stale_temporaries(directory / t) for t in sorted(targets))
 
 
 def _dir_size(path: Path) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from ..dependencies import AdminKey, CallerKey, Context
 from ..schemas import DictionaryInfo, ErrorBody, JobOut
 from ..storage import FileField
 from ..validation import check_model, check_timing, int_field, timing_fields, validate_scheme
-from .jobs import accept_job, accepted, receive_job_upload
+from .jobs import accept_job, accepted, receive_job_upload, upload_slot
 
 router = APIRouter(prefix="/dictionaries", tags=["dictionaries"])
 
@@ -53,25 +54,28 @@ _BODY = {
 async def build_dictionary(request: Request, ctx: Context, key: AdminKey) -> JSONResponse:
     """Queue the build of a model's dictionary for an acquisition scheme (bval + bvec,
     optional pulse timing). The build is a job: follow it at ``/v1/jobs/{id}``."""
-    upload, upload_dir = await receive_job_upload(request, ctx, key.id, SCHEME_FILES,
-                                                  SCHEME_TEXT)
-    try:
-        fields = upload.fields
-        model = check_model(fields.get("model") or ctx.settings.default_model)
-        options: dict[str, Any] = {
-            "size": int_field(fields, "size", low=1, high=ctx.settings.max_dictionary_size),
-            "seed": int_field(fields, "seed", low=0, high=2**31 - 1) or 0,
-            **timing_fields(fields),
-        }
-        options = {k: v for k, v in options.items() if v is not None}
-        check_timing(model, options)
-        await run_in_threadpool(validate_scheme, upload.files, options)
-        inputs = {name: path.name for name, path in upload.files.items()}
-        job = await run_in_threadpool(accept_job, ctx, key.id, upload_dir, kind="dictionary",
-                                      model=model, options=options, inputs=inputs)
-    except BaseException:
-        shutil.rmtree(upload_dir, ignore_errors=True)
-        raise
+    async with upload_slot(request, ctx, key.id):
+        upload, upload_dir = await receive_job_upload(request, ctx, key.id, SCHEME_FILES,
+                                                      SCHEME_TEXT)
+        try:
+            fields = upload.fields
+            model = check_model(fields.get("model") or ctx.settings.default_model)
+            options: dict[str, Any] = {
+                "size": int_field(fields, "size", low=1,
+                                  high=ctx.settings.max_dictionary_size),
+                "seed": int_field(fields, "seed", low=0, high=2**31 - 1) or 0,
+                **timing_fields(fields),
+            }
+            options = {k: v for k, v in options.items() if v is not None}
+            check_timing(model, options)
+            await run_in_threadpool(validate_scheme, upload.files, options)
+            inputs = {name: path.name for name, path in upload.files.items()}
+            job = await run_in_threadpool(accept_job, ctx, key.id, upload_dir,
+                                          kind="dictionary", model=model, options=options,
+                                          inputs=inputs)
+        except BaseException:
+            shutil.rmtree(upload_dir, ignore_errors=True)
+            raise
     return accepted(job)
 
 
@@ -93,8 +97,29 @@ def _info(entry: dict[str, Any], directory: Path) -> DictionaryInfo:
 @router.get("", response_model=list[DictionaryInfo], summary="List stored dictionaries",
             responses={401: {"model": ErrorBody}})
 def list_dictionaries(ctx: Context, key: CallerKey) -> list[DictionaryInfo]:
-    """The dictionaries in the server's dictionary directory, oldest first."""
+    """The dictionaries in the server's dictionary directory, oldest first: all of them
+    for admin keys, for other keys only those their own jobs used."""
     from fingerprint.dictionary import list_dictionaries as _list
 
     directory = ctx.settings.resolved_dictionary_dir
-    return [_info(e, directory) for e in _list(directory)]
+    entries = _list(directory)
+    if not key.is_admin:
+        used = _used_by(ctx, key.id)
+        entries = [e for e in entries if Path(e["path"]).name in used]
+    return [_info(e, directory) for e in entries]
+
+
+def _used_by(ctx: Context, key_id: str) -> set[str]:
+    """Names of the dictionaries the jobs of ``key_id`` used (or built)."""
+    rows = ctx.db.connect().execute(
+        "SELECT result FROM jobs WHERE owner = ? AND status = 'succeeded'",
+        (key_id,)).fetchall()
+    names = set()
+    for (text,) in rows:
+        try:
+            name = json.loads(text or "{}").get("dictionary")
+        except (ValueError, AttributeError):
+            continue
+        if isinstance(name, str):
+            names.add(name)
+    return names

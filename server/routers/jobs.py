@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import shutil
+import threading
+import time
 import zipfile
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -16,15 +19,29 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 
 from ..dependencies import ApiError, CallerKey, Context, ServerContext
+from ..limits import (
+    InputLimits,
+    Stopped,
+    check_disk,
+    check_fit_upload,
+    disk_full_error,
+    is_disk_full,
+)
 from ..schemas import ErrorBody, JobList, JobOut, job_out
-from ..storage import DRAIN_LIMIT, FileField, UploadError, _drain, receive_multipart
+from ..storage import (
+    DRAIN_LIMIT,
+    FileField,
+    UploadError,
+    UploadTimeouts,
+    _drain,
+    receive_multipart,
+)
 from ..validation import (
     check_model,
     check_timing,
     int_field,
     prefix_field,
     timing_fields,
-    validate_fit,
 )
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
@@ -95,35 +112,132 @@ async def _reject_before_body(request: Request, status: int, detail: str,
     raise ApiError(status, detail, field)
 
 
+@contextlib.asynccontextmanager
+async def upload_slot(request: Request, ctx: ServerContext, key_id: str
+                      ) -> AsyncIterator[None]:
+    """Hold one of the key's (and the server's) upload slots for the whole request: 429
+    with ``Retry-After`` when none is free (the body is then only briefly drained)."""
+    try:
+        slot = ctx.gate.slot(key_id)
+        slot.__enter__()
+    except ApiError:
+        await _drain(request.stream(), DRAIN_LIMIT, 2.0)
+        raise
+    try:
+        yield
+    finally:
+        slot.__exit__(None, None, None)
+
+
 async def receive_job_upload(request: Request, ctx: ServerContext, key_id: str,
                              files: dict[str, FileField], text: set[str]):
-    """Check the per-key limit, then stream the form into a fresh upload directory.
-    Returns (upload, upload_dir); the caller owns (and removes on error) the directory."""
-    limit = ctx.settings.max_jobs_per_key
+    """Check the per-key limit and the disk reserve, then stream the form into a fresh
+    upload directory. Returns (upload, upload_dir); the caller owns (and removes on
+    error) the directory."""
+    settings = ctx.settings
+    limit = settings.max_jobs_per_key
     if await run_in_threadpool(ctx.db.count_active, key_id) >= limit:
         await _reject_before_body(request, 429, f"this API key already has {limit} queued or "
                                                 "running jobs; wait for one to finish")
-    upload_dir = ctx.storage.new_upload_dir()
+    try:
+        check_disk(ctx.storage.tmp_dir, settings.disk_reserve_bytes, "to store an upload")
+    except ApiError:
+        await _drain(request.stream(), DRAIN_LIMIT, 2.0)
+        raise
+    try:
+        upload_dir = ctx.storage.new_upload_dir()
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise disk_full_error("to store an upload") from None
+        raise
+    timeouts = UploadTimeouts(min_rate=settings.min_upload_rate_kb * 1024,
+                              grace=settings.upload_grace_seconds,
+                              max_seconds=settings.max_upload_seconds)
     try:
         upload = await receive_multipart(request, upload_dir, file_fields=files,
-                                         text_fields=text,
-                                         max_bytes=ctx.settings.max_upload_bytes)
+                                         text_fields=text, max_bytes=settings.max_upload_bytes,
+                                         timeouts=timeouts,
+                                         disk_reserve=settings.disk_reserve_bytes)
     except UploadError as exc:
         shutil.rmtree(upload_dir, ignore_errors=True)
-        raise ApiError(exc.status_code, exc.detail, exc.field) from None
+        raise ApiError(exc.status_code, exc.detail, exc.field, exc.headers) from None
     except BaseException:
         shutil.rmtree(upload_dir, ignore_errors=True)
         raise
     return upload, upload_dir
 
 
+@contextlib.asynccontextmanager
+async def client_watch(request: Request) -> AsyncIterator[threading.Event]:
+    """An event set when the client disconnects (polled while the body is complete)."""
+    gone = threading.Event()
+
+    async def watch() -> None:
+        while not gone.is_set():
+            try:
+                if await request.is_disconnected():
+                    gone.set()
+                    return
+            except Exception:  # no way to tell: keep going
+                return
+            await asyncio.sleep(0.25)
+
+    task = asyncio.create_task(watch())
+    try:
+        yield gone
+    finally:
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+
+
+async def run_checks(request: Request, ctx: ServerContext, files: dict[str, Path],
+                     timing: dict[str, float]) -> None:
+    """The checks made while the client waits (headers, mask voxels), in a thread, under
+    the server's time limit; stopped when the client goes away."""
+    limits = InputLimits.from_settings(ctx.settings)
+    deadline = time.monotonic() + ctx.settings.check_seconds
+    async with client_watch(request) as gone:
+        try:
+            await run_in_threadpool(check_fit_upload, files, timing, limits,
+                                    deadline=deadline, should_stop=gone.is_set)
+        except Stopped:
+            raise ApiError(400, "the client disconnected during the checks") from None
+
+
+def check_dictionary_size(ctx: ServerContext, key: Any, model: str, size: int | None,
+                          field: str) -> None:
+    """Only admin keys may ask for dictionaries larger than the non-admin limit (the
+    model's own size unless configured): 403 naming the limit."""
+    if size is None or key.is_admin:
+        return
+    limit = ctx.settings.max_user_dictionary_size
+    what = "the server's limit for non-admin keys"
+    if limit is None:
+        from fingerprint.models import get_recipe
+
+        limit = int(get_recipe(model).sampling_spec().size)
+        what = f"the default size of model {model!r}, the limit for non-admin keys"
+    if size > limit:
+        raise ApiError(403, f"'{field}' {size:,} is above {what} ({limit:,} atoms); ask an "
+                            "admin to build a larger dictionary", field)
+
+
 def accept_job(ctx: ServerContext, key_id: str, upload_dir: Path, *, kind: str, model: str,
                options: dict[str, Any], inputs: dict[str, str]) -> dict[str, Any]:
-    """Move a validated upload into place and queue the job (429 over the per-key limit)."""
+    """Move a validated upload into place and queue the job (429 over the per-key limit,
+    507 when the disk is full: nothing is left behind)."""
+    check_disk(ctx.storage.jobs_dir, ctx.settings.disk_reserve_bytes, "to create the job")
     job_id = ctx.db.new_job_id()
-    ctx.storage.promote(upload_dir, job_id)
-    job = ctx.db.insert_job(job_id, owner=key_id, kind=kind, model=model, options=options,
-                            inputs=inputs, max_active=ctx.settings.max_jobs_per_key)
+    try:
+        ctx.storage.promote(upload_dir, job_id)
+        job = ctx.db.insert_job(job_id, owner=key_id, kind=kind, model=model, options=options,
+                                inputs=inputs, max_active=ctx.settings.max_jobs_per_key)
+    except Exception as exc:
+        ctx.storage.remove_job(job_id)
+        if is_disk_full(exc):
+            raise disk_full_error("to create the job") from None
+        raise
     if job is None:
         ctx.storage.remove_job(job_id)
         raise ApiError(429, f"this API key already has {ctx.settings.max_jobs_per_key} queued "
@@ -139,39 +253,51 @@ def accepted(job: dict[str, Any]) -> JSONResponse:
 
 @router.post("", status_code=202, response_model=JobOut, openapi_extra=_FIT_BODY,
              summary="Submit a fitting job",
-             responses={**_ERRORS, 413: {"model": ErrorBody, "description": "upload too large"},
+             responses={**_ERRORS,
+                        400: {"model": ErrorBody, "description": "malformed multipart body"},
+                        403: {"model": ErrorBody,
+                              "description": "dictionary size reserved to admins"},
+                        408: {"model": ErrorBody, "description": "upload too slow"},
+                        413: {"model": ErrorBody,
+                              "description": "upload, or its decompressed DWI, too large"},
                         415: {"model": ErrorBody, "description": "not multipart/form-data"},
                         422: {"model": ErrorBody, "description": "invalid input"},
-                        429: {"model": ErrorBody, "description": "too many active jobs"}})
+                        429: {"model": ErrorBody,
+                              "description": "too many active jobs or uploads (Retry-After)"},
+                        507: {"model": ErrorBody, "description": "server disk full"}})
 async def submit_job(request: Request, ctx: Context, key: CallerKey) -> JSONResponse:
-    """Upload a DWI (+ bval, bvec, optional mask) and queue a fit. The inputs are checked
-    (headers, counts, units, then one pass over the data) before the job is accepted; the
-    answer is 202 with the job and its ``Location``."""
-    upload, upload_dir = await receive_job_upload(request, ctx, key.id, FIT_FILES, FIT_TEXT)
-    try:
-        fields = upload.fields
-        model = check_model(fields.get("model") or ctx.settings.default_model)
-        options: dict[str, Any] = {}
-        threads = int_field(fields, "threads", low=1, high=256)
-        if threads is not None:
-            options["threads"] = threads
-        size = int_field(fields, "dictionary_size", low=1,
-                         high=ctx.settings.max_dictionary_size)
-        if size is not None:
-            options["dictionary_size"] = size
-        prefix = prefix_field(fields)
-        if prefix is not None:
-            options["prefix"] = prefix
-        timing = timing_fields(fields)
-        check_timing(model, timing)
-        options.update(timing)
-        await run_in_threadpool(validate_fit, upload.files, timing)
-        inputs = {name: path.name for name, path in upload.files.items()}
-        job = await run_in_threadpool(accept_job, ctx, key.id, upload_dir, kind="fit",
-                                      model=model, options=options, inputs=inputs)
-    except BaseException:
-        shutil.rmtree(upload_dir, ignore_errors=True)
-        raise
+    """Upload a DWI (+ bval, bvec, optional mask) and queue a fit. Headers, counts, units,
+    the mask and the per-job limits are checked before the job is accepted (in bounded
+    memory and time); the data themselves (finite values, b=0 signal) are checked by the
+    job before it fits. The answer is 202 with the job and its ``Location``."""
+    async with upload_slot(request, ctx, key.id):
+        upload, upload_dir = await receive_job_upload(request, ctx, key.id, FIT_FILES,
+                                                      FIT_TEXT)
+        try:
+            fields = upload.fields
+            model = check_model(fields.get("model") or ctx.settings.default_model)
+            options: dict[str, Any] = {}
+            threads = int_field(fields, "threads", low=1, high=256)
+            if threads is not None:
+                options["threads"] = threads
+            size = int_field(fields, "dictionary_size", low=1,
+                             high=ctx.settings.max_dictionary_size)
+            check_dictionary_size(ctx, key, model, size, "dictionary_size")
+            if size is not None:
+                options["dictionary_size"] = size
+            prefix = prefix_field(fields)
+            if prefix is not None:
+                options["prefix"] = prefix
+            timing = timing_fields(fields)
+            check_timing(model, timing)
+            options.update(timing)
+            await run_checks(request, ctx, upload.files, timing)
+            inputs = {name: path.name for name, path in upload.files.items()}
+            job = await run_in_threadpool(accept_job, ctx, key.id, upload_dir, kind="fit",
+                                          model=model, options=options, inputs=inputs)
+        except BaseException:
+            shutil.rmtree(upload_dir, ignore_errors=True)
+            raise
     return accepted(job)
 
 
