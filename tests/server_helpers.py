@@ -128,3 +128,111 @@ def write_phantom(directory: Path, *, shape=(3, 3, 2), seed: int = 0) -> dict[st
     paths = phantoms.write_phantom(phantoms.noddi_phantom(shape=shape, seed=seed), directory,
                                    prefix="sub-01")
     return {k: Path(paths[k]) for k in ("dwi", "bval", "bvec", "mask")}
+
+
+def nifti_gz(header_shape: tuple[int, ...], data: bytes | None = None, *,
+             extra_zeros: int = 0, affine=None, dtype="float32") -> bytes:
+    """A gzip NIfTI-1 whose header says ``header_shape`` and whose data block is ``data``
+    (default: zeros of the declared size) followed by ``extra_zeros`` more bytes. The
+    zeros are repeated gzip members of 1 MiB each (about 1 KB compressed), so a file that
+    decompresses to gigabytes costs a few MB and a fraction of a second to make."""
+    import gzip
+
+    import nibabel as nib
+    import numpy as np
+
+    img = nib.Nifti1Image(np.zeros((1,) * len(header_shape), dtype),
+                          np.eye(4) if affine is None else affine)
+    img.header.set_data_shape(header_shape)
+    img.header.set_data_dtype(dtype)
+    head = img.header.binaryblock + b"\0" * 4  # 348 bytes + extension flag: data at 352
+    zeros = extra_zeros
+    if data is None:
+        zeros += int(np.prod(header_shape)) * np.dtype(dtype).itemsize
+        data = b""
+    out = [gzip.compress(head + data, 6)]
+    block = 1 << 20
+    member = gzip.compress(b"\0" * block, 9)
+    out.extend([member] * (zeros // block))
+    if zeros % block:
+        out.append(gzip.compress(b"\0" * (zeros % block), 9))
+    return b"".join(out)
+
+
+def raw_post(url_port: int, path: str, key: str, body_parts, *, boundary: str = "xx",
+             chunked: bool = False, length: int | None = None, pause: float = 0.0,
+             stop_when_answered: bool = False, timeout: float = 60.0
+             ) -> tuple[int, dict[str, str], str, int]:
+    """POST ``path`` on 127.0.0.1 over a raw socket, sending ``body_parts`` one by one
+    (``pause`` s apart; with ``stop_when_answered``, no more once the server has answered).
+    Returns (status, headers, body, bytes of body sent); status 0 if the server closed
+    the connection without an answer."""
+    sock = socket.create_connection(("127.0.0.1", url_port), timeout=timeout)
+    try:
+        head = [f"POST {path} HTTP/1.1", f"Host: 127.0.0.1:{url_port}", f"X-API-Key: {key}",
+                f"Content-Type: multipart/form-data; boundary={boundary}"]
+        if chunked:
+            head.append("Transfer-Encoding: chunked")
+        else:
+            total = length if length is not None else sum(len(p) for p in body_parts)
+            head.append(f"Content-Length: {total}")
+        sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode())
+        sent = 0
+        finished = True
+        for part in body_parts:
+            if stop_when_answered:
+                sock.setblocking(False)
+                try:
+                    answered = bool(sock.recv(1, socket.MSG_PEEK))
+                except BlockingIOError:
+                    answered = False
+                sock.settimeout(timeout)
+                if answered:
+                    finished = False
+                    break
+            try:
+                sock.sendall(f"{len(part):x}\r\n".encode() + part + b"\r\n" if chunked
+                             else part)
+            except OSError:  # the server answered and closed: stop sending
+                finished = False
+                break
+            sent += len(part)
+            if pause:
+                time.sleep(pause)
+        if finished and chunked:
+            sock.sendall(b"0\r\n\r\n")
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        if not data:
+            return 0, {}, "", sent
+        head_text, _, rest = data.partition(b"\r\n\r\n")
+        lines = head_text.decode("latin-1").split("\r\n")
+        status = int(lines[0].split()[1])
+        headers = {k.lower(): v.strip() for k, _, v in (x.partition(":") for x in lines[1:])}
+        need = int(headers.get("content-length", "0"))
+        while len(rest) < need:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            rest += chunk
+        return status, headers, rest.decode("utf-8", "replace"), sent
+    finally:
+        sock.close()
+
+
+def multipart_form(files: dict[str, bytes], boundary: str = "xx", *, close: bool = True,
+                   drop_tail: int = 0, duplicate: str | None = None) -> bytes:
+    """A multipart/form-data body of ``files`` (field -> content), optionally without its
+    closing boundary, cut short by ``drop_tail`` bytes, or with one field twice."""
+    out = b""
+    for name, content in files.items():
+        for _ in range(2 if name == duplicate else 1):
+            out += (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"; "
+                    f"filename=\"f\"\r\n\r\n").encode() + content + b"\r\n"
+    if close:
+        out += f"--{boundary}--\r\n".encode()
+    return out[: len(out) - drop_tail] if drop_tail else out

@@ -5,15 +5,23 @@ slow and stalled clients, uploads in flight, chunked uploads over the limit."""
 from __future__ import annotations
 
 import gzip
-import socket
 import time
-import zlib
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
-from server_helpers import ServerProcess, client, make_keys, upload_files, wait_for, write_phantom
+from server_helpers import (
+    ServerProcess,
+    client,
+    make_keys,
+    multipart_form,
+    nifti_gz,
+    raw_post,
+    upload_files,
+    wait_for,
+    write_phantom,
+)
 
 #: DWI limit of the test server (MiB) and its voxel limit
 MAX_DWI_MB = 1
@@ -44,31 +52,8 @@ def _leftovers(server: ServerProcess) -> tuple[list[str], list[str]]:
             sorted(p.name for p in (server.data_dir / "jobs").iterdir()))
 
 
-def _nifti_gz(header_shape: tuple[int, ...], data: bytes | None = None, *,
-              extra_zeros: int = 0, affine: np.ndarray | None = None,
-              dtype=np.float32) -> bytes:
-    """A gzip NIfTI whose header says ``header_shape`` and whose data block is ``data``
-    (default: zeros of the declared size) followed by ``extra_zeros`` bytes; built in
-    1 MiB pieces, so a bomb of any declared size costs a few MB."""
-    img = nib.Nifti1Image(np.zeros((1,) * len(header_shape), dtype),
-                          np.eye(4) if affine is None else affine)
-    img.header.set_data_shape(header_shape)
-    img.header.set_data_dtype(dtype)
-    head = img.header.binaryblock + b"\0" * 4  # 348 + extension flag = offset 352
-    comp = zlib.compressobj(9, zlib.DEFLATED, 31)
-    out = [comp.compress(head)]
-    if data is None:
-        remaining = int(np.prod(header_shape)) * np.dtype(dtype).itemsize
-    else:
-        out.append(comp.compress(data))
-        remaining = 0
-    remaining += extra_zeros
-    block = b"\0" * (1 << 20)
-    while remaining > 0:
-        out.append(comp.compress(block[:min(remaining, len(block))]))
-        remaining -= len(block)
-    out.append(comp.flush())
-    return b"".join(out)
+def _nifti_gz(header_shape, data=None, *, extra_zeros=0, affine=None, dtype=np.float32):
+    return nifti_gz(header_shape, data, extra_zeros=extra_zeros, affine=affine, dtype=dtype)
 
 
 def _phantom_data(phantom) -> tuple[np.ndarray, np.ndarray]:
@@ -188,81 +173,13 @@ def test_dictionary_sizes_above_the_default_are_for_admins(server, phantom):
     assert _leftovers(server)[0] == []
 
 
-def _raw_request(server: ServerProcess, key: str, body_parts, *, boundary: str = "xx",
-                 chunked: bool = False, length: int | None = None, pause: float = 0.0,
-                 stop_when_answered: bool = False) -> tuple[int, dict[str, str], str, int]:
-    """POST /v1/jobs over a raw socket, sending ``body_parts`` one by one (``pause`` s
-    apart). Returns (status, headers, body, bytes of body sent)."""
-    sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
-    try:
-        head = ["POST /v1/jobs HTTP/1.1", f"Host: 127.0.0.1:{server.port}",
-                f"X-API-Key: {key}",
-                f"Content-Type: multipart/form-data; boundary={boundary}"]
-        if chunked:
-            head.append("Transfer-Encoding: chunked")
-        else:
-            total = length if length is not None else sum(len(p) for p in body_parts)
-            head.append(f"Content-Length: {total}")
-        sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode())
-        sent = 0
-        for part in body_parts:
-            if stop_when_answered:
-                sock.setblocking(False)
-                try:
-                    peek = sock.recv(1, socket.MSG_PEEK)
-                except BlockingIOError:
-                    peek = b""
-                sock.setblocking(True)
-                sock.settimeout(30)
-                if peek:
-                    break
-            try:
-                sock.sendall(f"{len(part):x}\r\n".encode() + part + b"\r\n" if chunked
-                             else part)
-            except OSError:  # the server answered and closed: stop sending
-                break
-            sent += len(part)
-            if pause:
-                time.sleep(pause)
-        else:
-            if chunked:
-                sock.sendall(b"0\r\n\r\n")
-        data = b""
-        while b"\r\n\r\n" not in data:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-        head_text, _, rest = data.partition(b"\r\n\r\n")
-        lines = head_text.decode("latin-1").split("\r\n")
-        status = int(lines[0].split()[1])
-        headers = {k.lower(): v.strip() for k, _, v in (x.partition(":") for x in lines[1:])}
-        need = int(headers.get("content-length", "0"))
-        while len(rest) < need:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            rest += chunk
-        return status, headers, rest.decode("utf-8", "replace"), sent
-    finally:
-        sock.close()
+def _raw_request(server: ServerProcess, key: str, body_parts, **kw):
+    return raw_post(server.port, "/v1/jobs", key, body_parts, **kw)
 
 
-def _form(phantom, boundary: str = "xx", *, close: bool = True, drop_tail: int = 0,
-          duplicate: str | None = None) -> bytes:
-    parts = []
-    for name in ("dwi", "bval", "bvec", "mask"):
-        content = phantom[name].read_bytes()
-        parts.append((name, content))
-        if name == duplicate:
-            parts.append((name, content))
-    out = b""
-    for name, content in parts:
-        out += (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"; "
-                f"filename=\"f\"\r\n\r\n").encode() + content + b"\r\n"
-    if close:
-        out += f"--{boundary}--\r\n".encode()
-    return out[: len(out) - drop_tail] if drop_tail else out
+def _form(phantom, boundary: str = "xx", **kw) -> bytes:
+    files = {name: phantom[name].read_bytes() for name in ("dwi", "bval", "bvec", "mask")}
+    return multipart_form(files, boundary, **kw)
 
 
 def test_strict_multipart(server, phantom):
