@@ -46,6 +46,9 @@ _STREAM_BLOCK = 4 * 1024 * 1024
 #: DWIs up to this many bytes (header + decompressed data) are checked whole while the
 #: client waits; larger ones by their job.
 SMALL_DWI_BYTES = 256 * 1024 * 1024
+#: ... when one of their volumes takes at most this many bytes as float32 (the memory the
+#: check needs; a 1.25 mm whole-brain volume takes about 15 MB)
+SMALL_VOLUME_BYTES = 32 * 1024 * 1024
 #: Largest block of mask data read at once (bytes).
 _MASK_BLOCK = 16 * 1024 * 1024
 #: Tolerance of the mask / DWI affine comparison (mm, and relative).
@@ -246,7 +249,8 @@ def check_fit_upload(files: dict[str, Path], timing: dict[str, float], limits: I
         if "mask" in files:
             mask = open_nifti(files["mask"], "mask")
             _check_mask(mask, files["mask"], image, limits, deadline, should_stop)
-        if offset + nbytes <= SMALL_DWI_BYTES:
+        volume = int(np.prod(image.spatial_shape, dtype=np.int64)) * 4
+        if offset + nbytes <= SMALL_DWI_BYTES and volume <= SMALL_VOLUME_BYTES:
             _check_small_data(files, timing, offset + nbytes, deadline, should_stop)
     except (ApiError, Stopped):
         raise
