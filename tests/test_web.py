@@ -77,7 +77,9 @@ def server(tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("web-server") / "data"
     keys = make_keys(data_dir)
     proc = ServerProcess(data_dir, args=["--workers", "1",
-                                         "--max-dictionary-size", str(SLOW_SIZE)]).start()
+                                         "--max-dictionary-size", str(SLOW_SIZE),
+                                         "--max-user-dictionary-size", str(SLOW_SIZE)]
+                         ).start()
     proc.keys = keys
     yield proc
     proc.stop()
