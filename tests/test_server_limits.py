@@ -279,14 +279,17 @@ def test_cache_budget_evicts_least_recently_used_never_in_use(tmp_path):
     from fingerprint.dictionary.cache import cache_size, evict_to_budget, in_use
 
     old = _fake_store(tmp_path, "a.zarr", 1000, 100.0)
+    index = tmp_path / "a.zarr.hnsw32.faiss"  # a search index kept beside the store
+    index.write_bytes(b"\0" * 500)
     held = _fake_store(tmp_path, "b.zarr", 1000, 200.0)
     mid = _fake_store(tmp_path, "c.zarr", 1000, 300.0)
     new = _fake_store(tmp_path, "d.zarr", 1000, 400.0)
-    assert cache_size(tmp_path) > 4000
+    assert cache_size(tmp_path) > 4500
     with in_use(held):  # oldest after a.zarr, but in use: skipped
         removed = evict_to_budget(tmp_path, 2500, keep=(new,))
     assert removed == [old, mid]
     assert held.exists() and new.exists() and not old.exists() and not mid.exists()
+    assert not index.exists()
     # room for a new dictionary: the least recently used one goes, unless kept
     assert evict_to_budget(tmp_path, 2500, need=1000, keep=(new,)) == [held]
     assert evict_to_budget(tmp_path, 0, keep=(new,)) == [] and new.exists()
@@ -476,3 +479,26 @@ def test_restart_removes_stale_worker_files(tmp_path):
     reconcile(db, storage, max_attempts=3)
     assert not (storage.job_dir(job_id) / "worker.pid").exists()
     assert db.get_job(job_id)["status"] == "queued"
+
+
+def test_upload_checks_stop_when_the_client_leaves_or_time_is_up(tmp_path, phantom):
+    from server.dependencies import ApiError
+    from server.limits import InputLimits, Stopped, check_fit_upload
+
+    n = _phantom_data(phantom)[0].shape[3]
+    dwi = tmp_path / "dwi.nii.gz"
+    dwi.write_bytes(nifti_gz((64, 64, 64, n)))
+    mask = tmp_path / "mask.nii.gz"
+    mask.write_bytes(_mask_gz(np.ones((64, 64, 64)), np.eye(4)))
+    files = {"dwi": dwi, "bval": phantom["bval"], "bvec": phantom["bvec"], "mask": mask}
+    limits = InputLimits(max_voxels=10**9, max_dwi_bytes=1 << 30)
+    with pytest.raises(Stopped):  # the client went away: the mask is not read further
+        check_fit_upload(files, {}, limits, deadline=time.monotonic() + 60,
+                         should_stop=lambda: True)
+    with pytest.raises(ApiError) as info:  # out of time
+        check_fit_upload(files, {}, limits, deadline=time.monotonic() - 1)
+    assert info.value.status_code == 422 and "time limit" in info.value.detail
+    with pytest.raises(ApiError) as info:  # counted in blocks, against the voxel limit
+        check_fit_upload(files, {}, InputLimits(max_voxels=1000, max_dwi_bytes=1 << 30),
+                         deadline=time.monotonic() + 60)
+    assert "262,144 voxels" in info.value.detail and info.value.field == "mask"

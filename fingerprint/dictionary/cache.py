@@ -203,20 +203,36 @@ def _stores(directory: Path) -> list[Path]:
             if not p.name.startswith(".") and p.is_dir() and (p / "zarr.json").exists()]
 
 
+def _companions(store: Path) -> list[Path]:
+    """Files kept beside a store and named after it (e.g. its cached search index)."""
+    prefix = f"{store.name}."
+    return [p for p in store.parent.iterdir() if p.name.startswith(prefix) and p.is_file()]
+
+
+def _footprint(store: Path) -> int:
+    total = _dir_size(store)
+    for path in _companions(store):
+        with contextlib.suppress(OSError):
+            total += path.stat().st_size
+    return total
+
+
 def cache_size(directory: str | os.PathLike) -> int:
-    """Bytes taken by the dictionaries in ``directory`` (build leftovers excluded)."""
-    return sum(_dir_size(p) for p in _stores(Path(directory)))
+    """Bytes taken by the dictionaries in ``directory`` and the files kept beside them
+    (their search indexes; build leftovers excluded)."""
+    return sum(_footprint(p) for p in _stores(Path(directory)))
 
 
 def evict_to_budget(directory: str | os.PathLike, budget: int, *, need: int = 0,
                     keep: tuple[str | os.PathLike, ...] = ()) -> list[Path]:
     """Remove the least recently used dictionaries of ``directory`` until they take at
-    most ``budget - need`` bytes. Dictionaries held by :func:`in_use` (in any process on
-    this host) or listed in ``keep`` are never removed; a removal is atomic (renamed
-    away, then deleted). Returns the removed paths."""
+    most ``budget - need`` bytes (with the files kept beside them, such as their search
+    index). Dictionaries held by :func:`in_use` (in any process on this host) or listed
+    in ``keep`` are never removed; a removal is atomic (renamed away, then deleted).
+    Returns the removed paths."""
     directory = Path(directory)
     kept = {Path(p).name for p in keep}
-    entries = [(_last_used(p), p.name, p, _dir_size(p)) for p in _stores(directory)]
+    entries = [(_last_used(p), p.name, p, _footprint(p)) for p in _stores(directory)]
     total = sum(e[3] for e in entries)
     removed: list[Path] = []
     for _, _, path, size in sorted(entries):
@@ -242,6 +258,9 @@ def evict_to_budget(directory: str | os.PathLike, budget: int, *, need: int = 0,
             except OSError:  # gone already
                 continue
             logger.info("dictionary cache over its budget: evicting %s (%d bytes)", path, size)
+            for companion in _companions(path):
+                with contextlib.suppress(OSError):
+                    companion.unlink()
             shutil.rmtree(trash, ignore_errors=True)
             total -= size
             removed.append(path)
