@@ -27,6 +27,7 @@ from .db import Database
 from .dependencies import ApiError, ServerContext
 from .executor import Dispatcher
 from .limits import UploadGate
+from .offline_docs import install_offline_docs
 from .reconcile import reconcile
 from .routers import admin, dictionaries, health, jobs, maps, models, web
 from .storage import JobStorage, UploadError, is_disk_full
@@ -180,10 +181,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(title="fingerprint lab server", version=__version__,
                   description=DESCRIPTION, lifespan=lifespan,
-                  docs_url="/docs", redoc_url="/redoc", openapi_url="/openapi.json")
+                  docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     app.state.ctx = None
     app.state.settings = settings
     _install_handlers(app)
+    install_offline_docs(app)  # /docs and /redoc with local assets (no CDN)
     app.include_router(health.router)
     for module in (jobs, models, dictionaries):
         app.include_router(module.router, prefix=API_PREFIX)

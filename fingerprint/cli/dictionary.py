@@ -51,19 +51,34 @@ def add_parser(subparsers: Any) -> None:
     build.add_argument("--no-progress", action="store_true", help="no progress bar")
     build.set_defaults(func=_cmd_build)
 
-    lst = sub.add_parser("list", help="list the dictionaries of a directory")
-    lst.add_argument("--dir", type=Path, help="dictionary directory (default: the cache)")
+    lst = sub.add_parser(
+        "list", help="list the dictionaries of a directory",
+        description="List the dictionaries in the dictionary directory (prints its path "
+                    "first): --dir, else $FINGERPRINT_DICTIONARY_DIR, else the user cache "
+                    "(e.g. ~/.cache/fingerprint/dictionaries on Linux).")
+    lst.add_argument("--dir", type=Path,
+                     help="dictionary directory (default: $FINGERPRINT_DICTIONARY_DIR or the "
+                          "user cache)")
     lst.add_argument("--json", action="store_true", help="machine-readable output")
     lst.set_defaults(func=_cmd_list)
 
-    info = sub.add_parser("info", help="validate a dictionary and describe it")
-    info.add_argument("path", type=Path)
+    info = sub.add_parser(
+        "info", help="validate a dictionary and describe it",
+        description="Check that a dictionary store opens and is consistent, and describe "
+                    "it: model, parameters and their ranges, atoms, scheme, features, size.")
+    info.add_argument("path", type=Path, metavar="PATH",
+                      help="a dictionary store (a .zarr directory), e.g. one listed by "
+                           "`fingerprint dictionary list` or written by `build --out`")
     info.add_argument("--verify", action="store_true",
                       help="also read every chunk and check its checksum")
     info.add_argument("--json", action="store_true", help="machine-readable output")
     info.set_defaults(func=_cmd_info)
 
-    models = sub.add_parser("models", help="list the named models")
+    models = sub.add_parser(
+        "models", help="list the named models",
+        description="List the named models (for --model of `fit`, `dictionary build` and "
+                    "the server), one per line with a short description, from the TOML "
+                    "recipes.")
     models.set_defaults(func=_cmd_models)
 
 
@@ -161,6 +176,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
     if not entries:
         sys.stdout.write(f"no dictionaries in {directory}\n")
         return 0
+    sys.stdout.write(f"dictionaries in {directory}:\n")
     for e in entries:
         if e["valid"]:
             sys.stdout.write(

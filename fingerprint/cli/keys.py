@@ -18,8 +18,11 @@ from typing import Any
 
 def add_parser(subparsers: Any) -> None:
     """Register ``fingerprint keys`` and its actions."""
-    parser = subparsers.add_parser("keys", help="manage the lab server's API keys",
-                                   description="Create, revoke and list API keys.")
+    parser = subparsers.add_parser(
+        "keys", help="manage the lab server's API keys",
+        description="Create, revoke and list the API keys of a lab server. Keys are stored "
+                    "hashed in the server's database (<data-dir>/fingerprint.sqlite3); run "
+                    "these on the server's machine.")
     sub = parser.add_subparsers(dest="keys_command", metavar="ACTION")
     parser.set_defaults(func=lambda args: _no_action(parser))
 
@@ -28,19 +31,29 @@ def add_parser(subparsers: Any) -> None:
                        help="the server's data directory (default $FINGERPRINT_DATA_DIR or "
                             "./fingerprint-data)")
 
-    create = sub.add_parser("create", help="create a key (printed once, last line)")
+    create = sub.add_parser(
+        "create", help="create a key (printed once, last line)",
+        description="Create an API key for a user. The key is printed once, as the last "
+                    "line of the output; only its hash is stored, so keep it.")
     create.add_argument("--name", required=True, help="unique name, e.g. the user's login")
     create.add_argument("--admin", action="store_true",
                         help="may also build dictionaries (POST /v1/dictionaries)")
     data_dir_option(create)
     create.set_defaults(func=_create)
 
-    revoke = sub.add_parser("revoke", help="revoke a key by name or id")
-    revoke.add_argument("key", metavar="NAME_OR_ID")
+    revoke = sub.add_parser(
+        "revoke", help="revoke a key by name or id",
+        description="Revoke an API key: requests with it are refused from now on; the "
+                    "key's jobs and results stay.")
+    revoke.add_argument("key", metavar="NAME_OR_ID",
+                        help="the key's name (as given to `keys create`) or its id")
     data_dir_option(revoke)
     revoke.set_defaults(func=_revoke)
 
-    lst = sub.add_parser("list", help="list keys (never the secrets)")
+    lst = sub.add_parser(
+        "list", help="list keys (never the secrets)",
+        description="List the server's API keys: id, name, admin flag, creation time and "
+                    "whether revoked (the keys themselves are never shown).")
     data_dir_option(lst)
     lst.set_defaults(func=_list)
 

@@ -396,13 +396,15 @@ def align_frames(signals: np.ndarray, frames: np.ndarray, coefficients: np.ndarr
         trial = mu.copy()
         best_rss = np.inf
         for _ in range(iterations + 1):
-            trial[:] = mu
+            for a in range(3):  # element-wise: a slice copy compiles a shape check
+                trial[a] = mu[a]
             step = _axis_gauss_newton_step(signals, i, mu, c, directions, shell_of,
                                            n_coefficients, max_step, p, dp, rss)
             if not (rss[0] < best_rss):  # the step that led here made it worse
                 break
             best_rss = rss[0]
-            good[:] = trial
+            for a in range(3):
+                good[a] = trial[a]
             if not (step >= 1e-4):  # converged, or no step possible
                 break
         mu = good
@@ -484,7 +486,8 @@ def refine_frames(signals: np.ndarray, frames: np.ndarray, directions: np.ndarra
                 rss0[i] = rss
             if rss < best_rss:
                 best_rss = rss
-                best_mu[:] = mu
+                for a in range(3):
+                    best_mu[a] = mu[a]
             else:  # rejected: go back to the best point and stop
                 break
             if it == iterations:
@@ -496,7 +499,8 @@ def refine_frames(signals: np.ndarray, frames: np.ndarray, directions: np.ndarra
             if step < 1e-4:
                 break
         if unchecked:
-            best_mu[:] = mu
+            for a in range(3):
+                best_mu[a] = mu[a]
         out[i, 0] = best_mu[0]
         out[i, 1] = best_mu[1]
         out[i, 2] = best_mu[2]
