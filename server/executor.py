@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
+import gc
 import importlib
 import logging
 import multiprocessing
@@ -47,6 +48,10 @@ logger = logging.getLogger(__name__)
 __all__ = ["Dispatcher", "JobSpec", "run_job"]
 
 _PROGRESS_INTERVAL = 0.25  # s between progress writes
+#: Seconds stop() lets worker processes exit on their own before killing them: idle
+#: workers (no job running) and workers that were running a job (re-queued anyway).
+_STOP_IDLE_SECONDS = 10.0
+_STOP_GRACE_SECONDS = 2.0
 
 
 @dataclass(frozen=True)
@@ -407,16 +412,30 @@ class Dispatcher:
         if pool is not None:
             processes = list((getattr(pool, "_processes", None) or {}).values())
             pool.shutdown(wait=False, cancel_futures=True)
+            # idle workers leave on their own (running their exit handlers, which release
+            # what they registered with multiprocessing's resource tracker); only those
+            # still busy with a job after the grace period are killed
+            deadline = time.monotonic() + (_STOP_GRACE_SECONDS if running else
+                                           _STOP_IDLE_SECONDS)
             for proc in processes:
-                try:
-                    proc.kill()
-                except Exception:  # already gone
-                    pass
+                proc.join(timeout=max(0.0, deadline - time.monotonic()))
+            for proc in processes:
+                if proc.is_alive():
+                    try:
+                        proc.kill()
+                    except Exception:  # already gone
+                        pass
             for proc in processes:
                 proc.join(timeout=5)
             manager = getattr(pool, "_executor_manager_thread", None)
             if manager is not None:  # let the pool release its queues and semaphores
                 manager.join(timeout=5)
+            # the pool's queues hold named semaphores, unlinked only when the queues are
+            # collected: drop the last references now, or the interpreter exits with them
+            # alive and multiprocessing's resource tracker warns of leaked semaphores
+            self._pool = None
+            del pool, processes, manager
+            gc.collect()
         if self._client is not None:
             try:
                 self._client.close(timeout=5)

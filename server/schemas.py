@@ -17,6 +17,7 @@ __all__ = [
 ]
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+JobStage = Literal["queued", "building dictionary", "fitting", "writing maps"]
 
 
 class ErrorBody(BaseModel):
@@ -34,6 +35,12 @@ class JobOut(BaseModel):
     model: str
     status: JobStatus
     progress: float = Field(..., ge=0, le=1, description="completed fraction")
+    stage: JobStage | None = Field(
+        None, description="what an unfinished job is doing: queued, building dictionary "
+                          "(finding or building the model's dictionary), fitting, writing "
+                          "maps; null once the job has finished")
+    stage_progress: float = Field(0.0, ge=0, le=1,
+                                  description="completed fraction of the current stage")
     created: str = Field(..., description="ISO-8601 UTC")
     started: str | None = None
     finished: str | None = None
@@ -74,14 +81,31 @@ class Health(BaseModel):
     checks: dict[str, str] = Field(default_factory=dict)
 
 
+def job_stage(kind: str, status: str, progress: float) -> tuple[str | None, float]:
+    """(stage, completed fraction of it) of a job: ``queued`` while waiting; for a running
+    fit, the stage of the fitting pipeline its progress falls in; for a running dictionary
+    job, ``building dictionary``; None once finished."""
+    if status == "queued":
+        return "queued", 0.0
+    if status != "running":
+        return None, 0.0
+    if kind == "dictionary":
+        return "building dictionary", min(max(float(progress), 0.0), 1.0)
+    from fingerprint.fitting.pipeline import progress_stage
+
+    return progress_stage(progress)
+
+
 def job_out(job: dict[str, Any], base: str = "/v1") -> JobOut:
     """The public view of a job row."""
+    stage, stage_progress = job_stage(job["kind"], job["status"], float(job["progress"]))
     links = {"self": f"{base}/jobs/{job['id']}"}
     if job["kind"] == "fit" and job["status"] == "succeeded" and not job["deleted"]:
         links["results"] = f"{base}/jobs/{job['id']}/results"
     return JobOut(
         id=job["id"], kind=job["kind"], model=job["model"], status=job["status"],
-        progress=float(job["progress"]), created=job["created"], started=job["started"],
+        progress=float(job["progress"]), stage=stage, stage_progress=round(stage_progress, 4),
+        created=job["created"], started=job["started"],
         finished=job["finished"], error=job["error"], attempts=int(job["attempts"]),
         cancel_requested=bool(job["cancel_requested"]), options=job["options"],
         files=list(job["outputs"]) if not job["deleted"] else [], result=job["result"],

@@ -122,7 +122,7 @@ def _wait(client: Any, job_id: str, poll: float, show: bool) -> dict[str, Any]:
     from tqdm import tqdm
 
     bar = tqdm(total=100, unit="%", desc=f"{job_id[:8]} queued", disable=not show,
-               leave=True, bar_format="{desc:18s} {percentage:3.0f}%|{bar}| {elapsed}")
+               leave=True, bar_format="{desc:32s} {percentage:3.0f}%|{bar}| {elapsed}")
     state = {"last": 0}
 
     def update(job: dict[str, Any]) -> None:
@@ -130,7 +130,12 @@ def _wait(client: Any, job_id: str, poll: float, show: bool) -> dict[str, Any]:
         if value > state["last"]:
             bar.update(value - state["last"])
             state["last"] = value
-        bar.set_description_str(f"{job_id[:8]} {job['status']}")
+        stage = job.get("stage")
+        if stage and stage != "queued":  # e.g. "fitting 40%": where the job is, and how far
+            within = int(round(100 * float(job.get("stage_progress") or 0)))
+            bar.set_description_str(f"{job_id[:8]} {stage} {within}%")
+        else:
+            bar.set_description_str(f"{job_id[:8]} {stage or job['status']}")
 
     try:
         return client.wait(job_id, poll=poll, progress=update)

@@ -71,8 +71,8 @@ from fingerprint.io.nifti import (
 logger = logging.getLogger(__name__)
 
 __all__ = ["DEFAULT_CHUNK_VOXELS", "FitResult", "InputSummary", "check_dictionary_space",
-           "check_output_directory", "fit_chunk", "fit_volume",
-           "prefix_from_filename", "read_fsl_scheme", "validate_inputs"]
+           "check_output_directory", "fit_chunk", "fit_volume", "prefix_from_filename",
+           "progress_stage", "read_fsl_scheme", "validate_inputs"]
 
 #: Voxels per fitted chunk (one task of an executor).
 DEFAULT_CHUNK_VOXELS = 20_000
@@ -81,6 +81,24 @@ _DICTIONARY_SHARE = 0.3
 _WRITE_SHARE = 0.03
 
 ProgressCallback = Callable[[float], Any]
+
+#: The stages of :func:`fit_volume`'s progress range, in order: (name, start, end).
+PROGRESS_STAGES: tuple[tuple[str, float, float], ...] = (
+    ("building dictionary", 0.0, _DICTIONARY_SHARE),
+    ("fitting", _DICTIONARY_SHARE, 1.0 - _WRITE_SHARE),
+    ("writing maps", 1.0 - _WRITE_SHARE, 1.0),
+)
+
+
+def progress_stage(fraction: float) -> tuple[str, float]:
+    """(stage, completed fraction of that stage) of a :func:`fit_volume` progress value:
+    ``'building dictionary'`` (finding or building it), ``'fitting'`` or
+    ``'writing maps'``."""
+    value = min(max(float(fraction), 0.0), 1.0)
+    for name, lo, hi in PROGRESS_STAGES:
+        if value < hi or hi >= 1.0:
+            return name, min(max((value - lo) / (hi - lo), 0.0), 1.0)
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 # ----------------------------------------------------------------------------- inputs
