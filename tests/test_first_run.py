@@ -22,13 +22,22 @@ def _row_sums(x: np.ndarray) -> np.ndarray:
     return out
 
 
-def test_small_batches_run_the_serial_twin_only() -> None:
+def test_small_batches_run_the_serial_twin_only(monkeypatch) -> None:
     small = np.arange(12.0).reshape(4, 3)
     np.testing.assert_array_equal(run_parallel(_row_sums, small), small.sum(axis=1))
     assert len(_row_sums.serial.signatures) == 1
     assert len(_row_sums.signatures) == 0  # the parallel version was never compiled
+    monkeypatch.setattr(kernels, "_parallel_available", lambda kernel: False)
     large = np.arange(60.0).reshape(20, 3)
+    # a large batch: still serial while the parallel code is not at hand and serial is quick
     np.testing.assert_array_equal(run_parallel(_row_sums, large), large.sum(axis=1))
+    assert len(_row_sums.signatures) == 0
+    monkeypatch.setattr(kernels, "SLOW_SERIAL_SECONDS", 0.0)  # now every serial run is slow
+    np.testing.assert_array_equal(run_parallel(_row_sums, large), large.sum(axis=1))
+    assert len(_row_sums.signatures) == 0  # that run was serial, and judged slow
+    np.testing.assert_array_equal(run_parallel(_row_sums, large), large.sum(axis=1))
+    assert len(_row_sums.signatures) == 1  # so the next large batch ran in parallel
+    np.testing.assert_array_equal(_row_sums(large), _row_sums.serial(large))
 
 
 def test_auto_matcher_searches_small_batches_exactly(tmp_path) -> None:

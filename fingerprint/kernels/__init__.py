@@ -22,6 +22,7 @@ import logging
 import os
 import tempfile
 import threading
+import time
 import types
 from collections.abc import Callable
 from functools import lru_cache
@@ -41,6 +42,7 @@ __all__ = [
     "parallel_kernel",
     "prange",
     "run_kernel",
+    "run_large",
     "run_parallel",
 ]
 
@@ -218,9 +220,15 @@ def run_parallel(kernel: Callable[..., Any], *args: Any) -> Any:
     longer than the serial one.
     """
     serial_rows = getattr(kernel, "serial_rows", None)
-    if serial_rows is not None and (numba.get_num_threads() == 1 or
-                                    np.shape(args[0])[:1] < (serial_rows,)):
-        return kernel.serial(*args)
+    if serial_rows is not None:
+        if numba.get_num_threads() == 1 or np.shape(args[0])[:1] < (serial_rows,):
+            return kernel.serial(*args)
+        return run_large(kernel, kernel.serial, *args)
+    return _launch(kernel, *args)
+
+
+def _launch(kernel: Callable[..., Any], *args: Any) -> Any:
+    """Launch a parallel kernel (under the package-wide lock with ``workqueue``)."""
     try:
         layer = numba.threading_layer()
     except ValueError:  # no parallel kernel has run yet: the layer is not chosen
@@ -229,6 +237,42 @@ def run_parallel(kernel: Callable[..., Any], *args: Any) -> Any:
         with _LAUNCH_LOCK:
             return kernel(*args)
     return kernel(*args)
+
+
+#: A serial run of a large batch longer than this (seconds, compilation excluded) makes the
+#: later large batches of that kernel parallel (see :func:`run_large`).
+SLOW_SERIAL_SECONDS = 5.0
+_PARALLEL_WANTED: set[int] = set()
+
+
+def _parallel_available(kernel: Any) -> bool:
+    """True when the parallel version of ``kernel`` needs no compilation: already compiled
+    or loaded in this process, or found in the on-disk cache of this machine."""
+    if getattr(kernel, "overloads", None):
+        return True
+    try:
+        return Path(kernel._cache._cache_file._index_path).exists()
+    except Exception:  # caching off, or numba's internals moved: as if available
+        return not caching_enabled()
+
+
+def run_large(parallel: Any, serial: Any, *args: Any) -> Any:
+    """Run a batch large enough to be worth a parallel launch.
+
+    In parallel when the parallel version needs no compilation (see
+    :func:`_parallel_available`), or once a serial run of the kernel has taken more than
+    :data:`SLOW_SERIAL_SECONDS`; otherwise serially. Compiling a parallel kernel takes
+    several times longer than its serial twin, so a first run on a machine (the demo, a
+    small volume) compiles only serial code, and a long job switches to parallel code
+    after its first slow batch. Both versions compute the same values."""
+    if id(parallel) in _PARALLEL_WANTED or _parallel_available(parallel):
+        return _launch(parallel, *args)
+    compiled = len(serial.overloads)
+    t0 = time.perf_counter()
+    out = serial(*args)
+    if len(serial.overloads) == compiled and time.perf_counter() - t0 > SLOW_SERIAL_SECONDS:
+        _PARALLEL_WANTED.add(id(parallel))
+    return out
 
 
 #: Below this much work (about one exponential per unit) :func:`run_kernel` uses the
@@ -267,6 +311,8 @@ def run_kernel(kernel: Any, work: float, *args: Any) -> Any:
     serial = getattr(kernel, "serial", None)
     if serial is not None and (work < SERIAL_WORK_THRESHOLD or numba.get_num_threads() == 1):
         return serial(*args)
+    if serial is not None:
+        return run_large(kernel, serial, *args)
     return run_parallel(kernel, *args)
 
 

@@ -40,7 +40,7 @@ from typing import Any
 import numba
 import numpy as np
 
-from fingerprint.kernels import gauss_legendre_unit, njit, prange, run_parallel
+from fingerprint.kernels import gauss_legendre_unit, njit, prange, run_large
 
 __all__ = [
     "chebyshev_from_legendre_even",
@@ -60,14 +60,16 @@ SERIAL_WORK = 200_000
 
 def run_kernel(parallel: Callable[..., Any], serial: Callable[..., Any], work: float,
                *args: Any) -> None:
-    """Run ``serial(*args)`` for small ``work``, else ``parallel(*args)``; parallel
-    launches go through :func:`fingerprint.kernels.run_parallel` (serialised by the
-    package-wide lock when numba's threading layer is ``workqueue``, the only layer that is
-    not safe for concurrent launches from several threads)."""
+    """Run ``serial(*args)`` for small ``work``, else through
+    :func:`fingerprint.kernels.run_large` (parallel once its compiled code is at hand or a
+    serial run proved slow); parallel launches go through
+    :func:`fingerprint.kernels.run_parallel` (serialised by the package-wide lock when
+    numba's threading layer is ``workqueue``, the only layer that is not safe for
+    concurrent launches from several threads)."""
     if work < SERIAL_WORK or numba.get_num_threads() == 1:
         serial(*args)
         return
-    run_parallel(parallel, *args)
+    run_large(parallel, serial, *args)
 
 
 @njit(cache=True)
