@@ -8,11 +8,15 @@ Maps are named ``<prefix>_model-<model>_param-<label>_dwimap.nii.gz`` (+ JSON si
 The prefix is ``--prefix`` when given, else the BIDS entities of the DWI file name
 (``sub-01_ses-1`` for ``sub-01_ses-1_dwi.nii.gz``), else the ``sub-``/``ses-`` folders of
 ``--out`` (``sub-01`` for ``derivatives/fingerprint/sub-01/dwi``), else none.
+An MRtrix ``--dwi x.mif[.gz]`` needs no ``--bval``/``--bvec``: its header's gradient
+table is converted to FSL's convention (:mod:`fingerprint.io.mif`) and the image to a
+temporary NIfTI in the output directory.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import re
 import sys
@@ -37,9 +41,12 @@ def add_parser(subparsers: Any) -> None:
                "vectors in the b-vector frame.")
     parser.add_argument("--model", required=True,
                         help="named model (see `fingerprint dictionary models`), e.g. noddi")
-    parser.add_argument("--dwi", required=True, type=Path, help="4-D DWI NIfTI (.nii/.nii.gz)")
-    parser.add_argument("--bval", required=True, type=Path, help="FSL bval file (s/mm²)")
-    parser.add_argument("--bvec", required=True, type=Path, help="FSL bvec file")
+    parser.add_argument("--dwi", required=True, type=Path,
+                        help="4-D DWI: NIfTI (.nii/.nii.gz) or MRtrix (.mif/.mif.gz, whose "
+                             "gradient table is used unless --bval/--bvec are given)")
+    parser.add_argument("--bval", type=Path,
+                        help="FSL bval file (s/mm²); required for NIfTI")
+    parser.add_argument("--bvec", type=Path, help="FSL bvec file; required for NIfTI")
     parser.add_argument("--mask", type=Path,
                         help="3-D mask NIfTI (default: voxels with a positive b=0 signal)")
     parser.add_argument("--out", required=True, type=Path, metavar="DIR", help="output directory")
@@ -122,6 +129,14 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     if (args.delta is None) != (args.Delta is None):
         raise InputError("give both --delta and --Delta (seconds), or neither")
     check_timing_flags(args)
+    from fingerprint.io.mif import is_mif, mif_as_nifti
+
+    mif = is_mif(args.dwi)
+    if not mif and (args.bval is None or args.bvec is None):
+        raise InputError("--bval and --bvec are required for a NIfTI --dwi (only an MRtrix "
+                         ".mif carries its gradient table)")
+    if (args.bval is None) != (args.bvec is None):
+        raise InputError("give both --bval and --bvec, or neither (for a .mif --dwi)")
     for flag, path in (("--dwi", args.dwi), ("--bval", args.bval), ("--bvec", args.bvec),
                        ("--mask", args.mask)):
         if path is not None and not path.is_file():
@@ -132,12 +147,22 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     prefix = output_prefix(args.prefix, args.dwi, args.out)
     bar, progress = progress_bar("fit", not (args.no_progress or getattr(args, "quiet", False)))
     try:
-        result = fit_volume(
-            args.model, args.dwi, args.bval, args.bvec, args.out, mask=args.mask,
-            prefix=prefix, threads=args.threads, progress=progress,
-            dictionary_dir=args.dictionary_dir, dictionary_size=args.dictionary_size,
-            chunk_voxels=args.chunk_voxels or DEFAULT_CHUNK_VOXELS, preview=args.preview,
-            delta=args.delta, Delta=args.Delta, TE=args.TE)
+        with contextlib.ExitStack() as stack:
+            dwi, bval, bvec = args.dwi, args.bval, args.bvec
+            if mif:
+                converted = stack.enter_context(mif_as_nifti(args.dwi, args.out))
+                dwi = converted["dwi"]
+                if bval is None:
+                    if "bval" not in converted:
+                        raise InputError(f"--dwi {args.dwi} has no gradient table (dw_scheme) "
+                                         "in its header: give --bval and --bvec")
+                    bval, bvec = converted["bval"], converted["bvec"]
+            result = fit_volume(
+                args.model, dwi, bval, bvec, args.out, mask=args.mask,
+                prefix=prefix, threads=args.threads, progress=progress,
+                dictionary_dir=args.dictionary_dir, dictionary_size=args.dictionary_size,
+                chunk_voxels=args.chunk_voxels or DEFAULT_CHUNK_VOXELS, preview=args.preview,
+                delta=args.delta, Delta=args.Delta, TE=args.TE)
     except (DictionaryError, CancelledError) as exc:
         raise _cli_error(str(exc)) from exc
     finally:
