@@ -49,8 +49,9 @@ from fingerprint.errors import InputError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MifImage", "fsl_to_scanner_gradients", "is_mif", "mif_as_nifti", "read_mif",
-           "scanner_to_fsl_bvecs", "write_mif"]
+__all__ = ["MifImage", "fsl_to_scanner_gradients", "is_mif", "mif_as_nifti",
+           "mif_gradients_as_fsl", "read_mif", "read_mif_header", "scanner_to_fsl_bvecs",
+           "write_mif"]
 
 _DATATYPES: dict[str, str] = {
     "int8": "i1", "uint8": "u1",
@@ -196,6 +197,21 @@ def _grad(header: dict[str, list[str]], n_volumes: int, path: Path) -> np.ndarra
     if not np.all(np.isfinite(table)):
         raise InputError(f"MRtrix image {path}: dw_scheme holds NaN or infinite values")
     return table
+
+
+def read_mif_header(path: str | os.PathLike) -> MifImage:
+    """The header of an MRtrix image (affine, gradient table) without its voxels
+    (``data`` is an empty array)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"MRtrix image {path} "
+                         f"{'is not a regular file' if path.exists() else 'does not exist'}")
+    header, _ = _read_header(path)
+    dim = [int(round(x)) for x in _numbers(header, "dim", path)]
+    vox = [v if np.isfinite(v) and v > 0 else 1.0 for v in _numbers(header, "vox", path)]
+    return MifImage(path=path, data=np.empty((0,), dtype=np.float32),
+                    affine=_affine(header, vox + [1.0] * 3, path),
+                    grad=_grad(header, dim[3] if len(dim) > 3 else 1, path), header=header)
 
 
 def read_mif(path: str | os.PathLike) -> MifImage:
@@ -357,12 +373,30 @@ def mif_as_nifti(path: str | os.PathLike, directory: str | os.PathLike | None = 
         nii.set_qform(image.affine, 1)
         nii.set_sform(image.affine, 1)
         out = {"dwi": atomic_write_nifti(nii, tmp / f"{stem}.nii")}
-        if image.grad is not None:
-            bvecs = image.bvecs
-            (tmp / f"{stem}.bval").write_text(" ".join(f"{b:g}" for b in image.bvals) + "\n")
-            (tmp / f"{stem}.bvec").write_text(
-                "\n".join(" ".join(f"{x:.8f}" for x in row) for row in bvecs) + "\n")
-            out["bval"], out["bvec"] = tmp / f"{stem}.bval", tmp / f"{stem}.bvec"
+        out.update(_write_fsl(image, tmp, stem))
         yield out
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_fsl(image: MifImage, directory: Path, stem: str) -> dict[str, Path]:
+    if image.grad is None:
+        return {}
+    bval, bvec = directory / f"{stem}.bval", directory / f"{stem}.bvec"
+    bval.write_text(" ".join(f"{b:g}" for b in image.bvals) + "\n")
+    bvec.write_text("\n".join(" ".join(f"{x:.8f}" for x in row) for row in image.bvecs)
+                    + "\n")
+    return {"bval": bval, "bvec": bvec}
+
+
+@contextlib.contextmanager
+def mif_gradients_as_fsl(path: str | os.PathLike) -> Iterator[dict[str, Path]]:
+    """The gradient table of an MRtrix image as temporary FSL files (header only; the
+    same files :func:`mif_as_nifti` writes). Yields ``{'bval', 'bvec'}``, or ``{}``
+    without dw_scheme."""
+    image = read_mif_header(path)
+    tmp = Path(tempfile.mkdtemp(prefix=".fingerprint-grad-"))
+    try:
+        yield _write_fsl(image, tmp, _stem(image.path))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
