@@ -154,6 +154,13 @@ def test_study_outputs_provenance_resume_and_failures(capsys, study, tmp_path):
     assert (f1 / "sub-01_ses-1_model-noddi_param-isovf_dwimap.nii.gz").is_file()
     assert len([p for p in dicts.iterdir() if not p.name.startswith(".")]) == 4
 
+    (out / "qc" / "index.html").unlink()
+    code, stdout, _ = _run(capsys, "bids", study, out, "group", "--model", "noddi",
+                           "ball_stick", "--dictionary-size", SIZE)
+    assert code == 0 and "QC page:" in stdout
+    assert "group_model-ballStick_param-stickFraction_mosaic.png" in \
+        (out / "qc" / "index.html").read_text()
+
 
 def test_qsiprep_layout_uses_the_brain_mask(capsys, tmp_path):
     root = tmp_path / "qsiprep"
