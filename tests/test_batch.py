@@ -182,6 +182,18 @@ def test_qsiprep_layout_uses_the_brain_mask(capsys, tmp_path):
     assert side["FittedVoxels"] == int(data.sum()) == 12
     assert "sub-01/dwi/sub-01_space-T1w_desc-brain_mask.nii.gz" in side["Sources"]
     assert not (out / "sub-02").exists()
+    # a corrupt image found only when fitting: reported, the others finish or are kept
+    dwi2 = root / "sub-02" / "dwi" / "sub-02_space-T1w_desc-preproc_dwi.nii.gz"
+    dwi2.write_bytes(dwi2.read_bytes()[:-200])
+    code, stdout, err = _run(capsys, "bids", root, out, "participant", "--model", "noddi",
+                             "--dictionary-size", SIZE, "--no-progress", "--threads", 1,
+                             "--no-qc")
+    assert code == 1
+    rows = {r["subject"]: r for r in _tsv(out)}
+    assert rows["01"]["status"] == "skipped"
+    assert rows["02"]["status"] == "failed" and "sub-02_space-T1w_desc-preproc_dwi.nii.gz" \
+        in rows["02"]["message"]
+    assert not list((out / "sub-02" / "dwi").iterdir())
     code, _, err = _run(capsys, "bids", root, out, "participant", "--model", "noddi",
                         "--participant-label", "05")
     assert code == 2 and "--participant-label 05: no such subject" in err

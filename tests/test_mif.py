@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 import struct
 from pathlib import Path
 
@@ -148,6 +149,9 @@ def test_fit_accepts_mif_with_its_gradient_table(tmp_path, capsys):
         b = np.asarray(nib.load(tmp_path / "nii" / name).dataobj)
         np.testing.assert_allclose(a, b, atol=1e-4, err_msg=label)
     assert not [p for p in (tmp_path / "mif").iterdir() if p.name.startswith(".")]
+    side = json.loads((tmp_path / "mif" / "sub-03_model-noddi_param-odi_dwimap.json")
+                      .read_text())
+    assert side["Sources"] == ["sub-03_dwi.mif.gz"]
     code = main(["fit", "--dwi", str(files["dwi"]), "--out", str(tmp_path / "x"), *common])
     err = capsys.readouterr().err
     assert code == 2 and "--bval and --bvec are required" in err

@@ -114,6 +114,19 @@ def _cli_error(message: str) -> Exception:
     return CLIError(message)
 
 
+def _name_sources(files: list[Path], sources: list[Path | None]) -> None:
+    import json
+
+    from fingerprint.io.nifti import atomic_write_json
+
+    names = [p.name for p in sources if p is not None]
+    for path in files:
+        if path.suffix == ".json":
+            data = json.loads(path.read_text())
+            data["Sources"] = names
+            atomic_write_json(data, path)
+
+
 def _cmd_fit(args: argparse.Namespace) -> int:
     from fingerprint.fitting.pipeline import DEFAULT_CHUNK_VOXELS, fit_volume
     from fingerprint.models import get_recipe
@@ -163,6 +176,8 @@ def _cmd_fit(args: argparse.Namespace) -> int:
                 dictionary_dir=args.dictionary_dir, dictionary_size=args.dictionary_size,
                 chunk_voxels=args.chunk_voxels or DEFAULT_CHUNK_VOXELS, preview=args.preview,
                 delta=args.delta, Delta=args.Delta, TE=args.TE)
+            if mif:  # the sidecars name the .mif, not its temporary conversion
+                _name_sources(result.files, [args.dwi, args.bval, args.bvec, args.mask])
     except (DictionaryError, CancelledError) as exc:
         raise _cli_error(str(exc)) from exc
     finally:
