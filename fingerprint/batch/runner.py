@@ -42,6 +42,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -54,6 +55,9 @@ from fingerprint.batch.checks import (
 )
 from fingerprint.batch.layout import Series, find_series, read_timing
 from fingerprint.errors import FingerprintError, InputError
+
+if TYPE_CHECKING:
+    from fingerprint.fitting.options import FitOptions
 
 logger = logging.getLogger(__name__)
 
@@ -82,10 +86,20 @@ class StudyOptions:
     chunk_voxels: int | None = None
     dask_scheduler: str | None = None
 
+    def fit_options(self) -> FitOptions:
+        """The fitting core's options for every series (threads set per worker)."""
+        from fingerprint.fitting.options import FitOptions
+
+        return FitOptions(dictionary_size=self.dictionary_size, threads=self.threads)
+
     def solver_options(self) -> dict:
-        """What changes the numbers of a fit (part of every job's provenance)."""
-        return {"dictionary_size": self.dictionary_size, "seed": 0,
-                "estimator_options": {}}
+        """What changes the numbers of a fit (part of every job's provenance): the
+        :class:`~fingerprint.fitting.options.FitOptions` fields but ``threads``."""
+        import dataclasses
+
+        out = dataclasses.asdict(self.fit_options())
+        out.pop("threads", None)
+        return out
 
 
 @dataclass(frozen=True)
@@ -109,6 +123,7 @@ class Job:
     progress_file: str | None
     provenance: dict
     job_hash: str
+    options: FitOptions | None = None
 
 
 @dataclass
@@ -331,7 +346,8 @@ def plan_study(bids_dir: str | Path, output_dir: str | Path, options: StudyOptio
                            "Timing": {"delta": delta, "Delta": Delta,
                                       "Source": sp.summary.timing_source}},  # type: ignore
                 "Dictionary": dictionary,
-                "Solver": {"Name": SOLVER, "Options": options.solver_options()},
+                "Solver": {"Name": options.fit_options().solver, "Description": SOLVER,
+                           "Options": options.solver_options()},
                 "SourceFiles": sources,
             }
             job_hash = _hash(provenance)
@@ -346,7 +362,7 @@ def plan_study(bids_dir: str | Path, output_dir: str | Path, options: StudyOptio
                 dictionary_size=options.dictionary_size, threads=options.threads,
                 chunk_voxels=options.chunk_voxels,
                 progress_file=str(out / PROGRESS_DIR / f"{job_id}.txt"),
-                provenance=provenance, job_hash=job_hash)
+                provenance=provenance, job_hash=job_hash, options=options.fit_options())
             sp.complete[model] = job_outputs_valid(out_dir, series.entities, model,
                                                    job_hash) is None
     return StudyPlan(root=root, output_dir=out, layout=layout, options=options, series=plans)
@@ -409,20 +425,27 @@ def prepare_dictionary(job: Job) -> dict:
     """Find or build the dictionary (and index) of ``job``'s model on its scheme.
 
     Returns ``{"key", "atoms", "seconds"}``; runs in a worker."""
-    from fingerprint.fitting.estimator import FingerprintEstimator
+    from fingerprint.fitting.engine import prepare_fitter
     from fingerprint.fitting.pipeline import read_fsl_scheme
+    from fingerprint.models import get_model
 
     t0 = time.perf_counter()
     with _fsl_files(job.dwi, job.bval, job.bvec, None, gradients_only=True) as (_, bval,
                                                                                 bvec):
         scheme = read_fsl_scheme(bval, bvec, delta=job.delta, Delta=job.Delta)
-    est = FingerprintEstimator.from_model(job.model, scheme,
-                                          dictionary_size=job.dictionary_size,
-                                          dictionary_dir=job.dictionary_dir,
-                                          n_jobs=job.threads, seed=0)
-    key = getattr(est.dictionary, "key", None)
-    return {"key": key, "atoms": int(getattr(est.dictionary, "n_atoms", 0) or 0),
+    fitter = prepare_fitter(get_model(job.model), scheme, _job_options(job),
+                            dictionary_dir=job.dictionary_dir)
+    dictionary = getattr(getattr(fitter, "estimator", fitter), "dictionary", None)
+    return {"key": getattr(dictionary, "key", None),
+            "atoms": int(getattr(dictionary, "n_atoms", 0) or 0),
             "seconds": time.perf_counter() - t0}
+
+
+def _job_options(job: Job) -> FitOptions:
+    from fingerprint.fitting.options import FitOptions
+
+    return job.options if job.options is not None else FitOptions(
+        dictionary_size=job.dictionary_size, threads=job.threads)
 
 
 def run_job(job: Job) -> dict:
@@ -440,10 +463,9 @@ def run_job(job: Job) -> dict:
         with _fsl_files(job.dwi, job.bval, job.bvec, staging) as (dwi, bval, bvec):
             result = fit_volume(
                 job.model, dwi, bval, bvec, staging / "maps", mask=job.mask,
-                prefix=job.prefix, threads=job.threads,
+                prefix=job.prefix, options=_job_options(job),
                 progress=_progress_writer(job.progress_file),
-                dictionary_dir=job.dictionary_dir, dictionary_size=job.dictionary_size,
-                delta=job.delta, Delta=job.Delta,
+                dictionary_dir=job.dictionary_dir, delta=job.delta, Delta=job.Delta,
                 **({"chunk_voxels": job.chunk_voxels} if job.chunk_voxels else {}))
         niftis = [p for p in result.files if p.name.endswith(".nii.gz")]
         sidecars = [p for p in result.files if p.suffix == ".json"]
