@@ -482,7 +482,10 @@ def run_job(job: Job) -> dict:
         for p in result.files:  # maps (and previews) first ...
             if p.suffix != ".json":
                 os.replace(p, out_dir / p.name)
-        for p in sidecars:  # ... their sidecars last: only then do they count as complete
+        anchor = _anchor(out_dir, job.prefix, job.model).name
+        # ... their sidecars last (only then do they count as complete), the s0 sidecar,
+        # which lists the outputs, the very last
+        for p in sorted(sidecars, key=lambda q: q.name == anchor):
             os.replace(p, out_dir / p.name)
         return {"status": "done", "seconds": time.perf_counter() - t0,
                 "voxels": result.n_voxels, "invalid": result.n_invalid, "message": "",
