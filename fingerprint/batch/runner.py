@@ -630,12 +630,15 @@ def run_study(plan: StudyPlan, *, progress: bool = True,
                     by_job[sp.jobs[model].job_id] = (sp, model)
         n_jobs = len(by_job)
         bar = None
+        redirect = contextlib.ExitStack()
         if progress and n_jobs:
             import sys
 
             from tqdm import tqdm
+            from tqdm.contrib.logging import logging_redirect_tqdm
 
             bar = tqdm(total=n_jobs, desc="series", unit="fit", file=sys.stderr)
+            redirect.enter_context(logging_redirect_tqdm())  # log lines above the bar
         executor, close = _executor(plan.options)
         pending: dict[cf.Future, tuple[str, object]] = {}
         running: dict[str, Job] = {}
@@ -698,6 +701,7 @@ def run_study(plan: StudyPlan, *, progress: bool = True,
         finally:
             if bar is not None:
                 bar.close()
+            redirect.close()
             close()
     totals["wall"] = time.perf_counter() - t_start
     order = {(sp.series.name): i for i, sp in enumerate(plan.series)}

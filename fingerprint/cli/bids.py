@@ -80,6 +80,7 @@ def _cmd_bids(args: argparse.Namespace) -> int:
     )
     from fingerprint.batch.runner import StudyOptions, plan_study, run_study
     from fingerprint.cli.fit import check_timing_flags, quiet_third_party_logs
+    from fingerprint.cli.progress import shown_path
 
     quiet_third_party_logs(args)
     for flag in ("workers", "threads", "dictionary_size", "chunk_voxels"):
@@ -109,16 +110,16 @@ def _cmd_bids(args: argparse.Namespace) -> int:
         rows = [Row(sp.series.subject, sp.series.session or "", sp.series.name, model,
                     "done" if sp.complete.get(model) else "missing")
                 for sp in plan.series for model in plan.options.models]
-        out.write(f"QC page: {write_qc_report(plan, rows)}\n")
+        out.write(f"QC page: {shown_path(write_qc_report(plan, rows))}\n")
         return 0
     if not plan.series:
         raise InputError(f"no DWI series found in {plan.root}")
     rows, totals = run_study(plan, progress=not (args.no_progress or args.quiet))
     out.write(summary_table(rows) + "\n")
     tsv = write_summary_tsv(rows, plan.output_dir)
-    out.write(f"summary: {tsv}\n")
+    out.write(f"summary: {shown_path(tsv)}\n")
     if not args.no_qc:
-        out.write(f"QC page: {write_qc_report(plan, rows)}\n")
+        out.write(f"QC page: {shown_path(write_qc_report(plan, rows))}\n")
     n_dict = len(totals["dictionaries"])
     out.write(f"{n_dict} dictionaries found or built in {totals['dictionary_seconds']:.1f} s; "
               f"fits {totals['fit_seconds']:.1f} s; wall {totals['wall']:.1f} s\n")
