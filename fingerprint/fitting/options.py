@@ -107,8 +107,8 @@ class ClassicalSettings:
     N_sphere_samples: int = 30
     maxiter: int = 300
     grid_starts: int = 1
-    popsize: int = 8
-    tol: float = 0.01
+    popsize: int = 6
+    tol: float = 0.05
 
 
 def _fail(name: str, expected: str, value: object) -> InputError:

@@ -43,8 +43,8 @@ class ClassicalOptions:
     maxiter: int = DEFAULT_MAXITER
     n_jobs: int | None = None
     starts: int = 1
-    popsize: int = 8
-    tol: float = 0.01
+    popsize: int = 6
+    tol: float = 0.05
     seed: int = 0
 
     @classmethod

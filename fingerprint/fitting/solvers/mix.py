@@ -8,7 +8,8 @@ Each candidate's cost is the residual of the signal with the top-level volume fr
 solved by non-negative least squares for that candidate (variable projection, when the
 fractions are free and unlinked; otherwise they are searched too and held at a sum of
 one by a penalty). A voxel stops evolving when the spread of its population's costs
-falls below ``tol`` times their mean, or after ``maxiter`` generations. The best member
+falls below ``tol`` times their mean (or 1e-7 of the signal's energy), or after
+``maxiter`` generations. The best member
 then starts the Levenberg-Marquardt refinement of the whole vector, as in brute2fine.
 A given ``x0`` joins each voxel's initial population.
 """
@@ -29,6 +30,9 @@ logger = logging.getLogger(__name__)
 __all__ = ["fit_mix"]
 
 _CROSSOVER = 0.7
+#: Spread of a population's costs, relative to 0.5 |y|², below which it has converged
+#: whatever its mean (noise-free signals: costs near 0).
+_ATOL = 1e-7
 _ROWS = 4096
 
 
@@ -96,6 +100,7 @@ def fit_mix(model: Any, scheme: Any, signals: np.ndarray, x0: np.ndarray | None 
             ys = np.repeat(obs[ok], npop, axis=0)
             cost = _cost(problem, tmpl, pop.reshape(-1, m), ys).reshape(v, npop)
             active = np.ones(v, dtype=bool)
+            scale = 0.5 * np.sum(obs[ok] ** 2, axis=1)
             for _ in range(options.maxiter):
                 act = np.flatnonzero(active)
                 if act.size == 0:
@@ -122,7 +127,8 @@ def fit_mix(model: Any, scheme: Any, signals: np.ndarray, x0: np.ndarray | None 
                 pop[act] = np.where(better[:, :, None], trial, p)
                 cost[act] = np.where(better, tc, c)
                 cc = cost[act]
-                spread = np.std(cc, axis=1) <= options.tol * np.abs(np.mean(cc, axis=1))
+                spread = np.std(cc, axis=1) <= options.tol * np.abs(np.mean(cc, axis=1)) \
+                    + _ATOL * scale[act]
                 active[act[spread]] = False
             best_z[ok] = pop[np.arange(v), np.argmin(cost, axis=1)]
         t1 = time.perf_counter()
