@@ -166,3 +166,30 @@ def test_fit_volume_runs_classical_solver_and_sidecars_say_so(tmp_path):
                           ).read_text())
     assert sidecar["Solver"] == "brute2fine"
     assert result.n_voxels > 0
+
+
+def test_brute2fine_agrees_with_fingerprint_within_the_noise(hcp):
+    """Noisy NODDI phantom (SNR 30): the two solvers differ by less than brute2fine's
+    error against the truth (the noise level of the maps)."""
+    from fingerprint.phantoms import (
+        add_rician_noise,
+        noddi_parameter_vectors,
+        random_orientations,
+    )
+
+    _, scheme, _, _ = hcp
+    model = noddi_watson()
+    rng = np.random.default_rng(7)
+    n = 80
+    truth = noddi_parameter_vectors(model, icvf=rng.uniform(0.3, 0.8, n),
+                                    odi=rng.uniform(0.05, 0.6, n),
+                                    isovf=rng.uniform(0.0, 0.3, n),
+                                    mu=random_orientations(n, rng))
+    data = add_rician_noise(100.0 * model.simulate_signal(scheme, truth), 100.0 / 30, rng)
+    b2f = model.fit(scheme, data, solver="brute2fine").fitted_parameters_vector
+    fp = model.fit(scheme, data, dictionary_size=20000).fitted_parameters_vector
+    for col in (2, 3, 4):  # odi, intra-neurite fraction, isotropic fraction
+        noise = np.mean(np.abs(b2f[:, col] - truth[:, col]))
+        assert noise < 0.05
+        assert np.mean(np.abs(b2f[:, col] - fp[:, col])) <= noise, col
+    assert np.median(_angles(b2f[:, :2], fp[:, :2])) < 2.0
