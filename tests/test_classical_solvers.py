@@ -193,3 +193,10 @@ def test_brute2fine_agrees_with_fingerprint_within_the_noise(hcp):
         assert noise < 0.05
         assert np.mean(np.abs(b2f[:, col] - fp[:, col])) <= noise, col
     assert np.median(_angles(b2f[:, :2], fp[:, :2])) < 2.0
+
+
+def test_per_voxel_fixed_parameters_refused_clearly():
+    model = ball_stick()
+    with pytest.raises(InputError, match="per-voxel fixed maps are not supported.*x0_vector"):
+        model.set_fixed_parameter("G1Ball_1_lambda_iso", np.full((4, 4), 3e-9))
+    assert "G1Ball_1_lambda_iso" in model.parameter_names  # nothing was fixed

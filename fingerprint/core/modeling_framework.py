@@ -250,7 +250,9 @@ class _ParameterNamespace:
         if info.cardinality == 1:
             if arr.ndim != 0 and arr.shape != (1,):
                 raise InputError(f"{info.name} can only be fixed to one number, got shape "
-                                 f"{arr.shape} (per-voxel fixed maps are not supported)")
+                                 f"{arr.shape} (per-voxel fixed maps are not supported by "
+                                 f"any solver; give per-voxel values as x0_vector starts, "
+                                 f"or fit groups of voxels with their own fixed value)")
             fixed: Any = float(arr.reshape(()))
         else:
             if arr.shape != (info.cardinality,):
