@@ -166,6 +166,9 @@ def test_fit_volume_runs_classical_solver_and_sidecars_say_so(tmp_path):
                           ).read_text())
     assert sidecar["Solver"] == "brute2fine"
     assert result.n_voxels > 0
+    # no dictionary, no posterior spread: no uncertainty maps
+    assert not [p for p in result.files if "uncertainty" in p.name]
+    assert (result.out_dir / "sub-01_model-noddi_param-odi_dwimap.nii.gz").exists()
 
 
 def test_brute2fine_agrees_with_fingerprint_within_the_noise(hcp):

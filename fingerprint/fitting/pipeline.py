@@ -677,7 +677,10 @@ def fit_volume(model: Any, dwi: Any, bval: Any, bvec: Any, out_dir: Any, *,
         common_extra["Dictionary"] = {"Key": getattr(dictionary, "key", None),
                                       "Atoms": int(getattr(dictionary, "n_atoms", 0) or 0)}
     model_info = _model_info(model_obj, model_label)
-    solver_name = get_solver(opts.solver).name
+    solver_info = get_solver(opts.solver)
+    solver_name = solver_info.name
+    # solvers without a dictionary (brute2fine, mix) estimate no uncertainty: no maps
+    with_uncertainty = bool(solver_info.uses_dictionary)
     files: list[Path] = []
     maps: dict[str, Path] = {}
     # valid voxels: finite values (an uncertainty that is not defined is 0); voxels that
@@ -718,6 +721,8 @@ def fit_volume(model: Any, dwi: Any, bval: Any, bvec: Any, out_dir: Any, *,
             values = values[:, 0]
         emit(label, values, parameter=pname, units=map_units(pname),
              description=f"{label} ({pname})")
+        if not with_uncertainty:
+            continue
         u = unc[:, cols]
         emit(label, u[:, 0] if u.shape[1] == 1 else u, parameter=pname,
              units=map_units(pname), desc="uncertainty",
