@@ -29,3 +29,8 @@ class DictionaryError(FingerprintError):
 
 class CancelledError(FingerprintError):
     """A long-running operation was cancelled by its caller."""
+
+
+class IncompatibleModelsError(InputError, AttributeError):
+    """Sub-models that cannot be distributed together (dmipy raises AttributeError here,
+    so this is both an :class:`InputError` and an :class:`AttributeError`)."""

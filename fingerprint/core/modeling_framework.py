@@ -664,6 +664,10 @@ class MultiCompartmentModelProperties(_ParameterNamespace):
             else:
                 raise InputError(f"models[{i}] ({type(model).__name__}) is not a compartment or "
                                  "distributed model")
+        nmr = [type(m).__name__ for m in subs if getattr(m, "_model_type", "") == "NMRModel"]
+        if nmr and (len(nmr) < len(subs) or self._spherical_mean):
+            raise InputError(f"{', '.join(nmr)}: one-dimensional NMR models cannot be combined "
+                             "with other compartments or used in spherical-mean models")
         self.models = subs
         self.N_models = len(subs)
         self.model_names = _prefixes(subs)
@@ -965,3 +969,17 @@ def model_from_spec(spec: Mapping[str, Any]) -> MultiCompartmentModelProperties:
     model = cls(models=models)
     replay_calls(model, spec.get("calls", []), "model spec")
     return model
+
+
+_SPHERICAL_HARMONICS_NAMES = ("MultiCompartmentSphericalHarmonicsModel",
+                              "FittedMultiCompartmentSphericalHarmonicsModel")
+
+
+def __getattr__(name: str) -> Any:
+    """dmipy's third framework lives in :mod:`fingerprint.core.spherical_harmonics_model`
+    (imported lazily: it builds on this module)."""
+    if name in _SPHERICAL_HARMONICS_NAMES:
+        from fingerprint.core import spherical_harmonics_model
+
+        return getattr(spherical_harmonics_model, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -24,9 +24,10 @@ Numerics (SI units):
   (Gauss-Legendre in ``cos theta``, trapezoid in ``phi``), normalised numerically.
 * Gamma: distribution of the *radius* with shape ``alpha`` and scale ``beta`` (m),
   weighted by the cross-section area ``pi r^2`` for cylinders (volume ``r^3`` for
-  spheres) like dmipy; the weighted density is again a Gamma density (shape
-  ``alpha + 2``, resp. ``alpha + 3``) and is integrated by generalised Gauss-Laguerre
-  quadrature for that density (no truncation of the tails).
+  spheres, separation ``2 r`` for planes) like dmipy; the weighted density is again a
+  Gamma density (shape ``alpha + 2``, resp. ``alpha + 3``, ``alpha + 1``) and is
+  integrated by generalised Gauss-Laguerre quadrature for that density (no truncation
+  of the tails).
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ from fingerprint.core.modeling_framework import (
     replay_calls,
     submodel_from_spec,
 )
-from fingerprint.errors import InputError
+from fingerprint.errors import IncompatibleModelsError, InputError
 from fingerprint.kernels.dispersion import (
     gauss_legendre_unit,
     legendre_even_matrix,
@@ -305,7 +306,9 @@ class DistributedModel(_ParameterNamespace):
         local = {}
         for key, value in kwargs.items():
             full = self.resolve_parameter_name(key, free_only=True)
-            local[full] = np.asarray(value, dtype=float)[None, ...]
+            arr = np.asarray(value, dtype=float)
+            card = self._state.by_name()[full].cardinality
+            local[full] = arr.reshape(1) if card == 1 else arr.reshape(1, card)
         missing = [p for p in self.parameter_names if p not in local]
         if missing:
             raise InputError(f"missing parameter(s): {', '.join(missing)}")
@@ -553,14 +556,14 @@ class SD2BinghamDistributed(_SphericalDistributed):
 
 
 class DD1GammaDistributed(DistributedModel):
-    """Gamma-distributed cylinder (or sphere) sizes (AxCaliber-like).
+    """Gamma-distributed cylinder (sphere, plane) sizes (AxCaliber-like).
 
     Parameters: the compartments' (without ``diameter``), ``DD1Gamma_1_alpha`` (shape,
     dimensionless), ``DD1Gamma_1_beta`` (scale of the *radius* distribution, m; scale
     1e-6 like dmipy) and nested ``partial_volume_i``. The radius density is weighted by
-    the cross-section area (cylinders) or volume (spheres) as in dmipy, so the signal is
-    the Gamma(alpha + 2, beta) (resp. alpha + 3) average of the compartment signal with
-    ``diameter = 2 r``.
+    the cross-section area (cylinders), volume (spheres) or separation (planes) as in
+    dmipy, so the signal is the Gamma(alpha + 2, beta) (resp. alpha + 3, alpha + 1)
+    average of the compartment signal with ``diameter = 2 r``.
     """
 
     distribution_name = "DD1Gamma"
@@ -584,12 +587,13 @@ class DD1GammaDistributed(DistributedModel):
                                  "has no diameter to distribute")
             kinds.add(self._kind(model, names["diameter"]))
         if len(kinds) > 1:
-            raise InputError("DD1GammaDistributed cannot mix cylinders and spheres")
+            raise IncompatibleModelsError("DD1GammaDistributed cannot mix planes, cylinders "
+                                          "and spheres")
         self.normalization = kinds.pop()
 
     @staticmethod
     def _kind(model: Any, ptype: str) -> str:
-        if ptype in ("sphere", "cylinder"):
+        if ptype in ("sphere", "cylinder", "plane"):
             return ptype
         return "sphere" if is_isotropic(model) else "cylinder"
 
@@ -600,7 +604,8 @@ class DD1GammaDistributed(DistributedModel):
             raise InputError("DD1Gamma_1_alpha must be positive")
         if not np.all((beta > 0) & np.isfinite(beta)):
             raise InputError("DD1Gamma_1_beta must be positive (m)")
-        return alpha + (3.0 if self.normalization == "sphere" else 2.0), beta
+        power = {"sphere": 3.0, "cylinder": 2.0, "plane": 1.0}[self.normalization]
+        return alpha + power, beta
 
     def _integrate(self, n: int, n_out: int, local: Mapping[str, np.ndarray],
                    evaluate: Any) -> np.ndarray:

@@ -531,6 +531,32 @@ class CompartmentModel:
                 params: dict[str, np.ndarray], out: np.ndarray) -> None:
         raise NotImplementedError
 
+    def rotational_harmonics_representation(self, acquisition_scheme: Any,
+                                            sh_order: int = 14, **kwargs: Any) -> np.ndarray:
+        """Rotational harmonics (N_dwi_shells, sh_order / 2 + 1) of the compartment with
+        its axis along z, one row per diffusion-weighted shell: the coefficients of
+        ``Y_l0`` (exact Legendre projection; dmipy's convolution-kernel representation);
+        isotropic compartments have only ``Y_00`` (one column).
+        Parameters other than ``mu`` come from ``kwargs`` or the constructor."""
+        from fingerprint.core.spherical_harmonics_model import zonal_kernel_coefficients
+
+        self._check_kwargs(kwargs)
+        params = {k: self._value(k, kwargs) for k in self._parameter_ranges if k != "mu"}
+        shells = acquisition_scheme.shell_measurements()
+        from fingerprint.core.acquisition_scheme import AcquisitionScheme
+
+        dwi = ~np.asarray(acquisition_scheme.shell_b0_mask, dtype=bool)
+        rows = AcquisitionScheme(
+            shells.b[dwi], np.tile([0.0, 0.0, 1.0], (int(dwi.sum()), 1)),
+            qvalues=None if shells.q is None else shells.q[dwi],
+            delta=None if shells.delta is None else shells.delta[dwi],
+            Delta=None if shells.Delta is None else shells.Delta[dwi], b0_threshold=0.0,
+            min_b_shell_distance=0.0)
+        kappa = zonal_kernel_coefficients(self, params, rows, sh_order)
+        degrees = np.arange(0, sh_order + 1, 2)
+        rh = kappa / np.sqrt(4.0 * math.pi / (2.0 * degrees + 1.0))
+        return rh[:, :1] if self.is_isotropic else rh
+
     def _work(self, out: np.ndarray) -> float:
         return out.size * self._work_per_value
 

@@ -48,10 +48,12 @@ def estimate_spherical_mean_shell(E_shell: ArrayLike, bvecs_shell: ArrayLike,  #
 
 
 def estimate_spherical_mean_multi_shell(E_attenuation: ArrayLike,  # noqa: N803
-                                        acquisition_scheme: object, sh_order: int = 6
+                                        acquisition_scheme: object, sh_order: int = 14
                                         ) -> np.ndarray:
     """Spherical mean (..., S) of signals (..., N) on every shell of the scheme (b0
-    shells: the plain mean)."""
+    shells: the plain mean). Each shell is fitted at the highest even order up to
+    ``sh_order`` that its number of directions supports (like dmipy, whose schemes carry
+    one such order per shell)."""
     signal = np.asarray(E_attenuation, dtype=float)
     scheme = acquisition_scheme
     shells = np.asarray(scheme.shell_indices)  # type: ignore[attr-defined]
