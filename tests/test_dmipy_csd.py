@@ -212,3 +212,29 @@ def test_signal_decay_metric_and_optimal_threshold():
     assert 1.0 <= optimal_threshold(two_levels) < 5.0
     with pytest.raises(InputError):
         optimal_threshold(np.ones(5))
+
+
+def test_capped_cylinders_factorise():
+    from fingerprint.signal_models.capped_cylinder_models import (
+        CC2CappedCylinderStejskalTannerApproximation,
+        CC3CappedCylinderCallaghanApproximation,
+    )
+
+    q = np.linspace(0, 3e5, 25)
+    direction = np.array([0.6, 0.0, 0.8])
+    scheme = acquisition_scheme_from_qvalues(q, np.tile(direction, (q.size, 1)), 1e-3, 0.03)
+    capped = CC2CappedCylinderStejskalTannerApproximation(mu=[0, 0], diameter=6e-6,
+                                                           length=20e-6)(scheme)
+    x_perp = 2 * np.pi * q * 0.6 * 3e-6
+    from scipy.special import j1
+
+    with np.errstate(invalid="ignore", divide="ignore"):
+        across = np.where(x_perp > 0, (2 * j1(x_perp) / x_perp) ** 2, 1.0)
+    along = np.sinc(q * 0.8 * 20e-6) ** 2
+    np.testing.assert_allclose(capped, across * along, atol=1e-10)
+    long_time = acquisition_scheme_from_qvalues(q, np.tile(direction, (q.size, 1)), 1e-6, 50.0)
+    np.testing.assert_allclose(
+        CC3CappedCylinderCallaghanApproximation(mu=[0, 0], diameter=6e-6, length=20e-6)(
+            long_time),
+        CC2CappedCylinderStejskalTannerApproximation(mu=[0, 0], diameter=6e-6, length=20e-6)(
+            long_time), atol=2e-3)

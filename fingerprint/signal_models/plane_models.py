@@ -38,17 +38,22 @@ def _sinc_u(y: np.ndarray) -> np.ndarray:
     return np.sinc(y / math.pi)
 
 
+def _rows(q: np.ndarray) -> np.ndarray:
+    q = np.asarray(q, dtype=float)
+    return q[None, :] if q.ndim == 1 else q
+
+
 def plane_stejskal_tanner(q: np.ndarray, diameter: np.ndarray) -> np.ndarray:
-    """``2 (1 - cos x) / x^2`` with ``x = 2 pi q L``: q (M,) in 1/m, L (n,) in m ->
-    (n, M)."""
-    return np.sinc(np.asarray(diameter, dtype=float)[:, None] * np.asarray(q)[None, :]) ** 2
+    """``2 (1 - cos x) / x^2`` with ``x = 2 pi q L``: q (M,) or (n, M) in 1/m, L (n,) in
+    m -> (n, M)."""
+    return np.sinc(np.asarray(diameter, dtype=float)[:, None] * _rows(q)) ** 2
 
 
 def plane_callaghan(q: np.ndarray, tau: np.ndarray, diameter: np.ndarray,
                     diffusivity: float, n_modes: int) -> np.ndarray:
-    """Finite-time slab signal (n, M) for q (M,) 1/m, tau (M,) s, L (n,) m."""
+    """Finite-time slab signal (n, M) for q (M,) or (n, M) 1/m, tau (M,) s, L (n,) m."""
     length = np.asarray(diameter, dtype=float)[:, None]
-    x = 2.0 * math.pi * np.asarray(q, dtype=float)[None, :] * length
+    x = 2.0 * math.pi * _rows(q) * length
     out = _sinc_u(0.5 * x) ** 2
     decay = diffusivity * np.asarray(tau, dtype=float)[None, :] / length ** 2
     for n in range(1, n_modes + 1):
