@@ -141,6 +141,27 @@ class FittedMultiCompartmentModel:
         except Exception:  # a model whose links cannot broadcast over maps
             return params
 
+    @property
+    def fitted_multi_tissue_fractions(self) -> dict[str, np.ndarray]:
+        """Volume fractions of a multi-tissue model: each fitted signal fraction
+        ``partial_volume_i`` divided by its tissue's S0 response (the signal fractions
+        themselves without responses)."""
+        s0 = getattr(self.model, "S0_tissue_responses", None)
+        params = self.fitted_parameters
+        names = [n for n in getattr(self.model, "partial_volume_names", []) if n in params]
+        return {n: np.asarray(params[n]) / (1.0 if s0 is None else
+                                           s0[int(n.rsplit("_", 1)[1])]) for n in names}
+
+    @property
+    def fitted_multi_tissue_fractions_normalized(self) -> dict[str, np.ndarray]:
+        """:attr:`fitted_multi_tissue_fractions` divided by their sum (they add to one)."""
+        fractions = self.fitted_multi_tissue_fractions
+        if not fractions:
+            return {}
+        total = sum(fractions.values())
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return {n: np.where(total > 0, v / total, 0.0) for n, v in fractions.items()}
+
     # ------------------------------------------------------------------ prediction
     def predict(self, acquisition_scheme: Any = None, S0: Any = None,
                 mask: Any = None) -> np.ndarray:

@@ -41,6 +41,7 @@ import hashlib
 import importlib
 import json
 import logging
+import re
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -91,12 +92,31 @@ class ParameterInfo:
 
 @dataclass(frozen=True)
 class Link:
-    """A parameter computed from others: ``kind`` in fixed / equal / tortuous."""
+    """A parameter computed from others: ``kind`` in fixed / equal / tortuous.
+
+    ``value``: the fixed value, or for tortuous links the (S0_intra, S0_extra) responses
+    of a multi-tissue correction (None: no correction). Indexing gives dmipy's
+    ``[model, parameter_name, function, arguments]`` view (model is None).
+    """
 
     kind: str
     target: str
     sources: tuple[str, ...] = ()
     value: Any = None
+
+    def __getitem__(self, index: int) -> Any:
+        from fingerprint.utils import utils
+
+        if self.kind == "tortuous":
+            function: Any = utils.T1_tortuosity(*(self.value or (1.0, 1.0)))
+        elif self.kind == "equal":
+            function = utils.parameter_equality
+        else:
+            value = self.value
+
+            def function() -> Any:
+                return value
+        return [None, self.target, function, list(self.sources)][index]
 
 
 @dataclass(frozen=True)
@@ -143,7 +163,8 @@ def _jsonable(value: Any) -> Any:
 
 
 def tortuosity(lambda_par: np.ndarray, vf_intra: np.ndarray,
-               vf_extra: np.ndarray | None = None) -> np.ndarray:
+               vf_extra: np.ndarray | None = None, S0_intra: float = 1.0,  # noqa: N803
+               S0_extra: float = 1.0) -> np.ndarray:
     """Tortuous perpendicular diffusivity (m²/s), dmipy's ``T1_tortuosity``.
 
     With a nested intra fraction only: ``(1 - vf_intra) * lambda_par``. With both fractions
@@ -151,16 +172,23 @@ def tortuosity(lambda_par: np.ndarray, vf_intra: np.ndarray,
     then uses ``f = n / (n + vf_extra)`` and returns ``(1 - f) * lambda_par``; this is kept
     as is for compatibility (it equals ``vf_extra / (vf_intra + vf_extra) * lambda_par``
     whenever the two fractions sum to one).
+
+    Multi-tissue models give the S0 responses of the intra- and extra-axonal tissues: the
+    signal fractions become volume fractions first, ``f = n S0_extra / (n S0_extra +
+    e S0_intra)`` with ``n`` the (normalised) intra and ``e`` the extra fraction.
     """
     lambda_par = np.asarray(lambda_par, dtype=float)
     vf_intra = np.asarray(vf_intra, dtype=float)
     if vf_extra is None:
-        f = vf_intra
+        if S0_intra == S0_extra:
+            return (1.0 - vf_intra) * lambda_par
+        n, e = vf_intra, 1.0 - vf_intra
     else:
-        vf_extra = np.asarray(vf_extra, dtype=float)
+        e = np.asarray(vf_extra, dtype=float)
         with np.errstate(invalid="ignore", divide="ignore"):
-            n = vf_intra / (vf_intra + vf_extra)
-            f = n / (n + vf_extra)
+            n = vf_intra / (vf_intra + e)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        f = n * S0_extra / (n * S0_extra + e * S0_intra)
     return (1.0 - f) * lambda_par
 
 
@@ -279,7 +307,7 @@ class _ParameterNamespace:
                        ("set_equal_parameter", src.name, dst.name))
 
     def _tortuous(self, lambda_perp: str, lambda_par: str, vf_intra: str,
-                  vf_extra: str | None) -> None:
+                  vf_extra: str | None, s0: tuple[float, float] | None = None) -> None:
         infos = [self._free_info(lambda_perp), self._free_info(lambda_par),
                  self._free_info(vf_intra)]
         if vf_extra is not None:
@@ -290,8 +318,10 @@ class _ParameterNamespace:
         for info in infos:
             if info.cardinality != 1:
                 raise InputError(f"set_tortuous_parameter: {info.name} is not a scalar")
-        self._add_link(Link("tortuous", names[0], tuple(names[1:])),
-                       ("set_tortuous_parameter", *names))
+        call: tuple[Any, ...] = ("set_tortuous_parameter", *names)
+        if s0 is not None:
+            call = ("set_tortuous_parameter", *names[:3], vf_extra and names[3], True)
+        self._add_link(Link("tortuous", names[0], tuple(names[1:]), s0), call)
 
     def set_parameter_optimization_bounds(self, parameter_name: str, bounds: Any) -> None:
         """Set the bounds (SI units, shape (cardinality, 2)) of a free parameter.
@@ -410,7 +440,7 @@ class _ParameterNamespace:
                 values[link.target] = values[link.sources[0]]
             elif link.kind == "tortuous":
                 args = [values[s] for s in link.sources]
-                values[link.target] = tortuosity(*args)
+                values[link.target] = tortuosity(*args, *(link.value or ()))
             else:  # pragma: no cover - constructed internally only
                 raise InputError(f"unknown link kind {link.kind!r}")
         return values
@@ -596,6 +626,17 @@ def _required_of_all(models: Any) -> list[str]:
     return out
 
 
+def _s0_responses(value: Any, n_models: int) -> tuple[float, ...] | None:
+    """Validated S0 responses of a multi-tissue model (one positive number per model)."""
+    if value is None:
+        return None
+    arr = _as_float_array(value, "S0_tissue_responses").reshape(-1)
+    if arr.shape != (n_models,) or not np.all(np.isfinite(arr) & (arr > 0)):
+        raise InputError(f"S0_tissue_responses must be {n_models} positive numbers (one per "
+                         f"model), got {value!r}")
+    return tuple(float(v) for v in arr)
+
+
 def _as_float_array(value: Any, what: str) -> np.ndarray:
     """``value`` as a float array; InputError naming ``what`` when it is not numeric."""
     try:
@@ -647,8 +688,6 @@ class MultiCompartmentModelProperties(_ParameterNamespace):
 
     def __init__(self, models: Sequence[Any], S0_tissue_responses: Any = None,
                  parameter_links: Any = None) -> None:
-        if S0_tissue_responses is not None:
-            raise InputError("S0_tissue_responses (multi-tissue models) is not supported")
         if parameter_links:
             raise InputError("parameter_links is not supported; use set_fixed_parameter / "
                              "set_equal_parameter / set_tortuous_parameter")
@@ -670,6 +709,7 @@ class MultiCompartmentModelProperties(_ParameterNamespace):
                              "with other compartments or used in spherical-mean models")
         self.models = subs
         self.N_models = len(subs)
+        self.S0_tissue_responses = _s0_responses(S0_tissue_responses, len(subs))
         self.model_names = _prefixes(subs)
         params: list[ParameterInfo] = []
         for k, (model, prefix) in enumerate(zip(subs, self.model_names, strict=True)):
@@ -722,13 +762,26 @@ class MultiCompartmentModelProperties(_ParameterNamespace):
     def set_tortuous_parameter(self, lambda_perp_parameter_name: str,
                                lambda_par_parameter_name: str,
                                volume_fraction_intra_parameter_name: str,
-                               volume_fraction_extra_parameter_name: str | None = None) -> None:
+                               volume_fraction_extra_parameter_name: str | None = None,
+                               S0_correction: bool = False) -> None:  # noqa: N803
         """Tortuosity: lambda_perp from lambda_par and the intra (and extra) volume
         fractions (dmipy's ``T1_tortuosity``, see :func:`tortuosity`); lambda_perp leaves
-        the free parameters."""
+        the free parameters. With ``S0_correction`` and ``S0_tissue_responses``, the
+        fractions (top-level ``partial_volume_i``) are corrected by their tissues' S0
+        responses first (dmipy's multi-tissue tortuosity)."""
+        s0 = None
+        if S0_correction and self.S0_tissue_responses is not None:
+            names = [volume_fraction_intra_parameter_name,
+                     volume_fraction_extra_parameter_name]
+            if volume_fraction_extra_parameter_name is None or not all(
+                    re.fullmatch(r"partial_volume_\d+", str(n)) for n in names):
+                raise InputError("S0_correction needs the top-level partial_volume_i of the "
+                                 "intra- and extra-axonal compartments")
+            idx = [int(str(n).rsplit("_", 1)[1]) for n in names]
+            s0 = (self.S0_tissue_responses[idx[0]], self.S0_tissue_responses[idx[1]])
         self._tortuous(lambda_perp_parameter_name, lambda_par_parameter_name,
                        volume_fraction_intra_parameter_name,
-                       volume_fraction_extra_parameter_name)
+                       volume_fraction_extra_parameter_name, s0)
 
     def add_linked_parameters_to_parameters(self, parameters: Mapping[str, Any]) -> dict:
         """All parameters (free and linked) from a dict of the free ones (dmipy)."""
@@ -743,9 +796,12 @@ class MultiCompartmentModelProperties(_ParameterNamespace):
     # ------------------------------------------------------------------ specs
     def to_spec(self) -> dict[str, Any]:
         """JSON-able description rebuilt exactly by :func:`model_from_spec`."""
-        return {"format": SPEC_FORMAT, "class": type(self).__name__,
+        spec = {"format": SPEC_FORMAT, "class": type(self).__name__,
                 "models": [submodel_spec(m) for m in self.models],
                 "calls": [_jsonable(list(c)) for c in self._state.calls]}
+        if self.S0_tissue_responses is not None:
+            spec["S0_tissue_responses"] = list(self.S0_tissue_responses)
+        return spec
 
     @property
     def spec_hash(self) -> str:
@@ -966,7 +1022,7 @@ def model_from_spec(spec: Mapping[str, Any]) -> MultiCompartmentModelProperties:
         raise InputError(f"model spec class must be one of {sorted(_FRAMEWORK_CLASSES)}, got "
                          f"{spec.get('class')!r}")
     models = [submodel_from_spec(m) for m in spec.get("models", [])]
-    model = cls(models=models)
+    model = cls(models=models, S0_tissue_responses=spec.get("S0_tissue_responses"))
     replay_calls(model, spec.get("calls", []), "model spec")
     return model
 

@@ -163,21 +163,13 @@ class MultiCompartmentSphericalHarmonicsModel(MultiCompartmentModelProperties):
 
     def __init__(self, models: Sequence[Any], S0_tissue_responses: Any = None,  # noqa: N803
                  sh_order: int = 8) -> None:
-        super().__init__(models)
+        super().__init__(models, S0_tissue_responses=S0_tissue_responses)
         self.sh_order = check_sh_order(sh_order)
         anisotropic = [k for k, m in enumerate(self.models) if not _all_isotropic(m)]
         if not anisotropic:
             raise InputError("MultiCompartmentSphericalHarmonicsModel needs at least one "
                              "anisotropic kernel among its models")
         self.multiple_anisotropic_kernels = len(anisotropic) > 1
-        if S0_tissue_responses is not None:
-            s0 = np.asarray(S0_tissue_responses, dtype=float).reshape(-1)
-            if s0.shape != (self.N_models,) or not np.all(np.isfinite(s0) & (s0 > 0)):
-                raise InputError(f"S0_tissue_responses must be {self.N_models} positive "
-                                 f"numbers (one per model), got {S0_tissue_responses!r}")
-            self.S0_tissue_responses: tuple[float, ...] | None = tuple(float(v) for v in s0)
-        else:
-            self.S0_tissue_responses = None
         self.fit_S0_response = self.S0_tissue_responses is not None
         n_coef = (self.sh_order + 1) * (self.sh_order + 2) // 2
         self._orientation_params = tuple(p for p in self._state.params

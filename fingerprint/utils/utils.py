@@ -157,8 +157,8 @@ class T1_tortuosity:  # noqa: N801 - dmipy's name
 
     ``S0_intra`` and ``S0_extra`` are the S0 responses of the intra- and extra-axonal
     tissues (multi-tissue models); the signal fractions are turned into volume fractions
-    with them before the tortuosity ``lambda_perp = (1 - f_intra) lambda_par`` is applied.
-    With both responses 1 this is :func:`fingerprint.core.modeling_framework.tortuosity`.
+    with them before the tortuosity ``lambda_perp = (1 - f_intra) lambda_par`` is applied
+    (:func:`fingerprint.core.modeling_framework.tortuosity`).
     """
 
     def __init__(self, S0_intra: float = 1.0, S0_extra: float = 1.0) -> None:  # noqa: N803
@@ -175,16 +175,10 @@ class T1_tortuosity:  # noqa: N801 - dmipy's name
         is None, else the intra and extra fractions (their sum at most 1)."""
         from fingerprint.core.modeling_framework import tortuosity
 
-        if self.S0_intra == self.S0_extra:
-            return tortuosity(lambda_par, vf_intra, vf_extra)
-        vi = np.asarray(vf_intra, dtype=float)
-        if vf_extra is None:
-            ve = 1.0 - vi
-        else:
-            ve = np.asarray(vf_extra, dtype=float)
-            vi = vi / (vi + ve)
-        f = vi * self.S0_extra / (vi * self.S0_extra + ve * self.S0_intra)
-        return (1.0 - f) * np.asarray(lambda_par, dtype=float)
+        return tortuosity(np.asarray(lambda_par, dtype=float),
+                          np.asarray(vf_intra, dtype=float),
+                          None if vf_extra is None else np.asarray(vf_extra, dtype=float),
+                          self.S0_intra, self.S0_extra)
 
     def __repr__(self) -> str:
         return f"T1_tortuosity(S0_intra={self.S0_intra!r}, S0_extra={self.S0_extra!r})"
