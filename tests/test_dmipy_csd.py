@@ -238,3 +238,38 @@ def test_capped_cylinders_factorise():
             long_time),
         CC2CappedCylinderStejskalTannerApproximation(mu=[0, 0], diameter=6e-6, length=20e-6)(
             long_time), atol=2e-3)
+
+
+@pytest.mark.parametrize("unity", [False, True])
+def test_least_distance_solver_matches_interior_point(unity):
+    from fingerprint.core.spherical_harmonics_model import _CsdProblem
+
+    stick, _ = _watson_stick()
+    model = MultiCompartmentSphericalHarmonicsModel([stick])
+    model.set_fixed_parameter("C1Stick_1_lambda_par", 1.7e-9)
+    design, _ = model._design(SCHEME)
+    rng = np.random.default_rng(3)
+    watson = distribute_models.SD1WatsonDistributed([stick])
+    signals = np.array([watson(SCHEME, SD1Watson_1_mu=rng.uniform(0, 3, 2),
+                               SD1Watson_1_odi=0.1, C1Stick_1_lambda_par=1.7e-9)
+                        + 0.03 * rng.normal(size=SCHEME.number_of_measurements)
+                        for _ in range(4)])
+    exact = _CsdProblem(design, 8, 1e-5, unity, np.ones(1), [False])
+    interior = _CsdProblem(design, 8, 1e-5, unity, np.ones(1), [False])
+    interior._ldp = None  # force Clarabel
+    x_exact = exact.solve_many(signals)[0]
+    x_interior = interior.solve_many(signals)[0]
+    np.testing.assert_allclose(x_exact, x_interior, atol=1e-3)
+    reg = 1e-5 * np.concatenate([np.full(2 * ell + 1, (ell * (ell + 1.0)) ** 2)
+                                 for ell in range(0, 9, 2)])
+
+    def objective(x):
+        return np.sum((x @ design[0].T - signals) ** 2, axis=1) + (x ** 2 * reg).sum(axis=1)
+
+    # the active-set solution is at least as good as the interior-point one
+    assert np.all(objective(x_exact) <= objective(x_interior) + 1e-12)
+    from fingerprint.core.spherical_harmonics_model import hemisphere_grid, sh_basis
+
+    assert (sh_basis(8, hemisphere_grid()) @ x_exact.T).min() > -1e-10
+    if unity:
+        np.testing.assert_allclose(x_exact[:, 0], 0.5 / np.sqrt(np.pi))

@@ -17,9 +17,12 @@ kernels only have ``kappa_0``). dmipy evaluates them per shell.
 Fitting solves, voxel by voxel, the convex quadratic programme of Jeurissen et al. (2014)
 with Laplace-Beltrami regularisation ``lambda_lb sum l^2 (l + 1)^2 c_lm^2`` (Descoteaux
 et al. 2007): least squares subject to a non-negative FOD on a hemisphere grid,
-non-negative volume fractions and, optionally, fractions summing to one. The solver is
-Clarabel (interior point, exact to its tolerance): ``'csd'``, ``'csd_cvxpy'`` and
-``'csd_tournier07'`` all name this problem (the Tournier 2007 iteration approximates it).
+non-negative volume fractions and, optionally, fractions summing to one. ``'csd'``,
+``'csd_cvxpy'`` and ``'csd_tournier07'`` all name this problem (the Tournier 2007
+iteration approximates it). With fixed volume fractions (one FOD, the usual CSD) it is a
+least-distance programme solved exactly by Lawson and Hanson's NNLS (``scipy``; finite
+active-set method, no tolerance); with fitted fractions it is solved by Clarabel
+(interior point).
 """
 
 from __future__ import annotations
@@ -390,6 +393,9 @@ class _CsdProblem:
             eq_rhs = [1.0] if unity else []
         n_var = self.columns.shape[1]
         gram = self.columns.T @ self.columns + lambda_lb * np.diag(reg)
+        self._ldp = None
+        if fixed_fractions is not None:
+            self._ldp = _LeastDistance(self.columns, gram, grid, Y00 if unity else None)
         self.P = sparse.csc_matrix(np.triu(2.0 * gram))
         ineq = np.vstack(cones_a)
         self.n_eq = len(eq_rows)
@@ -411,6 +417,11 @@ class _CsdProblem:
         n = signals.shape[0]
         sh = np.zeros((n, self.n_coef))
         vf = np.zeros((n, self.n_models))
+        if self._ldp is not None:
+            for i in range(n):
+                sh[i] = self._ldp.solve(signals[i])
+            vf[:] = self.fixed
+            return sh, vf
         for i in range(n):
             q = -2.0 * (self.columns.T @ signals[i])
             solver = clarabel.DefaultSolver(self.P, q, self.A, self.b, cones, settings)
@@ -431,6 +442,49 @@ class _CsdProblem:
                 vf[i, self.aniso_index] = f_aniso
                 vf[i, self.iso_index] = x[self.n_coef:]
         return sh, vf
+
+
+class _LeastDistance:
+    """``min ||A x - y||^2 + x' R x`` subject to ``G x >= 0`` (and optionally
+    ``x_0 = c``), as a least-distance programme solved exactly by NNLS (Lawson and
+    Hanson 1974, ch. 23): with ``H = A'A + R = L L'`` and ``w = L' x - L^-1 A' y`` it is
+    ``min ||w||`` subject to ``E w >= f``, whose solution is read off the NNLS residual
+    of ``[E'; f'] v = e_last``."""
+
+    def __init__(self, columns: np.ndarray, gram: np.ndarray, grid: np.ndarray,
+                 first: float | None) -> None:
+        from scipy.linalg import cholesky, solve_triangular
+
+        n = columns.shape[1]
+        self.x_fixed = np.zeros(n)
+        self.keep = np.arange(n)
+        if first is not None:
+            self.x_fixed[0] = first
+            self.keep = np.arange(1, n)
+        k = self.keep
+        self.columns = columns
+        self.a_keep = columns[:, k]
+        self.lower = cholesky(gram[np.ix_(k, k)], lower=True)
+        self.e = solve_triangular(self.lower, grid[:, k].T, lower=True).T
+        self.h = -(grid @ self.x_fixed)
+        self._solve_triangular = solve_triangular
+
+    def solve(self, y: np.ndarray) -> np.ndarray:
+        from scipy.optimize import nnls
+
+        st = self._solve_triangular
+        u0 = st(self.lower, self.a_keep.T @ (y - self.columns @ self.x_fixed), lower=True)
+        f = self.h - self.e @ u0
+        m = np.vstack([self.e.T, f[None, :]])
+        target = np.zeros(m.shape[0])
+        target[-1] = 1.0
+        v, _ = nnls(m, target, maxiter=50 * m.shape[1])
+        r = m @ v - target
+        x = self.x_fixed.copy()
+        if abs(r[-1]) < 1e-14:  # infeasible (cannot happen: x = 0 is feasible) - keep 0
+            return x
+        x[self.keep] = st(self.lower.T, -r[:-1] / r[-1] + u0, lower=False)
+        return x
 
 
 class FittedMultiCompartmentSphericalHarmonicsModel:
