@@ -425,10 +425,17 @@ def test_constructor_errors(kwargs: dict, match: str) -> None:
         acquisition_scheme_from_bvalues(**args)
 
 
-def test_b0_directions_may_be_anything_and_are_zeroed() -> None:
-    s = acquisition_scheme_from_bvalues(np.array([0, 5e6, 1e9]),
-                                        np.array([[0, 0, 0], [3, 0, 0], [0, 0, 1.0]]))
-    np.testing.assert_array_equal(s.gradient_directions[:2], 0.0)
+def test_b0_directions_may_be_anything_low_b_keep_theirs() -> None:
+    # b = 0: any vector (NaN too) becomes zero; 0 < b <= b0_threshold keeps its direction
+    # (normalised), which the forward models use; the measurement still normalises S0
+    s = acquisition_scheme_from_bvalues(np.array([0, 0, 5e6, 5e6, 1e9]),
+                                        np.array([[0, 0, 0], [np.nan] * 3, [3, 0, 0],
+                                                  [0, 0, 0], [0, 0, 1.0]]))
+    np.testing.assert_array_equal(s.gradient_directions[[0, 1, 3]], 0.0)
+    np.testing.assert_array_equal(s.gradient_directions[2], [1.0, 0.0, 0.0])
+    np.testing.assert_array_equal(s.b0_mask, [True, True, True, True, False])
+    with pytest.raises(InputError, match="non-finite"):
+        acquisition_scheme_from_bvalues(np.array([0, 1e9]), np.array([[0, 0, 0], [np.nan] * 3]))
     # nearly-unit DWI directions are renormalised exactly
     s = acquisition_scheme_from_bvalues(np.array([0, 1e9]), np.array([[0, 0, 0],
                                                                      [0, 0, 1.0005]]))

@@ -38,6 +38,9 @@ def add_parser(subparsers: Any) -> None:
     build.add_argument("--delta", type=float, help="gradient pulse duration (s)")
     build.add_argument("--Delta", type=float, help="gradient pulse separation (s)")
     build.add_argument("--TE", type=float, help="echo time (s)")
+    from fingerprint.cli.check import add_b0_threshold_argument
+
+    add_b0_threshold_argument(build)
     build.add_argument("--size", type=int, help="number of atoms (default: the model's)")
     build.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     build.add_argument("--out", type=Path,
@@ -113,8 +116,10 @@ def _load_scheme(args: argparse.Namespace) -> Any:
         raise InputError("give both --delta and --Delta (seconds), or neither")
     check_timing_flags(args)
 
+    from fingerprint.cli.check import b0_threshold_si
+
     return read_fsl_scheme(args.bval, args.bvec, delta=args.delta, Delta=args.Delta,
-                           TE=args.TE)
+                           TE=args.TE, b0_threshold=b0_threshold_si(args))
 
 
 def _cmd_build(args: argparse.Namespace) -> int:

@@ -2,7 +2,7 @@
 
     fingerprint fit --model noddi --dwi dwi.nii.gz --bval dwi.bval --bvec dwi.bvec \\
         [--mask mask.nii.gz] --out DIR [--threads N] [--prefix P] [--dictionary-size N] \\
-        [--delta S --Delta S] [--preview]
+        [--delta S --Delta S] [--b0-threshold B] [--preview]
 
 Maps are named ``<prefix>_model-<model>_param-<label>_dwimap.nii.gz`` (+ JSON sidecars).
 The prefix is ``--prefix`` when given, else the BIDS entities of the DWI file name
@@ -63,6 +63,9 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--delta", type=float, metavar="S", help="gradient pulse duration (s)")
     parser.add_argument("--Delta", type=float, metavar="S", help="gradient pulse separation (s)")
     parser.add_argument("--TE", type=float, metavar="S", help="echo time (s)")
+    from fingerprint.cli.check import add_b0_threshold_argument
+
+    add_b0_threshold_argument(parser)
     parser.add_argument("--chunk-voxels", type=int, dest="chunk_voxels", metavar="N",
                         help="voxels per chunk (default 20000)")
     parser.add_argument("--preview", action="store_true", help="also write a PNG preview")
@@ -150,6 +153,9 @@ def _cmd_fit(args: argparse.Namespace) -> int:
                          ".mif carries its gradient table)")
     if (args.bval is None) != (args.bvec is None):
         raise InputError("give both --bval and --bvec, or neither (for a .mif --dwi)")
+    from fingerprint.cli.check import b0_threshold_si
+
+    b0_threshold = b0_threshold_si(args)
     for flag, path in (("--dwi", args.dwi), ("--bval", args.bval), ("--bvec", args.bvec),
                        ("--mask", args.mask)):
         if path is not None and not path.is_file():
@@ -175,7 +181,8 @@ def _cmd_fit(args: argparse.Namespace) -> int:
                 prefix=prefix, threads=args.threads, progress=progress,
                 dictionary_dir=args.dictionary_dir, dictionary_size=args.dictionary_size,
                 chunk_voxels=args.chunk_voxels or DEFAULT_CHUNK_VOXELS, preview=args.preview,
-                delta=args.delta, Delta=args.Delta, TE=args.TE)
+                delta=args.delta, Delta=args.Delta, TE=args.TE,
+                b0_threshold=b0_threshold)
             if mif:  # the sidecars name the .mif, not its temporary conversion
                 _name_sources(result.files, [args.dwi, args.bval, args.bvec, args.mask])
     except (DictionaryError, CancelledError) as exc:

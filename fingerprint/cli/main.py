@@ -14,8 +14,8 @@ import sys
 
 from fingerprint import __version__
 
-SUBCOMMAND_MODULES = ("demo", "dictionary", "fit", "bids", "compare", "serve", "keys",
-                      "submit")
+SUBCOMMAND_MODULES = ("demo", "dictionary", "fit", "check", "bids", "compare", "serve",
+                      "keys", "submit")
 
 logger = logging.getLogger("fingerprint")
 

@@ -182,11 +182,17 @@ def _check_b_units(bvalues: np.ndarray) -> None:
 
 
 def _unit_directions(gradient_directions: Any, n: int, b0_mask: np.ndarray,
-                     tolerance: float | None = UNIT_NORM_TOLERANCE) -> np.ndarray:
-    """(n, 3) directions, exactly unit for DWIs and zero for b0s.
+                     tolerance: float | None = UNIT_NORM_TOLERANCE,
+                     bvalues: np.ndarray | None = None) -> np.ndarray:
+    """(n, 3) directions: unit for every measurement with b > 0 that has one, zero otherwise.
 
-    With ``tolerance`` None every non-zero DWI direction is normalised; otherwise DWI
-    directions whose norm differs from 1 by more than ``tolerance`` are an error.
+    The b=0 threshold (``b0_mask``) only decides which measurements must have a direction:
+    those above it (a zero, NaN or infinite vector there is an error). Measurements at or
+    below it keep their direction when they have one and b > 0 (the forward models use it:
+    a stick at b = 9 s/mm² is not 1); zero, NaN or infinite vectors of b=0 measurements
+    become zero rows. With ``tolerance`` None every non-zero direction is normalised;
+    otherwise directions above the threshold whose norm differs from 1 by more than
+    ``tolerance`` are an error.
     """
     try:
         dirs = np.array(gradient_directions, dtype=float)
@@ -197,12 +203,14 @@ def _unit_directions(gradient_directions: Any, n: int, b0_mask: np.ndarray,
     if dirs.shape[0] != n:
         raise InputError(f"gradient_directions has {dirs.shape[0]} rows but there are {n} "
                          "b/q/G values")
-    bad = ~np.isfinite(dirs).all(axis=1)
+    finite = np.isfinite(dirs).all(axis=1)
+    dwi = ~b0_mask
+    bad = dwi & ~finite
     if bad.any():
         raise InputError("gradient_directions contains non-finite values (NaN or inf) at "
                          f"measurement index {_first(bad)}")
+    dirs = np.where(finite[:, None], dirs, 0.0)
     norms = np.linalg.norm(dirs, axis=1)
-    dwi = ~b0_mask
     zero = dwi & (norms == 0.0)
     if zero.any():
         raise InputError("gradient_directions has a zero vector for diffusion-weighted "
@@ -213,8 +221,11 @@ def _unit_directions(gradient_directions: Any, n: int, b0_mask: np.ndarray,
             raise InputError("gradient_directions must be unit vectors; norms of measurement "
                              f"index {_first(off)} are "
                              f"{', '.join(f'{x:.4g}' for x in norms[off][:5])}")
+    weighted = dwi.copy()
+    if bvalues is not None:
+        weighted |= (np.asarray(bvalues) > 0) & (norms > 1e-8)
     out = np.zeros_like(dirs)
-    out[dwi] = dirs[dwi] / norms[dwi, None]
+    out[weighted] = dirs[weighted] / norms[weighted, None]
     return out
 
 
@@ -359,11 +370,14 @@ class AcquisitionScheme:
     Attributes
     ----------
     bvalues : (N,) b-values, s/m².
-    gradient_directions : (N, 3) unit vectors; zero rows for b0 measurements.
+    gradient_directions : (N, 3) unit vectors; zero rows where b = 0 (or where a
+        measurement at or below ``b0_threshold`` has no direction).
     qvalues, gradient_strengths : (N,) in 1/m and T/m, or None without timing.
     delta, Delta, TE : (N,) pulse duration, pulse separation and echo time in s, or None.
     b0_threshold, min_b_shell_distance : shell-grouping settings, s/m².
-    b0_mask : (N,) bool, ``bvalues <= b0_threshold``.
+    b0_mask : (N,) bool, ``bvalues <= b0_threshold``: the measurements that give S0.
+        It never changes the physics: forward models use every measurement's own
+        b-value, direction and timing.
     shell_indices : (N,) shell of each measurement; shell_bvalues (S,) mean b per shell.
     shell_qvalues, shell_gradient_strengths, shell_delta, shell_Delta, shell_TE :
         (S,) values of the first measurement of each shell, or None.
@@ -399,7 +413,7 @@ class AcquisitionScheme:
             raise InputError("min_b_shell_distance must be a finite non-negative b-value in "
                              f"s/m², got {min_b_shell_distance}")
         b0_mask = b <= b0_threshold
-        dirs = _unit_directions(gradient_directions, n, b0_mask)
+        dirs = _unit_directions(gradient_directions, n, b0_mask, bvalues=b)
         q = _optional_vector("qvalues", qvalues, n)
         g = _optional_vector("gradient_strengths", gradient_strengths, n)
         d = _optional_vector("delta", delta, n)
@@ -612,6 +626,16 @@ class AcquisitionScheme:
         mask = np.isin(self.shell_indices, np.atleast_1d(shell_indices))
         return pruned, np.asarray(data)[..., mask]
 
+    def with_b0_threshold(self, b0_threshold: float) -> AcquisitionScheme:
+        """The same measurements with another b=0 threshold (s/m²): it decides which
+        measurements normalise S0 (and the shells' b0 flags), never the physics."""
+        if float(b0_threshold) == self.b0_threshold:
+            return self
+        return AcquisitionScheme(
+            np.array(self.bvalues), np.array(self.gradient_directions), self.qvalues,
+            self.gradient_strengths, self.delta, self.Delta, self.TE,
+            self.min_b_shell_distance, float(b0_threshold))
+
     def rotated(self, R: Any) -> AcquisitionScheme:
         """A new scheme with every gradient direction rotated by the 3x3 rotation ``R``."""
         rot = np.asarray(R, dtype=float)
@@ -800,8 +824,8 @@ def gtab_dipy2fingerprint(dipy_gradient_table: Any,
                        "no pulse timing and cannot be used with models that need it")
     bvals = np.asarray(gtab.bvals, dtype=float) * 1e6
     bvecs = np.array(gtab.bvecs, dtype=float)
-    # DIPY keeps whatever vectors the b0s had; ours are zero for b0s
-    bvecs[bvals <= b0_threshold] = 0.0
+    # DIPY keeps whatever vectors the b0s had: the scheme zeroes those of b = 0 and keeps
+    # (normalised) those of 0 < b <= b0_threshold, which the forward models use
     return acquisition_scheme_from_bvalues(bvals, bvecs, delta=delta, Delta=Delta,
                                            min_b_shell_distance=min_b_shell_distance,
                                            b0_threshold=b0_threshold)

@@ -389,7 +389,9 @@ def fit_model(model: Model, acquisition_scheme: AcquisitionScheme, data: np.ndar
     progress: called with a fraction in [0, 1] while a dictionary is built.
     options: a :class:`~fingerprint.fitting.options.FitOptions` (the keywords above and
         ``kwargs`` override its fields).
-    kwargs: further :class:`~fingerprint.fitting.options.FitOptions` fields (``rician``,
+    kwargs: further :class:`~fingerprint.fitting.options.FitOptions` fields
+        (``b0_threshold`` in s/m²: the b=0 reference, checked with the scheme first by
+        :mod:`fingerprint.core.scheme_checks`; ``rician``,
         ``matcher_method``, ``frame_iterations``, ``seed``, ``mask_rule``, ...). dmipy's
         ``number_of_processors`` / ``use_parallel_processing`` set ``n_jobs``; its
         optimiser settings (``Ns``, ``N_sphere_samples``, ``maxiter``) set
@@ -423,6 +425,12 @@ def fit_model(model: Model, acquisition_scheme: AcquisitionScheme, data: np.ndar
         raise InputError(f"acquisition_scheme must be an AcquisitionScheme (see "
                          f"acquisition_scheme_from_bvalues or read_bvals_bvecs), got "
                          f"{type(acquisition_scheme).__name__}")
+    from fingerprint.core.scheme_checks import prepare_scheme
+
+    # the scheme checks every entry point runs: refusals name the problem, warnings logged
+    acquisition_scheme, _ = prepare_scheme(acquisition_scheme, model,
+                                           b0_threshold=opts.b0_threshold, who="model.fit",
+                                           log=logger)
     raw = np.asarray(data)
     if raw.dtype.kind not in "biuf":
         raise InputError(f"data must be real-valued signal magnitudes (a numeric array), "

@@ -177,6 +177,9 @@ class FitOptions:
     cache_index, marginalise_orientation, refine_shrinkage, align_axis: estimator knobs
         (:meth:`fingerprint.fitting.estimator.FingerprintEstimator.from_dictionary`).
     polish: :class:`PolishSettings` of the non-linear polish.
+    b0_threshold: b-value (s/m²) at or below which measurements are the b=0 reference that
+        normalises S0 (None: the scheme's own, 10e6 s/m² = 10 s/mm² by default); it never
+        changes the forward models (:mod:`fingerprint.core.scheme_checks`).
     """
 
     solver: str = "fingerprint"
@@ -198,9 +201,12 @@ class FitOptions:
     align_axis: bool = True
     polish: PolishSettings = field(default_factory=PolishSettings)
     classical: ClassicalSettings = field(default_factory=ClassicalSettings)
+    b0_threshold: float | None = None
 
     def __post_init__(self) -> None:
         setv = object.__setattr__
+        if self.b0_threshold is not None:
+            setv(self, "b0_threshold", _float("b0_threshold", self.b0_threshold, 0.0, 1e11))
         setv(self, "solver", check_solver(self.solver))
         setv(self, "dictionary_size", _int("dictionary_size", self.dictionary_size, 1))
         setv(self, "seed", _int("seed", self.seed, 0, optional=False))

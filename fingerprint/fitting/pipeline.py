@@ -71,8 +71,8 @@ from fingerprint.io.nifti import (
 logger = logging.getLogger(__name__)
 
 __all__ = ["DEFAULT_CHUNK_VOXELS", "FitResult", "InputSummary", "check_dictionary_space",
-           "check_output_directory", "fit_chunk", "fit_volume", "prefix_from_filename",
-           "progress_stage", "read_fsl_scheme", "validate_inputs"]
+           "check_fsl_scheme", "check_output_directory", "fit_chunk", "fit_volume",
+           "prefix_from_filename", "progress_stage", "read_fsl_scheme", "validate_inputs"]
 
 #: Voxels per fitted chunk (one task of an executor).
 DEFAULT_CHUNK_VOXELS = 20_000
@@ -140,35 +140,66 @@ def _path(value: Any, what: str) -> Path:
 
 
 def read_fsl_scheme(bval: Any, bvec: Any, *, delta: Any = None, Delta: Any = None,
-                    TE: Any = None) -> Any:
+                    TE: Any = None, b0_threshold: float | None = None) -> Any:
     """Read an FSL bval/bvec pair (s/mm²) as an AcquisitionScheme, strictly:
     ``read_bvals_bvecs(..., strict_units=True)``, so b-values that look like s/m² are an
-    InputError naming the bval file. Used by fits, dictionary builds and the server."""
-    return _read_scheme(_path(bval, "bval"), _path(bvec, "bvec"), delta, Delta, TE)
+    InputError naming the bval file. ``b0_threshold`` is in s/m² (default 10e6, i.e.
+    10 s/mm²). Used by fits, dictionary builds and the server."""
+    return _read_scheme(_path(bval, "bval"), _path(bvec, "bvec"), delta, Delta, TE,
+                        b0_threshold)
 
 
-def _read_scheme(bval: Path, bvec: Path, delta: Any, Delta: Any, TE: Any) -> Any:
+def _read_scheme(bval: Path, bvec: Path, delta: Any, Delta: Any, TE: Any,
+                 b0_threshold: float | None = None) -> Any:
     from fingerprint.io.gradients import read_bvals_bvecs
 
-    return read_bvals_bvecs(bval, bvec, delta=delta, Delta=Delta, TE=TE, strict_units=True)
+    kwargs: dict[str, Any] = {}
+    if b0_threshold is not None:
+        value = float(b0_threshold)
+        if not np.isfinite(value) or value < 0:
+            raise InputError(f"b0_threshold must be a finite non-negative b-value in s/m², "
+                             f"got {b0_threshold!r}")
+        kwargs["b0_threshold"] = value
+    return read_bvals_bvecs(bval, bvec, delta=delta, Delta=Delta, TE=TE, strict_units=True,
+                            **kwargs)
+
+
+def check_fsl_scheme(scheme: Any, bval: Any, bvec: Any, model: Any = None,
+                     model_name: str | None = None) -> Any:
+    """Run the scheme checks (:mod:`fingerprint.core.scheme_checks`) for a scheme read
+    from ``bval`` / ``bvec``: InputError naming the files and every refusal; warnings
+    and notes are logged. ``model`` is a name, a model or None (the scheme alone).
+    Returns the :class:`~fingerprint.core.scheme_checks.SchemeReport`."""
+    from fingerprint.core.scheme_checks import prepare_scheme
+
+    requires = None
+    if isinstance(model, str):
+        from fingerprint.models import get_model, requires_timing
+
+        model_name, requires, model = model, requires_timing(model), get_model(model)
+    elif model is not None:
+        from fingerprint.models import model_name as recipe_name
+        from fingerprint.models import requires_timing
+
+        model_name = model_name or recipe_name(model)
+        requires = requires_timing(model)
+    _, report = prepare_scheme(scheme, model, model_name=model_name, requires_timing=requires,
+                               who=f"bval file {bval} / bvec file {bvec}", log=logger)
+    return report
 
 
 def _open_inputs(dwi: Any, bval: Any, bvec: Any, mask: Any, delta: Any = None,
-                 Delta: Any = None, TE: Any = None) -> tuple[DWIImage, Any, np.ndarray | None,
-                                                              Path | None]:
+                 Delta: Any = None, TE: Any = None, b0_threshold: float | None = None,
+                 model: Any = None) -> tuple[DWIImage, Any, np.ndarray | None, Path | None]:
     dwi_p, bval_p, bvec_p = _path(dwi, "DWI"), _path(bval, "bval"), _path(bvec, "bvec")
     image = DWIImage(dwi_p)
-    scheme = _read_scheme(bval_p, bvec_p, delta, Delta, TE)
+    scheme = _read_scheme(bval_p, bvec_p, delta, Delta, TE, b0_threshold)
     n = int(scheme.number_of_measurements)
     if n != image.n_volumes:
         raise InputError(
             f"DWI file {dwi_p} has {image.n_volumes} volumes but bval file {bval_p} and bvec "
             f"file {bvec_p} describe {n} measurements")
-    if not np.any(scheme.b0_mask):
-        raise InputError(f"bval file {bval_p} has no b=0 measurement (b <= "
-                         f"{scheme.b0_threshold / 1e6:g} s/mm²): signals cannot be normalised")
-    if np.all(scheme.b0_mask):
-        raise InputError(f"bval file {bval_p} has only b=0 measurements")
+    check_fsl_scheme(scheme, bval_p, bvec_p, model)
     if isinstance(mask, np.ndarray):  # an in-memory mask (library use)
         mask_arr = np.asarray(mask)
         if mask_arr.ndim == 4 and mask_arr.shape[3] == 1:
@@ -211,19 +242,23 @@ def _scan_data(image: DWIImage, mask: np.ndarray | None,
 
 
 def validate_inputs(dwi: Any, bval: Any, bvec: Any, mask: Any = None, *, delta: Any = None,
-                    Delta: Any = None, TE: Any = None, scan_data: bool = True
-                    ) -> InputSummary:
+                    Delta: Any = None, TE: Any = None, scan_data: bool = True,
+                    b0_threshold: float | None = None, model: Any = None) -> InputSummary:
     """Check a DWI / bval / bvec (/ mask) set before fitting it.
 
     Raises :class:`~fingerprint.errors.InputError` naming the file at fault for: missing,
     unreadable, truncated or non-NIfTI files; a DWI that is not 4-D; bval/bvec files that
     do not parse, disagree with each other or with the number of volumes, hold b-values
-    in s/m², or have no b=0; a mask that is unreadable, of another shape, or empty. With
+    in s/m², or have no b=0 (at or below ``b0_threshold``, s/m²); a scheme that the scheme
+    checks refuse for ``model`` (a name or a model, see
+    :mod:`fingerprint.core.scheme_checks`); a mask that is unreadable, of another shape,
+    or empty. With
     ``scan_data`` the image is read once, one volume at a time: truncated data fails, and
     voxels with NaN or infinite values are counted (``n_nonfinite_voxels``; fits leave
     them out, see :mod:`fingerprint.fitting.validity`).
     """
-    image, scheme, mask_arr, mask_p = _open_inputs(dwi, bval, bvec, mask, delta, Delta, TE)
+    image, scheme, mask_arr, mask_p = _open_inputs(dwi, bval, bvec, mask, delta, Delta, TE,
+                                                   b0_threshold, model)
     n_bad = 0
     if scan_data:
         n_bad = _scan_data(image, mask_arr, np.asarray(scheme.b0_mask, dtype=bool))
@@ -508,7 +543,8 @@ def fit_volume(model: Any, dwi: Any, bval: Any, bvec: Any, out_dir: Any, *,
                preview: bool = False, delta: float | None = None, Delta: float | None = None,
                TE: float | None = None, estimator_options: dict[str, Any] | None = None,
                slab_bytes: int = DEFAULT_SLAB_BYTES, executor_window: int | None = None,
-               options: FitOptions | None = None) -> FitResult:
+               options: FitOptions | None = None, b0_threshold: float | None = None
+               ) -> FitResult:
     """Fit ``model`` to every masked voxel of a DWI volume and write the maps.
 
     Parameters
@@ -545,6 +581,11 @@ def fit_volume(model: Any, dwi: Any, bval: Any, bvec: Any, out_dir: Any, *,
         Also write a PNG preview of the key maps.
     delta, Delta, TE : float, optional
         Pulse duration / separation / echo time in s (models that need timing).
+    b0_threshold : float, optional
+        b-value (s/m²) at or below which measurements are the b=0 reference that
+        normalises S0 (default 10e6 s/m², i.e. 10 s/mm²; also ``options.b0_threshold``);
+        it never changes the forward models. The scheme is checked against the model
+        before anything is built (:mod:`fingerprint.core.scheme_checks`).
     estimator_options : dict, optional
         Further :class:`~fingerprint.fitting.options.FitOptions` fields by name (e.g.
         ``n_neighbors``, ``refine``); validated like ``options``.
@@ -568,10 +609,13 @@ def fit_volume(model: Any, dwi: Any, bval: Any, bvec: Any, out_dir: Any, *,
     prefix = check_prefix(prefix)
     opts = _volume_options(options, threads=threads, dictionary_size=dictionary_size,
                            estimator_options=estimator_options)
+    if b0_threshold is not None:
+        opts = opts.replace(b0_threshold=b0_threshold)
     out_dir = check_output_directory(out_dir)
     prog = _Progress(progress)
     model_obj, model_label, est = _resolve_model(model)
-    image, scheme, mask_arr, _ = _open_inputs(dwi, bval, bvec, mask, delta, Delta, TE)
+    image, scheme, mask_arr, _ = _open_inputs(dwi, bval, bvec, mask, delta, Delta, TE,
+                                              opts.b0_threshold, model_obj)
     prog(0.0)
     if mask_arr is None:
         mask_arr = _volume_mask(image, scheme, opts.mask_rule)

@@ -14,8 +14,11 @@ Units of the formats:
   are in scanner (real-space) coordinates, unlike FSL's image-axis bvecs; no conversion
   between the two is attempted here (it needs the image orientation).
 
-Vectors are normalised on reading; b0 measurements (b <= ``b0_threshold``) get zero
-vectors. A logged warning flags b-values that look like they are in the wrong unit.
+Vectors are normalised on reading; measurements at b = 0 get zero vectors, and so do
+NaN or zero vectors of measurements at or below ``b0_threshold`` (a note is logged);
+measurements with 0 < b <= ``b0_threshold`` keep their direction, which the forward models
+use (the threshold only decides which measurements normalise S0). A logged warning
+flags b-values that look like they are in the wrong unit.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from fingerprint.errors import InputError
 
 __all__ = [
     "read_bvals_bvecs",
+    "read_fsl_gradients",
     "read_camino_scheme",
     "read_mrtrix_grad",
     "write_bvals_bvecs",
@@ -128,22 +132,35 @@ def _warn_if_si(b_s_per_mm2: np.ndarray, path: PathLike, strict: bool = False) -
 
 def _directions(vectors: np.ndarray, b_si: np.ndarray, b0_threshold: float,
                 path: PathLike, what: str) -> np.ndarray:
-    """Normalised vectors; zero for b0s; error for a zero vector of a DWI."""
-    norms = np.linalg.norm(vectors, axis=1)
-    dwi = b_si > b0_threshold
-    zero = np.flatnonzero(dwi & (norms < 1e-8))
-    if zero.size:
-        raise InputError(f"{what} file {path}: measurement {int(zero[0])} has b = "
-                         f"{b_si[zero[0]] / 1e6:g} s/mm² but a zero gradient vector "
-                         f"({zero.size} such measurements)")
-    off = dwi & (np.abs(norms - 1.0) > 1e-2)
-    if off.any():
-        logger.info("%s: %d gradient vectors are not unit length (norms %.3g..%.3g); "
-                    "normalised", path, int(off.sum()), float(norms[off].min()),
-                    float(norms[off].max()))
-    out = np.zeros_like(vectors)
-    out[dwi] = vectors[dwi] / norms[dwi, None]
+    """Normalised vectors for every measurement with b > 0 that has one; zero rows for
+    b = 0 and for NaN or zero vectors at or below the b=0 threshold (logged as notes).
+
+    The checks are :func:`fingerprint.core.scheme_checks.check_gradient_table`'s: its
+    refusals (a zero or NaN vector above the threshold) are an InputError naming the file.
+    """
+    from fingerprint.core.scheme_checks import check_gradient_table
+
+    findings = check_gradient_table(b_si, vectors, b0_threshold, f"{what} file {path}")
+    refused = [f.message for f in findings if f.level == "refuse"]
+    if refused:
+        raise InputError("; ".join(refused))
+    for f in findings:
+        (logger.warning if f.level == "warn" else logger.info)("%s", f.message)
+    finite = np.isfinite(vectors).all(axis=1)
+    vecs = np.where(finite[:, None], vectors, 0.0)
+    norms = np.linalg.norm(vecs, axis=1)
+    keep = (b_si > 0) & (norms >= 1e-8)
+    out = np.zeros_like(vecs)
+    out[keep] = vecs[keep] / norms[keep, None]
     return out
+
+
+def read_fsl_gradients(bval_path: PathLike, bvec_path: PathLike
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """The raw contents of an FSL bval/bvec pair: b-values (N,) in s/mm² and vectors
+    (N, 3) as written (not normalised; NaN kept). Parse errors name the file."""
+    b = _read_bvals(bval_path)
+    return b, _read_bvecs(bvec_path, b.size, bval_path)
 
 
 def _b0_threshold(scheme_kwargs: dict[str, Any]) -> float:
@@ -167,7 +184,11 @@ def _read_bvals(path: PathLike) -> np.ndarray:
 
 def _read_bvecs(path: PathLike, n: int, bval_path: PathLike) -> np.ndarray:
     vecs = _matrix(_parse_rows(_read_text(path, "bvec"), path, "bvec"), path, "bvec")
-    _check_finite(vecs, path, "bvec")
+    bad = np.isinf(vecs)
+    if bad.any():
+        raise InputError(f"bvec file {path} contains infinite values")
+    # NaN is accepted here: it is refused for diffusion-weighted measurements only (a b=0
+    # direction is irrelevant), see _directions
     if vecs.shape == (3, n):
         return vecs.T.copy()
     if vecs.shape == (n, 3):
@@ -253,7 +274,7 @@ def read_camino_scheme(path: PathLike, min_b_shell_distance: float | None = None
         else:
             body.append(raw)
     table = _matrix(_parse_rows("\n".join(body), path, "Camino scheme"), path, "Camino scheme")
-    _check_finite(table, path, "Camino scheme")
+    _check_finite(table[:, 3:], path, "Camino scheme")
     if version is None:
         inferred = {4: "BVECTOR", 7: "STEJSKALTANNER"}.get(table.shape[1])
         if inferred is None:
@@ -348,7 +369,7 @@ def read_mrtrix_grad(path: PathLike, delta: Any = None, Delta: Any = None, TE: A
     if table.shape[1] != 4:
         raise InputError(f"MRtrix gradient file {path} must have 4 columns (x y z b[s/mm²]); "
                          f"found {table.shape[1]}")
-    _check_finite(table, path, "MRtrix gradient")
+    _check_finite(table[:, 3:], path, "MRtrix gradient")
     b = table[:, 3]
     _check_nonnegative_b(b, path, "MRtrix gradient")
     _warn_if_si(b, path)
