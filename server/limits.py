@@ -215,17 +215,18 @@ def _rewrite(exc: Exception, files: dict[str, Path]) -> ApiError:
 
 
 def check_fit_upload(files: dict[str, Path], timing: dict[str, float], limits: InputLimits,
-                     *, deadline: float, should_stop: Callable[[], bool] | None = None
-                     ) -> None:
-    """The checks of a fit upload made while its client waits (headers only, plus the
-    mask counted slice by slice): ApiError 413 (over a limit) or 422 (invalid) naming the
-    field; :class:`Stopped` when the client left. ``deadline`` is a ``time.monotonic()``
-    value."""
+                     *, deadline: float, should_stop: Callable[[], bool] | None = None,
+                     model: str | None = None, b0_threshold: float | None = None) -> None:
+    """The checks of a fit upload made while its client waits (headers only, the scheme
+    checks of ``fingerprint.core.scheme_checks`` against ``model`` with ``b0_threshold``
+    in s/mm², plus the mask counted slice by slice): ApiError 413 (over a limit) or 422
+    (invalid) naming the field; :class:`Stopped` when the client left. ``deadline`` is a
+    ``time.monotonic()`` value."""
     from fingerprint.io.nifti import DWIImage, open_nifti
 
     from .validation import validate_scheme
 
-    scheme = validate_scheme(files, timing)
+    scheme = validate_scheme(files, timing, b0_threshold=b0_threshold)
     try:
         image = DWIImage(files["dwi"], check=False)
         offset, nbytes = _data_layout(image.img)
@@ -240,18 +241,18 @@ def check_fit_upload(files: dict[str, Path], timing: dict[str, float], limits: I
             raise InputError(f"DWI file {image.path} has {image.n_volumes} volumes but bval "
                              f"file {files['bval']} and bvec file {files['bvec']} describe "
                              f"{n} measurements")
-        b0 = np.asarray(scheme.b0_mask, dtype=bool)
-        if not b0.any():
-            raise InputError(f"bval file {files['bval']} has no b=0 measurement: signals "
-                             "cannot be normalised")
-        if b0.all():
-            raise InputError(f"bval file {files['bval']} has only b=0 measurements")
+        from fingerprint.fitting.pipeline import check_fsl_scheme
+
+        # no b=0 (naming the b0_threshold that would fix it), only b=0, NODDI on a single
+        # shell, a restricted model without timing, ...: the library's one set of checks
+        check_fsl_scheme(scheme, files["bval"], files["bvec"], model)
         if "mask" in files:
             mask = open_nifti(files["mask"], "mask")
             _check_mask(mask, files["mask"], image, limits, deadline, should_stop)
         volume = int(np.prod(image.spatial_shape, dtype=np.int64)) * 4
         if offset + nbytes <= SMALL_DWI_BYTES and volume <= SMALL_VOLUME_BYTES:
-            _check_small_data(files, timing, offset + nbytes, deadline, should_stop)
+            _check_small_data(files, timing, offset + nbytes, deadline, should_stop,
+                              model=model, b0_threshold=b0_threshold)
     except (ApiError, Stopped):
         raise
     except (FingerprintError, ValueError, OSError, EOFError, zlib.error) as exc:
@@ -259,7 +260,8 @@ def check_fit_upload(files: dict[str, Path], timing: dict[str, float], limits: I
 
 
 def _check_small_data(files: dict[str, Path], timing: dict[str, float], end: int,
-                      deadline: float, should_stop: Callable[[], bool] | None) -> None:
+                      deadline: float, should_stop: Callable[[], bool] | None, *,
+                      model: str | None = None, b0_threshold: float | None = None) -> None:
     """A small DWI is checked whole while the client waits (its length streamed, then the
     library's one pass over the data: truncation, NaN, b=0 signal); when the time limit
     passes first, the job makes these checks instead."""
@@ -278,7 +280,8 @@ def _check_small_data(files: dict[str, Path], timing: dict[str, float], end: int
         return  # out of time: left to the job
     if time.monotonic() < deadline:
         validate_inputs(files["dwi"], files["bval"], files["bvec"], files.get("mask"),
-                        **timing)
+                        model=model, b0_threshold=None if b0_threshold is None
+                        else b0_threshold * 1e6, **timing)
 
 
 def _check_mask(mask: Any, path: Path, image: Any, limits: InputLimits, deadline: float,

@@ -20,8 +20,8 @@ from .dependencies import ApiError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["check_model", "check_timing", "float_field", "int_field", "prefix_field",
-           "timing_fields", "validate_fit", "validate_scheme"]
+__all__ = ["b0_threshold_field", "check_model", "check_timing", "float_field", "int_field",
+           "prefix_field", "timing_fields", "validate_fit", "validate_scheme"]
 
 _PREFIX_RE = PREFIX_PATTERN
 
@@ -72,6 +72,23 @@ def timing_fields(fields: dict[str, str]) -> dict[str, float]:
     return {k: v for k, v in values.items() if v is not None}
 
 
+def b0_threshold_field(fields: dict[str, str]) -> float | None:
+    """The optional ``b0_threshold`` form field: a b-value in s/mm² (like the bval file) at
+    or below which measurements are the b=0 reference (default 10 s/mm²)."""
+    raw = fields.get("b0_threshold")
+    if raw is None or raw == "":
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ApiError(422, f"'b0_threshold' must be a b-value in s/mm², got {raw[:40]!r}",
+                       "b0_threshold") from None
+    if not 0.0 <= value < 1e5:  # also false for NaN
+        raise ApiError(422, "'b0_threshold' must be a b-value in s/mm² between 0 and 1e5; "
+                            f"got {value:g}", "b0_threshold")
+    return value
+
+
 def check_model(name: str) -> str:
     """The catalogue name of model ``name`` (422 naming the known models otherwise)."""
     from fingerprint.models import available_models, get_recipe
@@ -113,16 +130,24 @@ def _rewrite(message: str, files: dict[str, Path]) -> tuple[str, str | None]:
     return message, field
 
 
-def validate_fit(files: dict[str, Path], timing: dict[str, float] | None = None) -> Any:
+def validate_fit(files: dict[str, Path], timing: dict[str, float] | None = None,
+                 model: str | None = None, b0_threshold: float | None = None) -> Any:
     """Run the library's ``validate_inputs`` on the uploaded files (422 on bad input):
-    headers, shapes, b-value counts and units, then one pass over the data (truncated
-    files, NaN or infinite signals in the mask)."""
+    headers, shapes, b-value counts and units, the scheme checks against ``model``
+    (refusals such as NODDI on a single shell or a missing b=0, whose message suggests a
+    ``b0_threshold``), then one pass over the data (truncated files, NaN or infinite
+    signals in the mask). ``b0_threshold`` is in s/mm² (the form field's unit)."""
     validate_inputs = importlib.import_module("fingerprint.fitting.pipeline").validate_inputs
+    extra: dict[str, Any] = {}
+    if model is not None:
+        extra["model"] = model
+    if b0_threshold is not None:
+        extra["b0_threshold"] = float(b0_threshold) * 1e6
 
     try:
         return validate_inputs(str(files["dwi"]), str(files["bval"]), str(files["bvec"]),
                                mask=str(files["mask"]) if "mask" in files else None,
-                               **(timing or {}))
+                               **(timing or {}), **extra)
     except ImportError:  # a broken installation is the server's fault, not the client's
         raise
     except Exception as exc:  # anything unreadable in the uploads is the client's problem
@@ -132,10 +157,14 @@ def validate_fit(files: dict[str, Path], timing: dict[str, float] | None = None)
         raise ApiError(422, f"invalid input: {message}", field) from None
 
 
-def validate_scheme(files: dict[str, Path], timing: dict[str, Any] | None = None) -> Any:
-    """Read an uploaded bval/bvec pair as an acquisition scheme (422 on bad input)."""
+def validate_scheme(files: dict[str, Path], timing: dict[str, Any] | None = None,
+                    b0_threshold: float | None = None) -> Any:
+    """Read an uploaded bval/bvec pair as an acquisition scheme (422 on bad input);
+    ``b0_threshold`` in s/mm² (the form field's unit)."""
     read_fsl_scheme = importlib.import_module("fingerprint.fitting.pipeline").read_fsl_scheme
     timing = {k: v for k, v in (timing or {}).items() if k in ("delta", "Delta", "TE")}
+    if b0_threshold is not None:
+        timing["b0_threshold"] = float(b0_threshold) * 1e6
     try:
         return read_fsl_scheme(str(files["bval"]), str(files["bvec"]), **timing)
     except ImportError:

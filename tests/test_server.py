@@ -210,6 +210,16 @@ def _corrupt(phantom: dict[str, Path], tmp: Path) -> list[tuple[str, dict, dict,
                   {"bval": ("b", (" ".join(f"{b * 1e6:g}" for b in bvals) + "\n").encode())},
                   {}, "bval"))
     cases.append(("bvec not numbers", {"bvec": ("v", b"a b c\n")}, {}, "bvec"))
+    # scheme checks (fingerprint.core.scheme_checks): NODDI on a single shell, no b=0
+    single = np.where(bvals > 1500, 1000.0, bvals)
+    cases.append(("NODDI on a single shell",
+                  {"bval": ("b", (" ".join(f"{b:g}" for b in single) + "\n").encode())},
+                  {}, "bval"))
+    no_b0 = np.where(bvals < 10, 15.0, bvals)
+    cases.append(("no b=0 (b0_threshold suggested)",
+                  {"bval": ("b", (" ".join(f"{b:g}" for b in no_b0) + "\n").encode())},
+                  {}, "bval"))
+    cases.append(("negative b0_threshold", {}, {"b0_threshold": "-1"}, "b0_threshold"))
     mask = nib.Nifti1Image(np.ones((2, 2, 2), np.uint8), np.eye(4))
     buf = io.BytesIO(gzip.compress(mask.to_bytes()))
     cases.append(("mask of another shape", {"mask": ("m.nii.gz", buf.getvalue())}, {}, "mask"))

@@ -198,6 +198,12 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         out.write(f"{result.n_invalid} voxels were left out ({result.n_unusable} for NaN, "
                   f"infinite or negative signals or no positive b=0 signal; NaN in the "
                   f"maps)\n")
+    counts = getattr(result, "quality_counts", None) or {}
+    if counts:
+        flagged = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in counts.items()
+                            if k not in ("any", "total") and v)
+        out.write(f"quality: {counts['any']} of {counts['total']} voxels flagged"
+                  f"{' (' + flagged + ')' if flagged else ''}\n")
     out.write(f"maps in {shown_path(result.out_dir)}:\n")
     for path in result.files:
         if path.suffix != ".json":

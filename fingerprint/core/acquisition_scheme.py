@@ -554,6 +554,32 @@ class AcquisitionScheme:
                                 Delta=take(self.Delta), directions=np.zeros((first.size, 3)))
         return unique, _readonly(inverse.astype(int))
 
+    def spherical_mean_groups(self) -> tuple[MeasurementSet, np.ndarray]:
+        """Exact shell spherical means: the distinct (b, q, delta, Delta) groups and the
+        (S, G) weights that average them into shells.
+
+        A shell's spherical mean is the average of its members' own spherical means, each
+        at the member's b-value and timing, so a shell whose b-values jitter (995-1005
+        s/mm²) or mix (50 and 100 s/mm²) is still exact:
+        ``shell_mean = weights @ group_means``. Members at or below ``b0_threshold`` count
+        only in shells made of such measurements (b=0 shells), as in the data's shell
+        means. Returns ``(MeasurementSet with G rows and zero directions, weights (S, G))``.
+        """
+        groups, inverse = self.unique_measurements()
+        s, g = self.number_of_shells, groups.number_of_measurements
+        b0 = np.asarray(self.b0_mask, dtype=bool)
+        shell_b0 = np.asarray(self.shell_b0_mask, dtype=bool)
+        shells = np.asarray(self.shell_indices)
+        counted = ~b0 | shell_b0[shells]
+        counts = np.zeros((s, g))
+        np.add.at(counts, (shells[counted], inverse[counted]), 1.0)
+        empty = counts.sum(axis=1) == 0  # a DWI shell holding only b0 members
+        if empty.any():
+            np.add.at(counts, (shells[np.isin(shells, np.flatnonzero(empty))],
+                               inverse[np.isin(shells, np.flatnonzero(empty))]), 1.0)
+        weights = counts / counts.sum(axis=1, keepdims=True)
+        return groups, _readonly(weights)
+
     def shell_measurements(self) -> MeasurementSet:
         """One row per shell (shell b, q, G, delta, Delta; zero directions)."""
         s = self.shell_bvalues.shape[0]

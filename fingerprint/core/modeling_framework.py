@@ -460,6 +460,7 @@ class _SchemeContext:
         self.directions = np.ascontiguousarray(self.meas.directions, dtype=np.float64)
         self._unique: tuple[Any, np.ndarray] | None = None
         self._shells: Any = None
+        self._shell_weights: np.ndarray | None = None
 
     @property
     def unique(self) -> tuple[Any, np.ndarray]:
@@ -478,9 +479,30 @@ class _SchemeContext:
 
     @property
     def shells(self) -> Any:
+        """The distinct (b, timing) groups whose spherical means make the shells' (see
+        ``AcquisitionScheme.spherical_mean_groups``); ``shell_weights`` averages them."""
         if self._shells is None:
-            self._shells = self.scheme.shell_measurements()
+            self._shells, self._shell_weights = _spherical_mean_groups(self.scheme)
         return self._shells
+
+    @property
+    def shell_weights(self) -> np.ndarray:
+        """(S, G) weights: shell spherical means = group spherical means @ weights.T."""
+        if self._shells is None:
+            self.shells  # noqa: B018 - computes both
+        return self._shell_weights
+
+    @property
+    def n_shells(self) -> int:
+        return int(self.shell_weights.shape[0])
+
+
+def _spherical_mean_groups(scheme: Any) -> tuple[Any, np.ndarray]:
+    """(groups, weights) of a scheme; a scheme without groups averages nothing."""
+    if hasattr(scheme, "spherical_mean_groups"):
+        return scheme.spherical_mean_groups()
+    shells = scheme.shell_measurements()
+    return shells, np.eye(shells.number_of_measurements)
 
 
 def mu_to_axes(mu: np.ndarray) -> np.ndarray:
@@ -843,8 +865,7 @@ class MultiCompartmentModelProperties(_ParameterNamespace):
                      type(self).__name__)
         ctx = _SchemeContext(acquisition_scheme)
         flat = vec.reshape(-1, vec.shape[-1])
-        n_out = (ctx.shells.number_of_measurements if self._spherical_mean
-                 else ctx.meas.number_of_measurements)
+        n_out = ctx.n_shells if self._spherical_mean else ctx.meas.number_of_measurements
         out = np.empty((flat.shape[0], n_out))
         for start in range(0, flat.shape[0], _CHUNK):
             block = flat[start:start + _CHUNK]
@@ -870,8 +891,7 @@ class MultiCompartmentModelProperties(_ParameterNamespace):
         ctx = _SchemeContext(acquisition_scheme)
         n = flat.shape[0]
         values = self._parameters_with_links(self._free_dict(flat, state), n, state)
-        n_out = (ctx.shells.number_of_measurements if self._spherical_mean
-                 else ctx.meas.number_of_measurements)
+        n_out = ctx.n_shells if self._spherical_mean else ctx.meas.number_of_measurements
         pick = None if which is None else np.asarray(which, dtype=int).reshape(-1)
         if pick is not None and pick.shape[0] != n:
             raise InputError(f"which must give one sub-model per row ({n}), got "
@@ -897,15 +917,11 @@ class MultiCompartmentModelProperties(_ParameterNamespace):
         if self._spherical_mean:
             if _is_distributed(model):
                 sig = model._spherical_mean_batch(ctx, local, n)
-                isotropic = all(is_isotropic(m) for m in model.models)
             else:
                 sig = compartment_spherical_mean(model, ctx.shells, local, n)
-                isotropic = is_isotropic(model)
-            b0 = getattr(ctx.scheme, "shell_b0_mask", None)
-            if not isotropic and b0 is not None and np.any(b0):
-                sig = np.array(sig, dtype=float)
-                sig[:, np.asarray(b0, dtype=bool)] = 1.0
-            return sig
+            # each shell: the average of its members' spherical means at their own b-value
+            # and timing (exact on jittered or mixed shells; 1 at b = 0 by the kernels)
+            return np.asarray(sig, dtype=float) @ ctx.shell_weights.T
         if _is_distributed(model):
             return model._signal_batch(ctx, local, n)
         return compartment_signal(model, ctx.meas, ctx.directions, local, n)

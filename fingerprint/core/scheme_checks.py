@@ -39,7 +39,8 @@ The rules (b-values in s/mm² in the messages, SI units in the code):
   beside an orientation-dispersed bundle (NODDI), on one diffusion-weighted shell -> refuse;
   any other multi-compartment model on one shell -> warn.
 * ``spherical-mean-shells``: a spherical-mean model with fewer diffusion-weighted shells
-  than free parameters -> refuse.
+  than free parameters (top-level volume fractions, which sum to 1, count one less)
+  -> refuse.
 * ``directions``: fewer distinct directions (antipodal pairs merged) than the model's free
   parameters -> refuse; fewer than :data:`FEW_DIRECTIONS` per orientation of an
   anisotropic model -> warn.
@@ -278,10 +279,13 @@ def _is_dispersed(sub: Any) -> bool:
 
 
 def _n_free(model: Any) -> int:
+    """Free parameter values; top-level volume fractions count one less (they sum to 1)."""
     card = getattr(model, "parameter_cardinality", None)
     if not card:
         return 0
-    return int(sum(int(c) for c in card.values()))
+    total = int(sum(int(c) for c in card.values()))
+    fractions = [n for n in card if n.startswith("partial_volume_")]
+    return total - 1 if len(fractions) >= 2 else total
 
 
 def _n_orientations(model: Any) -> int:

@@ -318,17 +318,7 @@ def fit_voxels(fitter: VoxelFitter, data: np.ndarray,
     ve = fitter.fit_voxels(sub, x0_rows)
     if rows.size == n:
         return ve
-    P = ve.parameters.shape[1]
-
-    def full(values: np.ndarray, shape: tuple[int, ...], fill: float | bool) -> np.ndarray:
-        out = np.full(shape, fill, dtype=values.dtype)
-        out[rows] = values
-        return out
-
-    return VoxelEstimates(full(ve.parameters, (n, P), np.nan),
-                          full(ve.uncertainty, (n, P), np.nan), full(ve.s0, (n,), np.nan),
-                          full(ve.r2, (n,), np.nan), full(ve.mse, (n,), np.nan),
-                          full(ve.valid, (n,), False), full(ve.sigma, (n,), np.nan))
+    return ve.take(rows, n)
 
 
 def _x0_rows(x0: np.ndarray | Mapping[str, np.ndarray] | None, rows: np.ndarray, n: int

@@ -75,6 +75,11 @@ class VoxelEstimates:
     mse: (n,) mean squared error of the fitted signal (b0-normalised data).
     valid: (n,) bool.
     sigma: (n,) estimated noise standard deviation, in units of the raw data.
+    match_chi2, fit_chi2, orientation_sd: (n,) quality diagnostics, or None when the
+        solver does not give them (:mod:`fingerprint.fitting.quality`): reduced
+        chi-square of the features against the matched prediction, reduced chi-square of
+        the fitted signal's residual (both in units of the noise variance), and the
+        orientation uncertainty in degrees (NaN without orientation).
     """
 
     parameters: np.ndarray
@@ -84,6 +89,27 @@ class VoxelEstimates:
     mse: np.ndarray
     valid: np.ndarray
     sigma: np.ndarray
+    match_chi2: np.ndarray | None = None
+    fit_chi2: np.ndarray | None = None
+    orientation_sd: np.ndarray | None = None
+
+    #: the optional per-voxel diagnostics
+    DIAGNOSTICS = ("match_chi2", "fit_chi2", "orientation_sd")
+
+    def take(self, rows: np.ndarray, n: int) -> VoxelEstimates:
+        """Estimates of ``n`` voxels with these at ``rows`` and NaN / invalid elsewhere."""
+        def full(values: np.ndarray | None, fill: float | bool) -> np.ndarray | None:
+            if values is None:
+                return None
+            out = np.full((n,) + np.shape(values)[1:], fill, dtype=np.asarray(values).dtype)
+            out[rows] = values
+            return out
+
+        return VoxelEstimates(
+            full(self.parameters, np.nan), full(self.uncertainty, np.nan),  # type: ignore[arg-type]
+            full(self.s0, np.nan), full(self.r2, np.nan), full(self.mse, np.nan),  # type: ignore[arg-type]
+            full(self.valid, False), full(self.sigma, np.nan),  # type: ignore[arg-type]
+            *(full(getattr(self, d), np.nan) for d in self.DIAGNOSTICS))
 
 
 @contextlib.contextmanager
@@ -346,9 +372,11 @@ class FingerprintEstimator:
             empty = np.zeros((0, self.n_parameters))
             return VoxelEstimates(empty, empty.copy(), np.zeros(0), np.zeros(0), np.zeros(0),
                                   np.zeros(0, dtype=bool), np.zeros(0))
-        out = VoxelEstimates(*[np.concatenate([getattr(p, f) for p in parts])
-                               for f in ("parameters", "uncertainty", "s0", "r2", "mse",
-                                         "valid", "sigma")])
+        out = VoxelEstimates(*[
+            None if any(getattr(p, f) is None for p in parts)
+            else np.concatenate([getattr(p, f) for p in parts])
+            for f in ("parameters", "uncertainty", "s0", "r2", "mse", "valid", "sigma",
+                      *VoxelEstimates.DIAGNOSTICS)])
         n_bad = int(n - out.valid.sum())
         if n_bad:
             logger.warning("%d of %d voxels could not be fitted (non-finite values, no "
@@ -377,8 +405,9 @@ class FingerprintEstimator:
         plain_all, _, s0, sigma_all, valid = run_parallel(
             prepare_signals, data, b0, no_sigma, MIN_B0_FOR_NOISE, False)
         rows = np.flatnonzero(valid)
+        diag = {d: np.full(n, np.nan) for d in VoxelEstimates.DIAGNOSTICS}
         if rows.size == 0:
-            return VoxelEstimates(params, unc, s0, r2, mse, valid, sigma_all)
+            return VoxelEstimates(params, unc, s0, r2, mse, valid, sigma_all, **diag)
         plain = plain_all[rows]
         sigma_b0 = sigma_all[rows]
         s0v = s0[rows]
@@ -488,7 +517,91 @@ class FingerprintEstimator:
         r2[rows] = r2v
         mse[rows] = res / width
         sigma_all[rows] = sigma
-        return VoxelEstimates(params, unc, s0, r2, mse, valid, sigma_all)
+        self._diagnostics(diag, rows, feats, pred_feats, frames, sig2_feat, res, width,
+                          weights, idx, (sigma_b0 / s0v) ** 2)
+        return VoxelEstimates(params, unc, s0, r2, mse, valid, sigma_all, **diag)
+
+    @property
+    def dictionary_spacing2(self) -> float:
+        """Squared feature distance between neighbouring atoms (the 99th percentile of
+        each of up to 512 sampled atoms' distance to its nearest other atom): what the
+        dictionary's sampling alone leaves unexplained, added to the noise by the quality
+        rules (:mod:`fingerprint.fitting.quality`). Computed once."""
+        cached = getattr(self, "_spacing2", None)
+        if cached is None:
+            from .quality import SPACING_PERCENTILE, SPACING_SAMPLE
+
+            n_atoms = int(self.atom_features.shape[0])
+            rng = np.random.default_rng(0)
+            pick = np.sort(rng.choice(n_atoms, size=min(SPACING_SAMPLE, n_atoms),
+                                      replace=False))
+            if n_atoms < 2:
+                cached = 0.0
+            else:
+                dist, _ = self.matcher.search(
+                    np.ascontiguousarray(self.atom_features[pick], dtype=np.float32), 2)
+                d = np.asarray(dist, dtype=float)[:, 1]
+                d = d[np.isfinite(d) & (d >= 0)]
+                cached = float(np.percentile(d, SPACING_PERCENTILE)) if d.size else 0.0
+            self._spacing2 = cached
+        return float(cached)
+
+    @property
+    def noise_dof(self) -> int | None:
+        """Degrees of freedom of the b=0 noise estimate (b0 count - 1), or None when there
+        are fewer than MIN_B0_FOR_NOISE b0s (the pooled estimate is used then)."""
+        n_b0 = int(self._b0.sum())
+        return n_b0 - 1 if n_b0 >= MIN_B0_FOR_NOISE else None
+
+    @property
+    def n_fit_measurements(self) -> int:
+        """Measurements (or shell means) the residual of ``fit_chi2`` is summed over."""
+        fmap = self.feature_map
+        if fmap.kind == "shell_means":
+            return int(fmap.shell_columns.size)
+        return int(self._n_meas) if fmap.kind == "zonal" else int(fmap.dwi_columns.size)
+
+    def quality_flags(self, ve: VoxelEstimates) -> np.ndarray:
+        """Quality bit map (n,) of estimates made by this estimator
+        (:func:`fingerprint.fitting.quality.quality_flags`)."""
+        from .quality import quality_flags
+
+        return quality_flags(valid=ve.valid, parameters=ve.parameters,
+                             uncertainty=ve.uncertainty, lower=self._lower,
+                             upper=self._upper, scalar_columns=self._scalar_columns,
+                             match_chi2=ve.match_chi2, n_features=self.feature_map.n_features,
+                             fit_chi2=ve.fit_chi2, n_fit=self.n_fit_measurements,
+                             noise_dof=self.noise_dof)
+
+    def _diagnostics(self, diag: dict[str, np.ndarray], rows: np.ndarray, feats: np.ndarray,
+                     pred_feats: np.ndarray, frames: np.ndarray | None,
+                     sig2_feat: np.ndarray, res: np.ndarray, width: int,
+                     weights: np.ndarray, idx: np.ndarray, sig2_b0: np.ndarray) -> None:
+        """Fill the quality diagnostics of the fitted ``rows`` (see VoxelEstimates). The
+        residual is measured against the b=0 noise estimate when there is one (it does
+        not absorb a poor fit as the pooled estimate does), else the pooled one."""
+        from .quality import SIGMA_FLOOR, neighbour_cone_angle, profile_orientation_sd
+
+        fmap = self.feature_map
+        sig2 = np.maximum(sig2_feat, SIGMA_FLOOR ** 2)
+        k = max(int(feats.shape[1]), 1)
+        spacing2 = self.dictionary_spacing2
+        diag["match_chi2"][rows] = ((feats - pred_feats) ** 2).sum(axis=1) / (
+            k * sig2 + spacing2)
+        noise = sig2
+        if self.noise_dof is not None:
+            noise = np.where(np.isfinite(sig2_b0) & (sig2_b0 > 0),
+                             np.maximum(sig2_b0, SIGMA_FLOOR ** 2), sig2)
+        diag["fit_chi2"][rows] = res / (max(int(width), 1) * noise + spacing2)
+        if fmap.kind == "zonal" and frames is not None:
+            diag["orientation_sd"][rows] = profile_orientation_sd(
+                fmap.reconstruct, pred_feats, frames, sig2, ~self._b0)
+        elif self._orientation_columns.size >= 2:
+            cols = self._orientation_columns[:2]
+            atom_axes = angles_to_frames(self.atom_parameters[:, cols])
+            best = idx[np.arange(idx.shape[0]), np.argmax(weights, axis=1)]
+            diag["orientation_sd"][rows] = neighbour_cone_angle(weights, idx, atom_axes,
+                                                                atom_axes[best])
 
     def _aligned_frames(self, ynorm: np.ndarray, frames: np.ndarray, sig2: np.ndarray,
                         query: np.ndarray | None = None) -> np.ndarray:

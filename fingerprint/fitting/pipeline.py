@@ -300,7 +300,12 @@ def fit_chunk(fitter: VoxelFitter, data: np.ndarray) -> dict[str, np.ndarray]:
     (:func:`~fingerprint.fitting.engine.fit_voxels`); what executors run. Fitters pickle
     small (the built-in one to its dictionary's path), so workers rebuild and cache
     them."""
-    return _chunk_result(fit_voxels(fitter, np.asarray(data)))
+    from fingerprint.fitting.quality import voxel_quality
+
+    ve = fit_voxels(fitter, np.asarray(data))
+    out = _chunk_result(ve)
+    out.update(voxel_quality(fitter, ve))
+    return out
 
 
 # ----------------------------------------------------------------------------- results
@@ -327,6 +332,9 @@ class FitResult:
     preview: Path | None = None
     #: seconds per step: dictionary, fit, write
     timings: dict[str, float] = field(default_factory=dict)
+    #: voxels (of the mask) carrying each quality flag, with ``any`` and ``total``
+    #: (:mod:`fingerprint.fitting.quality`)
+    quality_counts: dict[str, int] = field(default_factory=dict)
 
 
 class _Progress:
@@ -653,6 +661,9 @@ def fit_volume(model: Any, dwi: Any, bval: Any, bvec: Any, out_dir: Any, *,
     s0 = np.full(n_total, np.nan, dtype=np.float32)
     r2 = np.full(n_total, np.nan, dtype=np.float32)
     valid = np.zeros(n_total, dtype=bool)
+    quality = np.full(n_total, 1, dtype=np.uint8)  # "invalid" until fitted
+    sigma = np.full(n_total, np.nan, dtype=np.float32)
+    orient_sd = np.full(n_total, np.nan, dtype=np.float32)
     rows = _row_index(mask_arr)
     fit_span = prog.span(_DICTIONARY_SHARE, 1.0 - _WRITE_SHARE)
     done_count = [0]
@@ -664,6 +675,10 @@ def fit_volume(model: Any, dwi: Any, bval: Any, bvec: Any, out_dir: Any, *,
         s0[r] = out["s0"]
         r2[r] = out["r2"]
         valid[r] = out["valid"]
+        if "quality" in out:
+            quality[r] = out["quality"]
+            sigma[r] = out["sigma"]
+            orient_sd[r] = out["orientation_sd"]
 
     def done(n: int) -> None:
         done_count[0] += n
@@ -777,12 +792,41 @@ def fit_volume(model: Any, dwi: Any, bval: Any, bvec: Any, out_dir: Any, *,
          description="fitted signal without diffusion weighting (units of the input)")
     emit("r2", np.where(valid, r2, np.nan).astype(np.float32), parameter=None,
          units="n/a", description="coefficient of determination R² of the fitted signal")
+    emit("sigma", np.where(valid, sigma, np.nan).astype(np.float32), parameter=None,
+         units="arbitrary",
+         description="estimated noise standard deviation (units of the input): the b=0 "
+                     "spread pooled with the fit residual")
+    if np.isfinite(orient_sd[valid]).any():
+        emit("orientation", np.where(valid, orient_sd, np.nan).astype(np.float32),
+             parameter=None, units="degree", desc="uncertainty",
+             description="orientation uncertainty: 1-sd cone angle of the fibre axis "
+                         "(Fisher information of the fitted angular profile, or the "
+                         "spread of the matched atoms' axes)")
+    from fingerprint.fitting.quality import FLAGS, flag_counts
+
+    counts = flag_counts(quality)
+    q_name = bids_map_name(pref, model_label, None, desc="quality")
+    q_sidecar = _sidecar(
+        label="quality", parameter=None, units="n/a",
+        description="per-voxel quality flags, a bit map: " + ", ".join(
+            f"{bit} = {name}" for name, bit in FLAGS.items()) + " (rules in the "
+            "fingerprint documentation, fingerprint.fitting.quality)",
+        model_info=model_info, sources=sources,
+        extra={**common_extra, "QualityFlags": dict(FLAGS), "QualityCounts": counts})
+    q_nii, q_js = write_map(volume(quality.astype(np.float32)), image.img, out_dir, q_name,
+                            q_sidecar)
+    files.extend([q_nii, q_js])
+    if counts["any"]:
+        logger.info("quality flags: %s of %d voxels flagged (%s)", counts["any"], n_total,
+                    ", ".join(f"{k} {v}" for k, v in counts.items()
+                              if k in FLAGS and v))
     preview_path = None
     if preview:
         from fingerprint.preview import write_preview
 
         preview_path = write_preview(
-            {label: p for label, p in maps.items() if not label.endswith("_uncertainty")},
+            {label: p for label, p in maps.items()
+             if not label.endswith("_uncertainty") and label != "sigma"},
             out_dir / bids_map_name(pref, model_label, None, desc="preview", suffix=None,
                                     extension=".png"),
             title=f"fingerprint {model_label}")
@@ -796,7 +840,8 @@ def fit_volume(model: Any, dwi: Any, bval: Any, bvec: Any, out_dir: Any, *,
                      maps=maps, n_invalid=n_invalid, n_unusable=n_unusable,
                      model=model_label, dictionary=dict_path,
                      preview=preview_path,
-                     timings={"dictionary": t_dict, "fit": t_fit, "write": t_write})
+                     timings={"dictionary": t_dict, "fit": t_fit, "write": t_write},
+                     quality_counts=counts)
 
 
 def _layout(fitter: VoxelFitter) -> dict[str, slice]:

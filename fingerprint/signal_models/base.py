@@ -418,19 +418,18 @@ class CompartmentModel:
     def spherical_mean(self, acquisition_scheme: Any, **kwargs: Any) -> np.ndarray:
         """Spherical mean (S,) of the signal on each shell of the scheme (dmipy style).
 
-        b0 shells are 1 for anisotropic compartments, like dmipy.
+        Exact at every b-value: a shell's value is the average of its members' spherical
+        means, each at the member's own b-value and timing
+        (``AcquisitionScheme.spherical_mean_groups``), so shells whose b-values jitter or
+        mix stay exact and a b=0 shell holding b = 5 s/mm² measurements is not forced
+        to 1. Given a MeasurementSet instead of a scheme: one value per row.
         """
         self._check_kwargs(kwargs)
-        if hasattr(acquisition_scheme, "shell_measurements"):
-            shells = acquisition_scheme.shell_measurements()
-        else:
-            shells = acquisition_scheme
         params = self._single_params(kwargs)
-        mean = self.spherical_mean_batch(shells, **params)[0]
-        b0 = getattr(acquisition_scheme, "shell_b0_mask", None)
-        if b0 is not None and not self.is_isotropic:
-            mean = np.where(np.asarray(b0, dtype=bool), 1.0, mean)
-        return mean
+        if hasattr(acquisition_scheme, "spherical_mean_groups"):
+            groups, weights = acquisition_scheme.spherical_mean_groups()
+            return weights @ self.spherical_mean_batch(groups, **params)[0]
+        return self.spherical_mean_batch(acquisition_scheme, **params)[0]
 
     def _single_params(self, kwargs: Mapping[str, Any]) -> dict[str, np.ndarray]:
         params = {}

@@ -37,6 +37,7 @@ from ..storage import (
     receive_multipart,
 )
 from ..validation import (
+    b0_threshold_field,
     check_model,
     check_timing,
     int_field,
@@ -55,7 +56,8 @@ FIT_FILES = {
     "bvec": FileField("dwi.bvec"),
     "mask": FileField("mask", nifti=True, required=False),
 }
-FIT_TEXT = {"model", "threads", "dictionary_size", "prefix", "delta", "Delta", "TE"}
+FIT_TEXT = {"model", "threads", "dictionary_size", "prefix", "delta", "Delta", "TE",
+            "b0_threshold"}
 
 _ERRORS = {
     401: {"model": ErrorBody, "description": "missing or invalid API key"},
@@ -91,6 +93,11 @@ _FIT_BODY = {
                                          "need timing"},
                 "Delta": {"type": "number", "description": "gradient pulse separation (s)"},
                 "TE": {"type": "number", "description": "echo time (s)"},
+                "b0_threshold": {"type": "number", "minimum": 0, "default": 10,
+                                 "description": "b-value (s/mm²) at or below which "
+                                                "measurements are the b=0 reference that "
+                                                "normalises S0; the forward models use "
+                                                "every measurement's own b-value"},
             },
         }}},
     }
@@ -192,15 +199,18 @@ async def client_watch(request: Request) -> AsyncIterator[threading.Event]:
 
 
 async def run_checks(request: Request, ctx: ServerContext, files: dict[str, Path],
-                     timing: dict[str, float]) -> None:
-    """The checks made while the client waits (headers, mask voxels), in a thread, under
-    the server's time limit; stopped when the client goes away."""
+                     timing: dict[str, float], *, model: str | None = None,
+                     b0_threshold: float | None = None) -> None:
+    """The checks made while the client waits (headers, the scheme against ``model`` with
+    ``b0_threshold`` in s/mm², mask voxels), in a thread, under the server's time limit;
+    stopped when the client goes away."""
     limits = InputLimits.from_settings(ctx.settings)
     deadline = time.monotonic() + ctx.settings.check_seconds
     async with client_watch(request) as gone:
         try:
             await run_in_threadpool(check_fit_upload, files, timing, limits,
-                                    deadline=deadline, should_stop=gone.is_set)
+                                    deadline=deadline, should_stop=gone.is_set, model=model,
+                                    b0_threshold=b0_threshold)
         except Stopped:
             raise ApiError(400, "the client disconnected during the checks") from None
 
@@ -291,7 +301,11 @@ async def submit_job(request: Request, ctx: Context, key: CallerKey) -> JSONResp
             timing = timing_fields(fields)
             check_timing(model, timing)
             options.update(timing)
-            await run_checks(request, ctx, upload.files, timing)
+            b0_threshold = b0_threshold_field(fields)
+            if b0_threshold is not None:  # s/mm² on the form, s/m² in the fit options
+                options["b0_threshold"] = b0_threshold * 1e6
+            await run_checks(request, ctx, upload.files, timing, model=model,
+                             b0_threshold=b0_threshold)
             inputs = {name: path.name for name, path in upload.files.items()}
             job = await run_in_threadpool(accept_job, ctx, key.id, upload_dir, kind="fit",
                                           model=model, options=options, inputs=inputs)
