@@ -88,3 +88,33 @@ def test_demo_runs_and_reports_accuracy(capsys, tmp_path):
     assert (tmp_path / "phantom" / "sub-demo_dwi.nii.gz").exists()
     mae = float(out.split("icvf")[1].split()[0])
     assert 0 <= mae < 0.2
+
+
+def test_invalid_voxels_do_not_stop_a_fit_and_the_summary_counts_flags(tmp_path, capsys):
+    # a NaN voxel and a voxel with a negative signal: left out, counted, NaN in the maps,
+    # flagged "invalid" in the quality map; the b=0 volumes are at b = 5 s/mm² and the
+    # run says so with --b0-threshold (the physics uses b = 5)
+    phantom = noddi_phantom(shape=(4, 3, 2), seed=2, snr=40)
+    phantom["dwi"][1, 1, 0, 9] = np.nan
+    phantom["dwi"][2, 0, 1, 20] = -5.0
+    paths = write_phantom(phantom, tmp_path / "in", prefix="sub-09")
+    bvals = np.loadtxt(paths["bval"]).ravel()
+    paths["bval"].write_text(" ".join(f"{5.0 if b == 0 else b:g}" for b in bvals) + "\n")
+    args = ["fit", "--model", "noddi", "--dwi", paths["dwi"], "--bval", paths["bval"],
+            "--bvec", paths["bvec"], "--out", tmp_path / "out", "--dictionary-size", SIZE,
+            "--no-progress"]
+    code, out, err = _run(capsys, *args)
+    assert code == 0, err
+    assert "2 voxels were left out" in out
+    assert "quality:" in out and "invalid 2" in out
+    quality = np.asarray(nib.load(tmp_path / "out" /
+                                  "sub-09_model-noddi_desc-quality_dwimap.nii.gz").dataobj)
+    assert int(quality[1, 1, 0]) & 1 and int(quality[2, 0, 1]) & 1
+    odi = np.asarray(nib.load(tmp_path / "out" /
+                              "sub-09_model-noddi_param-odi_dwimap.nii.gz").dataobj)
+    assert np.isnan(odi[1, 1, 0]) and np.isnan(odi[2, 0, 1])
+    assert np.isfinite(odi[0, 0, 0])
+    # with a threshold below 5 s/mm² those volumes are diffusion-weighted without a
+    # direction: refused, naming the file and the measurement
+    code, out, err = _run(capsys, *args, "--b0-threshold", 2)
+    assert code == 2 and "measurement 0 has b = 5 s/mm² but a zero gradient vector" in err

@@ -66,7 +66,9 @@ def test_outputs_are_bids_named_with_sidecars(fitted, files):
     expected = {f"sub-01_model-noddi_param-{label}_dwimap.nii.gz"
                 for label in ("icvf", "odi", "isovf", "direction", "s0", "r2")}
     expected |= {f"sub-01_model-noddi_param-{label}_desc-uncertainty_dwimap.nii.gz"
-                 for label in ("icvf", "odi", "isovf")}
+                 for label in ("icvf", "odi", "isovf", "orientation")}
+    expected |= {"sub-01_model-noddi_param-sigma_dwimap.nii.gz",
+                 "sub-01_model-noddi_desc-quality_dwimap.nii.gz"}
     names = {p.name for p in result.files}
     assert {n for n in names if n.endswith(".nii.gz")} == expected
     assert {n for n in names if n.endswith(".json")} == {

@@ -17,10 +17,12 @@ Per call of :meth:`FingerprintEstimator.estimate` (every step vectorised over vo
    with ``align_axis`` (default) the axis is then re-fitted to the signal with the
    profile of a quick match held fixed (:meth:`FingerprintEstimator._aligned_frames`);
 4. features (:mod:`.features`), k-nearest atoms (:mod:`.matcher`);
-5. posterior-weighted mean and spread of the neighbours, then one local-linear
-   Gauss-Newton step (:mod:`.refine`);
+5. posterior-weighted mean and spread of the neighbours (the weights' variance is the
+   noise plus :data:`SPACING_FRACTION` of the dictionary's squared atom spacing, so that
+   low-noise voxels interpolate between atoms instead of snapping to one), then one
+   local-linear Gauss-Newton step (:mod:`.refine`);
 6. goodness of fit (R², MSE on b0-normalised signals) from the signal the refined
-   features describe.
+   features describe, and the quality diagnostics (:mod:`.quality`).
 
 The estimator holds only read-only arrays and a FAISS index, so one instance can serve
 several threads at once; results do not depend on how voxels are batched.
@@ -52,6 +54,10 @@ __all__ = ["DEFAULT_NEIGHBORS", "FingerprintEstimator", "VoxelEstimates"]
 DEFAULT_NEIGHBORS = 32
 #: Minimum number of b0 measurements for a per-voxel noise estimate from their spread.
 MIN_B0_FOR_NOISE = 4
+#: Share of the dictionary's squared atom spacing (per feature) added to the noise
+#: variance of the posterior weights: matches of low-noise voxels interpolate between
+#: neighbouring atoms instead of snapping to the nearest (no plateaus in the maps).
+SPACING_FRACTION = 0.25
 #: Neighbours (and HNSW search depth) of the quick match whose profile the fibre axis is
 #: aligned to (1 to 32 neighbours give the same accuracy: the profile is smooth).
 PROFILE_NEIGHBORS = 4
@@ -450,7 +456,11 @@ class FingerprintEstimator:
         marg = None
         if self.marginalise_orientation and fmap.kind == "zonal":
             marg = ~seeded
-        mean, sd, weights = posterior_mean(dist, idx, self.atom_parameters, sig2_feat,
+        # the dictionary's own spacing is part of what a match cannot explain: without it,
+        # low-noise voxels put all weight on one atom and the maps step from atom to atom
+        sig2_match = sig2_feat + SPACING_FRACTION * self.dictionary_spacing2 / max(
+            int(feats.shape[1]), 1)
+        mean, sd, weights = posterior_mean(dist, idx, self.atom_parameters, sig2_match,
                                            self.temperature, self._curvature, marg)
         # orientation: from the frame (canonical dictionaries) or the best atom
         if self.canonical_orientation and frames is not None:
