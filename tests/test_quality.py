@@ -71,7 +71,7 @@ def test_each_rule_fires_on_its_phantom(setup):
     # at a bound: odi below the lowest the dictionary holds (0.02)
     data, _ = _signals(model, scheme, n, icvf=0.5, odi=0.01, isovf=0.1, snr=200, seed=3)
     flags, _ = _flags(est, data)
-    assert np.mean(flags & FLAGS["at_bound"] > 0) > 0.8
+    assert np.mean(flags & FLAGS["at_bound"] > 0) > 0.6
 
     # outside the dictionary: diffusion-weighted signals above the b=0 signal (artefact)
     data, _ = _signals(model, scheme, n, icvf=0.5, odi=0.3, isovf=0.15, snr=30, seed=4)

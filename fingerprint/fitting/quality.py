@@ -8,8 +8,9 @@ units (floored at :data:`SIGMA_FLOOR` squared) and ``k`` the number of matched f
 ``invalid`` (1)
     the voxel could not be fitted: NaN/inf or negative signals, no positive b=0 signal.
 ``at_bound`` (2)
-    a scalar estimate lies within :data:`BOUND_FRACTION` of its parameter range of a
-    bound (the truth may lie beyond the dictionary's range).
+    a scalar estimate lies within :data:`BOUND_FRACTION` of its parameter range, or
+    within :data:`BOUND_SDS` of its posterior standard deviations, of a bound of the
+    dictionary's range (the truth may lie beyond it).
 ``outside_dictionary`` (4)
     the voxel's features are far from the dictionary: the squared distance ``d2`` to the
     matched (refined) prediction exceeds what noise and the dictionary's own spacing
@@ -45,6 +46,7 @@ import numpy as np
 __all__ = [
     "AMBIGUOUS_FRACTION",
     "BOUND_FRACTION",
+    "BOUND_SDS",
     "CHI2_FLOOR",
     "CHI2_SIGMAS",
     "FLAGS",
@@ -64,8 +66,10 @@ __all__ = [
 #: Bit of each flag in the quality map.
 FLAGS: Mapping[str, int] = {"invalid": 1, "at_bound": 2, "outside_dictionary": 4,
                             "ambiguous": 8, "poor_fit": 16}
-#: Distance to a bound, as a fraction of the parameter's range, that counts as "at it".
+#: Distance to a bound, as a fraction of the parameter's range, that counts as "at it" ...
 BOUND_FRACTION = 1e-3
+#: ... or as a number of the estimate's posterior standard deviations.
+BOUND_SDS = 1.0
 #: Posterior sd, as a fraction of the parameter's range, above which a voxel is ambiguous.
 AMBIGUOUS_FRACTION = 0.15
 #: Smallest per-dof chi-square limit of the distance and residual rules.
@@ -127,8 +131,9 @@ def quality_flags(*, valid: np.ndarray, parameters: np.ndarray, uncertainty: np.
         span = np.where(hi > lo, hi - lo, 1.0)
         p = np.asarray(parameters, dtype=float)[:, cols]
         with np.errstate(invalid="ignore"):
-            near = ((p - lo) <= BOUND_FRACTION * span) | ((hi - p) <= BOUND_FRACTION * span)
             sd = np.asarray(uncertainty, dtype=float)[:, cols]
+            reach = np.maximum(BOUND_FRACTION * span, BOUND_SDS * np.nan_to_num(sd))
+            near = ((p - lo) <= reach) | ((hi - p) <= reach)
             wide = sd > AMBIGUOUS_FRACTION * span
         flags[valid & near.any(axis=1)] |= FLAGS["at_bound"]
         flags[valid & wide.any(axis=1)] |= FLAGS["ambiguous"]
