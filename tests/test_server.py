@@ -215,10 +215,10 @@ def _corrupt(phantom: dict[str, Path], tmp: Path) -> list[tuple[str, dict, dict,
     cases.append(("NODDI on a single shell",
                   {"bval": ("b", (" ".join(f"{b:g}" for b in single) + "\n").encode())},
                   {}, "bval"))
-    no_b0 = np.where(bvals < 10, 15.0, bvals)
+    no_b0 = np.where(bvals < 10, 15.0, bvals)  # their bvecs are zero: named, with the fix
     cases.append(("no b=0 (b0_threshold suggested)",
                   {"bval": ("b", (" ".join(f"{b:g}" for b in no_b0) + "\n").encode())},
-                  {}, "bval"))
+                  {}, "bvec"))
     cases.append(("negative b0_threshold", {}, {"b0_threshold": "-1"}, "b0_threshold"))
     mask = nib.Nifti1Image(np.ones((2, 2, 2), np.uint8), np.eye(4))
     buf = io.BytesIO(gzip.compress(mask.to_bytes()))
@@ -245,6 +245,10 @@ def test_invalid_inputs_are_422_naming_the_field(server, phantom, tmp_path):
                 assert body.get("field") == field or f"'{field}'" in body["detail"], \
                     (label, body)
             assert "/tmp" not in body["detail"] and str(server.data_dir) not in body["detail"]
+            if label.startswith("no b=0"):
+                assert "b0_threshold=15 s/mm²" in body["detail"], body
+            if label.startswith("NODDI on a single shell"):
+                assert "2 diffusion-weighted shells" in body["detail"], body
         r = http.post("/v1/jobs", json={"dwi": "x"})
         assert r.status_code == 415
         missing = upload_files(phantom)

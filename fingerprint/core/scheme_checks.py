@@ -334,10 +334,14 @@ def check_gradient_table(bvalues: Any, vectors: Any,
     bad = dwi & finite & (norms < 1e-8)
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
+        top = float(b[bad].max())
         out.append(SchemeFinding("refuse", "bvec-zero",
                                  f"{source}: measurement {i} has b = {_sm(float(b[i]))} but a "
                                  f"zero gradient vector ({int(bad.sum())} such measurements at "
-                                 f"b > {_sm(b0_threshold)})"))
+                                 f"b > {_sm(b0_threshold)}); if they are the b=0 volumes, set "
+                                 f"b0_threshold to {top:g} s/m² (--b0-threshold "
+                                 f"{top / 1e6:g} on the command line, b0_threshold="
+                                 f"{top / 1e6:g} s/mm² on the server)"))
     off = (b > 0) & finite & (norms >= 1e-8) & (np.abs(norms - 1.0) > _NORM_TOLERANCE)
     if off.any():
         out.append(SchemeFinding("note", "bvec-norm",
