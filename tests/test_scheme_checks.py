@@ -163,3 +163,17 @@ def test_cli_check_prints_summary_and_verdict(tmp_path, capsys):
     assert main(["check", "--model", "noddi", "--bval", str(bval), "--bvec", str(bvec),
                  "--b0-threshold", "15"]) == 0
     assert "verdict for noddi: ok" in capsys.readouterr().out
+
+
+def test_study_runs_use_the_same_checks():
+    from fingerprint.batch.checks import check_model, summarise_scheme
+    from fingerprint.batch.runner import StudyOptions
+
+    scheme = _scheme(SINGLE)
+    verdict = check_model("noddi", summarise_scheme(scheme), scheme)
+    assert verdict.status == "skip"
+    assert any("2 diffusion-weighted shells" in r for r in verdict.reasons)
+    assert check_model("noddi", summarise_scheme(_scheme(TWO)), _scheme(TWO)).status == "run"
+    # the study's b0_threshold reaches the fit options (s/m²)
+    assert StudyOptions(models=("noddi",), b0_threshold=15e6).fit_options().b0_threshold \
+        == 15e6

@@ -141,9 +141,12 @@ def summarise_scheme(scheme: object, *, timing_source: str = "none",
                          oddities=tuple(odd))
 
 
-def check_model(model: str, summary: SchemeSummary) -> Verdict:
-    """Whether ``model`` (a named model) can be fitted on a series with ``summary``."""
-    from fingerprint.models import get_recipe, requires_timing
+def check_model(model: str, summary: SchemeSummary, scheme: object = None) -> Verdict:
+    """Whether ``model`` (a named model) can be fitted on a series with ``summary``; with
+    the series' ``scheme``, the library's scheme checks
+    (:func:`fingerprint.core.scheme_checks.check_scheme`, the ones every fit runs) add
+    their refusals (skip) and warnings (warn)."""
+    from fingerprint.models import get_model, get_recipe, requires_timing
 
     name = get_recipe(model).name
     skip: list[str] = []
@@ -165,6 +168,13 @@ def check_model(model: str, summary: SchemeSummary) -> Verdict:
         if few:
             warn.append("shells with fewer than 6 directions: " +
                         ", ".join(f"b={s.bvalue:.0f} ({s.directions})" for s in few))
+    if scheme is not None:
+        from fingerprint.core.scheme_checks import check_scheme
+
+        report = check_scheme(scheme, get_model(name), model_name=name,
+                              requires_timing=requires_timing(name))
+        skip.extend(f.message for f in report.refusals if f.code != "timing" or not skip)
+        warn.extend(f.message for f in report.warnings)
     if skip:
-        return Verdict(name, "skip", tuple(skip))
-    return Verdict(name, "warn" if warn else "run", tuple(warn))
+        return Verdict(name, "skip", tuple(dict.fromkeys(skip)))
+    return Verdict(name, "warn" if warn else "run", tuple(dict.fromkeys(warn)))

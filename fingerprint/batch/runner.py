@@ -85,12 +85,15 @@ class StudyOptions:
     threads: int | None = None
     chunk_voxels: int | None = None
     dask_scheduler: str | None = None
+    #: b-value (s/m²) at or below which volumes are the b=0 reference (None: 10 s/mm²)
+    b0_threshold: float | None = None
 
     def fit_options(self) -> FitOptions:
         """The fitting core's options for every series (threads set per worker)."""
         from fingerprint.fitting.options import FitOptions
 
-        return FitOptions(dictionary_size=self.dictionary_size, threads=self.threads)
+        return FitOptions(dictionary_size=self.dictionary_size, threads=self.threads,
+                          b0_threshold=self.b0_threshold)
 
     def solver_options(self) -> dict:
         """What changes the numbers of a fit (part of every job's provenance): the
@@ -250,7 +253,8 @@ def _read_scheme(series: Series, options: StudyOptions, sp: SeriesPlan) -> objec
     with _fsl_files(str(series.dwi), str(series.bval) if series.bval else None,
                     str(series.bvec) if series.bvec else None, None,
                     gradients_only=True) as (_, bval, bvec):
-        scheme = read_fsl_scheme(bval, bvec, delta=delta, Delta=Delta)
+        scheme = read_fsl_scheme(bval, bvec, delta=delta, Delta=Delta,
+                                 b0_threshold=options.b0_threshold)
     n_volumes = _volume_count(series)
     if n_volumes != int(scheme.number_of_measurements):
         raise InputError(f"DWI file {series.name} has {n_volumes} volumes but its gradient "
@@ -329,7 +333,7 @@ def plan_study(bids_dir: str | Path, output_dir: str | Path, options: StudyOptio
             sources.append(_source_entry(series.mask, root, content=False))
         out_dir = out / series.relative_dir
         for model in models:
-            verdict = check_model(model, sp.summary)  # type: ignore[arg-type]
+            verdict = check_model(model, sp.summary, scheme)  # type: ignore[arg-type]
             sp.verdicts[model] = verdict
             if verdict.status == "skip":
                 continue

@@ -63,6 +63,9 @@ def add_parser(subparsers: Any) -> None:
                         help="pulse separation (s) for series whose sidecar has none")
     parser.add_argument("--chunk-voxels", type=int, dest="chunk_voxels", metavar="N",
                         help="voxels per chunk (default 20000)")
+    from fingerprint.cli.check import add_b0_threshold_argument
+
+    add_b0_threshold_argument(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--no-qc", action="store_true", dest="no_qc",
                         help="do not write the group QC page")
@@ -93,10 +96,13 @@ def _cmd_bids(args: argparse.Namespace) -> int:
     threads = args.threads
     if threads is None and not args.dask_scheduler:
         threads = max(1, (os.cpu_count() or 1) // args.workers)
+    from fingerprint.cli.check import b0_threshold_si
+
     options = StudyOptions(models=tuple(args.model), dictionary_dir=args.dictionary_dir,
                            dictionary_size=args.dictionary_size, delta=args.delta,
                            Delta=args.Delta, workers=args.workers, threads=threads,
-                           chunk_voxels=args.chunk_voxels, dask_scheduler=args.dask_scheduler)
+                           chunk_voxels=args.chunk_voxels, dask_scheduler=args.dask_scheduler,
+                           b0_threshold=b0_threshold_si(args))
     plan = plan_study(args.bids_dir, args.output_dir, options,
                       participant_labels=args.participant_label,
                       session_labels=args.session_label)
