@@ -150,6 +150,7 @@ def test_summary_and_volumes_match_the_maps(server, finished, phantom):
         assert summary["mask_voxels"] == int(mask.sum())
         assert summary["model"]["name"] == "noddi"
         assert summary["solver"]["dictionary_atoms"] == SIZE
+        assert summary["solver"]["name"] == "fingerprint"
         shells = {s["bval"]: s["count"] for s in summary["scheme"]["shells"]}
         bvals = np.loadtxt(phantom["bval"])
         assert summary["scheme"]["measurements"] == bvals.size
@@ -368,8 +369,9 @@ def test_browser_upload_watch_view_download(server, driver, phantom):
 def test_browser_cancel_running_job(server, driver, phantom, finished):
     from selenium.webdriver.common.by import By
 
-    sign_in(driver, server.url, server.keys["bob"])
-    # per-key isolation: alice's jobs are not in bob's list
+    # the admin key: allowed a dictionary large enough to still be building when cancelled
+    sign_in(driver, server.url, server.keys["root"])
+    # per-key isolation: alice's jobs are not in root's list
     with client(server, server.keys["alice"]) as http:
         alice_jobs = {j["id"] for j in http.get("/v1/jobs").json()["items"]}
     assert alice_jobs
@@ -397,7 +399,7 @@ def test_browser_cancel_running_job(server, driver, phantom, finished):
     wait_until(lambda: not driver.find_elements(By.CSS_SELECTOR, f"li[data-job='{job_id}']")
                or "stopping" in driver.find_element(By.ID, "banner").text, timeout=60,
                what="the job to be cancelled")
-    with client(server, server.keys["bob"]) as http:
+    with client(server, server.keys["root"]) as http:
         deadline = time.monotonic() + 60
         while http.get(f"/v1/jobs/{job_id}").status_code != 404:
             assert time.monotonic() < deadline, "the cancelled job was not deleted"
@@ -434,11 +436,12 @@ def test_browser_server_refusal_in_words(server, driver, phantom, tmp_path):
     from selenium.webdriver.common.by import By
 
     sign_in(driver, server.url, server.keys["alice"])
-    # passes the page's checks, refused by the server: an option out of range
-    submit_files(driver, phantom, options={"dictionary_size": str(SLOW_SIZE * 10)})
+    # passes the page's checks, refused by the server: an output prefix that is not BIDS
+    submit_files(driver, phantom, options={"prefix": "sub 01/<b>"})
     wait_until(lambda: visible(driver, "submit-error"), timeout=60, what="the refusal")
     text = driver.find_element(By.ID, "submit-error").text
-    assert text.startswith("The server refused the input.") and "dictionary_size" in text
+    assert text.startswith("The server refused the input.") and "'prefix'" in text
+    assert "(field: prefix)" in text
 
 
 @pytest.mark.slow

@@ -237,8 +237,8 @@ def _build(ctx: ServerContext, job: dict[str, Any], cache: Path) -> dict[str, An
         "model": {"name": job["model"], "class": model_info.get("Class"),
                   "description": model_info.get("Description"),
                   "reference": model_info.get("Reference")},
-        "solver": {"name": str(result.get("solver") or job["options"].get("solver")
-                               or "fingerprint"),
+        "solver": {"name": str(first.get("Solver") or result.get("solver")
+                               or job["options"].get("solver") or "fingerprint"),
                    "description": generated.get("Description"),
                    "software": f"{generated.get('Name', 'fingerprint')} "
                                f"{generated.get('Version', '')}".strip(),
