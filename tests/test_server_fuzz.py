@@ -23,11 +23,15 @@ schemathesis = pytest.importorskip(
 SIZE = 2000
 
 #: the job routes' ``job_id`` is pinned to finished jobs, so that the fuzzer reaches the
-#: code behind the id check (result files by name, the ZIP, deletion); DELETE gets a job
-#: of its own
+#: code behind the id check (result files by name, the ZIP, the viewer's summary and map
+#: volumes, deletion); DELETE gets a job of its own
 CONFIG = """
 [[operations]]
 include-path-regex = "/results"
+parameters = {{ "path.job_id" = "{job_id}" }}
+
+[[operations]]
+include-path-regex = "/(summary|maps/)"
 parameters = {{ "path.job_id" = "{job_id}" }}
 
 [[operations]]
@@ -61,7 +65,7 @@ def test_openapi_fuzz_has_no_server_errors(tmp_path):
              "--header", f"X-API-Key: {keys['root']}",
              "--checks", "not_a_server_error",
              "--phases", "examples,coverage,fuzzing",
-             "--max-time", "15", "--workers", "2", "--request-timeout", "30",
+             "--max-time", "30", "--workers", "2", "--request-timeout", "30",
              "--report", "ndjson", "--report-dir", str(report)],
             capture_output=True, text=True, timeout=300, cwd=tmp_path)
         with client(server, keys["root"]) as http:  # the pinned job survived, files intact
