@@ -223,6 +223,8 @@ def test_admin_endpoints(server):
         own = root.get("/v1/me").json()["id"]
         assert root.delete(f"/v1/admin/keys/{own}").status_code == 409
         queue = root.get("/v1/admin/queue").json()
+        for row in queue["running"] + queue["queued"]:
+            assert row["stage"] in ("queued", "building dictionary", "fitting", "writing maps")
         assert queue["executor"]["healthy"] is True
         assert queue["executor"]["workers"] == 1
         assert isinstance(queue["running"], list) and isinstance(queue["queued"], list)
@@ -390,6 +392,10 @@ def test_browser_cancel_running_job(server, driver, phantom, finished):
 
     card = wait_until(running_card, timeout=120, what="the job to run")
     job_id = card.get_attribute("data-job")
+    # its stage, from the server: the large dictionary is being built
+    wait_until(lambda: "stage: building dictionary" in driver.find_element(
+        By.CSS_SELECTOR, f"li[data-job='{job_id}'] .facts").text, timeout=60,
+        what="the stage")
     button = card.find_element(By.CSS_SELECTOR, "button[data-action=cancel]")
     button.click()  # first click arms the button
     armed = driver.find_element(By.CSS_SELECTOR,

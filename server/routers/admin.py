@@ -12,7 +12,7 @@ from pydantic import BaseModel, Field
 
 from ..auth import ApiKey, create_key, list_keys, revoke_key
 from ..dependencies import AdminKey, ApiError, CallerKey, Context
-from ..schemas import ErrorBody
+from ..schemas import ErrorBody, job_stage
 
 router = APIRouter(prefix="/admin", tags=["admin"])
 #: ``/v1/me`` (any valid key)
@@ -117,9 +117,11 @@ def get_queue(ctx: Context, key: AdminKey) -> dict[str, Any]:
     queued = ctx.db.jobs_with_status("queued")
 
     def row(job: dict[str, Any]) -> dict[str, Any]:
+        stage, stage_progress = job_stage(job["kind"], job["status"], float(job["progress"]))
         return {"id": job["id"], "owner": names.get(job["owner"], job["owner"]),
                 "kind": job["kind"], "model": job["model"], "status": job["status"],
-                "stage": job.get("stage"), "progress": float(job["progress"]),
+                "stage": stage, "stage_progress": stage_progress,
+                "progress": float(job["progress"]),
                 "created": job["created"], "started": job["started"]}
 
     return {
