@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from fingerprint.core.orientations import angular_error_deg
 from fingerprint.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -256,17 +257,6 @@ def write_phantom(phantom: dict[str, Any], directory: str | os.PathLike,
         paths[f"truth_{label}"] = path
     logger.debug("phantom written to %s", directory)
     return paths
-
-
-def angular_error_deg(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Angle between axes (antipodally symmetric) of (..., 3) vectors, in degrees."""
-    a = np.asarray(a, dtype=np.float64)
-    b = np.asarray(b, dtype=np.float64)
-    na = np.linalg.norm(a, axis=-1)
-    nb = np.linalg.norm(b, axis=-1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        cos = np.abs(np.sum(a * b, axis=-1)) / (na * nb)
-    return np.degrees(np.arccos(np.clip(cos, 0.0, 1.0)))
 
 
 def noddi_errors(estimated: dict[str, np.ndarray], truth: dict[str, np.ndarray],

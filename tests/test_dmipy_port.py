@@ -16,6 +16,7 @@ from fingerprint.core.modeling_framework import (
     MultiCompartmentModel,
     MultiCompartmentSphericalMeanModel,
 )
+from fingerprint.core.orientations import angular_error_deg, mu_to_vectors
 from fingerprint.distributions.distribute_models import SD1WatsonDistributed
 from fingerprint.signal_models import cylinder_models, gaussian_models
 
@@ -40,12 +41,7 @@ def acq_scheme():
 
 
 def _angle(mu_a, mu_b) -> float:
-    def cart(mu):
-        theta, phi = np.asarray(mu, float)[..., 0], np.asarray(mu, float)[..., 1]
-        return np.stack([np.sin(theta) * np.cos(phi), np.sin(theta) * np.sin(phi),
-                         np.cos(theta)], -1)
-    cos = abs(float(np.sum(cart(mu_a) * cart(mu_b))))
-    return float(np.degrees(np.arccos(min(cos, 1.0))))
+    return float(angular_error_deg(mu_to_vectors(mu_a), mu_to_vectors(mu_b)))
 
 
 def test_ball_stick_single_voxel_and_batch(acq_scheme):

@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
+from fingerprint.core.orientations import angular_error_deg, mu_to_vectors
 from fingerprint.dictionary import get_or_build_dictionary
 from fingerprint.errors import InputError
 from fingerprint.fitting.engine import clear_estimator_cache, fit_model
@@ -73,9 +74,7 @@ def mae(a, b):
 
 
 def angular_error(params, truth):
-    a = angles_to_frames(params[:, :2])
-    b = angles_to_frames(truth[:, :2])
-    return np.degrees(np.arccos(np.clip(np.abs(np.sum(a * b, axis=1)), 0, 1)))
+    return angular_error_deg(mu_to_vectors(params[:, :2]), mu_to_vectors(truth[:, :2]))
 
 
 # ------------------------------------------------------------------ accuracy

@@ -13,6 +13,7 @@ import pytest
 
 from fingerprint.core.acquisition_scheme import acquisition_scheme_from_bvalues
 from fingerprint.core.modeling_framework import MultiCompartmentModel
+from fingerprint.core.orientations import angular_error_deg, mu_to_vectors
 from fingerprint.errors import InputError
 from fingerprint.fitting.engine import fit_model, get_estimator
 from fingerprint.fitting.nonlinear import refine_nonlinear
@@ -59,14 +60,11 @@ def _truth(bss, n, seed):
         partial_volume_1=(1 - f_ball) * share, partial_volume_2=(1 - f_ball) * (1 - share))
 
 
-def _cart(mu):
-    mu = np.asarray(mu, float)
-    t, p = mu[..., 0], mu[..., 1]
-    return np.stack([np.sin(t) * np.cos(p), np.sin(t) * np.sin(p), np.cos(t)], -1)
+_cart = mu_to_vectors
 
 
 def _angle(a, b):
-    return np.degrees(np.arccos(np.clip(np.abs(np.sum(_cart(a) * _cart(b), -1)), 0, 1)))
+    return angular_error_deg(mu_to_vectors(a), mu_to_vectors(b))
 
 
 def _pair_errors(bss, fitted, truth):

@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from fingerprint.core.backends import backend
 from fingerprint.core.constants import GYROMAGNETIC_RATIO
 from fingerprint.errors import InputError
 
@@ -713,9 +714,7 @@ class AcquisitionScheme:
     # ----------------------------------------------------------------- other formats
     def to_schemefile(self, filename: Any) -> None:
         """Write the scheme as a Camino ``.scheme`` file (dmipy name)."""
-        from fingerprint.io.gradients import write_camino_scheme
-
-        write_camino_scheme(self, filename)
+        backend("write_camino_scheme")(self, filename)
 
     def to_dipy(self) -> Any:
         """The equivalent DIPY ``GradientTable`` (needs DIPY)."""
@@ -886,10 +885,9 @@ def acquisition_scheme_from_schemefile(
 
     See :func:`fingerprint.io.gradients.read_camino_scheme`.
     """
-    from fingerprint.io.gradients import read_camino_scheme
-
-    return read_camino_scheme(file_path, min_b_shell_distance=min_b_shell_distance,
-                              b0_threshold=b0_threshold)
+    scheme: AcquisitionScheme = backend("read_camino_scheme")(
+        file_path, min_b_shell_distance=min_b_shell_distance, b0_threshold=b0_threshold)
+    return scheme
 
 
 #: dmipy's class name, for ported code that checks ``isinstance``.

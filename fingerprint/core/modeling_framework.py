@@ -50,6 +50,8 @@ from typing import Any
 
 import numpy as np
 
+from fingerprint.core.backends import backend
+from fingerprint.core.orientations import mu_to_vectors
 from fingerprint.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -507,11 +509,7 @@ def _spherical_mean_groups(scheme: Any) -> tuple[Any, np.ndarray]:
 
 def mu_to_axes(mu: np.ndarray) -> np.ndarray:
     """Unit vectors (n, 3) from orientations mu (n, 2) = [theta, phi] (radians)."""
-    mu = np.asarray(mu, dtype=float).reshape(-1, 2)
-    theta, phi = mu[:, 0], mu[:, 1]
-    st = np.sin(theta)
-    return np.ascontiguousarray(np.stack([st * np.cos(phi), st * np.sin(phi), np.cos(theta)],
-                                         axis=1))
+    return np.ascontiguousarray(mu_to_vectors(np.asarray(mu, dtype=float).reshape(-1, 2)))
 
 
 def axis_cosines(directions: np.ndarray, mu: np.ndarray) -> np.ndarray:
@@ -979,10 +977,11 @@ class MultiCompartmentModelProperties(_ParameterNamespace):
     def fit(self, acquisition_scheme: Any, data: Any, mask: Any = None,
             solver: str = "fingerprint", **kwargs: Any) -> Any:
         """Fit the model to ``data`` (..., N) by dictionary matching; returns a
-        FittedMultiCompartmentModel (see :func:`fingerprint.fitting.engine.fit_model`)."""
-        from fingerprint.fitting.engine import fit_model
-
-        return fit_model(self, acquisition_scheme, data, mask=mask, solver=solver, **kwargs)
+        FittedMultiCompartmentModel (see :func:`fingerprint.fitting.engine.fit_model`,
+        reached through :func:`fingerprint.core.backends.backend` so that ``core`` does
+        not import ``fitting``)."""
+        return backend("fit")(self, acquisition_scheme, data, mask=mask, solver=solver,
+                              **kwargs)
 
 
 class MultiCompartmentModel(MultiCompartmentModelProperties):

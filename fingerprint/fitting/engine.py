@@ -26,6 +26,7 @@ from collections.abc import Callable, Hashable, Mapping
 import numpy as np
 
 from fingerprint.core.acquisition_scheme import AcquisitionScheme
+from fingerprint.core.backends import register_backend
 from fingerprint.core.fitted_model import FittedMultiCompartmentModel
 from fingerprint.core.modeling_framework import MultiCompartmentModelProperties as Model
 from fingerprint.dictionary import open_dictionary
@@ -481,3 +482,6 @@ def fit_model(model: Model, acquisition_scheme: AcquisitionScheme, data: np.ndar
                                        uncertainty=unc, valid=valid, r2=r2, mse=mse,
                                        estimator=getattr(fitter, "estimator", fitter),
                                        solver=solver_name)
+
+
+register_backend("fit", fit_model)  # what model.fit runs (core does not import fitting)

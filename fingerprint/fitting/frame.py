@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from fingerprint.core.orientations import mu_to_vectors, vectors_to_mu
 from fingerprint.errors import InputError
 
 __all__ = ["DEFAULT_MAX_B", "FrameEstimator", "frames_to_angles", "angles_to_frames"]
@@ -35,18 +36,12 @@ _LOG_FLOOR = 1e-3
 def frames_to_angles(frames: np.ndarray) -> np.ndarray:
     """(theta, phi) in radians (n, 2) of unit vectors (n, 3), dmipy's convention
     (theta from +z, phi = atan2(y, x))."""
-    frames = np.asarray(frames, dtype=np.float64)
-    theta = np.arccos(np.clip(frames[:, 2], -1.0, 1.0))
-    phi = np.arctan2(frames[:, 1], frames[:, 0])
-    return np.stack([theta, phi], axis=1)
+    return vectors_to_mu(np.asarray(frames, dtype=np.float64).reshape(-1, 3))
 
 
 def angles_to_frames(angles: np.ndarray) -> np.ndarray:
     """Unit vectors (n, 3) of (theta, phi) angles (n, 2) in radians."""
-    angles = np.asarray(angles, dtype=np.float64).reshape(-1, 2)
-    st = np.sin(angles[:, 0])
-    return np.stack([st * np.cos(angles[:, 1]), st * np.sin(angles[:, 1]),
-                     np.cos(angles[:, 0])], axis=1)
+    return mu_to_vectors(np.asarray(angles, dtype=np.float64).reshape(-1, 2))
 
 
 @dataclass(frozen=True, eq=False)

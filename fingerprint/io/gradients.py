@@ -37,6 +37,7 @@ from fingerprint.core.acquisition_scheme import (
     acquisition_scheme_from_gradient_strengths,
     b_from_g,
 )
+from fingerprint.core.backends import register_backend
 from fingerprint.errors import InputError
 
 __all__ = [
@@ -390,3 +391,7 @@ def write_mrtrix_grad(scheme: AcquisitionScheme, path: PathLike) -> None:
     lines = ["# x y z b[s/mm^2]"]
     lines += [" ".join(_fmt(x) for x in (*d, bb)) for d, bb in zip(dirs, b, strict=True)]
     Path(path).write_text("\n".join(lines) + "\n")
+
+
+register_backend("read_camino_scheme", read_camino_scheme)
+register_backend("write_camino_scheme", write_camino_scheme)

@@ -62,6 +62,7 @@ from typing import Any
 
 import numpy as np
 
+from fingerprint.core.orientations import mu_to_vectors as _mu_to_vectors
 from fingerprint.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -441,13 +442,9 @@ def map_units(parameter_name: str) -> str:
 
 
 def mu_to_vectors(mu: np.ndarray) -> np.ndarray:
-    """(..., 2) angles (theta, phi) in rad -> (..., 3) unit vectors; NaN rows -> 0."""
-    mu = np.asarray(mu, dtype=np.float64)
-    theta, phi = mu[..., 0], mu[..., 1]
-    st = np.sin(theta)
-    out = np.stack([st * np.cos(phi), st * np.sin(phi), np.cos(theta)], axis=-1)
-    out[~np.isfinite(out)] = 0.0
-    return out
+    """(..., 2) angles (theta, phi) in rad -> (..., 3) unit vectors; NaN rows -> 0
+    (:func:`fingerprint.core.orientations.mu_to_vectors`)."""
+    return _mu_to_vectors(mu, nonfinite=0.0)
 
 
 def _tmp_sibling(path: Path) -> Path:

@@ -31,6 +31,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from fingerprint.core.orientations import mu_to_vectors
 from fingerprint.errors import InputError
 from fingerprint.kernels import compartments as kernels
 from fingerprint.kernels import gauss_legendre_unit, run_kernel
@@ -69,16 +70,9 @@ class _ClassProperty:
 
 
 def unitsphere2cart(mu: Any) -> np.ndarray:
-    """Unit vector(s) (..., 3) from angles (..., 2) = (theta, phi) in radians."""
-    mu = np.asarray(mu, dtype=float)
-    if mu.shape[-1:] != (2,):
-        raise InputError(f"mu must hold the two angles (theta, phi) in radians; got shape "
-                         f"{mu.shape}")
-    theta = mu[..., 0]
-    phi = mu[..., 1]
-    sin_theta = np.sin(theta)
-    return np.stack([sin_theta * np.cos(phi), sin_theta * np.sin(phi), np.cos(theta)],
-                    axis=-1)
+    """Unit vector(s) (..., 3) from angles (..., 2) = (theta, phi) in radians (dmipy name
+    of :func:`fingerprint.core.orientations.mu_to_vectors`)."""
+    return mu_to_vectors(mu)
 
 
 _FIELDS = ("b", "q", "G", "delta", "Delta")
