@@ -67,10 +67,12 @@ def _spec_hash(model: Any) -> str | None:
 
 @lru_cache(maxsize=64)
 def _recipe_hashes(stamp: tuple) -> dict[str, str]:
-    out = {}
+    out: dict[str, str] = {}
     for name, recipe in load_recipes().items():
         try:
-            out[_spec_hash(recipe.build_model())] = name
+            key = _spec_hash(recipe.build_model())
+            if key is not None:
+                out[key] = name
         except Exception as exc:  # a recipe that does not build matches nothing
             logger.warning("recipe %s does not build: %s", name, exc)
     return out
@@ -113,6 +115,11 @@ def requires_timing(name_or_model: Any) -> bool:
     recipe = recipe_for_model(name_or_model)
     if recipe is not None and recipe.requires_timing:
         return True
-    model = name_or_model if not isinstance(name_or_model, str) else recipe.build_model()
+    if isinstance(name_or_model, str):
+        if recipe is None:
+            raise unknown_model(name_or_model, sorted(load_recipes()))
+        model = recipe.build_model()
+    else:
+        model = name_or_model
     required = getattr(model, "_required_acquisition_parameters", None) or []
     return any(p in ("delta", "Delta", "qvalues", "gradient_strengths") for p in required)

@@ -341,6 +341,7 @@ def _child_script(tmp_path: Path, reference_dir: Path) -> Path:
     return script
 
 
+@pytest.mark.slow
 def test_killed_build_never_leaves_a_complete_looking_store(tmp_path, reference_dir,
                                                             hcp_scheme):
     script = _child_script(tmp_path, reference_dir)
@@ -370,6 +371,7 @@ def test_killed_build_never_leaves_a_complete_looking_store(tmp_path, reference_
     assert sorted(p.name for p in directory.iterdir()) == sorted([".locks", d.path.name])
 
 
+@pytest.mark.slow
 def test_concurrent_builders_build_once(tmp_path, reference_dir):
     script = _child_script(tmp_path, reference_dir)
     directory = tmp_path / "dicts"

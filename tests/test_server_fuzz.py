@@ -16,6 +16,9 @@ from server_helpers import (
     write_phantom,
 )
 
+#: long end-to-end tests (real server processes); CI runs them, `-m "not slow"` skips
+pytestmark = pytest.mark.slow
+
 schemathesis = pytest.importorskip(
     "schemathesis", reason="schemathesis is not installed (pip install schemathesis, or the "
                            "project's 'test' or 'fuzz' extra)")

@@ -14,6 +14,9 @@ import pytest
 from server_helpers import ServerProcess, client, make_keys, upload_files, wait_for
 from test_server import SIZE, SLOW_SIZE, phantom  # noqa: F401 - fixture
 
+#: long end-to-end tests (real server processes); CI runs them, `-m "not slow"` skips
+pytestmark = pytest.mark.slow
+
 
 def _maps(zip_bytes: bytes) -> dict[str, np.ndarray]:
     out = {}

@@ -394,6 +394,32 @@ class AcquisitionScheme:
         "shell_TE", "unique_dwi_indices", "hash", "_measurements",
     )
 
+    # the attributes (set once in __init__; annotations only, for type checkers)
+    bvalues: np.ndarray
+    gradient_directions: np.ndarray
+    qvalues: np.ndarray | None
+    gradient_strengths: np.ndarray | None
+    delta: np.ndarray | None
+    Delta: np.ndarray | None
+    TE: np.ndarray | None
+    tau: np.ndarray | None
+    b0_threshold: float
+    min_b_shell_distance: float
+    b0_mask: np.ndarray
+    number_of_b0s: int
+    number_of_measurements: int
+    shell_indices: np.ndarray
+    shell_bvalues: np.ndarray
+    shell_b0_mask: np.ndarray
+    shell_qvalues: np.ndarray | None
+    shell_gradient_strengths: np.ndarray | None
+    shell_delta: np.ndarray | None
+    shell_Delta: np.ndarray | None
+    shell_TE: np.ndarray | None
+    unique_dwi_indices: np.ndarray
+    hash: str
+    _measurements: MeasurementSet
+
     def __init__(self, bvalues: Any, gradient_directions: Any, qvalues: Any = None,
                  gradient_strengths: Any = None, delta: Any = None, Delta: Any = None,
                  TE: Any = None, min_b_shell_distance: float = DEFAULT_MIN_B_SHELL_DISTANCE,
@@ -553,7 +579,7 @@ class AcquisitionScheme:
         unique = MeasurementSet(b=self.bvalues[first], q=take(self.qvalues),
                                 G=take(self.gradient_strengths), delta=take(self.delta),
                                 Delta=take(self.Delta), directions=np.zeros((first.size, 3)))
-        return unique, _readonly(inverse.astype(int))
+        return unique, np.asarray(_readonly(inverse.astype(int)))
 
     def spherical_mean_groups(self) -> tuple[MeasurementSet, np.ndarray]:
         """Exact shell spherical means: the distinct (b, q, delta, Delta) groups and the
@@ -732,7 +758,10 @@ def _timing(reference: np.ndarray, delta: Any, Delta: Any, TE: Any
     return d, D, te
 
 
-def _check_tau(nonzero: np.ndarray, delta: np.ndarray, Delta: np.ndarray) -> None:
+def _check_tau(nonzero: np.ndarray, delta: np.ndarray | None, Delta: np.ndarray | None
+               ) -> None:
+    if delta is None or Delta is None:
+        return
     bad = nonzero & (delta <= 0)
     if bad.any():
         raise InputError(f"delta must be positive for diffusion-weighted measurements; zero at "

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from fingerprint.core.parameter_layout import ParameterLayout
 from fingerprint.errors import InputError
 
 __all__ = ["FittedMultiCompartmentModel", "FittedParameters", "UnknownParameterError",
@@ -110,11 +111,7 @@ class FittedMultiCompartmentModel:
 
     # ------------------------------------------------------------------ parameters
     def _split(self, vector: np.ndarray) -> dict[str, np.ndarray]:
-        out, i = {}, 0
-        for name in self.parameter_names:
-            c = self.parameter_cardinality[name]
-            out[name] = vector[..., i] if c == 1 else vector[..., i:i + c]
-            i += c
+        out = ParameterLayout.from_cardinality(self.parameter_cardinality).split(vector)
         return out
 
     @property

@@ -52,6 +52,8 @@ import numpy as np
 
 from fingerprint.core.backends import backend
 from fingerprint.core.orientations import mu_to_vectors
+from fingerprint.core.parameter_layout import ParameterLayout
+from fingerprint.core.units import DIMENSIONLESS
 from fingerprint.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -90,6 +92,8 @@ class ParameterInfo:
     type: str
     owner: int | None
     local: str
+    #: SI unit (``fingerprint.core.units``), declared where the parameter is
+    unit: str = DIMENSIONLESS
 
 
 @dataclass(frozen=True)
@@ -230,6 +234,18 @@ class _ParameterNamespace:
         return OrderedDict((p.name, p.cardinality) for p in self._visible_free())
 
     @property
+    def parameter_layout(self) -> ParameterLayout:
+        """Names, cardinalities, column slices and units of the parameter vector."""
+        return ParameterLayout.from_cardinality(self.parameter_cardinality,
+                                                self.parameter_units)
+
+    @property
+    def parameter_units(self) -> OrderedDict:
+        """Name -> SI unit of every parameter (free, fixed or linked; ``'m^2/s'``, ``'m'``,
+        ``'rad'``, ``'n/a'``...), as declared by the compartments and distributions."""
+        return OrderedDict((p.name, p.unit) for p in self._state.params)
+
+    @property
     def parameter_links(self) -> list[Link]:
         """The fixed / equal / tortuous links, in the order they were set."""
         return list(self._state.links)
@@ -360,18 +376,7 @@ class _ParameterNamespace:
         """Split a parameter vector (..., P) into a dict of free parameters; scalars come
         back as (...) arrays, orientations as (..., 2)."""
         vec = np.asarray(parameter_vector, dtype=float)
-        cards = self.parameter_cardinality
-        total = sum(cards.values())
-        if vec.ndim == 0 or vec.shape[-1] != total:
-            raise InputError(f"parameter vector must have last dimension {total} "
-                             f"({', '.join(cards)}), got shape {vec.shape}")
-        out: dict[str, np.ndarray] = {}
-        pos = 0
-        for name, card in cards.items():
-            chunk = vec[..., pos:pos + card]
-            out[name] = chunk[..., 0] if card == 1 else chunk
-            pos += card
-        return out
+        return ParameterLayout.from_cardinality(self.parameter_cardinality).split(vec)
 
     def parameters_to_parameter_vector(self, **parameters: Any) -> np.ndarray:
         """Parameter vector (..., P) from named parameters (full names or unique suffixes).
@@ -549,6 +554,8 @@ def compartment_signal(compartment: Any, ctx_meas: Any, directions: np.ndarray |
     if is_isotropic(compartment):
         cos = None
     else:
+        if directions is None:
+            raise InputError(f"{type(compartment).__name__} needs gradient directions")
         cos = axis_cosines(directions, params["mu"])
     out = np.asarray(compartment.signal_from_cosines(ctx_meas, cos, **kwargs), dtype=float)
     if out.shape != (n, ctx_meas.number_of_measurements):
@@ -595,9 +602,10 @@ def submodel_from_spec(spec: Mapping[str, Any]) -> Any:
     if kind == "distributed":
         module = importlib.import_module(_DISTRIBUTED_MODULE)
         cls = getattr(module, str(spec["class"]), None)
-        if not isinstance(cls, type):
+        if not isinstance(cls, type) or not hasattr(cls, "from_spec"):
             raise InputError(f"unknown distributed model class {spec['class']!r}")
-        return cls.from_spec(spec)
+        built: Any = cls.from_spec(spec)
+        return built
     if kind != "compartment":
         raise InputError(f"unknown model spec type {kind!r}")
     module_name = str(spec.get("module", ""))
@@ -620,6 +628,12 @@ def _prefixes(models: Sequence[Any], extra: Sequence[Any] = ()) -> list[str]:
         counts[cls] = counts.get(cls, 0) + 1
         out.append(f"{cls}_{counts[cls]}_")
     return out
+
+
+def submodel_units(model: Any) -> dict[str, str]:
+    """Local parameter name -> SI unit of a compartment or distributed model (declared by
+    the compartment / distribution; TypeError when one is missing)."""
+    return dict(model.parameter_units)
 
 
 def _submodel_parameters(model: Any) -> list[tuple[str, int, Any, Any, str]]:
@@ -733,10 +747,12 @@ class MultiCompartmentModelProperties(_ParameterNamespace):
         self.model_names = _prefixes(subs)
         params: list[ParameterInfo] = []
         for k, (model, prefix) in enumerate(zip(subs, self.model_names, strict=True)):
+            units = submodel_units(model)
             for name, card, rng, scale, ptype in _submodel_parameters(model):
                 if self._spherical_mean and ptype == "orientation":
                     continue
-                params.append(ParameterInfo(prefix + name, card, rng, scale, ptype, k, name))
+                params.append(ParameterInfo(prefix + name, card, rng, scale, ptype, k, name,
+                                            units[name]))
         if len(subs) > 1:
             for i in range(len(subs)):
                 params.append(ParameterInfo(f"partial_volume_{i}", 1, (0.01, 0.99), 1.0,
@@ -767,7 +783,7 @@ class MultiCompartmentModelProperties(_ParameterNamespace):
     @property
     def bounds_for_optimization(self) -> list[tuple[float, float]]:
         """Flat (lower, upper) bounds in scaled units, one per vector entry (dmipy)."""
-        out = []
+        out: list[tuple[float, float]] = []
         for name, card in self.parameter_cardinality.items():
             rng = np.atleast_2d(np.asarray(self.parameter_ranges[name], dtype=float))
             out.extend((float(lo), float(hi)) for lo, hi in rng[:card])

@@ -245,6 +245,7 @@ def _write_store(request: BuildRequest, tmp: Path, *, chunk_atoms: int,
     attrs = request.metadata()
     attrs["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat()
     attrs["build_seconds"] = round(time.perf_counter() - t0, 3)
+    assert writer is not None  # set by the first batch; a build has at least one
     writer.finalize(attrs)
     return float(attrs["build_seconds"])
 

@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from fingerprint.core.parameter_layout import ParameterLayout
 from fingerprint.errors import InputError
 
 __all__ = [
@@ -170,11 +171,8 @@ class ParameterSpace:
 
     def offsets(self) -> dict[str, int]:
         """Column offset of every parameter in the parameter vector."""
-        out, offset = {}, 0
-        for p in self.parameters:
-            out[p.name] = offset
-            offset += p.cardinality
-        return out
+        return ParameterLayout.from_cardinality(
+            {p.name: p.cardinality for p in self.parameters}).offsets
 
     def resolve(self, name: str) -> str:
         """Full name of free parameter ``name`` (exact, or an unambiguous suffix such as

@@ -55,6 +55,7 @@ from fingerprint.core.modeling_framework import (
     replay_calls,
     submodel_from_spec,
 )
+from fingerprint.core.units import ANGLE, DIMENSIONLESS, LENGTH
 from fingerprint.errors import IncompatibleModelsError, InputError
 from fingerprint.kernels.dispersion import (
     gauss_legendre_unit,
@@ -176,6 +177,8 @@ class DistributedModel(_ParameterNamespace):
     target_parameter = ""
     #: (name, cardinality, range, scale, type) of the distribution's parameters
     _distribution_parameters: tuple[tuple[str, int, Any, Any, str], ...] = ()
+    #: SI unit of each distribution parameter (``fingerprint.core.units``)
+    _distribution_units: dict[str, str] = {}
 
     def __init__(self, models: Sequence[Any], parameter_links: Any = None,
                  target_parameter: str | None = None) -> None:
@@ -200,12 +203,15 @@ class DistributedModel(_ParameterNamespace):
         dist_prefix = f"{self.distribution_name}_1_"
         params: list[ParameterInfo] = []
         for k, (model, prefix) in enumerate(zip(self.models, self.model_names, strict=True)):
+            units = dict(model.parameter_units)
             for name, card, rng, scale, ptype in compartment_info(model):
                 if name == self.target_parameter:
                     continue
-                params.append(ParameterInfo(prefix + name, card, rng, scale, ptype, k, name))
+                params.append(ParameterInfo(prefix + name, card, rng, scale, ptype, k, name,
+                                            units[name]))
         for name, card, rng, scale, ptype in self._distribution_parameters:
-            params.append(ParameterInfo(dist_prefix + name, card, rng, scale, ptype, -1, name))
+            params.append(ParameterInfo(dist_prefix + name, card, rng, scale, ptype, -1, name,
+                                        self._distribution_units[name]))
         for i in range(len(self.models) - 1):
             params.append(ParameterInfo(f"partial_volume_{i}", 1, (0.01, 0.99), 1.0, "normal",
                                         None, f"partial_volume_{i}"))
@@ -380,6 +386,7 @@ class SD1WatsonDistributed(_SphericalDistributed):
         ("mu", 2, ((0.0, np.pi), (-np.pi, np.pi)), np.array([1.0, 1.0]), "orientation"),
         ("odi", 1, (0.02, 0.99), 1.0, "normal"),
     )
+    _distribution_units = {"mu": ANGLE, "odi": DIMENSIONLESS}
 
     def __init__(self, models: Sequence[Any], parameter_links: Any = None,
                  target_parameter: str = "mu") -> None:
@@ -488,6 +495,8 @@ class SD2BinghamDistributed(_SphericalDistributed):
         ("odi", 1, (0.02, 0.99), 1.0, "normal"),
         ("beta_fraction", 1, (0.0, 1.0), 1.0, "normal"),
     )
+    _distribution_units = {"mu": ANGLE, "psi": ANGLE, "odi": DIMENSIONLESS,
+                           "beta_fraction": DIMENSIONLESS}
 
     def __init__(self, models: Sequence[Any], parameter_links: Any = None,
                  target_parameter: str = "mu") -> None:
@@ -573,6 +582,7 @@ class DD1GammaDistributed(DistributedModel):
         ("alpha", 1, (0.1, 30.0), 1.0, "normal"),
         ("beta", 1, (1e-3, 2.0), 1e-6, "normal"),
     )
+    _distribution_units = {"alpha": DIMENSIONLESS, "beta": LENGTH}
 
     def __init__(self, models: Sequence[Any], parameter_links: Any = None,
                  target_parameter: str = "diameter") -> None:

@@ -323,7 +323,7 @@ def fit_voxels(fitter: VoxelFitter, data: np.ndarray,
 
 
 def _x0_rows(x0: np.ndarray | Mapping[str, np.ndarray] | None, rows: np.ndarray, n: int
-             ) -> np.ndarray | dict[str, np.ndarray] | None:
+             ) -> np.ndarray | Mapping[str, np.ndarray] | None:
     """The rows of a per-voxel x0 (n, ...) that are fitted; broadcast ones unchanged."""
     if x0 is None or rows.size == n:
         return x0

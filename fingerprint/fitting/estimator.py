@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from fingerprint.core.parameter_layout import ParameterLayout
 from fingerprint.errors import InputError
 
 from .features import FeatureMap
@@ -200,13 +201,12 @@ class FingerprintEstimator:
                 f"the dictionary's features have {self.atom_features.shape[1]} columns but "
                 f"the model on this scheme needs {self.feature_map.n_features}")
 
-        # parameter layout
-        offsets, i = {}, 0
-        for name in self.parameter_names:
-            offsets[name] = slice(i, i + self.parameter_cardinality[name])
-            i += self.parameter_cardinality[name]
+        # parameter layout (the dictionary's, which is the model's)
+        self.parameter_layout = ParameterLayout.from_cardinality(
+            {k: self.parameter_cardinality[k] for k in self.parameter_names})
+        offsets = self.parameter_layout.slices
         self._slices = offsets
-        self.n_parameters = i
+        i = self.n_parameters = self.parameter_layout.size
         if self.atom_parameters.shape[1] != i:
             raise InputError(f"dictionary parameters have {self.atom_parameters.shape[1]} "
                              f"columns, the model's parameter vector {i}")
@@ -632,7 +632,9 @@ class FingerprintEstimator:
         _, _, weights = posterior_mean(dist, idx, self.atom_parameters, sig2,
                                        self.temperature)
         profile = weighted_atoms(weights, idx, self.atom_features)
-        return self.frame_estimator.align(ynorm, frames, fmap.zonal_coefficients(profile))
+        fe = self.frame_estimator
+        assert fe is not None  # zonal feature maps have a frame estimator
+        return fe.align(ynorm, frames, fmap.zonal_coefficients(profile))
 
     def _noise(self, plain: np.ndarray, frames: np.ndarray | None, sigma_b0: np.ndarray,
                s0: np.ndarray, rss: np.ndarray | None = None) -> np.ndarray:
@@ -669,6 +671,7 @@ class FingerprintEstimator:
         if given is not None and seeded.all():
             return given, None
         fe = self.frame_estimator
+        assert fe is not None  # zonal feature maps have a frame estimator
         tensor = fe.tensor_directions(ynorm)
         rss = None
         if fe.refine_iterations > 0:

@@ -229,7 +229,7 @@ class Matcher:
         index = self._index_for(n)
         params = None
         if index is self._hnsw:
-            params = faiss.SearchParametersHNSW()
+            params = getattr(faiss, "SearchParametersHNSW")()  # noqa: B009 - untyped module
             params.efSearch = max(int(ef_search or self.ef_search), k)
         for start in range(0, n, QUERY_BATCH):
             stop = min(n, start + QUERY_BATCH)

@@ -136,7 +136,7 @@ def _nnls_supports(g: np.ndarray, b: np.ndarray) -> np.ndarray:
         take = feasible & (c < best_cost)
         if take.any():
             best[take] = 0.0
-            best[np.ix_(np.flatnonzero(take), cols)] = xs[take]
+            best[np.ix_(np.flatnonzero(take), np.asarray(cols, dtype=np.intp))] = xs[take]
             best_cost[take] = c[take]
     return best
 

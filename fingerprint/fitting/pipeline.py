@@ -63,7 +63,6 @@ from fingerprint.io.nifti import (
     DWIImage,
     bids_map_name,
     load_mask,
-    map_units,
     mu_to_vectors,
     write_map,
 )
@@ -212,8 +211,8 @@ def _open_inputs(dwi: Any, bval: Any, bvec: Any, mask: Any, delta: Any = None,
             raise InputError("the mask array is empty (no nonzero voxel)")
         return image, scheme, mask_arr, None
     mask_p = _path(mask, "mask") if mask is not None else None
-    mask_arr = load_mask(mask_p, image.spatial_shape, image.affine) if mask_p else None
-    return image, scheme, mask_arr, mask_p
+    loaded = load_mask(mask_p, image.spatial_shape, image.affine) if mask_p else None
+    return image, scheme, loaded, mask_p
 
 
 def _scan_data(image: DWIImage, mask: np.ndarray | None,
@@ -643,7 +642,8 @@ def fit_volume(model: Any, dwi: Any, bval: Any, bvec: Any, out_dir: Any, *,
         fitter = fitter_for_estimator(est, opts)
     est = getattr(fitter, "estimator", None)
     dictionary = getattr(est, "dictionary", None)
-    dict_path = Path(dictionary.path) if getattr(dictionary, "path", None) else None
+    stored = getattr(dictionary, "path", None)
+    dict_path = Path(stored) if stored else None
     if not _same_acquisition(fitter.scheme, scheme):
         raise InputError(f"the estimator was made for another acquisition scheme than "
                          f"{Path(os.fspath(bval))} / {Path(os.fspath(bvec))}")
@@ -764,6 +764,8 @@ def fit_volume(model: Any, dwi: Any, bval: Any, bvec: Any, out_dir: Any, *,
         files.extend([nii, js])
         maps[label if desc is None else f"{label}_{desc}"] = nii
 
+    # units as the compartments and distributions declare them
+    units = {**dict(fitter.model.parameter_units), **dict(model_obj.parameter_units)}
     for label, pname, cols, is_orientation in plan:
         _check_cancel(should_cancel)
         values = params[:, cols]
@@ -778,13 +780,13 @@ def fit_volume(model: Any, dwi: Any, bval: Any, bvec: Any, out_dir: Any, *,
             continue
         if values.shape[1] == 1:
             values = values[:, 0]
-        emit(label, values, parameter=pname, units=map_units(pname),
+        emit(label, values, parameter=pname, units=units[pname],
              description=f"{label} ({pname})")
         if not with_uncertainty:
             continue
         u = unc[:, cols]
         emit(label, u[:, 0] if u.shape[1] == 1 else u, parameter=pname,
-             units=map_units(pname), desc="uncertainty",
+             units=units[pname], desc="uncertainty",
              description=f"uncertainty of {label}: spread (standard deviation) of the "
                          f"parameter among the matched dictionary atoms")
     emit("s0", np.where(valid, s0, np.nan).astype(np.float32), parameter=None,
@@ -846,15 +848,10 @@ def fit_volume(model: Any, dwi: Any, bval: Any, bvec: Any, out_dir: Any, *,
 
 def _layout(fitter: VoxelFitter) -> dict[str, slice]:
     """Parameter name -> columns of the fitter's parameter vectors."""
-    est = getattr(fitter, "estimator", None)
-    names = list(getattr(est, "parameter_names", None) or fitter.model.parameter_names)
-    card = dict(getattr(est, "parameter_cardinality", None) or
-                fitter.model.parameter_cardinality)
-    out, pos = {}, 0
-    for name in names:
-        out[name] = slice(pos, pos + int(card[name]))
-        pos += int(card[name])
-    return out
+    layout = getattr(getattr(fitter, "estimator", None), "parameter_layout", None)
+    if layout is None:
+        layout = fitter.model.parameter_layout
+    return dict(layout.slices)
 
 
 def _volume_options(options: FitOptions | None, *, threads: int | None,

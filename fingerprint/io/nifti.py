@@ -54,6 +54,7 @@ import os
 import re
 import secrets
 import struct
+import types
 import zlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -75,7 +76,6 @@ __all__ = [
     "atomic_write_nifti",
     "bids_map_name",
     "load_mask",
-    "map_units",
     "mu_to_vectors",
     "open_nifti",
     "write_map",
@@ -86,9 +86,14 @@ DEFAULT_SLAB_BYTES = 128 * 1024**2
 
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
+_fast_gzip: types.ModuleType
+_fast_gzip_error: type[Exception]
 try:  # ISA-L decompresses gzip about 1.6x faster than zlib (the spooling of large DWIs)
-    from isal import igzip as _fast_gzip
-    from isal.isal_zlib import error as _fast_gzip_error
+    import isal.igzip
+    import isal.isal_zlib
+
+    _fast_gzip = isal.igzip
+    _fast_gzip_error = isal.isal_zlib.error
 except ImportError:  # pragma: no cover - isal is a dependency; stdlib as a fallback
     _fast_gzip = gzip
     _fast_gzip_error = zlib.error
@@ -214,7 +219,7 @@ class DWIImage:
         dtype = np.dtype(self.img.header.get_data_dtype())
         if dtype.kind not in "iuf":
             raise InputError(f"DWI file {self.path} has unsupported data type {dtype}")
-        self.shape: tuple[int, int, int, int] = shape  # type: ignore[assignment]
+        self.shape: tuple[int, int, int, int] = shape
         if check:
             check_file_complete(self.img, self.path, "DWI")
 
@@ -425,20 +430,6 @@ def bids_map_name(prefix: str, model: str, label: str | None, desc: str | None =
     if suffix:
         parts.append(suffix)
     return "_".join(parts) + extension
-
-
-def map_units(parameter_name: str) -> str:
-    """BIDS-style (SI, CMIXF) units of a dmipy parameter, from its name."""
-    name = parameter_name.lower()
-    if "lambda" in name or name.endswith("diffusivity"):
-        return "m^2/s"
-    if name.endswith("diameter") or name.endswith("_beta") or name.endswith("radius"):
-        return "m"
-    if name.endswith("_mu") or name.endswith("_psi"):
-        return "rad"
-    if name.endswith("_tau") or name.endswith("delta"):
-        return "s"
-    return "n/a"  # fractions, odi, kappa, alpha, r2: dimensionless
 
 
 def mu_to_vectors(mu: np.ndarray) -> np.ndarray:

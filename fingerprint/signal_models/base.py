@@ -294,6 +294,8 @@ class CompartmentModel:
     """Base class of compartment models (immutable; dmipy-compatible attributes)."""
 
     _parameter_ranges: ClassVar[Mapping[str, Any]] = {}
+    #: unit of each parameter in SI (``fingerprint.core.units``), declared with the ranges
+    _parameter_units: ClassVar[Mapping[str, str]] = {}
     _parameter_scales: ClassVar[Mapping[str, Any]] = {}
     _parameter_types: ClassVar[Mapping[str, str]] = {}
     _required_acquisition_parameters: ClassVar[list[str]] = []
@@ -308,31 +310,40 @@ class CompartmentModel:
 
     # -------------------------------------------------------------- dmipy attributes
     @staticmethod
-    def _names(cls: type) -> list[str]:
+    def _names(cls: Any) -> list[str]:
         """Names of the model parameters (dmipy order)."""
         return list(cls._parameter_ranges)
 
     @staticmethod
-    def _ranges(cls: type) -> OrderedDict:
+    def _ranges(cls: Any) -> OrderedDict:
         """Parameter ranges in optimiser units (multiply by parameter_scales for SI)."""
         return OrderedDict((k, _copy_value(v)) for k, v in cls._parameter_ranges.items())
 
     @staticmethod
-    def _scales(cls: type) -> OrderedDict:
+    def _scales(cls: Any) -> OrderedDict:
         """Scales from optimiser units to SI units."""
         return OrderedDict((k, _copy_value(v)) for k, v in cls._parameter_scales.items())
 
     @staticmethod
-    def _types(cls: type) -> OrderedDict:
+    def _types(cls: Any) -> OrderedDict:
         """Parameter types ('orientation', 'normal', 'cylinder', 'sphere')."""
         return OrderedDict(cls._parameter_types)
 
     @staticmethod
-    def _cardinality(cls: type) -> OrderedDict:
+    def _cardinality(cls: Any) -> OrderedDict:
         """Number of values of each parameter (2 for the orientation mu)."""
         return OrderedDict((k, len(np.atleast_2d(v))) for k, v in cls._parameter_ranges.items())
 
+    @staticmethod
+    def _units(cls: Any) -> OrderedDict:
+        """SI unit of each parameter (``fingerprint.core.units``), as declared."""
+        missing = [k for k in cls._parameter_ranges if k not in cls._parameter_units]
+        if missing:
+            raise TypeError(f"{cls.__name__} declares no unit for {missing}")
+        return OrderedDict((k, cls._parameter_units[k]) for k in cls._parameter_ranges)
+
     parameter_names = _ClassProperty(_names)
+    parameter_units = _ClassProperty(_units)
     parameter_ranges = _ClassProperty(_ranges)
     parameter_scales = _ClassProperty(_scales)
     parameter_types = _ClassProperty(_types)

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from fingerprint.core.constants import WATER_IN_AXONS_DIFFUSION_CONSTANT
+from fingerprint.core.units import ANGLE, DIFFUSIVITY, LENGTH
 from fingerprint.errors import InputError
 from fingerprint.kernels import compartments as kernels
 from fingerprint.kernels import run_kernel
@@ -76,6 +77,7 @@ _CYLINDER_SCALES = {
     "diameter": DIAMETER_SCALING,
 }
 _CYLINDER_TYPES = {"mu": "orientation", "lambda_par": "normal", "diameter": "cylinder"}
+_CYLINDER_UNITS = {"mu": ANGLE, "lambda_par": DIFFUSIVITY, "diameter": LENGTH}
 
 
 def _positive_constant(owner: str, name: str, value: Any) -> float:
@@ -103,6 +105,7 @@ class C1Stick(CompartmentModel):
     _parameter_ranges = {"mu": ORIENTATION_RANGE, "lambda_par": (0.1, 3)}
     _parameter_scales = {"mu": np.r_[1.0, 1.0], "lambda_par": DIFFUSIVITY_SCALING}
     _parameter_types = {"mu": "orientation", "lambda_par": "normal"}
+    _parameter_units = {"mu": ANGLE, "lambda_par": DIFFUSIVITY}
 
     def __init__(self, mu: Any = None, lambda_par: float | None = None) -> None:
         super().__init__(mu=mu, lambda_par=lambda_par)
@@ -139,6 +142,7 @@ class C2CylinderStejskalTannerApproximation(CompartmentModel):
     _parameter_ranges = _CYLINDER_RANGES
     _parameter_scales = _CYLINDER_SCALES
     _parameter_types = _CYLINDER_TYPES
+    _parameter_units = _CYLINDER_UNITS
 
     def __init__(self, mu: Any = None, lambda_par: float | None = None,
                  diameter: float | None = None) -> None:
@@ -174,6 +178,7 @@ class C3CylinderCallaghanApproximation(CompartmentModel):
     _parameter_ranges = _CYLINDER_RANGES
     _parameter_scales = _CYLINDER_SCALES
     _parameter_types = _CYLINDER_TYPES
+    _parameter_units = _CYLINDER_UNITS
     _constant_names = ("diffusion_perpendicular", "number_of_roots", "number_of_functions")
 
     def __init__(self, mu: Any = None, lambda_par: float | None = None,
@@ -225,6 +230,7 @@ class C4CylinderGaussianPhaseApproximation(CompartmentModel):
     _parameter_ranges = _CYLINDER_RANGES
     _parameter_scales = _CYLINDER_SCALES
     _parameter_types = _CYLINDER_TYPES
+    _parameter_units = _CYLINDER_UNITS
     _constant_names = ("diffusion_perpendicular",)
 
     def __init__(self, mu: Any = None, lambda_par: float | None = None,

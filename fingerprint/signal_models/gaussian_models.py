@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 
+from fingerprint.core.units import ANGLE, AREA, DIFFUSIVITY
 from fingerprint.kernels import compartments as kernels
 from fingerprint.kernels import run_kernel
 from fingerprint.signal_models.base import (
@@ -32,6 +33,7 @@ class G1Ball(CompartmentModel):
     _parameter_ranges = {"lambda_iso": (0.1, 3)}
     _parameter_scales = {"lambda_iso": DIFFUSIVITY_SCALING}
     _parameter_types = {"lambda_iso": "normal"}
+    _parameter_units = {"lambda_iso": DIFFUSIVITY}
     is_isotropic = True
 
     def __init__(self, lambda_iso: float | None = None) -> None:
@@ -67,6 +69,7 @@ class G2Zeppelin(CompartmentModel):
         "lambda_perp": DIFFUSIVITY_SCALING,
     }
     _parameter_types = {"mu": "orientation", "lambda_par": "normal", "lambda_perp": "normal"}
+    _parameter_units = {"mu": ANGLE, "lambda_par": DIFFUSIVITY, "lambda_perp": DIFFUSIVITY}
 
     def __init__(self, mu: Any = None, lambda_par: float | None = None,
                  lambda_perp: float | None = None) -> None:
@@ -120,6 +123,8 @@ class G3TemporalZeppelin(CompartmentModel):
         "lambda_inf": "normal",
         "A": "normal",
     }
+    _parameter_units = {"mu": ANGLE, "lambda_par": DIFFUSIVITY, "lambda_inf": DIFFUSIVITY,
+                        "A": AREA}
 
     def __init__(self, mu: Any = None, lambda_par: float | None = None,
                  lambda_inf: float | None = None, A: float | None = None) -> None:

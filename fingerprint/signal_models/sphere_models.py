@@ -9,6 +9,7 @@ from functools import lru_cache
 import numpy as np
 
 from fingerprint.core.constants import WATER_IN_AXONS_DIFFUSION_CONSTANT
+from fingerprint.core.units import LENGTH
 from fingerprint.errors import InputError
 from fingerprint.kernels import compartments as kernels
 from fingerprint.kernels import run_kernel
@@ -59,6 +60,7 @@ class S1Dot(CompartmentModel):
     _parameter_ranges: dict = {}
     _parameter_scales: dict = {}
     _parameter_types: dict = {}
+    _parameter_units: dict = {}
     is_isotropic = True
 
     def __init__(self) -> None:
@@ -85,6 +87,7 @@ class S2SphereStejskalTannerApproximation(CompartmentModel):
     _parameter_ranges = {"diameter": (1e-2, 20)}
     _parameter_scales = {"diameter": DIAMETER_SCALING}
     _parameter_types = {"diameter": "sphere"}
+    _parameter_units = {"diameter": LENGTH}
     is_isotropic = True
 
     def __init__(self, diameter: float | None = None) -> None:
@@ -114,6 +117,7 @@ class S4SphereGaussianPhaseApproximation(CompartmentModel):
     _parameter_ranges = {"diameter": (1e-2, 20)}
     _parameter_scales = {"diameter": DIAMETER_SCALING}
     _parameter_types = {"diameter": "sphere"}
+    _parameter_units = {"diameter": LENGTH}
     _constant_names = ("diffusion_constant",)
     is_isotropic = True
 
