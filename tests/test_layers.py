@@ -26,7 +26,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     # the volume runner reads NIfTI and writes maps around the fitting core
     ("io", ("fingerprint.io", "fingerprint.fitting.pipeline", "fingerprint.phantoms",
             "fingerprint.preview")),
-    ("app", ("fingerprint.cli", "fingerprint.client", "fingerprint.__main__", "server")),
+    ("app", ("fingerprint.cli", "fingerprint.client", "fingerprint.__main__",
+             "fingerprint.batch", "server")),
 ]
 RANK = {name: i for i, (name, _) in enumerate(LAYERS)}
 

@@ -161,3 +161,35 @@ def test_cli_and_server_job_give_model_fit_maps(volume, tmp_path, name):
         (path,) = (job_dir / "outputs").glob(f"*_param-{label}_dwimap.nii.gz")
         job_maps[label] = np.asarray(nib.load(path).dataobj)
     _compare(expected, job_maps, f"{name} server job")
+
+
+def test_cli_fit_options_are_validated_by_the_options_object(volume, tmp_path, capsys):
+    """`fingerprint fit` flags become one FitOptions; a bad value is an error naming the
+    option, before any work."""
+    code = cli_main(["fit", "--model", "ball_stick", "--dwi", str(volume["dwi"]),
+                     "--bval", str(volume["bval"]), "--bvec", str(volume["bvec"]),
+                     "--out", str(tmp_path / "o"), "--n-neighbors", "0", "--no-progress"])
+    assert code != 0
+    assert "n_neighbors" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_fit_options_validate_once_with_the_option_named():
+    from fingerprint.errors import InputError
+    from fingerprint.fitting.options import FitOptions, PolishSettings
+    from fingerprint.fitting.registry import available_solvers
+
+    assert "fingerprint" in available_solvers()
+    opts = FitOptions.from_mapping({"n_jobs": 2, "refine": "NonLinear",
+                                    "nonlinear_starts": 5})
+    assert opts.threads == 2 and opts.refine == "nonlinear"
+    assert opts.polish == PolishSettings(starts=5)
+    assert opts.nonlinear_for(1) and FitOptions().nonlinear_for(2)
+    assert not FitOptions(refine=False).nonlinear_for(2)
+    for values, name in (({"n_neighbors": 0}, "n_neighbors"), ({"refine": "yes!"}, "refine"),
+                         ({"solver": "nope"}, "solver"), ({"mask_rule": "x"}, "mask_rule"),
+                         ({"dictionary_size": 1.5}, "dictionary_size"),
+                         ({"nonlinear_method": "fast"}, "nonlinear_method"),
+                         ({"bogus": 1}, "bogus")):
+        with pytest.raises(InputError, match=name):
+            FitOptions.from_mapping(values)

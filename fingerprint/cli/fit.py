@@ -25,7 +25,42 @@ from typing import Any
 
 from fingerprint.cli.progress import progress_bar, shown_path
 from fingerprint.errors import CancelledError, DictionaryError, InputError
-from fingerprint.fitting.options import TIMING_LIMITS_S, check_timing
+from fingerprint.fitting.options import (
+    FIT_OPTION_SPECS,
+    TIMING_LIMITS_S,
+    FitOptions,
+    check_timing,
+)
+
+#: FitOptions offered as flags beyond --threads / --dictionary-size (from FIT_OPTION_SPECS)
+_EXTRA_FIT_FLAGS = ("n_neighbors", "refine", "seed", "mask_rule")
+
+
+def add_fit_option_flags(parser: argparse.ArgumentParser) -> None:
+    """``--n-neighbors``, ``--refine``, ``--seed``, ``--mask-rule``: fit options as the
+    library declares them (:data:`fingerprint.fitting.options.FIT_OPTION_SPECS`), validated
+    by :class:`~fingerprint.fitting.options.FitOptions` (errors name the option)."""
+    for spec in FIT_OPTION_SPECS:
+        if spec.name not in _EXTRA_FIT_FLAGS:
+            continue
+        flag = "--" + spec.name.replace("_", "-")
+        if spec.kind == "int":
+            parser.add_argument(flag, dest=spec.name, type=int, metavar="N", help=spec.help)
+        elif spec.kind == "choice":
+            parser.add_argument(flag, dest=spec.name, choices=spec.choices, help=spec.help)
+        else:
+            parser.add_argument(flag, dest=spec.name, choices=("true", "false", "nonlinear"),
+                                help=spec.help)
+
+
+def fit_options_from_args(args: argparse.Namespace) -> FitOptions:
+    """The :class:`FitOptions` of the parsed flags (unset flags keep the defaults)."""
+    values: dict[str, object] = {}
+    for name in ("threads", "dictionary_size", *_EXTRA_FIT_FLAGS):
+        value = getattr(args, name, None)
+        if value is not None:
+            values[name] = value
+    return FitOptions.from_mapping(values)
 
 
 def add_parser(subparsers: Any) -> None:
@@ -60,6 +95,7 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--dictionary-dir", type=Path, dest="dictionary_dir", metavar="DIR",
                         help="dictionary directory (default: $FINGERPRINT_DICTIONARY_DIR or "
                              "the user cache)")
+    add_fit_option_flags(parser)
     parser.add_argument("--delta", type=float, metavar="S", help="gradient pulse duration (s)")
     parser.add_argument("--Delta", type=float, metavar="S", help="gradient pulse separation (s)")
     parser.add_argument("--TE", type=float, metavar="S", help="echo time (s)")
@@ -140,6 +176,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         raise InputError("--threads must be at least 1")
     if args.dictionary_size is not None and args.dictionary_size < 1:
         raise InputError("--dictionary-size must be a positive integer")
+    fit_options = fit_options_from_args(args)
     if args.chunk_voxels is not None and args.chunk_voxels < 1:
         raise InputError("--chunk-voxels must be a positive integer")
     if (args.delta is None) != (args.Delta is None):
@@ -178,8 +215,8 @@ def _cmd_fit(args: argparse.Namespace) -> int:
                     bval, bvec = converted["bval"], converted["bvec"]
             result = fit_volume(
                 args.model, dwi, bval, bvec, args.out, mask=args.mask,
-                prefix=prefix, threads=args.threads, progress=progress,
-                dictionary_dir=args.dictionary_dir, dictionary_size=args.dictionary_size,
+                prefix=prefix, options=fit_options, progress=progress,
+                dictionary_dir=args.dictionary_dir,
                 chunk_voxels=args.chunk_voxels or DEFAULT_CHUNK_VOXELS, preview=args.preview,
                 delta=args.delta, Delta=args.Delta, TE=args.TE,
                 b0_threshold=b0_threshold)
