@@ -11,23 +11,13 @@ from fastapi.security import APIKeyHeader
 from .auth import ApiKey, verify_key
 from .config import Settings
 from .db import Database
+from .errors import ApiError
 from .executor import Dispatcher
+from .limits import UploadGate
 from .storage import JobStorage
 
 __all__ = ["AdminKey", "ApiError", "CallerKey", "Context", "ServerContext", "get_context",
            "require_admin", "require_key"]
-
-
-class ApiError(Exception):
-    """An error answered as ``{"detail": ..., "field": ...}`` with ``status_code``."""
-
-    def __init__(self, status_code: int, detail: str, field: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
-        super().__init__(detail)
-        self.status_code = status_code
-        self.detail = detail
-        self.field = field
-        self.headers = headers
 
 
 @dataclass
@@ -39,7 +29,7 @@ class ServerContext:
     storage: JobStorage
     dispatcher: Dispatcher
     #: uploads in flight per key and in total (server.limits.UploadGate); set at start-up
-    gate: object | None = field(default=None)
+    gate: UploadGate | None = field(default=None)
 
 
 def get_context(request: Request) -> ServerContext:

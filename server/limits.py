@@ -31,7 +31,7 @@ import numpy as np
 
 from fingerprint.errors import FingerprintError, InputError
 
-from .dependencies import ApiError
+from .errors import ApiError
 from .storage import is_disk_full
 
 logger = logging.getLogger(__name__)
@@ -281,7 +281,8 @@ def _check_small_data(files: dict[str, Path], timing: dict[str, float], end: int
     if time.monotonic() < deadline:
         validate_inputs(files["dwi"], files["bval"], files["bvec"], files.get("mask"),
                         model=model, b0_threshold=None if b0_threshold is None
-                        else b0_threshold * 1e6, **timing)
+                        else b0_threshold * 1e6, delta=timing.get("delta"),
+                        Delta=timing.get("Delta"), TE=timing.get("TE"))
 
 
 def _check_mask(mask: Any, path: Path, image: Any, limits: InputLimits, deadline: float,
@@ -335,7 +336,7 @@ def _count_mask(mask: Any, path: Path, shape: tuple[int, ...], deadline: float,
             if should_stop is not None and should_stop():
                 raise Stopped("mask check stopped")
             try:
-                block = np.asarray(proxy[(slice(None), slice(j, j + rows), k, *extra)])
+                block = np.asarray(proxy[(slice(None), slice(j, j + rows), k) + tuple(extra)])
             except _READ_ERRORS as exc:
                 raise InputError(f"mask file {path} cannot be read: {exc}") from None
             if block.dtype.kind == "f" and not np.all(np.isfinite(block)):
@@ -378,7 +379,8 @@ def check_job_inputs(dwi: Path, bval: Path, bvec: Path, mask: Path | None,
             verify_data_length(mask, m_offset + m_bytes, "mask", stop)
     except Stopped:
         raise CancelledError("cancelled while checking the inputs") from None
-    summary = validate_inputs(dwi, bval, bvec, mask, **timing)
+    summary = validate_inputs(dwi, bval, bvec, mask, delta=timing.get("delta"),
+                              Delta=timing.get("Delta"), TE=timing.get("TE"))
     if stop():
         raise CancelledError("cancelled while checking the inputs")
     result = None

@@ -16,7 +16,7 @@ from typing import Any
 from fingerprint.errors import FingerprintError, UnknownModelError
 from fingerprint.fitting.options import PREFIX_PATTERN, TIMING_LIMITS_S
 
-from .dependencies import ApiError
+from .errors import ApiError
 
 logger = logging.getLogger(__name__)
 

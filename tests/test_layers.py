@@ -24,8 +24,9 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                     "fingerprint.fitting.features", "fingerprint.fitting.frame")),
     ("fitting", ("fingerprint.fitting",)),
     # the volume runner reads NIfTI and writes maps around the fitting core
+    # (and the volume-level model comparison, which reads and writes volumes)
     ("io", ("fingerprint.io", "fingerprint.fitting.pipeline", "fingerprint.phantoms",
-            "fingerprint.preview")),
+            "fingerprint.preview", "fingerprint.fitting.solvers.selection")),
     ("app", ("fingerprint.cli", "fingerprint.client", "fingerprint.__main__",
              "fingerprint.batch", "server")),
 ]

@@ -124,6 +124,8 @@ async def upload_slot(request: Request, ctx: ServerContext, key_id: str
                       ) -> AsyncIterator[None]:
     """Hold one of the key's (and the server's) upload slots for the whole request: 429
     with ``Retry-After`` when none is free (the body is then only briefly drained)."""
+    if ctx.gate is None:  # set by the application's lifespan
+        raise RuntimeError("the server has no upload gate")
     try:
         slot = ctx.gate.slot(key_id)
         slot.__enter__()

@@ -14,10 +14,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from fingerprint.errors import InputError
+
+if TYPE_CHECKING:  # type names only
+    from fingerprint.core.acquisition_scheme import AcquisitionScheme
+    from fingerprint.core.modeling_framework import MultiCompartmentModelProperties as Model
+    from fingerprint.fitting.estimator import VoxelEstimates
 from fingerprint.fitting.registry import SolverRequest, register_solver
 
 logger = logging.getLogger(__name__)
@@ -46,7 +52,10 @@ class ClassicalFitter:
     """:class:`~fingerprint.fitting.registry.VoxelFitter` of a classical solver: holds
     the model, the scheme and the settings (picklable: executor workers get a copy)."""
 
-    def __init__(self, model: object, scheme: object, solver: str,
+    model: Model
+    scheme: AcquisitionScheme
+
+    def __init__(self, model: Model, scheme: AcquisitionScheme, solver: str,
                  options: object) -> None:
         if solver not in CLASSICAL_SOLVERS:
             raise InputError(f"unknown classical solver {solver!r}; one of "
@@ -57,7 +66,8 @@ class ClassicalFitter:
         self.options = options
 
     def fit_voxels(self, data: np.ndarray,
-                   x0: np.ndarray | Mapping[str, np.ndarray] | None = None) -> object:
+                   x0: np.ndarray | Mapping[str, np.ndarray] | None = None
+                   ) -> VoxelEstimates:
         """Estimates (:class:`~fingerprint.fitting.estimator.VoxelEstimates`) of raw
         signals ``data`` (n, N), every voxel usable; ``x0`` starts (see
         :mod:`.cascade`). ``uncertainty`` is NaN (not estimated); ``sigma`` is the RMS
@@ -69,8 +79,8 @@ class ClassicalFitter:
         arr = np.asarray(data, dtype=np.float64)
         n = arr.shape[0]
         model, scheme = self.model, self.scheme
-        P = int(sum(model.parameter_cardinality.values()))  # type: ignore[attr-defined]
-        b0 = np.asarray(scheme.b0_mask, dtype=bool)  # type: ignore[attr-defined]
+        P = int(sum(model.parameter_cardinality.values()))
+        b0 = np.asarray(scheme.b0_mask, dtype=bool)
         with np.errstate(invalid="ignore"):
             s0 = arr[:, b0].mean(axis=1) if b0.any() else np.ones(n)
         valid = np.isfinite(s0) & (s0 > 0) & np.all(np.isfinite(arr), axis=1)

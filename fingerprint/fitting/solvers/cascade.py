@@ -29,7 +29,7 @@ def _distributed_orientation(model: Any, key: str) -> list[str]:
     if not key.endswith("mu"):
         return []
     types = dict(model.parameter_types)
-    out = []
+    out: list[str] = []
     for sub, prefix in zip(model.models, model.model_names, strict=True):
         inner = getattr(sub, "model_names", None)
         if not inner or not getattr(sub, "_is_distributed_model", False):
