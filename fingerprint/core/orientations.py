@@ -32,15 +32,18 @@ def mu_to_vectors(mu: ArrayLike, *, nonfinite: float | None = None) -> np.ndarra
     return out
 
 
-def vectors_to_mu(vectors: ArrayLike) -> np.ndarray:
-    """Angles (..., 2) = (theta, phi) in radians of vectors (..., 3) (normalised first)."""
+def vectors_to_mu(vectors: ArrayLike, *, normalise: bool = False) -> np.ndarray:
+    """Angles (..., 2) = (theta, phi) in radians of unit vectors (..., 3) (``normalise``:
+    of any non-zero vectors)."""
     arr = np.asarray(vectors, dtype=np.float64)
     if arr.shape[-1:] != (3,):
         raise InputError(f"vectors must have 3 components; got shape {arr.shape}")
-    norm = np.linalg.norm(arr, axis=-1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        z = np.clip(arr[..., 2] / norm, -1.0, 1.0)
-    return np.stack([np.arccos(z), np.arctan2(arr[..., 1], arr[..., 0])], axis=-1)
+    z = arr[..., 2]
+    if normalise:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            z = z / np.linalg.norm(arr, axis=-1)
+    return np.stack([np.arccos(np.clip(z, -1.0, 1.0)), np.arctan2(arr[..., 1], arr[..., 0])],
+                    axis=-1)
 
 
 def angular_error_deg(a: ArrayLike, b: ArrayLike) -> np.ndarray:
