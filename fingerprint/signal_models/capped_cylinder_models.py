@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from fingerprint.core import units
 from fingerprint.core.constants import WATER_IN_AXONS_DIFFUSION_CONSTANT
 from fingerprint.errors import InputError
 from fingerprint.kernels import compartments as kernels
@@ -40,6 +41,7 @@ __all__ = ["CC2CappedCylinderStejskalTannerApproximation",
 _RANGES = {"mu": ORIENTATION_RANGE, "diameter": (1e-2, 20), "length": (1e-2, 20)}
 _SCALES = {"mu": np.r_[1.0, 1.0], "diameter": DIAMETER_SCALING, "length": DIAMETER_SCALING}
 _TYPES = {"mu": "orientation", "diameter": "cylinder", "length": "plane"}
+_UNITS = {"mu": units.ANGLE, "diameter": units.LENGTH, "length": units.LENGTH}
 
 
 def _cosines(cos: np.ndarray | None, out: np.ndarray) -> np.ndarray:
@@ -54,6 +56,7 @@ class CC2CappedCylinderStejskalTannerApproximation(CompartmentModel):
     _parameter_ranges = _RANGES
     _parameter_scales = _SCALES
     _parameter_types = _TYPES
+    _parameter_units = _UNITS
     _work_per_value = 45.0
 
     def __init__(self, mu: Any = None, diameter: float | None = None,
@@ -81,6 +84,7 @@ class CC3CappedCylinderCallaghanApproximation(CompartmentModel):
     _parameter_ranges = _RANGES
     _parameter_scales = _SCALES
     _parameter_types = _TYPES
+    _parameter_units = _UNITS
     _work_per_value = 2100.0
     _constant_names = ("diffusion_intra", "number_of_roots_cylinder",
                        "number_of_functions_cylinder", "number_of_roots_plane")

@@ -22,6 +22,7 @@ import math
 
 import numpy as np
 
+from fingerprint.core import units
 from fingerprint.core.constants import WATER_IN_AXONS_DIFFUSION_CONSTANT
 from fingerprint.errors import InputError
 from fingerprint.signal_models.base import DIAMETER_SCALING, CompartmentModel, MeasurementArrays
@@ -31,6 +32,7 @@ __all__ = ["P2PlaneStejskalTannerApproximation", "P3PlaneCallaghanApproximation"
 _PLANE_RANGES = {"diameter": (1e-2, 20)}
 _PLANE_SCALES = {"diameter": DIAMETER_SCALING}
 _PLANE_TYPES = {"diameter": "plane"}
+_PLANE_UNITS = {"diameter": units.LENGTH}
 
 
 def _sinc_u(y: np.ndarray) -> np.ndarray:
@@ -71,6 +73,7 @@ class _Plane(CompartmentModel):
     _parameter_ranges = _PLANE_RANGES
     _parameter_scales = _PLANE_SCALES
     _parameter_types = _PLANE_TYPES
+    _parameter_units = _PLANE_UNITS
     _model_type = "NMRModel"
     is_isotropic = True
 

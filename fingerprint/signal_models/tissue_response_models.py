@@ -118,6 +118,7 @@ class TR1IsotropicTissueResponseModel(_TissueResponse):
     _parameter_ranges: dict = {}
     _parameter_scales: dict = {}
     _parameter_types: dict = {}
+    _parameter_units: dict = {}
     is_isotropic = True
 
     def __init__(self, shell_bvalues: ArrayLike, rotational_harmonics: ArrayLike) -> None:
@@ -146,6 +147,7 @@ class TR2AnisotropicTissueResponseModel(_TissueResponse):
     _parameter_ranges = {"mu": ORIENTATION_RANGE}
     _parameter_scales = {"mu": np.r_[1.0, 1.0]}
     _parameter_types = {"mu": "orientation"}
+    _parameter_units = {"mu": "rad"}
 
     def __init__(self, shell_bvalues: ArrayLike, rotational_harmonics: ArrayLike,
                  mu: Any = None) -> None:
