@@ -41,9 +41,9 @@ HNSW_EF_CONSTRUCTION = 80
 HNSW_EF_SEARCH = 32
 #: Queries per FAISS call (bounds the distance buffers of the exact search).
 QUERY_BATCH = 16384
-#: With ``method='auto'``, query batches below atoms / this are searched exactly (see
-#: :attr:`Matcher.exact_below`).
-EXACT_QUERY_FRACTION = 8
+#: With ``method='auto'``, a matcher answers its first atoms / this queries exactly while no
+#: HNSW graph is at hand (see :attr:`Matcher.exact_below`).
+EXACT_QUERY_FRACTION = 32
 
 
 @contextlib.contextmanager
@@ -82,11 +82,13 @@ class Matcher:
     Attributes
     ----------
     method: the search used for large query batches (``'exact'`` or ``'hnsw'``).
-    exact_below: query batches smaller than this are searched exactly. With ``'auto'``
-        over an HNSW-sized dictionary it is ``atoms // EXACT_QUERY_FRACTION``: building the
-        graph costs about as much as exact searches for a quarter of the atoms' number of
-        queries, so a small volume (the demo, one slice) is matched exactly and at once,
-        and the graph is built (and cached) only when a large batch needs it.
+    exact_below: with ``'auto'`` over an HNSW-sized dictionary, ``atoms //
+        EXACT_QUERY_FRACTION``: while no HNSW graph is at hand (in memory or cached beside
+        the store), the matcher's first queries, up to this many in all, are searched
+        exactly, so a small volume (the demo, one slice) is matched at once; the graph is
+        built (and cached) as soon as more are asked for, and once it exists every batch,
+        large or small, is searched on it (results do not depend on how voxels are
+        batched).
     """
 
     def __init__(self, features: np.ndarray, *, method: str = "auto",
@@ -110,6 +112,7 @@ class Matcher:
         self._lock = threading.Lock()
         self._flat: Any = None
         self._hnsw: Any = None
+        self._exact_queries = 0
         self.exact_below = self.n_atoms // EXACT_QUERY_FRACTION \
             if (lazy and method == "hnsw") else 0
         if method == "exact":
@@ -158,7 +161,7 @@ class Matcher:
         return self._index_for(self.exact_below)
 
     def _index_for(self, n_queries: int) -> Any:
-        if self.method == "exact" or n_queries < self.exact_below:
+        if self.method == "exact" or self._answer_exactly(n_queries):
             if self._flat is None:
                 with self._lock:
                     if self._flat is None:
@@ -169,6 +172,19 @@ class Matcher:
                 if self._hnsw is None:
                     self._hnsw = self._load_or_build_hnsw()
         return self._hnsw
+
+    def _answer_exactly(self, n_queries: int) -> bool:
+        """Whether an ``'auto'`` matcher without a graph at hand answers these queries
+        exactly (counted against :attr:`exact_below`)."""
+        if self._hnsw is not None or self.exact_below == 0:
+            return False
+        if self._cache_path is not None and self._cache_path.exists():
+            return False
+        with self._lock:
+            if self._exact_queries + n_queries >= self.exact_below:
+                return False
+            self._exact_queries += n_queries
+            return True
 
     # ------------------------------------------------------------ dictionaries
     @classmethod
