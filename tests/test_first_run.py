@@ -28,10 +28,34 @@ def test_small_batches_run_the_serial_twin_only() -> None:
     assert len(_row_sums.serial.signatures) == 1
     assert len(_row_sums.signatures) == 0  # the parallel version was never compiled
     large = np.arange(60.0).reshape(20, 3)
-    # a large batch runs in parallel at once (compiled once per machine, then cached)
+    # a large fitting batch runs in parallel at once (compiled once per machine, cached)
     np.testing.assert_array_equal(run_parallel(_row_sums, large), large.sum(axis=1))
     assert len(_row_sums.signatures) == 1
     np.testing.assert_array_equal(_row_sums(large), _row_sums.serial(large))
+
+
+@parallel_kernel()
+def _row_means(x: np.ndarray) -> np.ndarray:
+    out = np.zeros(x.shape[0])
+    for i in prange(x.shape[0]):
+        out[i] = x[i].mean()
+    return out
+
+
+def test_large_work_stays_serial_until_a_serial_run_proves_slow(monkeypatch) -> None:
+    """Dictionary builds (run_kernel / run_large): serial while the parallel code is not at
+    hand and serial runs are quick, parallel once one was slow."""
+    monkeypatch.setattr(kernels, "_parallel_available", lambda kernel: False)
+    large = np.arange(60.0).reshape(20, 3)
+    np.testing.assert_array_equal(kernels.run_large(_row_means, _row_means.serial, large),
+                                  large.mean(axis=1))
+    assert len(_row_means.signatures) == 0
+    monkeypatch.setattr(kernels, "SLOW_SERIAL_SECONDS", 0.0)  # now every serial run is slow
+    kernels.run_large(_row_means, _row_means.serial, large)
+    assert len(_row_means.signatures) == 0  # that run was serial, and judged slow
+    np.testing.assert_array_equal(kernels.run_large(_row_means, _row_means.serial, large),
+                                  large.mean(axis=1))
+    assert len(_row_means.signatures) == 1  # so the next large batch ran in parallel
 
 
 def test_auto_matcher_searches_small_batches_exactly(tmp_path) -> None:

@@ -22,6 +22,7 @@ import logging
 import os
 import tempfile
 import threading
+import time
 import types
 from collections.abc import Callable
 from functools import lru_cache
@@ -215,14 +216,16 @@ def run_parallel(kernel: Callable[..., Any], *args: Any) -> Any:
 
     A :func:`parallel_kernel` made with ``serial_rows`` runs its serial twin instead when
     its first argument has fewer rows than that (or Numba has one thread): small batches
-    then never pay the compilation of the parallel version, which takes several times
-    longer than the serial one.
+    (the demo, one slice) then never pay the compilation of the parallel version, which
+    takes several times longer than the serial one. Larger batches always run in parallel:
+    the fitting kernels' batches are short, so a rule such as "parallel once a serial run
+    proved slow" (kept for dictionary builds, see :func:`run_large`) would leave a fit
+    serial for good, at half the speed on two cores.
     """
     serial_rows = getattr(kernel, "serial_rows", None)
     if serial_rows is not None:
         if numba.get_num_threads() == 1 or np.shape(args[0])[:1] < (serial_rows,):
             return kernel.serial(*args)
-        return run_large(kernel, kernel.serial, *args)
     return _launch(kernel, *args)
 
 
@@ -238,18 +241,40 @@ def _launch(kernel: Callable[..., Any], *args: Any) -> Any:
     return kernel(*args)
 
 
-def run_large(parallel: Any, serial: Any, *args: Any) -> Any:
-    """Run a batch large enough to be worth a parallel launch: in parallel, always.
+#: A serial run of a large batch longer than this (seconds, compilation excluded) makes the
+#: later large batches of that kernel parallel (see :func:`run_large`).
+SLOW_SERIAL_SECONDS = 5.0
+_PARALLEL_WANTED: set[int] = set()
 
-    Small batches (the demo, one slice) run the serial twin and never compile the parallel
-    code, which takes several times longer to compile; a large batch pays that compilation
-    once per machine (the compiled code is cached on disk) and then runs on every core.
-    Deferring it further (running large batches serially until some of them proved slow)
-    kept most runs serial for good: half the speed on two cores, more on larger machines.
-    ``serial`` is the twin the caller would use for small batches; both compute the same
-    values."""
-    del serial
-    return _launch(parallel, *args)
+
+def _parallel_available(kernel: Any) -> bool:
+    """True when the parallel version of ``kernel`` needs no compilation: already compiled
+    or loaded in this process, or found in the on-disk cache of this machine."""
+    if getattr(kernel, "overloads", None):
+        return True
+    try:
+        return Path(kernel._cache._cache_file._index_path).exists()
+    except Exception:  # caching off, or numba's internals moved: as if available
+        return not caching_enabled()
+
+
+def run_large(parallel: Any, serial: Any, *args: Any) -> Any:
+    """Run a batch large enough to be worth a parallel launch.
+
+    In parallel when the parallel version needs no compilation (see
+    :func:`_parallel_available`), or once a serial run of the kernel has taken more than
+    :data:`SLOW_SERIAL_SECONDS`; otherwise serially. Compiling a parallel kernel takes
+    several times longer than its serial twin, so a first run on a machine (the demo, a
+    small volume) compiles only serial code, and a long job switches to parallel code
+    after its first slow batch. Both versions compute the same values."""
+    if id(parallel) in _PARALLEL_WANTED or _parallel_available(parallel):
+        return _launch(parallel, *args)
+    compiled = len(serial.overloads)
+    t0 = time.perf_counter()
+    out = serial(*args)
+    if len(serial.overloads) == compiled and time.perf_counter() - t0 > SLOW_SERIAL_SECONDS:
+        _PARALLEL_WANTED.add(id(parallel))
+    return out
 
 
 #: Below this much work (about one exponential per unit) :func:`run_kernel` uses the

@@ -61,7 +61,8 @@ SERIAL_WORK = 200_000
 def run_kernel(parallel: Callable[..., Any], serial: Callable[..., Any], work: float,
                *args: Any) -> None:
     """Run ``serial(*args)`` for small ``work``, else through
-    :func:`fingerprint.kernels.run_large` (parallel); parallel launches go through
+    :func:`fingerprint.kernels.run_large` (parallel once its compiled code is at hand or a
+    serial run proved slow); parallel launches go through
     :func:`fingerprint.kernels.run_parallel` (serialised by the package-wide lock when
     numba's threading layer is ``workqueue``, the only layer that is not safe for
     concurrent launches from several threads)."""
