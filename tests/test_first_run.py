@@ -116,3 +116,23 @@ def test_first_compilation_is_announced_once(tmp_path, monkeypatch, caplog) -> N
     with caplog.at_level(logging.INFO, logger="fingerprint.kernels"):
         kernels._CompileAnnouncer().on_start(ours)  # a later run: the marker is there
     assert "not used before on this machine" in caplog.text
+
+
+def test_deferred_blocks_keep_large_batches_serial_until_slow(monkeypatch) -> None:
+    """Dictionary builds compute atom features inside defer_parallel: no parallel
+    compilation on a first run unless a serial batch proved slow."""
+    monkeypatch.setattr(kernels, "_parallel_available", lambda kernel: False)
+
+    @parallel_kernel(serial_rows=8)
+    def row_max(x: np.ndarray) -> np.ndarray:
+        out = np.zeros(x.shape[0])
+        for i in prange(x.shape[0]):
+            out[i] = x[i].max()
+        return out
+
+    large = np.arange(60.0).reshape(20, 3)
+    with kernels.defer_parallel():
+        np.testing.assert_array_equal(run_parallel(row_max, large), large.max(axis=1))
+    assert len(row_max.signatures) == 0  # deferred: serial
+    np.testing.assert_array_equal(run_parallel(row_max, large), large.max(axis=1))
+    assert len(row_max.signatures) == 1  # outside the block: parallel at once

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from fingerprint.errors import CancelledError, DictionaryError, InputError
+from fingerprint.kernels import defer_parallel
 from fingerprint.progress import library_progress
 
 from .cache import (
@@ -231,7 +232,8 @@ def _write_store(request: BuildRequest, tmp: Path, *, chunk_atoms: int,
                 values = dict(zip(plan.space.names, _split(params[bad], plan), strict=True))
                 raise DictionaryError(
                     f"the model produced non-finite signals for parameters {values}")
-            features = np.asarray(fmap.atom_features(signals), dtype=np.float32)
+            with defer_parallel():  # a one-off: no parallel compilation on a first run
+                features = np.asarray(fmap.atom_features(signals), dtype=np.float32)
             if writer is None:
                 writer = StoreWriter(tmp, plan.size, signals.shape[1], features.shape[1],
                                      params.shape[1], chunk_atoms)

@@ -18,13 +18,14 @@ a bare ``numba.njit(cache=True)`` would raise instead.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
 import threading
 import time
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ import numba.core.event
 import numpy as np
 
 __all__ = [
+    "defer_parallel",
     "CACHE_DIR",
     "SERIAL_WORK_THRESHOLD",
     "caching_enabled",
@@ -219,14 +221,33 @@ def run_parallel(kernel: Callable[..., Any], *args: Any) -> Any:
     (the demo, one slice) then never pay the compilation of the parallel version, which
     takes several times longer than the serial one. Larger batches always run in parallel:
     the fitting kernels' batches are short, so a rule such as "parallel once a serial run
-    proved slow" (kept for dictionary builds, see :func:`run_large`) would leave a fit
-    serial for good, at half the speed on two cores.
+    proved slow" (kept for dictionary builds, see :func:`defer_parallel` and
+    :func:`run_large`) would leave a fit serial for good, at half the speed on two cores.
     """
     serial_rows = getattr(kernel, "serial_rows", None)
     if serial_rows is not None:
         if numba.get_num_threads() == 1 or np.shape(args[0])[:1] < (serial_rows,):
             return kernel.serial(*args)
+        if getattr(_DEFERRED, "active", False):
+            return run_large(kernel, kernel.serial, *args)
     return _launch(kernel, *args)
+
+
+_DEFERRED = threading.local()
+
+
+@contextlib.contextmanager
+def defer_parallel() -> Iterator[None]:
+    """Within this block (in this thread), large batches of :func:`parallel_kernel`
+    kernels follow :func:`run_large`: serial until a serial run proves slow. For one-off
+    work such as the features of a dictionary's atoms, where compiling the parallel code on
+    a first run would cost more than it saves."""
+    previous = getattr(_DEFERRED, "active", False)
+    _DEFERRED.active = True
+    try:
+        yield
+    finally:
+        _DEFERRED.active = previous
 
 
 def _launch(kernel: Callable[..., Any], *args: Any) -> Any:
