@@ -30,7 +30,7 @@ from .limits import UploadGate
 from .offline_docs import install_offline_docs
 from .reconcile import reconcile
 from .routers import admin, dictionaries, health, jobs, maps, models, web
-from .storage import JobStorage, UploadError, is_disk_full
+from .storage import JobStorage, is_disk_full
 
 logger = logging.getLogger(__name__)
 
@@ -112,10 +112,6 @@ def _install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return _error(exc.status_code, exc.detail, exc.field, exc.headers)
-
-    @app.exception_handler(UploadError)
-    async def _upload_error(request: Request, exc: UploadError) -> JSONResponse:
         return _error(exc.status_code, exc.detail, exc.field, exc.headers)
 
     @app.exception_handler(InputError)

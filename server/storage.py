@@ -32,6 +32,8 @@ from typing import BinaryIO
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
 
+from .errors import ApiError
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["FileField", "JobStorage", "UploadError", "Upload", "UploadTimeouts",
@@ -61,16 +63,8 @@ def is_disk_full(exc: BaseException) -> bool:
     return isinstance(exc, sqlite3.OperationalError) and "full" in str(exc).lower()
 
 
-class UploadError(Exception):
+class UploadError(ApiError):
     """A rejected upload: HTTP status, message, and the form field at fault (if any)."""
-
-    def __init__(self, status_code: int, detail: str, field: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
-        super().__init__(detail)
-        self.status_code = status_code
-        self.detail = detail
-        self.field = field
-        self.headers = headers
 
 
 @dataclass(frozen=True)
