@@ -16,6 +16,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from fingerprint.cli.flags import (
+    add_b0_threshold_argument,
+    b0_threshold_si,
+    check_timing_flags,
+    quiet_third_party_logs,
+)
 from fingerprint.errors import InputError
 
 
@@ -63,8 +69,6 @@ def add_parser(subparsers: Any) -> None:
                         help="pulse separation (s) for series whose sidecar has none")
     parser.add_argument("--chunk-voxels", type=int, dest="chunk_voxels", metavar="N",
                         help="voxels per chunk (default 20000)")
-    from fingerprint.cli.check import add_b0_threshold_argument
-
     add_b0_threshold_argument(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--no-qc", action="store_true", dest="no_qc",
@@ -82,7 +86,6 @@ def _cmd_bids(args: argparse.Namespace) -> int:
         write_summary_tsv,
     )
     from fingerprint.batch.runner import StudyOptions, plan_study, run_study
-    from fingerprint.cli.fit import check_timing_flags, quiet_third_party_logs
     from fingerprint.cli.progress import shown_path
 
     quiet_third_party_logs(args)
@@ -96,8 +99,6 @@ def _cmd_bids(args: argparse.Namespace) -> int:
     threads = args.threads
     if threads is None and not args.dask_scheduler:
         threads = max(1, (os.cpu_count() or 1) // args.workers)
-    from fingerprint.cli.check import b0_threshold_si
-
     options = StudyOptions(models=tuple(args.model), dictionary_dir=args.dictionary_dir,
                            dictionary_size=args.dictionary_size, delta=args.delta,
                            Delta=args.Delta, workers=args.workers, threads=threads,

@@ -17,30 +17,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from fingerprint.cli.flags import (
+    add_b0_threshold_argument,
+    b0_threshold_si,
+    check_timing_flags,
+)
 from fingerprint.errors import InputError
-
-#: Default of --b0-threshold, s/mm² (the library's DEFAULT_B0_THRESHOLD, 10e6 s/m²).
-DEFAULT_B0_THRESHOLD_S_PER_MM2 = 10.0
-
-
-def add_b0_threshold_argument(parser: argparse.ArgumentParser) -> None:
-    """The shared ``--b0-threshold`` flag (s/mm²) of fit, check and dictionary build."""
-    parser.add_argument("--b0-threshold", type=float, dest="b0_threshold", metavar="B",
-                        help="b-value (s/mm²) at or below which measurements are the b=0 "
-                             f"reference that normalises S0 (default "
-                             f"{DEFAULT_B0_THRESHOLD_S_PER_MM2:g}); the forward models use "
-                             "every measurement's own b-value whatever it is")
-
-
-def b0_threshold_si(args: argparse.Namespace) -> float | None:
-    """--b0-threshold in s/m² (None when not given); InputError when not a b-value."""
-    value = getattr(args, "b0_threshold", None)
-    if value is None:
-        return None
-    if not (0.0 <= value < 1e5):  # also false for NaN
-        raise InputError(f"--b0-threshold must be a b-value in s/mm² between 0 and 1e5; got "
-                         f"{value:g}")
-    return float(value) * 1e6
 
 
 def add_parser(subparsers: Any) -> None:
@@ -66,7 +48,6 @@ def add_parser(subparsers: Any) -> None:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from fingerprint.cli.fit import check_timing_flags
     from fingerprint.core.scheme_checks import check_gradient_table, check_scheme
     from fingerprint.io.gradients import read_fsl_gradients
     from fingerprint.models import get_model, get_recipe, requires_timing

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from fingerprint.cli.flags import check_timing_flags, quiet_third_party_logs
 from fingerprint.errors import InputError
 
 
@@ -53,7 +54,6 @@ def add_parser(subparsers: Any) -> None:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from fingerprint.cli.fit import check_timing_flags, quiet_third_party_logs
     from fingerprint.fitting.pipeline import prefix_from_filename
     from fingerprint.fitting.solvers.selection import compare_volume
 

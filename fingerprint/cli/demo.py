@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fingerprint.cli.flags import quiet_third_party_logs
 from fingerprint.errors import CancelledError, DictionaryError, InputError
 
 #: Atoms of the demo's dictionary: small enough to build in seconds on a laptop.
@@ -51,7 +52,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     import nibabel as nib
     import numpy as np
 
-    from fingerprint.cli.fit import quiet_third_party_logs
     from fingerprint.cli.progress import progress_bar, shown_path
     from fingerprint.fitting.pipeline import check_output_directory, fit_volume
     from fingerprint.phantoms import noddi_errors, noddi_phantom, write_phantom

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from fingerprint.cli.flags import add_b0_threshold_argument, b0_threshold_si, check_timing_flags
 from fingerprint.errors import DictionaryError, InputError
 
 
@@ -38,8 +39,6 @@ def add_parser(subparsers: Any) -> None:
     build.add_argument("--delta", type=float, help="gradient pulse duration (s)")
     build.add_argument("--Delta", type=float, help="gradient pulse separation (s)")
     build.add_argument("--TE", type=float, help="echo time (s)")
-    from fingerprint.cli.check import add_b0_threshold_argument
-
     add_b0_threshold_argument(build)
     build.add_argument("--size", type=int, help="number of atoms (default: the model's)")
     build.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
@@ -97,7 +96,6 @@ def _cli_error(message: str) -> Exception:
 
 
 def _load_scheme(args: argparse.Namespace) -> Any:
-    from fingerprint.cli.fit import check_timing_flags
     from fingerprint.fitting.pipeline import read_fsl_scheme
     from fingerprint.io import gradients
 
@@ -115,8 +113,6 @@ def _load_scheme(args: argparse.Namespace) -> Any:
     if (args.delta is None) != (args.Delta is None):
         raise InputError("give both --delta and --Delta (seconds), or neither")
     check_timing_flags(args)
-
-    from fingerprint.cli.check import b0_threshold_si
 
     return read_fsl_scheme(args.bval, args.bvec, delta=args.delta, Delta=args.Delta,
                            TE=args.TE, b0_threshold=b0_threshold_si(args))

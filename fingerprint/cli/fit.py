@@ -17,20 +17,20 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import logging
 import re
 import sys
 from pathlib import Path
 from typing import Any
 
+from fingerprint.cli.flags import (
+    add_b0_threshold_argument,
+    b0_threshold_si,
+    check_timing_flags,
+    quiet_third_party_logs,
+)
 from fingerprint.cli.progress import progress_bar, shown_path
 from fingerprint.errors import CancelledError, DictionaryError, InputError
-from fingerprint.fitting.options import (
-    FIT_OPTION_SPECS,
-    TIMING_LIMITS_S,
-    FitOptions,
-    check_timing,
-)
+from fingerprint.fitting.options import FIT_OPTION_SPECS, FitOptions
 
 #: FitOptions offered as flags beyond --threads / --dictionary-size (from FIT_OPTION_SPECS)
 _EXTRA_FIT_FLAGS = ("n_neighbors", "refine", "seed", "mask_rule")
@@ -99,28 +99,12 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--delta", type=float, metavar="S", help="gradient pulse duration (s)")
     parser.add_argument("--Delta", type=float, metavar="S", help="gradient pulse separation (s)")
     parser.add_argument("--TE", type=float, metavar="S", help="echo time (s)")
-    from fingerprint.cli.check import add_b0_threshold_argument
-
     add_b0_threshold_argument(parser)
     parser.add_argument("--chunk-voxels", type=int, dest="chunk_voxels", metavar="N",
                         help="voxels per chunk (default 20000)")
     parser.add_argument("--preview", action="store_true", help="also write a PNG preview")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=_cmd_fit)
-
-
-def quiet_third_party_logs(args: argparse.Namespace) -> None:
-    """FAISS announces its CPU-feature probing at INFO level: hide it unless -vv."""
-    if getattr(args, "verbose", 0) < 2:
-        logging.getLogger("faiss").setLevel(logging.WARNING)
-
-
-def check_timing_flags(args: argparse.Namespace) -> None:
-    """--delta / --Delta / --TE must be finite, positive and in seconds (the limits of
-    :data:`fingerprint.fitting.options.TIMING_LIMITS_S`, shared with the server): 10 for
-    --delta is a millisecond value, not 10 s."""
-    for name in TIMING_LIMITS_S:
-        check_timing(name, getattr(args, name, None), flag=f"--{name}")
 
 
 _BIDS_FOLDER = re.compile(r"^(sub|ses)-[A-Za-z0-9]+$")
@@ -190,8 +174,6 @@ def _cmd_fit(args: argparse.Namespace) -> int:
                          ".mif carries its gradient table)")
     if (args.bval is None) != (args.bvec is None):
         raise InputError("give both --bval and --bvec, or neither (for a .mif --dwi)")
-    from fingerprint.cli.check import b0_threshold_si
-
     b0_threshold = b0_threshold_si(args)
     for flag, path in (("--dwi", args.dwi), ("--bval", args.bval), ("--bvec", args.bvec),
                        ("--mask", args.mask)):

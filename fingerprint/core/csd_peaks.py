@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from fingerprint.core.orientations import fibonacci_hemisphere
 from fingerprint.utils.spherical_convolution import real_sym_sh_mrtrix
 
 __all__ = ["fod_peaks"]
@@ -15,9 +16,7 @@ REFINE_STEPS = 6
 
 
 def _grid() -> tuple[np.ndarray, np.ndarray]:
-    from fingerprint.core.spherical_harmonics_model import hemisphere_grid
-
-    pts = hemisphere_grid(GRID_POINTS)
+    pts = fibonacci_hemisphere(GRID_POINTS)
     # neighbours: the 8 nearest points (antipodal symmetry included)
     cos = np.abs(pts @ pts.T)
     np.fill_diagonal(cos, -1.0)

@@ -55,6 +55,7 @@ from fingerprint.core.orientations import mu_to_vectors
 from fingerprint.core.parameter_layout import ParameterLayout
 from fingerprint.core.units import DIMENSIONLESS
 from fingerprint.errors import InputError
+from fingerprint.utils.utils import T1_tortuosity, parameter_equality, tortuosity
 
 logger = logging.getLogger(__name__)
 
@@ -111,12 +112,10 @@ class Link:
     value: Any = None
 
     def __getitem__(self, index: int) -> Any:
-        from fingerprint.utils import utils
-
         if self.kind == "tortuous":
-            function: Any = utils.T1_tortuosity(*(self.value or (1.0, 1.0)))
+            function: Any = T1_tortuosity(*(self.value or (1.0, 1.0)))
         elif self.kind == "equal":
-            function = utils.parameter_equality
+            function = parameter_equality
         else:
             value = self.value
 
@@ -166,36 +165,6 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, Mapping):
         return {str(k): _jsonable(v) for k, v in value.items()}
     raise InputError(f"cannot serialise value {value!r} of type {type(value).__name__}")
-
-
-def tortuosity(lambda_par: np.ndarray, vf_intra: np.ndarray,
-               vf_extra: np.ndarray | None = None, S0_intra: float = 1.0,  # noqa: N803
-               S0_extra: float = 1.0) -> np.ndarray:
-    """Tortuous perpendicular diffusivity (m²/s), dmipy's ``T1_tortuosity``.
-
-    With a nested intra fraction only: ``(1 - vf_intra) * lambda_par``. With both fractions
-    dmipy first normalises the intra fraction, ``n = vf_intra / (vf_intra + vf_extra)``,
-    then uses ``f = n / (n + vf_extra)`` and returns ``(1 - f) * lambda_par``; this is kept
-    as is for compatibility (it equals ``vf_extra / (vf_intra + vf_extra) * lambda_par``
-    whenever the two fractions sum to one).
-
-    Multi-tissue models give the S0 responses of the intra- and extra-axonal tissues: the
-    signal fractions become volume fractions first, ``f = n S0_extra / (n S0_extra +
-    e S0_intra)`` with ``n`` the (normalised) intra and ``e`` the extra fraction.
-    """
-    lambda_par = np.asarray(lambda_par, dtype=float)
-    vf_intra = np.asarray(vf_intra, dtype=float)
-    if vf_extra is None:
-        if S0_intra == S0_extra:
-            return (1.0 - vf_intra) * lambda_par
-        n, e = vf_intra, 1.0 - vf_intra
-    else:
-        e = np.asarray(vf_extra, dtype=float)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            n = vf_intra / (vf_intra + e)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        f = n * S0_extra / (n * S0_extra + e * S0_intra)
-    return (1.0 - f) * lambda_par
 
 
 class _ParameterNamespace:

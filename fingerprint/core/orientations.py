@@ -12,7 +12,7 @@ from numpy.typing import ArrayLike
 
 from fingerprint.errors import InputError
 
-__all__ = ["angular_error_deg", "mu_to_vectors", "vectors_to_mu"]
+__all__ = ["angular_error_deg", "fibonacci_hemisphere", "mu_to_vectors", "vectors_to_mu"]
 
 
 def mu_to_vectors(mu: ArrayLike, *, nonfinite: float | None = None) -> np.ndarray:
@@ -55,3 +55,13 @@ def angular_error_deg(a: ArrayLike, b: ArrayLike) -> np.ndarray:
     with np.errstate(invalid="ignore", divide="ignore"):
         cos = np.abs(np.sum(va * vb, axis=-1)) / (na * nb)
     return np.degrees(np.arccos(np.clip(cos, 0.0, 1.0)))
+
+
+def fibonacci_hemisphere(n_points: int) -> np.ndarray:
+    """Quasi-uniform unit vectors (n_points, 3) on the upper hemisphere (Fibonacci
+    lattice)."""
+    i = np.arange(n_points) + 0.5
+    z = 1.0 - i / n_points
+    r = np.sqrt(1.0 - z * z)
+    phi = np.pi * (3.0 - np.sqrt(5.0)) * i
+    return np.stack([r * np.cos(phi), r * np.sin(phi), z], axis=1)

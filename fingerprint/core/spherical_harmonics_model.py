@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from fingerprint.core.csd_peaks import fod_peaks
 from fingerprint.core.modeling_framework import (
     MultiCompartmentModelProperties,
     ParameterInfo,
@@ -44,6 +45,7 @@ from fingerprint.core.modeling_framework import (
     compartment_signal,
     is_isotropic,
 )
+from fingerprint.core.orientations import fibonacci_hemisphere
 from fingerprint.errors import InputError
 from fingerprint.kernels import gauss_legendre_unit
 from fingerprint.kernels.dispersion import legendre_even_matrix
@@ -70,11 +72,7 @@ _SOLVERS = ("csd", "csd_cvxpy", "csd_tournier07")
 def hemisphere_grid(n_points: int = POSITIVITY_POINTS) -> np.ndarray:
     """Quasi-uniform unit vectors (n_points, 3) on the upper hemisphere (Fibonacci
     lattice)."""
-    i = np.arange(n_points) + 0.5
-    z = 1.0 - i / n_points
-    r = np.sqrt(1.0 - z * z)
-    phi = np.pi * (3.0 - np.sqrt(5.0)) * i
-    return np.stack([r * np.cos(phi), r * np.sin(phi), z], axis=1)
+    return fibonacci_hemisphere(n_points)
 
 
 def _angles(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -549,8 +547,6 @@ class FittedMultiCompartmentSphericalHarmonicsModel:
         """Up to ``max_peaks`` FOD maxima per voxel as unit vectors (..., max_peaks, 3),
         largest first, zero rows where there are fewer (refined from a 4000-point
         hemisphere grid by Newton steps on the sphere)."""
-        from fingerprint.core.csd_peaks import fod_peaks
-
         sh = self.fitted_parameters["sh_coeff"]
         flat = sh.reshape(-1, sh.shape[-1])
         peaks = fod_peaks(flat, self.model.sh_order, max_peaks, relative_peak_threshold,

@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 from numpy.typing import ArrayLike
 
+from fingerprint.core.orientations import mu_to_vectors
 from fingerprint.errors import InputError
-from fingerprint.signal_models.base import unitsphere2cart
 
 __all__ = [
     "R2mu_psi",
@@ -56,7 +56,7 @@ def sphere2cart(spherical_coordinates: ArrayLike) -> np.ndarray:
     """Spherical ``(..., 3) = [r, theta, phi]`` (angles in radians) to Cartesian
     ``(..., 3)``."""
     sph = _last_axis(spherical_coordinates, 3, "spherical_coordinates")
-    return sph[..., :1] * unitsphere2cart(sph[..., 1:])
+    return sph[..., :1] * mu_to_vectors(sph[..., 1:])
 
 
 def cart2mu(xyz: ArrayLike) -> np.ndarray:
@@ -70,13 +70,13 @@ def unitsphere2cart_1d(mu: ArrayLike) -> np.ndarray:
     arr = _last_axis(mu, 2, "mu")
     if arr.shape != (2,):
         raise InputError(f"unitsphere2cart_1d takes one orientation (2,), got {arr.shape}")
-    return unitsphere2cart(arr)
+    return mu_to_vectors(arr)
 
 
 def unitsphere2cart_Nd(mu: ArrayLike) -> np.ndarray:  # noqa: N802 - dmipy's name
     """Unit vectors ``(..., 3)`` of orientations ``mu`` ``(..., 2) = [theta, phi]``
     (radians)."""
-    return unitsphere2cart(_last_axis(mu, 2, "mu"))
+    return mu_to_vectors(_last_axis(mu, 2, "mu"))
 
 
 def perpendicular_vector(v: ArrayLike) -> np.ndarray:
@@ -131,7 +131,7 @@ def rotation_matrix_001_to_xyz(x: float, y: float, z: float) -> np.ndarray:
 def rotation_matrix_100_to_theta_phi(theta: float, phi: float) -> np.ndarray:
     """Least-angle rotation (3, 3) taking ``[1, 0, 0]`` to the orientation
     ``(theta, phi)`` (radians)."""
-    return rotation_matrix_100_to_xyz(*unitsphere2cart(np.array([theta, phi], dtype=float)))
+    return rotation_matrix_100_to_xyz(*mu_to_vectors(np.array([theta, phi], dtype=float)))
 
 
 def rotation_matrix_100_to_theta_phi_psi(theta: float, phi: float, psi: float) -> np.ndarray:
@@ -151,6 +151,36 @@ def R2mu_psi(R: ArrayLike) -> tuple[np.ndarray, float]:  # noqa: N802 - dmipy's 
     return mu, float(np.arctan2(around[2, 1], around[1, 1]))
 
 
+def tortuosity(lambda_par: np.ndarray, vf_intra: np.ndarray,
+               vf_extra: np.ndarray | None = None, S0_intra: float = 1.0,  # noqa: N803
+               S0_extra: float = 1.0) -> np.ndarray:
+    """Tortuous perpendicular diffusivity (m²/s), dmipy's ``T1_tortuosity``.
+
+    With a nested intra fraction only: ``(1 - vf_intra) * lambda_par``. With both fractions
+    dmipy first normalises the intra fraction, ``n = vf_intra / (vf_intra + vf_extra)``,
+    then uses ``f = n / (n + vf_extra)`` and returns ``(1 - f) * lambda_par``; this is kept
+    as is for compatibility (it equals ``vf_extra / (vf_intra + vf_extra) * lambda_par``
+    whenever the two fractions sum to one).
+
+    Multi-tissue models give the S0 responses of the intra- and extra-axonal tissues: the
+    signal fractions become volume fractions first, ``f = n S0_extra / (n S0_extra +
+    e S0_intra)`` with ``n`` the (normalised) intra and ``e`` the extra fraction.
+    """
+    lambda_par = np.asarray(lambda_par, dtype=float)
+    vf_intra = np.asarray(vf_intra, dtype=float)
+    if vf_extra is None:
+        if S0_intra == S0_extra:
+            return (1.0 - vf_intra) * lambda_par
+        n, e = vf_intra, 1.0 - vf_intra
+    else:
+        e = np.asarray(vf_extra, dtype=float)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            n = vf_intra / (vf_intra + e)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        f = n * S0_extra / (n * S0_extra + e * S0_intra)
+    return (1.0 - f) * lambda_par
+
+
 class T1_tortuosity:  # noqa: N801 - dmipy's name
     """Tortuosity link: the extra-axonal perpendicular diffusivity (m²/s) from the
     parallel one and the volume fractions.
@@ -158,7 +188,7 @@ class T1_tortuosity:  # noqa: N801 - dmipy's name
     ``S0_intra`` and ``S0_extra`` are the S0 responses of the intra- and extra-axonal
     tissues (multi-tissue models); the signal fractions are turned into volume fractions
     with them before the tortuosity ``lambda_perp = (1 - f_intra) lambda_par`` is applied
-    (:func:`fingerprint.core.modeling_framework.tortuosity`).
+    (:func:`tortuosity`).
     """
 
     def __init__(self, S0_intra: float = 1.0, S0_extra: float = 1.0) -> None:  # noqa: N803
@@ -173,8 +203,6 @@ class T1_tortuosity:  # noqa: N801 - dmipy's name
                  vf_extra: ArrayLike | None = None) -> np.ndarray:
         """``lambda_par`` (m²/s); ``vf_intra`` the nested intra fraction when ``vf_extra``
         is None, else the intra and extra fractions (their sum at most 1)."""
-        from fingerprint.core.modeling_framework import tortuosity
-
         return tortuosity(np.asarray(lambda_par, dtype=float),
                           np.asarray(vf_intra, dtype=float),
                           None if vf_extra is None else np.asarray(vf_extra, dtype=float),
