@@ -21,6 +21,7 @@ __all__ = [
     "real_sym_rh_basis",
     "real_sym_sh_mrtrix",
     "sh_convolution",
+    "sh_from_mrtrix3",
     "sh_order_from_coefficients",
     "sh_to_mrtrix3",
 ]
@@ -86,3 +87,12 @@ def sh_to_mrtrix3(sh_coefficients: ArrayLike) -> np.ndarray:
     order = sh_order_from_coefficients(sh.shape[-1])
     orders = np.concatenate([np.arange(-ell, ell + 1) for ell in range(0, order + 1, 2)])
     return sh * np.where(orders == 0, 1.0, 1.0 / np.sqrt(2.0))
+
+
+def sh_from_mrtrix3(sh_coefficients: ArrayLike) -> np.ndarray:
+    """Coefficients (..., n) in MRtrix3's orthonormal basis to this basis (the inverse of
+    :func:`sh_to_mrtrix3`: ``m != 0`` coefficients times sqrt(2))."""
+    sh = np.asarray(sh_coefficients, dtype=float)
+    order = sh_order_from_coefficients(sh.shape[-1])
+    orders = np.concatenate([np.arange(-ell, ell + 1) for ell in range(0, order + 1, 2)])
+    return sh * np.where(orders == 0, 1.0, np.sqrt(2.0))
