@@ -14,6 +14,7 @@ def main(argv: list[str] | None = None) -> int:
                                      description="Run the fingerprint lab server.")
     serve.add_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["serve", *(sys.argv[1:] if argv is None else argv)])
+    args.prog = "python -m server"
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
     for noisy in ("numba", "distributed", "httpx", "httpcore"):

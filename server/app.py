@@ -13,6 +13,7 @@ import logging
 import os
 import threading
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -34,7 +35,7 @@ from .storage import JobStorage, is_disk_full
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DataDirLocked", "create_app"]
+__all__ = ["DataDirLock", "DataDirLocked", "create_app"]
 
 DESCRIPTION = """
 Lab server of **fingerprint**: upload a diffusion MRI volume, fit a microstructure model
@@ -49,12 +50,12 @@ class DataDirLocked(RuntimeError):
     """Another server process is using the data directory."""
 
 
-class _DataDirLock:
+class DataDirLock:
     """An exclusive ``flock`` on ``<data_dir>/server.lock`` (released by the kernel when
     the process dies, even on kill -9)."""
 
-    def __init__(self, data_dir) -> None:
-        self.path = data_dir / "server.lock"
+    def __init__(self, data_dir: Path) -> None:
+        self.path = Path(data_dir) / "server.lock"
         self._fd: int | None = None
 
     def acquire(self) -> None:
@@ -86,7 +87,7 @@ def _preload_library() -> None:
         logger.debug("library preload failed", exc_info=True)
 
 
-def _clean_dictionary_builds(directory) -> None:
+def _clean_dictionary_builds(directory: Path) -> None:
     """Remove what builds interrupted by a crash left in the dictionary directory."""
     try:
         from fingerprint.dictionary.cache import cleanup_stale_builds
@@ -109,6 +110,7 @@ def _error(status: int, detail: str, field: str | None = None,
 
 def _install_handlers(app: FastAPI) -> None:
     from fingerprint.errors import DictionaryError, InputError
+    from fingerprint.fitting.options import OptionError
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -116,7 +118,7 @@ def _install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(InputError)
     async def _input_error(request: Request, exc: InputError) -> JSONResponse:
-        return _error(422, str(exc))
+        return _error(422, str(exc), exc.option if isinstance(exc, OptionError) else None)
 
     @app.exception_handler(DictionaryError)
     async def _dictionary_error(request: Request, exc: DictionaryError) -> JSONResponse:
@@ -148,7 +150,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        lock = _DataDirLock(settings.data_dir)
+        lock = DataDirLock(settings.data_dir)
         lock.acquire()
         dispatcher = None
         try:
@@ -185,6 +187,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     for module in (jobs, models, dictionaries):
         app.include_router(module.router, prefix=API_PREFIX)
+    app.include_router(models.options_router, prefix=API_PREFIX)
     # the web page and the endpoints it alone needs (viewer, catalogue, admin)
     for router in (maps.router, web.catalogue_router, admin.router, admin.me_router):
         app.include_router(router, prefix=API_PREFIX)

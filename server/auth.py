@@ -13,9 +13,8 @@ import hmac
 import re
 import secrets
 from dataclasses import dataclass
-from typing import Any
 
-from .db import Database
+from .db import Database, KeyRow
 
 __all__ = ["KEY_PREFIX", "ApiKey", "create_key", "hash_key", "list_keys", "revoke_key",
            "verify_key"]
@@ -36,7 +35,7 @@ class ApiKey:
     revoked: str | None
 
     @classmethod
-    def from_row(cls, row: dict[str, Any]) -> ApiKey:
+    def from_row(cls, row: KeyRow) -> ApiKey:
         return cls(id=row["id"], name=row["name"], is_admin=bool(row["is_admin"]),
                    created=row["created"], revoked=row["revoked"])
 
@@ -88,7 +87,7 @@ def revoke_key(db: Database, name_or_id: str) -> ApiKey:
     if row is None:
         raise ValueError(f"no API key named or with id {name_or_id!r}")
     db.revoke_key(row["id"])
-    return ApiKey.from_row(db.get_key(row["id"]))
+    return ApiKey.from_row(db.get_key(row["id"]) or row)
 
 
 def list_keys(db: Database) -> list[ApiKey]:

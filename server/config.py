@@ -7,13 +7,25 @@ arguments (the ``fingerprint serve`` flags) take precedence.
 
 from __future__ import annotations
 
+import argparse
 import os
+import types
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Union, get_args, get_origin
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["Settings"]
+__all__ = ["LIMIT_SETTINGS", "Settings", "argument_parser", "settings_from_argv"]
+
+#: Settings shown in the "limits" group of ``fingerprint serve --help``.
+LIMIT_SETTINGS = ("max_voxels", "max_dwi_mb", "max_user_dictionary_size",
+                  "max_uploads_per_key", "max_uploads", "min_upload_rate_kb",
+                  "upload_grace_seconds", "max_upload_seconds", "check_seconds",
+                  "dictionary_cache_gb", "disk_reserve_mb")
+_LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+_METAVARS: dict[type, str] = {int: "N", float: "NUM", Path: "DIR"}
 
 
 def _default_workers() -> int:
@@ -82,7 +94,15 @@ class Settings(BaseSettings):
         30.0, gt=0, description="a running job that has not stopped this long after its "
                                 "cancellation has its worker process killed")
     poll_interval: float = Field(0.2, gt=0, description="dispatcher polling period (s)")
-    log_level: str = Field("info", description="uvicorn log level")
+    log_level: str = Field("info", description="server log level: "
+                                                ", ".join(_LOG_LEVELS))
+
+    @field_validator("log_level", mode="after")
+    @classmethod
+    def _log_level(cls, value: str) -> str:
+        if value.lower() not in _LOG_LEVELS:
+            raise ValueError(f"must be one of {', '.join(_LOG_LEVELS)}")
+        return value.lower()
 
     @field_validator("data_dir", "dictionary_dir", mode="after")
     @classmethod
@@ -131,3 +151,44 @@ class Settings(BaseSettings):
         except (AttributeError, OSError):  # pragma: no cover - not Linux
             cores = os.cpu_count() or 1
         return max(1, cores // self.workers)
+
+
+def _flag_type(annotation: object) -> type:
+    """The argparse type of a settings field (``X | None`` -> ``X``)."""
+    if get_origin(annotation) in (Union, types.UnionType):
+        annotation = next(a for a in get_args(annotation) if a is not type(None))
+    return annotation if isinstance(annotation, type) else str
+
+
+def argument_parser(prog: str = "fingerprint serve") -> argparse.ArgumentParser:
+    """The command-line flags of the server, one per :class:`Settings` field
+    (``--max-upload-mb`` for ``max_upload_mb``), with its type and description: the
+    settings are the one source of ``fingerprint serve`` and ``python -m server``."""
+    parser = argparse.ArgumentParser(
+        prog=prog, description="Run the lab fitting server (HTTP API, docs at /docs). "
+                               "Every option can also be set by an environment variable "
+                               "FINGERPRINT_<OPTION> (FINGERPRINT_DATA_DIR, ...); flags win.")
+    limits = parser.add_argument_group("limits", "what one API key and one job may use "
+                                                 "(see the server documentation)")
+    for name, info in Settings.model_fields.items():
+        kind = _flag_type(info.annotation)
+        default = None if info.default_factory is not None else info.default
+        shown = "" if default is None else f" (default {default})"
+        group = limits if name in LIMIT_SETTINGS else parser
+        group.add_argument("--" + name.replace("_", "-"), dest=name, type=kind,
+                           metavar=_METAVARS.get(kind, "TEXT"),
+                           help=f"{info.description}{shown}")
+    return parser
+
+
+def settings_from_argv(argv: Sequence[str], prog: str = "fingerprint serve") -> Settings:
+    """Settings from the environment, overridden by the flags in ``argv`` (ValueError
+    naming the setting when one is invalid; ``--help`` prints the flags and exits)."""
+    args = argument_parser(prog).parse_args(list(argv))
+    given = {k: v for k, v in vars(args).items() if v is not None}
+    try:
+        return Settings(**given)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        raise ValueError(f"invalid server settings: {problems}") from None

@@ -21,6 +21,7 @@ the cluster.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import functools
 import logging
 import threading
 import weakref
@@ -62,6 +63,10 @@ class DaskJobExecutor(cf.Executor):
             self._max_workers = 2
 
     # -- arguments -----------------------------------------------------------------------
+    def _forget(self, key: int, _ref: object) -> None:
+        """Drop ``key`` from the values seen once (their object is gone)."""
+        self._seen.pop(key, None)
+
     def _large(self, value: Any) -> bool:
         if isinstance(value, _SCALARS):
             return False
@@ -86,7 +91,7 @@ class DaskJobExecutor(cf.Executor):
         if not reused:
             if self._large(value):
                 try:
-                    ref = weakref.ref(value, lambda _r, k=key: self._seen.pop(k, None))
+                    ref = weakref.ref(value, functools.partial(self._forget, key))
                 except TypeError:  # not weak-referenceable: treated as used once
                     return value
                 with self._lock:

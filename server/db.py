@@ -14,13 +14,21 @@ import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast, get_args
 
-__all__ = ["ACTIVE_STATES", "FINAL_STATES", "Database", "JobRow", "utcnow"]
+__all__ = ["ACTIVE_STATES", "FINAL_STATES", "Database", "Job", "JobKind", "JobStatus",
+           "KeyRow", "utcnow"]
 
-ACTIVE_STATES = ("queued", "running")
-FINAL_STATES = ("succeeded", "failed", "cancelled")
+#: A job's states: queued -> running -> one of the final states (a running job interrupted
+#: by a server stop goes back to queued).
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+FinalStatus = Literal["succeeded", "failed", "cancelled"]
+#: What a job does: fit a volume, or build a dictionary.
+JobKind = Literal["fit", "dictionary"]
+ACTIVE_STATES: tuple[JobStatus, ...] = ("queued", "running")
+FINAL_STATES: tuple[FinalStatus, ...] = get_args(FinalStatus)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS keys (
@@ -65,20 +73,60 @@ def utcnow() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")
 
 
-JobRow = dict[str, Any]
-_JSON_COLUMNS = ("options", "inputs", "outputs", "result")
+#: A row of the keys table (``id``, ``name``, ``hash``, ``is_admin``, ``created``,
+#: ``revoked``); :class:`server.auth.ApiKey` is its typed view.
+KeyRow = dict[str, Any]
 
 
-def _job(row: sqlite3.Row | None) -> JobRow | None:
-    if row is None:
-        return None
-    job = dict(row)
-    for column in _JSON_COLUMNS:
-        job[column] = json.loads(job[column]) if job.get(column) else (
-            [] if column == "outputs" else {})
-    job["cancel_requested"] = bool(job["cancel_requested"])
-    job["deleted"] = bool(job["deleted"])
-    return job
+@dataclass(frozen=True)
+class Job:
+    """One job as stored: what was asked (kind, model, options, input file names), its
+    state and what it produced. Immutable: the database is the only thing that changes
+    it, and every read returns a new record."""
+
+    id: str
+    seq: int
+    owner: str
+    kind: JobKind
+    model: str
+    status: JobStatus
+    created: str
+    options: dict[str, Any] = field(default_factory=dict)
+    inputs: dict[str, str] = field(default_factory=dict)
+    progress: float = 0.0
+    started: str | None = None
+    finished: str | None = None
+    error: str | None = None
+    attempts: int = 0
+    cancel_requested: bool = False
+    deleted: bool = False
+    outputs: list[str] = field(default_factory=list)
+    result: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def active(self) -> bool:
+        """Queued or running."""
+        return self.status in ACTIVE_STATES
+
+
+def _loads(text: str | None, default: object) -> Any:
+    return json.loads(text) if text else default
+
+
+def _job(row: sqlite3.Row) -> Job:
+    return Job(
+        id=row["id"], seq=int(row["seq"]), owner=row["owner"],
+        kind=cast(JobKind, row["kind"]), model=row["model"],
+        status=cast(JobStatus, row["status"]), created=row["created"],
+        options=_loads(row["options"], {}), inputs=_loads(row["inputs"], {}),
+        progress=float(row["progress"]), started=row["started"], finished=row["finished"],
+        error=row["error"], attempts=int(row["attempts"]),
+        cancel_requested=bool(row["cancel_requested"]), deleted=bool(row["deleted"]),
+        outputs=_loads(row["outputs"], []), result=_loads(row["result"], {}))
+
+
+def _maybe_job(row: sqlite3.Row | None) -> Job | None:
+    return None if row is None else _job(row)
 
 
 class Database:
@@ -137,23 +185,26 @@ class Database:
                          "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (utcnow(),))
 
     # -- keys --------------------------------------------------------------------------
-    def insert_key(self, key_id: str, name: str, digest: str, is_admin: bool) -> dict[str, Any]:
+    def insert_key(self, key_id: str, name: str, digest: str, is_admin: bool) -> KeyRow:
         with self.transaction() as conn:
             conn.execute("INSERT INTO keys(id, name, hash, is_admin, created) "
                          "VALUES (?, ?, ?, ?, ?)", (key_id, name, digest, int(is_admin), utcnow()))
-        return self.get_key(key_id)
+        row = self.get_key(key_id)
+        if row is None:  # pragma: no cover - inserted just above
+            raise RuntimeError(f"key {key_id} vanished")
+        return row
 
-    def get_key(self, key_id: str) -> dict[str, Any] | None:
+    def get_key(self, key_id: str) -> KeyRow | None:
         row = self.connect().execute("SELECT * FROM keys WHERE id = ?", (key_id,)).fetchone()
         return dict(row) if row else None
 
-    def find_key(self, name_or_id: str) -> dict[str, Any] | None:
+    def find_key(self, name_or_id: str) -> KeyRow | None:
         row = self.connect().execute(
             "SELECT * FROM keys WHERE id = ? OR name = ? ORDER BY id = ? DESC LIMIT 1",
             (name_or_id, name_or_id, name_or_id)).fetchone()
         return dict(row) if row else None
 
-    def list_keys(self) -> list[dict[str, Any]]:
+    def list_keys(self) -> list[KeyRow]:
         rows = self.connect().execute("SELECT * FROM keys ORDER BY rowid").fetchall()
         return [dict(r) for r in rows]
 
@@ -174,9 +225,9 @@ class Database:
             (owner,)).fetchone()
         return int(row[0])
 
-    def insert_job(self, job_id: str, *, owner: str, kind: str, model: str,
-                   options: dict[str, Any], inputs: dict[str, Any],
-                   max_active: int | None = None) -> JobRow | None:
+    def insert_job(self, job_id: str, *, owner: str, kind: JobKind, model: str,
+                   options: dict[str, Any], inputs: dict[str, str],
+                   max_active: int | None = None) -> Job | None:
         """Insert a queued job; returns None (and inserts nothing) when ``owner`` already
         has ``max_active`` queued or running jobs."""
         with self.transaction() as conn:
@@ -192,16 +243,16 @@ class Database:
                 (job_id, owner, kind, model, json.dumps(options), json.dumps(inputs), utcnow()))
         return self.get_job(job_id)
 
-    def get_job(self, job_id: str) -> JobRow | None:
-        return _job(self.connect().execute("SELECT * FROM jobs WHERE id = ?",
+    def get_job(self, job_id: str) -> Job | None:
+        return _maybe_job(self.connect().execute("SELECT * FROM jobs WHERE id = ?",
                                            (job_id,)).fetchone())
 
     def list_jobs(self, owner: str | None, *, limit: int, offset: int = 0,
                   before_seq: int | None = None, kind: str | None = None,
-                  status: str | None = None) -> tuple[list[JobRow], int]:
+                  status: str | None = None) -> tuple[list[Job], int]:
         """Jobs newest first (by insertion order), and the total count matching the
         filters (ignoring paging)."""
-        where, args = ["deleted = 0"], []
+        where, args = ["deleted = 0"], list[object]()
         if owner is not None:
             where.append("owner = ?")
             args.append(owner)
@@ -222,16 +273,31 @@ class Database:
             "LIMIT ? OFFSET ?", [*args, limit, offset]).fetchall()
         return [_job(r) for r in rows], int(total)
 
-    def jobs_with_status(self, *statuses: str) -> list[JobRow]:
+    def jobs_with_status(self, *statuses: str) -> list[Job]:
         marks = ",".join("?" * len(statuses))
         rows = self.connect().execute(
             f"SELECT * FROM jobs WHERE status IN ({marks}) ORDER BY seq", statuses).fetchall()
         return [_job(r) for r in rows]
 
+    def dictionaries_used_by(self, owner: str) -> set[str]:
+        """Names of the dictionaries the succeeded jobs of ``owner`` used (or built)."""
+        rows = self.connect().execute(
+            "SELECT result FROM jobs WHERE owner = ? AND status = 'succeeded'",
+            (owner,)).fetchall()
+        names = set()
+        for (text,) in rows:
+            try:
+                name = json.loads(text or "{}").get("dictionary")
+            except (ValueError, AttributeError):
+                continue
+            if isinstance(name, str):
+                names.add(name)
+        return names
+
     def all_job_ids(self) -> set[str]:
         return {r[0] for r in self.connect().execute("SELECT id FROM jobs").fetchall()}
 
-    def next_queued(self, exclude: set[str] | frozenset[str] = frozenset()) -> JobRow | None:
+    def next_queued(self, exclude: set[str] | frozenset[str] = frozenset()) -> Job | None:
         rows = self.connect().execute(
             "SELECT * FROM jobs WHERE status = 'queued' AND cancel_requested = 0 "
             "ORDER BY seq LIMIT ?", (len(exclude) + 1,)).fetchall()
@@ -255,14 +321,14 @@ class Database:
             conn.execute("UPDATE jobs SET progress = MAX(progress, ?) WHERE id = ? "
                          "AND status = 'running'", (fraction, job_id))
 
-    def finish(self, job_id: str, status: str, *, error: str | None = None,
+    def finish(self, job_id: str, status: FinalStatus, *, error: str | None = None,
                outputs: list[str] | None = None, result: dict[str, Any] | None = None,
                from_states: tuple[str, ...] = ACTIVE_STATES) -> bool:
         """Move an active job to a final state; False if it was not in ``from_states``."""
         if status not in FINAL_STATES:
             raise ValueError(f"not a final state: {status}")
         sets = ["status = ?", "finished = ?", "error = ?"]
-        args: list[Any] = [status, utcnow(), error]
+        args: list[object] = [status, utcnow(), error]
         if status == "succeeded":
             sets.append("progress = 1")
         if outputs is not None:
@@ -289,7 +355,7 @@ class Database:
                 f"error = ?{refund} WHERE id = ? AND status = 'running'", (note, job_id))
         return cur.rowcount > 0
 
-    def request_cancel(self, job_id: str) -> JobRow | None:
+    def request_cancel(self, job_id: str) -> Job | None:
         """Flag a job for cancellation; a queued job is cancelled at once."""
         with self.transaction() as conn:
             conn.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ? AND status IN "

@@ -24,7 +24,6 @@ from __future__ import annotations
 import concurrent.futures as cf
 import contextlib
 import gc
-import importlib
 import logging
 import multiprocessing
 import os
@@ -37,15 +36,15 @@ import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, TypedDict
 
 from .config import Settings
-from .db import Database
+from .db import Database, FinalStatus, Job, JobKind
 from .storage import JobStorage, is_disk_full
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Dispatcher", "JobSpec", "run_job"]
+__all__ = ["Dispatcher", "JobOutcome", "JobSpec", "run_job"]
 
 _PROGRESS_INTERVAL = 0.25  # s between progress writes
 #: Seconds stop() lets worker processes exit on their own before killing them: idle
@@ -54,12 +53,26 @@ _STOP_IDLE_SECONDS = 10.0
 _STOP_GRACE_SECONDS = 2.0
 
 
+class JobOutcome(TypedDict):
+    """What a job's run gives the dispatcher (picklable): its final state, the error
+    message of a failure, the output file names and the result summary."""
+
+    status: FinalStatus
+    error: str | None
+    outputs: list[str]
+    result: dict[str, Any]
+
+
+def _failed(error: str) -> JobOutcome:
+    return {"status": "failed", "error": error, "outputs": [], "result": {}}
+
+
 @dataclass(frozen=True)
 class JobSpec:
     """Everything a worker needs to run one job (picklable)."""
 
     job_id: str
-    kind: str
+    kind: JobKind
     model: str
     options: dict[str, Any]
     inputs: dict[str, str]
@@ -111,8 +124,9 @@ def _cancel_check(spec: JobSpec, stop_event: threading.Event | None) -> Callable
 
 def _run_fit(spec: JobSpec, progress: Callable[[float], None],
              should_cancel: Callable[[], bool], executor: Any) -> dict[str, Any]:
+    # the library's fitting stack is imported in the worker processes that run jobs
     from fingerprint.fitting.options import FitOptions
-    from fingerprint.fitting.pipeline import fit_volume
+    from fingerprint.fitting.pipeline import fit_volume, read_fsl_scheme
 
     job_dir = Path(spec.job_dir)
     partial = job_dir / f"outputs.partial.{spec.attempt}"
@@ -143,7 +157,6 @@ def _run_fit(spec: JobSpec, progress: Callable[[float], None],
     if options.get("prefix"):
         kwargs["prefix"] = options["prefix"]
     kwargs.update(timing)
-    read_fsl_scheme = importlib.import_module("fingerprint.fitting.pipeline").read_fsl_scheme
     scheme = read_fsl_scheme(inputs["bval"], inputs["bvec"], **timing)
     with _dictionary_budget(spec, scheme, fit_options.dictionary_size, fit_options.seed):
         result = fit_volume(spec.model, inputs["dwi"], inputs["bval"], inputs["bvec"],
@@ -163,7 +176,7 @@ def _run_fit(spec: JobSpec, progress: Callable[[float], None],
     os.rename(partial, final)
     info: dict[str, Any] = {"n_voxels": int(getattr(result, "n_voxels", 0)),
                             "seconds": float(getattr(result, "seconds", 0.0))}
-    if getattr(result, "dictionary", None) is not None:
+    if result.dictionary is not None:
         info["dictionary"] = Path(result.dictionary).name
     return {"outputs": sorted(names), "result": info}
 
@@ -200,9 +213,9 @@ def _dictionary_budget(spec: JobSpec, scheme: Any, size: int | None,
 
 def _run_dictionary(spec: JobSpec, progress: Callable[[float], None],
                     should_cancel: Callable[[], bool]) -> dict[str, Any]:
-    get_or_build_dictionary = importlib.import_module(
-        "fingerprint.dictionary").get_or_build_dictionary
-    read_bvals_bvecs = importlib.import_module("fingerprint.io.gradients").read_bvals_bvecs
+    # imported in the worker processes that run jobs
+    from fingerprint.dictionary import get_or_build_dictionary
+    from fingerprint.io.gradients import read_bvals_bvecs
 
     job_dir = Path(spec.job_dir)
     options = spec.options
@@ -267,7 +280,7 @@ def public_message(message: str, spec: JobSpec) -> str:
 
 
 def run_job(spec: JobSpec, *, executor: Any = None,
-            stop_event: threading.Event | None = None) -> dict[str, Any]:
+            stop_event: threading.Event | None = None) -> JobOutcome:
     """Run one job to completion; returns ``{'status', 'error', 'outputs', 'result'}``.
 
     Called in a worker process of the dispatcher's pool. With ``spec.dask_scheduler``
@@ -292,7 +305,8 @@ def run_job(spec: JobSpec, *, executor: Any = None,
             out = _run_dictionary(spec, progress, should_cancel)
         else:
             raise RuntimeError(f"unknown job kind {spec.kind!r}")
-        return {"status": "succeeded", "error": None, **out}
+        return {"status": "succeeded", "error": None, "outputs": out["outputs"],
+                "result": out["result"]}
     except CancelledError:
         return {"status": "cancelled", "error": "cancelled", "outputs": [], "result": {}}
     except (FingerprintError, ValueError, OSError, sqlite3.OperationalError) as exc:
@@ -303,11 +317,10 @@ def run_job(spec: JobSpec, *, executor: Any = None,
         else:
             logger.info("job %s failed: %s", spec.job_id, exc)
             error = public_message(f"{type(exc).__name__}: {exc}", spec)
-        return {"status": "failed", "error": error, "outputs": [], "result": {}}
+        return _failed(error)
     except Exception as exc:
         logger.error("job %s crashed:\n%s", spec.job_id, traceback.format_exc())
-        error = public_message(f"internal error ({type(exc).__name__}: {exc})", spec)
-        return {"status": "failed", "error": error, "outputs": [], "result": {}}
+        return _failed(public_message(f"internal error ({type(exc).__name__}: {exc})", spec))
     finally:
         if own_executor is not None:  # whatever is left of the job on the cluster
             own_executor.shutdown(wait=False, cancel_futures=True)
@@ -319,16 +332,14 @@ def run_job(spec: JobSpec, *, executor: Any = None,
 PID_FILE = "worker.pid"
 
 
-def run_in_worker(function: Callable[[JobSpec], dict[str, Any]],
-                  spec: JobSpec) -> dict[str, Any]:
+def run_in_worker(function: Callable[[JobSpec], JobOutcome], spec: JobSpec) -> JobOutcome:
     """What the pool runs: note this process's id in the job directory (so a job that
     ignores its cancellation can be stopped), then run ``function(spec)``."""
     pid_file = Path(spec.job_dir) / PID_FILE
     try:
         pid_file.write_text(str(os.getpid()))
     except OSError:  # the job directory is gone: nothing to run
-        return {"status": "failed", "error": "the job's files are missing", "outputs": [],
-                "result": {}}
+        return _failed("the job's files are missing")
     try:
         return function(spec)
     finally:
@@ -374,9 +385,10 @@ class Dispatcher:
         self._client: Any = None
         self._client_error: str | None = None
         self._lock = threading.Lock()
-        self.mode = "dask" if settings.dask_scheduler else "process"
+        self.mode: Literal["process", "dask"] = ("dask" if settings.dask_scheduler
+                                                 else "process")
         #: what a worker process runs for a job (replaceable in tests)
-        self.job_function: Callable[[JobSpec], dict[str, Any]] = run_job
+        self.job_function: Callable[[JobSpec], JobOutcome] = run_job
         self._cancel_seen: dict[str, float] = {}
         self._killed_for_cancel = False
 
@@ -503,14 +515,14 @@ class Dispatcher:
             self._wake.wait(self.settings.poll_interval)
             self._wake.clear()
 
-    def _spec(self, job: dict[str, Any]) -> JobSpec:
+    def _spec(self, job: Job) -> JobSpec:
         return JobSpec(
-            job_id=job["id"], kind=job["kind"], model=job["model"], options=job["options"],
-            inputs=job["inputs"], job_dir=str(self.storage.job_dir(job["id"])),
+            job_id=job.id, kind=job.kind, model=job.model, options=job.options,
+            inputs=job.inputs, job_dir=str(self.storage.job_dir(job.id)),
             db_path=str(self.db.path),
             dictionary_dir=str(self.settings.resolved_dictionary_dir),
-            threads=int(job["options"].get("threads") or self.settings.threads_per_job),
-            attempt=int(job["attempts"]),
+            threads=int(job.options.get("threads") or self.settings.threads_per_job),
+            attempt=int(job.attempts),
             parent_pid=os.getpid(), dask_scheduler=self.settings.dask_scheduler,
             extra={"limits": {"max_voxels": int(self.settings.max_voxels),
                               "max_dwi_bytes": int(self.settings.max_dwi_bytes)},
@@ -525,22 +537,24 @@ class Dispatcher:
             job = self.db.next_queued(exclude=busy)
             if job is None:
                 return
-            if not self.db.claim(job["id"]):
+            if not self.db.claim(job.id):
                 continue
-            job = self.db.get_job(job["id"])
+            job = self.db.get_job(job.id)
+            if job is None or self._pool is None:  # pragma: no cover - rows stay; started
+                return
             spec = self._spec(job)
             try:
                 future = self._pool.submit(run_in_worker, self.job_function, spec)
             except Exception as exc:  # pool broken or shutting down
-                logger.warning("cannot submit job %s: %s", job["id"], exc)
-                self.db.requeue(job["id"], refund_attempt=True)
+                logger.warning("cannot submit job %s: %s", job.id, exc)
+                self.db.requeue(job.id, refund_attempt=True)
                 self._replace_pool()
                 return
             future.add_done_callback(lambda _f: self._wake.set())
             with self._lock:
-                self._running[job["id"]] = (future, spec)
-            logger.info("job %s (%s, %s) started, attempt %d", job["id"], job["kind"],
-                        job["model"], spec.attempt)
+                self._running[job.id] = (future, spec)
+            logger.info("job %s (%s, %s) started, attempt %d", job.id, job.kind,
+                        job.model, spec.attempt)
 
     def _enforce_cancels(self) -> None:
         """Kill the worker process of a job still running ``cancel_kill_seconds`` after
@@ -578,7 +592,8 @@ class Dispatcher:
             return
         old = self._pool
         try:
-            old.shutdown(wait=False, cancel_futures=True)
+            if old is not None:
+                old.shutdown(wait=False, cancel_futures=True)
         except Exception:  # pragma: no cover
             pass
         self._pool = self._new_process_pool()
@@ -604,8 +619,7 @@ class Dispatcher:
                 outcome = None
             except Exception as exc:
                 logger.exception("job %s raised outside the runner", job_id)
-                outcome = {"status": "failed", "error": f"internal error ({exc})",
-                           "outputs": [], "result": {}}
+                outcome = _failed(f"internal error ({exc})")
             if self._stop.is_set():
                 return  # stop() re-queues whatever is left
             with self._lock:
@@ -614,25 +628,25 @@ class Dispatcher:
         if broken:
             self._replace_pool()
 
-    def _record(self, job_id: str, spec: JobSpec, outcome: dict[str, Any] | None) -> None:
+    def _record(self, job_id: str, spec: JobSpec, outcome: JobOutcome | None) -> None:
         job = self.db.get_job(job_id)
         if job is None:
             return
         if outcome is None:  # the worker process died (killed, out of memory, ...)
-            if job["cancel_requested"]:
+            if job.cancel_requested:
                 self.db.finish(job_id, "cancelled", error="cancelled by the owner")
             elif self._killed_for_cancel:  # collateral of stopping a cancelled job
                 self.db.requeue(job_id, "re-queued: the worker pool was restarted to stop "
                                         "a cancelled job", refund_attempt=True)
-            elif job["attempts"] < self.settings.max_attempts:
+            elif job.attempts < self.settings.max_attempts:
                 self.db.requeue(job_id, "re-queued: the worker process died")
             else:
                 self.db.finish(job_id, "failed", error=(
-                    f"the worker process died during each of {job['attempts']} attempts "
+                    f"the worker process died during each of {job.attempts} attempts "
                     "(out of memory?)"))
         else:
             status = outcome["status"]
-            if status == "cancelled" and not job["cancel_requested"]:
+            if status == "cancelled" and not job.cancel_requested:
                 # stopped by the server itself (e.g. the parent died): run it again
                 self.db.requeue(job_id, "re-queued: the run was interrupted")
             else:
@@ -641,13 +655,15 @@ class Dispatcher:
                 self.db.finish(job_id, status, error=error, outputs=outcome.get("outputs"),
                                result=outcome.get("result"))
         job = self.db.get_job(job_id)
-        logger.info("job %s finished: %s%s", job_id, job["status"],
-                    f" ({job['error']})" if job["status"] == "failed" else "")
-        if outcome is None or job["status"] == "cancelled":  # no half-built dictionary
+        if job is None:  # pragma: no cover - rows are never removed
+            return
+        logger.info("job %s finished: %s%s", job_id, job.status,
+                    f" ({job.error})" if job.status == "failed" else "")
+        if outcome is None or job.status == "cancelled":  # no half-built dictionary
             self._clean_dictionary_builds()
-        if job["deleted"]:
+        if job.deleted:
             self.storage.remove_job(job_id)
-        elif job["status"] == "cancelled":
+        elif job.status == "cancelled":
             shutil.rmtree(self.storage.partial_outputs_dir(job_id), ignore_errors=True)
 
     def _clean_dictionary_builds(self) -> None:

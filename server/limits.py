@@ -29,10 +29,13 @@ from typing import Any
 
 import numpy as np
 
-from fingerprint.errors import FingerprintError, InputError
+from fingerprint.errors import CancelledError, FingerprintError, InputError
+from fingerprint.fitting.validity import default_mask
+from fingerprint.io.nifti import READ_ERRORS, DWIImage, open_gzip, open_nifti
 
 from .errors import ApiError
 from .storage import is_disk_full
+from .validation import public_message, validate_scheme
 
 logger = logging.getLogger(__name__)
 
@@ -144,6 +147,10 @@ class UploadGate:
 
 
 # ------------------------------------------------------------------- NIfTI headers
+#: What reading a damaged gzip NIfTI stream may raise.
+_STREAM_ERRORS: tuple[type[BaseException], ...] = (*READ_ERRORS, struct.error, zlib.error)
+
+
 def _data_layout(img: Any) -> tuple[int, int]:
     """(offset of the data block, its size in bytes) from a NIfTI header."""
     header = img.header
@@ -181,11 +188,9 @@ def verify_data_length(path: Path, end: int, what: str,
     if not _is_gzip(path):
         _check_plain_size(path, end, what)
         return
-    from fingerprint.io.nifti import _READ_ERRORS, _fast_gzip
-
     total = 0
     try:
-        with _fast_gzip.open(path, "rb") as src:
+        with open_gzip(path) as src:
             while True:
                 block = src.read(_STREAM_BLOCK)
                 if not block:
@@ -199,7 +204,7 @@ def verify_data_length(path: Path, end: int, what: str,
                     raise Stopped(f"{what} check stopped")
     except (InputError, Stopped):
         raise
-    except (*_READ_ERRORS, struct.error, zlib.error) as exc:
+    except _STREAM_ERRORS as exc:
         raise InputError(f"{what} file {path} is truncated or corrupt after {total:,} "
                          f"decompressed bytes: {exc}") from None
     if total < end:
@@ -208,9 +213,7 @@ def verify_data_length(path: Path, end: int, what: str,
 
 
 def _rewrite(exc: Exception, files: dict[str, Path]) -> ApiError:
-    from .validation import _rewrite as rewrite
-
-    message, field = rewrite(str(exc) or type(exc).__name__, files)
+    message, field = public_message(str(exc) or type(exc).__name__, files)
     return ApiError(422, f"invalid input: {message}", field)
 
 
@@ -222,10 +225,6 @@ def check_fit_upload(files: dict[str, Path], timing: dict[str, float], limits: I
     in s/mm², plus the mask counted slice by slice): ApiError 413 (over a limit) or 422
     (invalid) naming the field; :class:`Stopped` when the client left. ``deadline`` is a
     ``time.monotonic()`` value."""
-    from fingerprint.io.nifti import DWIImage, open_nifti
-
-    from .validation import validate_scheme
-
     scheme = validate_scheme(files, timing, b0_threshold=b0_threshold)
     try:
         image = DWIImage(files["dwi"], check=False)
@@ -319,8 +318,6 @@ def _check_mask(mask: Any, path: Path, image: Any, limits: InputLimits, deadline
 def _count_mask(mask: Any, path: Path, shape: tuple[int, ...], deadline: float,
                 should_stop: Callable[[], bool] | None) -> int:
     """Nonzero voxels of a mask, read a block of rows at a time (in file order)."""
-    from fingerprint.io.nifti import _READ_ERRORS
-
     x, y, z = shape
     extra = (0,) if len(mask.shape) == 4 else ()
     itemsize = np.dtype(mask.header.get_data_dtype()).itemsize
@@ -337,7 +334,7 @@ def _count_mask(mask: Any, path: Path, shape: tuple[int, ...], deadline: float,
                 raise Stopped("mask check stopped")
             try:
                 block = np.asarray(proxy[(slice(None), slice(j, j + rows), k) + tuple(extra)])
-            except _READ_ERRORS as exc:
+            except READ_ERRORS as exc:
                 raise InputError(f"mask file {path} cannot be read: {exc}") from None
             if block.dtype.kind == "f" and not np.all(np.isfinite(block)):
                 raise InputError(f"mask file {path} contains NaN or infinite values")
@@ -359,10 +356,7 @@ def check_job_inputs(dwi: Path, bval: Path, bvec: Path, mask: Path | None,
     the limit. Returns the default mask (``mask_rule`` ``'positive_b0'``: voxels with a
     positive mean b=0 signal) when no mask file was given, else None. InputError
     otherwise."""
-    from fingerprint.errors import CancelledError
     from fingerprint.fitting.pipeline import validate_inputs
-    from fingerprint.fitting.validity import default_mask
-    from fingerprint.io.nifti import DWIImage, open_nifti
 
     def stop() -> bool:
         return bool(should_cancel and should_cancel())

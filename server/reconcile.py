@@ -44,25 +44,25 @@ def reconcile(db: Database, storage: JobStorage, *, max_attempts: int) -> Reconc
     """Bring the database and the job directories back into agreement after a stop."""
     report = ReconcileReport()
     for job in db.jobs_with_status("running"):
-        job_id = job["id"]
-        if job["cancel_requested"]:
+        job_id = job.id
+        if job.cancel_requested:
             db.finish(job_id, "cancelled", error="cancelled by the owner")
             report.cancelled.append(job_id)
-        elif job["attempts"] >= max_attempts:
+        elif job.attempts >= max_attempts:
             db.finish(job_id, "failed", error=(
-                f"the server stopped during each of {job['attempts']} attempts to run this "
+                f"the server stopped during each of {job.attempts} attempts to run this "
                 f"job (limit {max_attempts}); giving up"))
             report.failed.append(job_id)
         else:
-            db.requeue(job_id, f"re-queued after a server restart (attempt {job['attempts']} "
+            db.requeue(job_id, f"re-queued after a server restart (attempt {job.attempts} "
                                "was interrupted)")
             report.requeued.append(job_id)
     for job in db.jobs_with_status("queued"):
-        if not storage.inputs_dir(job["id"]).is_dir():
-            db.finish(job["id"], "failed", error="the job's input files are missing")
-            report.failed.append(job["id"])
-        elif job["id"] not in report.requeued:
-            report.resumed.append(job["id"])
+        if not storage.inputs_dir(job.id).is_dir():
+            db.finish(job.id, "failed", error="the job's input files are missing")
+            report.failed.append(job.id)
+        elif job.id not in report.requeued:
+            report.resumed.append(job.id)
 
     known = db.all_job_ids()
     for name in storage.job_dir_ids():
@@ -74,16 +74,16 @@ def reconcile(db: Database, storage: JobStorage, *, max_attempts: int) -> Reconc
                 path.unlink(missing_ok=True)
             report.orphans_removed.append(name)
             continue
-        job = db.get_job(name)
-        if job["deleted"]:
+        stored = db.get_job(name)
+        if stored is None or stored.deleted:
             storage.remove_job(name)
             continue
         for partial in path.glob("outputs.partial*"):
             shutil.rmtree(partial, ignore_errors=True)
         (path / "worker.pid").unlink(missing_ok=True)
-        if job["status"] in ("queued", "succeeded", "failed"):
+        if stored.status in ("queued", "succeeded", "failed"):
             storage.cancel_flag(name).unlink(missing_ok=True)
-        if job["status"] == "cancelled":
+        if stored.status == "cancelled":
             shutil.rmtree(storage.outputs_dir(name), ignore_errors=True)
     report.tmp_removed = storage.clean_tmp()
     logger.info("start-up reconciliation: %d re-queued, %d resumed, %d failed, %d cancelled, "

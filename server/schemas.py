@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from pydantic import BaseModel, Field
+
+from .db import Job, JobKind, JobStatus
 
 __all__ = [
     "DictionaryInfo",
@@ -13,11 +15,17 @@ __all__ = [
     "JobList",
     "JobOut",
     "ModelInfo",
+    "Queue",
+    "QueuedJob",
+    "Responses",
     "job_out",
 ]
 
-JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 JobStage = Literal["queued", "building dictionary", "fitting", "writing maps"]
+
+
+#: The ``responses`` of a route (status -> OpenAPI response description).
+Responses = dict[int | str, dict[str, Any]]
 
 
 class ErrorBody(BaseModel):
@@ -31,7 +39,7 @@ class JobOut(BaseModel):
     """A job as its owner sees it."""
 
     id: str
-    kind: Literal["fit", "dictionary"]
+    kind: JobKind
     model: str
     status: JobStatus
     progress: float = Field(..., ge=0, le=1, description="completed fraction")
@@ -47,7 +55,10 @@ class JobOut(BaseModel):
     error: str | None = Field(None, description="why the job failed (or a note on a re-run)")
     attempts: int = Field(..., description="runs started so far")
     cancel_requested: bool = False
-    options: dict[str, Any] = Field(default_factory=dict)
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="what the job was asked: the fit options given "
+                                          "(as the library normalised them; b0_threshold in "
+                                          "s/m²), the output prefix and the pulse timing (s)")
     files: list[str] = Field(default_factory=list, description="output file names")
     result: dict[str, Any] = Field(default_factory=dict)
     links: dict[str, str] = Field(default_factory=dict)
@@ -76,12 +87,51 @@ class DictionaryInfo(BaseModel):
     details: dict[str, Any] = Field(default_factory=dict)
 
 
+class QueuedJob(BaseModel):
+    """A queued or running job as the admin's queue view shows it (no file names)."""
+
+    id: str
+    owner: str = Field(..., description="name of the owner's key")
+    kind: JobKind
+    model: str
+    status: JobStatus
+    stage: JobStage | None
+    stage_progress: float
+    progress: float
+    created: str
+    started: str | None
+
+
+class ExecutorInfo(BaseModel):
+    healthy: bool
+    message: str
+    mode: Literal["process", "dask"]
+    workers: int
+    threads_per_job: int
+    dask_scheduler: str | None
+
+
+class QueueLimits(BaseModel):
+    max_jobs_per_key: int
+    max_upload_mb: float
+
+
+class Queue(BaseModel):
+    """The server's executor and every queued or running job."""
+
+    executor: ExecutorInfo
+    limits: QueueLimits
+    running: list[QueuedJob]
+    queued: list[QueuedJob]
+
+
 class Health(BaseModel):
     status: Literal["ok", "unavailable"]
     checks: dict[str, str] = Field(default_factory=dict)
 
 
-def job_stage(kind: str, status: str, progress: float) -> tuple[str | None, float]:
+def job_stage(kind: JobKind, status: JobStatus, progress: float
+              ) -> tuple[JobStage | None, float]:
     """(stage, completed fraction of it) of a job: ``queued`` while waiting; for a running
     fit, the stage of the fitting pipeline its progress falls in; for a running dictionary
     job, ``building dictionary``; None once finished."""
@@ -91,22 +141,24 @@ def job_stage(kind: str, status: str, progress: float) -> tuple[str | None, floa
         return None, 0.0
     if kind == "dictionary":
         return "building dictionary", min(max(float(progress), 0.0), 1.0)
+    # the volume runner is heavy to import (numba, nibabel): only once a fit is running
     from fingerprint.fitting.pipeline import progress_stage
 
-    return progress_stage(progress)
+    stage, fraction = progress_stage(progress)
+    return cast(JobStage, stage), fraction
 
 
-def job_out(job: dict[str, Any], base: str = "/v1") -> JobOut:
-    """The public view of a job row."""
-    stage, stage_progress = job_stage(job["kind"], job["status"], float(job["progress"]))
-    links = {"self": f"{base}/jobs/{job['id']}"}
-    if job["kind"] == "fit" and job["status"] == "succeeded" and not job["deleted"]:
-        links["results"] = f"{base}/jobs/{job['id']}/results"
+def job_out(job: Job, base: str = "/v1") -> JobOut:
+    """The public view of a job record."""
+    stage, stage_progress = job_stage(job.kind, job.status, float(job.progress))
+    links = {"self": f"{base}/jobs/{job.id}"}
+    if job.kind == "fit" and job.status == "succeeded" and not job.deleted:
+        links["results"] = f"{base}/jobs/{job.id}/results"
     return JobOut(
-        id=job["id"], kind=job["kind"], model=job["model"], status=job["status"],
-        progress=float(job["progress"]), stage=stage, stage_progress=round(stage_progress, 4),
-        created=job["created"], started=job["started"],
-        finished=job["finished"], error=job["error"], attempts=int(job["attempts"]),
-        cancel_requested=bool(job["cancel_requested"]), options=job["options"],
-        files=list(job["outputs"]) if not job["deleted"] else [], result=job["result"],
+        id=job.id, kind=job.kind, model=job.model, status=job.status,
+        progress=float(job.progress), stage=stage, stage_progress=round(stage_progress, 4),
+        created=job.created, started=job.started,
+        finished=job.finished, error=job.error, attempts=int(job.attempts),
+        cancel_requested=bool(job.cancel_requested), options=job.options,
+        files=list(job.outputs) if not job.deleted else [], result=job.result,
         links=links)

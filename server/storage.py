@@ -36,8 +36,8 @@ from .errors import ApiError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FileField", "JobStorage", "UploadError", "Upload", "UploadTimeouts",
-           "is_disk_full", "receive_multipart"]
+__all__ = ["DRAIN_LIMIT", "FileField", "JobStorage", "UploadError", "Upload",
+           "UploadTimeouts", "drain", "is_disk_full", "receive_multipart"]
 
 #: Bytes of an over-limit body read and discarded before answering 413, so that an
 #: HTTP/1.1 client still sending its body gets the response instead of a reset.
@@ -285,11 +285,13 @@ class _Receiver:
     def on_part_end(self) -> None:
         name = self._name
         self.open_part = None
+        if name is None:  # pragma: no cover - the parser ends only parts it began
+            return
         if self._fh is not None:
             self._fh.close()
             self._fh = None
             spec = self.file_fields[name]
-            if self._path.stat().st_size == 0:
+            if self._path is None or self._path.stat().st_size == 0:
                 raise UploadError(422, f"file field '{name}' is empty", name)
             if spec.nifti:
                 suffix = ".nii.gz" if self._first == _GZIP_MAGIC else ".nii"
@@ -317,11 +319,11 @@ def _disk_full() -> UploadError:
                             "again later", headers={"Retry-After": "60"})
 
 
-async def _drain(stream: AsyncIterator[bytes], budget: int,
-                 seconds: float = DRAIN_SECONDS) -> None:
+async def drain(stream: AsyncIterator[bytes], budget: int,
+                seconds: float = DRAIN_SECONDS) -> None:
     """Read and discard at most ``budget`` bytes of ``stream`` for at most ``seconds``."""
 
-    async def drain() -> None:
+    async def read() -> None:
         drained = 0
         async for chunk in stream:
             drained += len(chunk)
@@ -329,7 +331,7 @@ async def _drain(stream: AsyncIterator[bytes], budget: int,
                 return
 
     try:
-        await asyncio.wait_for(drain(), seconds)
+        await asyncio.wait_for(read(), seconds)
     except (Exception, asyncio.TimeoutError):  # the client went away or is too slow
         return
 
@@ -385,7 +387,7 @@ async def receive_multipart(request, dest: Path, *, file_fields: dict[str, FileF
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
         if int(declared) - max_bytes <= DRAIN_LIMIT:
-            await _drain(request.stream(), DRAIN_LIMIT)
+            await drain(request.stream(), DRAIN_LIMIT)
         raise UploadError(413, f"the upload is {int(declared) / 1048576:.1f} MiB, more than "
                                f"the server's limit of {limit_mb:.4g} MiB")
     receiver = _Receiver(dest, file_fields, text_fields, disk_reserve)
@@ -415,7 +417,7 @@ async def receive_multipart(request, dest: Path, *, file_fields: dict[str, FileF
             total += len(chunk)
             if total > max_bytes:
                 receiver.close()
-                await _drain(stream, DRAIN_LIMIT)
+                await drain(stream, DRAIN_LIMIT)
                 raise UploadError(413, f"the upload is larger than the server's limit of "
                                        f"{limit_mb:.4g} MiB")
             if chunk:
@@ -423,7 +425,7 @@ async def receive_multipart(request, dest: Path, *, file_fields: dict[str, FileF
                     parser.write(chunk)
                 except (UploadError, MultipartParseError):
                     receiver.close()
-                    await _drain(stream, DRAIN_LIMIT)
+                    await drain(stream, DRAIN_LIMIT)
                     raise
         parser.finalize()
     except MultipartParseError as exc:

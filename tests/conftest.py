@@ -29,3 +29,12 @@ def _isolated_dictionary_cache(tmp_path_factory: pytest.TempPathFactory) -> None
     """Keep every test's dictionaries out of the user's cache."""
     if "FINGERPRINT_DICTIONARY_DIR" not in os.environ:
         os.environ["FINGERPRINT_DICTIONARY_DIR"] = str(tmp_path_factory.mktemp("dictionaries"))
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A small NODDI phantom as files (``dwi``, ``bval``, ``bvec``, ``mask``; 3x3x2
+    voxels), the input of the server tests (a module may define its own)."""
+    from server_helpers import write_phantom
+
+    return write_phantom(tmp_path_factory.mktemp("phantom"), shape=(3, 3, 2))

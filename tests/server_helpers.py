@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,6 +49,8 @@ class ServerProcess:
     env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen | None = None
     log_path: Path | None = None
+    #: API keys by name (alice, bob: users; root: admin) when made by start_server
+    keys: dict[str, str] = field(default_factory=dict)
 
     @property
     def url(self) -> str:
@@ -79,6 +82,12 @@ class ServerProcess:
         self.stop()
         raise RuntimeError(f"server not ready after {timeout} s:\n{self.log()}")
 
+    def restarted(self, timeout: float = 60.0) -> ServerProcess:
+        """A new server on the same data directory, flags and keys, started (after this
+        one stopped or was killed)."""
+        return ServerProcess(self.data_dir, args=list(self.args), env=dict(self.env),
+                             keys=dict(self.keys)).start(timeout)
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path else ""
 
@@ -97,6 +106,26 @@ class ServerProcess:
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout=10)
+
+
+def start_server(data_dir: Path, *args: str, env: dict[str, str] | None = None
+                 ) -> ServerProcess:
+    """A started server on ``data_dir`` with ``args`` (flags of ``python -m server``) and
+    keys alice, bob (users) and root (admin) in its ``keys``."""
+    keys = make_keys(data_dir)
+    proc = ServerProcess(data_dir, args=list(args), env=dict(env or {}), keys=keys)
+    return proc.start()
+
+
+def serve(tmp_path_factory, name: str, *args: str, env: dict[str, str] | None = None
+          ) -> Iterator[ServerProcess]:
+    """The body of a server fixture: ``yield from serve(tmp_path_factory, "name", ...)``
+    starts a server in a fresh directory (:func:`start_server`) and stops it after."""
+    proc = start_server(tmp_path_factory.mktemp(name) / "data", *args, env=env)
+    try:
+        yield proc
+    finally:
+        proc.stop()
 
 
 def client(server: ServerProcess, key: str | None) -> httpx.Client:

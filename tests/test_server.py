@@ -17,12 +17,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 from server_helpers import (
-    ServerProcess,
     client,
-    make_keys,
+    serve,
     upload_files,
     wait_for,
-    write_phantom,
 )
 
 #: atoms of the test dictionary: small, so the first build is quick
@@ -32,21 +30,10 @@ SLOW_SIZE = 2_000_000
 
 
 @pytest.fixture(scope="module")
-def phantom(tmp_path_factory) -> dict[str, Path]:
-    return write_phantom(tmp_path_factory.mktemp("phantom"), shape=(3, 3, 2))
-
-
-@pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    data_dir = tmp_path_factory.mktemp("server") / "data"
-    keys = make_keys(data_dir)
-    proc = ServerProcess(data_dir, args=["--workers", "1", "--max-upload-mb", "1",
-                                         "--max-jobs-per-key", "2",
-                                         "--max-dictionary-size", str(SLOW_SIZE),
-                                         "--max-user-dictionary-size", str(SLOW_SIZE)]).start()
-    proc.keys = keys
-    yield proc
-    proc.stop()
+    yield from serve(tmp_path_factory, "server", "--workers", "1", "--max-upload-mb", "1",
+                     "--max-jobs-per-key", "2", "--max-dictionary-size", str(SLOW_SIZE),
+                     "--max-user-dictionary-size", str(SLOW_SIZE))
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,8 @@ import sys
 
 import pytest
 from server_helpers import (
-    ServerProcess,
     client,
-    make_keys,
+    start_server,
     upload_files,
     wait_for,
     write_phantom,
@@ -48,11 +47,10 @@ parameters = {{ "path.job_id" = "{victim}" }}
 
 
 def test_openapi_fuzz_has_no_server_errors(tmp_path):
-    data_dir = tmp_path / "data"
-    keys = make_keys(data_dir)
     phantom = write_phantom(tmp_path / "phantom")
-    server = ServerProcess(data_dir, args=["--max-upload-mb", "1", "--max-jobs-per-key", "2",
-                                           "--max-dictionary-size", str(SIZE)]).start()
+    server = start_server(tmp_path / "data", "--max-upload-mb", "1", "--max-jobs-per-key", "2",
+                          "--max-dictionary-size", str(SIZE))
+    keys = server.keys
     report = tmp_path / "report"
     try:
         with client(server, keys["root"]) as http:

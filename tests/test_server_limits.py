@@ -18,9 +18,10 @@ from server_helpers import (
     multipart_form,
     nifti_gz,
     raw_post,
+    serve,
+    start_server,
     upload_files,
     wait_for,
-    write_phantom,
 )
 
 #: DWI limit of the test server (MiB) and its voxel limit
@@ -29,22 +30,12 @@ MAX_VOXELS = 12
 
 
 @pytest.fixture(scope="module")
-def phantom(tmp_path_factory) -> dict[str, Path]:
-    return write_phantom(tmp_path_factory.mktemp("phantom"), shape=(3, 3, 2))
-
-
-@pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    data_dir = tmp_path_factory.mktemp("limits") / "data"
-    keys = make_keys(data_dir)
-    proc = ServerProcess(data_dir, args=[
-        "--workers", "1", "--max-upload-mb", "4", "--max-dwi-mb", str(MAX_DWI_MB),
-        "--max-voxels", str(MAX_VOXELS), "--max-uploads-per-key", "1", "--max-uploads", "2",
-        "--min-upload-rate-kb", "64", "--max-upload-seconds", "20"],
-        env={"FINGERPRINT_UPLOAD_GRACE_SECONDS": "1"}).start()
-    proc.keys = keys
-    yield proc
-    proc.stop()
+    yield from serve(tmp_path_factory, "limits", "--workers", "1", "--max-upload-mb", "4",
+                     "--max-dwi-mb", str(MAX_DWI_MB), "--max-voxels", str(MAX_VOXELS),
+                     "--max-uploads-per-key", "1", "--max-uploads", "2",
+                     "--min-upload-rate-kb", "64", "--max-upload-seconds", "20",
+                     env={"FINGERPRINT_UPLOAD_GRACE_SECONDS": "1"})
 
 
 def _leftovers(server: ServerProcess) -> tuple[list[str], list[str]]:
@@ -313,13 +304,10 @@ def test_stale_build_leftovers_are_cleaned(tmp_path):
 @pytest.fixture(scope="module")
 def cache_server(tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("cache") / "data"
-    keys = make_keys(data_dir)
     # about 1.5 MiB: one test dictionary (3000 atoms, about 1 MB) at a time
-    proc = ServerProcess(data_dir, args=["--workers", "1", "--dictionary-cache-gb", "0.0015",
-                                         "--max-user-dictionary-size", "5000",
-                                         "--dictionary-dir", str(data_dir / "dictionaries")]
-                         ).start()
-    proc.keys = keys
+    proc = start_server(data_dir, "--workers", "1", "--dictionary-cache-gb", "0.0015",
+                        "--max-user-dictionary-size", "5000",
+                        "--dictionary-dir", str(data_dir / "dictionaries"))
     yield proc
     proc.stop()
 
@@ -478,7 +466,7 @@ def test_restart_removes_stale_worker_files(tmp_path):
     (storage.job_dir(job_id) / "worker.pid").write_text("12345")
     reconcile(db, storage, max_attempts=3)
     assert not (storage.job_dir(job_id) / "worker.pid").exists()
-    assert db.get_job(job_id)["status"] == "queued"
+    assert db.get_job(job_id).status == "queued"
 
 
 def test_upload_checks_stop_when_the_client_leaves_or_time_is_up(tmp_path, phantom):

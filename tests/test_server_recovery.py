@@ -11,8 +11,15 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from server_helpers import ServerProcess, client, make_keys, upload_files, wait_for
-from test_server import SIZE, SLOW_SIZE, phantom  # noqa: F401 - fixture
+from server_helpers import (
+    ServerProcess,
+    client,
+    make_keys,
+    start_server,
+    upload_files,
+    wait_for,
+)
+from test_server import SIZE, SLOW_SIZE
 
 #: long end-to-end tests (real server processes); CI runs them, `-m "not slow"` skips
 pytestmark = pytest.mark.slow
@@ -28,12 +35,15 @@ def _maps(zip_bytes: bytes) -> dict[str, np.ndarray]:
     return out
 
 
-def test_kill9_during_a_job_then_restart(tmp_path, phantom):  # noqa: F811
-    data_dir = tmp_path / "data"
-    keys = make_keys(data_dir)
-    args = ["--workers", "1", "--max-attempts", "2", "--max-dictionary-size", str(SLOW_SIZE),
-            "--max-user-dictionary-size", str(SLOW_SIZE)]
-    server = ServerProcess(data_dir, args=args).start()
+def _start(tmp_path, max_attempts: int) -> ServerProcess:
+    return start_server(tmp_path / "data", "--workers", "1", "--max-attempts",
+                        str(max_attempts), "--max-dictionary-size", str(SLOW_SIZE),
+                        "--max-user-dictionary-size", str(SLOW_SIZE))
+
+
+def test_kill9_during_a_job_then_restart(tmp_path, phantom):
+    server = _start(tmp_path, max_attempts=2)
+    data_dir, keys = server.data_dir, server.keys
     try:
         with client(server, keys["alice"]) as http:
             r = http.post("/v1/jobs", files=upload_files(phantom),
@@ -54,7 +64,7 @@ def test_kill9_during_a_job_then_restart(tmp_path, phantom):  # noqa: F811
     (orphan / "inputs").mkdir(parents=True)
     (data_dir / "tmp" / "upload-dead").mkdir()
 
-    restarted = ServerProcess(data_dir, args=args).start()
+    restarted = server.restarted()
     try:
         with client(restarted, keys["alice"]) as http:
             job = http.get(f"/v1/jobs/{victim}").json()
@@ -65,7 +75,7 @@ def test_kill9_during_a_job_then_restart(tmp_path, phantom):  # noqa: F811
             # the re-run is interrupted too: the job then fails with the reason
             wait_for(http, victim, states=("running",))
         restarted.kill9()
-        final = ServerProcess(data_dir, args=args).start()
+        final = restarted.restarted()
         try:
             with client(final, keys["alice"]) as http:
                 job = http.get(f"/v1/jobs/{victim}").json()
@@ -78,12 +88,9 @@ def test_kill9_during_a_job_then_restart(tmp_path, phantom):  # noqa: F811
         restarted.stop()
 
 
-def test_graceful_stop_requeues_without_counting(tmp_path, phantom):  # noqa: F811
-    data_dir = tmp_path / "data"
-    keys = make_keys(data_dir)
-    args = ["--workers", "1", "--max-attempts", "1", "--max-dictionary-size", str(SLOW_SIZE),
-            "--max-user-dictionary-size", str(SLOW_SIZE)]
-    server = ServerProcess(data_dir, args=args).start()
+def test_graceful_stop_requeues_without_counting(tmp_path, phantom):
+    server = _start(tmp_path, max_attempts=1)
+    keys = server.keys
     try:
         with client(server, keys["alice"]) as http:
             job_id = http.post("/v1/jobs", files=upload_files(phantom),
@@ -91,7 +98,7 @@ def test_graceful_stop_requeues_without_counting(tmp_path, phantom):  # noqa: F8
             wait_for(http, job_id, states=("running",))
     finally:
         server.stop()  # SIGINT: clean shutdown
-    again = ServerProcess(data_dir, args=args).start()
+    again = server.restarted()
     try:
         with client(again, keys["alice"]) as http:
             job = http.get(f"/v1/jobs/{job_id}").json()
@@ -101,7 +108,7 @@ def test_graceful_stop_requeues_without_counting(tmp_path, phantom):  # noqa: F8
         again.stop()
 
 
-def test_dask_executor_gives_the_same_maps(tmp_path, phantom):  # noqa: F811
+def test_dask_executor_gives_the_same_maps(tmp_path, phantom):
     distributed = pytest.importorskip("distributed")
     data_dir = tmp_path / "data"
     keys = make_keys(data_dir)

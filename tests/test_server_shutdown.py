@@ -11,9 +11,8 @@ import pytest
 
 pytest.importorskip("fastapi")
 from server_helpers import (  # noqa: E402
-    ServerProcess,
     client,
-    make_keys,
+    start_server,
     upload_files,
     wait_for,
     write_phantom,
@@ -42,10 +41,9 @@ def _alive(pid: int) -> bool:
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_signal_stops_server_and_workers_without_warnings(tmp_path, sig) -> None:
-    data_dir = tmp_path / "data"
-    keys = make_keys(data_dir)
     phantom = write_phantom(tmp_path / "phantom")
-    server = ServerProcess(data_dir, args=["--workers", "1"]).start()
+    server = start_server(tmp_path / "data", "--workers", "1")
+    keys = server.keys
     try:
         with client(server, keys["root"]) as http:  # the worker pool has done real work
             r = http.post("/v1/jobs", files=upload_files(phantom),

@@ -96,22 +96,22 @@ def test_job_lifecycle_and_limits(db):
     assert db.insert_job(ids[2], owner="k1", kind="fit", model="noddi", options={},
                          inputs={}, max_active=2) is None
     assert db.get_job(ids[2]) is None
-    assert db.next_queued()["id"] == ids[0]
+    assert db.next_queued().id == ids[0]
     assert db.claim(ids[0]) and not db.claim(ids[0])
     db.set_progress(ids[0], 0.5)
     db.set_progress(ids[0], 0.25)  # progress never goes back
     job = db.get_job(ids[0])
-    assert job["status"] == "running" and job["progress"] == 0.5 and job["attempts"] == 1
-    assert db.next_queued(exclude={ids[0]})["id"] == ids[1]
+    assert job.status == "running" and job.progress == 0.5 and job.attempts == 1
+    assert db.next_queued(exclude={ids[0]}).id == ids[1]
     assert db.finish(ids[0], "succeeded", outputs=["a.nii.gz"])
     assert not db.finish(ids[0], "failed")  # already final
-    assert db.get_job(ids[0])["outputs"] == ["a.nii.gz"]
+    assert db.get_job(ids[0]).outputs == ["a.nii.gz"]
     # a queued job is cancelled at once
-    assert db.request_cancel(ids[1])["status"] == "cancelled"
+    assert db.request_cancel(ids[1]).status == "cancelled"
     rows, total = db.list_jobs("k1", limit=1)
-    assert total == 2 and rows[0]["id"] == ids[1]
-    rows, _ = db.list_jobs("k1", limit=5, before_seq=rows[0]["seq"])
-    assert [r["id"] for r in rows] == [ids[0]]
+    assert total == 2 and rows[0].id == ids[1]
+    rows, _ = db.list_jobs("k1", limit=5, before_seq=rows[0].seq)
+    assert [r.id for r in rows] == [ids[0]]
     assert db.list_jobs("k2", limit=5) == ([], 0)
 
 
@@ -154,16 +154,16 @@ def test_reconcile_after_a_crash(db, tmp_path):
     report = reconcile(db, storage, max_attempts=3)
 
     assert report.requeued == [interrupted]
-    assert db.get_job(interrupted)["status"] == "queued"
-    assert "re-queued" in db.get_job(interrupted)["error"]
+    assert db.get_job(interrupted).status == "queued"
+    assert "re-queued" in db.get_job(interrupted).error
     job = db.get_job(exhausted)
-    assert job["status"] == "failed" and "3 attempts" in job["error"]
-    assert db.get_job(queued)["status"] == "queued" and queued in report.resumed
-    assert db.get_job(lost)["status"] == "failed" and "missing" in db.get_job(lost)["error"]
+    assert job.status == "failed" and "3 attempts" in job.error
+    assert db.get_job(queued).status == "queued" and queued in report.resumed
+    assert db.get_job(lost).status == "failed" and "missing" in db.get_job(lost).error
     assert not orphan.exists() and report.orphans_removed == [orphan.name]
     assert list(storage.tmp_dir.iterdir()) == []
     assert (storage.outputs_dir(done) / "map.nii.gz").read_bytes() == b"result"
-    assert db.get_job(done)["status"] == "succeeded"
+    assert db.get_job(done).status == "succeeded"
     assert not list(storage.jobs_dir.glob("*/outputs.partial*"))
 
 
@@ -408,17 +408,17 @@ def test_a_job_ignoring_its_cancellation_is_killed(tmp_path):
         pid = int((storage.job_dir(victim) / PID_FILE).read_text())
         storage.request_cancel(victim)
         db.request_cancel(victim)
-        while db.get_job(victim)["status"] == "running":
+        while db.get_job(victim).status == "running":
             assert time.monotonic() < deadline, "the cancelled job was not stopped"
             time.sleep(0.05)
-        assert db.get_job(victim)["status"] == "cancelled"
+        assert db.get_job(victim).status == "cancelled"
         with pytest.raises(ProcessLookupError):
             for _ in range(100):  # the killed worker disappears
                 os.kill(pid, 0)
                 time.sleep(0.05)
         # the other job lost its worker too: queued again, without losing an attempt
         job = db.get_job(bystander)
-        assert job["status"] in ("queued", "running") and job["attempts"] <= 1
+        assert job.status in ("queued", "running") and job.attempts <= 1
     finally:
         dispatcher.stop()
-    assert db.get_job(bystander)["status"] == "queued"
+    assert db.get_job(bystander).status == "queued"

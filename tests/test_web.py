@@ -13,7 +13,13 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from server_helpers import ServerProcess, client, make_keys, upload_files, wait_for, write_phantom
+from server_helpers import (
+    client,
+    serve,
+    upload_files,
+    wait_for,
+    write_phantom,
+)
 from web_helpers import (
     browser_unavailable,
     canvas_png,
@@ -74,15 +80,9 @@ def phantom(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    data_dir = tmp_path_factory.mktemp("web-server") / "data"
-    keys = make_keys(data_dir)
-    proc = ServerProcess(data_dir, args=["--workers", "1",
-                                         "--max-dictionary-size", str(SLOW_SIZE),
-                                         "--max-user-dictionary-size", str(SLOW_SIZE)]
-                         ).start()
-    proc.keys = keys
-    yield proc
-    proc.stop()
+    yield from serve(tmp_path_factory, "web-server", "--workers", "1",
+                     "--max-dictionary-size", str(SLOW_SIZE),
+                     "--max-user-dictionary-size", str(SLOW_SIZE))
 
 
 @pytest.fixture(scope="module")
@@ -448,6 +448,48 @@ def test_browser_server_refusal_in_words(server, driver, phantom, tmp_path):
     text = driver.find_element(By.ID, "submit-error").text
     assert text.startswith("The server refused the input.") and "'prefix'" in text
     assert "(field: prefix)" in text
+
+
+@pytest.mark.slow
+@browser
+def test_browser_fit_options_from_the_library(server, driver, phantom):
+    """The page's "More options" offer the fit options the server lists (from the
+    library's specs); the values chosen reach the job, and a bad one is refused in words
+    naming the field."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    with client(server, server.keys["bob"]) as http:
+        offered = http.get("/v1/fit-options").json()
+    sign_in(driver, server.url, server.keys["bob"])
+    driver.find_element(By.ID, "nav-submit").click()
+    wait_until(lambda: visible(driver, "view-submit"), what="the submit view")
+    inputs = driver.find_elements(By.CSS_SELECTOR, "#fit-options [data-fit-option]")
+    assert [i.get_attribute("id") for i in inputs] == [o["name"] for o in offered]
+    solver = Select(driver.find_element(By.ID, "solver"))
+    assert [o.get_attribute("value") for o in solver.options] == [
+        "", "fingerprint", "brute2fine", "mix"]
+    # (inside the closed "More options": read as textContent)
+    assert "default fingerprint" in solver.options[0].get_attribute("textContent")
+    assert driver.find_element(By.ID, "Ns").get_attribute("max") == "100"
+    assert "brute2fine" in driver.find_element(By.ID, "Ns-help").get_attribute("textContent")
+
+    submit_files(driver, phantom, options={"n_neighbors": "0"})
+    wait_until(lambda: visible(driver, "submit-error"), timeout=60, what="the refusal")
+    assert "(field: n_neighbors)" in driver.find_element(By.ID, "submit-error").text
+
+    submit_files(driver, phantom, options={"dictionary_size": str(SIZE), "n_neighbors": "6",
+                                           "solver": "fingerprint", "refine": "false",
+                                           "b0_threshold": "20"})
+    wait_until(lambda: visible(driver, "view-jobs"), timeout=120, what="the jobs view")
+    with client(server, server.keys["bob"]) as http:
+        newest = http.get("/v1/jobs", params={"limit": 1}).json()["items"][0]
+        assert newest["options"] == {"dictionary_size": SIZE, "n_neighbors": 6,
+                                     "solver": "fingerprint", "refine": False,
+                                     "b0_threshold": 20e6}
+        assert wait_for(http, newest["id"], timeout=600)["status"] == "succeeded"
+    # (the browser logs the refusal's 422 it was asked for)
+    assert [e for e in _console_errors(driver) if "(Unprocessable Entity)" not in e] == []
 
 
 @pytest.mark.slow

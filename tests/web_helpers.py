@@ -146,6 +146,9 @@ def submit_files(driver: Any, files: dict[str, Path], *, options: dict[str, str]
             details.find_element(By.TAG_NAME, "summary").click()
         for name, value in options.items():
             box = driver.find_element(By.ID, name)
+            if box.tag_name == "select":  # a fit option with choices
+                Select(box).select_by_value(value)
+                continue
             box.clear()
             box.send_keys(value)
     if click:

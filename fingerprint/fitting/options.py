@@ -21,10 +21,15 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from fingerprint.errors import InputError
-from fingerprint.fitting.registry import DMIPY_SOLVERS, check_solver
+from fingerprint.fitting.registry import (
+    BUILTIN_SOLVER,
+    DMIPY_SOLVERS,
+    REFUSED_SOLVERS,
+    check_solver,
+)
 
 __all__ = ["CLASSICAL_OPTION_NAMES", "DMIPY_IGNORED_OPTIONS", "DMIPY_SOLVERS",
-           "FIT_OPTION_SPECS", "MASK_RULES", "ClassicalSettings",
+           "FIT_OPTION_SPECS", "MASK_RULES", "ClassicalSettings", "OptionError",
            "PREFIX_PATTERN", "TIMING_LIMITS_S", "FitOptions", "OptionSpec", "PolishSettings",
            "check_prefix", "check_timing"]
 
@@ -71,9 +76,29 @@ FIT_OPTION_SPECS: tuple[OptionSpec, ...] = (
                "'nonlinear' (plus a non-linear least-squares polish; the default for models "
                "with more than one orientation)", server=True),
     OptionSpec("threads", "int", "threads for matching and dictionary builds (default: all "
-               "cores)", low=1, high=4096),
+               "cores)", low=1, high=4096, server=True),
     OptionSpec("seed", "int", "seed of the dictionary's sampling", low=0, high=2**31 - 1),
-    OptionSpec("mask_rule", "choice", "default mask when none is given", choices=MASK_RULES),
+    OptionSpec("mask_rule", "choice", "default mask when none is given: 'positive_b0' "
+               "(voxels with a positive mean b=0 signal) or 'all'", choices=MASK_RULES,
+               server=True),
+    OptionSpec("solver", "choice", "'fingerprint' (dictionary matching, the fast fit), or "
+               "dmipy's classical non-linear fits 'brute2fine' (grid, then least squares) and "
+               "'mix' (differential evolution, then least squares)",
+               choices=(BUILTIN_SOLVER, *(s for s in DMIPY_SOLVERS
+                                          if s not in REFUSED_SOLVERS)), server=True),
+    OptionSpec("Ns", "int", "brute2fine: grid points per scalar parameter (default 5)",
+               low=2, high=100, server=True),
+    OptionSpec("N_sphere_samples", "int", "brute2fine: orientations of the grid (default 30)",
+               low=1, high=10_000, server=True),
+    OptionSpec("grid_starts", "int", "brute2fine: best grid points refined per voxel "
+               "(default 1)", low=1, high=64, server=True),
+    OptionSpec("maxiter", "int", "brute2fine and mix: residual evaluations per start of the "
+               "refinement; mix: also generations of the evolution (default 300)",
+               low=1, high=100_000, server=True),
+    OptionSpec("popsize", "int", "mix: population members per searched parameter "
+               "(default 6)", low=2, high=100, server=True),
+    OptionSpec("tol", "float", "mix: relative spread of a voxel's population costs at which "
+               "its evolution stops (default 0.05)", low=1e-12, high=1.0, server=True),
 )
 
 
@@ -111,8 +136,17 @@ class ClassicalSettings:
     tol: float = 0.05
 
 
-def _fail(name: str, expected: str, value: object) -> InputError:
-    return InputError(f"option {name!r} must be {expected}, got {value!r}")
+class OptionError(InputError):
+    """An invalid fit option; :attr:`option` names it (as :meth:`FitOptions.from_mapping`
+    spells it), so front ends can point at their field of that name."""
+
+    def __init__(self, message: str, option: str | None = None) -> None:
+        super().__init__(message)
+        self.option = option
+
+
+def _fail(name: str, expected: str, value: object) -> OptionError:
+    return OptionError(f"option {name!r} must be {expected}, got {value!r}", name)
 
 
 def _int(name: str, value: object, low: int, *, optional: bool = True) -> int | None:
@@ -207,7 +241,10 @@ class FitOptions:
         setv = object.__setattr__
         if self.b0_threshold is not None:
             setv(self, "b0_threshold", _float("b0_threshold", self.b0_threshold, 0.0, 1e11))
-        setv(self, "solver", check_solver(self.solver))
+        try:
+            setv(self, "solver", check_solver(self.solver))
+        except InputError as exc:
+            raise OptionError(str(exc), "solver") from None
         setv(self, "dictionary_size", _int("dictionary_size", self.dictionary_size, 1))
         setv(self, "seed", _int("seed", self.seed, 0, optional=False))
         setv(self, "n_neighbors", _int("n_neighbors", self.n_neighbors, 1))
@@ -293,8 +330,8 @@ class FitOptions:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(kw) - known)
         if unknown:
-            raise InputError(f"unknown fit option(s) {unknown}; known options: "
-                             f"{sorted(cls.option_names())}")
+            raise OptionError(f"unknown fit option(s) {unknown}; known options: "
+                              f"{sorted(cls.option_names())}", unknown[0])
         if classical:
             base_c = kw.get("classical", ClassicalSettings())
             if not isinstance(base_c, ClassicalSettings):

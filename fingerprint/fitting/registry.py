@@ -37,9 +37,9 @@ if TYPE_CHECKING:  # type names only; the registry itself imports nothing heavy
     from fingerprint.fitting.estimator import VoxelEstimates
     from fingerprint.fitting.options import FitOptions
 
-__all__ = ["BUILTIN_SOLVER", "DMIPY_SOLVERS", "SolverInfo", "SolverRequest", "VoxelFitter",
-           "available_solvers", "check_solver", "get_solver", "register_alias",
-           "register_solver", "unregister_solver"]
+__all__ = ["BUILTIN_SOLVER", "DMIPY_SOLVERS", "REFUSED_SOLVERS", "SolverInfo",
+           "SolverRequest", "VoxelFitter", "available_solvers", "check_solver", "get_solver",
+           "register_alias", "register_solver", "unregister_solver"]
 
 
 class VoxelFitter(Protocol):
@@ -87,6 +87,15 @@ class SolverInfo:
 BUILTIN_SOLVER = "fingerprint"
 #: dmipy's solver names: aliases of dictionary matching until registered themselves.
 DMIPY_SOLVERS = ("brute2fine", "mix", "amico")
+
+#: dmipy solvers refused (when no solver of that name is registered), with the reason:
+#: :func:`check_solver`, hence :class:`~fingerprint.fitting.options.FitOptions`, refuses
+#: them, so every front end reports the reason before any work starts.
+REFUSED_SOLVERS: Mapping[str, str] = {
+    "amico": "solver 'amico' (dmipy's linearised AMICO fit) is not implemented; use "
+             "solver='fingerprint' (dictionary matching, the fast fit), 'brute2fine' or "
+             "'mix' (classical non-linear fits)",
+}
 
 _SOLVERS: dict[str, SolverInfo] = {}
 _ALIASES: dict[str, str] = {name: BUILTIN_SOLVER for name in DMIPY_SOLVERS}
@@ -136,9 +145,12 @@ def check_solver(name: object) -> str:
         raise InputError(f"option 'solver' must be a solver name, got {name!r}")
     key = name.lower()
     with _LOCK:
+        if key in REFUSED_SOLVERS and key not in _SOLVERS:
+            raise InputError(REFUSED_SOLVERS[key])
         if key in _SOLVERS or key in _ALIASES or key == BUILTIN_SOLVER:
             return key
-        known = sorted(set(_SOLVERS) | {BUILTIN_SOLVER}) + sorted(_ALIASES)
+        known = sorted(set(_SOLVERS) | {BUILTIN_SOLVER}) + sorted(set(_ALIASES) -
+                                                                  set(REFUSED_SOLVERS))
     raise InputError(f"option 'solver' must be one of {', '.join(known)}; got {name!r}")
 
 

@@ -59,7 +59,7 @@ import zlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -71,12 +71,14 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "DEFAULT_SLAB_BYTES",
     "DWIImage",
+    "READ_ERRORS",
     "Slab",
     "atomic_write_json",
     "atomic_write_nifti",
     "bids_map_name",
     "load_mask",
     "mu_to_vectors",
+    "open_gzip",
     "open_nifti",
     "write_map",
 ]
@@ -100,6 +102,14 @@ except ImportError:  # pragma: no cover - isal is a dependency; stdlib as a fall
 
 _READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, struct.error, gzip.BadGzipFile,
                 _fast_gzip_error)
+#: What reading a truncated or corrupt NIfTI (or its gzip stream) may raise.
+READ_ERRORS: tuple[type[BaseException], ...] = _READ_ERRORS
+
+
+def open_gzip(path: str | os.PathLike[str]) -> BinaryIO:
+    """``path`` (gzip) opened for reading with the fastest decompressor at hand (ISA-L,
+    else the standard library); read errors are among :data:`READ_ERRORS`."""
+    return _fast_gzip.open(path, "rb")
 
 
 def _is_gzip(path: Path) -> bool:

@@ -3,7 +3,7 @@ admin keys only. The same operations as ``fingerprint keys``, for the web page."
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter
 from fastapi import Path as PathParam
@@ -11,8 +11,9 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from ..auth import ApiKey, create_key, list_keys, revoke_key
+from ..db import Job, JobStatus
 from ..dependencies import AdminKey, ApiError, CallerKey, Context
-from ..schemas import ErrorBody, job_stage
+from ..schemas import ErrorBody, ExecutorInfo, Queue, QueuedJob, QueueLimits, Responses, job_stage
 
 router = APIRouter(prefix="/admin", tags=["admin"])
 #: ``/v1/me`` (any valid key)
@@ -20,7 +21,7 @@ me_router = APIRouter(tags=["keys"])
 
 __all__ = ["KeyCreate", "KeyCreated", "KeyOut", "Me", "me_router", "router"]
 
-_ERRORS = {401: {"model": ErrorBody, "description": "missing or invalid API key"},
+_ERRORS: Responses = {401: {"model": ErrorBody, "description": "missing or invalid API key"},
            403: {"model": ErrorBody, "description": "not an admin key"}}
 
 
@@ -107,31 +108,30 @@ def delete_key(key_id: Annotated[str, PathParam(max_length=64, description="key 
     return _out(revoke_key(ctx.db, row["id"]))
 
 
-@router.get("/queue", summary="Workers and queue (admin)", responses=_ERRORS)
-def get_queue(ctx: Context, key: AdminKey) -> dict[str, Any]:
+@router.get("/queue", response_model=Queue, summary="Workers and queue (admin)",
+            responses=_ERRORS)
+def get_queue(ctx: Context, key: AdminKey) -> Queue:
     """The executor (mode, worker processes, health) and every queued or running job,
     of all keys (owner by key name; no file names)."""
     ok, message = ctx.dispatcher.health()
     names = {k.id: k.name for k in list_keys(ctx.db)}
-    running = ctx.db.jobs_with_status("running")
-    queued = ctx.db.jobs_with_status("queued")
 
-    def row(job: dict[str, Any]) -> dict[str, Any]:
-        stage, stage_progress = job_stage(job["kind"], job["status"], float(job["progress"]))
-        return {"id": job["id"], "owner": names.get(job["owner"], job["owner"]),
-                "kind": job["kind"], "model": job["model"], "status": job["status"],
-                "stage": stage, "stage_progress": stage_progress,
-                "progress": float(job["progress"]),
-                "created": job["created"], "started": job["started"]}
+    def row(job: Job) -> QueuedJob:
+        stage, stage_progress = job_stage(job.kind, job.status, job.progress)
+        return QueuedJob(id=job.id, owner=names.get(job.owner, job.owner), kind=job.kind,
+                         model=job.model, status=job.status, stage=stage,
+                         stage_progress=stage_progress, progress=job.progress,
+                         created=job.created, started=job.started)
 
-    return {
-        "executor": {"healthy": ok, "message": message, "mode": ctx.dispatcher.mode,
-                     "workers": ctx.settings.workers,
-                     "threads_per_job": ctx.settings.threads_per_job,
-                     "dask_scheduler": ctx.settings.dask_scheduler},
-        "limits": {"max_jobs_per_key": ctx.settings.max_jobs_per_key,
-                   "max_upload_mb": ctx.settings.max_upload_mb},
-        "running": [row(j) for j in running if not j["deleted"]],
-        "queued": [row(j) for j in queued if not j["deleted"]],
-    }
+    def rows(status: JobStatus) -> list[QueuedJob]:
+        return [row(j) for j in ctx.db.jobs_with_status(status) if not j.deleted]
 
+    settings = ctx.settings
+    return Queue(
+        executor=ExecutorInfo(healthy=ok, message=message, mode=ctx.dispatcher.mode,
+                              workers=settings.workers,
+                              threads_per_job=settings.threads_per_job,
+                              dask_scheduler=settings.dask_scheduler),
+        limits=QueueLimits(max_jobs_per_key=settings.max_jobs_per_key,
+                           max_upload_mb=settings.max_upload_mb),
+        running=rows("running"), queued=rows("queued"))

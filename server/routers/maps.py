@@ -25,8 +25,10 @@ from fastapi import APIRouter
 from fastapi import Path as PathParam
 from fastapi.responses import Response
 
+from ..db import Job
 from ..dependencies import ApiError, CallerKey, Context, ServerContext
-from ..schemas import ErrorBody
+from ..schemas import ErrorBody, Responses
+from ..services import finished_fit
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +41,6 @@ HISTOGRAM_BINS = 64
 #: Version of the cached viewer files (bump when their format changes).
 _CACHE_VERSION = 2
 
-_JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 _MAP_NAME = re.compile(r"_param-([A-Za-z0-9]+)(_desc-([A-Za-z0-9]+))?_dwimap\.nii(\.gz)?$")
 _LABEL = re.compile(r"^[A-Za-z0-9]+(-[A-Za-z0-9]+)?$")
 _UNIT_WORDS = {"n/a": "dimensionless", "arbitrary": "arbitrary units (scanner)"}
@@ -48,7 +49,7 @@ JobId = Annotated[str, PathParam(description="job id", max_length=64)]
 Label = Annotated[str, PathParam(description="map label, e.g. odi or odi-uncertainty",
                                  max_length=80)]
 
-_ERRORS = {
+_ERRORS: Responses = {
     401: {"model": ErrorBody, "description": "missing or invalid API key"},
     404: {"model": ErrorBody, "description": "no such job or map (or not yours)"},
     409: {"model": ErrorBody, "description": "the job has not succeeded"},
@@ -63,23 +64,10 @@ def _job_lock(job_id: str) -> threading.Lock:
         return _locks.setdefault(job_id, threading.Lock())
 
 
-def _finished_fit(ctx: ServerContext, key_id: str, job_id: str) -> dict[str, Any]:
-    """The caller's succeeded fit job (404 when unknown or another key's, 409 otherwise)."""
-    job = ctx.db.get_job(job_id) if _JOB_ID.match(job_id) else None
-    if job is None or job["owner"] != key_id or job["deleted"]:
-        raise ApiError(404, f"no job {job_id[:64]}")
-    if job["kind"] != "fit":
-        raise ApiError(409, f"job {job_id} builds a dictionary and has no maps")
-    if job["status"] != "succeeded":
-        raise ApiError(409, f"job {job_id} is {job['status']}; maps exist only for "
-                            "succeeded jobs")
-    return job
-
-
-def _maps(job: dict[str, Any]) -> dict[str, str]:
+def _maps(job: Job) -> dict[str, str]:
     """label -> NIfTI file name of the job's maps (``odi``, ``odi-uncertainty``, ...)."""
     out: dict[str, str] = {}
-    for name in job["outputs"]:
+    for name in job.outputs:
         match = _MAP_NAME.search(name)
         if match:
             label = match.group(1) + (f"-{match.group(3)}" if match.group(3) else "")
@@ -112,20 +100,20 @@ def _voxel_size(path: Path) -> list[float]:
     return [z if np.isfinite(z) and z > 0 else 1.0 for z in zooms]
 
 
-def _mask(ctx: ServerContext, job: dict[str, Any], maps: dict[str, str],
+def _mask(ctx: ServerContext, job: Job, maps: dict[str, str],
           shape: tuple[int, ...]) -> np.ndarray:
     """Voxels the maps describe: the uploaded mask when there is one, else the fitted
     voxels (non-zero s0; every map is 0 outside the mask)."""
-    mask_name = job["inputs"].get("mask")
+    mask_name = job.inputs.get("mask")
     if mask_name:
         try:
-            mask = _load(ctx.storage.inputs_dir(job["id"]) / mask_name)
+            mask = _load(ctx.storage.inputs_dir(job.id) / mask_name)
             mask = mask.reshape(mask.shape[:3]) if mask.ndim > 3 else mask
             if mask.shape == shape:
                 return np.isfinite(mask) & (mask > 0)
         except Exception:  # an unreadable mask: fall back to the fitted voxels
-            logger.info("job %s: mask unreadable for the viewer", job["id"])
-    outputs = ctx.storage.outputs_dir(job["id"])
+            logger.info("job %s: mask unreadable for the viewer", job.id)
+    outputs = ctx.storage.outputs_dir(job.id)
     if "s0" in maps:
         s0 = _load(outputs / maps["s0"])
         if s0.shape == shape:
@@ -133,13 +121,13 @@ def _mask(ctx: ServerContext, job: dict[str, Any], maps: dict[str, str],
     return np.ones(shape, dtype=bool)
 
 
-def _scheme_summary(ctx: ServerContext, job: dict[str, Any]) -> dict[str, Any]:
+def _scheme_summary(ctx: ServerContext, job: Job) -> dict[str, Any]:
     """Measurements and shells (b-values rounded to 50 s/mm²) of the uploaded bval."""
-    name = job["inputs"].get("bval")
+    name = job.inputs.get("bval")
     if not name:
         return {}
     try:
-        text = (ctx.storage.inputs_dir(job["id"]) / name).read_text()
+        text = (ctx.storage.inputs_dir(job.id) / name).read_text()
         bvals = np.array(text.split(), dtype=float)
     except (OSError, ValueError):
         return {}
@@ -152,8 +140,8 @@ def _scheme_summary(ctx: ServerContext, job: dict[str, Any]) -> dict[str, Any]:
         "units": "s/mm²",
     }
     for name in ("delta", "Delta", "TE"):
-        if job["options"].get(name) is not None:
-            out[name] = float(job["options"][name])
+        if job.options.get(name) is not None:
+            out[name] = float(job.options[name])
     return out
 
 
@@ -169,9 +157,9 @@ def _seconds_between(start: str | None, end: str | None) -> float | None:
         return None
 
 
-def _build(ctx: ServerContext, job: dict[str, Any], cache: Path) -> dict[str, Any]:
+def _build(ctx: ServerContext, job: Job, cache: Path) -> dict[str, Any]:
     """Compute the summary and every map's byte volume into ``cache``."""
-    outputs = ctx.storage.outputs_dir(job["id"])
+    outputs = ctx.storage.outputs_dir(job.id)
     maps = _maps(job)
     entries: list[dict[str, Any]] = []
     mask: np.ndarray | None = None
@@ -230,23 +218,23 @@ def _build(ctx: ServerContext, job: dict[str, Any], cache: Path) -> dict[str, An
     model_info = first.get("Model") or {}
     generated = (first.get("GeneratedBy") or [{}])[0]
     dictionary = first.get("Dictionary") or {}
-    result = job.get("result") or {}
+    result = job.result
     summary = {
         "version": _CACHE_VERSION,
-        "job": job["id"],
-        "model": {"name": job["model"], "class": model_info.get("Class"),
+        "job": job.id,
+        "model": {"name": job.model, "class": model_info.get("Class"),
                   "description": model_info.get("Description"),
                   "reference": model_info.get("Reference")},
         "solver": {"name": str(first.get("Solver") or result.get("solver")
-                               or job["options"].get("solver") or "fingerprint"),
+                               or job.options.get("solver") or "fingerprint"),
                    "description": generated.get("Description"),
                    "software": f"{generated.get('Name', 'fingerprint')} "
                                f"{generated.get('Version', '')}".strip(),
                    "dictionary_atoms": dictionary.get("Atoms")},
         "scheme": _scheme_summary(ctx, job),
         "timing": {"fit_seconds": result.get("seconds"),
-                   "queued_seconds": _seconds_between(job["created"], job["started"]),
-                   "run_seconds": _seconds_between(job["started"], job["finished"]),
+                   "queued_seconds": _seconds_between(job.created, job.started),
+                   "run_seconds": _seconds_between(job.started, job.finished),
                    "voxels": result.get("n_voxels"),
                    "fitted_voxels": first.get("FittedVoxels"),
                    "invalid_voxels": first.get("InvalidVoxels")},
@@ -267,19 +255,19 @@ def _build(ctx: ServerContext, job: dict[str, Any], cache: Path) -> dict[str, An
     return summary
 
 
-def _summary(ctx: ServerContext, job: dict[str, Any]) -> tuple[dict[str, Any], Path]:
-    cache = ctx.storage.job_dir(job["id"]) / "viewer"
-    with _job_lock(job["id"]):
+def _summary(ctx: ServerContext, job: Job) -> tuple[dict[str, Any], Path]:
+    cache = ctx.storage.job_dir(job.id) / "viewer"
+    with _job_lock(job.id):
         try:
             summary = json.loads((cache / "summary.json").read_text())
             if summary.get("version") == _CACHE_VERSION:
                 return summary, cache
         except (OSError, ValueError):
             pass
-        missing = [n for n in job["outputs"] if not (ctx.storage.outputs_dir(job["id"]) / n)
+        missing = [n for n in job.outputs if not (ctx.storage.outputs_dir(job.id) / n)
                    .is_file()]
         if missing:
-            raise ApiError(410, f"the result files of job {job['id']} are gone")
+            raise ApiError(410, f"the result files of job {job.id} are gone")
         return _build(ctx, job, cache), cache
 
 
@@ -289,7 +277,7 @@ def get_summary(job_id: JobId, ctx: Context, key: CallerKey) -> dict[str, Any]:
     """What the web page's viewer shows: the model, solver, acquisition scheme summary,
     timing, and for each map its kind (``scalar`` or ``direction``), units, display
     range and histogram inside the mask (``HISTOGRAM_BINS`` bins from min to max)."""
-    job = _finished_fit(ctx, key.id, job_id)
+    job = finished_fit(ctx, key.id, job_id, "maps")
     summary, _ = _summary(ctx, job)
     return summary
 
@@ -302,7 +290,7 @@ def get_volume(job_id: JobId, label: Label, ctx: Context, key: CallerKey) -> Res
     """A map as ``uint8`` voxels in C order over (x, y, z): scalar maps one byte per voxel
     (0 outside the mask, 1-255 from the summary's ``min`` to ``max``), direction maps
     three (|x|, |y|, |z| x 255: direction-encoded colour)."""
-    job = _finished_fit(ctx, key.id, job_id)
+    job = finished_fit(ctx, key.id, job_id, "maps")
     if not _LABEL.match(label):
         raise ApiError(404, f"job {job_id} has no map {label[:80]!r}")
     summary, cache = _summary(ctx, job)

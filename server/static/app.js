@@ -28,6 +28,7 @@ function showError(id, error) {
 const state = {
   me: null,
   catalogue: [],
+  fitOptions: [],
   files: { dwi: null, bval: null, bvec: null, mask: null },
   view: null,
   jobs: [],
@@ -77,6 +78,7 @@ async function signIn(key, { quiet = false } = {}) {
     showError("signin-error", null);
     $("api-key").value = "";
     await loadCatalogue();
+    await loadFitOptions();
     show("jobs", { focus: !quiet });
     return true;
   } catch (error) {
@@ -100,6 +102,36 @@ function signOut(message) {
 api.onUnauthorised((error) => {
   if (state.me) signOut(error.message);
 });
+
+// ---------------------------------------------------------------- fit options
+// The fit options a job may set, as the server lists them (from the library's option
+// specs): one input per option, named like the form field; empty means the default.
+async function loadFitOptions() {
+  state.fitOptions = await api.getJSON("/v1/fit-options");
+  $("fit-options").replaceChildren(...state.fitOptions.map(fitOptionInput));
+}
+
+function fitOptionInput(option) {
+  const id = option.name;
+  const shown = option.default === null || option.default === undefined ? "default" : `default ${option.default}`;
+  let input;
+  if (option.choices.length) {
+    input = el("select", { attrs: { id, name: id, "data-fit-option": "1", "aria-describedby": `${id}-help` } },
+      [el("option", { text: `(${shown})`, attrs: { value: "" } }),
+       ...option.choices.map((c) => el("option", { text: c, attrs: { value: c } }))]);
+  } else {
+    const attrs = { id, name: id, type: "number", "data-fit-option": "1", placeholder: shown,
+                    step: option.kind === "int" ? "1" : "any", "aria-describedby": `${id}-help` };
+    if (option.low !== null) attrs.min = String(option.low);
+    if (option.high !== null) attrs.max = String(option.high);
+    input = el("input", { attrs });
+  }
+  return el("div", { cls: "fit-option" }, [
+    el("label", { text: option.name, attrs: { for: id } }),
+    input,
+    el("span", { cls: "hint", text: option.help, attrs: { id: `${id}-help` } }),
+  ]);
+}
 
 // ---------------------------------------------------------------- catalogue
 async function loadCatalogue() {
@@ -176,7 +208,8 @@ async function submit(event) {
   }
   const form = new FormData();
   form.append("model", $("model").value);
-  for (const name of ["prefix", "dictionary_size", "threads"]) {
+  const fields = ["prefix", "b0_threshold", ...state.fitOptions.map((o) => o.name)];
+  for (const name of fields) {
     const v = $(name).value.trim();
     if (v) form.append(name, v);
   }

@@ -24,7 +24,7 @@ if TYPE_CHECKING:  # type names only
     from fingerprint.core.acquisition_scheme import AcquisitionScheme
     from fingerprint.core.modeling_framework import MultiCompartmentModelProperties as Model
     from fingerprint.fitting.estimator import VoxelEstimates
-from fingerprint.fitting.registry import SolverRequest, register_solver
+from fingerprint.fitting.registry import REFUSED_SOLVERS, SolverRequest, register_solver
 
 logger = logging.getLogger(__name__)
 
@@ -32,12 +32,8 @@ __all__ = ["CLASSICAL_SOLVERS", "REFUSED_SOLVERS", "ClassicalFitter"]
 
 #: Solvers of this package, registered in :mod:`fingerprint.fitting.registry`.
 CLASSICAL_SOLVERS = ("brute2fine", "mix")
-#: dmipy solvers refused, with the reason.
-REFUSED_SOLVERS = {
-    "amico": "solver 'amico' (dmipy's linearised AMICO fit) is not implemented; use "
-             "solver='fingerprint' (dictionary matching, the fast fit), 'brute2fine' or "
-             "'mix' (classical non-linear fits)",
-}
+# dmipy solvers refused (REFUSED_SOLVERS): refused by the registry's check_solver, so
+# by FitOptions, before any work starts
 
 
 def _runner(solver: str) -> Callable[..., tuple[np.ndarray, np.ndarray]]:
@@ -110,18 +106,9 @@ def _prepare(solver: str) -> Callable[[SolverRequest], ClassicalFitter]:
     return prepare
 
 
-def _refuse(name: str) -> Callable[[SolverRequest], ClassicalFitter]:
-    def prepare(request: SolverRequest) -> ClassicalFitter:
-        raise InputError(REFUSED_SOLVERS[name])
-    return prepare
-
-
 register_solver("brute2fine", _prepare("brute2fine"), replace=True,
                 description="dmipy's brute2fine: a grid over the parameters (Ns, "
                             "N_sphere_samples), then bounded non-linear least squares")
 register_solver("mix", _prepare("mix"), replace=True,
                 description="dmipy's MIX: differential evolution with the volume "
                             "fractions by NNLS, then bounded non-linear least squares")
-for _name in REFUSED_SOLVERS:
-    register_solver(_name, _refuse(_name), replace=True,
-                    description="refused: " + REFUSED_SOLVERS[_name])

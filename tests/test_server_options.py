@@ -1,0 +1,119 @@
+"""Fit options in the lab server: learned from the library's option specs, validated once
+by ``FitOptions`` (422 naming the field), stored with the job and used by its fit."""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+
+import pytest
+from server_helpers import client, serve, upload_files, wait_for
+
+from fingerprint.fitting.options import FIT_OPTION_SPECS, FitOptions
+from server.forms import SERVER_HIGH, FitForm, parse_form
+
+#: atoms of the test dictionary: small, so the build is quick
+SIZE = 2000
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    yield from serve(tmp_path_factory, "options-server", "--workers", "1")
+
+
+def test_the_form_offers_the_library_s_server_options():
+    offered = {s.name for s in FIT_OPTION_SPECS if s.server}
+    assert {"n_neighbors", "refine", "solver", "Ns", "N_sphere_samples", "maxiter",
+            "mask_rule", "threads", "dictionary_size"} <= offered
+    # every offered option is a field of the form and of the multipart body, with the
+    # existing fields kept for old clients
+    text = set(FitForm.model_fields)
+    assert offered <= text
+    assert {"model", "prefix", "delta", "Delta", "TE", "b0_threshold"} <= text
+    assert offered <= set(FitOptions.option_names())
+    # a spec's bounds become the field's (the server may only narrow them)
+    fields = FitForm.model_json_schema()["properties"]
+    ns = next(s for s in FIT_OPTION_SPECS if s.name == "Ns")
+    assert fields["Ns"]["anyOf"][0]["minimum"] == ns.low
+    assert fields["Ns"]["anyOf"][0]["maximum"] == ns.high
+    assert fields["threads"]["anyOf"][0]["maximum"] == SERVER_HIGH["threads"]
+    form = parse_form(FitForm, {"n_neighbors": "8", "solver": "brute2fine", "refine": "",
+                                "tol": "0.1"})
+    assert (form.n_neighbors, form.solver, form.refine, form.tol) == (8, "brute2fine",  # type: ignore[attr-defined]
+                                                                      None, 0.1)
+
+
+def test_fit_options_endpoint_and_openapi(server):
+    with client(server, server.keys["alice"]) as http:
+        options = {o["name"]: o for o in http.get("/v1/fit-options").json()}
+        schema = http.get("/openapi.json").json()
+    assert set(options) == {s.name for s in FIT_OPTION_SPECS if s.server}
+    assert options["solver"]["choices"] == ["fingerprint", "brute2fine", "mix"]
+    assert options["solver"]["default"] == "fingerprint"
+    assert options["Ns"]["default"] == 5 and options["refine"]["kind"] == "refine"
+    assert options["threads"]["high"] == 256
+    body = schema["paths"]["/v1/jobs"]["post"]["requestBody"]["content"][
+        "multipart/form-data"]["schema"]
+    assert body["required"] == ["dwi", "bval", "bvec"]
+    assert body["properties"]["n_neighbors"]["type"] == "integer"
+    assert body["properties"]["solver"]["enum"] == ["fingerprint", "brute2fine", "mix"]
+    assert body["properties"]["dwi"]["format"] == "binary"
+
+
+@pytest.mark.parametrize("data,field,words", [
+    ({"solver": "amico"}, "solver", "not implemented"),
+    ({"solver": "levenberg"}, "solver", "'solver' must be one of"),
+    ({"n_neighbors": "0"}, "n_neighbors", "greater than or equal to 1"),
+    ({"n_neighbors": "eight"}, "n_neighbors", "valid integer"),
+    ({"refine": "maybe"}, "refine", "true, false or 'nonlinear'"),
+    ({"Ns": "1000"}, "Ns", "less than or equal to 100"),
+    ({"tol": "2"}, "tol", "less than or equal to 1"),
+    ({"mask_rule": "brain"}, "mask_rule", "'positive_b0', 'all'"),
+    ({"threads": "1000"}, "threads", "less than or equal to 256"),
+    ({"b0_threshold": "-1"}, "b0_threshold", "greater than or equal to 0"),
+    ({"seed": "3"}, "seed", "unknown form field"),  # not offered by the server
+])
+def test_bad_fit_options_are_422_naming_the_field(server, phantom, data, field, words):
+    with client(server, server.keys["alice"]) as http:
+        r = http.post("/v1/jobs", files=upload_files(phantom), data=data)
+        assert r.status_code == 422, r.text
+        body = r.json()
+        assert body["field"] == field, body
+        assert words in body["detail"] and f"'{field}'" in body["detail"], body
+        assert http.get("/v1/jobs").json()["total"] == 0  # nothing queued
+    assert list((server.data_dir / "tmp").iterdir()) == []
+
+
+def _sidecar(http, job: dict) -> dict:
+    archive = zipfile.ZipFile(io.BytesIO(http.get(f"/v1/jobs/{job['id']}/results").content))
+    name = next(n for n in archive.namelist() if n.endswith("param-odi_dwimap.json"))
+    return json.loads(archive.read(name))
+
+
+def test_fit_options_are_recorded_and_used_by_the_fit(server, phantom):
+    with client(server, server.keys["bob"]) as http:
+        r = http.post("/v1/jobs", files=upload_files(phantom), data={
+            "model": "noddi", "solver": "brute2fine", "n_neighbors": "8", "Ns": "2",
+            "N_sphere_samples": "6", "maxiter": "20", "refine": "false",
+            "b0_threshold": "20"})
+        assert r.status_code == 202, r.text
+        job = r.json()
+        assert job["options"] == {"solver": "brute2fine", "n_neighbors": 8, "Ns": 2,
+                                  "N_sphere_samples": 6, "maxiter": 20, "refine": False,
+                                  "b0_threshold": 20e6}
+        done = wait_for(http, job["id"], timeout=600)
+        assert done["status"] == "succeeded", done
+        assert done["options"] == job["options"]  # the job record keeps them
+        sidecar = _sidecar(http, done)
+        assert sidecar["Solver"] == "brute2fine"
+        # the same job with dictionary matching and its neighbour count
+        r = http.post("/v1/jobs", files=upload_files(phantom), data={
+            "model": "noddi", "n_neighbors": "4", "dictionary_size": str(SIZE),
+            "refine": "nonlinear"})
+        assert r.status_code == 202, r.text
+        done = wait_for(http, r.json()["id"], timeout=600)
+        assert done["status"] == "succeeded", done
+        assert done["options"] == {"n_neighbors": 4, "dictionary_size": SIZE,
+                                   "refine": "nonlinear"}
+        assert _sidecar(http, done)["Solver"] == "fingerprint"
