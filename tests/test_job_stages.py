@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 from fingerprint.fitting.pipeline import PROGRESS_STAGES, fit_volume, progress_stage
+from server.db import Job
 from server.schemas import job_out, job_stage
 
 STAGES = ("building dictionary", "fitting", "writing maps")
@@ -24,11 +25,9 @@ def test_progress_stage_boundaries() -> None:
     assert progress_stage(2.0) == ("writing maps", 1.0)
 
 
-def _row(status: str, progress: float, kind: str = "fit") -> dict:
-    return {"id": "0" * 32, "kind": kind, "model": "noddi", "status": status,
-            "progress": progress, "created": "2026-01-01T00:00:00Z", "started": None,
-            "finished": None, "error": None, "attempts": 0, "cancel_requested": 0,
-            "options": {}, "outputs": [], "result": {}, "deleted": 0}
+def _row(status, progress: float, kind="fit") -> Job:
+    return Job(id="0" * 32, seq=1, owner="k", kind=kind, model="noddi", status=status,
+               created="2026-01-01T00:00:00Z", progress=progress)
 
 
 def test_job_view_reports_the_stage() -> None:
