@@ -20,7 +20,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 __all__ = ["LIMIT_SETTINGS", "Settings", "argument_parser", "settings_from_argv"]
 
 #: Settings shown in the "limits" group of ``fingerprint serve --help``.
-LIMIT_SETTINGS = ("max_voxels", "max_dwi_mb", "max_user_dictionary_size",
+LIMIT_SETTINGS = ("max_voxels", "max_classical_voxels", "max_dwi_mb", "max_user_dictionary_size",
                   "max_uploads_per_key", "max_uploads", "min_upload_rate_kb",
                   "upload_grace_seconds", "max_upload_seconds", "check_seconds",
                   "dictionary_cache_gb", "disk_reserve_mb")
@@ -56,6 +56,10 @@ class Settings(BaseSettings):
     max_voxels: int = Field(
         5_000_000, ge=1, description="most voxels a job may fit (in its mask, or in the "
                                      "default mask when it gives none)")
+    max_classical_voxels: int = Field(
+        200_000, ge=1, description="most voxels a job may fit with a classical solver "
+                                   "(brute2fine, mix: a non-linear fit per voxel, far "
+                                   "slower than dictionary matching)")
     max_dwi_mb: float = Field(
         8192.0, gt=0, description="largest DWI data block once decompressed (MiB), read "
                                   "from the NIfTI header before anything is decompressed")

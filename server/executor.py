@@ -34,12 +34,16 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypedDict
 
+from fingerprint.core.acquisition_scheme import AcquisitionScheme
+from fingerprint.fitting.registry import BUILTIN_SOLVER
+
 from .config import Settings
 from .db import Database, FinalStatus, Job, JobKind
+from .limits import InputLimits
 from .storage import JobStorage, is_disk_full
 
 logger = logging.getLogger(__name__)
@@ -123,7 +127,8 @@ def _cancel_check(spec: JobSpec, stop_event: threading.Event | None) -> Callable
 
 
 def _run_fit(spec: JobSpec, progress: Callable[[float], None],
-             should_cancel: Callable[[], bool], executor: Any) -> dict[str, Any]:
+             should_cancel: Callable[[], bool], executor: cf.Executor | None
+             ) -> dict[str, Any]:
     # the library's fitting stack is imported in the worker processes that run jobs
     from fingerprint.fitting.options import FitOptions
     from fingerprint.fitting.pipeline import fit_volume, read_fsl_scheme
@@ -141,7 +146,7 @@ def _run_fit(spec: JobSpec, progress: Callable[[float], None],
         {k: v for k, v in options.items() if k in FitOptions.option_names()})
     mask: Any = inputs.get("mask")
     if spec.extra.get("limits"):  # the heavy input checks, under the job's limits
-        from .limits import InputLimits, check_job_inputs
+        from .limits import check_job_inputs
 
         default_mask = check_job_inputs(
             Path(inputs["dwi"]), Path(inputs["bval"]), Path(inputs["bvec"]),
@@ -182,7 +187,7 @@ def _run_fit(spec: JobSpec, progress: Callable[[float], None],
 
 
 @contextlib.contextmanager
-def _dictionary_budget(spec: JobSpec, scheme: Any, size: int | None,
+def _dictionary_budget(spec: JobSpec, scheme: AcquisitionScheme, size: int | None,
                        seed: int | None) -> Iterator[None]:
     """Hold the job's dictionary as in use, and keep the dictionary cache within its
     budget (``spec.extra['dictionary_cache_bytes']``): before a build, least recently
@@ -279,7 +284,7 @@ def public_message(message: str, spec: JobSpec) -> str:
     return message
 
 
-def run_job(spec: JobSpec, *, executor: Any = None,
+def run_job(spec: JobSpec, *, executor: cf.Executor | None = None,
             stop_event: threading.Event | None = None) -> JobOutcome:
     """Run one job to completion; returns ``{'status', 'error', 'outputs', 'result'}``.
 
@@ -524,8 +529,8 @@ class Dispatcher:
             threads=int(job.options.get("threads") or self.settings.threads_per_job),
             attempt=int(job.attempts),
             parent_pid=os.getpid(), dask_scheduler=self.settings.dask_scheduler,
-            extra={"limits": {"max_voxels": int(self.settings.max_voxels),
-                              "max_dwi_bytes": int(self.settings.max_dwi_bytes)},
+            extra={"limits": asdict(InputLimits.from_settings(
+                       self.settings, str(job.options.get("solver") or BUILTIN_SOLVER))),
                    "dictionary_cache_bytes": int(self.settings.dictionary_cache_bytes)})
 
     def _fill(self) -> None:

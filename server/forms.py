@@ -17,7 +17,16 @@ from __future__ import annotations
 
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    create_model,
+    field_validator,
+)
+from pydantic_core import ErrorDetails
 
 from fingerprint.errors import InputError
 from fingerprint.fitting.options import (
@@ -65,7 +74,7 @@ class _TimingForm(_Form):
 
     @field_validator("delta", "Delta", "TE", mode="after")
     @classmethod
-    def _seconds(cls, value: float | None, info: Any) -> float | None:
+    def _seconds(cls, value: float | None, info: ValidationInfo) -> float | None:
         return _timing(str(info.field_name), value)
 
     def timing(self) -> dict[str, float]:
@@ -137,7 +146,7 @@ class DictionaryForm(ModelForm):
 F = TypeVar("F", bound=BaseModel)
 
 
-def _message(error: Any) -> str:
+def _message(error: ErrorDetails) -> str:
     message = str(error.get("msg", "invalid value"))
     return message.removeprefix("Value error, ")
 

@@ -30,9 +30,11 @@ from typing import Any
 import numpy as np
 
 from fingerprint.errors import CancelledError, FingerprintError, InputError
+from fingerprint.fitting.registry import BUILTIN_SOLVER
 from fingerprint.fitting.validity import default_mask
 from fingerprint.io.nifti import READ_ERRORS, DWIImage, open_gzip, open_nifti
 
+from .config import Settings
 from .errors import ApiError
 from .storage import is_disk_full
 from .validation import public_message, validate_scheme
@@ -65,9 +67,17 @@ class InputLimits:
 
     max_voxels: int
     max_dwi_bytes: int
+    #: what the voxel limit is for, in the refusal ("" or " with solver 'mix'")
+    voxels_for: str = ""
 
     @classmethod
-    def from_settings(cls, settings: Any) -> InputLimits:
+    def from_settings(cls, settings: Settings, solver: str = BUILTIN_SOLVER) -> InputLimits:
+        """The limits of a job fitted with ``solver``: the classical solvers (every
+        solver but dictionary matching) fit at most ``max_classical_voxels``."""
+        if solver != BUILTIN_SOLVER and settings.max_classical_voxels < settings.max_voxels:
+            return cls(max_voxels=int(settings.max_classical_voxels),
+                       max_dwi_bytes=int(settings.max_dwi_bytes),
+                       voxels_for=f" with solver {solver!r}")
         return cls(max_voxels=int(settings.max_voxels),
                    max_dwi_bytes=int(settings.max_dwi_bytes))
 
@@ -312,7 +322,8 @@ def _check_mask(mask: Any, path: Path, image: Any, limits: InputLimits, deadline
         raise InputError(f"mask file {path} is empty (no nonzero voxel)")
     if count > limits.max_voxels:
         raise ApiError(422, f"the mask has {count:,} voxels, more than the server's limit of "
-                            f"{limits.max_voxels:,} voxels per job", "mask")
+                            f"{limits.max_voxels:,} voxels per job{limits.voxels_for}",
+                       "mask")
 
 
 def _count_mask(mask: Any, path: Path, shape: tuple[int, ...], deadline: float,
@@ -391,5 +402,6 @@ def check_job_inputs(dwi: Path, bval: Path, bvec: Path, mask: Path | None,
             what = "default mask (voxels with a positive b=0 signal)"
     if n_voxels > limits.max_voxels:
         raise InputError(f"the {what} has {n_voxels:,} voxels, more than the server's limit "
-                         f"of {limits.max_voxels:,} voxels per job; give a smaller mask")
+                         f"of {limits.max_voxels:,} voxels per job{limits.voxels_for}; give a "
+                         "smaller mask")
     return result

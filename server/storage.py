@@ -31,6 +31,7 @@ from typing import BinaryIO
 
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
+from starlette.requests import Request
 
 from .errors import ApiError
 
@@ -364,7 +365,7 @@ async def _next_chunk(iterator: AsyncIterator[bytes], timeout: float, what: str)
         raise UploadError(408, what) from None
 
 
-async def receive_multipart(request, dest: Path, *, file_fields: dict[str, FileField],
+async def receive_multipart(request: Request, dest: Path, *, file_fields: dict[str, FileField],
                             text_fields: set[str], max_bytes: int,
                             timeouts: UploadTimeouts | None = None,
                             disk_reserve: int = 0) -> Upload:

@@ -6,7 +6,10 @@ from __future__ import annotations
 import io
 import json
 import zipfile
+from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pytest
 from server_helpers import client, serve, upload_files, wait_for
 
@@ -15,11 +18,25 @@ from server.forms import SERVER_HIGH, FitForm, parse_form
 
 #: atoms of the test dictionary: small, so the build is quick
 SIZE = 2000
+#: voxels a classical-solver job may fit on the test server (the phantom's mask has 18)
+MAX_CLASSICAL = 12
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    yield from serve(tmp_path_factory, "options-server", "--workers", "1")
+    yield from serve(tmp_path_factory, "options-server", "--workers", "1",
+                     "--max-classical-voxels", str(MAX_CLASSICAL))
+
+
+@pytest.fixture(scope="module")
+def small_mask(phantom, tmp_path_factory) -> Path:
+    """The phantom's first slice (9 voxels): within the classical solvers' limit."""
+    mask = nib.load(phantom["mask"])
+    data = np.asarray(mask.dataobj).copy()
+    data[..., 1:] = 0
+    path = tmp_path_factory.mktemp("small-mask") / "mask.nii.gz"
+    nib.save(nib.Nifti1Image(data, mask.affine), path)
+    return path
 
 
 def test_the_form_offers_the_library_s_server_options():
@@ -91,9 +108,9 @@ def _sidecar(http, job: dict) -> dict:
     return json.loads(archive.read(name))
 
 
-def test_fit_options_are_recorded_and_used_by_the_fit(server, phantom):
+def test_fit_options_are_recorded_and_used_by_the_fit(server, phantom, small_mask):
     with client(server, server.keys["bob"]) as http:
-        r = http.post("/v1/jobs", files=upload_files(phantom), data={
+        r = http.post("/v1/jobs", files=upload_files({**phantom, "mask": small_mask}), data={
             "model": "noddi", "solver": "brute2fine", "n_neighbors": "8", "Ns": "2",
             "N_sphere_samples": "6", "maxiter": "20", "refine": "false",
             "b0_threshold": "20"})
@@ -117,3 +134,24 @@ def test_fit_options_are_recorded_and_used_by_the_fit(server, phantom):
         assert done["options"] == {"n_neighbors": 4, "dictionary_size": SIZE,
                                    "refine": "nonlinear"}
         assert _sidecar(http, done)["Solver"] == "fingerprint"
+        # (18 voxels: above the classical solvers' limit, within the server's)
+        assert done["result"]["n_voxels"] == 18
+
+
+def test_classical_solvers_fit_fewer_voxels(server, phantom):
+    """A classical solver (a non-linear fit per voxel) may fit at most
+    --max-classical-voxels: a mask over it is refused at once, a default mask over it
+    fails the job before it fits."""
+    with client(server, server.keys["root"]) as http:
+        r = http.post("/v1/jobs", files=upload_files(phantom), data={"solver": "mix"})
+        assert r.status_code == 422 and r.json()["field"] == "mask", r.text
+        assert f"limit of {MAX_CLASSICAL} voxels per job with solver 'mix'" in \
+            r.json()["detail"]
+        files = upload_files(phantom)
+        del files["mask"]
+        r = http.post("/v1/jobs", files=files, data={"solver": "brute2fine"})
+        assert r.status_code == 202, r.text
+        job = wait_for(http, r.json()["id"], timeout=300)
+        assert job["status"] == "failed", job
+        assert f"limit of {MAX_CLASSICAL} voxels per job with solver 'brute2fine'" in \
+            job["error"], job

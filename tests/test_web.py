@@ -23,6 +23,7 @@ from server_helpers import (
 from web_helpers import (
     browser_unavailable,
     canvas_png,
+    create_key_in_page,
     image_stats,
     make_driver,
     open_page,
@@ -329,6 +330,7 @@ def test_browser_upload_watch_view_download(server, driver, phantom):
     assert hist["colours"] > 3
     details = driver.find_element(By.ID, "job-details").text
     assert "noddi" in details and "96 measurements" in details and "2,000 atoms" in details
+    assert f"Fit options\ndictionary_size = {SIZE}" in details  # as the job recorded them
     # other planes and the slider; the direction map as colour
     before = canvas_png(driver, "slice-canvas")
     driver.find_element(By.CSS_SELECTOR, "input[name=plane][value=sagittal]").click()
@@ -500,13 +502,7 @@ def test_browser_admin_and_revoked_key(server, driver, phantom):
     sign_in(driver, server.url, server.keys["alice"])
     assert not visible(driver, "nav-admin")
     sign_in(driver, server.url, server.keys["root"])
-    driver.find_element(By.ID, "nav-admin").click()
-    wait_until(lambda: driver.find_elements(By.CSS_SELECTOR, "#keys-table tbody tr"),
-               what="the keys")
-    driver.find_element(By.ID, "key-name").send_keys("erin")
-    driver.find_element(By.CSS_SELECTOR, "#key-form button[type=submit]").click()
-    wait_until(lambda: visible(driver, "key-created"), what="the new key")
-    key = driver.find_element(By.ID, "key-created-value").get_attribute("value")
+    key = create_key_in_page(driver, "erin")
     assert key.startswith("fpk_")
     driver.find_element(By.ID, "key-hide").click()
     assert driver.find_element(By.ID, "key-created-value").get_attribute("value") == ""

@@ -13,8 +13,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["browser_unavailable", "image_stats", "make_driver", "screenshot_element",
-           "sign_in", "sign_out", "submit_files", "take_screenshots", "wait_until"]
+__all__ = ["browser_unavailable", "create_key_in_page", "image_stats", "make_driver",
+           "screenshot_element", "sign_in", "sign_out", "submit_files", "take_screenshots",
+           "wait_until"]
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 DRIVER_NAMES = ("chromedriver",)
@@ -155,6 +156,20 @@ def submit_files(driver: Any, files: dict[str, Path], *, options: dict[str, str]
         driver.find_element(By.ID, "submit-button").click()
 
 
+def create_key_in_page(driver: Any, name: str) -> str:
+    """As a signed-in admin: open the admin view, create key ``name``; returns the key
+    the page shows (once)."""
+    from selenium.webdriver.common.by import By
+
+    driver.find_element(By.ID, "nav-admin").click()
+    wait_until(lambda: driver.find_elements(By.CSS_SELECTOR, "#keys-table tbody tr"),
+               what="the keys table")
+    driver.find_element(By.ID, "key-name").send_keys(name)
+    driver.find_element(By.CSS_SELECTOR, "#key-form button[type=submit]").click()
+    wait_until(lambda: visible(driver, "key-created"), what="the new key")
+    return driver.find_element(By.ID, "key-created-value").get_attribute("value")
+
+
 def image_stats(png: bytes) -> dict[str, float]:
     """Distinct colours and the standard deviation of a PNG's pixels."""
     import numpy as np
@@ -255,12 +270,7 @@ def take_screenshots(url: str, keys: dict[str, str], inputs: dict[str, Path],
         shot("jobs-phone")
         set_viewport(driver, 1280, 800)
         sign_in(driver, url, keys["root"])
-        driver.find_element(By.ID, "nav-admin").click()
-        wait_until(lambda: driver.find_elements(By.CSS_SELECTOR, "#keys-table tbody tr"),
-                   what="the keys table")
-        driver.find_element(By.ID, "key-name").send_keys("student1")
-        driver.find_element(By.CSS_SELECTOR, "#key-form button[type=submit]").click()
-        wait_until(lambda: visible(driver, "key-created"), what="the new key")
+        create_key_in_page(driver, "student1")
         wait_until(lambda: driver.find_elements(By.CSS_SELECTOR, "#queue-executor dd"),
                    what="the queue")
         shot("admin")

@@ -50,7 +50,7 @@ async def build_dictionary(request: Request, ctx: Context, key: AdminKey) -> JSO
 def _info(entry: dict[str, Any], directory: Path) -> DictionaryInfo:
     """The library's summary of a store, without server paths."""
 
-    def public(key: str, value: Any) -> Any:
+    def public(key: str, value: object) -> object:
         if isinstance(value, str):
             if key.endswith("path") and "/" in value:
                 return Path(value).name

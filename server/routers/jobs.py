@@ -77,12 +77,12 @@ async def submit_job(request: Request, ctx: Context, key: CallerKey) -> JSONResp
                               "dictionary_size")
         # the fit options, validated once by the library (b0_threshold: s/mm² on the
         # form, s/m² in the options)
-        _, options = fit_options(form, b0_threshold=form.b0_threshold)
+        fit, options = fit_options(form, b0_threshold=form.b0_threshold)
         if form.prefix is not None:
             options["prefix"] = form.prefix
         options.update(sent.timing)
         await run_checks(request, ctx, sent.upload.files, sent.timing, model=sent.model,
-                         b0_threshold=form.b0_threshold)
+                         b0_threshold=form.b0_threshold, solver=fit.solver)
         inputs = {name: path.name for name, path in sent.upload.files.items()}
         job = await run_in_threadpool(accept_job, ctx, key.id, sent.directory, kind="fit",
                                       model=sent.model, options=options, inputs=inputs)

@@ -76,7 +76,7 @@ def catalogue(key: CallerKey) -> list[ModelDetails]:
             timing = bool(requires_timing(name))
         except Exception:  # a recipe that does not build: trust its declaration
             timing = bool(recipe.requires_timing)
-        size: Any = dict(recipe.sampling).get("size")
+        size = dict(recipe.sampling).get("size")
         out.append(ModelDetails(
             name=name, summary=summary, description=" ".join(recipe.description.split()),
             reference=recipe.reference or "", requires_timing=timing,

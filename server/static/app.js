@@ -481,6 +481,10 @@ function renderDetails(job, summary) {
   add("Solver", [solver.name, solver.description].filter(Boolean).join(": "));
   if (solver.dictionary_atoms) add("Dictionary", `${Number(solver.dictionary_atoms).toLocaleString("en")} atoms`);
   add("Software", solver.software);
+  // the fit options the job was given (the rest are the library's defaults)
+  const offered = new Set(state.fitOptions.map((o) => o.name));
+  const given = Object.entries(job.options || {}).filter(([k]) => offered.has(k));
+  add("Fit options", given.map(([k, v]) => `${k} = ${v}`).join(", "));
   const sc = summary.scheme || {};
   if (sc.measurements) {
     const shells = (sc.shells || []).map((s) => `b=${formatValue(s.bval)} ×${s.count}`).join(", ");
