@@ -27,11 +27,13 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     # named models carry their dictionaries' recipes; what atoms are matched on (their
     # features, in a fibre frame) is part of a stored dictionary
     ("dictionary", ("fingerprint.dictionary", "fingerprint.models", "fingerprint.recipes",
+                    "fingerprint.volume_models",
                     "fingerprint.fitting.features", "fingerprint.fitting.frame")),
     ("fitting", ("fingerprint.fitting",)),
     # the volume runner reads NIfTI and writes maps around the fitting core
     # (and the volume-level model comparison, which reads and writes volumes)
     ("io", ("fingerprint.io", "fingerprint.fitting.pipeline", "fingerprint.phantoms",
+            "fingerprint.fitting.csd_volume",
             "fingerprint.preview", "fingerprint.fitting.solvers.selection")),
     ("app", ("fingerprint.cli", "fingerprint.client", "fingerprint.__main__",
              "fingerprint.batch", "server")),

@@ -104,7 +104,38 @@ def add_parser(subparsers: Any) -> None:
                         help="voxels per chunk (default 20000)")
     parser.add_argument("--preview", action="store_true", help="also write a PNG preview")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    csd = parser.add_argument_group(
+        "mc_csd (multi-tissue CSD; MRtrix3-convention SH, peaks and tissue maps)")
+    csd.add_argument("--sh-order", type=int, dest="sh_order", metavar="L",
+                     help="even SH order (lmax) of the white-matter FOD (default 8)")
+    csd.add_argument("--response", type=Path, nargs="+", dest="response",
+                     metavar="FILE", help="MRtrix3 response files: white matter [grey "
+                                          "matter [CSF]] (default: estimated from the data, "
+                                          "dhollander16)")
+    csd.add_argument("--max-peaks", type=int, dest="max_peaks", metavar="N",
+                     help="FOD peaks written per voxel (default 3)")
     parser.set_defaults(func=_cmd_fit)
+
+
+def _csd_options(args: argparse.Namespace) -> dict[str, object] | None:
+    """The mc_csd options given on the command line (InputError when given for another
+    model)."""
+    from fingerprint.volume_models import is_volume_model
+
+    values: dict[str, object] = {}
+    if getattr(args, "sh_order", None) is not None:
+        values["sh_order"] = args.sh_order
+    if getattr(args, "max_peaks", None) is not None:
+        values["max_peaks"] = args.max_peaks
+    if getattr(args, "response", None):
+        for path in args.response:
+            if not path.is_file():
+                raise InputError(f"--response file {path} does not exist")
+        values["responses"] = tuple(args.response)
+    if values and not is_volume_model(args.model):
+        raise InputError(f"--sh-order, --response and --max-peaks apply to --model mc_csd, "
+                         f"not {args.model}")
+    return values or None
 
 
 _BIDS_FOLDER = re.compile(r"^(sub|ses)-[A-Za-z0-9]+$")
@@ -153,8 +184,11 @@ def _name_sources(files: list[Path], sources: list[Path | None]) -> None:
 def _cmd_fit(args: argparse.Namespace) -> int:
     from fingerprint.fitting.pipeline import DEFAULT_CHUNK_VOXELS, fit_volume
     from fingerprint.models import get_recipe
+    from fingerprint.volume_models import is_volume_model
 
-    get_recipe(args.model)  # unknown names fail before any file is read
+    if not is_volume_model(args.model):
+        get_recipe(args.model)  # unknown names fail before any file is read
+    model_options = _csd_options(args)
     quiet_third_party_logs(args)
     if args.threads is not None and args.threads < 1:
         raise InputError("--threads must be at least 1")
@@ -201,7 +235,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
                 dictionary_dir=args.dictionary_dir,
                 chunk_voxels=args.chunk_voxels or DEFAULT_CHUNK_VOXELS, preview=args.preview,
                 delta=args.delta, Delta=args.Delta, TE=args.TE,
-                b0_threshold=b0_threshold)
+                b0_threshold=b0_threshold, model_options=model_options)
             if mif:  # the sidecars name the .mif, not its temporary conversion
                 _name_sources(result.files, [args.dwi, args.bval, args.bvec, args.mask])
     except (DictionaryError, CancelledError) as exc:
@@ -212,7 +246,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     out = sys.stdout
     out.write(f"fitted {result.n_voxels} voxels with {result.model} in {result.seconds:.1f} s"
               f" ({result.n_voxels / max(result.timings.get('fit', 0.0), 1e-9):,.0f} voxels/s"
-              f" matching)\n")
+              f" {'deconvolution' if is_volume_model(args.model) else 'matching'})\n")
     if result.n_invalid:
         out.write(f"{result.n_invalid} voxels were left out ({result.n_unusable} for NaN, "
                   f"infinite or negative signals or no positive b=0 signal; NaN in the "

@@ -66,6 +66,7 @@ from fingerprint.errors import InputError
 
 __all__ = [
     "FEW_DIRECTIONS",
+    "check_csd_scheme",
     "LOW_BMAX",
     "SHELL_SPREAD_FLOOR",
     "SHELL_SPREAD_TOLERANCE",
@@ -385,6 +386,46 @@ def _shells(scheme: Any) -> list[ShellSummary]:
             delta=at(scheme.shell_delta, s), Delta=at(scheme.shell_Delta, s),
             TE=at(scheme.shell_TE, s), b0=bool(shell_b0[s])))
     return out
+
+
+def check_csd_scheme(scheme: Any, n_tissues: int, sh_order: int,
+                     model_name: str = "mc_csd") -> SchemeReport:
+    """Check ``scheme`` for multi-tissue constrained spherical deconvolution with
+    ``n_tissues`` tissues (white matter plus isotropic ones) and a white-matter FOD of
+    even order ``sh_order``.
+
+    Refusals: ``no-b0`` / ``only-b0`` (as :func:`check_scheme`); ``csd-tissues``: fewer
+    distinct b-values (b=0 included) than tissues (each isotropic tissue is told apart
+    by its decay across shells); ``csd-directions``: fewer distinct directions on the
+    best-sampled shell than the FOD's SH coefficients of order 4 (15). Warning:
+    ``csd-order``: fewer than the coefficients of ``sh_order`` (the order is then carried
+    by the non-negativity constraint alone, as in MRtrix3's super-resolved CSD)."""
+    base = check_scheme(scheme, model_name=model_name)
+    findings = [f for f in base.findings if f.code in ("units", "no-b0", "only-b0")
+                or f.level != "refuse"]
+    n_b = sum(1 for _ in base.shells)
+    if n_b < n_tissues:
+        findings.append(SchemeFinding(
+            "refuse", "csd-tissues",
+            f"{model_name} separates {n_tissues} tissues but the scheme has {n_b} distinct "
+            f"b-value(s) ({', '.join(f'{s.bvalue / 1e6:g}' for s in base.shells)} s/mm²), "
+            f"b=0 included; it needs at least {n_tissues} (multi-shell data for white "
+            "matter, grey matter and CSF)"))
+    dwi = [s for s in base.shells if not s.b0]
+    best = max((s.n_directions for s in dwi), default=0)
+    n_coef = (sh_order + 1) * (sh_order + 2) // 2
+    if dwi and best < 15:
+        findings.append(SchemeFinding(
+            "refuse", "csd-directions",
+            f"{model_name}: the best-sampled shell has {best} distinct directions; a FOD "
+            "needs at least 15 (order 4)"))
+    elif dwi and best < n_coef:
+        findings.append(SchemeFinding(
+            "warn", "csd-order",
+            f"{model_name}: the best-sampled shell has {best} distinct directions, fewer "
+            f"than the {n_coef} SH coefficients of order {sh_order}"))
+    return SchemeReport(base.shells, tuple(findings), model_name, base.n_measurements,
+                        base.n_b0, base.b0_threshold, base.has_timing, dict(base.extra))
 
 
 def check_scheme(scheme: Any, model: Any = None, *, model_name: str | None = None,

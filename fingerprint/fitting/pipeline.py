@@ -31,6 +31,7 @@ independently by the same estimator.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import importlib
 import logging
 import os
 import re
@@ -66,6 +67,7 @@ from fingerprint.io.nifti import (
     mu_to_vectors,
     write_map,
 )
+from fingerprint.volume_models import VOLUME_MODELS, get_volume_model, is_volume_model
 
 logger = logging.getLogger(__name__)
 
@@ -550,7 +552,8 @@ def fit_volume(model: Any, dwi: Any, bval: Any, bvec: Any, out_dir: Any, *,
                preview: bool = False, delta: float | None = None, Delta: float | None = None,
                TE: float | None = None, estimator_options: dict[str, Any] | None = None,
                slab_bytes: int = DEFAULT_SLAB_BYTES, executor_window: int | None = None,
-               options: FitOptions | None = None, b0_threshold: float | None = None
+               options: FitOptions | None = None, b0_threshold: float | None = None,
+               model_options: Mapping[str, object] | None = None
                ) -> FitResult:
     """Fit ``model`` to every masked voxel of a DWI volume and write the maps.
 
@@ -605,11 +608,32 @@ def fit_volume(model: Any, dwi: Any, bval: Any, bvec: Any, out_dir: Any, *,
         the same object and the same fitting core as ``model.fit``, so the maps equal
         ``model.fit``'s on the same data. ``threads``, ``dictionary_size`` and
         ``estimator_options`` override its fields.
+    model_options : dict, optional
+        Options of a volume model (``mc_csd``: ``sh_order``, ``responses``, ...; see
+        :mod:`fingerprint.volume_models`), which is fitted per volume by
+        :func:`fingerprint.fitting.csd_volume.fit_mc_csd_volume` (responses from the
+        whole volume; its own maps: FOD SH, peaks, tissue fractions).
 
     Returns
     -------
     FitResult
     """
+    if is_volume_model(model):
+        # the model's runner (mc_csd: fingerprint.fitting.csd_volume, which builds on
+        # this module's helpers) is named by the catalogue and resolved here
+        module_name, _, function = get_volume_model(model).runner.partition(":")
+        runner = getattr(importlib.import_module(module_name), function)
+        if b0_threshold is None and options is not None:
+            b0_threshold = options.b0_threshold
+        result: FitResult = runner(dwi, bval, bvec, out_dir, mask=mask,
+                                   prefix=check_prefix(prefix), model_options=model_options,
+                                   progress=progress, should_cancel=should_cancel,
+                                   chunk_voxels=chunk_voxels, preview=preview,
+                                   b0_threshold=b0_threshold, slab_bytes=slab_bytes)
+        return result
+    if model_options:
+        raise InputError(f"model_options apply to the volume models "
+                         f"({', '.join(VOLUME_MODELS)}) only")
     t_start = time.perf_counter()
     if chunk_voxels < 1:
         raise InputError(f"chunk_voxels must be positive, got {chunk_voxels}")
