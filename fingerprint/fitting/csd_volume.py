@@ -174,7 +174,7 @@ def responses_from_data(scheme: AcquisitionScheme, data: np.ndarray,
         for t, model in enumerate(models[1:]):
             kb = int(np.argmin(np.abs(np.asarray(model.shell_bvalues) - b)))
             iso[t, i] = s0[1 + t] * np.asarray(model.rotational_harmonics)[kb, 0]
-    return TissueResponses.from_arrays(shells, wm, iso, _TISSUES[1:])
+    return TissueResponses.from_arrays(shells, wm, list(iso), _TISSUES[1:])
 
 
 # ----------------------------------------------------------------------------- frames
@@ -202,7 +202,7 @@ def _options(values: Mapping[str, object] | None) -> dict[str, Any]:
         raise InputError(f"unknown mc_csd option(s) {sorted(unknown)}; options: "
                          f"{', '.join(opts)}")
     opts.update(values or {})
-    opts["sh_order"] = check_sh_order(opts["sh_order"])  # type: ignore[arg-type]
+    opts["sh_order"] = check_sh_order(opts["sh_order"])
     if not 2 <= opts["sh_order"] <= 16:
         raise InputError(f"mc_csd option sh_order must be from 2 to 16, got {opts['sh_order']}")
     mp = opts["max_peaks"]
@@ -219,7 +219,7 @@ def _options(values: Mapping[str, object] | None) -> dict[str, Any]:
     if resp is not None and not isinstance(resp, TissueResponses):
         if isinstance(resp, (str, os.PathLike)):
             resp = (resp,)
-        opts["responses"] = tuple(resp)  # type: ignore[arg-type]
+        opts["responses"] = tuple(resp)
     return opts
 
 
