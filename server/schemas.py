@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, cast
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from .db import Job, JobKind, JobStatus
 
@@ -13,6 +13,8 @@ __all__ = [
     "ErrorBody",
     "Health",
     "JobList",
+    "JobSummary",
+    "MapSummary",
     "JobOut",
     "ModelInfo",
     "Queue",
@@ -123,6 +125,88 @@ class Queue(BaseModel):
     limits: QueueLimits
     running: list[QueuedJob]
     queued: list[QueuedJob]
+
+
+class _Summary(BaseModel):
+    """Part of a viewer summary (cached as JSON beside the job's outputs; unknown keys of
+    an older cache are ignored)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+
+class Histogram(_Summary):
+    edges: list[float] = Field(..., description="bin edges, min to max")
+    counts: list[int]
+
+
+class MapSummary(_Summary):
+    """One map of a finished fit as the viewer shows it."""
+
+    label: str = Field(..., description="e.g. odi, odi-uncertainty, mu")
+    file: str = Field(..., description="its NIfTI among the job's files")
+    kind: Literal["scalar", "direction"]
+    shape: list[int]
+    units: str
+    units_text: str
+    description: str
+    volume: str = Field(..., description="name of its byte volume in the viewer cache")
+    min: float | None = Field(None, description="display range (scalar maps)")
+    max: float | None = None
+    mean: float | None = None
+    median: float | None = None
+    histogram: Histogram | None = None
+
+
+class ModelSummary(_Summary):
+    name: str
+    class_: str | None = Field(None, alias="class", serialization_alias="class")
+    description: str | None = None
+    reference: str | None = None
+
+
+class SolverSummary(_Summary):
+    name: str
+    description: str | None = None
+    software: str
+    dictionary_atoms: int | None = None
+
+
+class Shell(_Summary):
+    bval: float = Field(..., description="s/mm², rounded to 50")
+    count: int
+
+
+class SchemeSummary(_Summary):
+    measurements: int | None = None
+    shells: list[Shell] = Field(default_factory=list)
+    units: str | None = None
+    delta: float | None = None
+    Delta: float | None = None
+    TE: float | None = None
+
+
+class TimingSummary(_Summary):
+    fit_seconds: float | None = None
+    queued_seconds: float | None = None
+    run_seconds: float | None = None
+    voxels: int | None = None
+    fitted_voxels: int | None = None
+    invalid_voxels: int | None = None
+
+
+class JobSummary(_Summary):
+    """What the web page's viewer shows of a finished fit."""
+
+    version: int
+    job: str
+    model: ModelSummary
+    solver: SolverSummary
+    scheme: SchemeSummary
+    timing: TimingSummary
+    mask_voxels: int
+    shape: list[int]
+    voxel_size: list[float] = Field(..., description="mm")
+    maps: list[MapSummary]
 
 
 class Health(BaseModel):

@@ -150,6 +150,7 @@ def test_summary_and_volumes_match_the_maps(server, finished, phantom):
         assert summary["voxel_size"] == pytest.approx([float(z) for z in zooms])
         assert summary["mask_voxels"] == int(mask.sum())
         assert summary["model"]["name"] == "noddi"
+        assert summary["model"]["class"] and "class_" not in summary["model"]
         assert summary["solver"]["dictionary_atoms"] == SIZE
         assert summary["solver"]["name"] == "fingerprint"
         shells = {s["bval"]: s["count"] for s in summary["scheme"]["shells"]}
@@ -159,6 +160,9 @@ def test_summary_and_volumes_match_the_maps(server, finished, phantom):
         assert summary["timing"]["fitted_voxels"] == int(mask.sum())
         labels = {m["label"]: m for m in summary["maps"]}
         assert {"icvf", "odi", "isovf", "direction", "s0", "r2", "odi-uncertainty"} <= set(labels)
+        # a direction map has no display range (the keys are left out, not null)
+        assert labels["direction"]["kind"] == "direction" and "min" not in labels["direction"]
+        assert set(labels["odi"]["histogram"]) == {"edges", "counts"}
         for label in ("odi", "icvf"):
             entry = labels[label]
             r = http.get(f"/v1/jobs/{job_id}/results/{entry['file']}")

@@ -27,7 +27,7 @@ from fastapi.responses import Response
 
 from ..db import Job
 from ..dependencies import ApiError, CallerKey, Context, ServerContext
-from ..schemas import ErrorBody, Responses
+from ..schemas import ErrorBody, JobSummary, Responses
 from ..services import finished_fit
 
 logger = logging.getLogger(__name__)
@@ -157,7 +157,7 @@ def _seconds_between(start: str | None, end: str | None) -> float | None:
         return None
 
 
-def _build(ctx: ServerContext, job: Job, cache: Path) -> dict[str, Any]:
+def _build(ctx: ServerContext, job: Job, cache: Path) -> JobSummary:
     """Compute the summary and every map's byte volume into ``cache``."""
     outputs = ctx.storage.outputs_dir(job.id)
     maps = _maps(job)
@@ -252,17 +252,17 @@ def _build(ctx: ServerContext, job: Job, cache: Path) -> dict[str, Any]:
         import shutil
 
         shutil.rmtree(old, ignore_errors=True)
-    return summary
+    return JobSummary.model_validate(summary)
 
 
-def _summary(ctx: ServerContext, job: Job) -> tuple[dict[str, Any], Path]:
+def _summary(ctx: ServerContext, job: Job) -> tuple[JobSummary, Path]:
     cache = ctx.storage.job_dir(job.id) / "viewer"
     with _job_lock(job.id):
         try:
-            summary = json.loads((cache / "summary.json").read_text())
-            if summary.get("version") == _CACHE_VERSION:
+            summary = JobSummary.model_validate_json((cache / "summary.json").read_text())
+            if summary.version == _CACHE_VERSION:
                 return summary, cache
-        except (OSError, ValueError):
+        except (OSError, ValueError):  # missing, unreadable or another format: rebuilt
             pass
         missing = [n for n in job.outputs if not (ctx.storage.outputs_dir(job.id) / n)
                    .is_file()]
@@ -272,8 +272,9 @@ def _summary(ctx: ServerContext, job: Job) -> tuple[dict[str, Any], Path]:
 
 
 @router.get("/{job_id}/summary", summary="Model, solver, scheme, timing and maps of a fit",
-            responses=_ERRORS)
-def get_summary(job_id: JobId, ctx: Context, key: CallerKey) -> dict[str, Any]:
+            response_model=JobSummary, response_model_exclude_unset=True,
+            response_model_by_alias=True, responses=_ERRORS)
+def get_summary(job_id: JobId, ctx: Context, key: CallerKey) -> JobSummary:
     """What the web page's viewer shows: the model, solver, acquisition scheme summary,
     timing, and for each map its kind (``scalar`` or ``direction``), units, display
     range and histogram inside the mask (``HISTOGRAM_BINS`` bins from min to max)."""
@@ -294,9 +295,9 @@ def get_volume(job_id: JobId, label: Label, ctx: Context, key: CallerKey) -> Res
     if not _LABEL.match(label):
         raise ApiError(404, f"job {job_id} has no map {label[:80]!r}")
     summary, cache = _summary(ctx, job)
-    entry = next((m for m in summary["maps"] if m["label"] == label), None)
+    entry = next((m for m in summary.maps if m.label == label), None)
     if entry is None:
         raise ApiError(404, f"job {job_id} has no map {label!r}")
-    data = (cache / entry["volume"]).read_bytes()
+    data = (cache / entry.volume).read_bytes()
     return Response(data, media_type="application/octet-stream",
                     headers={"Cache-Control": "private, max-age=3600"})
