@@ -40,6 +40,7 @@ from typing import Any, Literal, TypedDict
 
 from fingerprint.core.acquisition_scheme import AcquisitionScheme
 from fingerprint.fitting.registry import BUILTIN_SOLVER
+from fingerprint.volume_models import is_volume_model
 
 from .config import Settings
 from .db import Database, FinalStatus, Job, JobKind
@@ -194,7 +195,7 @@ def _dictionary_budget(spec: JobSpec, scheme: AcquisitionScheme, size: int | Non
     used dictionaries not in use are evicted to make room for it; a dictionary larger
     than the whole budget is refused."""
     budget = spec.extra.get("dictionary_cache_bytes")
-    if not budget:
+    if not budget or is_volume_model(spec.model):  # mc_csd builds no dictionary
         yield
         return
     from fingerprint.dictionary import prepare_build, store_path

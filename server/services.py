@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse
 
 from fingerprint.fitting.registry import BUILTIN_SOLVER
 from fingerprint.models import get_recipe
+from fingerprint.volume_models import is_volume_model
 
 from .auth import ApiKey
 from .db import Job, JobKind
@@ -217,6 +218,8 @@ def check_dictionary_size(ctx: ServerContext, key: ApiKey, model: str, size: int
     unless configured): 403 naming the limit."""
     if size is None:
         return
+    if is_volume_model(model):
+        raise ApiError(422, f"model {model!r} uses no dictionary: leave '{field}' out", field)
     top = ctx.settings.max_dictionary_size
     if size > top:
         raise ApiError(422, f"'{field}' must be between 1 and {top}, got {size}", field)

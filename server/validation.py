@@ -17,6 +17,7 @@ from fingerprint.core.acquisition_scheme import AcquisitionScheme
 from fingerprint.errors import UnknownModelError
 from fingerprint.fitting.pipeline import read_fsl_scheme
 from fingerprint.models import available_models, get_recipe, requires_timing
+from fingerprint.volume_models import is_volume_model
 
 from .errors import ApiError
 
@@ -25,6 +26,8 @@ __all__ = ["check_model", "check_timing", "public_message", "validate_scheme"]
 
 def check_model(name: str) -> str:
     """The catalogue name of model ``name`` (422 naming the known models otherwise)."""
+    if is_volume_model(name):  # fitted per volume (mc_csd), not from a recipe
+        return name.strip().lower().replace("-", "_")
     try:
         return get_recipe(name).name
     except UnknownModelError as exc:
@@ -37,6 +40,8 @@ def check_model(name: str) -> str:
 def check_timing(model: str, timing: dict[str, float]) -> None:
     """422 on the ``delta`` field when model ``model`` needs pulse timing the form lacks
     (otherwise the job would be accepted and fail when it runs)."""
+    if is_volume_model(model):
+        return
     if requires_timing(model) and ("delta" not in timing or "Delta" not in timing):
         raise ApiError(422, f"model {model!r} needs the pulse timing of the acquisition: give "
                             f"the 'delta' and 'Delta' form fields (seconds)", "delta")

@@ -21,7 +21,7 @@ from fingerprint.fitting.csd_volume import (
     write_mrtrix_response,
 )
 from fingerprint.fitting.directions import default_responses
-from fingerprint.fitting.pipeline import fit_volume
+from fingerprint.fitting.pipeline import check_fsl_scheme, fit_volume, read_fsl_scheme
 from fingerprint.volume_models import VOLUME_MODELS, is_volume_model
 
 SCHEME = wu_minn_hcp_acquisition_scheme()
@@ -179,6 +179,9 @@ def test_mc_csd_refuses_single_shell_and_bad_options(tmp_path):
     dwi, bval, bvec, _ = _phantom(tmp_path, single_shell=True)
     with pytest.raises(InputError, match="3 tissues.*2 distinct b-value"):
         fit_volume("mc_csd", dwi, bval, bvec, tmp_path / "out")
+    # the check the server runs on an upload (the library's one scheme check)
+    with pytest.raises(InputError, match="csd|3 tissues"):
+        check_fsl_scheme(read_fsl_scheme(bval, bvec), bval, bvec, "mc_csd")
     dwi, bval, bvec, _ = _phantom(tmp_path)
     with pytest.raises(InputError, match="sh_order"):
         fit_volume("mc_csd", dwi, bval, bvec, tmp_path / "o2", model_options={"sh_order": 7})
@@ -188,3 +191,37 @@ def test_mc_csd_refuses_single_shell_and_bad_options(tmp_path):
         fit_volume("noddi", dwi, bval, bvec, tmp_path / "o4", model_options={"sh_order": 8})
     assert main(["fit", "--model", "noddi", "--dwi", str(dwi), "--bval", str(bval), "--bvec",
                  str(bvec), "--out", str(tmp_path / "o5"), "--sh-order", "8"]) != 0
+
+
+def test_server_job_runs_mc_csd(tmp_path):
+    """The server accepts mc_csd (no timing, no dictionary) and its job runner (what its
+    worker processes run) writes the same maps through fit_volume."""
+    from server.errors import ApiError
+    from server.executor import JobSpec, run_job
+    from server.validation import check_model, check_timing
+
+    assert check_model("MC-CSD") == "mc_csd"
+    check_timing("mc_csd", {})  # no pulse timing needed
+    with pytest.raises(ApiError):
+        check_model("no_such_model")
+    dwi, bval, bvec, fibres = _phantom(tmp_path)
+    job_dir = tmp_path / "job"
+    (job_dir / "inputs").mkdir(parents=True)
+    inputs = {}
+    for key, path in (("dwi", dwi), ("bval", bval), ("bvec", bvec)):
+        (job_dir / "inputs" / path.name).write_bytes(path.read_bytes())
+        inputs[key] = path.name
+    spec = JobSpec(job_id="j1", kind="fit", model="mc_csd", options={}, inputs=inputs,
+                   job_dir=str(job_dir), db_path=str(tmp_path / "db.sqlite"),
+                   dictionary_dir=str(tmp_path / "dictionaries"), threads=1, attempt=1,
+                   extra={"dictionary_cache_bytes": 10**9})
+    outcome = run_job(spec)
+    assert outcome["status"] == "succeeded", outcome
+    (fod_path,) = (job_dir / "outputs").glob("*_param-fod_dwimap.nii.gz")
+    (npeaks_path,) = (job_dir / "outputs").glob("*_param-npeaks_dwimap.nii.gz")
+    assert _load(fod_path).shape == SHAPE + (45,)
+    npeaks = _load(npeaks_path)
+    for idx, us in fibres.items():
+        assert npeaks[idx] == len(us)
+    assert not (tmp_path / "dictionaries").exists() or not any(
+        (tmp_path / "dictionaries").iterdir())

@@ -171,8 +171,13 @@ def check_fsl_scheme(scheme: Any, bval: Any, bvec: Any, model: Any = None,
     from ``bval`` / ``bvec``: InputError naming the files and every refusal; warnings
     and notes are logged. ``model`` is a name, a model or None (the scheme alone).
     Returns the :class:`~fingerprint.core.scheme_checks.SchemeReport`."""
-    from fingerprint.core.scheme_checks import prepare_scheme
+    from fingerprint.core.scheme_checks import check_csd_scheme, prepare_scheme
 
+    if is_volume_model(model):  # mc_csd: three tissues, order 8 (its defaults)
+        report = check_csd_scheme(scheme, 3, 8)
+        report.log(logger)
+        report.raise_if_refused(f"bval file {bval} / bvec file {bvec}")
+        return report
     requires = None
     if isinstance(model, str):
         from fingerprint.models import get_model, requires_timing
