@@ -120,6 +120,7 @@ def add_parser(subparsers: Any) -> None:
 def _csd_options(args: argparse.Namespace) -> dict[str, object] | None:
     """The mc_csd options given on the command line (InputError when given for another
     model)."""
+    # local import: the CLI loads the library only when a command runs (fast --help)
     from fingerprint.volume_models import is_volume_model
 
     values: dict[str, object] = {}

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import ArrayLike
+from scipy import sparse
 
 from fingerprint.errors import InputError
 from fingerprint.utils.spherical_convolution import check_sh_order
@@ -289,8 +290,6 @@ class MsmtCsd:
     def solve(self, signals: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
         """FOD SH coefficients (V, n_coef) (MRtrix3 basis) and isotropic fractions (V, T)
         of signals (V, N) in the responses' units."""
-        from scipy import sparse
-
         y = np.asarray(signals, dtype=float)
         if y.ndim != 2 or y.shape[1] != self.design.shape[0]:
             raise InputError(f"signals have shape {y.shape}; expected (voxels, "

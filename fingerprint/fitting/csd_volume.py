@@ -46,6 +46,9 @@ from fingerprint.fitting.pipeline import (
 )
 from fingerprint.fitting.validity import report_unusable, usable_voxels
 from fingerprint.io.nifti import DEFAULT_SLAB_BYTES, bids_map_name, write_map
+from fingerprint.tissue_response.three_tissue_response import (
+    three_tissue_response_dhollander16,
+)
 from fingerprint.utils.spherical_convolution import check_sh_order
 from fingerprint.volume_models import MC_CSD
 
@@ -151,10 +154,6 @@ def responses_from_data(scheme: AcquisitionScheme, data: np.ndarray,
                         wm_algorithm: str = "tournier07") -> TissueResponses:
     """White-matter, grey-matter and CSF responses of ``data`` (voxels, N) by
     Dhollander's three-tissue method, in the data's signal units."""
-    from fingerprint.tissue_response.three_tissue_response import (
-        three_tissue_response_dhollander16,
-    )
-
     s0, models, _ = three_tissue_response_dhollander16(scheme, data,
                                                        wm_algorithm=wm_algorithm)
     shells = _scheme_shells(scheme)
@@ -398,6 +397,7 @@ def fit_mc_csd_volume(dwi: Any, bval: Any, bvec: Any, out_dir: Any, *, mask: Any
         files.append(write_mrtrix_response(path, rows_t, shells))
     preview_path = None
     if preview:
+        # local import: the preview loads matplotlib, only when a preview is asked for
         from fingerprint.preview import write_preview
 
         first = np.nan_to_num(peaks[:, :3])
