@@ -20,8 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from fingerprint.core.orientations import angular_error_deg
+from fingerprint.core.orientations import angular_error_deg, vectors_to_mu
 from fingerprint.errors import InputError
+from fingerprint.fitting.multifascicle import fascicle_layout
 
 logger = logging.getLogger(__name__)
 
@@ -119,6 +120,49 @@ def noddi_parameter_vectors(model: Any, *, icvf: np.ndarray, odi: np.ndarray,
             values[name] = 1.0 - isovf
         else:
             raise InputError(f"cannot set NODDI parameter {name!r} of this model")
+    return np.asarray(model.parameters_to_parameter_vector(**values), dtype=np.float64)
+
+
+def crossing_directions(n: int, angle_deg: float | np.ndarray, rng: np.random.Generator
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """Two (n, 3) unit-vector arrays: random first directions (uniform on the sphere) and
+    second directions at ``angle_deg`` (degrees, scalar or (n,)) from them, in a random
+    plane."""
+    u1 = rng.standard_normal((n, 3))
+    u1 /= np.linalg.norm(u1, axis=1, keepdims=True)
+    a = np.cross(u1, rng.standard_normal((n, 3)))
+    a /= np.linalg.norm(a, axis=1, keepdims=True)
+    ang = np.radians(np.broadcast_to(np.asarray(angle_deg, dtype=np.float64), (n,)))
+    u2 = np.cos(ang)[:, None] * u1 + np.sin(ang)[:, None] * a
+    return u1, u2
+
+
+def crossing_parameter_vectors(model: Any, *, directions: list[np.ndarray],
+                               fractions: np.ndarray, micro: list[dict[str, np.ndarray]],
+                               iso: dict[str, np.ndarray] | None = None) -> np.ndarray:
+    """(n, P) parameter vectors of a multi-fascicle model (``ball_stick_stick``,
+    ``noddi2``, ...): per fascicle compartment k, ``directions[k]`` (n, 3) unit vectors
+    and ``micro[k]`` its own parameters by *local* name (e.g. ``{'lambda_par': ...}``
+    in m²/s, or ``{'SD1Watson_1_odi': ..., 'partial_volume_0': ...}``);
+    ``fractions`` (n, K) the top-level volume fractions in the model's compartment
+    order; ``iso`` the isotropic compartments' free parameters by full name. A fascicle
+    compartment given a zero fraction may have any direction."""
+    layout = fascicle_layout(model)
+    if layout is None:
+        raise InputError("crossing phantoms need a multi-fascicle model")
+    fr = np.asarray(fractions, dtype=np.float64)
+    values: dict[str, np.ndarray] = dict(iso or {})
+    for i, name in enumerate(model.partial_volume_names):
+        values[name] = fr[:, i]
+    state = model._state
+    for slot, comp in enumerate(layout.fascicles):
+        values[layout.orientation[slot]] = vectors_to_mu(directions[slot], normalise=True)
+        local = {p.local: p.name for p in state.params if p.owner == comp}
+        for key, value in micro[slot].items():
+            if key not in local:
+                raise InputError(f"fascicle {slot + 1} has no parameter {key!r} "
+                                 f"(has {', '.join(local)})")
+            values[local[key]] = np.asarray(value, dtype=np.float64)
     return np.asarray(model.parameters_to_parameter_vector(**values), dtype=np.float64)
 
 

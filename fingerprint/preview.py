@@ -5,14 +5,17 @@
 
 Each scalar map is shown as its middle axial slice (grey scale, 1st-99th percentile
 window, or [0, 1] for maps whose values all lie in it); 4-D unit-vector maps (fibre
-directions) as the usual colour code (|x| red, |y| green, |z| blue).
+directions) as the usual colour code (|x| red, |y| green, |z| blue). For multi-fascicle
+models (``fascicleN_direction`` with ``fascicleN_fraction`` maps) a ``fascicles`` panel
+adds every fascicle's colour weighted by its fraction.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+import re
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +32,33 @@ def _slice(data: np.ndarray, z: int | None) -> np.ndarray:
     return np.rot90(data[:, :, k])  # x to the right, y up
 
 
+_FASCICLE_DIRECTION = re.compile(r"^fascicle(\d+)_direction$")
+
+
+def _fascicle_colours(maps: Mapping[str, Any], load: Callable[[Any], np.ndarray]
+                      ) -> np.ndarray | None:
+    """Direction-encoded colour of every fascicle at once (multi-fascicle models): the sum
+    over fascicles of |direction| (x red, y green, z blue) weighted by the fascicle's
+    fraction, scaled to the brightest voxel; None without ``fascicleN_direction`` and
+    ``fascicleN_fraction`` maps."""
+    total = None
+    for label in maps:
+        match = _FASCICLE_DIRECTION.match(label)
+        fraction = f"fascicle{match.group(1)}_fraction" if match else None
+        if fraction is None or fraction not in maps:
+            continue
+        vec = np.nan_to_num(np.abs(load(maps[label])))
+        weight = np.nan_to_num(load(maps[fraction]))
+        if vec.ndim != 4 or weight.shape != vec.shape[:3]:
+            continue
+        part = vec * weight[..., None]
+        total = part if total is None else total + part
+    if total is None:
+        return None
+    top = float(total.max(initial=0.0))
+    return total / top if top > 0 else total
+
+
 def write_preview(maps: Mapping[str, Any], path: str | os.PathLike, *, title: str | None = None,
                   slice_index: int | None = None,
                   truth: Mapping[str, Any] | None = None) -> Path:
@@ -43,6 +73,10 @@ def write_preview(maps: Mapping[str, Any], path: str | os.PathLike, *, title: st
             return value
         return np.asarray(nib.load(os.fspath(value)).dataobj, dtype=np.float32)
 
+    maps = dict(maps)
+    combined = _fascicle_colours(maps, load)
+    if combined is not None:
+        maps["fascicles"] = combined
     labels = list(maps)
     rows = 2 if truth else 1
     cols = max(1, len(labels))

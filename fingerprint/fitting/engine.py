@@ -32,6 +32,11 @@ from fingerprint.core.modeling_framework import MultiCompartmentModelProperties 
 from fingerprint.dictionary import open_dictionary
 from fingerprint.errors import InputError
 from fingerprint.fitting.estimator import FingerprintEstimator, VoxelEstimates
+from fingerprint.fitting.multifascicle import (
+    MultiFascicleFitter,
+    MultiFascicleSettings,
+    is_multifascicle,
+)
 from fingerprint.fitting.nonlinear import DEFAULT_MAX_NFEV, goodness_of_fit, refine_nonlinear
 from fingerprint.fitting.options import (
     CLASSICAL_OPTION_NAMES,
@@ -268,8 +273,15 @@ def fitter_for_estimator(est: FingerprintEstimator, options: FitOptions) -> Fing
     return FingerprintFitter(est, est_options, polish)
 
 
-def _prepare_fingerprint(request: SolverRequest) -> FingerprintFitter:
+def _prepare_fingerprint(request: SolverRequest) -> VoxelFitter:
     options = request.options
+    if options.refine != "nonlinear" and is_multifascicle(request.model):
+        # several copies of one single-fascicle compartment plus isotropic ones: rotated
+        # single-fascicle atoms (refine='nonlinear' keeps matching + non-linear polish)
+        settings = MultiFascicleSettings() if options.refine else \
+            MultiFascicleSettings(polish_iterations=0)
+        return MultiFascicleFitter(request.model, request.scheme, settings,
+                                   n_jobs=options.threads)
     est_options = options.estimator_options()
     n_jobs = est_options.pop("n_jobs")
     est = get_estimator(request.model, request.scheme,
@@ -284,7 +296,8 @@ def _prepare_fingerprint(request: SolverRequest) -> FingerprintFitter:
 
 register_solver(BUILTIN_SOLVER, _prepare_fingerprint, uses_dictionary=True,
                 description="dictionary matching with a local-linear refinement (and a "
-                            "non-linear polish for several orientations)", replace=True)
+                            "non-linear polish for several orientations; multi-fascicle "
+                            "models: rotated single-fascicle atoms)", replace=True)
 
 
 def prepare_fitter(model: Model, scheme: AcquisitionScheme, options: FitOptions, *,

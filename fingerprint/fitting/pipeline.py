@@ -370,6 +370,13 @@ def _check_cancel(should_cancel: Callable[[], bool] | None) -> None:
         raise CancelledError("the fit was cancelled")
 
 
+#: Map labels of one fascicle of a multi-fascicle model (``fascicle2_icvf``).
+_FASCICLE_LABEL = re.compile(r"^fascicle(\d+)_")
+#: How fascicles are numbered (sidecar ``FascicleOrder``).
+FASCICLE_ORDER = ("by signal fraction, largest first; fascicles beyond a voxel's count "
+                  "have fraction 0 and NaN direction and parameters")
+
+
 def _resolve_model(model: Any) -> tuple[Any, str, Any]:
     """(model object or None, BIDS model label, estimator or None)."""
     from fingerprint.models import get_model, get_recipe, model_name
@@ -798,8 +805,16 @@ def fit_volume(model: Any, dwi: Any, bval: Any, bvec: Any, out_dir: Any, *,
     for label, pname, cols, is_orientation in plan:
         _check_cancel(should_cancel)
         values = params[:, cols]
+        fascicle = _FASCICLE_LABEL.match(label)
+        if fascicle:  # per-fascicle maps of multi-fascicle models (ball_stick_stick, ...)
+            common_extra["Fascicle"] = int(fascicle.group(1))
+            common_extra["FascicleOrder"] = FASCICLE_ORDER
+        else:
+            common_extra.pop("Fascicle", None)
+            common_extra.pop("FascicleOrder", None)
         if is_orientation and values.shape[1] == 2:
-            vec = mu_to_vectors(np.nan_to_num(values)).astype(np.float32)
+            # no direction (a fascicle beyond the voxel's count): zero vector
+            vec = mu_to_vectors(values).astype(np.float32)
             vec[~valid] = np.nan
             emit(label, vec, parameter=pname, units="n/a",
                  description=f"{label}: unit vector (x, y, z in the b-vector frame) of the "
@@ -818,6 +833,8 @@ def fit_volume(model: Any, dwi: Any, bval: Any, bvec: Any, out_dir: Any, *,
              units=units[pname], desc="uncertainty",
              description=f"uncertainty of {label}: spread (standard deviation) of the "
                          f"parameter among the matched dictionary atoms")
+    common_extra.pop("Fascicle", None)
+    common_extra.pop("FascicleOrder", None)
     emit("s0", np.where(valid, s0, np.nan).astype(np.float32), parameter=None,
          units="arbitrary",
          description="fitted signal without diffusion weighting (units of the input)")

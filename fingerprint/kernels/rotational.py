@@ -1,0 +1,617 @@
+"""Numba kernels of multi-fascicle fitting: rotated zonal atoms, small NNLS, searches.
+
+A single-fascicle compartment (a stick, a Watson-dispersed bundle, ...) is axially
+symmetric: on a shell its signal is a zonal function of ``t = g . u`` (gradient ``g``,
+fascicle axis ``u``), even in ``t``. An atom is stored as its even Legendre coefficients
+per shell, ``C[a, s, j]`` for ``P_{2j}``, so that the atom rotated to ``u`` is, for a
+measurement ``i`` of shell ``s(i)``::
+
+    S_a(i; u) = sum_j C[a, s(i), j] P_{2j}(g_i . u)
+
+Products with a vector ``v`` are projections: ``S_a . v = sum_{s,j} C[a,s,j]
+(sum_{i in s} P_{2j}(g_i . u) v_i)``, so a whole table of atoms is scored against a voxel
+at the cost of one small matrix product, without forming the rotated signals.
+
+Every kernel here works on one voxel at a time inside a ``prange`` loop over voxels, so
+a voxel's result does not depend on how voxels are batched (chunked volume fits give the
+same numbers as one call).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from fingerprint.kernels import njit, parallel_kernel, prange
+
+__all__ = ["even_legendre", "fit_directions_kernel", "forward_directions_kernel",
+           "nnls_small", "rotated_signals"]
+
+#: Largest number of columns of the small NNLS problems (fascicles + isotropic).
+MAX_COLUMNS = 8
+_RIDGE = 1e-12
+
+
+@njit(cache=True)
+def even_legendre(t: float, n_even: int, values: np.ndarray, derivs: np.ndarray) -> None:
+    """``values[j] = P_{2j}(t)``, ``derivs[j] = P'_{2j}(t)`` for j < n_even."""
+    p_prev, p_cur = 1.0, t          # P_0, P_1
+    d_prev, d_cur = 0.0, 1.0        # P'_0, P'_1
+    values[0] = 1.0
+    derivs[0] = 0.0
+    lmax = 2 * (n_even - 1)
+    for ell in range(1, lmax):
+        # P_{l+1} = ((2l+1) t P_l - l P_{l-1}) / (l+1); P'_{l+1} = P'_{l-1} + (2l+1) P_l
+        p_next = ((2 * ell + 1) * t * p_cur - ell * p_prev) / (ell + 1)
+        d_next = d_prev + (2 * ell + 1) * p_cur
+        p_prev, p_cur = p_cur, p_next
+        d_prev, d_cur = d_cur, d_next
+        if (ell + 1) % 2 == 0:
+            values[(ell + 1) // 2] = p_cur
+            derivs[(ell + 1) // 2] = d_cur
+
+
+@njit(cache=True)
+def _legendre_rows(grad: np.ndarray, u: np.ndarray, n_even: int, pv: np.ndarray,
+                   pd: np.ndarray) -> None:
+    """P_{2j}(g_i . u) and derivatives for every measurement: pv, pd (N, n_even)."""
+    n = grad.shape[0]
+    for i in range(n):
+        t = grad[i, 0] * u[0] + grad[i, 1] * u[1] + grad[i, 2] * u[2]
+        if t > 1.0:
+            t = 1.0
+        elif t < -1.0:
+            t = -1.0
+        even_legendre(t, n_even, pv[i], pd[i])
+
+
+@njit(cache=True)
+def rotated_signals(coef: np.ndarray, shell: np.ndarray, grad: np.ndarray,
+                    directions: np.ndarray) -> np.ndarray:
+    """Signals (D, N) of one atom ``coef`` (S, n_even) rotated to each of ``directions``
+    (D, 3)."""
+    n_dir = directions.shape[0]
+    n = grad.shape[0]
+    n_even = coef.shape[1]
+    out = np.zeros((n_dir, n))
+    pv = np.empty((n, n_even))
+    pd = np.empty((n, n_even))
+    for d in range(n_dir):
+        _legendre_rows(grad, directions[d], n_even, pv, pd)
+        for i in range(n):
+            s = shell[i]
+            acc = 0.0
+            for j in range(n_even):
+                acc += coef[s, j] * pv[i, j]
+            out[d, i] = acc
+    return out
+
+
+@njit(cache=True)
+def nnls_small(g: np.ndarray, b: np.ndarray, m: int, x: np.ndarray) -> float:
+    """Non-negative least squares from the normal equations of ``m`` columns (m <= 8):
+    minimises ``x.G x - 2 x.b`` over x >= 0 (the unconstrained solution when it is
+    feasible, else every support); writes ``x`` and returns the minimum (relative to
+    |y|^2)."""
+    return _nnls_work(g, b, m, x, np.empty(m, dtype=np.int64), np.empty((m, m)),
+                      np.empty(m))
+
+
+@njit(cache=True)
+def _nnls_work(g: np.ndarray, b: np.ndarray, m: int, x: np.ndarray, idx: np.ndarray,
+               a: np.ndarray, r: np.ndarray) -> float:
+    """:func:`nnls_small` with caller-provided work arrays idx (m,), a (m, m), r (m,)."""
+    best = 0.0
+    for j in range(m):
+        x[j] = 0.0
+    full = (1 << m) - 1
+    # the unconstrained solution, when feasible, is the NNLS solution (convex problem)
+    for mask in range(full, 0, -1):
+        k = 0
+        for j in range(m):
+            if mask >> j & 1:
+                idx[k] = j
+                k += 1
+        # Cholesky-free Gaussian elimination on the k x k system
+        for p in range(k):
+            r[p] = b[idx[p]]
+            for q in range(k):
+                a[p, q] = g[idx[p], idx[q]]
+            a[p, p] += _RIDGE * (g[idx[p], idx[p]] + 1e-300)
+        ok = True
+        for p in range(k):
+            piv = a[p, p]
+            if not piv > 0.0:
+                ok = False
+                break
+            for q in range(p + 1, k):
+                f = a[q, p] / piv
+                if f != 0.0:
+                    for c in range(p, k):
+                        a[q, c] -= f * a[p, c]
+                    r[q] -= f * r[p]
+        if not ok:
+            continue
+        feasible = True
+        for p in range(k - 1, -1, -1):
+            acc = r[p]
+            for c in range(p + 1, k):
+                acc -= a[p, c] * r[c]
+            r[p] = acc / a[p, p]
+            if not r[p] >= 0.0:
+                feasible = False
+                break
+        if not feasible:
+            continue
+        cost = 0.0
+        for p in range(k):
+            cost -= r[p] * b[idx[p]]
+        if cost < best:
+            best = cost
+            for j in range(m):
+                x[j] = 0.0
+            for p in range(k):
+                x[idx[p]] = r[p]
+        if mask == full:
+            break
+    return best
+
+
+@parallel_kernel()
+def forward_directions_kernel(y: np.ndarray, templates: np.ndarray, gram: np.ndarray,
+                              grid: np.ndarray, iso: np.ndarray, n_fascicles: int,
+                              min_separation: float) -> np.ndarray:
+    """Greedy forward selection of ``n_fascicles`` directions per voxel.
+
+    y (n, N) signals; templates (D, N) a typical fascicle atom rotated to the D grid
+    directions ``grid`` (D, 3), gram (D, D) their products; iso (N,) a typical
+    isotropic signal. Step k adds the grid direction that, with the k-1 already chosen
+    and the isotropic column, gives the lowest NNLS cost; directions within
+    ``min_separation`` (|cos| above it) of a chosen one are skipped. Returns grid
+    indices (n, n_fascicles).
+    """
+    n, n_meas = y.shape
+    n_dir = templates.shape[0]
+    out = np.zeros((n, n_fascicles), dtype=np.int64)
+    tiso = templates @ iso
+    iso2 = 0.0
+    for i in range(n_meas):
+        iso2 += iso[i] * iso[i]
+    for v in prange(n):
+        ty = templates @ y[v]
+        yiso = 0.0
+        for i in range(n_meas):
+            yiso += y[v, i] * iso[i]
+        m = n_fascicles + 1
+        g = np.zeros((m, m))
+        b = np.zeros(m)
+        x = np.zeros(m)
+        wi = np.empty(m, dtype=np.int64)
+        wa = np.empty((m, m))
+        wr = np.empty(m)
+        chosen = np.zeros(n_fascicles, dtype=np.int64)
+        for k in range(n_fascicles):
+            # columns: chosen[0..k-1], candidate, iso
+            size = k + 2
+            best_cost = 1e300
+            best_d = 0
+            for d in range(n_dir):
+                skip = False
+                for c in range(k):
+                    cos = (grid[chosen[c], 0] * grid[d, 0] + grid[chosen[c], 1] * grid[d, 1]
+                           + grid[chosen[c], 2] * grid[d, 2])
+                    if abs(cos) > min_separation:
+                        skip = True
+                        break
+                if skip:
+                    continue
+                for p in range(k):
+                    for q in range(k):
+                        g[p, q] = gram[chosen[p], chosen[q]]
+                    g[p, k] = gram[chosen[p], d]
+                    g[k, p] = g[p, k]
+                    g[p, k + 1] = tiso[chosen[p]]
+                    g[k + 1, p] = g[p, k + 1]
+                    b[p] = ty[chosen[p]]
+                g[k, k] = gram[d, d]
+                g[k, k + 1] = tiso[d]
+                g[k + 1, k] = tiso[d]
+                g[k + 1, k + 1] = iso2
+                b[k] = ty[d]
+                b[k + 1] = yiso
+                cost = _nnls_work(g, b, size, x, wi, wa, wr)
+                if cost < best_cost:
+                    best_cost = cost
+                    best_d = d
+            chosen[k] = best_d
+        for k in range(n_fascicles):
+            out[v, k] = chosen[k]
+    return out
+
+
+@njit(cache=True)
+def _project(pv: np.ndarray, shell: np.ndarray, n_shells: int, v: np.ndarray,
+             out: np.ndarray) -> None:
+    """out[s, j] = sum_{i in s} P_{2j}(t_i) v_i."""
+    n, n_even = pv.shape
+    for s in range(n_shells):
+        for j in range(n_even):
+            out[s, j] = 0.0
+    for i in range(n):
+        s = shell[i]
+        vi = v[i]
+        for j in range(n_even):
+            out[s, j] += pv[i, j] * vi
+
+
+@njit(cache=True)
+def _atom_signal(coef: np.ndarray, pv: np.ndarray, shell: np.ndarray, out: np.ndarray
+                 ) -> None:
+    n, n_even = pv.shape
+    for i in range(n):
+        s = shell[i]
+        acc = 0.0
+        for j in range(n_even):
+            acc += coef[s, j] * pv[i, j]
+        out[i] = acc
+
+
+@njit(cache=True)
+def _atom_deriv(coef: np.ndarray, pd: np.ndarray, shell: np.ndarray, grad: np.ndarray,
+                e: np.ndarray, out: np.ndarray) -> None:
+    """d S / d(angle along tangent e) = sum_j c_j P'_{2j}(t) (g . e)."""
+    n, n_even = pd.shape
+    for i in range(n):
+        s = shell[i]
+        acc = 0.0
+        for j in range(n_even):
+            acc += coef[s, j] * pd[i, j]
+        out[i] = acc * (grad[i, 0] * e[0] + grad[i, 1] * e[1] + grad[i, 2] * e[2])
+
+
+@njit(cache=True)
+def _tangents(u: np.ndarray, e1: np.ndarray, e2: np.ndarray) -> None:
+    if abs(u[0]) < 0.9:
+        a0, a1, a2 = 1.0, 0.0, 0.0
+    else:
+        a0, a1, a2 = 0.0, 1.0, 0.0
+    # e1 = normalise(u x a), e2 = u x e1
+    c0 = u[1] * a2 - u[2] * a1
+    c1 = u[2] * a0 - u[0] * a2
+    c2 = u[0] * a1 - u[1] * a0
+    nrm = math.sqrt(c0 * c0 + c1 * c1 + c2 * c2)
+    e1[0], e1[1], e1[2] = c0 / nrm, c1 / nrm, c2 / nrm
+    e2[0] = u[1] * e1[2] - u[2] * e1[1]
+    e2[1] = u[2] * e1[0] - u[0] * e1[2]
+    e2[2] = u[0] * e1[1] - u[1] * e1[0]
+
+
+@njit(cache=True)
+def _dot(a: np.ndarray, b: np.ndarray) -> float:
+    acc = 0.0
+    for i in range(a.shape[0]):
+        acc += a[i] * b[i]
+    return acc
+
+
+@njit(cache=True)
+def _solve_sym(a: np.ndarray, r: np.ndarray, m: int, out: np.ndarray) -> bool:
+    """Solve the m x m system a out = r (Gaussian elimination, partial pivoting);
+    ``a`` and ``r`` are overwritten."""
+    for p in range(m):
+        piv = p
+        big = abs(a[p, p])
+        for q in range(p + 1, m):
+            if abs(a[q, p]) > big:
+                big = abs(a[q, p])
+                piv = q
+        if not big > 0.0:
+            return False
+        if piv != p:
+            for c in range(m):
+                a[p, c], a[piv, c] = a[piv, c], a[p, c]
+            r[p], r[piv] = r[piv], r[p]
+        for q in range(p + 1, m):
+            f = a[q, p] / a[p, p]
+            if f != 0.0:
+                for c in range(p, m):
+                    a[q, c] -= f * a[p, c]
+                r[q] -= f * r[p]
+    for p in range(m - 1, -1, -1):
+        acc = r[p]
+        for c in range(p + 1, m):
+            acc -= a[p, c] * out[c]
+        out[p] = acc / a[p, p]
+    return True
+
+
+@njit(cache=True)
+def _search_atoms(yv: np.ndarray, cols: np.ndarray, m: int, k: int, table: np.ndarray,
+                  pv: np.ndarray, pp: np.ndarray, shell: np.ndarray, n_shells: int,
+                  proj_y: np.ndarray, proj_c: np.ndarray, g: np.ndarray, b: np.ndarray,
+                  x: np.ndarray, work: tuple[np.ndarray, np.ndarray, np.ndarray,
+                                             np.ndarray, np.ndarray]
+                  ) -> tuple[int, float]:
+    """Best atom of the rotated table for column k (others fixed): (atom, cost)."""
+    n_atoms, _, n_even = table.shape
+    _project(pv, shell, n_shells, yv, proj_y)
+    for c in range(m):
+        if c != k:
+            _project(pv, shell, n_shells, cols[c], proj_c[c])
+    # Gram of the fixed columns
+    for p in range(m):
+        if p == k:
+            continue
+        b[p] = _dot(cols[p], yv)
+        for q in range(m):
+            if q != k:
+                g[p, q] = _dot(cols[p], cols[q])
+    wi, wa, wr, fixed_g, fixed_b = work
+    for p in range(m):
+        fixed_b[p] = b[p]
+        for q in range(m):
+            fixed_g[p, q] = g[p, q]
+    best_a = 0
+    best_cost = 1e300
+    for a in range(n_atoms):
+        ca = table[a]
+        by = 0.0
+        for s in range(n_shells):
+            for j in range(n_even):
+                by += ca[s, j] * proj_y[s, j]
+        # |S_a|^2 = sum_s c_s^T PP_s c_s
+        aa = 0.0
+        for s in range(n_shells):
+            for j in range(n_even):
+                cj = ca[s, j]
+                if cj == 0.0:
+                    continue
+                acc = 0.0
+                for l2 in range(n_even):
+                    acc += pp[s, j, l2] * ca[s, l2]
+                aa += cj * acc
+        for p in range(m):
+            for q in range(m):
+                g[p, q] = fixed_g[p, q]
+            b[p] = fixed_b[p]
+        for c in range(m):
+            if c == k:
+                continue
+            ac = 0.0
+            for s in range(n_shells):
+                for j in range(n_even):
+                    ac += ca[s, j] * proj_c[c, s, j]
+            g[k, c] = ac
+            g[c, k] = ac
+        g[k, k] = aa
+        b[k] = by
+        cost = _nnls_work(g, b, m, x, wi, wa, wr)
+        if cost < best_cost:
+            best_cost = cost
+            best_a = a
+    return best_a, best_cost
+
+
+@njit(cache=True)
+def _pp(pv: np.ndarray, shell: np.ndarray, n_shells: int, out: np.ndarray) -> None:
+    n, n_even = pv.shape
+    for s in range(n_shells):
+        for j in range(n_even):
+            for l2 in range(n_even):
+                out[s, j, l2] = 0.0
+    for i in range(n):
+        s = shell[i]
+        for j in range(n_even):
+            pj = pv[i, j]
+            for l2 in range(j, n_even):
+                out[s, j, l2] += pj * pv[i, l2]
+    for s in range(n_shells):
+        for j in range(n_even):
+            for l2 in range(j):
+                out[s, j, l2] = out[s, l2, j]
+
+
+@njit(cache=True)
+def _weights(yv: np.ndarray, cols: np.ndarray, m: int, g: np.ndarray, b: np.ndarray,
+             x: np.ndarray, work: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray,
+                                        np.ndarray]) -> float:
+    """NNLS weights of the current columns; returns the residual sum of squares."""
+    for p in range(m):
+        b[p] = _dot(cols[p], yv)
+        for q in range(p, m):
+            g[p, q] = _dot(cols[p], cols[q])
+            g[q, p] = g[p, q]
+    cost = _nnls_work(g, b, m, x, work[0], work[1], work[2])
+    return _dot(yv, yv) + cost
+
+
+@njit(cache=True)
+def _fit_voxel(yv: np.ndarray, u0: np.ndarray, n_fasc: int, table: np.ndarray,
+               fasc_table: np.ndarray, iso_tables: np.ndarray, iso_sizes: np.ndarray,
+               shell: np.ndarray, n_shells: int, grad: np.ndarray, sweeps: int,
+               polish_iters: int, atoms_out: np.ndarray, dirs_out: np.ndarray,
+               w_out: np.ndarray) -> float:
+    """Fit one voxel with ``n_fasc`` fascicles starting from directions ``u0``; returns
+    the residual sum of squares. ``table`` (T, A, S, E): atom tables, ``fasc_table``
+    (n_fasc,) which table each fascicle uses; ``iso_tables`` (I, Amax, N) isotropic
+    signals with ``iso_sizes`` atoms each."""
+    n = yv.shape[0]
+    n_iso = iso_tables.shape[0]
+    m = n_fasc + n_iso
+    n_even = table.shape[3]
+    n_atoms = table.shape[1]
+    cols = np.zeros((m, n))
+    pv = np.zeros((n_fasc, n, n_even))
+    pd = np.zeros((n_fasc, n, n_even))
+    pp = np.zeros((n_shells, n_even, n_even))
+    proj_y = np.zeros((n_shells, n_even))
+    proj_c = np.zeros((m, n_shells, n_even))
+    g = np.zeros((m, m))
+    b = np.zeros(m)
+    x = np.zeros(m)
+    work = (np.empty(m, dtype=np.int64), np.empty((m, m)), np.empty(m), np.empty((m, m)),
+            np.empty(m))
+    dirs = np.zeros((n_fasc, 3))
+    for k in range(n_fasc):
+        nrm = math.sqrt(u0[k, 0] ** 2 + u0[k, 1] ** 2 + u0[k, 2] ** 2)
+        for c in range(3):
+            dirs[k, c] = u0[k, c] / nrm
+        _legendre_rows(grad, dirs[k], n_even, pv[k], pd[k])
+        atoms_out[k] = n_atoms // 2
+        _atom_signal(table[fasc_table[k], atoms_out[k]], pv[k], shell, cols[k])
+    for j in range(n_iso):
+        atoms_out[n_fasc + j] = iso_sizes[j] // 2
+        for i in range(n):
+            cols[n_fasc + j, i] = iso_tables[j, atoms_out[n_fasc + j], i]
+    for rnd in range(sweeps + (1 if polish_iters > 0 else 0)):
+        # coordinate search over the atoms of each column
+        for k in range(n_fasc):
+            _pp(pv[k], shell, n_shells, pp)
+            a, _ = _search_atoms(yv, cols, m, k, table[fasc_table[k]], pv[k], pp, shell,
+                                 n_shells, proj_y, proj_c, g, b, x, work)
+            atoms_out[k] = a
+            _atom_signal(table[fasc_table[k], a], pv[k], shell, cols[k])
+        for j in range(n_iso):
+            c = n_fasc + j
+            best = 1e300
+            best_a = 0
+            for a in range(iso_sizes[j]):
+                for i in range(n):
+                    cols[c, i] = iso_tables[j, a, i]
+                cost = _weights(yv, cols, m, g, b, x, work)
+                if cost < best:
+                    best = cost
+                    best_a = a
+            atoms_out[c] = best_a
+            for i in range(n):
+                cols[c, i] = iso_tables[j, best_a, i]
+        if polish_iters > 0 and rnd < sweeps:
+            _polish_directions(yv, cols, m, n_fasc, table, fasc_table, atoms_out, dirs,
+                               pv, pd, shell, grad, polish_iters, g, b, x, work)
+    rss = _weights(yv, cols, m, g, b, x, work)
+    for k in range(n_fasc):
+        for c in range(3):
+            dirs_out[k, c] = dirs[k, c]
+    for c in range(m):
+        w_out[c] = x[c]
+    return rss
+
+
+@njit(cache=True)
+def _polish_directions(yv: np.ndarray, cols: np.ndarray, m: int, n_fasc: int,
+                       table: np.ndarray, fasc_table: np.ndarray, atoms: np.ndarray,
+                       dirs: np.ndarray, pv: np.ndarray, pd: np.ndarray, shell: np.ndarray,
+                       grad: np.ndarray, iters: int, g: np.ndarray, b: np.ndarray,
+                       x: np.ndarray, work: tuple[np.ndarray, np.ndarray, np.ndarray,
+                                                  np.ndarray, np.ndarray]) -> None:
+    """Levenberg-Marquardt on the fascicle directions with the atoms fixed (fractions by
+    NNLS at each trial: variable projection with a Gauss-Newton step on the angles)."""
+    n = yv.shape[0]
+    n_even = pv.shape[2]
+    npar = 2 * n_fasc
+    e1 = np.zeros((n_fasc, 3))
+    e2 = np.zeros((n_fasc, 3))
+    jac = np.zeros((npar, n))
+    res = np.zeros(n)
+    trial_cols = cols.copy()
+    trial_pv = pv.copy()
+    trial_pd = pd.copy()
+    trial_dirs = dirs.copy()
+    a = np.zeros((npar, npar))
+    r = np.zeros(npar)
+    step = np.zeros(npar)
+    xt = np.zeros(m)
+    lam = 1e-3
+    cost = _weights(yv, cols, m, g, b, x, work)
+    for _it in range(iters):
+        # residual and Jacobian of the angles at the NNLS weights
+        for i in range(n):
+            acc = -yv[i]
+            for c in range(m):
+                acc += x[c] * cols[c, i]
+            res[i] = acc
+        for k in range(n_fasc):
+            _tangents(dirs[k], e1[k], e2[k])
+            coef = table[fasc_table[k], atoms[k]]
+            _atom_deriv(coef, pd[k], shell, grad, e1[k], jac[2 * k])
+            _atom_deriv(coef, pd[k], shell, grad, e2[k], jac[2 * k + 1])
+            for i in range(n):
+                jac[2 * k, i] *= x[k]
+                jac[2 * k + 1, i] *= x[k]
+        improved = False
+        rel = 0.0
+        for _attempt in range(8):
+            for p in range(npar):
+                r[p] = -_dot(jac[p], res)
+                for q in range(npar):
+                    a[p, q] = _dot(jac[p], jac[q])
+                a[p, p] *= 1.0 + lam
+                a[p, p] += 1e-12
+            if not _solve_sym(a, r, npar, step):
+                lam *= 10.0
+                continue
+            for k in range(n_fasc):
+                s1 = step[2 * k]
+                s2 = step[2 * k + 1]
+                big = math.sqrt(s1 * s1 + s2 * s2)
+                if big > 0.3:
+                    s1 *= 0.3 / big
+                    s2 *= 0.3 / big
+                nrm = 0.0
+                for c in range(3):
+                    trial_dirs[k, c] = dirs[k, c] + s1 * e1[k, c] + s2 * e2[k, c]
+                    nrm += trial_dirs[k, c] ** 2
+                nrm = math.sqrt(nrm)
+                for c in range(3):
+                    trial_dirs[k, c] /= nrm
+                _legendre_rows(grad, trial_dirs[k], n_even, trial_pv[k], trial_pd[k])
+                _atom_signal(table[fasc_table[k], atoms[k]], trial_pv[k], shell,
+                             trial_cols[k])
+            for c in range(n_fasc, m):
+                for i in range(n):
+                    trial_cols[c, i] = cols[c, i]
+            trial_cost = _weights(yv, trial_cols, m, g, b, xt, work)
+            if trial_cost < cost:
+                improved = True
+                rel = (cost - trial_cost) / max(cost, 1e-300)
+                cost = trial_cost
+                for k in range(n_fasc):
+                    for c in range(3):
+                        dirs[k, c] = trial_dirs[k, c]
+                    for i in range(n):
+                        cols[k, i] = trial_cols[k, i]
+                        for j in range(n_even):
+                            pv[k, i, j] = trial_pv[k, i, j]
+                            pd[k, i, j] = trial_pd[k, i, j]
+                for c in range(m):
+                    x[c] = xt[c]
+                lam = max(lam * 0.3, 1e-9)
+                break
+            lam *= 10.0
+        if not improved or rel < 1e-8:
+            break
+    # leave g, b, x consistent with the columns
+    _weights(yv, cols, m, g, b, x, work)
+
+
+@parallel_kernel()
+def fit_directions_kernel(y: np.ndarray, u0: np.ndarray, n_fasc: int, table: np.ndarray,
+                          fasc_table: np.ndarray, iso_tables: np.ndarray,
+                          iso_sizes: np.ndarray, shell: np.ndarray, n_shells: int,
+                          grad: np.ndarray, sweeps: int, polish_iters: int
+                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Fit every voxel of y (n, N) with ``n_fasc`` fascicles from directions u0
+    (n, >= n_fasc, 3): atoms (n, m), directions (n, n_fasc, 3), weights (n, m) and the
+    residual sum of squares (n,), m = n_fasc + isotropic columns."""
+    n = y.shape[0]
+    m = n_fasc + iso_tables.shape[0]
+    atoms = np.zeros((n, m), dtype=np.int64)
+    dirs = np.zeros((n, max(n_fasc, 1), 3))
+    weights = np.zeros((n, m))
+    rss = np.zeros(n)
+    for v in prange(n):
+        rss[v] = _fit_voxel(y[v], u0[v], n_fasc, table, fasc_table, iso_tables, iso_sizes,
+                            shell, n_shells, grad, sweeps, polish_iters, atoms[v], dirs[v],
+                            weights[v])
+    return atoms, dirs, weights, rss
