@@ -93,7 +93,7 @@ def _within_bounds(model, vectors):
 def test_ball_stick_stick_noiseless(bss, scheme):
     truth = _truth(bss, 6, seed=1)
     data = 500.0 * bss.simulate_signal(scheme, truth)
-    fit = bss.fit(scheme, data, dictionary_size=SIZE)
+    fit = bss.fit(scheme, data, dictionary_size=SIZE, refine="nonlinear")
     ang, pv = _pair_errors(bss, fit.fitted_parameters_vector, truth)
     assert ang.max() < 3.0, ang
     assert pv.max() < 0.03, pv
@@ -111,7 +111,7 @@ def test_ball_stick_stick_noisy(bss, scheme):
     sigma = 1.0 / 30.0
     data = np.hypot(clean + sigma * rng.normal(size=clean.shape),
                     sigma * rng.normal(size=clean.shape))
-    fit = bss.fit(scheme, data, dictionary_size=SIZE)
+    fit = bss.fit(scheme, data, dictionary_size=SIZE, refine="nonlinear")
     ang, pv = _pair_errors(bss, fit.fitted_parameters_vector, truth)
     assert np.median(ang) < 6.0, ang
     assert pv.max() < 0.12, pv

@@ -16,12 +16,15 @@ fitted voxel by voxel as a sum of *rotated single-fascicle atoms* plus isotropic
    multi-direction dictionary: per voxel, directions are added greedily, each time the
    grid direction that with those already chosen (and the isotropic signal) gives the
    lowest non-negative least-squares residual.
-3. **Fit for a given fascicle count K.** A coordinate search: each fascicle's atom in
-   turn (others fixed) is the table atom of lowest residual with all fractions by
-   non-negative least squares, then the isotropic atoms; then the directions are
-   polished (Levenberg-Marquardt on two tangent angles per fascicle, the derivatives
-   being analytic Legendre derivatives, fractions re-solved at each trial); then the
-   atoms are searched once more at the polished directions.
+3. **Fit for a given fascicle count K.** Each fascicle's atom in turn (others fixed) is
+   the table atom of lowest residual with all fractions by non-negative least squares,
+   then the isotropic atoms; then a Levenberg-Marquardt polish moves every fascicle's
+   direction (two tangent angles, analytic Legendre derivatives) and its own parameters
+   jointly, the latter continuously between grid atoms (the Legendre coefficients are
+   interpolated multilinearly on the atom grid), with the fractions re-solved by NNLS at
+   each trial (variable projection). A second round searches the atoms again (a discrete
+   atom replaces a fascicle's only when it lowers the residual) and polishes again when
+   anything changed.
 4. **Fascicle count.** K = 1 ... K_max (the model's fascicle compartments) are fitted and
    the count of lowest Bayesian information criterion
    ``BIC = N log(RSS / N) + p log N`` is kept (N measurements, p = K (2 angles + 1
@@ -60,7 +63,7 @@ from fingerprint.errors import InputError
 from fingerprint.fitting.estimator import VoxelEstimates
 from fingerprint.kernels import run_kernel
 from fingerprint.kernels.rotational import (
-    fit_directions_kernel,
+    fit_joint_kernel,
     forward_directions_kernel,
     rotated_signals,
 )
@@ -79,6 +82,8 @@ _ORDERS = (12, 16, 20, 24, 28)
 _COEF_TOL = 2e-3
 #: Grid points per dimension of the fascicle atoms (1, 2, 3 free parameters).
 _FASCICLE_POINTS = {0: 1, 1: 60, 2: 21, 3: 9}
+#: Orientation dispersion gets this many times the points of the other axes.
+_ODI_DENSER = 1.5
 #: Distributed models whose fascicle is axially symmetric (Bingham's is not).
 _AXIAL = ("SD1WatsonDistributed",)
 #: Grid points per dimension of the isotropic atoms.
@@ -90,15 +95,15 @@ class MultiFascicleSettings:
     """Settings of the multi-fascicle fit.
 
     min_fraction: smallest signal fraction of a fascicle for its count to be eligible.
-    sweeps: coordinate-search rounds (each followed by a direction polish).
-    polish_iterations: Levenberg-Marquardt steps of the direction polish (0: directions
-        stay on the search grid).
+    sweeps: rounds of atom search and joint polish.
+    polish_iterations: Levenberg-Marquardt steps of each polish (0: no polish, the
+        directions stay on the search grid and the parameters on the atom grid).
     min_separation_deg: smallest angle between two fascicles' start directions (degrees).
     """
 
     min_fraction: float = 0.05
-    sweeps: int = 3
-    polish_iterations: int = 8
+    sweeps: int = 2
+    polish_iterations: int = 10
     min_separation_deg: float = 15.0
 
 
@@ -204,7 +209,8 @@ class FascicleTables:
     """Atoms of one model on one scheme.
 
     coef: (A, S, E) even Legendre coefficients of the fascicle atoms per shell.
-    micro_values: (A, M) the fascicle atoms' own parameters (SI).
+    micro_values: (A, M) the fascicle atoms' own parameters (SI), on the grid of
+        ``micro_axes`` (M axes, C order: atom index = sum_d i_d strides[d]).
     iso: (I, Amax, N) isotropic atom signals; iso_sizes (I,); iso_values (I, Amax, Q).
     shell: (N,) shell of each measurement; grad (N, 3) unit gradients (0 at b=0).
     grid: (D, 3) hemisphere directions; templates (D, N) the middle fascicle atom
@@ -213,6 +219,9 @@ class FascicleTables:
 
     coef: np.ndarray
     micro_values: np.ndarray
+    micro_axes: tuple[np.ndarray, ...]
+    axes_n: np.ndarray
+    strides: np.ndarray
     iso: np.ndarray
     iso_sizes: np.ndarray
     iso_values: np.ndarray
@@ -226,11 +235,16 @@ class FascicleTables:
 
 
 def _axis_grid(model: Model, name: str, points: int) -> np.ndarray:
+    """Grid of one parameter over its range: geometric for an orientation dispersion
+    index (the signal changes fastest at low dispersion; the atoms are interpolated
+    linearly between grid points), else uniform."""
     rng = np.asarray(model.parameter_ranges[name], dtype=float).ravel()
     scale = float(np.ravel(model.parameter_scales[name])[0])
     lo, hi = rng[0] * scale, rng[1] * scale
     if points == 1:
         return np.array([0.5 * (lo + hi)])
+    if name.endswith("_odi") and lo > 0:
+        return np.geomspace(lo, hi, int(points * _ODI_DENSER))
     return np.linspace(lo, hi, points)
 
 
@@ -282,7 +296,11 @@ def fascicle_tables(model: Model, scheme: AcquisitionScheme, layout: FascicleLay
     k0 = layout.fascicles[0]
     micro = layout.micro[0]
     points = _FASCICLE_POINTS[len(micro)]
-    micro_values = _product([_axis_grid(model, n, points) for n in micro])
+    micro_axes = tuple(_axis_grid(model, n, points) for n in micro)
+    micro_values = _product(list(micro_axes))
+    axes_n = np.asarray([a.size for a in micro_axes], dtype=np.int64)
+    strides = np.asarray([int(np.prod(axes_n[d + 1:])) for d in range(axes_n.size)],
+                         dtype=np.int64)
     n_atoms = micro_values.shape[0]
     grad = np.asarray(scheme.gradient_directions, dtype=float)
     b0 = np.asarray(scheme.b0_mask, dtype=bool)
@@ -349,7 +367,8 @@ def fascicle_tables(model: Model, scheme: AcquisitionScheme, layout: FascicleLay
     logger.info("multi-fascicle atoms: %d fascicle atoms (Legendre order %d, fit error "
                 "%.1e), %s isotropic atoms, %.2f s", n_atoms, 2 * (coef.shape[2] - 1), err,
                 "+".join(str(int(s)) for s in sizes) or "no", time.perf_counter() - t0)
-    return FascicleTables(np.ascontiguousarray(coef), micro_values, iso, sizes, iso_values,
+    return FascicleTables(np.ascontiguousarray(coef), micro_values, micro_axes, axes_n,
+                          strides, iso, sizes, iso_values,
                           shell, np.ascontiguousarray(grad), grid, templates, gram,
                           iso_mean, err)
 
@@ -419,20 +438,18 @@ class MultiFascicleFitter:
         idx = run_kernel(forward_directions_kernel, float(n) * tb.grid.shape[0] * kmax,
                          y, tb.templates, tb.gram, tb.grid, tb.iso_mean, kmax, min_sep)
         u0 = np.ascontiguousarray(tb.grid[idx])  # (n, kmax, 3)
-        table = tb.coef[None]
         results = []
         for k in range(1, kmax + 1):
-            fasc_table = np.zeros(k, dtype=np.int64)
-            res = run_kernel(fit_directions_kernel, float(n) * tb.coef.shape[0] * k * 50,
-                             y, u0, k, table, fasc_table, tb.iso, tb.iso_sizes, tb.shell,
-                             int(tb.shell.max()) + 1, tb.grad, st.sweeps,
-                             st.polish_iterations)
+            res = run_kernel(fit_joint_kernel, float(n) * tb.coef.shape[0] * k * 50,
+                             y, u0, k, tb.coef, tb.axes_n, tb.strides, tb.iso,
+                             tb.iso_sizes, tb.shell, int(tb.shell.max()) + 1, tb.grad,
+                             st.sweeps, st.polish_iterations)
             results.append(res)
         # fascicle count by BIC among the eligible counts
         n_micro = len(lay.micro[0])
         n_iso_free = sum(1 + len(p) for p in lay.iso_params)
         bic = np.full((n, kmax), np.inf)
-        for k, (_, _, w, rss) in enumerate(results, start=1):
+        for k, (_, _, _, w, rss) in enumerate(results, start=1):
             total = w.sum(axis=1)
             frac = w[:, :k] / np.where(total > 0, total, 1.0)[:, None]
             eligible = (frac.min(axis=1) >= st.min_fraction) | (k == 1)
@@ -466,7 +483,7 @@ class MultiFascicleFitter:
             rows = np.flatnonzero(count == k)
             if rows.size == 0:
                 continue
-            atoms, dirs, w, rss = (np.asarray(a)[rows] for a in results[k - 1])
+            zs, iso_atoms, dirs, w, rss = (np.asarray(a)[rows] for a in results[k - 1])
             rss_out[rows] = rss
             total = w.sum(axis=1)
             weights_total[rows] = total
@@ -484,13 +501,15 @@ class MultiFascicleFitter:
                 vec = dirs[np.arange(rows.size), src]
                 mu = vectors_to_mu(vec, normalise=True)
                 params[rows, slices[lay.orientation[slot]]] = mu
-                mv = tb.micro_values[atoms[np.arange(rows.size), src]]
+                zk = zs[np.arange(rows.size), src]  # continuous grid coordinates
                 for i, pname in enumerate(lay.micro[slot]):
-                    params[rows, slices[pname]] = mv[:, i:i + 1]
+                    axis = tb.micro_axes[i]
+                    params[rows, slices[pname]] = np.interp(
+                        zk[:, i], np.arange(axis.size), axis)[:, None]
             for j in range(n_iso):
                 comp = lay.isotropic[j]
                 params[rows, slices[pv_names[comp]]] = frac[:, k + j:k + j + 1]
-                a = atoms[:, k + j]
+                a = iso_atoms[:, j]
                 for i, pname in enumerate(lay.iso_params[j]):
                     params[rows, slices[pname]] = tb.iso_values[j, a, i][:, None]
         valid = np.isfinite(rss_out) & (weights_total > 0)

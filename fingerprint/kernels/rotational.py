@@ -25,12 +25,16 @@ import numpy as np
 
 from fingerprint.kernels import njit, parallel_kernel, prange
 
-__all__ = ["even_legendre", "fit_directions_kernel", "forward_directions_kernel",
-           "nnls_small", "rotated_signals"]
+__all__ = ["even_legendre", "fit_joint_kernel", "forward_directions_kernel", "nnls_small",
+           "rotated_signals"]
 
 #: Largest number of columns of the small NNLS problems (fascicles + isotropic).
 MAX_COLUMNS = 8
 _RIDGE = 1e-12
+#: The direction polish stops when a step lowers the residual by less than this fraction.
+_POLISH_RTOL = 1e-6
+#: Passes of the first discrete coordinate search over the fascicles' atoms.
+_FIRST_PASSES = 3
 
 
 @njit(cache=True)
@@ -426,21 +430,217 @@ def _weights(yv: np.ndarray, cols: np.ndarray, m: int, g: np.ndarray, b: np.ndar
     return _dot(yv, yv) + cost
 
 
+# ------------------------------------------------------------------ joint (continuous) fit
 @njit(cache=True)
-def _fit_voxel(yv: np.ndarray, u0: np.ndarray, n_fasc: int, table: np.ndarray,
-               fasc_table: np.ndarray, iso_tables: np.ndarray, iso_sizes: np.ndarray,
-               shell: np.ndarray, n_shells: int, grad: np.ndarray, sweeps: int,
-               polish_iters: int, atoms_out: np.ndarray, dirs_out: np.ndarray,
-               w_out: np.ndarray) -> float:
-    """Fit one voxel with ``n_fasc`` fascicles starting from directions ``u0``; returns
-    the residual sum of squares. ``table`` (T, A, S, E): atom tables, ``fasc_table``
-    (n_fasc,) which table each fascicle uses; ``iso_tables`` (I, Amax, N) isotropic
-    signals with ``iso_sizes`` atoms each."""
+def _interp(table: np.ndarray, z: np.ndarray, axes_n: np.ndarray, strides: np.ndarray,
+            coef: np.ndarray, dcoef: np.ndarray) -> None:
+    """Multilinear interpolation of the atom table (A, S, E) at grid coordinates z (M,)
+    (atom index = sum_d i_d strides[d], i_d in [0, axes_n[d])): coef (S, E) and its
+    derivatives along each coordinate dcoef (M, S, E)."""
+    n_dim = z.shape[0]
+    _, n_shells, n_even = table.shape
+    for s in range(n_shells):
+        for j in range(n_even):
+            coef[s, j] = 0.0
+            for d in range(n_dim):
+                dcoef[d, s, j] = 0.0
+    base = 0
+    frac = np.zeros(max(n_dim, 1))
+    lo = np.zeros(max(n_dim, 1), dtype=np.int64)
+    for d in range(n_dim):
+        if axes_n[d] < 2:
+            lo[d] = 0
+            frac[d] = 0.0
+            continue
+        zd = min(max(z[d], 0.0), axes_n[d] - 1.0)
+        i = min(int(math.floor(zd)), axes_n[d] - 2)
+        lo[d] = i
+        frac[d] = zd - i
+        base += i * strides[d]
+    for corner in range(1 << n_dim):
+        idx = base
+        w = 1.0
+        skip = False
+        for d in range(n_dim):
+            if corner >> d & 1:
+                if axes_n[d] < 2:
+                    skip = True
+                    break
+                idx += strides[d]
+                w *= frac[d]
+            else:
+                w *= 1.0 - frac[d]
+        if skip:
+            continue
+        for s in range(n_shells):
+            for j in range(n_even):
+                coef[s, j] += w * table[idx, s, j]
+        for d in range(n_dim):
+            if axes_n[d] < 2:
+                continue
+            # d/dz_d of the corner weight: +-prod of the other factors
+            wd = 1.0
+            for e in range(n_dim):
+                if e == d:
+                    continue
+                if corner >> e & 1:
+                    wd *= frac[e]
+                else:
+                    wd *= 1.0 - frac[e]
+            sign = 1.0 if corner >> d & 1 else -1.0
+            for s in range(n_shells):
+                for j in range(n_even):
+                    dcoef[d, s, j] += sign * wd * table[idx, s, j]
+
+
+@njit(cache=True)
+def _z_index(z: np.ndarray, axes_n: np.ndarray, strides: np.ndarray) -> int:
+    """Atom index of the grid point nearest to coordinates z."""
+    idx = 0
+    for d in range(axes_n.shape[0]):
+        idx += int(min(max(round(z[d]), 0), axes_n[d] - 1)) * strides[d]
+    return idx
+
+
+@njit(cache=True)
+def _atom_index_to_z(a: int, axes_n: np.ndarray, strides: np.ndarray, z: np.ndarray) -> None:
+    for d in range(axes_n.shape[0]):
+        z[d] = float((a // strides[d]) % axes_n[d])
+
+
+@njit(cache=True)
+def _polish_joint(yv: np.ndarray, cols: np.ndarray, m: int, n_fasc: int, table: np.ndarray,
+                  axes_n: np.ndarray, strides: np.ndarray, z: np.ndarray, dirs: np.ndarray,
+                  pv: np.ndarray, pd: np.ndarray, shell: np.ndarray, grad: np.ndarray,
+                  iters: int, g: np.ndarray, b: np.ndarray, x: np.ndarray,
+                  work: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+                  ) -> float:
+    """Levenberg-Marquardt on every fascicle's direction (two tangent angles) and own
+    parameters (continuous grid coordinates, atoms interpolated), the fractions solved by
+    NNLS at each trial (variable projection). Updates cols, z, dirs, pv, pd, x; returns
+    the residual sum of squares."""
+    n = yv.shape[0]
+    n_even = pv.shape[2]
+    n_dim = z.shape[1]
+    per = 2 + n_dim
+    npar = per * n_fasc
+    n_shells = table.shape[1]
+    e1 = np.zeros((n_fasc, 3))
+    e2 = np.zeros((n_fasc, 3))
+    jac = np.zeros((npar, n))
+    res = np.zeros(n)
+    coef = np.zeros((n_fasc, n_shells, n_even))
+    dcoef = np.zeros((n_fasc, max(n_dim, 1), n_shells, n_even))
+    t_coef = np.zeros((n_shells, n_even))
+    t_dcoef = np.zeros((max(n_dim, 1), n_shells, n_even))
+    trial_cols = cols.copy()
+    trial_pv = pv.copy()
+    trial_pd = pd.copy()
+    trial_dirs = dirs.copy()
+    trial_z = z.copy()
+    a = np.zeros((npar, npar))
+    r = np.zeros(npar)
+    step = np.zeros(npar)
+    xt = np.zeros(m)
+    lam = 1e-3
+    for k in range(n_fasc):
+        _interp(table, z[k], axes_n, strides, coef[k], dcoef[k])
+    cost = _weights(yv, cols, m, g, b, x, work)
+    for _it in range(iters):
+        for i in range(n):
+            acc = -yv[i]
+            for c in range(m):
+                acc += x[c] * cols[c, i]
+            res[i] = acc
+        for k in range(n_fasc):
+            _tangents(dirs[k], e1[k], e2[k])
+            row = per * k
+            _atom_deriv(coef[k], pd[k], shell, grad, e1[k], jac[row])
+            _atom_deriv(coef[k], pd[k], shell, grad, e2[k], jac[row + 1])
+            for d in range(n_dim):
+                _atom_signal(dcoef[k, d], pv[k], shell, jac[row + 2 + d])
+            for q in range(per):
+                for i in range(n):
+                    jac[row + q, i] *= x[k]
+        improved = False
+        rel = 0.0
+        for _attempt in range(8):
+            for p in range(npar):
+                r[p] = -_dot(jac[p], res)
+                for q in range(p, npar):
+                    a[p, q] = _dot(jac[p], jac[q])
+                    a[q, p] = a[p, q]
+            for p in range(npar):
+                a[p, p] = a[p, p] * (1.0 + lam) + 1e-12
+            if not _solve_sym(a, r, npar, step):
+                lam *= 10.0
+                continue
+            for k in range(n_fasc):
+                row = per * k
+                s1 = step[row]
+                s2 = step[row + 1]
+                big = math.sqrt(s1 * s1 + s2 * s2)
+                if big > 0.3:
+                    s1 *= 0.3 / big
+                    s2 *= 0.3 / big
+                nrm = 0.0
+                for c in range(3):
+                    trial_dirs[k, c] = dirs[k, c] + s1 * e1[k, c] + s2 * e2[k, c]
+                    nrm += trial_dirs[k, c] ** 2
+                nrm = math.sqrt(nrm)
+                for c in range(3):
+                    trial_dirs[k, c] /= nrm
+                for d in range(n_dim):
+                    sd = min(max(step[row + 2 + d], -2.0), 2.0)  # at most two grid steps
+                    trial_z[k, d] = min(max(z[k, d] + sd, 0.0), axes_n[d] - 1.0)
+                _interp(table, trial_z[k], axes_n, strides, t_coef, t_dcoef)
+                _legendre_rows(grad, trial_dirs[k], n_even, trial_pv[k], trial_pd[k])
+                _atom_signal(t_coef, trial_pv[k], shell, trial_cols[k])
+            for c in range(n_fasc, m):
+                for i in range(n):
+                    trial_cols[c, i] = cols[c, i]
+            trial_cost = _weights(yv, trial_cols, m, g, b, xt, work)
+            if trial_cost < cost:
+                improved = True
+                rel = (cost - trial_cost) / max(cost, 1e-300)
+                cost = trial_cost
+                for k in range(n_fasc):
+                    for c in range(3):
+                        dirs[k, c] = trial_dirs[k, c]
+                    for d in range(n_dim):
+                        z[k, d] = trial_z[k, d]
+                    _interp(table, z[k], axes_n, strides, coef[k], dcoef[k])
+                    for i in range(n):
+                        cols[k, i] = trial_cols[k, i]
+                        for j in range(n_even):
+                            pv[k, i, j] = trial_pv[k, i, j]
+                            pd[k, i, j] = trial_pd[k, i, j]
+                for c in range(m):
+                    x[c] = xt[c]
+                lam = max(lam * 0.3, 1e-9)
+                break
+            lam *= 10.0
+        if not improved or rel < _POLISH_RTOL:
+            break
+    return _weights(yv, cols, m, g, b, x, work)
+
+
+@njit(cache=True)
+def _fit_voxel_joint(yv: np.ndarray, u0: np.ndarray, n_fasc: int, table: np.ndarray,
+                     axes_n: np.ndarray, strides: np.ndarray, iso_tables: np.ndarray,
+                     iso_sizes: np.ndarray, shell: np.ndarray, n_shells: int,
+                     grad: np.ndarray, rounds: int, polish_iters: int, z_out: np.ndarray,
+                     iso_out: np.ndarray, dirs_out: np.ndarray, w_out: np.ndarray) -> float:
+    """One voxel, ``n_fasc`` fascicles from directions ``u0``: discrete atom search, then
+    rounds of joint polish (directions and continuous fascicle parameters) and isotropic
+    atom search, a discrete atom replacing a fascicle's only when it lowers the residual.
+    Returns the residual sum of squares."""
     n = yv.shape[0]
     n_iso = iso_tables.shape[0]
     m = n_fasc + n_iso
-    n_even = table.shape[3]
-    n_atoms = table.shape[1]
+    n_even = table.shape[2]
+    n_atoms = table.shape[0]
+    n_dim = axes_n.shape[0]
     cols = np.zeros((m, n))
     pv = np.zeros((n_fasc, n, n_even))
     pd = np.zeros((n_fasc, n, n_even))
@@ -453,25 +653,51 @@ def _fit_voxel(yv: np.ndarray, u0: np.ndarray, n_fasc: int, table: np.ndarray,
     work = (np.empty(m, dtype=np.int64), np.empty((m, m)), np.empty(m), np.empty((m, m)),
             np.empty(m))
     dirs = np.zeros((n_fasc, 3))
+    z = np.zeros((n_fasc, n_dim))
+    iso_atoms = np.zeros(max(n_iso, 1), dtype=np.int64)
+    saved = np.zeros(n)
     for k in range(n_fasc):
         nrm = math.sqrt(u0[k, 0] ** 2 + u0[k, 1] ** 2 + u0[k, 2] ** 2)
         for c in range(3):
             dirs[k, c] = u0[k, c] / nrm
         _legendre_rows(grad, dirs[k], n_even, pv[k], pd[k])
-        atoms_out[k] = n_atoms // 2
-        _atom_signal(table[fasc_table[k], atoms_out[k]], pv[k], shell, cols[k])
+        _atom_index_to_z(n_atoms // 2, axes_n, strides, z[k])
+        _atom_signal(table[n_atoms // 2], pv[k], shell, cols[k])
     for j in range(n_iso):
-        atoms_out[n_fasc + j] = iso_sizes[j] // 2
+        iso_atoms[j] = iso_sizes[j] // 2
         for i in range(n):
-            cols[n_fasc + j, i] = iso_tables[j, atoms_out[n_fasc + j], i]
-    for rnd in range(sweeps + (1 if polish_iters > 0 else 0)):
-        # coordinate search over the atoms of each column
-        for k in range(n_fasc):
+            cols[n_fasc + j, i] = iso_tables[j, iso_atoms[j], i]
+    cost = _weights(yv, cols, m, g, b, x, work)
+    # first round: coordinate descent over the discrete atoms until none changes (at
+    # most _FIRST_PASSES passes); later rounds: one pass, an atom replacing a fascicle's
+    # continuous one only when it lowers the residual
+    changed_pass = False
+    for rnd in range(max(rounds, 1)):
+        changed = False
+        for k in range(n_fasc * (_FIRST_PASSES if rnd == 0 else 1)):
+            if rnd == 0 and k > 0 and k % n_fasc == 0:
+                if not changed_pass:
+                    break
+            if k % n_fasc == 0:
+                changed_pass = False
+            k = k % n_fasc  # noqa: PLW2901
             _pp(pv[k], shell, n_shells, pp)
-            a, _ = _search_atoms(yv, cols, m, k, table[fasc_table[k]], pv[k], pp, shell,
-                                 n_shells, proj_y, proj_c, g, b, x, work)
-            atoms_out[k] = a
-            _atom_signal(table[fasc_table[k], a], pv[k], shell, cols[k])
+            a, c_best = _search_atoms(yv, cols, m, k, table, pv[k], pp, shell, n_shells,
+                                      proj_y, proj_c, g, b, x, work)
+            if rnd == 0 or _dot(yv, yv) + c_best < cost * (1.0 - 1e-9):
+                for i in range(n):
+                    saved[i] = cols[k, i]
+                _atom_signal(table[a], pv[k], shell, cols[k])
+                new_cost = _weights(yv, cols, m, g, b, x, work)
+                if rnd == 0 or new_cost < cost:
+                    before = _z_index(z[k], axes_n, strides)
+                    _atom_index_to_z(a, axes_n, strides, z[k])
+                    cost = new_cost
+                    changed = True
+                    changed_pass = changed_pass or before != a
+                else:
+                    for i in range(n):
+                        cols[k, i] = saved[i]
         for j in range(n_iso):
             c = n_fasc + j
             best = 1e300
@@ -479,139 +705,52 @@ def _fit_voxel(yv: np.ndarray, u0: np.ndarray, n_fasc: int, table: np.ndarray,
             for a in range(iso_sizes[j]):
                 for i in range(n):
                     cols[c, i] = iso_tables[j, a, i]
-                cost = _weights(yv, cols, m, g, b, x, work)
-                if cost < best:
-                    best = cost
+                trial = _weights(yv, cols, m, g, b, x, work)
+                if trial < best:
+                    best = trial
                     best_a = a
-            atoms_out[c] = best_a
+            changed = changed or best_a != iso_atoms[j]
+            iso_atoms[j] = best_a
             for i in range(n):
                 cols[c, i] = iso_tables[j, best_a, i]
-        if polish_iters > 0 and rnd < sweeps:
-            _polish_directions(yv, cols, m, n_fasc, table, fasc_table, atoms_out, dirs,
-                               pv, pd, shell, grad, polish_iters, g, b, x, work)
+        cost = _weights(yv, cols, m, g, b, x, work)
+        if polish_iters <= 0 or (rnd > 0 and not changed):
+            break
+        cost = _polish_joint(yv, cols, m, n_fasc, table, axes_n, strides, z, dirs, pv, pd,
+                             shell, grad, polish_iters, g, b, x, work)
     rss = _weights(yv, cols, m, g, b, x, work)
     for k in range(n_fasc):
         for c in range(3):
             dirs_out[k, c] = dirs[k, c]
+        for d in range(n_dim):
+            z_out[k, d] = z[k, d]
+    for j in range(n_iso):
+        iso_out[j] = iso_atoms[j]
     for c in range(m):
         w_out[c] = x[c]
     return rss
 
 
-@njit(cache=True)
-def _polish_directions(yv: np.ndarray, cols: np.ndarray, m: int, n_fasc: int,
-                       table: np.ndarray, fasc_table: np.ndarray, atoms: np.ndarray,
-                       dirs: np.ndarray, pv: np.ndarray, pd: np.ndarray, shell: np.ndarray,
-                       grad: np.ndarray, iters: int, g: np.ndarray, b: np.ndarray,
-                       x: np.ndarray, work: tuple[np.ndarray, np.ndarray, np.ndarray,
-                                                  np.ndarray, np.ndarray]) -> None:
-    """Levenberg-Marquardt on the fascicle directions with the atoms fixed (fractions by
-    NNLS at each trial: variable projection with a Gauss-Newton step on the angles)."""
-    n = yv.shape[0]
-    n_even = pv.shape[2]
-    npar = 2 * n_fasc
-    e1 = np.zeros((n_fasc, 3))
-    e2 = np.zeros((n_fasc, 3))
-    jac = np.zeros((npar, n))
-    res = np.zeros(n)
-    trial_cols = cols.copy()
-    trial_pv = pv.copy()
-    trial_pd = pd.copy()
-    trial_dirs = dirs.copy()
-    a = np.zeros((npar, npar))
-    r = np.zeros(npar)
-    step = np.zeros(npar)
-    xt = np.zeros(m)
-    lam = 1e-3
-    cost = _weights(yv, cols, m, g, b, x, work)
-    for _it in range(iters):
-        # residual and Jacobian of the angles at the NNLS weights
-        for i in range(n):
-            acc = -yv[i]
-            for c in range(m):
-                acc += x[c] * cols[c, i]
-            res[i] = acc
-        for k in range(n_fasc):
-            _tangents(dirs[k], e1[k], e2[k])
-            coef = table[fasc_table[k], atoms[k]]
-            _atom_deriv(coef, pd[k], shell, grad, e1[k], jac[2 * k])
-            _atom_deriv(coef, pd[k], shell, grad, e2[k], jac[2 * k + 1])
-            for i in range(n):
-                jac[2 * k, i] *= x[k]
-                jac[2 * k + 1, i] *= x[k]
-        improved = False
-        rel = 0.0
-        for _attempt in range(8):
-            for p in range(npar):
-                r[p] = -_dot(jac[p], res)
-                for q in range(npar):
-                    a[p, q] = _dot(jac[p], jac[q])
-                a[p, p] *= 1.0 + lam
-                a[p, p] += 1e-12
-            if not _solve_sym(a, r, npar, step):
-                lam *= 10.0
-                continue
-            for k in range(n_fasc):
-                s1 = step[2 * k]
-                s2 = step[2 * k + 1]
-                big = math.sqrt(s1 * s1 + s2 * s2)
-                if big > 0.3:
-                    s1 *= 0.3 / big
-                    s2 *= 0.3 / big
-                nrm = 0.0
-                for c in range(3):
-                    trial_dirs[k, c] = dirs[k, c] + s1 * e1[k, c] + s2 * e2[k, c]
-                    nrm += trial_dirs[k, c] ** 2
-                nrm = math.sqrt(nrm)
-                for c in range(3):
-                    trial_dirs[k, c] /= nrm
-                _legendre_rows(grad, trial_dirs[k], n_even, trial_pv[k], trial_pd[k])
-                _atom_signal(table[fasc_table[k], atoms[k]], trial_pv[k], shell,
-                             trial_cols[k])
-            for c in range(n_fasc, m):
-                for i in range(n):
-                    trial_cols[c, i] = cols[c, i]
-            trial_cost = _weights(yv, trial_cols, m, g, b, xt, work)
-            if trial_cost < cost:
-                improved = True
-                rel = (cost - trial_cost) / max(cost, 1e-300)
-                cost = trial_cost
-                for k in range(n_fasc):
-                    for c in range(3):
-                        dirs[k, c] = trial_dirs[k, c]
-                    for i in range(n):
-                        cols[k, i] = trial_cols[k, i]
-                        for j in range(n_even):
-                            pv[k, i, j] = trial_pv[k, i, j]
-                            pd[k, i, j] = trial_pd[k, i, j]
-                for c in range(m):
-                    x[c] = xt[c]
-                lam = max(lam * 0.3, 1e-9)
-                break
-            lam *= 10.0
-        if not improved or rel < 1e-8:
-            break
-    # leave g, b, x consistent with the columns
-    _weights(yv, cols, m, g, b, x, work)
-
-
 @parallel_kernel()
-def fit_directions_kernel(y: np.ndarray, u0: np.ndarray, n_fasc: int, table: np.ndarray,
-                          fasc_table: np.ndarray, iso_tables: np.ndarray,
-                          iso_sizes: np.ndarray, shell: np.ndarray, n_shells: int,
-                          grad: np.ndarray, sweeps: int, polish_iters: int
-                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def fit_joint_kernel(y: np.ndarray, u0: np.ndarray, n_fasc: int, table: np.ndarray,
+                     axes_n: np.ndarray, strides: np.ndarray, iso_tables: np.ndarray,
+                     iso_sizes: np.ndarray, shell: np.ndarray, n_shells: int,
+                     grad: np.ndarray, rounds: int, polish_iters: int
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Fit every voxel of y (n, N) with ``n_fasc`` fascicles from directions u0
-    (n, >= n_fasc, 3): atoms (n, m), directions (n, n_fasc, 3), weights (n, m) and the
-    residual sum of squares (n,), m = n_fasc + isotropic columns."""
+    (n, >= n_fasc, 3) (see :func:`_fit_voxel_joint`): fascicle grid coordinates
+    (n, n_fasc, M), isotropic atoms (n, I), directions (n, n_fasc, 3), NNLS weights
+    (n, n_fasc + I) and the residual sum of squares (n,)."""
     n = y.shape[0]
-    m = n_fasc + iso_tables.shape[0]
-    atoms = np.zeros((n, m), dtype=np.int64)
+    n_iso = iso_tables.shape[0]
+    m = n_fasc + n_iso
+    zs = np.zeros((n, n_fasc, axes_n.shape[0]))
+    iso = np.zeros((n, max(n_iso, 1)), dtype=np.int64)
     dirs = np.zeros((n, max(n_fasc, 1), 3))
     weights = np.zeros((n, m))
     rss = np.zeros(n)
     for v in prange(n):
-        rss[v] = _fit_voxel(y[v], u0[v], n_fasc, table, fasc_table, iso_tables, iso_sizes,
-                            shell, n_shells, grad, sweeps, polish_iters, atoms[v], dirs[v],
-                            weights[v])
-    return atoms, dirs, weights, rss
+        rss[v] = _fit_voxel_joint(y[v], u0[v], n_fasc, table, axes_n, strides, iso_tables,
+                                  iso_sizes, shell, n_shells, grad, rounds, polish_iters,
+                                  zs[v], iso[v], dirs[v], weights[v])
+    return zs, iso, dirs, weights, rss
