@@ -20,6 +20,9 @@ Methods, all in this run on the same noisy signals:
 
 * ``multifascicle``: the built-in solver (``FitOptions()``), i.e. rotated single-fascicle
   atoms, fascicle count by BIC;
+* ``multifascicle-grid``: the same without the polish (``refine=False``: directions on
+  the 300-direction search grid, parameters on the atom grid), for the speed/accuracy
+  trade-off;
 * ``polish``: the previous path (``refine='nonlinear'``): dictionary matching on the raw
   signals (``--dictionary-size`` atoms; its build is not timed) then the bounded
   non-linear least-squares polish from the match and the 3 best atoms;
@@ -279,7 +282,9 @@ def main(argv: list[str] | None = None) -> int:
     for model_name in args.models:
         model = get_model(model_name)
         fitters = {"multifascicle": prepare_fitter(model, scheme,
-                                                   FitOptions(threads=args.threads))}
+                                                   FitOptions(threads=args.threads)),
+                   "multifascicle-grid": prepare_fitter(
+                       model, scheme, FitOptions(threads=args.threads, refine=False))}
         if not args.no_polish:
             t = time.perf_counter()
             fitters["polish"] = prepare_fitter(
