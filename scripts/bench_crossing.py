@@ -27,8 +27,9 @@ Methods, all in this run on the same noisy signals:
   signals (``--dictionary-size`` atoms; its build is not timed) then the bounded
   non-linear least-squares polish from the match and the 3 best atoms;
 * ``dmipy``: dmipy 1.0.5's ``brute2fine`` on ``MultiCompartmentModel([G1Ball(),
-  C1Stick(), C1Stick()])`` (Ball-Stick-Stick only; a subset of ``--dmipy-voxels`` voxels
-  per case, in the virtual environment of ``scripts/bench_noddi.py``).
+  C1Stick(), C1Stick()])`` (Ball-Stick-Stick only; the first ``--dmipy-voxels`` voxels
+  of the ``--dmipy-angles`` cases, in the virtual environment of
+  ``scripts/bench_noddi.py``).
 
 Per case: median angular error of each fascicle (true fascicles matched to the fitted
 ones by the smallest total angle; a fascicle the fit missed is scored against the nearest
@@ -252,6 +253,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-polish", action="store_true")
     ap.add_argument("--no-dmipy", action="store_true")
     ap.add_argument("--dmipy-voxels", type=int, default=20)
+    ap.add_argument("--dmipy-angles", type=float, nargs="+", default=[60.0, 90.0],
+                    help="crossing angles whose cases dmipy also fits (its brute2fine "
+                         "costs seconds per Ball-Stick-Stick voxel)")
     ap.add_argument("--dmipy-venv", type=Path, default=DEFAULT_DMIPY_VENV)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path)
@@ -311,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
                         **score(truth, estimates(model_name, model, ve.parameters)),
                         "us_per_voxel": wall / args.voxels * 1e6,
                         "cpu_us_per_voxel": cpu / args.voxels * 1e6}
-                if dmipy_python is not None and model_name == "ball_stick_stick":
+                if dmipy_python is not None and model_name == "ball_stick_stick" and \
+                        ang in args.dmipy_angles:
                     k = min(args.dmipy_voxels, args.voxels)
                     params, info = run_dmipy(dmipy_python, noisy[:k], args.scheme,
                                              args.threads, dictionary_dir / "dmipy")

@@ -14,9 +14,11 @@ from scipy.optimize import nnls
 
 from fingerprint.core.modeling_framework import MultiCompartmentModel
 from fingerprint.core.orientations import angular_error_deg, mu_to_vectors
+from fingerprint.errors import InputError
 from fingerprint.fitting.engine import prepare_fitter
 from fingerprint.fitting.multifascicle import (
     MultiFascicleFitter,
+    MultiFascicleSettings,
     fascicle_layout,
     is_multifascicle,
 )
@@ -164,6 +166,21 @@ def test_fascicle_count_single_and_double(scheme, bss_fitter):
     assert np.all(np.isnan(p["C1Stick_2_lambda_par"][single]))
     err = angular_error_deg(mu_to_vectors(p["C1Stick_1_mu"][: n // 2]), u1[: n // 2])
     assert np.median(err) < 3.0
+
+
+def test_csd_start_directions_recover_crossings(scheme, bss_fitter):
+    """Start directions from the CSD peaks (fascicle_directions) give the same
+    crossings."""
+    model = bss_fitter.model
+    fitter = MultiFascicleFitter(model, scheme, MultiFascicleSettings(start="csd"))
+    rng = np.random.default_rng(21)
+    u1, u2 = crossing_directions(8, 90.0, rng)
+    x = _bss_vectors(model, u1, u2, 0.45, 0.3)
+    ve = fitter.fit_voxels(100.0 * model.simulate_signal(scheme, x))
+    err, _ = _matched_errors(ve.parameters, model, u1, u2)
+    assert np.all(err < 3.0), err
+    with pytest.raises(InputError, match="start"):
+        MultiFascicleSettings(start="dipy")
 
 
 def test_fitter_pickles_and_gives_the_same_numbers(scheme, bss_fitter):

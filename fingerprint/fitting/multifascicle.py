@@ -60,6 +60,7 @@ from fingerprint.core.modeling_framework import is_isotropic, model_from_spec, s
 from fingerprint.core.orientations import vectors_to_mu
 from fingerprint.core.spherical_harmonics_model import hemisphere_grid
 from fingerprint.errors import InputError
+from fingerprint.fitting.directions import fascicle_directions
 from fingerprint.fitting.estimator import VoxelEstimates
 from fingerprint.kernels import run_kernel
 from fingerprint.kernels.rotational import (
@@ -73,6 +74,8 @@ logger = logging.getLogger(__name__)
 __all__ = ["FascicleLayout", "MultiFascicleFitter", "MultiFascicleSettings",
            "fascicle_layout", "fascicle_tables", "is_multifascicle"]
 
+#: Where the start directions come from (:class:`MultiFascicleSettings`).
+START_METHODS = ("matching", "csd")
 #: Hemisphere directions the greedy direction search chooses from.
 GRID_DIRECTIONS = 300
 #: Orientations the single-fascicle atoms are simulated at to fit their Legendre series.
@@ -99,12 +102,23 @@ class MultiFascicleSettings:
     polish_iterations: Levenberg-Marquardt steps of each polish (0: no polish, the
         directions stay on the search grid and the parameters on the atom grid).
     min_separation_deg: smallest angle between two fascicles' start directions (degrees).
+    start: where the start directions come from: ``'matching'`` (the model's own greedy
+        multi-direction matching, default) or ``'csd'`` (the FOD peaks of
+        :func:`fingerprint.fitting.directions.fascicle_directions`, completed by the
+        greedy matching where the FOD has fewer peaks than the model has fascicles).
     """
 
     min_fraction: float = 0.05
+    single_extra_sweeps: int = 1
     sweeps: int = 2
     polish_iterations: int = 10
     min_separation_deg: float = 15.0
+    start: str = "matching"
+
+    def __post_init__(self) -> None:
+        if self.start not in START_METHODS:
+            raise InputError(f"start must be one of {', '.join(START_METHODS)}, got "
+                             f"{self.start!r}")
 
 
 @dataclass(frozen=True)
@@ -438,12 +452,16 @@ class MultiFascicleFitter:
         idx = run_kernel(forward_directions_kernel, float(n) * tb.grid.shape[0] * kmax,
                          y, tb.templates, tb.gram, tb.grid, tb.iso_mean, kmax, min_sep)
         u0 = np.ascontiguousarray(tb.grid[idx])  # (n, kmax, 3)
+        if st.start == "csd":
+            peaks, _, found = fascicle_directions(self.scheme, arr, max_fascicles=kmax)
+            u0 = _csd_starts(np.asarray(peaks), np.asarray(found), u0)
         results = []
         for k in range(1, kmax + 1):
             res = run_kernel(fit_joint_kernel, float(n) * tb.coef.shape[0] * k * 50,
                              y, u0, k, tb.coef, tb.axes_n, tb.strides, tb.iso,
                              tb.iso_sizes, tb.shell, int(tb.shell.max()) + 1, tb.grad,
-                             st.sweeps, st.polish_iterations)
+                             st.sweeps + (st.single_extra_sweeps if k == 1 else 0),
+                             st.polish_iterations * (2 if k == 1 else 1))
             results.append(res)
         # fascicle count by BIC among the eligible counts
         n_micro = len(lay.micro[0])
@@ -525,6 +543,22 @@ class MultiFascicleFitter:
                               np.where(valid, r2, np.nan),
                               np.where(valid, rss_out / n_meas, np.nan), valid,
                               np.where(valid, sigma, np.nan))
+
+
+def _csd_starts(peaks: np.ndarray, found: np.ndarray, greedy: np.ndarray) -> np.ndarray:
+    """Start directions (n, K, 3): a voxel's FOD peaks, the greedy directions farthest
+    from them after its last peak."""
+    out = greedy.copy()
+    n, kmax, _ = greedy.shape
+    for v in range(n):
+        k = int(min(found[v], kmax))
+        if k == 0:
+            continue
+        out[v, :k] = peaks[v, :k]
+        if k < kmax:  # the greedy directions least aligned with the peaks
+            cos = np.abs(greedy[v] @ peaks[v, :k].T).max(axis=1)
+            out[v, k:] = greedy[v, np.argsort(cos, kind="stable")[:kmax - k]]
+    return np.ascontiguousarray(out)
 
 
 def _rebuild(spec: Mapping[str, object], scheme: AcquisitionScheme,

@@ -32,7 +32,7 @@ __all__ = ["even_legendre", "fit_joint_kernel", "forward_directions_kernel", "nn
 MAX_COLUMNS = 8
 _RIDGE = 1e-12
 #: The direction polish stops when a step lowers the residual by less than this fraction.
-_POLISH_RTOL = 1e-6
+_POLISH_RTOL = 1e-4
 #: Passes of the first discrete coordinate search over the fascicles' atoms.
 _FIRST_PASSES = 3
 
@@ -56,18 +56,38 @@ def even_legendre(t: float, n_even: int, values: np.ndarray, derivs: np.ndarray)
             derivs[(ell + 1) // 2] = d_cur
 
 
+#: Recurrence constants (2l + 1) / (l + 1) and l / (l + 1) of the Legendre polynomials.
+_REC_A = np.array([(2.0 * ell + 1.0) / (ell + 1.0) for ell in range(64)])
+_REC_B = np.array([ell / (ell + 1.0) for ell in range(64)])
+
+
 @njit(cache=True)
 def _legendre_rows(grad: np.ndarray, u: np.ndarray, n_even: int, pv: np.ndarray,
                    pd: np.ndarray) -> None:
     """P_{2j}(g_i . u) and derivatives for every measurement: pv, pd (N, n_even)."""
     n = grad.shape[0]
+    u0, u1, u2 = u[0], u[1], u[2]
     for i in range(n):
-        t = grad[i, 0] * u[0] + grad[i, 1] * u[1] + grad[i, 2] * u[2]
+        t = grad[i, 0] * u0 + grad[i, 1] * u1 + grad[i, 2] * u2
         if t > 1.0:
             t = 1.0
         elif t < -1.0:
             t = -1.0
-        even_legendre(t, n_even, pv[i], pd[i])
+        p_prev, p_cur = 1.0, t
+        d_prev, d_cur = 0.0, 1.0
+        pv[i, 0] = 1.0
+        pd[i, 0] = 0.0
+        for j in range(1, n_even):
+            ell = 2 * j - 1  # P_{ell} -> P_{ell + 1} (even) -> P_{ell + 2} (odd)
+            p_even = _REC_A[ell] * t * p_cur - _REC_B[ell] * p_prev
+            d_even = d_prev + (2 * ell + 1) * p_cur
+            pv[i, j] = p_even
+            pd[i, j] = d_even
+            if j < n_even - 1:
+                p_odd = _REC_A[ell + 1] * t * p_even - _REC_B[ell + 1] * p_cur
+                d_odd = d_cur + (2 * ell + 3) * p_even
+                p_prev, p_cur = p_even, p_odd
+                d_prev, d_cur = d_even, d_odd
 
 
 @njit(cache=True)
@@ -332,14 +352,15 @@ def _solve_sym(a: np.ndarray, r: np.ndarray, m: int, out: np.ndarray) -> bool:
 
 @njit(cache=True)
 def _search_atoms(yv: np.ndarray, cols: np.ndarray, m: int, k: int, table: np.ndarray,
-                  pv: np.ndarray, pp: np.ndarray, shell: np.ndarray, n_shells: int,
+                  pv: np.ndarray, norms: np.ndarray, shell: np.ndarray, n_shells: int,
                   proj_y: np.ndarray, proj_c: np.ndarray, g: np.ndarray, b: np.ndarray,
                   x: np.ndarray, work: tuple[np.ndarray, np.ndarray, np.ndarray,
                                              np.ndarray, np.ndarray]
                   ) -> tuple[int, float]:
-    """Best atom of the rotated table for column k (others fixed): (atom, cost)."""
+    """Best atom of the rotated table for column k (others fixed): (atom, cost).
+    ``norms`` (A,) the atoms' squared norms and ``proj_y`` the voxel's Legendre
+    projection at this fascicle's direction (:func:`_direction_cache`)."""
     n_atoms, _, n_even = table.shape
-    _project(pv, shell, n_shells, yv, proj_y)
     for c in range(m):
         if c != k:
             _project(pv, shell, n_shells, cols[c], proj_c[c])
@@ -348,9 +369,10 @@ def _search_atoms(yv: np.ndarray, cols: np.ndarray, m: int, k: int, table: np.nd
         if p == k:
             continue
         b[p] = _dot(cols[p], yv)
-        for q in range(m):
+        for q in range(p, m):
             if q != k:
                 g[p, q] = _dot(cols[p], cols[q])
+                g[q, p] = g[p, q]
     wi, wa, wr, fixed_g, fixed_b = work
     for p in range(m):
         fixed_b[p] = b[p]
@@ -364,17 +386,6 @@ def _search_atoms(yv: np.ndarray, cols: np.ndarray, m: int, k: int, table: np.nd
         for s in range(n_shells):
             for j in range(n_even):
                 by += ca[s, j] * proj_y[s, j]
-        # |S_a|^2 = sum_s c_s^T PP_s c_s
-        aa = 0.0
-        for s in range(n_shells):
-            for j in range(n_even):
-                cj = ca[s, j]
-                if cj == 0.0:
-                    continue
-                acc = 0.0
-                for l2 in range(n_even):
-                    acc += pp[s, j, l2] * ca[s, l2]
-                aa += cj * acc
         for p in range(m):
             for q in range(m):
                 g[p, q] = fixed_g[p, q]
@@ -388,13 +399,79 @@ def _search_atoms(yv: np.ndarray, cols: np.ndarray, m: int, k: int, table: np.nd
                     ac += ca[s, j] * proj_c[c, s, j]
             g[k, c] = ac
             g[c, k] = ac
-        g[k, k] = aa
+        g[k, k] = norms[a]
         b[k] = by
         cost = _nnls_work(g, b, m, x, wi, wa, wr)
         if cost < best_cost:
             best_cost = cost
             best_a = a
     return best_a, best_cost
+
+
+@njit(cache=True)
+def _direction_cache(yv: np.ndarray, table: np.ndarray, pv: np.ndarray, shell: np.ndarray,
+                     n_shells: int, pp: np.ndarray, norms: np.ndarray, proj_y: np.ndarray
+                     ) -> None:
+    """What the atom search needs at one fascicle direction, whatever the other columns:
+    every atom's squared norm |S_a|^2 = sum_s c_s^T PP_s c_s and the voxel's
+    projection."""
+    n_atoms, _, n_even = table.shape
+    _pp(pv, shell, n_shells, pp)
+    _project(pv, shell, n_shells, yv, proj_y)
+    for a in range(n_atoms):
+        ca = table[a]
+        aa = 0.0
+        for s in range(n_shells):
+            for j in range(n_even):
+                cj = ca[s, j]
+                if cj == 0.0:
+                    continue
+                acc = 0.0
+                for l2 in range(n_even):
+                    acc += pp[s, j, l2] * ca[s, l2]
+                aa += cj * acc
+        norms[a] = aa
+
+
+@njit(cache=True)
+def _search_iso(yv: np.ndarray, cols: np.ndarray, m: int, c: int, tab: np.ndarray,
+                size: int, iso_norm: np.ndarray, iso_y: np.ndarray, g: np.ndarray,
+                b: np.ndarray, x: np.ndarray,
+                work: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+                ) -> int:
+    """Best isotropic atom for column c (others fixed)."""
+    n = yv.shape[0]
+    wi, wa, wr, fixed_g, fixed_b = work
+    for p in range(m):
+        if p == c:
+            continue
+        fixed_b[p] = _dot(cols[p], yv)
+        for q in range(p, m):
+            if q != c:
+                fixed_g[p, q] = _dot(cols[p], cols[q])
+                fixed_g[q, p] = fixed_g[p, q]
+    best = 1e300
+    best_a = 0
+    for a in range(size):
+        for p in range(m):
+            for q in range(m):
+                g[p, q] = fixed_g[p, q]
+            b[p] = fixed_b[p]
+        for p in range(m):
+            if p == c:
+                continue
+            acc = 0.0
+            for i in range(n):
+                acc += tab[a, i] * cols[p, i]
+            g[c, p] = acc
+            g[p, c] = acc
+        g[c, c] = iso_norm[a]
+        b[c] = iso_y[a]
+        cost = _nnls_work(g, b, m, x, wi, wa, wr)
+        if cost < best:
+            best = cost
+            best_a = a
+    return best_a
 
 
 @njit(cache=True)
@@ -434,9 +511,11 @@ def _weights(yv: np.ndarray, cols: np.ndarray, m: int, g: np.ndarray, b: np.ndar
 @njit(cache=True)
 def _interp(table: np.ndarray, z: np.ndarray, axes_n: np.ndarray, strides: np.ndarray,
             coef: np.ndarray, dcoef: np.ndarray) -> None:
-    """Multilinear interpolation of the atom table (A, S, E) at grid coordinates z (M,)
-    (atom index = sum_d i_d strides[d], i_d in [0, axes_n[d])): coef (S, E) and its
-    derivatives along each coordinate dcoef (M, S, E)."""
+    """Catmull-Rom (C1, tensor-product cubic) interpolation of the atom table (A, S, E)
+    at grid coordinates z (M,) (atom index = sum_d i_d strides[d], i_d in
+    [0, axes_n[d]), end points repeated): coef (S, E) and its derivatives along each
+    coordinate dcoef (M, S, E). Exact at grid points; a continuous derivative keeps the
+    Levenberg-Marquardt steps from zig-zagging across grid cells."""
     n_dim = z.shape[0]
     _, n_shells, n_even = table.shape
     for s in range(n_shells):
@@ -444,53 +523,64 @@ def _interp(table: np.ndarray, z: np.ndarray, axes_n: np.ndarray, strides: np.nd
             coef[s, j] = 0.0
             for d in range(n_dim):
                 dcoef[d, s, j] = 0.0
-    base = 0
-    frac = np.zeros(max(n_dim, 1))
-    lo = np.zeros(max(n_dim, 1), dtype=np.int64)
+    nd = max(n_dim, 1)
+    idx = np.zeros((nd, 4), dtype=np.int64)
+    w = np.zeros((nd, 4))
+    dw = np.zeros((nd, 4))
+    taps = np.ones(nd, dtype=np.int64)
     for d in range(n_dim):
-        if axes_n[d] < 2:
-            lo[d] = 0
-            frac[d] = 0.0
+        n = axes_n[d]
+        if n < 2:
+            idx[d, 0] = 0
+            w[d, 0] = 1.0
+            dw[d, 0] = 0.0
+            taps[d] = 1
             continue
-        zd = min(max(z[d], 0.0), axes_n[d] - 1.0)
-        i = min(int(math.floor(zd)), axes_n[d] - 2)
-        lo[d] = i
-        frac[d] = zd - i
-        base += i * strides[d]
-    for corner in range(1 << n_dim):
-        idx = base
-        w = 1.0
-        skip = False
+        zd = min(max(z[d], 0.0), n - 1.0)
+        i0 = min(int(math.floor(zd)), n - 2)
+        t = zd - i0
+        t2 = t * t
+        t3 = t2 * t
+        w[d, 0] = 0.5 * (-t3 + 2.0 * t2 - t)
+        w[d, 1] = 0.5 * (3.0 * t3 - 5.0 * t2 + 2.0)
+        w[d, 2] = 0.5 * (-3.0 * t3 + 4.0 * t2 + t)
+        w[d, 3] = 0.5 * (t3 - t2)
+        dw[d, 0] = 0.5 * (-3.0 * t2 + 4.0 * t - 1.0)
+        dw[d, 1] = 0.5 * (9.0 * t2 - 10.0 * t)
+        dw[d, 2] = 0.5 * (-9.0 * t2 + 8.0 * t + 1.0)
+        dw[d, 3] = 0.5 * (3.0 * t2 - 2.0 * t)
+        for q in range(4):
+            idx[d, q] = min(max(i0 - 1 + q, 0), n - 1)
+        taps[d] = 4
+    total = 1
+    for d in range(n_dim):
+        total *= taps[d]
+    for combo in range(total):
+        rest = combo
+        atom = 0
+        weight = 1.0
         for d in range(n_dim):
-            if corner >> d & 1:
-                if axes_n[d] < 2:
-                    skip = True
-                    break
-                idx += strides[d]
-                w *= frac[d]
-            else:
-                w *= 1.0 - frac[d]
-        if skip:
-            continue
+            q = rest % taps[d]
+            rest //= taps[d]
+            atom += idx[d, q] * strides[d]
+            weight *= w[d, q]
         for s in range(n_shells):
             for j in range(n_even):
-                coef[s, j] += w * table[idx, s, j]
+                coef[s, j] += weight * table[atom, s, j]
         for d in range(n_dim):
-            if axes_n[d] < 2:
+            if taps[d] < 2:
                 continue
-            # d/dz_d of the corner weight: +-prod of the other factors
+            rest = combo
             wd = 1.0
             for e in range(n_dim):
-                if e == d:
-                    continue
-                if corner >> e & 1:
-                    wd *= frac[e]
-                else:
-                    wd *= 1.0 - frac[e]
-            sign = 1.0 if corner >> d & 1 else -1.0
+                q = rest % taps[e]
+                rest //= taps[e]
+                wd *= dw[e, q] if e == d else w[e, q]
+            if wd == 0.0:
+                continue
             for s in range(n_shells):
                 for j in range(n_even):
-                    dcoef[d, s, j] += sign * wd * table[idx, s, j]
+                    dcoef[d, s, j] += wd * table[atom, s, j]
 
 
 @njit(cache=True)
@@ -515,15 +605,16 @@ def _polish_joint(yv: np.ndarray, cols: np.ndarray, m: int, n_fasc: int, table: 
                   iters: int, g: np.ndarray, b: np.ndarray, x: np.ndarray,
                   work: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]
                   ) -> float:
-    """Levenberg-Marquardt on every fascicle's direction (two tangent angles) and own
-    parameters (continuous grid coordinates, atoms interpolated), the fractions solved by
-    NNLS at each trial (variable projection). Updates cols, z, dirs, pv, pd, x; returns
-    the residual sum of squares."""
+    """Levenberg-Marquardt on the fractions (held non-negative), every fascicle's
+    direction (two tangent angles) and own parameters (continuous grid coordinates, atoms
+    interpolated) together, from the NNLS fractions of the current atoms; the fractions
+    are solved by NNLS again at the end. Updates cols, z, dirs, pv, pd, x; returns the
+    residual sum of squares."""
     n = yv.shape[0]
     n_even = pv.shape[2]
     n_dim = z.shape[1]
     per = 2 + n_dim
-    npar = per * n_fasc
+    npar = m + per * n_fasc
     n_shells = table.shape[1]
     e1 = np.zeros((n_fasc, 3))
     e2 = np.zeros((n_fasc, 3))
@@ -552,9 +643,12 @@ def _polish_joint(yv: np.ndarray, cols: np.ndarray, m: int, n_fasc: int, table: 
             for c in range(m):
                 acc += x[c] * cols[c, i]
             res[i] = acc
+        for c in range(m):
+            for i in range(n):
+                jac[c, i] = cols[c, i]
         for k in range(n_fasc):
             _tangents(dirs[k], e1[k], e2[k])
-            row = per * k
+            row = m + per * k
             _atom_deriv(coef[k], pd[k], shell, grad, e1[k], jac[row])
             _atom_deriv(coef[k], pd[k], shell, grad, e2[k], jac[row + 1])
             for d in range(n_dim):
@@ -575,8 +669,10 @@ def _polish_joint(yv: np.ndarray, cols: np.ndarray, m: int, n_fasc: int, table: 
             if not _solve_sym(a, r, npar, step):
                 lam *= 10.0
                 continue
+            for c in range(m):
+                xt[c] = max(x[c] + step[c], 0.0)
             for k in range(n_fasc):
-                row = per * k
+                row = m + per * k
                 s1 = step[row]
                 s2 = step[row + 1]
                 big = math.sqrt(s1 * s1 + s2 * s2)
@@ -596,10 +692,14 @@ def _polish_joint(yv: np.ndarray, cols: np.ndarray, m: int, n_fasc: int, table: 
                 _interp(table, trial_z[k], axes_n, strides, t_coef, t_dcoef)
                 _legendre_rows(grad, trial_dirs[k], n_even, trial_pv[k], trial_pd[k])
                 _atom_signal(t_coef, trial_pv[k], shell, trial_cols[k])
-            for c in range(n_fasc, m):
-                for i in range(n):
-                    trial_cols[c, i] = cols[c, i]
-            trial_cost = _weights(yv, trial_cols, m, g, b, xt, work)
+            trial_cost = 0.0
+            for i in range(n):
+                acc = -yv[i]
+                for c in range(n_fasc):
+                    acc += xt[c] * trial_cols[c, i]
+                for c in range(n_fasc, m):
+                    acc += xt[c] * cols[c, i]
+                trial_cost += acc * acc
             if trial_cost < cost:
                 improved = True
                 rel = (cost - trial_cost) / max(cost, 1e-300)
@@ -645,7 +745,6 @@ def _fit_voxel_joint(yv: np.ndarray, u0: np.ndarray, n_fasc: int, table: np.ndar
     pv = np.zeros((n_fasc, n, n_even))
     pd = np.zeros((n_fasc, n, n_even))
     pp = np.zeros((n_shells, n_even, n_even))
-    proj_y = np.zeros((n_shells, n_even))
     proj_c = np.zeros((m, n_shells, n_even))
     g = np.zeros((m, m))
     b = np.zeros(m)
@@ -656,6 +755,16 @@ def _fit_voxel_joint(yv: np.ndarray, u0: np.ndarray, n_fasc: int, table: np.ndar
     z = np.zeros((n_fasc, n_dim))
     iso_atoms = np.zeros(max(n_iso, 1), dtype=np.int64)
     saved = np.zeros(n)
+    norms = np.zeros((n_fasc, n_atoms))
+    proj_yk = np.zeros((n_fasc, n_shells, n_even))
+    fresh = np.zeros(n_fasc, dtype=np.bool_)
+    amax = iso_tables.shape[1]
+    iso_norm = np.zeros((max(n_iso, 1), amax))
+    iso_y = np.zeros((max(n_iso, 1), amax))
+    for j in range(n_iso):
+        for a in range(iso_sizes[j]):
+            iso_norm[j, a] = _dot(iso_tables[j, a], iso_tables[j, a])
+            iso_y[j, a] = _dot(iso_tables[j, a], yv)
     for k in range(n_fasc):
         nrm = math.sqrt(u0[k, 0] ** 2 + u0[k, 1] ** 2 + u0[k, 2] ** 2)
         for c in range(3):
@@ -674,16 +783,18 @@ def _fit_voxel_joint(yv: np.ndarray, u0: np.ndarray, n_fasc: int, table: np.ndar
     changed_pass = False
     for rnd in range(max(rounds, 1)):
         changed = False
-        for k in range(n_fasc * (_FIRST_PASSES if rnd == 0 else 1)):
-            if rnd == 0 and k > 0 and k % n_fasc == 0:
-                if not changed_pass:
-                    break
-            if k % n_fasc == 0:
+        for kk in range(n_fasc * (_FIRST_PASSES if rnd == 0 else 1)):
+            if rnd == 0 and kk > 0 and kk % n_fasc == 0 and not changed_pass:
+                break
+            if kk % n_fasc == 0:
                 changed_pass = False
-            k = k % n_fasc  # noqa: PLW2901
-            _pp(pv[k], shell, n_shells, pp)
-            a, c_best = _search_atoms(yv, cols, m, k, table, pv[k], pp, shell, n_shells,
-                                      proj_y, proj_c, g, b, x, work)
+            k = kk % n_fasc
+            if not fresh[k]:
+                _direction_cache(yv, table, pv[k], shell, n_shells, pp, norms[k],
+                                 proj_yk[k])
+                fresh[k] = True
+            a, c_best = _search_atoms(yv, cols, m, k, table, pv[k], norms[k], shell,
+                                      n_shells, proj_yk[k], proj_c, g, b, x, work)
             if rnd == 0 or _dot(yv, yv) + c_best < cost * (1.0 - 1e-9):
                 for i in range(n):
                     saved[i] = cols[k, i]
@@ -700,15 +811,8 @@ def _fit_voxel_joint(yv: np.ndarray, u0: np.ndarray, n_fasc: int, table: np.ndar
                         cols[k, i] = saved[i]
         for j in range(n_iso):
             c = n_fasc + j
-            best = 1e300
-            best_a = 0
-            for a in range(iso_sizes[j]):
-                for i in range(n):
-                    cols[c, i] = iso_tables[j, a, i]
-                trial = _weights(yv, cols, m, g, b, x, work)
-                if trial < best:
-                    best = trial
-                    best_a = a
+            best_a = _search_iso(yv, cols, m, c, iso_tables[j], iso_sizes[j], iso_norm[j],
+                                 iso_y[j], g, b, x, work)
             changed = changed or best_a != iso_atoms[j]
             iso_atoms[j] = best_a
             for i in range(n):
@@ -718,6 +822,7 @@ def _fit_voxel_joint(yv: np.ndarray, u0: np.ndarray, n_fasc: int, table: np.ndar
             break
         cost = _polish_joint(yv, cols, m, n_fasc, table, axes_n, strides, z, dirs, pv, pd,
                              shell, grad, polish_iters, g, b, x, work)
+        fresh[:] = False
     rss = _weights(yv, cols, m, g, b, x, work)
     for k in range(n_fasc):
         for c in range(3):
