@@ -36,7 +36,7 @@ ones by the smallest total angle; a fascicle the fit missed is scored against th
 fitted direction), mean absolute error of each fascicle's fraction (a missed fascicle has
 fraction 0) and microstructure, and the rate of wrong fascicle counts (the polish and
 dmipy always fit two sticks: their count is the number of sticks with a signal fraction
-of at least 0.05, the multi-fascicle fit's eligibility rule). Times: wall and CPU
+of at least 0.1, the multi-fascicle fit's eligibility rule). Times: wall and CPU
 (process) time per voxel of each method; the machine may be shared, so compare the
 ratios within one run.
 """
@@ -62,7 +62,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 DEFAULT_SCHEME = REPO / "tests" / "data" / "reference" / "schemes" / "hcp"
 DEFAULT_DMIPY_VENV = Path.home() / ".cache" / "fingerprint" / "dmipy-venv"
 S0 = 100.0
-MIN_FRACTION = 0.05
+MIN_FRACTION = 0.1
 
 DMIPY_RUNNER = textwrap.dedent("""
     import json, sys, time

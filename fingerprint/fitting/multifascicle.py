@@ -30,7 +30,7 @@ fitted voxel by voxel as a sum of *rotated single-fascicle atoms* plus isotropic
    ``BIC = N log(RSS / N) + p log N`` is kept (N measurements, p = K (2 angles + 1
    fraction + the fascicle's own parameters) + the isotropic fractions and
    parameters); a count whose smallest fascicle has a signal fraction below
-   ``min_fraction`` (default 0.05) is not eligible.
+   ``min_fraction`` (default 0.1) is not eligible.
 5. **Output.** Fascicles are ordered by fraction, largest first, and written into the
    model's fascicle compartments in order (``C1Stick_1_*`` is the largest fascicle);
    compartments beyond the voxel's count get fraction 0 and NaN direction and
@@ -108,7 +108,7 @@ class MultiFascicleSettings:
         greedy matching where the FOD has fewer peaks than the model has fascicles).
     """
 
-    min_fraction: float = 0.05
+    min_fraction: float = 0.1
     single_extra_sweeps: int = 1
     sweeps: int = 2
     polish_iterations: int = 10
