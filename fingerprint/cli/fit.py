@@ -2,7 +2,7 @@
 
     fingerprint fit --model noddi --dwi dwi.nii.gz --bval dwi.bval --bvec dwi.bvec \\
         [--mask mask.nii.gz] --out DIR [--threads N] [--prefix P] [--dictionary-size N] \\
-        [--delta S --Delta S] [--b0-threshold B] [--preview]
+        [--delta S --Delta S] [--b0-threshold B] [--preview] [--profile]
 
 Maps are named ``<prefix>_model-<model>_param-<label>_dwimap.nii.gz`` (+ JSON sidecars).
 The prefix is ``--prefix`` when given, else the BIDS entities of the DWI file name
@@ -104,6 +104,10 @@ def add_parser(subparsers: Any) -> None:
                         help="voxels per chunk (default 20000)")
     parser.add_argument("--preview", action="store_true", help="also write a PNG preview")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--profile", action="store_true",
+                        help="print the time spent in each stage of the fit (reading, mask, "
+                             "frames, features, search, posterior, refinement, quality, "
+                             "writing) after it")
     csd = parser.add_argument_group(
         "mc_csd (multi-tissue CSD; MRtrix3-convention SH, peaks and tissue maps)")
     csd.add_argument("--sh-order", type=int, dest="sh_order", metavar="L",
@@ -219,8 +223,13 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         raise InputError(f"--out {args.out} exists and is not a directory")
     prefix = output_prefix(args.prefix, args.dwi, args.out)
     bar, progress = progress_bar("fit", not (args.no_progress or getattr(args, "quiet", False)))
+    profile = None
     try:
         with contextlib.ExitStack() as stack:
+            if getattr(args, "profile", False):
+                from fingerprint.stages import profile_stages
+
+                profile = stack.enter_context(profile_stages())
             dwi, bval, bvec = args.dwi, args.bval, args.bvec
             if mif:
                 converted = stack.enter_context(mif_as_nifti(args.dwi, args.out))
@@ -262,4 +271,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     for path in result.files:
         if path.suffix != ".json":
             out.write(f"  {path.name}\n")
+    if profile is not None:
+        out.write("stage profile (seconds summed over threads; sub-stages indented):\n")
+        out.write(profile.table() + "\n")
     return 0

@@ -54,6 +54,7 @@ from fingerprint.fitting.registry import (
 )
 from fingerprint.fitting.solvers.cascade import x0_matrix
 from fingerprint.fitting.validity import default_mask, report_unusable, usable_voxels
+from fingerprint.stages import stage
 
 logger = logging.getLogger(__name__)
 
@@ -253,7 +254,8 @@ class FingerprintFitter:
                    ) -> VoxelEstimates:
         ve = self.estimator.estimate(data, x0=x0)
         if self.polish is not None:
-            _polish(self.estimator, data, ve, self.polish)
+            with stage("fit/polish"):
+                _polish(self.estimator, data, ve, self.polish)
         return ve
 
 
@@ -325,10 +327,11 @@ def fit_voxels(fitter: VoxelFitter, data: np.ndarray,
     if arr.ndim != 2:
         raise InputError(f"data must have shape (voxels, measurements), got {arr.shape}")
     n = arr.shape[0]
-    usable = usable_voxels(arr, fitter.scheme.b0_mask)
-    rows = np.flatnonzero(usable)
-    sub = np.ascontiguousarray(arr[rows], dtype=np.float64)
-    x0_rows = _x0_rows(x0, rows, n)
+    with stage("fit/select"):
+        usable = usable_voxels(arr, fitter.scheme.b0_mask)
+        rows = np.flatnonzero(usable)
+        sub = np.ascontiguousarray(arr[rows], dtype=np.float64)
+        x0_rows = _x0_rows(x0, rows, n)
     ve = fitter.fit_voxels(sub, x0_rows)
     if rows.size == n:
         return ve

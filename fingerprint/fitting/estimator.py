@@ -41,6 +41,7 @@ import numpy as np
 
 from fingerprint.core.parameter_layout import ParameterLayout
 from fingerprint.errors import InputError
+from fingerprint.stages import Laps, active_profile
 
 from .features import FeatureMap
 from .frame import FrameEstimator, angles_to_frames, frames_to_angles
@@ -370,6 +371,9 @@ class FingerprintEstimator:
                              f"acquisition scheme, got {np.shape(data)}")
         n = arr.shape[0]
         x0m = self._x0_matrix(x0, n)
+        prof = active_profile()
+        if prof is not None:
+            prof.count_voxels(n)
         with thread_limits(self.n_jobs):
             parts = [self._estimate_batch(arr[s:s + BATCH_VOXELS],
                                           None if x0m is None else x0m[s:s + BATCH_VOXELS])
@@ -396,6 +400,7 @@ class FingerprintEstimator:
             rician_correct,
         )
 
+        lap = Laps("fit/")
         n = data.shape[0]
         b0 = self._b0
         P = self.n_parameters
@@ -418,6 +423,7 @@ class FingerprintEstimator:
         sigma_b0 = sigma_all[rows]
         s0v = s0[rows]
         x0v = None if x0 is None else x0[rows]
+        lap("prepare")
 
         # orientation given in x0
         seeded = np.zeros(rows.size, dtype=bool)
@@ -431,6 +437,7 @@ class FingerprintEstimator:
         # zero, distorts the free zonal fit of low signals); the alignment below fits the
         # corrected signals, which are what the matched profile describes
         frames, rss_plain = self._frames(plain, seeded, given)
+        lap("frames")
         plain_feats = None
         if fmap.kind == "zonal" and rss_plain is None:
             # the zonal fit of the uncorrected signals at the starting frames: its residual
@@ -441,18 +448,22 @@ class FingerprintEstimator:
         ynorm = plain
         if self.rician:
             ynorm = run_parallel(rician_correct, plain, sigma / s0v, b0)
+        lap("noise")
         if self.align_axis and frames is not None and not seeded.all():
             free = np.flatnonzero(~seeded)
             frames[free] = self._aligned_frames(
                 ynorm[free], frames[free], sig2_feat[free],
                 None if plain_feats is None else plain_feats[free])
+            lap("align")
         fit = None
         if fmap.kind == "zonal":
             fit = fmap.voxel_features(ynorm, frames, return_rss=True, return_gram=True)
             feats = fit[0]
         else:
             feats = fmap.voxel_features(ynorm, frames)
+        lap("features")
         dist, idx = self.matcher.search(feats, self.n_neighbors)
+        lap("search")
         marg = None
         if self.marginalise_orientation and fmap.kind == "zonal":
             marg = ~seeded
@@ -470,6 +481,7 @@ class FingerprintEstimator:
             mean[:, self._orientation_columns] = \
                 self.atom_parameters[best][:, self._orientation_columns]
         sd[:, self._orientation_columns] = np.nan
+        lap("posterior")
         start = mean
         if x0v is not None:
             seeded_scalars = x0v[:, self._scalar_columns]
@@ -506,6 +518,7 @@ class FingerprintEstimator:
             est = start
         if pred_feats is None:
             pred_feats = weighted_atoms(weights, idx, self.atom_features)
+        lap("refine")
 
         # goodness of fit on b0-normalised (bias-corrected) signals
         if fit is not None:
@@ -527,8 +540,10 @@ class FingerprintEstimator:
         r2[rows] = r2v
         mse[rows] = res / width
         sigma_all[rows] = sigma
+        lap("goodness")
         self._diagnostics(diag, rows, feats, pred_feats, frames, sig2_feat, res, width,
                           weights, idx, (sigma_b0 / s0v) ** 2)
+        lap("quality")
         return VoxelEstimates(params, unc, s0, r2, mse, valid, sigma_all, **diag)
 
     @property
@@ -605,7 +620,7 @@ class FingerprintEstimator:
         diag["fit_chi2"][rows] = res / (max(int(width), 1) * noise + spacing2)
         if fmap.kind == "zonal" and frames is not None:
             diag["orientation_sd"][rows] = profile_orientation_sd(
-                fmap.reconstruct, pred_feats, frames, sig2, ~self._b0)
+                fmap, pred_feats, frames, sig2, ~self._b0)
         elif self._orientation_columns.size >= 2:
             cols = self._orientation_columns[:2]
             atom_axes = angles_to_frames(self.atom_parameters[:, cols])

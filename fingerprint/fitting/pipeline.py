@@ -67,6 +67,7 @@ from fingerprint.io.nifti import (
     mu_to_vectors,
     write_map,
 )
+from fingerprint.stages import active_profile, stage
 from fingerprint.volume_models import VOLUME_MODELS, get_volume_model, is_volume_model
 
 logger = logging.getLogger(__name__)
@@ -308,9 +309,11 @@ def fit_chunk(fitter: VoxelFitter, data: np.ndarray) -> dict[str, np.ndarray]:
     them."""
     from fingerprint.fitting.quality import voxel_quality
 
-    ve = fit_voxels(fitter, np.asarray(data))
-    out = _chunk_result(ve)
-    out.update(voxel_quality(fitter, ve))
+    with stage("fit"):
+        ve = fit_voxels(fitter, np.asarray(data))
+        with stage("fit/flags"):
+            out = _chunk_result(ve)
+            out.update(voxel_quality(fitter, ve))
     return out
 
 
@@ -414,7 +417,12 @@ def _chunks(image: DWIImage, mask: np.ndarray, chunk_voxels: int, slab_bytes: in
             ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(coords (n, 3), data (n, N) float32) chunks of masked voxels; the coordinates of
     unusable voxels (:func:`~.validity.usable_voxels`) are appended to ``unusable``."""
-    for slab in image.iter_slabs(mask, max_bytes=slab_bytes):
+    slabs = image.iter_slabs(mask, max_bytes=slab_bytes)
+    while True:
+        with stage("read"):
+            slab = next(slabs, None)
+        if slab is None:
+            return
         for start in range(0, slab.data.shape[0], chunk_voxels):
             data = slab.data[start:start + chunk_voxels]
             coords = slab.coords[start:start + chunk_voxels]
@@ -657,12 +665,14 @@ def fit_volume(model: Any, dwi: Any, bval: Any, bvec: Any, out_dir: Any, *,
     out_dir = check_output_directory(out_dir)
     prog = _Progress(progress)
     model_obj, model_label, est = _resolve_model(model)
-    image, scheme, mask_arr, _ = _open_inputs(dwi, bval, bvec, mask, delta, Delta, TE,
-                                              opts.b0_threshold, model_obj)
+    with stage("inputs"):
+        image, scheme, mask_arr, _ = _open_inputs(dwi, bval, bvec, mask, delta, Delta, TE,
+                                                  opts.b0_threshold, model_obj)
     prog(0.0)
-    if mask_arr is None:
-        mask_arr = _volume_mask(image, scheme, opts.mask_rule)
-    n_total = int(mask_arr.sum())
+    with stage("mask"):
+        if mask_arr is None:
+            mask_arr = _volume_mask(image, scheme, opts.mask_rule)
+        n_total = int(mask_arr.sum())
     _check_cancel(should_cancel)
 
     # -- dictionary and fitter -----------------------------------------------------------
@@ -685,6 +695,7 @@ def fit_volume(model: Any, dwi: Any, bval: Any, bvec: Any, out_dir: Any, *,
                          f"{Path(os.fspath(bval))} / {Path(os.fspath(bvec))}")
     prog(_DICTIONARY_SHARE)
     t_dict = time.perf_counter() - t0
+    _record("dictionary", t_dict)
     _check_cancel(should_cancel)
 
     # -- fit chunk by chunk --------------------------------------------------------------
@@ -880,6 +891,7 @@ def fit_volume(model: Any, dwi: Any, bval: Any, bvec: Any, out_dir: Any, *,
             title=f"fingerprint {model_label}")
         files.append(preview_path)
     t_write = time.perf_counter() - t0
+    _record("write", t_write)
     prog(1.0)
     seconds = time.perf_counter() - t_start
     logger.debug("fitted %d voxels with %s in %.1f s (dictionary %.1f s, fit %.1f s, "
@@ -890,6 +902,13 @@ def fit_volume(model: Any, dwi: Any, bval: Any, bvec: Any, out_dir: Any, *,
                      preview=preview_path,
                      timings={"dictionary": t_dict, "fit": t_fit, "write": t_write},
                      quality_counts=counts)
+
+
+def _record(name: str, seconds: float) -> None:
+    """Add ``seconds`` to stage ``name`` of the active stage profile, if any."""
+    prof = active_profile()
+    if prof is not None:
+        prof.add(name, seconds)
 
 
 def _layout(fitter: VoxelFitter) -> dict[str, slice]:

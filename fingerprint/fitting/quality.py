@@ -99,10 +99,12 @@ def fit_limit(n_fit: int, noise_dof: int | None) -> float:
     ``noise_dof``."""
     if noise_dof is None:
         return float(chi2_limit(n_fit))
-    from scipy.stats import f
+    # the F quantile by scipy.special (scipy.stats.f.ppf is the same function, but
+    # importing scipy.stats costs a second of every command-line fit)
+    from scipy.special import fdtri
 
-    return max(CHI2_FLOOR, float(f.ppf(1.0 - POOR_FIT_P, max(int(n_fit), 1),
-                                       max(int(noise_dof), 1))))
+    return max(CHI2_FLOOR, float(fdtri(max(int(n_fit), 1), max(int(noise_dof), 1),
+                                       1.0 - POOR_FIT_P)))
 
 
 def quality_flags(*, valid: np.ndarray, parameters: np.ndarray, uncertainty: np.ndarray,
@@ -165,15 +167,35 @@ def _perpendicular(axes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return e1, e2
 
 
-def profile_orientation_sd(reconstruct: object, features: np.ndarray, frames: np.ndarray,
+def profile_orientation_sd(profile: object, features: np.ndarray, frames: np.ndarray,
                            sigma2: np.ndarray, dwi: np.ndarray,
                            step: float = 1e-3) -> np.ndarray:
     """Orientation uncertainty (n,) in degrees of single-fibre voxels: the 1-sd cone angle
     sqrt(trace(F^-1)) of the axis, with F the Fisher information of the fitted angular
-    profile (``reconstruct(features, frames)``, b0-normalised signals) under Gaussian
-    noise of variance ``sigma2`` (n,), from central differences of the profile tilted by
-    ``step`` radians about two axes perpendicular to the fibre. ``dwi`` (N,) bool selects
-    the measurements that carry orientation."""
+    profile (b0-normalised signals described by ``features`` (n, k) in ``frames``
+    (n, 3)) under Gaussian noise of variance ``sigma2`` (n,); at most 90. ``dwi`` (N,)
+    bool selects the measurements that carry orientation.
+
+    ``profile`` is a zonal :class:`~fingerprint.fitting.features.FeatureMap`: F comes from
+    the analytic derivative of its Legendre series in one pass
+    (:func:`fingerprint.kernels.features.zonal_orientation_sd`); or any
+    ``reconstruct(features, frames) -> signals (n, N)``: F comes from central
+    differences of the profile tilted by ``step`` radians about two axes perpendicular
+    to the fibre (four reconstructions; the reference the analytic form is tested
+    against)."""
+    s2 = np.maximum(np.asarray(sigma2, dtype=float), SIGMA_FLOOR ** 2)
+    if getattr(profile, "kind", None) == "zonal":
+        from fingerprint.kernels import run_parallel
+        from fingerprint.kernels.features import zonal_orientation_sd
+
+        fmap = profile
+        coef = np.asarray(features, dtype=np.float64) / fmap.weights  # type: ignore[attr-defined]
+        return run_parallel(zonal_orientation_sd, coef,
+                            np.ascontiguousarray(frames, dtype=np.float64),
+                            fmap.directions, fmap.shell_of,  # type: ignore[attr-defined]
+                            fmap.n_coefficients, fmap.offsets,  # type: ignore[attr-defined]
+                            np.ascontiguousarray(dwi, dtype=np.bool_), s2)
+    reconstruct = getattr(profile, "reconstruct", profile)
     axes = np.asarray(frames, dtype=float)
     axes = axes / np.linalg.norm(axes, axis=1, keepdims=True)
     e1, e2 = _perpendicular(axes)
@@ -184,7 +206,6 @@ def profile_orientation_sd(reconstruct: object, features: np.ndarray, frames: np
         d = (reconstruct(features, plus) - reconstruct(features, minus)) / (2 * step)  # type: ignore[operator]
         grads.append(d[:, dwi])
     g1, g2 = grads
-    s2 = np.maximum(np.asarray(sigma2, dtype=float), SIGMA_FLOOR ** 2)
     f11 = (g1 * g1).sum(axis=1) / s2
     f22 = (g2 * g2).sum(axis=1) / s2
     f12 = (g1 * g2).sum(axis=1) / s2

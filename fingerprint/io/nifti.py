@@ -65,6 +65,7 @@ import numpy as np
 
 from fingerprint.core.orientations import mu_to_vectors as _mu_to_vectors
 from fingerprint.errors import InputError
+from fingerprint.stages import stage
 
 logger = logging.getLogger(__name__)
 
@@ -319,7 +320,8 @@ class DWIImage:
         tmp = directory / f".fingerprint-dwi-{os.getpid()}-{secrets.token_hex(4)}.nii"
         try:
             try:
-                with _fast_gzip.open(self.path, "rb") as src, open(tmp, "wb") as dst:
+                with stage("read/decompress"), _fast_gzip.open(self.path, "rb") as src, \
+                        open(tmp, "wb") as dst:
                     while True:
                         block = src.read(16 * 1024**2)
                         if not block:

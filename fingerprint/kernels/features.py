@@ -33,6 +33,7 @@ __all__ = [
     "shell_means",
     "weighted_rows",
     "zonal_features",
+    "zonal_orientation_sd",
 ]
 
 
@@ -543,6 +544,77 @@ def reconstruct_zonal(coefficients: np.ndarray, frames: np.ndarray, directions: 
                 continue
             out[i, j] = _zonal_value(coefficients, i, j, s, frames, directions,
                                      n_coefficients, offsets, p)
+    return out
+
+
+@parallel_kernel(serial_rows=SERIAL_ROWS)
+def zonal_orientation_sd(coefficients: np.ndarray, frames: np.ndarray,
+                         directions: np.ndarray, shell_of: np.ndarray,
+                         n_coefficients: np.ndarray, offsets: np.ndarray,
+                         use: np.ndarray, sigma2: np.ndarray) -> np.ndarray:
+    """Orientation uncertainty (n,) in degrees of the per-shell Legendre series
+    ``coefficients`` (n, k) (unwhitened) about each voxel's axis ``frames`` (n, 3): the
+    1-sd cone angle sqrt(trace(F^-1)) (at most 90) with F the 2x2 Fisher information of
+    the axis under Gaussian noise of variance ``sigma2`` (n,), from the analytic
+    derivative of the series: tilting the axis mu towards a unit vector e perpendicular
+    to it changes the prediction at gradient g by sum_l c_l P_l'(g.mu) (g.e). Only
+    measurements with ``use`` and a feature shell (``shell_of`` >= 0) count."""
+    n = coefficients.shape[0]
+    nmeas = directions.shape[0]
+    lmax_n = 1
+    for s in range(n_coefficients.shape[0]):
+        lmax_n = max(lmax_n, n_coefficients[s])
+    out = np.empty(n)
+    for i in prange(n):
+        p = np.empty(lmax_n)
+        dp = np.empty(lmax_n)
+        mx, my, mz = frames[i, 0], frames[i, 1], frames[i, 2]
+        nn = math.sqrt(mx * mx + my * my + mz * mz)
+        mx /= nn
+        my /= nn
+        mz /= nn
+        # two unit vectors perpendicular to the axis (trace(F^-1) does not depend on which)
+        if abs(mx) < 0.9:
+            hx, hy, hz = 1.0, 0.0, 0.0
+        else:
+            hx, hy, hz = 0.0, 1.0, 0.0
+        e1x = my * hz - mz * hy
+        e1y = mz * hx - mx * hz
+        e1z = mx * hy - my * hx
+        nn = math.sqrt(e1x * e1x + e1y * e1y + e1z * e1z)
+        e1x /= nn
+        e1y /= nn
+        e1z /= nn
+        e2x = my * e1z - mz * e1y
+        e2y = mz * e1x - mx * e1z
+        e2z = mx * e1y - my * e1x
+        f11 = 0.0
+        f12 = 0.0
+        f22 = 0.0
+        for j in range(nmeas):
+            s = shell_of[j]
+            if s < 0 or not use[j]:
+                continue
+            gx, gy, gz = directions[j, 0], directions[j, 1], directions[j, 2]
+            u = gx * mx + gy * my + gz * mz
+            nc = n_coefficients[s]
+            legendre_even_with_derivative(u, 2 * (nc - 1), p, dp)
+            d = 0.0
+            o = offsets[s]
+            for a in range(nc):
+                d += coefficients[i, o + a] * dp[a]
+            ga = d * (gx * e1x + gy * e1y + gz * e1z)
+            gb = d * (gx * e2x + gy * e2y + gz * e2z)
+            f11 += ga * ga
+            f12 += ga * gb
+            f22 += gb * gb
+        s2 = sigma2[i]
+        det = (f11 * f22 - f12 * f12) / (s2 * s2)
+        if det > 0.0:
+            angle = math.degrees(math.sqrt((f11 + f22) / s2 / det))
+            out[i] = min(angle, 90.0)
+        else:  # singular (or not finite): no orientation information
+            out[i] = 90.0
     return out
 
 

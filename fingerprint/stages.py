@@ -1,0 +1,161 @@
+"""Stage profile of a fit: where the time of ``fit_volume`` / ``model.fit`` goes.
+
+The fitting code marks its stages (reading, mask, frames, features, search, posterior,
+refinement, quality, writing, ...) with :func:`stage`; nothing is measured unless a
+:class:`StageProfile` is active (:func:`profile_stages`), and then each stage costs two
+clock reads. ``fingerprint fit --profile`` and ``scripts/bench_noddi.py --profile`` print
+the table, so a regression in one stage shows in one command.
+
+>>> with profile_stages() as prof:
+...     fit_volume("noddi", "dwi.nii.gz", "dwi.bval", "dwi.bvec", "out")
+>>> print(prof.table())
+
+Stage times are summed over the threads that ran them (a reader thread overlapping the
+fit adds its own time), so their total can exceed the wall time; the table gives both.
+Work done in other processes (executor workers) is not seen.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Laps", "StageProfile", "active_profile", "profile_stages", "stage"]
+
+
+@dataclass
+class StageProfile:
+    """Seconds and calls per stage name (names with ``/`` are sub-stages of their
+    parent: ``fit/search`` is part of ``fit``)."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+    calls: dict[str, int] = field(default_factory=dict)
+    #: voxels fitted while the profile was active (for the per-voxel column)
+    voxels: int = 0
+    started: float = field(default_factory=time.perf_counter)
+    stopped: float | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, name: str, seconds: float, calls: int = 1) -> None:
+        """Add ``seconds`` (and ``calls``) to stage ``name``."""
+        with self._lock:
+            self.seconds[name] = self.seconds.get(name, 0.0) + float(seconds)
+            self.calls[name] = self.calls.get(name, 0) + int(calls)
+
+    def count_voxels(self, n: int) -> None:
+        """Count ``n`` fitted voxels."""
+        with self._lock:
+            self.voxels += int(n)
+
+    @property
+    def wall_seconds(self) -> float:
+        """Wall time from activation to now (or to the end of the profiled block)."""
+        end = self.stopped if self.stopped is not None else time.perf_counter()
+        return end - self.started
+
+    def rows(self) -> list[tuple[str, float, int, float | None]]:
+        """(stage, seconds, calls, µs per voxel or None), parents before their
+        sub-stages, in the order the stages first ran."""
+        with self._lock:
+            names = list(self.seconds)
+            secs = dict(self.seconds)
+            calls = dict(self.calls)
+            voxels = self.voxels
+        order = {n: i for i, n in enumerate(names)}
+
+        def key(name: str) -> tuple[int, ...]:
+            parts = name.split("/")
+            return tuple(order.get("/".join(parts[:i + 1]), len(order))
+                         for i in range(len(parts)))
+
+        return [(n, secs[n], calls[n], secs[n] / voxels * 1e6 if voxels else None)
+                for n in sorted(names, key=key)]
+
+    def table(self) -> str:
+        """The profile as a plain-text table (stage, seconds, share of wall time,
+        µs/voxel, calls)."""
+        wall = self.wall_seconds
+        lines = [f"{'stage':<28} {'seconds':>9} {'share':>7} {'us/voxel':>9} {'calls':>7}"]
+        for name, sec, calls, per in self.rows():
+            depth = name.count("/")
+            label = "  " * depth + name.rsplit("/", 1)[-1]
+            share = f"{100 * sec / wall:6.1f}%" if wall > 0 else "      -"
+            per_s = f"{per:9.2f}" if per is not None else f"{'-':>9}"
+            lines.append(f"{label:<28} {sec:9.3f} {share} {per_s} {calls:7d}")
+        per_wall = f", {wall / self.voxels * 1e6:.2f} us/voxel" if self.voxels else ""
+        lines.append(f"{'wall':<28} {wall:9.3f} {'100.0%':>7}   ({self.voxels} voxels"
+                     f"{per_wall})")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-able form: wall seconds, voxels and the stages' seconds and calls."""
+        return {"wall_seconds": self.wall_seconds, "voxels": self.voxels,
+                "stages": {n: {"seconds": s, "calls": c} for n, s, c, _ in self.rows()}}
+
+
+_ACTIVE: list[StageProfile] = []
+_ACTIVE_LOCK = threading.Lock()
+
+
+def active_profile() -> StageProfile | None:
+    """The innermost active profile of this process, or None."""
+    return _ACTIVE[-1] if _ACTIVE else None
+
+
+@contextlib.contextmanager
+def profile_stages(profile: StageProfile | None = None) -> Iterator[StageProfile]:
+    """Record the stages run in this process (all threads) during the block into
+    ``profile`` (a new :class:`StageProfile` by default), which is yielded; logged at
+    DEBUG at the end."""
+    prof = profile if profile is not None else StageProfile()
+    prof.started = time.perf_counter()
+    prof.stopped = None
+    with _ACTIVE_LOCK:
+        _ACTIVE.append(prof)
+    try:
+        yield prof
+    finally:
+        prof.stopped = time.perf_counter()
+        with _ACTIVE_LOCK:
+            _ACTIVE.remove(prof)
+        logger.debug("stage profile:\n%s", prof.table())
+
+
+@contextlib.contextmanager
+def stage(name: str) -> Iterator[None]:
+    """Time the block as stage ``name`` in the active profile (no cost without one)."""
+    prof = active_profile()
+    if prof is None:
+        yield
+        return
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        prof.add(name, time.perf_counter() - t0)
+
+
+class Laps:
+    """Consecutive stages of one code path: ``lap('frames')`` records the time since the
+    previous lap (or since creation) as stage ``prefix + 'frames'``. Without an active
+    profile it does nothing."""
+
+    __slots__ = ("prefix", "profile", "last")
+
+    def __init__(self, prefix: str = "") -> None:
+        self.prefix = prefix
+        self.profile = active_profile()
+        self.last = time.perf_counter() if self.profile is not None else 0.0
+
+    def __call__(self, name: str) -> None:
+        if self.profile is None:
+            return
+        now = time.perf_counter()
+        self.profile.add(self.prefix + name, now - self.last)
+        self.last = now

@@ -1,0 +1,101 @@
+"""The faster code paths give the numbers of the slower ones they replace, and the stage
+profile (`fingerprint fit --profile`) reports every stage. No timings are asserted."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fingerprint.cli.main import main
+from fingerprint.fitting.features import FeatureMap
+from fingerprint.fitting.quality import fit_limit, profile_orientation_sd
+from fingerprint.models import get_model
+from fingerprint.phantoms import noddi_phantom, write_phantom
+from fingerprint.stages import Laps, StageProfile, profile_stages, stage
+
+SIZE = 3000
+
+
+@pytest.fixture(scope="module")
+def hcp_scheme(reference_dir):
+    from fingerprint.io.gradients import read_bvals_bvecs
+
+    base = reference_dir / "schemes" / "hcp"
+    return read_bvals_bvecs(f"{base}.bval", f"{base}.bvec")
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    phantom = noddi_phantom(shape=(4, 3, 2), seed=3, snr=30)
+    return write_phantom(phantom, tmp_path_factory.mktemp("phantom"), prefix="sub-01")
+
+
+def test_analytic_orientation_sd_equals_finite_differences(hcp_scheme):
+    model = get_model("noddi")
+    fmap = FeatureMap.from_model(model, hcp_scheme)
+    rng = np.random.default_rng(4)
+    n = 300
+    vec = np.column_stack([rng.uniform(0, np.pi, n), rng.uniform(-np.pi, np.pi, n),
+                           rng.uniform(0.03, 0.95, n), rng.uniform(0.1, 0.95, n),
+                           rng.uniform(0, 0.5, n)])
+    vec = np.column_stack([vec[:, :4], vec[:, 4], 1.0 - vec[:, 4]])
+    signals = model.simulate_signal(hcp_scheme, vec)
+    frames = rng.normal(size=(n, 3))
+    frames /= np.linalg.norm(frames, axis=1, keepdims=True)
+    feats = fmap.voxel_features(signals, frames)
+    sigma2 = rng.uniform(1e-5, 1e-2, n)
+    dwi = ~np.asarray(hcp_scheme.b0_mask)
+    analytic = profile_orientation_sd(fmap, feats, frames, sigma2, dwi)
+    numeric = profile_orientation_sd(fmap.reconstruct, feats, frames, sigma2, dwi)
+    assert analytic.shape == (n,)
+    assert np.all(analytic > 0) and np.all(analytic <= 90.0)
+    np.testing.assert_allclose(analytic, numeric, rtol=1e-5, atol=1e-6)
+    # isotropic profiles carry no orientation: 90 degrees, as before
+    iso = feats.copy()
+    iso[:, [c for c in range(feats.shape[1]) if c not in fmap.offsets]] = 0.0
+    np.testing.assert_array_equal(profile_orientation_sd(fmap, iso, frames, sigma2, dwi),
+                                  np.full(n, 90.0))
+
+
+def test_fit_limit_is_the_f_quantile():
+    from scipy.stats import f
+
+    for n_fit, dof in ((288, 17), (3, 5), (90, 3)):
+        assert fit_limit(n_fit, dof) == pytest.approx(max(3.0, f.ppf(1 - 1e-3, n_fit, dof)),
+                                                      rel=1e-12)
+
+
+def test_stage_profile_records_nothing_unless_active():
+    with stage("outside"):
+        pass
+    with profile_stages() as prof:
+        with stage("a"):
+            with stage("a/b"):
+                pass
+        lap = Laps("a/")
+        lap("c")
+        lap("c")
+        prof.count_voxels(10)
+    assert set(prof.seconds) == {"a", "a/b", "a/c"}
+    assert prof.calls["a/c"] == 2
+    assert [r[0] for r in prof.rows()] == ["a", "a/b", "a/c"]
+    assert "wall" in prof.table() and "10 voxels" in prof.table()
+    assert prof.to_dict()["voxels"] == 10
+    empty = StageProfile()
+    assert empty.rows() == []
+
+
+def test_fit_profile_prints_every_stage(capsys, files, tmp_path):
+    code = main(["fit", "--model", "noddi", "--dwi", str(files["dwi"]), "--bval",
+                 str(files["bval"]), "--bvec", str(files["bvec"]), "--mask",
+                 str(files["mask"]), "--out", str(tmp_path / "maps"), "--dictionary-size",
+                 str(SIZE), "--threads", "1", "--no-progress", "--profile"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    table = out[out.index("stage profile"):]
+    for name in ("inputs", "mask", "dictionary", "read", "fit", "frames", "features",
+                 "search", "posterior", "refine", "quality", "flags", "write", "wall"):
+        assert f"\n{name} " in table or f"  {name} " in table, (name, table)
+    assert "24 voxels" in table
