@@ -35,17 +35,24 @@ class StageProfile:
     parent: ``fit/search`` is part of ``fit``)."""
 
     seconds: dict[str, float] = field(default_factory=dict)
+    #: process CPU seconds (all threads) during each stage: steadier than wall time on a
+    #: loaded machine, but stages that overlap in time each count the other's CPU too
+    cpu_seconds: dict[str, float] = field(default_factory=dict)
     calls: dict[str, int] = field(default_factory=dict)
     #: voxels fitted while the profile was active (for the per-voxel column)
     voxels: int = 0
     started: float = field(default_factory=time.perf_counter)
     stopped: float | None = None
+    cpu_started: float = field(default_factory=time.process_time)
+    cpu_stopped: float | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def add(self, name: str, seconds: float, calls: int = 1) -> None:
-        """Add ``seconds`` (and ``calls``) to stage ``name``."""
+    def add(self, name: str, seconds: float, calls: int = 1, cpu: float = 0.0) -> None:
+        """Add ``seconds`` of wall time, ``cpu`` seconds of process CPU time (and
+        ``calls``) to stage ``name``."""
         with self._lock:
             self.seconds[name] = self.seconds.get(name, 0.0) + float(seconds)
+            self.cpu_seconds[name] = self.cpu_seconds.get(name, 0.0) + float(cpu)
             self.calls[name] = self.calls.get(name, 0) + int(calls)
 
     def count_voxels(self, n: int) -> None:
@@ -59,6 +66,12 @@ class StageProfile:
         end = self.stopped if self.stopped is not None else time.perf_counter()
         return end - self.started
 
+    @property
+    def cpu_total(self) -> float:
+        """Process CPU seconds (all threads) from activation to now (or to the end)."""
+        end = self.cpu_stopped if self.cpu_stopped is not None else time.process_time()
+        return end - self.cpu_started
+
     def rows(self) -> list[tuple[str, float, int, float | None]]:
         """(stage, seconds, calls, µs per voxel or None), parents before their
         sub-stages, in the order the stages first ran."""
@@ -67,6 +80,11 @@ class StageProfile:
             secs = dict(self.seconds)
             calls = dict(self.calls)
             voxels = self.voxels
+        return self._ordered(names, secs, calls, voxels)
+
+    @staticmethod
+    def _ordered(names: list[str], secs: dict[str, float], calls: dict[str, int],
+                 voxels: int) -> list[tuple[str, float, int, float | None]]:
         order = {n: i for i, n in enumerate(names)}
 
         def key(name: str) -> tuple[int, ...]:
@@ -79,24 +97,32 @@ class StageProfile:
 
     def table(self) -> str:
         """The profile as a plain-text table (stage, seconds, share of wall time,
-        µs/voxel, calls)."""
+        µs/voxel, CPU seconds of all threads, calls)."""
         wall = self.wall_seconds
-        lines = [f"{'stage':<28} {'seconds':>9} {'share':>7} {'us/voxel':>9} {'calls':>7}"]
+        lines = [f"{'stage':<24} {'seconds':>9} {'share':>7} {'us/voxel':>9} "
+                 f"{'cpu s':>8} {'calls':>6}"]
+        with self._lock:
+            cpu = dict(self.cpu_seconds)
         for name, sec, calls, per in self.rows():
             depth = name.count("/")
             label = "  " * depth + name.rsplit("/", 1)[-1]
             share = f"{100 * sec / wall:6.1f}%" if wall > 0 else "      -"
             per_s = f"{per:9.2f}" if per is not None else f"{'-':>9}"
-            lines.append(f"{label:<28} {sec:9.3f} {share} {per_s} {calls:7d}")
-        per_wall = f", {wall / self.voxels * 1e6:.2f} us/voxel" if self.voxels else ""
-        lines.append(f"{'wall':<28} {wall:9.3f} {'100.0%':>7}   ({self.voxels} voxels"
-                     f"{per_wall})")
+            lines.append(f"{label:<24} {sec:9.3f} {share} {per_s} {cpu.get(name, 0.0):8.3f} "
+                         f"{calls:6d}")
+        per_wall = f"{wall / self.voxels * 1e6:9.2f}" if self.voxels else f"{'-':>9}"
+        lines.append(f"{'wall':<24} {wall:9.3f} {'100.0%':>7} {per_wall} "
+                     f"{self.cpu_total:8.3f}   ({self.voxels} voxels)")
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, object]:
         """JSON-able form: wall seconds, voxels and the stages' seconds and calls."""
-        return {"wall_seconds": self.wall_seconds, "voxels": self.voxels,
-                "stages": {n: {"seconds": s, "calls": c} for n, s, c, _ in self.rows()}}
+        with self._lock:
+            cpu = dict(self.cpu_seconds)
+        return {"wall_seconds": self.wall_seconds, "cpu_seconds": self.cpu_total,
+                "voxels": self.voxels,
+                "stages": {n: {"seconds": s, "cpu_seconds": cpu.get(n, 0.0), "calls": c}
+                           for n, s, c, _ in self.rows()}}
 
 
 _ACTIVE: list[StageProfile] = []
@@ -116,12 +142,15 @@ def profile_stages(profile: StageProfile | None = None) -> Iterator[StageProfile
     prof = profile if profile is not None else StageProfile()
     prof.started = time.perf_counter()
     prof.stopped = None
+    prof.cpu_started = time.process_time()
+    prof.cpu_stopped = None
     with _ACTIVE_LOCK:
         _ACTIVE.append(prof)
     try:
         yield prof
     finally:
         prof.stopped = time.perf_counter()
+        prof.cpu_stopped = time.process_time()
         with _ACTIVE_LOCK:
             _ACTIVE.remove(prof)
         logger.debug("stage profile:\n%s", prof.table())
@@ -135,10 +164,11 @@ def stage(name: str) -> Iterator[None]:
         yield
         return
     t0 = time.perf_counter()
+    c0 = time.process_time()
     try:
         yield
     finally:
-        prof.add(name, time.perf_counter() - t0)
+        prof.add(name, time.perf_counter() - t0, cpu=time.process_time() - c0)
 
 
 class Laps:
@@ -146,16 +176,19 @@ class Laps:
     previous lap (or since creation) as stage ``prefix + 'frames'``. Without an active
     profile it does nothing."""
 
-    __slots__ = ("prefix", "profile", "last")
+    __slots__ = ("prefix", "profile", "last", "last_cpu")
 
     def __init__(self, prefix: str = "") -> None:
         self.prefix = prefix
         self.profile = active_profile()
         self.last = time.perf_counter() if self.profile is not None else 0.0
+        self.last_cpu = time.process_time() if self.profile is not None else 0.0
 
     def __call__(self, name: str) -> None:
         if self.profile is None:
             return
         now = time.perf_counter()
-        self.profile.add(self.prefix + name, now - self.last)
+        cpu = time.process_time()
+        self.profile.add(self.prefix + name, now - self.last, cpu=cpu - self.last_cpu)
         self.last = now
+        self.last_cpu = cpu

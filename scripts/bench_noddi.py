@@ -2,7 +2,8 @@
 
     python scripts/bench_noddi.py [--scheme tests/data/reference/schemes/hcp] [--voxels 10000]
         [--threads 2] [--dictionary-size N] [--no-amico] [--no-dmipy] [--dmipy-voxels 1000]
-        [--whole-brain] [--json out.json]
+        [--profile] [--whole-brain [--baseline-checkout DIR] [--repeats N]
+        [--scaling-threads 1 2] [--scaling-voxels N]] [--json out.json]
 
 Phantoms come from our NODDI forward model on the given scheme (FSL ``<scheme>.bval`` /
 ``<scheme>.bvec``; default: the HCP scheme of the reference test data in
@@ -33,10 +34,23 @@ fingerprint) from binary wheels of older numpy / scipy / dipy / numba, then dmip
 without its declared dependencies. fingerprint's (and AMICO's) errors on the very same
 subset are reported beside dmipy's.
 
+``--profile`` prints the stage profile (:mod:`fingerprint.stages`) of each phantom's
+timed fit.
+
 ``--whole-brain`` also fits ``--whole-brain-voxels`` voxels (default 1,000,000, signals
-of the uniform phantom with fresh noise) through the ``fingerprint fit`` command and
-reports its wall time and peak resident memory (``/usr/bin/time -v``, or
-``getrusage`` of the child) against the size of the input as float32.
+of the uniform phantom with fresh Rician noise, a gzip NIfTI with a mask) through the
+``fingerprint fit`` command, end to end in a fresh interpreter (reading, mask, fit, all
+maps and sidecars), at ``--threads``; and a ``--scaling-voxels`` volume at each of
+``--scaling-threads`` (the speed-up per core). With ``--baseline-checkout DIR`` (a
+checkout of a previous version) the same runs are made with that code back to back,
+alternating which runs first, ``--repeats`` times. Reported per run: wall time, µs per
+voxel, peak RSS of the process, the load average before it, and the stage profile
+(checkouts without :mod:`fingerprint.stages`: the fit's dictionary / fit / write times).
+Each checkout first fits a small volume once per thread count, untimed (compiled
+kernels, HNSW graph). The volumes are kept in ``--work`` and reused when present.
+
+    python scripts/bench_noddi.py --only-whole-brain --work /tmp/wb \
+        --baseline-checkout ../previous --repeats 2
 """
 
 from __future__ import annotations
@@ -86,6 +100,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "this size (e.g. 145 174 145, the HCP grid); default: a full cube")
     p.add_argument("--only-whole-brain", action="store_true",
                    help="run only the whole-brain CLI benchmark (implies --whole-brain)")
+    p.add_argument("--baseline-checkout", type=Path, metavar="DIR",
+                   help="a checkout of a previous version (e.g. `git worktree add --detach "
+                        "DIR <commit>`): its `fingerprint fit` runs the same whole-brain "
+                        "volumes back to back with this checkout's")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="whole-brain runs per code, volume and thread count (alternating "
+                        "which code runs first)")
+    p.add_argument("--scaling-threads", type=int, nargs="*", default=[1, 2], metavar="N",
+                   help="thread counts of the scaling runs (default 1 2; none: skip them)")
+    p.add_argument("--scaling-voxels", type=int, default=250_000,
+                   help="voxels of the (cube, gzip) volume of the scaling runs")
+    p.add_argument("--profile", action="store_true",
+                   help="print the stage profile of the timed fit of each phantom")
     p.add_argument("--json", type=Path, help="write the results as JSON here")
     return p.parse_args(argv)
 
@@ -210,9 +237,12 @@ def run_ours(paths: dict[str, Path], out: Path, n: int, threads: int, size: int 
     first = fit_volume("noddi", paths["dwi"], paths["bval"], paths["bvec"], out / "cold",
                        mask=paths["mask"], threads=threads, dictionary_size=size)
     cold = time.perf_counter() - t
+    from fingerprint.stages import profile_stages
+
     t = time.perf_counter()
-    res = fit_volume("noddi", paths["dwi"], paths["bval"], paths["bvec"], out / "warm",
-                     mask=paths["mask"], threads=threads, dictionary_size=size)
+    with profile_stages() as prof:
+        res = fit_volume("noddi", paths["dwi"], paths["bval"], paths["bvec"], out / "warm",
+                         mask=paths["mask"], threads=threads, dictionary_size=size)
     warm = time.perf_counter() - t
     maps = {k: to_flat(np.asarray(nib.load(res.maps[k]).dataobj), n)
             for k in ("icvf", "odi", "isovf", "direction")}
@@ -222,7 +252,8 @@ def run_ours(paths: dict[str, Path], out: Path, n: int, threads: int, size: int 
     return {"maps": maps, "cold_seconds": cold, "warm_seconds": warm,
             "dictionary_seconds_cold": first.timings.get("dictionary"),
             "fit_seconds": res.timings["fit"], "us_per_voxel_fit": res.timings["fit"] / n * 1e6,
-            "us_per_voxel_total": warm / n * 1e6, "atoms": atoms}
+            "us_per_voxel_total": warm / n * 1e6, "atoms": atoms,
+            "profile": {**prof.to_dict(), "table": prof.table()}}
 
 
 def run_estimator_only(paths: dict[str, Path], n: int, threads: int, size: int | None
@@ -467,9 +498,48 @@ def ellipsoid_mask(box: tuple[int, int, int], voxels: int) -> np.ndarray:
     return (x * x + y * y + z * z <= 1.0).ravel(order="F")
 
 
-def run_whole_brain(signals: np.ndarray, bval: Path, bvec: Path, work: Path, voxels: int,
-                    threads: int, size: int | None, rng: np.random.Generator,
-                    box: tuple[int, int, int] | None = None) -> dict[str, object]:
+#: What runs ``fingerprint fit`` in a fresh interpreter for the whole-brain benchmark: the
+#: checkout's own command line, its FitResult timings and, when the checkout has one, its
+#: stage profile (``fingerprint.stages``), plus the process's peak RSS, as JSON.
+CLI_RUNNER = textwrap.dedent("""
+    import json, resource, sys, time
+    t0 = time.perf_counter()
+    out_json, argv = sys.argv[1], sys.argv[2:]
+    from fingerprint.cli.main import main
+    import fingerprint.fitting.pipeline as pipeline
+    seen = {}
+    original = pipeline.fit_volume
+    def fit_volume(*args, **kwargs):
+        result = original(*args, **kwargs)
+        seen["timings"] = dict(result.timings)
+        seen["n_voxels"] = int(result.n_voxels)
+        return result
+    pipeline.fit_volume = fit_volume
+    try:
+        from fingerprint.stages import profile_stages
+    except ImportError:  # a checkout without the stage profile
+        profile_stages = None
+    if profile_stages is not None:
+        with profile_stages() as prof:
+            code = main(argv)
+        seen["profile"] = prof.to_dict()
+    else:
+        code = main(argv)
+    seen["exit"] = code
+    seen["process_seconds"] = time.perf_counter() - t0
+    seen["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    with open(out_json, "w") as f:
+        json.dump(seen, f)
+    sys.exit(code)
+""")
+
+
+def write_whole_brain(signals: np.ndarray, bval: Path, bvec: Path, directory: Path,
+                      voxels: int, seed: int, box: tuple[int, int, int] | None = None
+                      ) -> tuple[dict[str, Path], dict[str, object]]:
+    """The gzip NIfTI (and mask) of ``voxels`` voxels with the tiled ``signals`` and fresh
+    Rician noise (SNR 30): a full cube, or an ellipsoid in ``box``; reused when
+    ``directory`` already holds the same volume."""
     if box is None:  # a cube filled by the mask
         side = int(round(voxels ** (1 / 3)))
         shape = (side, side, int(np.ceil(voxels / side / side)))
@@ -478,45 +548,159 @@ def run_whole_brain(signals: np.ndarray, bval: Path, bvec: Path, work: Path, vox
         shape = tuple(int(b) for b in box)
         mask_flat = ellipsoid_mask(shape, voxels)
         voxels = int(mask_flat.sum())
+    meta = {"voxels": voxels, "shape": list(shape), "measurements": int(signals.shape[1]),
+            "seed": seed, "signals": float(np.sum(signals[:10]))}
+    meta_path = directory / "volume.json"
+    paths = {"dwi": directory / "dwi.nii.gz", "mask": directory / "mask.nii.gz",
+             "bval": directory / "dwi.bval", "bvec": directory / "dwi.bvec"}
+    if meta_path.exists() and json.loads(meta_path.read_text()) == meta and \
+            all(p.exists() for p in paths.values()):
+        meta["write_input_seconds"] = 0.0
+        return paths, meta
+    rng = np.random.default_rng(seed)
     tiled = signals.astype(np.float32)[np.arange(voxels) % signals.shape[0]]
     t = time.perf_counter()
-    paths = write_case(work / "data", tiled, bval, bvec, 1000.0, 30.0, rng, shape=shape,
+    paths = write_case(directory, tiled, bval, bvec, 1000.0, 30.0, rng, shape=shape,
                        mask_flat=mask_flat)
-    write_seconds = time.perf_counter() - t
-    del tiled
-    n_meas = signals.shape[1]
-    float32_bytes = int(np.prod(shape)) * n_meas * 4
-    cmd = [sys.executable, "-m", "fingerprint", "fit", "--model", "noddi",
+    meta_path.write_text(json.dumps(meta))
+    meta["write_input_seconds"] = time.perf_counter() - t
+    return paths, meta
+
+
+def run_fit_cli(checkout: Path, paths: dict[str, Path], out: Path, threads: int,
+                size: int | None) -> dict[str, object]:
+    """``fingerprint fit`` of ``paths`` by the code of ``checkout`` in a fresh interpreter:
+    wall time end to end (interpreter start to exit), peak RSS, the fit's own timings and
+    its stage profile (when the checkout has one)."""
+    shutil.rmtree(out, ignore_errors=True)
+    report_json = out.with_suffix(".json")
+    runner = out.parent / "run_fit_cli.py"
+    runner.write_text(CLI_RUNNER)
+    env = {**os.environ, "PYTHONPATH": str(checkout)}
+    for var in ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                "MKL_NUM_THREADS"):
+        env[var] = str(threads)
+    cmd = [sys.executable, str(runner), str(report_json), "fit", "--model", "noddi",
            "--dwi", str(paths["dwi"]), "--bval", str(paths["bval"]), "--bvec",
-           str(paths["bvec"]), "--mask", str(paths["mask"]), "--out", str(work / "maps"),
+           str(paths["bvec"]), "--mask", str(paths["mask"]), "--out", str(out),
            "--threads", str(threads), "--no-progress"]
     if size:
         cmd += ["--dictionary-size", str(size)]
-    timer = shutil.which("time") or ("/usr/bin/time" if Path("/usr/bin/time").exists() else None)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     t = time.perf_counter()
-    if timer:
-        r = subprocess.run([timer, "-v", *cmd], capture_output=True, text=True)
-        wall = time.perf_counter() - t
-        peak_kb = None
-        for line in r.stderr.splitlines():
-            if "Maximum resident set size" in line:
-                peak_kb = int(line.split(":")[1])
-    else:  # a fresh wrapper process whose only child is the CLI
-        code = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
-                "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); "
-                "sys.exit(r.returncode)")
-        r = subprocess.run([sys.executable, "-c", code, *cmd], capture_output=True, text=True)
-        wall = time.perf_counter() - t
-        peak_kb = int(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else None
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=checkout, env=env)
+    wall = time.perf_counter() - t
     if r.returncode != 0:
-        raise RuntimeError(f"fingerprint fit failed:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}")
-    summary = [ln for ln in r.stdout.splitlines() if ln.startswith("fitted")]
-    return {"voxels": voxels, "shape": list(shape), "measurements": n_meas,
-            "input_bytes_on_disk": paths["dwi"].stat().st_size,
-            "input_float32_bytes": float32_bytes, "write_input_seconds": write_seconds,
-            "wall_seconds": wall, "peak_rss_bytes": peak_kb * 1024 if peak_kb else None,
-            "peak_rss_over_float32": (peak_kb * 1024 / float32_bytes) if peak_kb else None,
-            "cli_summary": summary[0] if summary else ""}
+        raise RuntimeError(f"fingerprint fit ({checkout}) failed:\n{r.stdout[-2000:]}\n"
+                           f"{r.stderr[-3000:]}")
+    info = json.loads(report_json.read_text())
+    shutil.rmtree(out, ignore_errors=True)
+    n = int(info.get("n_voxels") or 0)
+    return {"wall_seconds": wall, "us_per_voxel": wall / max(n, 1) * 1e6,
+            "load_before": load, **info}
+
+
+def run_whole_brain(signals: np.ndarray, bval: Path, bvec: Path, work: Path,
+                    args: argparse.Namespace) -> dict[str, object]:
+    """The whole-brain benchmark: ``fingerprint fit`` end to end on a gzip volume of
+    ``--whole-brain-voxels`` voxels at ``--threads``, and on ``--scaling-voxels`` voxels
+    at each of ``--scaling-threads``, for this checkout and (``--baseline-checkout``) a
+    previous one, back to back (alternating which runs first), ``--repeats`` times; each
+    checkout first fits a small volume once per thread count (compiled kernels, HNSW
+    graph), untimed."""
+    box = tuple(args.whole_brain_box) if args.whole_brain_box else None
+    checkouts = {"current": REPO}
+    if args.baseline_checkout:
+        checkouts["baseline"] = args.baseline_checkout.resolve()
+    volumes = {"brain": (args.whole_brain_voxels, box)}
+    threads_of = {"brain": [args.threads]}
+    if args.scaling_threads:
+        volumes["scaling"] = (args.scaling_voxels, None)
+        threads_of["scaling"] = list(args.scaling_threads)
+    volumes["warmup"] = (min(20_000, args.scaling_voxels), None)
+    written = {}
+    for name, (voxels, vbox) in volumes.items():
+        print(f"[whole brain] writing the {name} volume ({voxels} voxels) ...", flush=True)
+        written[name] = write_whole_brain(signals, bval, bvec, work / name, voxels,
+                                          args.seed + 100, vbox)
+    all_threads = sorted({t for ts in threads_of.values() for t in ts})
+    for label, checkout in checkouts.items():
+        for t in all_threads:
+            run_fit_cli(checkout, written["warmup"][0], work / f"out-warmup-{label}", t,
+                        args.dictionary_size)
+    runs: list[dict[str, object]] = []
+    for rep in range(args.repeats):
+        for name in ("brain", "scaling"):
+            if name not in threads_of:
+                continue
+            for t in threads_of[name]:
+                order = list(checkouts.items())
+                if rep % 2:
+                    order.reverse()
+                for label, checkout in order:
+                    r = run_fit_cli(checkout, written[name][0], work / f"out-{label}", t,
+                                    args.dictionary_size)
+                    r.update(code=label, checkout=str(checkout), volume=name, threads=t,
+                             repeat=rep, voxels=written[name][1]["voxels"])
+                    runs.append(r)
+                    print(f"[whole brain] {label} {name} {t} thread(s): "
+                          f"{r['wall_seconds']:.1f} s, {r['us_per_voxel']:.1f} us/voxel, "
+                          f"peak RSS {r['peak_rss_bytes'] / 2**30:.2f} GiB, load "
+                          f"{r['load_before']:.1f}", flush=True)
+    meta = written["brain"][1]
+    n_meas = int(meta["measurements"])
+    float32_bytes = int(np.prod(meta["shape"])) * n_meas * 4
+    return {"voxels": meta["voxels"], "shape": meta["shape"], "measurements": n_meas,
+            "input_bytes_on_disk": written["brain"][0]["dwi"].stat().st_size,
+            "input_float32_bytes": float32_bytes, "checkouts": {k: str(v) for k, v in
+                                                                checkouts.items()},
+            "runs": runs}
+
+
+def whole_brain_report(wb: dict[str, object]) -> list[str]:
+    """Markdown tables of the whole-brain runs: wall, µs/voxel, peak RSS per run (with the
+    best of each code / volume / threads), and the stage profile of the best runs."""
+    runs = list(wb["runs"])
+    lines = ["", f"whole brain: {wb['voxels']} voxels (box {wb['shape']}) x "
+                 f"{wb['measurements']} measurements, gzip input "
+                 f"{wb['input_bytes_on_disk'] / 2**30:.2f} GiB "
+                 f"({wb['input_float32_bytes'] / 2**30:.2f} GiB as float32), through "
+                 f"`fingerprint fit` end to end", "",
+             "| code | volume | voxels | threads | wall (s) | µs/voxel | peak RSS (GiB) | "
+             "load before |", "|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        lines.append(f"| {r['code']} | {r['volume']} | {r['voxels']} | {r['threads']} | "
+                     f"{r['wall_seconds']:.1f} | {r['us_per_voxel']:.1f} | "
+                     f"{r['peak_rss_bytes'] / 2**30:.2f} | {r['load_before']:.1f} |")
+    best: dict[tuple[str, str, int], dict[str, object]] = {}
+    for r in runs:
+        key = (str(r["code"]), str(r["volume"]), int(r["threads"]))
+        if key not in best or r["wall_seconds"] < best[key]["wall_seconds"]:
+            best[key] = r
+    base = {k[1:]: v for k, v in best.items() if k[0] == "baseline"}
+    if base:
+        lines += ["", "| volume | threads | current / baseline wall (best runs) |",
+                  "|---|---|---|"]
+        for (code, volume, threads), r in sorted(best.items()):
+            if code == "current" and (volume, threads) in base:
+                ratio = r["wall_seconds"] / base[(volume, threads)]["wall_seconds"]
+                lines.append(f"| {volume} | {threads} | {ratio:.2f} |")
+    for (code, volume, threads), r in sorted(best.items()):
+        stages = (r.get("profile") or {}).get("stages") or {}
+        timings = r.get("timings") or {}
+        lines += ["", f"stages of {code}, {volume}, {threads} thread(s) (best run, "
+                      f"{r['wall_seconds']:.1f} s end to end):", "",
+                  "| stage | seconds | cpu seconds |", "|---|---|---|"]
+        if stages:
+            for name, v in stages.items():
+                lines.append(f"| {name} | {v['seconds']:.2f} | {v['cpu_seconds']:.2f} |")
+        else:  # a checkout without the stage profile: the fit's own three timings
+            for name, v in timings.items():
+                lines.append(f"| {name} | {v:.2f} | |")
+        lines.append(f"| outside the fit's dictionary / fit / write (start-up, imports, "
+                     f"inputs, mask, exit) | {r['wall_seconds'] - sum(timings.values()):.2f} "
+                     f"| |")
+    return lines
 
 
 # --------------------------------------------------------------------------- main
@@ -589,12 +773,16 @@ def main(args: argparse.Namespace) -> dict[str, object]:
                         args.dictionary_size)
         case["fingerprint"] = {**{k: v for k, v in ours.items() if k != "maps"},
                                **errors(ours["maps"], params)}
+        if not args.profile:
+            case["fingerprint"].pop("profile")
         try:
             case["fingerprint"].update(run_estimator_only(paths, args.voxels, args.threads,
                                                           args.dictionary_size))
         except Exception as exc:  # the in-memory timing is an extra
             case["fingerprint"]["estimate_error"] = str(exc)
         print(f"[{kind}] fingerprint: {json.dumps(case['fingerprint'])}", flush=True)
+        if args.profile:
+            print(case["fingerprint"]["profile"]["table"], flush=True)
         if amico_python is not None:
             try:
                 am = run_amico(amico_python, paths, work / kind / "amico", args.voxels,
@@ -632,11 +820,8 @@ def main(args: argparse.Namespace) -> dict[str, object]:
             uniform_signals = simulate(scheme, params)
         print(f"[whole brain] {args.whole_brain_voxels} voxels through `fingerprint fit` ...",
               flush=True)
-        results["whole_brain"] = run_whole_brain(
-            uniform_signals, bval, bvec, work / "whole_brain", args.whole_brain_voxels,
-            args.threads, args.dictionary_size, rng,
-            box=tuple(args.whole_brain_box) if args.whole_brain_box else None)
-        print(f"[whole brain] {json.dumps(results['whole_brain'])}", flush=True)
+        results["whole_brain"] = run_whole_brain(uniform_signals, bval, bvec,
+                                                 work / "whole_brain", args)
     if not args.keep and args.work is None:
         shutil.rmtree(work, ignore_errors=True)
     return results
@@ -673,15 +858,14 @@ def report(results: dict[str, object]) -> str:
                     lines.append(f"| {kind} | {same['voxels']} | {method} | "
                                  f"{r['icvf_mae']:.4f} | {r['odi_mae']:.4f} | "
                                  f"{r['isovf_mae']:.4f} | {r['direction_median_deg']:.2f} |")
+    for kind, case in results["cases"].items():
+        prof = case.get("fingerprint", {}).get("profile")
+        if prof:
+            lines += ["", f"stage profile of the timed fit_volume run, {kind} phantom:", "",
+                      prof["table"]]
     wb = results.get("whole_brain")
     if wb:
-        peak = wb["peak_rss_bytes"]
-        lines += ["", f"whole brain: {wb['voxels']} voxels (box {wb['shape']}) x "
-                      f"{wb['measurements']} measurements "
-                      f"through `fingerprint fit`: {wb['wall_seconds']:.1f} s wall, peak RSS "
-                      f"{peak / 2**30:.2f} GiB vs input {wb['input_float32_bytes'] / 2**30:.2f} "
-                      f"GiB as float32 (ratio {wb['peak_rss_over_float32']:.2f})"
-                  if peak else f"whole brain: {wb}"]
+        lines += whole_brain_report(wb)
     return "\n".join(lines)
 
 

@@ -99,3 +99,86 @@ def test_fit_profile_prints_every_stage(capsys, files, tmp_path):
                  "search", "posterior", "refine", "quality", "flags", "write", "wall"):
         assert f"\n{name} " in table or f"  {name} " in table, (name, table)
     assert "24 voxels" in table
+
+
+@pytest.fixture(scope="module")
+def multi_slab(tmp_path_factory) -> dict[str, Path]:
+    phantom = noddi_phantom(shape=(5, 4, 6), seed=5, snr=30)
+    return write_phantom(phantom, tmp_path_factory.mktemp("slabs"), prefix="sub-02")
+
+
+def _maps(result) -> dict[str, np.ndarray]:
+    import nibabel as nib
+
+    return {k: np.asarray(nib.load(p).dataobj) for k, p in result.maps.items()}
+
+
+def test_overlapped_reading_gives_the_same_maps(multi_slab, tmp_path):
+    """A gzip DWI read in many slabs (decompressed in the background while the dictionary
+    loads, each slab read while the previous one is fitted) gives the maps of one read."""
+    from fingerprint.fitting.pipeline import fit_volume
+
+    args = ("noddi", multi_slab["dwi"], multi_slab["bval"], multi_slab["bvec"])
+    one = fit_volume(*args, tmp_path / "one", mask=multi_slab["mask"], threads=1,
+                     dictionary_size=SIZE)
+    with profile_stages() as prof:
+        many = fit_volume(*args, tmp_path / "many", mask=multi_slab["mask"], threads=1,
+                          dictionary_size=SIZE, slab_bytes=1, chunk_voxels=7)
+    assert prof.calls["read/decompress"] == 1
+    assert prof.calls["read"] >= 6  # one slice per slab, each read ahead
+    a, b = _maps(one), _maps(many)
+    assert set(a) == set(b) and "odi" in a
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    assert [p.name for p in one.files] == [p.name for p in many.files]
+    leftovers = [p.name for p in (tmp_path / "many").iterdir() if p.name.startswith(".")]
+    assert leftovers == []  # the decompressed copy is removed
+
+
+def test_read_ahead_errors_reach_the_fit(multi_slab, tmp_path):
+    """A DWI whose gzip stream is corrupt fails with an InputError naming it, also when
+    the decompression runs in the background."""
+    from fingerprint.errors import InputError
+    from fingerprint.fitting.pipeline import fit_volume
+
+    raw = multi_slab["dwi"].read_bytes()
+    bad = tmp_path / "sub-03_dwi.nii.gz"
+    cut = len(raw) // 2
+    bad.write_bytes(raw[:cut] + bytes(b ^ 0x5A for b in raw[cut:cut + 64]) + raw[cut + 64:])
+    with pytest.raises(InputError, match="sub-03_dwi.nii.gz"):
+        fit_volume("noddi", bad, multi_slab["bval"], multi_slab["bvec"], tmp_path / "out",
+                   mask=multi_slab["mask"], threads=1, dictionary_size=SIZE, slab_bytes=1)
+    assert not any(p.name.startswith(".") for p in (tmp_path / "out").iterdir()) \
+        if (tmp_path / "out").exists() else True
+
+
+def test_float32_signals_give_the_estimates_of_float64(hcp_scheme):
+    """float32 signals go into the estimator without a float64 copy; the estimates are
+    those of the same values as float64."""
+    from fingerprint.fitting.engine import get_estimator
+    from fingerprint.fitting.validity import usable_voxels
+
+    model = get_model("noddi")
+    rng = np.random.default_rng(6)
+    n = 200
+    vec = np.column_stack([rng.uniform(0, np.pi, n), rng.uniform(-np.pi, np.pi, n),
+                           rng.uniform(0.03, 0.95, n), rng.uniform(0.1, 0.95, n)])
+    iso = rng.uniform(0, 0.5, n)
+    vec = np.column_stack([vec, iso, 1.0 - iso])
+    signals = (model.simulate_signal(hcp_scheme, vec) * 900.0 +
+               rng.normal(0, 20, (n, hcp_scheme.number_of_measurements)))
+    data32 = np.abs(signals).astype(np.float32)
+    data32[3, 5] = np.nan
+    data32[4, 7] = -1.0
+    data32[5, np.asarray(hcp_scheme.b0_mask)] = 0.0
+    usable = usable_voxels(data32, hcp_scheme.b0_mask)
+    with np.errstate(invalid="ignore"):
+        expected = (np.isfinite(data32).all(1) & (data32 >= 0).all(1)
+                    & (data32[:, np.asarray(hcp_scheme.b0_mask)].mean(1) > 0))
+    np.testing.assert_array_equal(usable, expected)
+    assert list(np.flatnonzero(~usable)) == [3, 4, 5]
+    est = get_estimator(model, hcp_scheme, dictionary_size=SIZE, n_jobs=1)
+    a = est.estimate(data32[usable])
+    b = est.estimate(data32[usable].astype(np.float64))
+    for field in ("parameters", "uncertainty", "s0", "r2", "sigma", "orientation_sd"):
+        np.testing.assert_array_equal(getattr(a, field), getattr(b, field), err_msg=field)

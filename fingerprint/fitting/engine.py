@@ -328,9 +328,13 @@ def fit_voxels(fitter: VoxelFitter, data: np.ndarray,
         raise InputError(f"data must have shape (voxels, measurements), got {arr.shape}")
     n = arr.shape[0]
     with stage("fit/select"):
+        if arr.dtype not in (np.float32, np.float64):
+            arr = arr.astype(np.float64)
         usable = usable_voxels(arr, fitter.scheme.b0_mask)
         rows = np.flatnonzero(usable)
-        sub = np.ascontiguousarray(arr[rows], dtype=np.float64)
+        # float32 (NIfTI slabs) and float64 signals go in as they are, without a copy when
+        # every voxel is usable: the estimator normalises them to float64 in one pass
+        sub = np.ascontiguousarray(arr if rows.size == n else arr[rows])
         x0_rows = _x0_rows(x0, rows, n)
     ve = fitter.fit_voxels(sub, x0_rows)
     if rows.size == n:

@@ -409,9 +409,13 @@ class FingerprintEstimator:
         unc = np.full((n, P), np.nan)
         r2 = np.full(n, np.nan)
         mse = np.full(n, np.nan)
-        # one dtype for every input (float32 NIfTI slabs, float64 arrays, integer scanner
-        # data): each dtype would otherwise compile the kernels once more
-        data = np.ascontiguousarray(data, dtype=np.float64)
+        # float32 (NIfTI slabs) or float64 raw signals, read once by prepare_signals, which
+        # computes in float64 and writes the float64 normalised signals every later step
+        # uses; other dtypes become float64 (two compiled versions of that one kernel)
+        if data.dtype != np.float32:
+            data = np.ascontiguousarray(data, dtype=np.float64)
+        else:
+            data = np.ascontiguousarray(data)
         no_sigma = np.full(n, np.nan)
         plain_all, _, s0, sigma_all, valid = run_parallel(
             prepare_signals, data, b0, no_sigma, MIN_B0_FOR_NOISE, False)
@@ -419,10 +423,13 @@ class FingerprintEstimator:
         diag = {d: np.full(n, np.nan) for d in VoxelEstimates.DIAGNOSTICS}
         if rows.size == 0:
             return VoxelEstimates(params, unc, s0, r2, mse, valid, sigma_all, **diag)
-        plain = plain_all[rows]
-        sigma_b0 = sigma_all[rows]
-        s0v = s0[rows]
-        x0v = None if x0 is None else x0[rows]
+        if rows.size == n:  # no copies when every voxel is valid (the usual case)
+            plain, sigma_b0, s0v, x0v = plain_all, sigma_all.copy(), s0, x0
+        else:
+            plain = plain_all[rows]
+            sigma_b0 = sigma_all[rows]
+            s0v = s0[rows]
+            x0v = None if x0 is None else x0[rows]
         lap("prepare")
 
         # orientation given in x0
@@ -640,16 +647,20 @@ class FingerprintEstimator:
         noise of the axis it is fitted around; the matched profile cannot, so the new
         axis is closer to the fibre's for dispersed voxels (docs/fitting.md)."""
         fmap = self.feature_map
+        lap = Laps("fit/align/")
         if query is None:
             query = fmap.voxel_features(ynorm, frames)
         dist, idx = self.matcher.search(query, PROFILE_NEIGHBORS,
                                         ef_search=PROFILE_EF_SEARCH)
+        lap("search")
         _, _, weights = posterior_mean(dist, idx, self.atom_parameters, sig2,
                                        self.temperature)
         profile = weighted_atoms(weights, idx, self.atom_features)
         fe = self.frame_estimator
         assert fe is not None  # zonal feature maps have a frame estimator
-        return fe.align(ynorm, frames, fmap.zonal_coefficients(profile))
+        out = fe.align(ynorm, frames, fmap.zonal_coefficients(profile))
+        lap("frames")
+        return out
 
     def _noise(self, plain: np.ndarray, frames: np.ndarray | None, sigma_b0: np.ndarray,
                s0: np.ndarray, rss: np.ndarray | None = None) -> np.ndarray:

@@ -31,9 +31,11 @@ independently by the same estimator.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import importlib
 import logging
 import os
+import queue
 import re
 import shutil
 import threading
@@ -62,6 +64,7 @@ from fingerprint.fitting.validity import default_mask, report_unusable, usable_v
 from fingerprint.io.nifti import (
     DEFAULT_SLAB_BYTES,
     DWIImage,
+    Slab,
     bids_map_name,
     load_mask,
     mu_to_vectors,
@@ -81,6 +84,8 @@ DEFAULT_CHUNK_VOXELS = 20_000
 #: Share of the progress range spent on finding/building the dictionary.
 _DICTIONARY_SHARE = 0.3
 _WRITE_SHARE = 0.03
+#: Threads writing (gzip-compressing) the maps of a volume at once.
+_WRITE_THREADS = 2
 
 ProgressCallback = Callable[[float], Any]
 
@@ -417,12 +422,7 @@ def _chunks(image: DWIImage, mask: np.ndarray, chunk_voxels: int, slab_bytes: in
             ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(coords (n, 3), data (n, N) float32) chunks of masked voxels; the coordinates of
     unusable voxels (:func:`~.validity.usable_voxels`) are appended to ``unusable``."""
-    slabs = image.iter_slabs(mask, max_bytes=slab_bytes)
-    while True:
-        with stage("read"):
-            slab = next(slabs, None)
-        if slab is None:
-            return
+    for slab in _read_ahead(image, mask, slab_bytes):
         for start in range(0, slab.data.shape[0], chunk_voxels):
             data = slab.data[start:start + chunk_voxels]
             coords = slab.coords[start:start + chunk_voxels]
@@ -430,6 +430,55 @@ def _chunks(image: DWIImage, mask: np.ndarray, chunk_voxels: int, slab_bytes: in
             if bad.any():
                 unusable.append(coords[bad])
             yield coords, data
+
+
+def _read_ahead(image: DWIImage, mask: np.ndarray, slab_bytes: int) -> Iterator[Slab]:
+    """The slabs of ``image`` (masked voxels), read by a background thread one slab ahead
+    of the consumer: the next slab is read while this one is fitted. Slabs are half of
+    ``slab_bytes`` when there are several, so that the two alive at once take no more
+    memory than one slab read in turn. Errors of the reader are raised here."""
+    if image.n_slabs(mask, slab_bytes) <= 1:
+        slabs = image.iter_slabs(mask, max_bytes=slab_bytes)
+        while True:
+            with stage("read"):
+                slab = next(slabs, None)
+            if slab is None:
+                return
+            yield slab
+    slabs = image.iter_slabs(mask, max_bytes=max(slab_bytes // 2, 1))
+    arrived: queue.Queue[Slab | BaseException | None] = queue.Queue()
+    room = threading.Semaphore(2)  # slabs alive: the one being fitted and the next
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            while True:
+                room.acquire()
+                if stop.is_set():
+                    return
+                with stage("read"):
+                    slab = next(slabs, None)
+                arrived.put(slab)
+                if slab is None:
+                    return
+        except BaseException as exc:  # handed to the consumer
+            arrived.put(exc)
+
+    reader = threading.Thread(target=produce, name="fingerprint-read-ahead", daemon=True)
+    reader.start()
+    try:
+        while True:
+            item = arrived.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            room.release()
+    finally:
+        stop.set()
+        room.release()
+        reader.join()
 
 
 def check_output_directory(out_dir: Any) -> Path:
@@ -675,85 +724,91 @@ def fit_volume(model: Any, dwi: Any, bval: Any, bvec: Any, out_dir: Any, *,
         n_total = int(mask_arr.sum())
     _check_cancel(should_cancel)
 
-    # -- dictionary and fitter -----------------------------------------------------------
-    t0 = time.perf_counter()
-    fitter: VoxelFitter
-    if est is None:
-        check_dictionary_space(opts.dictionary_size, scheme.number_of_measurements,
-                               dictionary_dir, model=model_obj, scheme=scheme, seed=opts.seed)
-        fitter = prepare_fitter(model_obj, scheme, opts, dictionary_dir=dictionary_dir,
-                                progress=prog.span(0.0, _DICTIONARY_SHARE),
-                                should_cancel=should_cancel)
-    else:
-        fitter = fitter_for_estimator(est, opts)
-    est = getattr(fitter, "estimator", None)
-    dictionary = getattr(est, "dictionary", None)
-    stored = getattr(dictionary, "path", None)
-    dict_path = Path(stored) if stored else None
-    if not _same_acquisition(fitter.scheme, scheme):
-        raise InputError(f"the estimator was made for another acquisition scheme than "
-                         f"{Path(os.fspath(bval))} / {Path(os.fspath(bvec))}")
-    prog(_DICTIONARY_SHARE)
-    t_dict = time.perf_counter() - t0
-    _record("dictionary", t_dict)
-    _check_cancel(should_cancel)
+    # the decompression of a gzip DWI (into a temporary file read slab by slab) runs in
+    # the background while the dictionary and estimator load
+    with contextlib.ExitStack() as spool:
+        ready = spool.enter_context(image.spooling(mask_arr, out_dir,
+                                                   max_bytes=int(slab_bytes)))
+        # -- dictionary and fitter -----------------------------------------------------------
+        t0, c0 = time.perf_counter(), time.process_time()
+        fitter: VoxelFitter
+        if est is None:
+            check_dictionary_space(opts.dictionary_size, scheme.number_of_measurements,
+                                   dictionary_dir, model=model_obj, scheme=scheme, seed=opts.seed)
+            fitter = prepare_fitter(model_obj, scheme, opts, dictionary_dir=dictionary_dir,
+                                    progress=prog.span(0.0, _DICTIONARY_SHARE),
+                                    should_cancel=should_cancel)
+        else:
+            fitter = fitter_for_estimator(est, opts)
+        est = getattr(fitter, "estimator", None)
+        dictionary = getattr(est, "dictionary", None)
+        stored = getattr(dictionary, "path", None)
+        dict_path = Path(stored) if stored else None
+        if not _same_acquisition(fitter.scheme, scheme):
+            raise InputError(f"the estimator was made for another acquisition scheme than "
+                             f"{Path(os.fspath(bval))} / {Path(os.fspath(bvec))}")
+        prog(_DICTIONARY_SHARE)
+        t_dict = time.perf_counter() - t0
+        _record("dictionary", t_dict, time.process_time() - c0)
+        _check_cancel(should_cancel)
 
-    # -- fit chunk by chunk --------------------------------------------------------------
-    t0 = time.perf_counter()
-    layout = _layout(fitter)
-    plan = _map_plan(model_obj, layout)
-    n_params = sum(sl.stop - sl.start for sl in layout.values())
-    params = np.full((n_total, n_params), np.nan, dtype=np.float32)
-    unc = np.full((n_total, n_params), np.nan, dtype=np.float32)
-    s0 = np.full(n_total, np.nan, dtype=np.float32)
-    r2 = np.full(n_total, np.nan, dtype=np.float32)
-    valid = np.zeros(n_total, dtype=bool)
-    quality = np.full(n_total, 1, dtype=np.uint8)  # "invalid" until fitted
-    sigma = np.full(n_total, np.nan, dtype=np.float32)
-    orient_sd = np.full(n_total, np.nan, dtype=np.float32)
-    rows = _row_index(mask_arr)
-    fit_span = prog.span(_DICTIONARY_SHARE, 1.0 - _WRITE_SHARE)
-    done_count = [0]
+        # -- fit chunk by chunk --------------------------------------------------------------
+        t0, c0 = time.perf_counter(), time.process_time()
+        layout = _layout(fitter)
+        plan = _map_plan(model_obj, layout)
+        n_params = sum(sl.stop - sl.start for sl in layout.values())
+        params = np.full((n_total, n_params), np.nan, dtype=np.float32)
+        unc = np.full((n_total, n_params), np.nan, dtype=np.float32)
+        s0 = np.full(n_total, np.nan, dtype=np.float32)
+        r2 = np.full(n_total, np.nan, dtype=np.float32)
+        valid = np.zeros(n_total, dtype=bool)
+        quality = np.full(n_total, 1, dtype=np.uint8)  # "invalid" until fitted
+        sigma = np.full(n_total, np.nan, dtype=np.float32)
+        orient_sd = np.full(n_total, np.nan, dtype=np.float32)
+        rows = _row_index(mask_arr)
+        fit_span = prog.span(_DICTIONARY_SHARE, 1.0 - _WRITE_SHARE)
+        done_count = [0]
 
-    def store(coords: np.ndarray, out: dict[str, np.ndarray]) -> None:
-        r = rows[coords[:, 0], coords[:, 1], coords[:, 2]]
-        params[r] = out["parameters"]
-        unc[r] = out["uncertainty"]
-        s0[r] = out["s0"]
-        r2[r] = out["r2"]
-        valid[r] = out["valid"]
-        if "quality" in out:
-            quality[r] = out["quality"]
-            sigma[r] = out["sigma"]
-            orient_sd[r] = out["orientation_sd"]
+        def store(coords: np.ndarray, out: dict[str, np.ndarray]) -> None:
+            r = rows[coords[:, 0], coords[:, 1], coords[:, 2]]
+            params[r] = out["parameters"]
+            unc[r] = out["uncertainty"]
+            s0[r] = out["s0"]
+            r2[r] = out["r2"]
+            valid[r] = out["valid"]
+            if "quality" in out:
+                quality[r] = out["quality"]
+                sigma[r] = out["sigma"]
+                orient_sd[r] = out["orientation_sd"]
 
-    def done(n: int) -> None:
-        done_count[0] += n
-        fit_span(done_count[0] / max(n_total, 1))
+        def done(n: int) -> None:
+            done_count[0] += n
+            fit_span(done_count[0] / max(n_total, 1))
 
-    shared_key = None
-    if executor is not None:
-        if isinstance(fitter, FingerprintFitter) and est is not None:
-            if dict_path is None:
-                raise InputError("an executor needs an estimator backed by a stored "
-                                 "dictionary")
-            # tasks run in this process's threads (or unpickled here) share the estimator
-            shared_key = dictionary_cache_key(str(dict_path), fitter.options)
-            if shared_key in ESTIMATORS:
-                shared_key = None
-            else:
-                ESTIMATORS.put(shared_key, est)
-    window = executor_window or max(2, 2 * int(getattr(executor, "_max_workers", 2) or 2))
-    unusable: list[np.ndarray] = []
-    b0_mask = np.asarray(scheme.b0_mask, dtype=bool)
-    try:
-        with image.spooled(mask_arr, out_dir, max_bytes=int(slab_bytes)) as source:
+        shared_key = None
+        if executor is not None:
+            if isinstance(fitter, FingerprintFitter) and est is not None:
+                if dict_path is None:
+                    raise InputError("an executor needs an estimator backed by a stored "
+                                     "dictionary")
+                # tasks run in this process's threads (or unpickled here) share the estimator
+                shared_key = dictionary_cache_key(str(dict_path), fitter.options)
+                if shared_key in ESTIMATORS:
+                    shared_key = None
+                else:
+                    ESTIMATORS.put(shared_key, est)
+        window = executor_window or max(2, 2 * int(getattr(executor, "_max_workers", 2) or 2))
+        unusable: list[np.ndarray] = []
+        b0_mask = np.asarray(scheme.b0_mask, dtype=bool)
+        try:
+            with stage("read"):
+                source = ready()
             _run_chunks(_chunks(source, mask_arr, int(chunk_voxels), int(slab_bytes),
                                 b0_mask, unusable),
                         fitter, executor, store, done, should_cancel, window)
-    finally:
-        if shared_key is not None:  # do not keep this fit's estimator alive here
-            ESTIMATORS.pop(shared_key)
+        finally:
+            if shared_key is not None:  # do not keep this fit's estimator alive here
+                ESTIMATORS.pop(shared_key)
     t_fit = time.perf_counter() - t0
     bad_coords = np.concatenate(unusable) if unusable else np.zeros((0, 3), dtype=np.int64)
     if bad_coords.shape[0]:
@@ -766,7 +821,7 @@ def fit_volume(model: Any, dwi: Any, bval: Any, bvec: Any, out_dir: Any, *,
                        n_invalid - n_unusable, n_total)
 
     # -- write ---------------------------------------------------------------------------
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -789,6 +844,10 @@ def fit_volume(model: Any, dwi: Any, bval: Any, bvec: Any, out_dir: Any, *,
     with_uncertainty = bool(solver_info.uses_dictionary)
     files: list[Path] = []
     maps: dict[str, Path] = {}
+    # maps are compressed and written by a few threads at once (zlib releases the GIL)
+    writer = cf.ThreadPoolExecutor(max_workers=_WRITE_THREADS,
+                                   thread_name_prefix="fingerprint-write")
+    writes: list[tuple[str | None, cf.Future[tuple[Path, Path]]]] = []
     # valid voxels: finite values (an uncertainty that is not defined is 0); voxels that
     # were not fitted: NaN; outside the mask: 0
     unc[valid] = np.nan_to_num(unc[valid], nan=0.0, posinf=0.0, neginf=0.0)
@@ -807,14 +866,16 @@ def fit_volume(model: Any, dwi: Any, bval: Any, bvec: Any, out_dir: Any, *,
                            parameter=parameter, units=units, description=description,
                            model_info=model_info, sources=sources,
                            extra={**common_extra, **(extra or {})}, solver=solver_name)
-        nii, js = write_map(volume(values), image.img, out_dir, name, sidecar)
-        files.extend([nii, js])
-        maps[label if desc is None else f"{label}_{desc}"] = nii
+        key = label if desc is None else f"{label}_{desc}"
+        writes.append((key, writer.submit(
+            lambda: write_map(volume(values), image.img, out_dir, name, sidecar))))
 
     # units as the compartments and distributions declare them
     units = {**dict(fitter.model.parameter_units), **dict(model_obj.parameter_units)}
     for label, pname, cols, is_orientation in plan:
-        _check_cancel(should_cancel)
+        if should_cancel is not None and should_cancel():
+            writer.shutdown(wait=True, cancel_futures=True)
+            raise CancelledError("the fit was cancelled")
         values = params[:, cols]
         fascicle = _FASCICLE_LABEL.match(label)
         if fascicle:  # per-fascicle maps of multi-fascicle models (ball_stick_stick, ...)
@@ -872,9 +933,15 @@ def fit_volume(model: Any, dwi: Any, bval: Any, bvec: Any, out_dir: Any, *,
             "fingerprint documentation, fingerprint.fitting.quality)",
         model_info=model_info, sources=sources,
         extra={**common_extra, "QualityFlags": dict(FLAGS), "QualityCounts": counts})
-    q_nii, q_js = write_map(volume(quality.astype(np.float32)), image.img, out_dir, q_name,
-                            q_sidecar)
-    files.extend([q_nii, q_js])
+    writes.append((None, writer.submit(
+        lambda: write_map(volume(quality.astype(np.float32)), image.img, out_dir, q_name,
+                          q_sidecar))))
+    for key, future in writes:  # in the order submitted, whatever order they finish in
+        nii, js = future.result()
+        files.extend([nii, js])
+        if key is not None:
+            maps[key] = nii
+    writer.shutdown()
     if counts["any"]:
         logger.info("quality flags: %s of %d voxels flagged (%s)", counts["any"], n_total,
                     ", ".join(f"{k} {v}" for k, v in counts.items()
@@ -891,7 +958,7 @@ def fit_volume(model: Any, dwi: Any, bval: Any, bvec: Any, out_dir: Any, *,
             title=f"fingerprint {model_label}")
         files.append(preview_path)
     t_write = time.perf_counter() - t0
-    _record("write", t_write)
+    _record("write", t_write, time.process_time() - c0)
     prog(1.0)
     seconds = time.perf_counter() - t_start
     logger.debug("fitted %d voxels with %s in %.1f s (dictionary %.1f s, fit %.1f s, "
@@ -904,11 +971,11 @@ def fit_volume(model: Any, dwi: Any, bval: Any, bvec: Any, out_dir: Any, *,
                      quality_counts=counts)
 
 
-def _record(name: str, seconds: float) -> None:
-    """Add ``seconds`` to stage ``name`` of the active stage profile, if any."""
+def _record(name: str, seconds: float, cpu: float) -> None:
+    """Add ``seconds`` (``cpu`` seconds) to stage ``name`` of the active stage profile."""
     prof = active_profile()
     if prof is not None:
-        prof.add(name, seconds)
+        prof.add(name, seconds, cpu=cpu)
 
 
 def _layout(fitter: VoxelFitter) -> dict[str, slice]:

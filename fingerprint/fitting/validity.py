@@ -31,6 +31,13 @@ def usable_voxels(data: np.ndarray, b0_mask: np.ndarray) -> np.ndarray:
     """
     arr = np.asarray(data)
     b0 = np.asarray(b0_mask, dtype=bool)
+    if arr.ndim == 2 and arr.dtype in (np.float32, np.float64) and \
+            arr.flags.c_contiguous and arr.shape[1] == b0.size:
+        # one pass of a compiled kernel instead of four array-sized temporaries
+        from fingerprint.kernels import run_parallel
+        from fingerprint.kernels.features import usable_rows
+
+        return run_parallel(usable_rows, arr, b0)
     with np.errstate(invalid="ignore"):
         ok = np.all(np.isfinite(arr), axis=-1) & ~np.any(arr < 0, axis=-1)
         if b0.any():

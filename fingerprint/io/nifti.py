@@ -54,9 +54,10 @@ import os
 import re
 import secrets
 import struct
+import threading
 import types
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -312,29 +313,61 @@ class DWIImage:
         """This image, or -- when it is gzip-compressed and would be read in more than one
         slab -- an uncompressed temporary copy in ``directory`` (one decompression pass
         instead of one per slab; removed on exit). Memory stays bounded either way."""
+        with self.spooling(mask, directory, max_bytes=max_bytes) as ready:
+            yield ready()
+
+    @contextlib.contextmanager
+    def spooling(self, mask: np.ndarray, directory: str | os.PathLike, *,
+                 max_bytes: int = DEFAULT_SLAB_BYTES) -> Iterator[Callable[[], DWIImage]]:
+        """Like :meth:`spooled`, but the decompression runs in a background thread while
+        the block goes on (e.g. loading a dictionary): the block gets a function that
+        waits for it and returns the image to read (this one when no copy is needed).
+        Errors of the decompression are raised by that function; the copy is removed on
+        exit."""
         if not self.is_compressed or self.n_slabs(mask, max_bytes) <= 1:
-            yield self
+            yield lambda: self
             return
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tmp = directory / f".fingerprint-dwi-{os.getpid()}-{secrets.token_hex(4)}.nii"
-        try:
+        outcome: dict[str, Any] = {}
+        stop = threading.Event()
+
+        def decompress() -> None:
             try:
                 with stage("read/decompress"), _fast_gzip.open(self.path, "rb") as src, \
                         open(tmp, "wb") as dst:
-                    while True:
+                    while not stop.is_set():
                         block = src.read(16 * 1024**2)
                         if not block:
                             break
                         dst.write(block)
             except _READ_ERRORS as exc:
-                raise InputError(f"DWI file {self.path} cannot be decompressed: {exc}") \
-                    from None
-            logger.debug("decompressed %s to %s for slab reading", self.path, tmp)
-            copy = DWIImage(tmp)
-            copy.path = self.path  # errors keep naming the user's file
-            yield copy
+                outcome["error"] = InputError(
+                    f"DWI file {self.path} cannot be decompressed: {exc}")
+            except BaseException as exc:  # handed to the waiting thread
+                outcome["error"] = exc
+
+        worker = threading.Thread(target=decompress, name="fingerprint-decompress",
+                                  daemon=True)
+
+        def ready() -> DWIImage:
+            worker.join()
+            if "error" in outcome:
+                raise outcome["error"]
+            if "image" not in outcome:
+                logger.debug("decompressed %s to %s for slab reading", self.path, tmp)
+                copy = DWIImage(tmp)
+                copy.path = self.path  # errors keep naming the user's file
+                outcome["image"] = copy
+            return outcome["image"]
+
+        try:
+            worker.start()
+            yield ready
         finally:
+            stop.set()
+            worker.join()
             tmp.unlink(missing_ok=True)
 
     def iter_slabs(self, mask: np.ndarray, *, max_bytes: int = DEFAULT_SLAB_BYTES,

@@ -31,6 +31,7 @@ __all__ = [
     "rician_correct",
     "refine_frames",
     "shell_means",
+    "usable_rows",
     "weighted_rows",
     "zonal_features",
     "zonal_orientation_sd",
@@ -619,10 +620,36 @@ def zonal_orientation_sd(coefficients: np.ndarray, frames: np.ndarray,
 
 
 @parallel_kernel(serial_rows=SERIAL_ROWS)
+def usable_rows(data: np.ndarray, b0_mask: np.ndarray) -> np.ndarray:
+    """(n,) bool: rows of ``data`` (n, N) whose values are all finite and non-negative and
+    whose b=0 measurements (``b0_mask`` (N,)) have a positive mean (always true without
+    b=0 measurements); one pass, no temporaries."""
+    n, m = data.shape
+    out = np.zeros(n, dtype=np.bool_)
+    nb0 = 0
+    for j in range(m):
+        if b0_mask[j]:
+            nb0 += 1
+    for i in prange(n):
+        ok = True
+        acc = 0.0
+        for j in range(m):
+            v = data[i, j]
+            if not (v >= 0.0) or math.isinf(v):  # NaN compares false
+                ok = False
+                break
+            if b0_mask[j]:
+                acc += v
+        out[i] = ok and (nb0 == 0 or acc > 0.0)
+    return out
+
+
+@parallel_kernel(serial_rows=SERIAL_ROWS)
 def prepare_signals(data: np.ndarray, b0_mask: np.ndarray, sigma_in: np.ndarray,
                     min_b0_for_noise: int, rician: bool
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Validity, S0, noise level and b0-normalised signals of raw voxels ``data`` (n, N).
+    """Validity, S0, noise level and b0-normalised signals of raw voxels ``data`` (n, N)
+    (float32 or float64; the arithmetic is float64 either way).
 
     A voxel is valid when every value is finite and the mean of its b0 measurements
     (``b0_mask``) is positive (without b0 measurements S0 = 1). The noise standard
@@ -646,7 +673,7 @@ def prepare_signals(data: np.ndarray, b0_mask: np.ndarray, sigma_in: np.ndarray,
         ok = True
         acc = 0.0
         for j in range(m):
-            v = data[i, j]
+            v = float(data[i, j])  # float32 input: computed in float64 all the same
             if not math.isfinite(v):
                 ok = False
                 break
@@ -662,13 +689,13 @@ def prepare_signals(data: np.ndarray, b0_mask: np.ndarray, sigma_in: np.ndarray,
             ss = 0.0
             for j in range(m):
                 if b0_mask[j]:
-                    d = data[i, j] - mean
+                    d = float(data[i, j]) - mean
                     ss += d * d
             sg = math.sqrt(ss / (nb0 - 1))
         s2 = sg * sg if (rician and math.isfinite(sg)) else 0.0
         inv = 1.0 / mean
         for j in range(m):
-            v = data[i, j]
+            v = float(data[i, j])
             plain[i, j] = v * inv
             if s2 > 0.0 and not b0_mask[j]:
                 v = math.sqrt(max(v * v - s2, 0.0))
