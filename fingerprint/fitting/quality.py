@@ -40,8 +40,12 @@ axes for models matched on the raw signal) are written as maps beside the flags.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:  # type names only
+    from .features import FeatureMap
 
 __all__ = [
     "AMBIGUOUS_FRACTION",
@@ -188,13 +192,12 @@ def profile_orientation_sd(profile: object, features: np.ndarray, frames: np.nda
         from fingerprint.kernels import run_parallel
         from fingerprint.kernels.features import zonal_orientation_sd
 
-        fmap = profile
-        coef = np.asarray(features, dtype=np.float64) / fmap.weights  # type: ignore[attr-defined]
+        fmap: FeatureMap = profile  # type: ignore[assignment]
+        coef = np.asarray(features, dtype=np.float64) / fmap.weights
         return run_parallel(zonal_orientation_sd, coef,
                             np.ascontiguousarray(frames, dtype=np.float64),
-                            fmap.directions, fmap.shell_of,  # type: ignore[attr-defined]
-                            fmap.n_coefficients, fmap.offsets,  # type: ignore[attr-defined]
-                            np.ascontiguousarray(dwi, dtype=np.bool_), s2)
+                            fmap.directions, fmap.shell_of, fmap.n_coefficients,
+                            fmap.offsets, np.ascontiguousarray(dwi, dtype=np.bool_), s2)
     reconstruct = getattr(profile, "reconstruct", profile)
     axes = np.asarray(frames, dtype=float)
     axes = axes / np.linalg.norm(axes, axis=1, keepdims=True)
