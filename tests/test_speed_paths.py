@@ -182,3 +182,35 @@ def test_float32_signals_give_the_estimates_of_float64(hcp_scheme):
     b = est.estimate(data32[usable].astype(np.float64))
     for field in ("parameters", "uncertainty", "s0", "r2", "sigma", "orientation_sd"):
         np.testing.assert_array_equal(getattr(a, field), getattr(b, field), err_msg=field)
+
+
+def test_wide_searches_use_a_cached_ivf_index_with_full_recall(tmp_path):
+    """The main match (k >= IVF_MIN_K) on an approximate matcher searches an IVF index:
+    recall against the exact search at least that of the HNSW graph (0.99), the index is
+    cached beside the store, and a second matcher (from the cache) finds the same atoms.
+    Quick matches of a few neighbours stay on the graph."""
+    from fingerprint.fitting.matcher import IVF_MIN_K, Matcher
+
+    rng = np.random.default_rng(7)
+    # a 3-parameter family in 12 features, like a dictionary's atoms
+    t = rng.uniform(0, 1, (6000, 3))
+    basis = rng.normal(size=(3, 12))
+    atoms = np.tanh(t @ basis) + 0.1 * np.sin(3 * t @ basis)
+    queries = np.tanh(rng.uniform(0, 1, (500, 3)) @ basis) + 0.1 * np.sin(
+        3 * rng.uniform(0, 1, (500, 3)) @ basis) + rng.normal(0, 0.01, (500, 12))
+    cache = tmp_path / "store.zarr.hnsw16.faiss"
+    exact = Matcher(atoms, method="exact")
+    a = Matcher(atoms, method="hnsw", cache_path=cache)
+    k = max(IVF_MIN_K, 32)
+    _, ie = exact.search(queries, k)
+    da, ia = a.search(queries, k)
+    recall = np.mean([len(set(ia[i]) & set(ie[i])) / k for i in range(len(queries))])
+    assert recall >= 0.99
+    assert np.all(np.diff(da, axis=1) >= 0)  # sorted by distance
+    ivf_files = list(tmp_path.glob("store.zarr.ivf*.faiss"))
+    assert len(ivf_files) == 1 and a._ivf is not None
+    b = Matcher(atoms, method="hnsw", cache_path=cache)
+    _, ib = b.search(queries, k)
+    np.testing.assert_array_equal(ia, ib)
+    _, i4 = b.search(queries, 4, ef_search=8)  # a quick match: the graph
+    assert b._hnsw is not None and i4.shape == (500, 4)

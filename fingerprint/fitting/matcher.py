@@ -11,6 +11,14 @@ searched exactly: that is quicker than building the graph), and cached beside it
 concurrent builders never see a partial file); a cache that cannot be written (read-only
 directory) only costs the rebuild.
 
+Searches for many neighbours (at least :data:`IVF_MIN_K`, the main match) on an
+HNSW-sized dictionary use an inverted-file index instead of the graph (``IndexIVFFlat``,
+about 96 atoms per list, 8 lists probed): on the NODDI dictionary it finds the 32 nearest
+atoms with recall 1.000 in 0.6 of the graph's CPU time. It is trained once (k-means with
+a fixed seed) when first needed and cached beside the store
+(``<store>.ivf<lists>.faiss``) like the graph, which keeps serving the quick matches of a
+few neighbours.
+
 Searching is read-only on the index and thread-safe; per-call search parameters are
 passed explicitly, never set on the shared index.
 """
@@ -39,6 +47,16 @@ DEFAULT_HNSW_THRESHOLD = 100_000
 HNSW_M = 16
 HNSW_EF_CONSTRUCTION = 80
 HNSW_EF_SEARCH = 32
+#: Searches for at least this many neighbours use an inverted-file index (IVF) instead of
+#: the HNSW graph once the search is approximate: on the 100,000-atom NODDI dictionary
+#: (12 features) an IVF of 1,024 lists probed 8 at a time finds the 32 nearest atoms with
+#: recall 1.000 (HNSW 0.9998) in 0.6 of the HNSW's CPU time; a HNSW graph with a narrow
+#: beam stays quicker for the few neighbours of a quick match.
+IVF_MIN_K = 16
+#: Atoms per IVF list (about; at most IVF_MAX_LISTS lists) and lists probed per query.
+IVF_ATOMS_PER_LIST = 96
+IVF_MAX_LISTS = 1024
+IVF_NPROBE = 8
 #: Queries per FAISS call (bounds the distance buffers of the exact search).
 QUERY_BATCH = 16384
 #: With ``method='auto'``, a matcher answers its first atoms / this queries exactly while no
@@ -64,6 +82,15 @@ def faiss_threads(n_jobs: int | None):
 
 def _hnsw_cache_path(store: Path) -> Path:
     return store.parent / f"{store.name}.hnsw{HNSW_M}.faiss"
+
+
+def _ivf_lists(n_atoms: int) -> int:
+    return int(min(IVF_MAX_LISTS, max(1, n_atoms // IVF_ATOMS_PER_LIST)))
+
+
+def _ivf_cache_path(hnsw_cache: Path, n_atoms: int) -> Path:
+    store = hnsw_cache.name[: -len(f".hnsw{HNSW_M}.faiss")]
+    return hnsw_cache.parent / f"{store}.ivf{_ivf_lists(n_atoms)}.faiss"
 
 
 class Matcher:
@@ -112,6 +139,7 @@ class Matcher:
         self._lock = threading.Lock()
         self._flat: Any = None
         self._hnsw: Any = None
+        self._ivf: Any = None
         self._exact_queries = 0
         self.exact_below = self.n_atoms // EXACT_QUERY_FRACTION \
             if (lazy and method == "hnsw") else 0
@@ -154,6 +182,46 @@ class Matcher:
         if path is not None:
             self.save(path)
         return index
+
+    def _load_or_build_ivf(self) -> Any:
+        """The IVF index of wide searches (:data:`IVF_MIN_K`): read from the cache beside
+        the HNSW graph's when valid, else trained (k-means with a fixed seed: the same
+        lists in every process) and written there."""
+        import faiss
+
+        path = None if self._cache_path is None else \
+            _ivf_cache_path(self._cache_path, self.n_atoms)
+        if path is not None and path.exists():
+            try:
+                index = faiss.read_index(str(path))
+                if index.ntotal == self.n_atoms and index.d == self.dimension:
+                    logger.info("using cached IVF index %s", path)
+                    return index
+                logger.warning("cached IVF index %s does not match the dictionary; "
+                               "rebuilding it", path)
+            except Exception as exc:  # unreadable cache: rebuild
+                logger.warning("cannot read cached IVF index %s (%s); rebuilding it", path,
+                               exc)
+        n_lists = _ivf_lists(self.n_atoms)
+        logger.info("building the IVF index of %d atoms in %d lists (once per dictionary)",
+                    self.n_atoms, n_lists)
+        quantizer = faiss.IndexFlatL2(self.dimension)
+        index = faiss.IndexIVFFlat(quantizer, self.dimension, n_lists)
+        index.cp.seed = 1234
+        index.cp.niter = 20
+        index.train(self._features)
+        index.add(self._features)
+        self._ivf_quantizer = quantizer  # the index refers to it: keep it alive
+        if path is not None:
+            self._save_index(index, path)
+        return index
+
+    def _wide_index(self) -> Any:
+        if self._ivf is None:
+            with self._lock:
+                if self._ivf is None:
+                    self._ivf = self._load_or_build_ivf()
+        return self._ivf
 
     @property
     def index(self) -> Any:
@@ -208,6 +276,10 @@ class Matcher:
 
     def save(self, path: str | os.PathLike) -> bool:
         """Write the index atomically (temporary file + rename); False when impossible."""
+        return self._save_index(self.index, path)
+
+    @staticmethod
+    def _save_index(index: Any, path: str | os.PathLike) -> bool:
         import faiss
 
         path = Path(path)
@@ -215,15 +287,15 @@ class Matcher:
             fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
             os.close(fd)
         except OSError as exc:
-            logger.info("not caching the HNSW index in %s: %s", path.parent, exc)
+            logger.info("not caching the search index in %s: %s", path.parent, exc)
             return False
         try:
-            faiss.write_index(self.index, tmp)
+            faiss.write_index(index, tmp)
             os.replace(tmp, path)
-            logger.info("cached HNSW index %s", path)
+            logger.info("cached search index %s", path)
             return True
         except Exception as exc:
-            logger.warning("could not cache the HNSW index at %s: %s", path, exc)
+            logger.warning("could not cache the search index at %s: %s", path, exc)
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             return False
@@ -244,7 +316,11 @@ class Matcher:
         idx = np.empty((n, k), dtype=np.int64)
         index = self._index_for(n)
         params = None
-        if index is self._hnsw:
+        if index is self._hnsw and k >= IVF_MIN_K:
+            index = self._wide_index()
+            params = getattr(faiss, "SearchParametersIVF")()  # noqa: B009 - untyped module
+            params.nprobe = int(IVF_NPROBE)
+        elif index is self._hnsw:
             params = getattr(faiss, "SearchParametersHNSW")()  # noqa: B009 - untyped module
             params.efSearch = max(int(ef_search or self.ef_search), k)
         for start in range(0, n, QUERY_BATCH):
