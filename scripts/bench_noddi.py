@@ -527,7 +527,19 @@ CLI_RUNNER = textwrap.dedent("""
         code = main(argv)
     seen["exit"] = code
     seen["process_seconds"] = time.perf_counter() - t0
-    seen["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    # VmHWM: the peak of this process image (ru_maxrss also counts the parent's memory
+    # inherited at the fork before exec on Linux)
+    peak = usage.ru_maxrss * 1024
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    peak = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    seen["peak_rss_bytes"] = peak
+    seen["cpu_seconds"] = usage.ru_utime + usage.ru_stime
     with open(out_json, "w") as f:
         json.dump(seen, f)
     sys.exit(code)
@@ -645,7 +657,8 @@ def run_whole_brain(signals: np.ndarray, bval: Path, bvec: Path, work: Path,
                     runs.append(r)
                     print(f"[whole brain] {label} {name} {t} thread(s): "
                           f"{r['wall_seconds']:.1f} s, {r['us_per_voxel']:.1f} us/voxel, "
-                          f"peak RSS {r['peak_rss_bytes'] / 2**30:.2f} GiB, load "
+                          f"CPU {r.get('cpu_seconds', float('nan')):.1f} s, peak RSS "
+                          f"{r['peak_rss_bytes'] / 2**30:.2f} GiB, load "
                           f"{r['load_before']:.1f}", flush=True)
     meta = written["brain"][1]
     n_meas = int(meta["measurements"])
@@ -666,11 +679,12 @@ def whole_brain_report(wb: dict[str, object]) -> list[str]:
                  f"{wb['input_bytes_on_disk'] / 2**30:.2f} GiB "
                  f"({wb['input_float32_bytes'] / 2**30:.2f} GiB as float32), through "
                  f"`fingerprint fit` end to end", "",
-             "| code | volume | voxels | threads | wall (s) | µs/voxel | peak RSS (GiB) | "
-             "load before |", "|---|---|---|---|---|---|---|---|"]
+             "| code | volume | voxels | threads | wall (s) | µs/voxel | CPU (s, all threads) "
+             "| peak RSS (GiB) | load before |", "|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         lines.append(f"| {r['code']} | {r['volume']} | {r['voxels']} | {r['threads']} | "
                      f"{r['wall_seconds']:.1f} | {r['us_per_voxel']:.1f} | "
+                     f"{r.get('cpu_seconds', float('nan')):.1f} | "
                      f"{r['peak_rss_bytes'] / 2**30:.2f} | {r['load_before']:.1f} |")
     best: dict[tuple[str, str, int], dict[str, object]] = {}
     for r in runs:
@@ -679,12 +693,14 @@ def whole_brain_report(wb: dict[str, object]) -> list[str]:
             best[key] = r
     base = {k[1:]: v for k, v in best.items() if k[0] == "baseline"}
     if base:
-        lines += ["", "| volume | threads | current / baseline wall (best runs) |",
-                  "|---|---|---|"]
+        lines += ["", "| volume | threads | current / baseline: wall (best runs) | CPU |",
+                  "|---|---|---|---|"]
         for (code, volume, threads), r in sorted(best.items()):
             if code == "current" and (volume, threads) in base:
-                ratio = r["wall_seconds"] / base[(volume, threads)]["wall_seconds"]
-                lines.append(f"| {volume} | {threads} | {ratio:.2f} |")
+                b = base[(volume, threads)]
+                ratio = r["wall_seconds"] / b["wall_seconds"]
+                cpu = r.get("cpu_seconds", float("nan")) / b.get("cpu_seconds", float("nan"))
+                lines.append(f"| {volume} | {threads} | {ratio:.2f} | {cpu:.2f} |")
     for (code, volume, threads), r in sorted(best.items()):
         stages = (r.get("profile") or {}).get("stages") or {}
         timings = r.get("timings") or {}
