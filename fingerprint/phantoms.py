@@ -20,9 +20,13 @@ from typing import Any
 
 import numpy as np
 
+from fingerprint.core.acquisition_scheme import acquisition_scheme_from_bvalues
 from fingerprint.core.orientations import angular_error_deg, vectors_to_mu
 from fingerprint.errors import InputError
 from fingerprint.fitting.multifascicle import fascicle_layout
+from fingerprint.io.gradients import write_bvals_bvecs
+from fingerprint.io.nifti import atomic_write_nifti, bids_map_name, mu_to_vectors
+from fingerprint.models import get_model, map_labels
 
 logger = logging.getLogger(__name__)
 
@@ -62,8 +66,6 @@ def default_scheme(*, n_b0: int = 6, shells: tuple[tuple[float, int], ...] = (
     b=0 volumes are interleaved (one every ``len(dwis) // n_b0`` measurements), like on a
     scanner; pulse duration ``delta`` and separation ``Delta`` are in s.
     """
-    from fingerprint.core.acquisition_scheme import acquisition_scheme_from_bvalues
-
     bvals: list[float] = []
     dirs: list[np.ndarray] = []
     for k, (b, n) in enumerate(shells):
@@ -104,8 +106,6 @@ def noddi_parameter_vectors(model: Any, *, icvf: np.ndarray, odi: np.ndarray,
                             isovf: np.ndarray, mu: np.ndarray) -> np.ndarray:
     """(n, P) parameter vectors of the NODDI recipe model from (n,) icvf, odi, isovf
     (dimensionless) and (n, 2) mu = (theta, phi) in rad."""
-    from fingerprint.models import map_labels
-
     labels = map_labels("noddi")
     icvf, odi, isovf = (np.asarray(a, dtype=np.float64).ravel() for a in (icvf, odi, isovf))
     mu = np.asarray(mu, dtype=np.float64).reshape(-1, 2)
@@ -198,9 +198,6 @@ def noddi_phantom(shape: tuple[int, int, int] = (8, 8, 4), seed: int = 0, snr: f
     vectors; mu: (X, Y, Z, 2) rad}, ``parameters`` (X, Y, Z, P) parameter vectors,
     ``parameter_names``, ``s0``, ``snr``, ``sigma``, ``seed``.
     """
-    from fingerprint.io.nifti import mu_to_vectors
-    from fingerprint.models import get_model
-
     shape = tuple(int(s) for s in shape)
     if len(shape) != 3 or min(shape) < 1:
         raise InputError(f"phantom shape must be three positive integers, got {shape}")
@@ -267,10 +264,7 @@ def write_phantom(phantom: dict[str, Any], directory: str | os.PathLike,
     s/mm²), ``mask`` (``<prefix>_desc-brain_mask.nii.gz``) and ``truth_<label>`` for each
     ground-truth map (``<prefix>_model-noddi_param-<label>_desc-truth_dwimap.nii.gz``).
     """
-    import nibabel as nib
-
-    from fingerprint.io.gradients import write_bvals_bvecs
-    from fingerprint.io.nifti import atomic_write_nifti, bids_map_name
+    import nibabel as nib  # lazy: keeps nibabel off import
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

@@ -65,6 +65,7 @@ def write_preview(maps: Mapping[str, Any], path: str | os.PathLike, *, title: st
     """Write a PNG with one panel per map (label -> NIfTI path or array); with ``truth``
     (label -> path or array), a second row shows the ground truth of the same labels.
     The file is written atomically. Returns its path."""
+    # lazy: keeps nibabel off import; keeps matplotlib off import
     import nibabel as nib
     from matplotlib.figure import Figure  # no pyplot: no global backend, thread-safe
 

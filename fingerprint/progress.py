@@ -83,8 +83,9 @@ def library_progress(desc: str, progress: Callable[[float], Any] | None
         yield progress
         return
     if _in_notebook():
-        from tqdm.auto import tqdm
+        from tqdm.auto import tqdm  # lazy: keeps tqdm off import
     else:
+        # lazy: keeps tqdm off import
         from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 

@@ -48,6 +48,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import fingerprint
 from fingerprint.errors import InputError, UnknownModelError
 
 if sys.version_info >= (3, 11):
@@ -87,7 +88,6 @@ def recipe_dir() -> Path:
     env = os.environ.get(RECIPE_DIR_ENV)
     if env:
         return Path(env).expanduser()
-    import fingerprint
 
     checkout = Path(fingerprint.__file__).resolve().parents[1] / "dictionaries"
     installed = Path(sys.prefix) / "share" / "fingerprint" / "dictionaries"
@@ -117,7 +117,7 @@ class Recipe:
     def sampling_spec(self, **overrides: Any) -> Any:
         """The recipe's default :class:`~fingerprint.dictionary.SamplingSpec`, with
         ``overrides`` (e.g. ``size=``, ``seed=``; ``None`` values ignored) applied."""
-        from fingerprint.dictionary.sampling import SamplingSpec
+        from fingerprint.dictionary.sampling import SamplingSpec  # lazy: keeps numba off import
 
         spec = SamplingSpec.from_dict(dict(self.sampling))
         return spec.replace(**overrides)
@@ -167,7 +167,7 @@ def _parse(data: Mapping[str, Any], path: Path | None) -> Recipe:
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in maps.items()):
         raise InputError(f"{where}: [maps] must map labels to parameter names (strings)")
     sampling = dict(data.get("sampling", {}))
-    from fingerprint.dictionary.sampling import SamplingSpec
+    from fingerprint.dictionary.sampling import SamplingSpec  # lazy: keeps numba off import
 
     try:
         SamplingSpec.from_dict(sampling)

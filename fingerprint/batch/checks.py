@@ -16,6 +16,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from fingerprint.core.scheme_checks import check_scheme
+from fingerprint.models import get_model, get_recipe, requires_timing
+
 __all__ = ["SchemeSummary", "Shell", "Verdict", "check_model", "raw_oddities",
            "summarise_scheme"]
 
@@ -146,8 +149,6 @@ def check_model(model: str, summary: SchemeSummary, scheme: object = None) -> Ve
     the series' ``scheme``, the library's scheme checks
     (:func:`fingerprint.core.scheme_checks.check_scheme`, the ones every fit runs) add
     their refusals (skip) and warnings (warn)."""
-    from fingerprint.models import get_model, get_recipe, requires_timing
-
     name = get_recipe(model).name
     skip: list[str] = []
     warn: list[str] = []
@@ -169,8 +170,6 @@ def check_model(model: str, summary: SchemeSummary, scheme: object = None) -> Ve
             warn.append("shells with fewer than 6 directions: " +
                         ", ".join(f"b={s.bvalue:.0f} ({s.directions})" for s in few))
     if scheme is not None:
-        from fingerprint.core.scheme_checks import check_scheme
-
         report = check_scheme(scheme, get_model(name), model_name=name,
                               requires_timing=requires_timing(name))
         skip.extend(f.message for f in report.refusals if f.code != "timing" or not skip)

@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from fingerprint.batch.runner import SUMMARY_COLUMNS, Row, StudyPlan
+from fingerprint.io.nifti import _tmp_sibling, bids_map_name
+from fingerprint.models import get_model, map_labels
 
 logger = logging.getLogger(__name__)
 
@@ -80,8 +82,6 @@ def summary_table(rows: list[Row]) -> str:
 
 def write_summary_tsv(rows: list[Row], output_dir: Path) -> Path:
     """``logs/fingerprint_summary.tsv`` (tabs and newlines in messages become spaces)."""
-    from fingerprint.io.nifti import _tmp_sibling
-
     path = Path(output_dir) / "logs" / "fingerprint_summary.tsv"
     path.parent.mkdir(parents=True, exist_ok=True)
     lines = ["\t".join(SUMMARY_COLUMNS)]
@@ -94,18 +94,16 @@ def write_summary_tsv(rows: list[Row], output_dir: Path) -> Path:
 
 
 def _scalar_labels(model: str) -> list[str]:
-    from fingerprint.models import get_model, map_labels
-
     m = get_model(model)
     card = dict(m.parameter_cardinality)
     return [label for label, name in map_labels(model).items() if int(card.get(name, 1)) == 1]
 
 
 def _mosaic(tiles: list[tuple[str, np.ndarray]], title: str, path: Path) -> Path:
-    import matplotlib
+    import matplotlib  # lazy: keeps matplotlib off import
 
     matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: keeps matplotlib off import
 
     n = len(tiles)
     cols = min(n, 6)
@@ -131,9 +129,7 @@ def _mosaic(tiles: list[tuple[str, np.ndarray]], title: str, path: Path) -> Path
 
 def write_qc_report(plan: StudyPlan, rows: list[Row]) -> Path:
     """``qc/index.html`` with the summary and one mosaic per model parameter."""
-    import nibabel as nib
-
-    from fingerprint.io.nifti import bids_map_name
+    import nibabel as nib  # lazy: keeps nibabel off import
 
     qc = plan.output_dir / "qc"
     qc.mkdir(parents=True, exist_ok=True)

@@ -32,12 +32,15 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
+import multiprocessing as mp
 import os
 import secrets
 import shutil
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -46,6 +49,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+import fingerprint
 from fingerprint.batch.checks import (
     SchemeSummary,
     Verdict,
@@ -55,6 +59,10 @@ from fingerprint.batch.checks import (
 )
 from fingerprint.batch.layout import Series, find_series, read_timing
 from fingerprint.errors import FingerprintError, InputError
+from fingerprint.fitting.options import FitOptions
+from fingerprint.io.mif import is_mif, mif_as_nifti, mif_gradients_as_fsl, read_mif_header
+from fingerprint.io.nifti import atomic_write_json, bids_map_name, check_file_complete, open_nifti
+from fingerprint.models import get_model, get_recipe
 
 if TYPE_CHECKING:
     from fingerprint.fitting.options import FitOptions
@@ -90,16 +98,12 @@ class StudyOptions:
 
     def fit_options(self) -> FitOptions:
         """The fitting core's options for every series (threads set per worker)."""
-        from fingerprint.fitting.options import FitOptions
-
         return FitOptions(dictionary_size=self.dictionary_size, threads=self.threads,
                           b0_threshold=self.b0_threshold)
 
     def solver_options(self) -> dict:
         """What changes the numbers of a fit (part of every job's provenance): the
         :class:`~fingerprint.fitting.options.FitOptions` fields but ``threads``."""
-        import dataclasses
-
         out = dataclasses.asdict(self.fit_options())
         out.pop("threads", None)
         return out
@@ -195,8 +199,6 @@ def _fsl_files(series_dwi: str, bval: str | None, bvec: str | None, workdir: Pat
                *, gradients_only: bool = False) -> Iterator[tuple[str, str | None, str | None]]:
     """(dwi, bval, bvec) as NIfTI + FSL files; a .mif is converted into ``workdir`` (only
     its gradient table when ``gradients_only``; the dwi is then the .mif itself)."""
-    from fingerprint.io.mif import is_mif, mif_as_nifti, mif_gradients_as_fsl
-
     if not is_mif(series_dwi) or (gradients_only and bval is not None):
         yield series_dwi, bval, bvec
         return
@@ -213,8 +215,6 @@ def _fsl_files(series_dwi: str, bval: str | None, bvec: str | None, workdir: Pat
 
 def _mif_gradients(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """(bvals s/mm², bvecs (N, 3) FSL) of a .mif's header without reading its voxels."""
-    from fingerprint.io.mif import read_mif_header
-
     header = read_mif_header(path)
     return header.bvals, header.bvecs.T
 
@@ -232,7 +232,7 @@ def _raw_fsl(bval: Path, bvec: Path) -> tuple[np.ndarray, np.ndarray] | None:
 
 def _read_scheme(series: Series, options: StudyOptions, sp: SeriesPlan) -> object:
     """The series' AcquisitionScheme exactly as the fit will read it (same hash)."""
-    from fingerprint.fitting.pipeline import read_fsl_scheme
+    from fingerprint.fitting.pipeline import read_fsl_scheme  # lazy: keeps numba off import
 
     meta = series.metadata()
     delta, Delta, source, notes = read_timing(meta, str(series.sidecar or series.dwi))
@@ -266,11 +266,8 @@ def _read_scheme(series: Series, options: StudyOptions, sp: SeriesPlan) -> objec
 def _volume_count(series: Series) -> int:
     """Volumes of the series' DWI from its header (NIfTI or MRtrix)."""
     if series.is_mif:
-        from fingerprint.io.mif import read_mif_header
-
         dim = read_mif_header(series.dwi).header["dim"][0].replace(" ", "").split(",")
         return int(dim[3]) if len(dim) > 3 else 1
-    from fingerprint.io.nifti import open_nifti
 
     shape = open_nifti(series.dwi, "DWI").shape
     return int(shape[3]) if len(shape) > 3 else 1
@@ -278,8 +275,6 @@ def _volume_count(series: Series) -> int:
 
 # ----------------------------------------------------------------------------- plan
 def _recipe_provenance(model: str) -> dict:
-    from fingerprint.models import get_model, get_recipe
-
     recipe = get_recipe(model)
     entry = {"Name": recipe.name, "ModelSpecHash": str(get_model(recipe.name).spec_hash)}
     if recipe.path is not None and Path(recipe.path).is_file():
@@ -289,7 +284,7 @@ def _recipe_provenance(model: str) -> dict:
 
 
 def _dictionary_entry(model: str, scheme: object, options: StudyOptions) -> dict:
-    from fingerprint.dictionary.build import prepare_build
+    from fingerprint.dictionary.build import prepare_build  # lazy: keeps numba off import
 
     request = prepare_build(model, scheme, size=options.dictionary_size, seed=0)
     return {"Key": request.key, "Atoms": int(request.plan.size)}
@@ -303,9 +298,6 @@ def plan_study(bids_dir: str | Path, output_dir: str | Path, options: StudyOptio
                participant_labels: list[str] | None = None,
                session_labels: list[str] | None = None) -> StudyPlan:
     """Find the series, read their schemes, judge each model and check what is done."""
-    import fingerprint
-    from fingerprint.models import get_recipe
-
     models = tuple(dict.fromkeys(get_recipe(m).name for m in options.models))
     options = StudyOptions(**{**options.__dict__, "models": models})
     root = Path(bids_dir).absolute()
@@ -374,8 +366,6 @@ def plan_study(bids_dir: str | Path, output_dir: str | Path, options: StudyOptio
 
 # ----------------------------------------------------------------------------- validity
 def _anchor(out_dir: Path, prefix: str, model: str) -> Path:
-    from fingerprint.io.nifti import bids_map_name
-
     return out_dir / bids_map_name(prefix, model, "s0", extension=".json")
 
 
@@ -383,8 +373,6 @@ def job_outputs_valid(out_dir: str | Path, prefix: str, model: str, job_hash: st
                       ) -> str | None:
     """None when every output of the job is present, complete and carries ``job_hash``;
     else the reason it is not."""
-    from fingerprint.io.nifti import check_file_complete, open_nifti
-
     out_dir = Path(out_dir)
     anchor = _anchor(out_dir, prefix, model)
     try:
@@ -429,9 +417,9 @@ def prepare_dictionary(job: Job) -> dict:
     """Find or build the dictionary (and index) of ``job``'s model on its scheme.
 
     Returns ``{"key", "atoms", "seconds"}``; runs in a worker."""
+    # lazy: keeps numba off import
     from fingerprint.fitting.engine import prepare_fitter
     from fingerprint.fitting.pipeline import read_fsl_scheme
-    from fingerprint.models import get_model
 
     t0 = time.perf_counter()
     with _fsl_files(job.dwi, job.bval, job.bvec, None, gradients_only=True) as (_, bval,
@@ -446,8 +434,6 @@ def prepare_dictionary(job: Job) -> dict:
 
 
 def _job_options(job: Job) -> FitOptions:
-    from fingerprint.fitting.options import FitOptions
-
     return job.options if job.options is not None else FitOptions(
         dictionary_size=job.dictionary_size, threads=job.threads)
 
@@ -457,7 +443,7 @@ def run_job(job: Job) -> dict:
 
     Returns ``{"status": "done"|"failed", "seconds", "voxels", "invalid", "message",
     "timings"}`` (never raises for a bad series: the error is the message)."""
-    from fingerprint.fitting.pipeline import fit_volume
+    from fingerprint.fitting.pipeline import fit_volume  # lazy: keeps numba off import
 
     t0 = time.perf_counter()
     out_dir = Path(job.out_dir)
@@ -473,7 +459,6 @@ def run_job(job: Job) -> dict:
                 **({"chunk_voxels": job.chunk_voxels} if job.chunk_voxels else {}))
         niftis = [p for p in result.files if p.name.endswith(".nii.gz")]
         sidecars = [p for p in result.files if p.suffix == ".json"]
-        from fingerprint.io.nifti import atomic_write_json
 
         provenance = {**job.provenance, "JobHash": job.job_hash,
                       "Outputs": sorted(p.name for p in niftis)}
@@ -520,7 +505,7 @@ def _clean_staging(output_dir: Path) -> int:
 @contextlib.contextmanager
 def _run_lock(output_dir: Path) -> Iterator[None]:
     try:
-        import fcntl
+        import fcntl  # lazy: POSIX-only module (absent on Windows)
     except ImportError:  # pragma: no cover
         yield
         return
@@ -539,9 +524,6 @@ def _run_lock(output_dir: Path) -> Iterator[None]:
 
 def write_dataset_description(plan: StudyPlan) -> Path:
     """``dataset_description.json`` of the derivatives dataset (and ``.bidsignore``)."""
-    import fingerprint
-    from fingerprint.io.nifti import atomic_write_json
-
     out = plan.output_dir
     out.mkdir(parents=True, exist_ok=True)
     desc = {
@@ -582,15 +564,13 @@ class Row:
 
 def _executor(options: StudyOptions) -> tuple[cf.Executor, Callable[[], None]]:
     if options.dask_scheduler:
-        from distributed import Client
+        from distributed import Client  # lazy: keeps dask off import
 
         client = Client(options.dask_scheduler, timeout=30)
         return client.get_executor(pure=False), client.close
     if options.workers <= 1:
         ex: cf.Executor = cf.ThreadPoolExecutor(max_workers=1)
     else:
-        import multiprocessing as mp
-
         ex = cf.ProcessPoolExecutor(max_workers=options.workers,
                                     mp_context=mp.get_context("spawn"))
     return ex, lambda: ex.shutdown(wait=True, cancel_futures=True)
@@ -636,8 +616,7 @@ def run_study(plan: StudyPlan, *, progress: bool = True,
         bar = None
         redirect = contextlib.ExitStack()
         if progress and n_jobs:
-            import sys
-
+            # lazy: keeps tqdm off import
             from tqdm import tqdm
             from tqdm.contrib.logging import logging_redirect_tqdm
 

@@ -18,21 +18,22 @@ from pathlib import Path
 
 import numpy as np
 
+from fingerprint.core.acquisition_scheme import acquisition_scheme_from_bvalues
+from fingerprint.io.gradients import write_bvals_bvecs
+from fingerprint.io.mif import fsl_to_scanner_gradients, write_mif
+from fingerprint.io.nifti import atomic_write_json, atomic_write_nifti
+from fingerprint.phantoms import default_scheme, noddi_phantom
+
 __all__ = ["scheme_a", "scheme_b", "write_study"]
 
 
 def scheme_a() -> object:
     """Scheme A (SI units, with timing)."""
-    from fingerprint.phantoms import default_scheme
-
     return default_scheme(n_b0=3, shells=((1000.0, 12), (2000.0, 12)))
 
 
 def scheme_b() -> object:
     """Scheme B (SI units, jittered b-values, no timing)."""
-    from fingerprint.core.acquisition_scheme import acquisition_scheme_from_bvalues
-    from fingerprint.phantoms import default_scheme
-
     base = default_scheme(n_b0=3, shells=((700.0, 10), (2000.0, 14)))
     b = np.asarray(base.bvalues, dtype=float).copy()
     dwi = ~np.asarray(base.b0_mask)
@@ -49,12 +50,7 @@ def write_study(root: str | Path, *, subjects: int = 2, layout: str = "bids",
     (``sub-XX/dwi/sub-XX_space-T1w_desc-preproc_dwi.nii.gz`` with a brain mask and a
     ``dataset_description.json`` naming QSIPrep).
     """
-    import nibabel as nib
-
-    from fingerprint.io.gradients import write_bvals_bvecs
-    from fingerprint.io.mif import fsl_to_scanner_gradients, write_mif
-    from fingerprint.io.nifti import atomic_write_json, atomic_write_nifti
-    from fingerprint.phantoms import noddi_phantom
+    import nibabel as nib  # lazy: keeps nibabel off import
 
     if layout not in ("bids", "qsiprep"):
         raise ValueError(f"layout must be 'bids' or 'qsiprep', got {layout!r}")

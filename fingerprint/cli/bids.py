@@ -12,6 +12,7 @@ already there. See :mod:`fingerprint.batch.runner` for what happens and in which
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from fingerprint.cli.flags import (
     check_timing_flags,
     quiet_third_party_logs,
 )
+from fingerprint.cli.progress import shown_path
 from fingerprint.errors import InputError
 
 
@@ -77,8 +79,7 @@ def add_parser(subparsers: Any) -> None:
 
 
 def _cmd_bids(args: argparse.Namespace) -> int:
-    import os
-
+    # lazy: CLI start-up builds the parsers only
     from fingerprint.batch.report import (
         plan_text,
         summary_table,
@@ -86,7 +87,6 @@ def _cmd_bids(args: argparse.Namespace) -> int:
         write_summary_tsv,
     )
     from fingerprint.batch.runner import StudyOptions, plan_study, run_study
-    from fingerprint.cli.progress import shown_path
 
     quiet_third_party_logs(args)
     for flag in ("workers", "threads", "dictionary_size", "chunk_voxels"):
@@ -112,7 +112,7 @@ def _cmd_bids(args: argparse.Namespace) -> int:
         out.write(plan_text(plan) + "\n")
         return 0
     if args.analysis_level == "group":
-        from fingerprint.batch.runner import Row
+        from fingerprint.batch.runner import Row  # lazy: CLI start-up builds the parsers only
 
         rows = [Row(sp.series.subject, sp.series.session or "", sp.series.name, model,
                     "done" if sp.complete.get(model) else "missing")

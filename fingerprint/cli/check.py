@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,7 @@ def add_parser(subparsers: Any) -> None:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
+    # lazy: CLI start-up builds the parsers only
     from fingerprint.core.scheme_checks import check_gradient_table, check_scheme
     from fingerprint.io.gradients import read_fsl_gradients
     from fingerprint.models import get_model, get_recipe, requires_timing
@@ -60,6 +62,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
         raise InputError("give both --delta and --Delta (seconds), or neither")
     check_timing_flags(args)
     threshold = b0_threshold_si(args)
+    # lazy: CLI start-up builds the parsers only
     from fingerprint.core.acquisition_scheme import DEFAULT_B0_THRESHOLD
 
     threshold = DEFAULT_B0_THRESHOLD if threshold is None else threshold
@@ -67,6 +70,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
     findings = check_gradient_table(b * 1e6, vecs, threshold, f"bvec file {args.bvec}")
     extra: list[Any] = []
     if args.dwi is not None:
+        # lazy: CLI start-up builds the parsers only
         from fingerprint.core.scheme_checks import SchemeFinding
         from fingerprint.io.nifti import DWIImage
 
@@ -76,13 +80,13 @@ def _cmd_check(args: argparse.Namespace) -> int:
                 "refuse", "volumes", f"DWI file {args.dwi} has {image.n_volumes} volumes but "
                                      f"bval file {args.bval} describes {b.size} measurements"))
     if any(f.level == "refuse" for f in findings):
+        # lazy: CLI start-up builds the parsers only
         from fingerprint.core.scheme_checks import SchemeReport
 
         report = SchemeReport(findings=tuple(findings + extra), model=name,
                               n_measurements=int(b.size), b0_threshold=threshold)
     else:
-        import logging
-
+        # lazy: CLI start-up builds the parsers only
         from fingerprint.io.gradients import read_bvals_bvecs
 
         reader_log = logging.getLogger("fingerprint.io.gradients")

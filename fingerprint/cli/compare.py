@@ -54,6 +54,7 @@ def add_parser(subparsers: Any) -> None:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
+    # lazy: keeps numba off import; CLI start-up builds the parsers only
     from fingerprint.fitting.pipeline import prefix_from_filename
     from fingerprint.fitting.solvers.selection import compare_volume
 

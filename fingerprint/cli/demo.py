@@ -16,7 +16,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from fingerprint.cli.flags import quiet_third_party_logs
+from fingerprint.cli.main import CLIError
+from fingerprint.cli.progress import progress_bar, shown_path
 from fingerprint.errors import CancelledError, DictionaryError, InputError
 
 #: Atoms of the demo's dictionary: small enough to build in seconds on a laptop.
@@ -49,10 +53,9 @@ def add_parser(subparsers: Any) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    import nibabel as nib
-    import numpy as np
+    import nibabel as nib  # lazy: keeps nibabel off import
 
-    from fingerprint.cli.progress import progress_bar, shown_path
+    # lazy: keeps numba off import; CLI start-up builds the parsers only
     from fingerprint.fitting.pipeline import check_output_directory, fit_volume
     from fingerprint.phantoms import noddi_errors, noddi_phantom, write_phantom
     from fingerprint.preview import write_preview
@@ -88,8 +91,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                             dictionary_dir=args.dictionary_dir,
                             dictionary_size=args.dictionary_size)
     except (DictionaryError, CancelledError) as exc:
-        from fingerprint.cli.main import CLIError
-
         raise CLIError(str(exc)) from exc
     finally:
         if bar is not None:

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from fingerprint.cli.flags import add_b0_threshold_argument, b0_threshold_si, check_timing_flags
+from fingerprint.cli.main import CLIError
+from fingerprint.cli.progress import progress_bar
 from fingerprint.errors import DictionaryError, InputError
 
 
@@ -90,12 +92,11 @@ def _no_action(parser: argparse.ArgumentParser) -> int:
 
 
 def _cli_error(message: str) -> Exception:
-    from fingerprint.cli.main import CLIError
-
     return CLIError(message)
 
 
 def _load_scheme(args: argparse.Namespace) -> Any:
+    # lazy: keeps numba off import; CLI start-up builds the parsers only
     from fingerprint.fitting.pipeline import read_fsl_scheme
     from fingerprint.io import gradients
 
@@ -119,6 +120,7 @@ def _load_scheme(args: argparse.Namespace) -> Any:
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
+    # lazy: keeps numba off import; CLI start-up builds the parsers only
     from fingerprint.dictionary import build_dictionary, get_or_build_dictionary
     from fingerprint.models import get_recipe
 
@@ -130,7 +132,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
     if args.out is not None and args.dir is not None:
         raise InputError("give either --out or --dir, not both")
     scheme = _load_scheme(args)
-    from fingerprint.fitting.pipeline import check_dictionary_space
+    from fingerprint.fitting.pipeline import check_dictionary_space  # lazy: keeps numba off import
 
     if args.out is None or not args.out.exists():
         check_dictionary_space(args.size, scheme.number_of_measurements,
@@ -157,13 +159,12 @@ def _cmd_build(args: argparse.Namespace) -> int:
 def _progress_bar(args: argparse.Namespace):
     """A lazily created tqdm bar (nothing is drawn before the build starts) and its
     fraction callback."""
-    from fingerprint.cli.progress import progress_bar
-
     return progress_bar("dictionary", enabled=not (args.no_progress or
                                                    getattr(args, "quiet", False)))
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
+    # lazy: keeps numba off import
     from fingerprint.dictionary import default_dictionary_dir, list_dictionaries
 
     directory = args.dir if args.dir is not None else default_dictionary_dir()
@@ -190,6 +191,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
+    # lazy: keeps numba off import
     from fingerprint.dictionary import open_dictionary
     from fingerprint.dictionary.cache import describe
 
@@ -228,7 +230,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
-    from fingerprint.models import available_models
+    from fingerprint.models import available_models  # lazy: CLI start-up builds the parsers only
 
     for name, description in available_models().items():
         sys.stdout.write(f"{name:14s} {description}\n")

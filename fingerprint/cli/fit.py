@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import re
 import sys
 from pathlib import Path
@@ -28,6 +29,7 @@ from fingerprint.cli.flags import (
     check_timing_flags,
     quiet_third_party_logs,
 )
+from fingerprint.cli.main import CLIError
 from fingerprint.cli.progress import progress_bar, shown_path
 from fingerprint.errors import CancelledError, DictionaryError, InputError
 from fingerprint.fitting.options import FIT_OPTION_SPECS, FitOptions
@@ -160,7 +162,7 @@ def prefix_from_output_dir(out: Path) -> str | None:
 
 def output_prefix(prefix: str | None, dwi: Path, out: Path) -> str | None:
     """``prefix`` when given, else the DWI name's BIDS entities, else ``out``'s folders."""
-    from fingerprint.fitting.pipeline import prefix_from_filename
+    from fingerprint.fitting.pipeline import prefix_from_filename  # lazy: keeps numba off import
 
     if prefix is not None:
         return prefix
@@ -168,15 +170,11 @@ def output_prefix(prefix: str | None, dwi: Path, out: Path) -> str | None:
 
 
 def _cli_error(message: str) -> Exception:
-    from fingerprint.cli.main import CLIError
-
     return CLIError(message)
 
 
 def _name_sources(files: list[Path], sources: list[Path | None]) -> None:
-    import json
-
-    from fingerprint.io.nifti import atomic_write_json
+    from fingerprint.io.nifti import atomic_write_json  # lazy: CLI start-up builds the parsers only
 
     names = [p.name for p in sources if p is not None]
     for path in files:
@@ -187,6 +185,7 @@ def _name_sources(files: list[Path], sources: list[Path | None]) -> None:
 
 
 def _cmd_fit(args: argparse.Namespace) -> int:
+    # lazy: keeps numba off import; CLI start-up builds the parsers only
     from fingerprint.fitting.pipeline import DEFAULT_CHUNK_VOXELS, fit_volume
     from fingerprint.models import get_recipe
     from fingerprint.volume_models import is_volume_model
@@ -205,6 +204,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     if (args.delta is None) != (args.Delta is None):
         raise InputError("give both --delta and --Delta (seconds), or neither")
     check_timing_flags(args)
+    # lazy: CLI start-up builds the parsers only
     from fingerprint.io.mif import is_mif, mif_as_nifti
 
     mif = is_mif(args.dwi)

@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from fingerprint.cli.serve import check_data_dir
+
 
 def add_parser(subparsers: Any) -> None:
     """Register ``fingerprint keys`` and its actions."""
@@ -64,7 +66,7 @@ def _no_action(parser: argparse.ArgumentParser) -> int:
 
 
 def _database(args: argparse.Namespace) -> Any:
-    from fingerprint.cli.serve import check_data_dir
+    # lazy: keeps the server off CLI start-up
     from server.config import Settings
     from server.db import Database
 
@@ -76,7 +78,7 @@ def _database(args: argparse.Namespace) -> Any:
 
 
 def _create(args: argparse.Namespace) -> int:
-    from server.auth import create_key
+    from server.auth import create_key  # lazy: keeps the server off CLI start-up
 
     db = _database(args)
     record, token = create_key(db, args.name, admin=args.admin)
@@ -88,7 +90,7 @@ def _create(args: argparse.Namespace) -> int:
 
 
 def _revoke(args: argparse.Namespace) -> int:
-    from server.auth import revoke_key
+    from server.auth import revoke_key  # lazy: keeps the server off CLI start-up
 
     record = revoke_key(_database(args), args.key)
     sys.stdout.write(f"revoked key {record.name!r} (id {record.id})\n")
@@ -96,7 +98,7 @@ def _revoke(args: argparse.Namespace) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
-    from server.auth import list_keys
+    from server.auth import list_keys  # lazy: keeps the server off CLI start-up
 
     keys = list_keys(_database(args))
     if not keys:

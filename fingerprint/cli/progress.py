@@ -28,6 +28,7 @@ def progress_bar(desc: str, enabled: bool = True):
     the bar never share a line."""
     if not enabled:
         return None, None
+    # lazy: keeps tqdm off import
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 

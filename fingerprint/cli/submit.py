@@ -17,6 +17,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from fingerprint.cli.main import CLIError
+
 
 def add_parser(subparsers: Any) -> None:
     """Register ``fingerprint submit``."""
@@ -54,8 +56,6 @@ def add_parser(subparsers: Any) -> None:
 
 
 def _fail(message: str) -> Exception:
-    from fingerprint.cli.main import CLIError
-
     return CLIError(message)
 
 
@@ -69,8 +69,9 @@ _HINTS = {
 
 
 def run(args: argparse.Namespace) -> int:
-    import httpx
+    import httpx  # lazy: keeps httpx off CLI start-up
 
+    # lazy: keeps httpx off CLI start-up
     from fingerprint.client import FingerprintClient, ServerError
 
     api_key = args.api_key or os.environ.get("FINGERPRINT_API_KEY")
@@ -110,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _default_prefix(dwi: Path) -> str | None:
     """``sub-01_ses-1`` for ``sub-01_ses-1_dwi.nii.gz`` (None without BIDS entities)."""
-    from fingerprint.fitting.pipeline import prefix_from_filename
+    from fingerprint.fitting.pipeline import prefix_from_filename  # lazy: keeps numba off import
 
     prefix = prefix_from_filename(dwi)
     if prefix and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}", prefix):
@@ -119,7 +120,7 @@ def _default_prefix(dwi: Path) -> str | None:
 
 
 def _wait(client: Any, job_id: str, poll: float, show: bool) -> dict[str, Any]:
-    from tqdm import tqdm
+    from tqdm import tqdm  # lazy: keeps tqdm off import
 
     bar = tqdm(total=100, unit="%", desc=f"{job_id[:8]} queued", disable=not show,
                leave=True, bar_format="{desc:32s} {percentage:3.0f}%|{bar}| {elapsed}")

@@ -852,7 +852,7 @@ def acquisition_scheme_from_gradient_strengths(
 # --------------------------------------------------------------------------- DIPY
 def _dipy_gradients() -> Any:
     try:
-        from dipy.core import gradients
+        from dipy.core import gradients  # lazy: optional dependency
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise ImportError("DIPY is needed to convert gradient tables: pip install dipy "
                           "(or pip install fingerprint-mri[dipy])") from exc

@@ -488,7 +488,7 @@ def mu_to_axes(mu: np.ndarray) -> np.ndarray:
 
 def axis_cosines(directions: np.ndarray, mu: np.ndarray) -> np.ndarray:
     """Cosines (n, N) between measurement directions (N, 3) and orientations mu (n, 2)."""
-    from fingerprint.kernels.dispersion import cosines_to_axes
+    from fingerprint.kernels.dispersion import cosines_to_axes  # lazy: keeps numba off import
 
     return cosines_to_axes(np.ascontiguousarray(directions, dtype=np.float64), mu_to_axes(mu))
 
@@ -1035,6 +1035,7 @@ def __getattr__(name: str) -> Any:
     """dmipy's third framework lives in :mod:`fingerprint.core.spherical_harmonics_model`
     (imported lazily: it builds on this module)."""
     if name in _SPHERICAL_HARMONICS_NAMES:
+        # lazy: re-export on attribute access (that module builds on this one)
         from fingerprint.core import spherical_harmonics_model
 
         return getattr(spherical_harmonics_model, name)

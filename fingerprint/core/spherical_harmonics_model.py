@@ -33,8 +33,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
+import clarabel
 import numpy as np
+from scipy import sparse
 
+from fingerprint.core.acquisition_scheme import AcquisitionScheme
 from fingerprint.core.csd_peaks import fod_peaks
 from fingerprint.core.modeling_framework import (
     MultiCompartmentModelProperties,
@@ -102,8 +105,6 @@ def zonal_kernel_coefficients(model: Any, parameters: Mapping[str, Any], scheme:
     excluded. ``kappa_l = 2 pi int K(t) P_l(t) dt`` so that convolving an FOD with SH
     coefficients ``c_lm`` gives ``sum kappa_l c_lm Y_lm(n)``.
     """
-    from fingerprint.core.acquisition_scheme import AcquisitionScheme
-
     uniq, inverse = scheme.unique_measurements()
     n_unique = uniq.number_of_measurements
     nodes, weights = gauss_legendre_unit(max(KERNEL_NODES, sh_order + 32))
@@ -347,8 +348,6 @@ class _CsdProblem:
     def __init__(self, design: list[np.ndarray], sh_order: int, lambda_lb: float,
                  unity: bool, fixed_fractions: np.ndarray | None,
                  isotropic: list[bool]) -> None:
-        from scipy import sparse
-
         self.n_coef = design[0].shape[1]
         self.n_models = len(design)
         self.fixed = fixed_fractions
@@ -404,8 +403,6 @@ class _CsdProblem:
         self.n_var = n_var
 
     def solve_many(self, signals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        import clarabel
-
         settings = clarabel.DefaultSettings()
         settings.verbose = False
         cones: list[Any] = []
@@ -451,7 +448,7 @@ class _LeastDistance:
 
     def __init__(self, columns: np.ndarray, gram: np.ndarray, grid: np.ndarray,
                  first: float | None) -> None:
-        from scipy.linalg import cholesky, solve_triangular
+        from scipy.linalg import cholesky, solve_triangular  # lazy: keeps SciPy off import
 
         n = columns.shape[1]
         self.x_fixed = np.zeros(n)
@@ -468,7 +465,7 @@ class _LeastDistance:
         self._solve_triangular = solve_triangular
 
     def solve(self, y: np.ndarray) -> np.ndarray:
-        from scipy.optimize import nnls
+        from scipy.optimize import nnls  # lazy: keeps SciPy off import
 
         st = self._solve_triangular
         u0 = st(self.lower, self.a_keep.T @ (y - self.columns @ self.x_fixed), lower=True)

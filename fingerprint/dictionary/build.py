@@ -25,10 +25,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import numba
 import numpy as np
 
+import fingerprint
 from fingerprint.errors import CancelledError, DictionaryError, InputError
+from fingerprint.fitting.features import FeatureMap
 from fingerprint.kernels import defer_parallel
+from fingerprint.models import get_recipe, recipe_for_model, requires_timing
 from fingerprint.progress import library_progress
 
 from .cache import (
@@ -83,8 +87,6 @@ def simulate_atoms(model: Any, scheme: Any, parameters: np.ndarray) -> np.ndarra
 
 
 def _feature_map(model: Any, scheme: Any) -> Any:
-    from fingerprint.fitting.features import FeatureMap
-
     return FeatureMap.from_model(model, scheme)
 
 
@@ -109,10 +111,7 @@ class BuildRequest:
         return self.plan.size
 
     def metadata(self) -> dict[str, Any]:
-        import numba
-        import zarr
-
-        import fingerprint
+        import zarr  # lazy: keeps zarr off import
 
         model, space = self.model, self.plan.space
         spherical = bool(getattr(model, "is_spherical_mean", False))
@@ -143,8 +142,6 @@ class BuildRequest:
 
 def _resolve_model(model: Any) -> tuple[Any, Any]:
     """(model object, recipe or None) for a model name or object."""
-    from fingerprint.models import get_recipe, recipe_for_model
-
     if isinstance(model, str):
         recipe = get_recipe(model)
         return recipe.build_model(), recipe
@@ -157,8 +154,6 @@ def _resolve_model(model: Any) -> tuple[Any, Any]:
 
 
 def _check_timing(model: Any, recipe: Any, scheme: Any) -> None:
-    from fingerprint.models import requires_timing
-
     needs = (recipe is not None and recipe.requires_timing) or requires_timing(model)
     if needs and (getattr(scheme, "delta", None) is None or
                   getattr(scheme, "Delta", None) is None):
@@ -195,7 +190,6 @@ def _numba_threads(n_jobs: int | None):
     if not n_jobs:
         yield
         return
-    import numba
 
     n = max(1, min(int(n_jobs), numba.config.NUMBA_NUM_THREADS))
     previous = numba.get_num_threads()

@@ -63,7 +63,7 @@ def default_dictionary_dir() -> Path:
     if env:
         return Path(env).expanduser()
     try:
-        from platformdirs import user_cache_dir
+        from platformdirs import user_cache_dir  # lazy: optional dependency
     except ImportError:  # pragma: no cover - platformdirs ships with pip's environments
         base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fingerprint"
     else:
@@ -145,7 +145,7 @@ def build_lock(target: Path) -> Iterator[None]:
     (the atomic rename still keeps concurrent builds from corrupting each other).
     """
     try:
-        import fcntl
+        import fcntl  # lazy: POSIX-only module (absent on Windows)
     except ImportError:  # pragma: no cover - non-POSIX
         yield
         return
@@ -176,7 +176,7 @@ def in_use(store: str | os.PathLike) -> Iterator[None]:
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
-            import fcntl
+            import fcntl  # lazy: POSIX-only module (absent on Windows)
 
             fcntl.flock(fd, fcntl.LOCK_SH)
         except ImportError:  # pragma: no cover - non-POSIX
@@ -245,7 +245,7 @@ def evict_to_budget(directory: str | os.PathLike, budget: int, *, need: int = 0,
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             try:
-                import fcntl
+                import fcntl  # lazy: POSIX-only module (absent on Windows)
 
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except ImportError:  # pragma: no cover - non-POSIX: no eviction

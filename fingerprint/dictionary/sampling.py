@@ -389,7 +389,7 @@ class SamplingPlan:
 
 
 def _sobol(dims: int, seed: int, start: int, n: int) -> np.ndarray:
-    from scipy.stats import qmc
+    from scipy.stats import qmc  # lazy: keeps SciPy off import
 
     try:
         engine = qmc.Sobol(dims, scramble=True, rng=seed)

@@ -22,7 +22,10 @@ from typing import Any
 
 import numpy as np
 
+from fingerprint.core.acquisition_scheme import acquisition_scheme_from_bvalues
+from fingerprint.core.modeling_framework import model_from_spec
 from fingerprint.errors import DictionaryError
+from fingerprint.fitting.features import FEATURES_VERSION
 
 logger = logging.getLogger(__name__)
 
@@ -51,8 +54,6 @@ _DTYPES = {"signals": np.dtype("float32"), "features": np.dtype("float32"),
 
 def current_features_version() -> int:
     """``FEATURES_VERSION`` of the installed feature map (dictionaries must match it)."""
-    from fingerprint.fitting.features import FEATURES_VERSION
-
     return int(FEATURES_VERSION)
 
 
@@ -103,8 +104,6 @@ def scheme_to_dict(scheme: Any) -> dict[str, Any]:
 
 def scheme_from_dict(data: Mapping[str, Any]) -> Any:
     """Rebuild an :class:`AcquisitionScheme` from :func:`scheme_to_dict` output."""
-    from fingerprint.core.acquisition_scheme import acquisition_scheme_from_bvalues
-
     def arr(name: str) -> np.ndarray | None:
         value = data.get(name)
         return None if value is None else np.asarray(value, dtype=float)
@@ -118,7 +117,7 @@ def scheme_from_dict(data: Mapping[str, Any]) -> Any:
 
 # --------------------------------------------------------------------------- writing
 def _codecs() -> list[Any]:
-    from zarr.codecs import BloscCodec, Crc32cCodec
+    from zarr.codecs import BloscCodec, Crc32cCodec  # lazy: keeps zarr off import
 
     return [BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle"), Crc32cCodec()]
 
@@ -133,7 +132,7 @@ class StoreWriter:
 
     def __init__(self, path: str | os.PathLike, n_atoms: int, n_signals: int,
                  n_features: int, n_parameters: int, chunk_atoms: int):
-        import zarr
+        import zarr  # lazy: keeps zarr off import
 
         self.path = Path(path)
         self.n_atoms = int(n_atoms)
@@ -264,8 +263,6 @@ class Dictionary:
     @cached_property
     def model(self) -> Any:
         """The model, rebuilt exactly from its stored spec."""
-        from fingerprint.core.modeling_framework import model_from_spec
-
         try:
             return model_from_spec(self.metadata["model"])
         except Exception as exc:  # a spec this version cannot rebuild
@@ -426,7 +423,7 @@ def open_dictionary(path: str | os.PathLike, *,
     format version, or built with another features version. Chunks also carry CRC32C
     checksums, verified when read.
     """
-    import zarr
+    import zarr  # lazy: keeps zarr off import
 
     path = Path(path)
     attrs = read_attributes(path)

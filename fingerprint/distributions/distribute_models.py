@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from fingerprint.core.acquisition_scheme import MeasurementSet
 from fingerprint.core.modeling_framework import (
     ParameterInfo,
     _ParameterNamespace,
@@ -47,6 +48,7 @@ from fingerprint.core.modeling_framework import (
     _SchemeContext,
     _State,
     axis_cosines,
+    check_scheme,
     compartment_info,
     compartment_spec,
     compartment_spherical_mean,
@@ -140,8 +142,6 @@ def _kernel_nodes(l_max: int) -> int:
 def _tile_measurements(meas: Any, repeats: int, *, interleave: bool) -> Any:
     """A MeasurementSet with every row repeated: ``interleave`` -> row r repeated
     ``repeats`` times in a row (r*repeats + k); else the whole set tiled (k*M + r)."""
-    from fingerprint.core.acquisition_scheme import MeasurementSet
-
     def rep(arr: np.ndarray | None) -> np.ndarray | None:
         if arr is None:
             return None
@@ -305,8 +305,6 @@ class DistributedModel(_ParameterNamespace):
     def __call__(self, acquisition_scheme: Any, **kwargs: Any) -> np.ndarray:
         """Signal (N,) for one set of named parameters (dmipy call style; names without
         this model's prefix, e.g. ``SD1Watson_1_odi``; mu as [theta, phi])."""
-        from fingerprint.core.modeling_framework import check_scheme
-
         check_scheme(acquisition_scheme, self._required_acquisition_parameters,
                      type(self).__name__)
         local = {}

@@ -29,6 +29,7 @@ from fingerprint.core.acquisition_scheme import AcquisitionScheme
 from fingerprint.core.backends import register_backend
 from fingerprint.core.fitted_model import FittedMultiCompartmentModel
 from fingerprint.core.modeling_framework import MultiCompartmentModelProperties as Model
+from fingerprint.core.scheme_checks import prepare_scheme
 from fingerprint.dictionary import open_dictionary
 from fingerprint.errors import InputError
 from fingerprint.fitting.estimator import FingerprintEstimator, VoxelEstimates
@@ -436,7 +437,6 @@ def fit_model(model: Model, acquisition_scheme: AcquisitionScheme, data: np.ndar
         raise InputError(f"acquisition_scheme must be an AcquisitionScheme (see "
                          f"acquisition_scheme_from_bvalues or read_bvals_bvecs), got "
                          f"{type(acquisition_scheme).__name__}")
-    from fingerprint.core.scheme_checks import prepare_scheme
 
     # the scheme checks every entry point runs: refusals name the problem, warnings logged
     acquisition_scheme, _ = prepare_scheme(acquisition_scheme, model,

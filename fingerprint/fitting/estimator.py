@@ -46,6 +46,14 @@ from fingerprint.stages import Laps, active_profile
 from .features import FeatureMap
 from .frame import FrameEstimator, angles_to_frames, frames_to_angles
 from .matcher import DEFAULT_HNSW_THRESHOLD, HNSW_EF_SEARCH, Matcher, faiss_threads
+from .quality import (
+    SIGMA_FLOOR,
+    SPACING_PERCENTILE,
+    SPACING_SAMPLE,
+    neighbour_cone_angle,
+    profile_orientation_sd,
+    quality_flags,
+)
 from .refine import local_linear_step, orientation_curvature, posterior_mean, weighted_atoms
 
 logger = logging.getLogger(__name__)
@@ -127,14 +135,14 @@ def thread_limits(n_jobs: int | None):
     if not n_jobs:
         yield
         return
-    import numba
+    import numba  # lazy: keeps numba off import
 
     n = max(1, int(n_jobs))
     stack = contextlib.ExitStack()
     with stack:
         stack.enter_context(faiss_threads(n))
         try:
-            from threadpoolctl import threadpool_limits
+            from threadpoolctl import threadpool_limits  # lazy: optional dependency
 
             stack.enter_context(threadpool_limits(limits=n))
         except ImportError:  # pragma: no cover - threadpoolctl is optional
@@ -293,7 +301,7 @@ class FingerprintEstimator:
         """Estimator of ``model`` (a name such as ``'noddi'`` or a model object) on
         ``scheme``: finds the dictionary in ``dictionary_dir`` (default cache directory)
         or builds it (``dictionary_size`` atoms; default the recipe's size)."""
-        from fingerprint.dictionary import get_or_build_dictionary
+        from fingerprint.dictionary import get_or_build_dictionary  # lazy: keeps numba off import
 
         d = get_or_build_dictionary(model, scheme, size=dictionary_size, seed=seed,
                                     directory=dictionary_dir, progress=progress,
@@ -394,6 +402,7 @@ class FingerprintEstimator:
         return out
 
     def _estimate_batch(self, data: np.ndarray, x0: np.ndarray | None) -> VoxelEstimates:
+        # lazy: keeps numba off import
         from fingerprint.kernels import run_parallel
         from fingerprint.kernels.features import (
             prepare_signals,
@@ -561,8 +570,6 @@ class FingerprintEstimator:
         rules (:mod:`fingerprint.fitting.quality`). Computed once."""
         cached = getattr(self, "_spacing2", None)
         if cached is None:
-            from .quality import SPACING_PERCENTILE, SPACING_SAMPLE
-
             n_atoms = int(self.atom_features.shape[0])
             rng = np.random.default_rng(0)
             pick = np.sort(rng.choice(n_atoms, size=min(SPACING_SAMPLE, n_atoms),
@@ -596,8 +603,6 @@ class FingerprintEstimator:
     def quality_flags(self, ve: VoxelEstimates) -> np.ndarray:
         """Quality bit map (n,) of estimates made by this estimator
         (:func:`fingerprint.fitting.quality.quality_flags`)."""
-        from .quality import quality_flags
-
         return quality_flags(valid=ve.valid, parameters=ve.parameters,
                              uncertainty=ve.uncertainty, lower=self._lower,
                              upper=self._upper, scalar_columns=self._scalar_columns,
@@ -612,8 +617,6 @@ class FingerprintEstimator:
         """Fill the quality diagnostics of the fitted ``rows`` (see VoxelEstimates). The
         residual is measured against the b=0 noise estimate when there is one (it does
         not absorb a poor fit as the pooled estimate does), else the pooled one."""
-        from .quality import SIGMA_FLOOR, neighbour_cone_angle, profile_orientation_sd
-
         fmap = self.feature_map
         sig2 = np.maximum(sig2_feat, SIGMA_FLOOR ** 2)
         k = max(int(feats.shape[1]), 1)

@@ -37,6 +37,8 @@ import numpy as np
 
 from fingerprint.errors import InputError
 
+from .frame import FrameEstimator
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["FEATURES_VERSION", "MAX_LEGENDRE_COEFFICIENTS", "FeatureMap"]
@@ -221,6 +223,7 @@ class FeatureMap:
             feats = np.ascontiguousarray(signals[:, self.dwi_columns], dtype=np.float32)
             rss = np.zeros(n)
         elif self.kind == "shell_means":
+            # lazy: keeps numba off import
             from fingerprint.kernels import run_parallel
             from fingerprint.kernels.features import shell_means
 
@@ -230,8 +233,6 @@ class FeatureMap:
                                       self.weights, self.mean_weights)
         else:
             if frames is None:
-                from .frame import FrameEstimator
-
                 frames = FrameEstimator.for_scheme(self).estimate(signals)
             frames = np.asarray(frames, dtype=np.float64)
             if frames.shape != (n, 3):
@@ -263,6 +264,7 @@ class FeatureMap:
             for j in self.dwi_columns:
                 out[:, j] = coef[:, self.shell_of[j]]
             return out
+        # lazy: keeps numba off import
         from fingerprint.kernels import run_parallel
         from fingerprint.kernels.features import reconstruct_zonal
 
@@ -279,6 +281,7 @@ class FeatureMap:
 
     def _zonal(self, signals: np.ndarray, frames: np.ndarray, gram: bool = False
                ) -> tuple[np.ndarray, ...]:
+        # lazy: keeps numba off import
         from fingerprint.kernels import run_parallel
         from fingerprint.kernels.features import zonal_features
 
@@ -298,6 +301,7 @@ class FeatureMap:
         against the Legendre ``coefficients`` (n, k) (unwhitened; b0s predicted as 1),
         in the frames of ``fit`` = :meth:`voxel_features` (features, rss, gram) of the
         same signals with ``return_rss`` and ``return_gram`` (zonal kind)."""
+        # lazy: keeps numba off import
         from fingerprint.kernels import run_parallel
         from fingerprint.kernels.features import zonal_fit_residuals
 
@@ -326,7 +330,7 @@ def spherical_mean_weights(directions: np.ndarray,
     (at most 8, at least two measurements per coefficient); for evenly spread directions
     the weights are ~1/n, for uneven ones they undo the uneven coverage.
     """
-    from scipy.special import sph_harm_y
+    from scipy.special import sph_harm_y  # lazy: keeps SciPy off import
 
     dirs = np.asarray(directions, dtype=np.float64).reshape(-1, 3)
     n = dirs.shape[0]

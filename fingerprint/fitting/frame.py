@@ -102,6 +102,7 @@ class FrameEstimator:
 
     def tensor_directions(self, signals: np.ndarray) -> np.ndarray:
         """Principal tensor eigenvectors (n, 3) of b0-normalised ``signals`` (n, N)."""
+        # lazy: keeps numba off import
         from fingerprint.kernels import run_parallel
         from fingerprint.kernels.features import dti_principal_directions
 
@@ -112,6 +113,7 @@ class FrameEstimator:
     def refine(self, signals: np.ndarray, frames: np.ndarray,
                iterations: int | None = None) -> np.ndarray:
         """Refine ``frames`` (n, 3) by Gauss-Newton on the zonal model's axis."""
+        # lazy: keeps numba off import
         from fingerprint.kernels import run_parallel
         from fingerprint.kernels.features import refine_frames
 
@@ -128,6 +130,7 @@ class FrameEstimator:
         and the zonal residual sum of squares at the starting ``frames``; the caller
         keeps the move only where its own fit at the new frame has a lower residual
         (this saves one pass over the data when the features are computed anyway)."""
+        # lazy: keeps numba off import
         from fingerprint.kernels import run_parallel
         from fingerprint.kernels.features import refine_frames
 
@@ -145,6 +148,7 @@ class FrameEstimator:
         The free zonal fit of :meth:`refine` bends its profile towards the noise of the
         axis it is fitted around; with the profile of the matched atoms the axis is an
         estimate of the model's own orientation (better for dispersed voxels)."""
+        # lazy: keeps numba off import
         from fingerprint.kernels import run_parallel
         from fingerprint.kernels.features import align_frames
 

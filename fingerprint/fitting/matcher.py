@@ -70,7 +70,7 @@ def faiss_threads(n_jobs: int | None):
     if not n_jobs:
         yield
         return
-    import faiss
+    import faiss  # lazy: keeps FAISS off import
 
     previous = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(max(1, int(n_jobs)))
@@ -151,7 +151,7 @@ class Matcher:
             self._hnsw = self._load_or_build_hnsw()
 
     def _build_flat(self) -> Any:
-        import faiss
+        import faiss  # lazy: keeps FAISS off import
 
         index = faiss.IndexFlatL2(self.dimension)
         index.add(self._features)
@@ -160,7 +160,7 @@ class Matcher:
     def _load_or_build_hnsw(self) -> Any:
         """The HNSW graph: read from :attr:`_cache_path` when valid, else built (and
         written there)."""
-        import faiss
+        import faiss  # lazy: keeps FAISS off import
 
         path = self._cache_path
         if path is not None and path.exists():
@@ -305,7 +305,7 @@ class Matcher:
                ef_search: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Squared L2 distances (n, k) float32 and atom indices (n, k) int64 (-1 when
         fewer than k atoms) of the k nearest atoms of every query (n, dim)."""
-        import faiss
+        import faiss  # lazy: keeps FAISS off import
 
         q = np.ascontiguousarray(queries, dtype=np.float32)
         if q.ndim != 2 or q.shape[1] != self.dimension:

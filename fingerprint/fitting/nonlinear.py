@@ -572,7 +572,7 @@ def _numba_threads(n_jobs: int | None) -> Iterator[None]:
     if not n_jobs:
         yield
         return
-    import numba
+    import numba  # lazy: keeps numba off import
 
     previous = numba.get_num_threads()
     numba.set_num_threads(max(1, min(int(n_jobs), numba.config.NUMBA_NUM_THREADS)))

@@ -47,7 +47,11 @@ from typing import Any
 
 import numpy as np
 
+import fingerprint
 from fingerprint.core.acquisition_scheme import AcquisitionScheme
+from fingerprint.core.scheme_checks import check_csd_scheme, prepare_scheme
+from fingerprint.dictionary.build import prepare_build
+from fingerprint.dictionary.cache import default_dictionary_dir, store_path
 from fingerprint.errors import CancelledError, FingerprintError, InputError
 from fingerprint.fitting.engine import (
     ESTIMATORS,
@@ -59,8 +63,10 @@ from fingerprint.fitting.engine import (
 )
 from fingerprint.fitting.estimator import VoxelEstimates
 from fingerprint.fitting.options import FitOptions, check_prefix
+from fingerprint.fitting.quality import FLAGS, flag_counts, voxel_quality
 from fingerprint.fitting.registry import VoxelFitter, get_solver
 from fingerprint.fitting.validity import default_mask, report_unusable, usable_voxels
+from fingerprint.io.gradients import read_bvals_bvecs
 from fingerprint.io.nifti import (
     DEFAULT_SLAB_BYTES,
     DWIImage,
@@ -70,6 +76,16 @@ from fingerprint.io.nifti import (
     mu_to_vectors,
     write_map,
 )
+from fingerprint.models import (
+    get_model,
+    get_recipe,
+    map_labels,
+    model_name,
+    recipe_for_model,
+    requires_timing,
+)
+from fingerprint.models import model_name as recipe_name
+from fingerprint.preview import write_preview
 from fingerprint.stages import active_profile, stage
 from fingerprint.volume_models import VOLUME_MODELS, get_volume_model, is_volume_model
 
@@ -158,8 +174,6 @@ def read_fsl_scheme(bval: Any, bvec: Any, *, delta: Any = None, Delta: Any = Non
 
 def _read_scheme(bval: Path, bvec: Path, delta: Any, Delta: Any, TE: Any,
                  b0_threshold: float | None = None) -> Any:
-    from fingerprint.io.gradients import read_bvals_bvecs
-
     kwargs: dict[str, Any] = {}
     if b0_threshold is not None:
         value = float(b0_threshold)
@@ -177,8 +191,6 @@ def check_fsl_scheme(scheme: Any, bval: Any, bvec: Any, model: Any = None,
     from ``bval`` / ``bvec``: InputError naming the files and every refusal; warnings
     and notes are logged. ``model`` is a name, a model or None (the scheme alone).
     Returns the :class:`~fingerprint.core.scheme_checks.SchemeReport`."""
-    from fingerprint.core.scheme_checks import check_csd_scheme, prepare_scheme
-
     if is_volume_model(model):  # mc_csd: three tissues, order 8 (its defaults)
         report = check_csd_scheme(scheme, 3, 8)
         report.log(logger)
@@ -186,13 +198,8 @@ def check_fsl_scheme(scheme: Any, bval: Any, bvec: Any, model: Any = None,
         return report
     requires = None
     if isinstance(model, str):
-        from fingerprint.models import get_model, requires_timing
-
         model_name, requires, model = model, requires_timing(model), get_model(model)
     elif model is not None:
-        from fingerprint.models import model_name as recipe_name
-        from fingerprint.models import requires_timing
-
         model_name = model_name or recipe_name(model)
         requires = requires_timing(model)
     _, report = prepare_scheme(scheme, model, model_name=model_name, requires_timing=requires,
@@ -312,7 +319,6 @@ def fit_chunk(fitter: VoxelFitter, data: np.ndarray) -> dict[str, np.ndarray]:
     (:func:`~fingerprint.fitting.engine.fit_voxels`); what executors run. Fitters pickle
     small (the built-in one to its dictionary's path), so workers rebuild and cache
     them."""
-    from fingerprint.fitting.quality import voxel_quality
 
     with stage("fit"):
         ve = fit_voxels(fitter, np.asarray(data))
@@ -387,8 +393,6 @@ FASCICLE_ORDER = ("by signal fraction, largest first; fascicles beyond a voxel's
 
 def _resolve_model(model: Any) -> tuple[Any, str, Any]:
     """(model object or None, BIDS model label, estimator or None)."""
-    from fingerprint.models import get_model, get_recipe, model_name
-
     if isinstance(model, str):
         recipe = get_recipe(model)
         return get_model(recipe.name), recipe.name, None
@@ -403,8 +407,6 @@ def _resolve_model(model: Any) -> tuple[Any, str, Any]:
 
 def _map_plan(model: Any, offsets: dict[str, slice]) -> list[tuple[str, str, slice, bool]]:
     """(label, parameter name, columns in the parameter vector, is orientation)."""
-    from fingerprint.models import map_labels
-
     orientation = set(getattr(model, "orientation_parameter_names", None) or
                       [n for n, t in getattr(model, "parameter_types", {}).items()
                        if t == "orientation"])
@@ -508,12 +510,9 @@ def check_dictionary_space(size: int | None, n_measurements: int, directory: Any
     ``model`` and ``scheme``, a dictionary already in the cache is not checked."""
     if size is None:
         return
-    from fingerprint.dictionary.cache import default_dictionary_dir, store_path
 
     parent = Path(os.fspath(directory)).absolute() if directory else default_dictionary_dir()
     if model is not None and scheme is not None and parent.is_dir():
-        from fingerprint.dictionary.build import prepare_build
-
         try:
             key = prepare_build(model, scheme, size=size, seed=seed).key
             if store_path(parent, key).exists():
@@ -580,8 +579,6 @@ def _run_chunks(chunks: Iterator[tuple[np.ndarray, np.ndarray]], fitter: VoxelFi
 
 def _model_info(model: Any, model_label: str) -> dict[str, Any]:
     """The sidecars' ``Model`` entry."""
-    from fingerprint.models import recipe_for_model
-
     recipe = recipe_for_model(model)
     info: dict[str, Any] = {"Name": model_label, "Class": type(model).__name__}
     if recipe is not None:
@@ -595,8 +592,6 @@ def _model_info(model: Any, model_label: str) -> dict[str, Any]:
 def _sidecar(*, label: str, parameter: str | None, units: str, description: str,
              model_info: dict[str, Any], sources: list[str], extra: dict[str, Any],
              solver: str = "fingerprint") -> dict[str, Any]:
-    import fingerprint
-
     out: dict[str, Any] = {
         "Description": description,
         "Parameter": label,
@@ -922,7 +917,6 @@ def fit_volume(model: Any, dwi: Any, bval: Any, bvec: Any, out_dir: Any, *,
              description="orientation uncertainty: 1-sd cone angle of the fibre axis "
                          "(Fisher information of the fitted angular profile, or the "
                          "spread of the matched atoms' axes)")
-    from fingerprint.fitting.quality import FLAGS, flag_counts
 
     counts = flag_counts(quality)
     q_name = bids_map_name(pref, model_label, None, desc="quality")
@@ -948,8 +942,6 @@ def fit_volume(model: Any, dwi: Any, bval: Any, bvec: Any, out_dir: Any, *,
                               if k in FLAGS and v))
     preview_path = None
     if preview:
-        from fingerprint.preview import write_preview
-
         preview_path = write_preview(
             {label: p for label, p in maps.items()
              if not label.endswith("_uncertainty") and label != "sigma"},

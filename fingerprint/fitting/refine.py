@@ -45,6 +45,7 @@ def posterior_mean(distances: np.ndarray, indices: np.ndarray, atom_parameters: 
     factor 1 / (1 + J_j / sigma²) of integrating each atom's likelihood over the fibre
     orientation (see :func:`orientation_curvature`) for voxels whose frame was estimated
     from their own data."""
+    # lazy: keeps numba off import
     from fingerprint.kernels import run_parallel
     from fingerprint.kernels.features import posterior_average
 
@@ -70,6 +71,7 @@ def weighted_atoms(weights: np.ndarray, indices: np.ndarray, table: np.ndarray) 
     """Posterior-weighted average (n, columns) of rows of ``table`` (atoms, columns), e.g.
     the atoms' features, over each voxel's neighbours ``indices`` (n, k) (-1: none) with
     normalised ``weights`` (n, k)."""
+    # lazy: keeps numba off import
     from fingerprint.kernels import run_parallel
     from fingerprint.kernels.features import weighted_rows
 
@@ -102,6 +104,7 @@ def local_linear_step(queries: np.ndarray, indices: np.ndarray, weights: np.ndar
     bounds, ``max_step`` (n, m) the largest move per voxel and column; neighbour weights
     are floored at ``floor_weight`` times the largest so that the regression sees the
     whole neighbourhood. Returns (parameters (n, P), predicted features (n, k))."""
+    # lazy: keeps numba off import
     from fingerprint.kernels import run_parallel
     from fingerprint.kernels.features import local_linear_refine
 

@@ -38,6 +38,7 @@ from fingerprint.core.acquisition_scheme import (
     b_from_g,
 )
 from fingerprint.core.backends import register_backend
+from fingerprint.core.scheme_checks import check_gradient_table
 from fingerprint.errors import InputError
 
 __all__ = [
@@ -139,8 +140,6 @@ def _directions(vectors: np.ndarray, b_si: np.ndarray, b0_threshold: float,
     The checks are :func:`fingerprint.core.scheme_checks.check_gradient_table`'s: its
     refusals (a zero or NaN vector above the threshold) are an InputError naming the file.
     """
-    from fingerprint.core.scheme_checks import check_gradient_table
-
     findings = check_gradient_table(b_si, vectors, b0_threshold, f"{what} file {path}")
     refused = [f.message for f in findings if f.level == "refuse"]
     if refused:

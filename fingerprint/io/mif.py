@@ -46,6 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from fingerprint.errors import InputError
+from fingerprint.io.nifti import atomic_write_nifti
 
 logger = logging.getLogger(__name__)
 
@@ -357,9 +358,7 @@ def mif_as_nifti(path: str | os.PathLike, directory: str | os.PathLike | None = 
     Yields ``{'dwi': ..., 'bval': ..., 'bvec': ...}`` (no bval/bvec without dw_scheme);
     the files are named after the ``.mif`` (``sub-01_dwi.mif.gz`` -> ``sub-01_dwi.nii``).
     """
-    import nibabel as nib
-
-    from fingerprint.io.nifti import atomic_write_nifti
+    import nibabel as nib  # lazy: keeps nibabel off import
 
     image = read_mif(path)
     stem = _stem(image.path)

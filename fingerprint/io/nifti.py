@@ -124,6 +124,7 @@ def open_nifti(path: str | os.PathLike, what: str = "image") -> Any:
 
     A gzip file is kept open between reads, so that reads at increasing offsets (volume
     after volume) continue the decompression instead of restarting it."""
+    # lazy: keeps nibabel off import
     import nibabel as nib
     from nibabel.filebasedimages import ImageFileError
 
@@ -489,7 +490,7 @@ def _tmp_sibling(path: Path) -> Path:
 
 def atomic_write_nifti(img: Any, path: str | os.PathLike) -> Path:
     """Save ``img`` to ``path`` via a temporary sibling and a rename."""
-    import nibabel as nib
+    import nibabel as nib  # lazy: keeps nibabel off import
 
     path = Path(path)
     tmp = _tmp_sibling(path)
@@ -530,7 +531,7 @@ def _json_default(value: Any) -> Any:
 def map_image(data: np.ndarray, reference: Any) -> Any:
     """A float32 NIfTI image of ``data`` (3-D or 4-D) with the reference image's affine
     and header (data type, scaling, intent and time units reset)."""
-    import nibabel as nib
+    import nibabel as nib  # lazy: keeps nibabel off import
 
     data = np.asarray(data, dtype=np.float32)
     header = reference.header.copy()

@@ -68,7 +68,7 @@ def _writable(path: Path) -> bool:
 
 def _numba_user_cache_dir() -> Path | None:
     try:
-        from numba.misc.appdirs import AppDirs
+        from numba.misc.appdirs import AppDirs  # lazy: optional dependency
     except ImportError:  # pragma: no cover - numba internals moved
         return None
     return Path(AppDirs(appname="numba", appauthor=False).user_cache_dir)

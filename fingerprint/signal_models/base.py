@@ -31,6 +31,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from fingerprint.core.acquisition_scheme import AcquisitionScheme, MeasurementSet
 from fingerprint.core.orientations import mu_to_vectors
 from fingerprint.errors import InputError
 from fingerprint.kernels import compartments as kernels
@@ -124,8 +125,6 @@ class MeasurementArrays:
     @classmethod
     def of(cls, meas: Any, owner: str) -> MeasurementArrays:
         """The shared instance for an immutable MeasurementSet (a fresh one otherwise)."""
-        from fingerprint.core.acquisition_scheme import MeasurementSet
-
         source = _source(meas)
         if not isinstance(source, MeasurementSet):
             return cls(source, owner)
@@ -542,12 +541,12 @@ class CompartmentModel:
         ``Y_l0`` (exact Legendre projection; dmipy's convolution-kernel representation);
         isotropic compartments have only ``Y_00`` (one column).
         Parameters other than ``mu`` come from ``kwargs`` or the constructor."""
+        # lazy: keeps SciPy off import
         from fingerprint.core.spherical_harmonics_model import zonal_kernel_coefficients
 
         self._check_kwargs(kwargs)
         params = {k: self._value(k, kwargs) for k in self._parameter_ranges if k != "mu"}
         shells = acquisition_scheme.shell_measurements()
-        from fingerprint.core.acquisition_scheme import AcquisitionScheme
 
         dwi = ~np.asarray(acquisition_scheme.shell_b0_mask, dtype=bool)
         rows = AcquisitionScheme(

@@ -12,6 +12,10 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike
 
+from fingerprint.core.csd_peaks import fod_peaks
+from fingerprint.core.spherical_harmonics_model import (
+    MultiCompartmentSphericalHarmonicsModel,
+)
 from fingerprint.errors import InputError
 from fingerprint.signal_models.tissue_response_models import (
     TR2AnisotropicTissueResponseModel,
@@ -77,11 +81,6 @@ def white_matter_response_tournier13(
     two largest FOD peaks are most single-fibre like, repeat until the selection stops
     changing (at most ``max_iter`` times). ``peak_ratio_setting``: ``'ratio'`` ranks by
     ``p2 / p1``, ``'mrtrix'`` by ``1 / (p1 (1 - p2 / p1))`` (favours large first peaks)."""
-    from fingerprint.core.csd_peaks import fod_peaks
-    from fingerprint.core.spherical_harmonics_model import (
-        MultiCompartmentSphericalHarmonicsModel,
-    )
-
     if peak_ratio_setting not in _RATIO_SETTINGS:
         raise InputError(f"peak_ratio_setting must be one of {_RATIO_SETTINGS}, got "
                          f"{peak_ratio_setting!r}")

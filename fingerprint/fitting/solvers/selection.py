@@ -13,13 +13,18 @@ lowest value. Voxels that any model could not fit are left out (winner -1).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from fingerprint.errors import InputError
+from fingerprint.io.nifti import bids_map_name, write_map
+from fingerprint.models import get_model, get_recipe
+from fingerprint.preview import write_preview
 
 logger = logging.getLogger(__name__)
 
@@ -123,16 +128,11 @@ def compare_volume(models: Sequence[str], dwi: Any, bval: Any, bvec: Any, out_di
     outside the mask), one criterion map per model
     (``<prefix>_model-<model>_param-<criterion>_dwimap.nii.gz``) and, with ``preview``,
     a PNG of the middle slices. The volume is held in memory (float32)."""
-    import time
-    from pathlib import Path
-
-    from fingerprint.fitting.pipeline import (
+    from fingerprint.fitting.pipeline import (  # lazy: keeps numba off import
         _open_inputs,
         _volume_mask,
         check_output_directory,
     )
-    from fingerprint.io.nifti import bids_map_name, write_map
-    from fingerprint.models import get_model, get_recipe
 
     t0 = time.perf_counter()
     names = [str(m) for m in models]
@@ -180,8 +180,6 @@ def compare_volume(models: Sequence[str], dwi: Any, bval: Any, bvec: Any, out_di
             "Description": f"{criterion.upper()} of the {name} fit (lower is better)"}))
         previews[f"{criterion} {name}"] = values
     if preview:
-        from fingerprint.preview import write_preview
-
         png = out / bids_map_name(prefix or "", "comparison", None,
                                   desc=f"{criterion}Winner", extension=".png",
                                   suffix="preview")
