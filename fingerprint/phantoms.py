@@ -181,7 +181,7 @@ def _ramp(n: int, lo: float, hi: float) -> np.ndarray:
     return np.linspace(lo, hi, n) if n > 1 else np.array([(lo + hi) / 2])
 
 
-def noddi_phantom(shape: tuple[int, int, int] = (8, 8, 4), seed: int = 0, snr: float | None = 30,
+def noddi_phantom(shape: tuple[int, ...] = (8, 8, 4), seed: int = 0, snr: float | None = 30,
                   scheme: Any = None, *, s0: float = 1000.0, voxel_size: float = 2.0,
                   jitter: float = 0.03, background: int = 0) -> dict[str, Any]:
     """A NODDI phantom with smooth parameter gradients and random fibre orientations.

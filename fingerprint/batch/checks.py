@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from fingerprint.core.acquisition_scheme import AcquisitionScheme
 from fingerprint.core.scheme_checks import check_scheme
 from fingerprint.models import get_model, get_recipe, requires_timing
 
@@ -112,13 +113,13 @@ def raw_oddities(bvals: np.ndarray, bvecs: np.ndarray) -> list[str]:
     return out
 
 
-def summarise_scheme(scheme: object, *, timing_source: str = "none",
+def summarise_scheme(scheme: AcquisitionScheme, *, timing_source: str = "none",
                      oddities: list[str] | tuple[str, ...] = ()) -> SchemeSummary:
     """The :class:`SchemeSummary` of an AcquisitionScheme (SI) plus raw-value oddities."""
-    b = np.asarray(scheme.bvalues, dtype=float) / 1e6  # type: ignore[attr-defined]
-    b0 = np.asarray(scheme.b0_mask, dtype=bool)  # type: ignore[attr-defined]
-    idx = np.asarray(scheme.shell_indices)  # type: ignore[attr-defined]
-    dirs = np.asarray(scheme.gradient_directions, dtype=float)  # type: ignore[attr-defined]
+    b = np.asarray(scheme.bvalues, dtype=np.float64) / 1e6
+    b0 = np.asarray(scheme.b0_mask, dtype=np.bool_)
+    idx = np.asarray(scheme.shell_indices)
+    dirs = np.asarray(scheme.gradient_directions, dtype=np.float64)
     shells = []
     jitter = []
     for s in np.unique(idx[~b0]):
@@ -140,7 +141,7 @@ def summarise_scheme(scheme: object, *, timing_source: str = "none",
     d2 = float(np.asarray(Delta)[~b0].mean()) if Delta is not None else None
     return SchemeSummary(n_volumes=int(b.size), n_b0=int(b0.sum()), shells=tuple(shells),
                          delta=d1, Delta=d2, timing_source=timing_source if d1 else "none",
-                         scheme_hash=str(scheme.hash),  # type: ignore[attr-defined]
+                         scheme_hash=str(scheme.hash),
                          oddities=tuple(odd))
 
 

@@ -244,6 +244,7 @@ def _read_scheme(series: Series, options: StudyOptions, sp: SeriesPlan) -> objec
         raise InputError(f"{series.name}: no {series.stem}_dwi.bval beside it")
     if series.bvec is None and not series.is_mif:
         raise InputError(f"{series.name}: no {series.stem}_dwi.bvec beside it")
+    raw: tuple[np.ndarray, np.ndarray] | None
     if series.is_mif and series.bval is None:
         raw = _mif_gradients(series.dwi)
     else:
@@ -443,7 +444,10 @@ def run_job(job: Job) -> dict:
 
     Returns ``{"status": "done"|"failed", "seconds", "voxels", "invalid", "message",
     "timings"}`` (never raises for a bad series: the error is the message)."""
-    from fingerprint.fitting.pipeline import fit_volume  # lazy: keeps numba off import
+    from fingerprint.fitting.pipeline import (  # lazy: keeps numba off import
+        DEFAULT_CHUNK_VOXELS,
+        fit_volume,
+    )
 
     t0 = time.perf_counter()
     out_dir = Path(job.out_dir)
@@ -456,7 +460,7 @@ def run_job(job: Job) -> dict:
                 prefix=job.prefix, options=_job_options(job),
                 progress=_progress_writer(job.progress_file),
                 dictionary_dir=job.dictionary_dir, delta=job.delta, Delta=job.Delta,
-                **({"chunk_voxels": job.chunk_voxels} if job.chunk_voxels else {}))
+                chunk_voxels=job.chunk_voxels or DEFAULT_CHUNK_VOXELS)
         niftis = [p for p in result.files if p.name.endswith(".nii.gz")]
         sidecars = [p for p in result.files if p.suffix == ".json"]
 
@@ -598,17 +602,17 @@ def run_study(plan: StudyPlan, *, progress: bool = True,
         by_job: dict[str, tuple[SeriesPlan, str]] = {}
         for sp in plan.series:
             s = sp.series
-            base = dict(subject=s.subject, session=s.session or "", series=s.name)
+            base = (s.subject, s.session or "", s.name)  # subject, session, series
             if sp.error is not None:
-                rows.append(Row(**base, model="*", status="failed", message=sp.error))
+                rows.append(Row(*base, model="*", status="failed", message=sp.error))
                 continue
             for model in plan.options.models:
                 verdict = sp.verdicts[model]
                 if verdict.status == "skip":
-                    rows.append(Row(**base, model=model, status="skipped",
+                    rows.append(Row(*base, model=model, status="skipped",
                                     message="; ".join(verdict.reasons)))
                 elif sp.complete.get(model):
-                    rows.append(Row(**base, model=model, status="skipped",
+                    rows.append(Row(*base, model=model, status="skipped",
                                     message="complete (outputs valid by their provenance)"))
                 else:
                     by_job[sp.jobs[model].job_id] = (sp, model)
@@ -665,9 +669,10 @@ def run_study(plan: StudyPlan, *, progress: bool = True,
                                    "message": f"worker: {exc}".replace("\n", " ")}
                         totals["fit_seconds"] += float(res.get("seconds", 0.0))
                         message = res.get("message", "")
-                        verdict = sp.verdicts.get(model)
-                        if res["status"] == "done" and verdict and verdict.status == "warn":
-                            message = "warning: " + "; ".join(verdict.reasons)
+                        job_verdict = sp.verdicts.get(model)
+                        if res["status"] == "done" and job_verdict and \
+                                job_verdict.status == "warn":
+                            message = "warning: " + "; ".join(job_verdict.reasons)
                         row = _row(sp, model, res["status"], seconds=res.get("seconds", 0.0),
                                    voxels=res.get("voxels", 0), message=message)
                         rows.append(row)

@@ -18,7 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from fingerprint.core.acquisition_scheme import acquisition_scheme_from_bvalues
+from fingerprint.core.acquisition_scheme import (
+    AcquisitionScheme,
+    acquisition_scheme_from_bvalues,
+)
 from fingerprint.io.gradients import write_bvals_bvecs
 from fingerprint.io.mif import fsl_to_scanner_gradients, write_mif
 from fingerprint.io.nifti import atomic_write_json, atomic_write_nifti
@@ -27,12 +30,12 @@ from fingerprint.phantoms import default_scheme, noddi_phantom
 __all__ = ["scheme_a", "scheme_b", "write_study"]
 
 
-def scheme_a() -> object:
+def scheme_a() -> AcquisitionScheme:
     """Scheme A (SI units, with timing)."""
     return default_scheme(n_b0=3, shells=((1000.0, 12), (2000.0, 12)))
 
 
-def scheme_b() -> object:
+def scheme_b() -> AcquisitionScheme:
     """Scheme B (SI units, jittered b-values, no timing)."""
     base = default_scheme(n_b0=3, shells=((700.0, 10), (2000.0, 14)))
     b = np.asarray(base.bvalues, dtype=float).copy()
@@ -56,7 +59,7 @@ def write_study(root: str | Path, *, subjects: int = 2, layout: str = "bids",
         raise ValueError(f"layout must be 'bids' or 'qsiprep', got {layout!r}")
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    desc = {"Name": "synthetic fingerprint study", "BIDSVersion": "1.9.0"}
+    desc: dict[str, object] = {"Name": "synthetic fingerprint study", "BIDSVersion": "1.9.0"}
     if layout == "qsiprep":
         desc.update(DatasetType="derivative",
                     GeneratedBy=[{"Name": "qsiprep", "Version": "synthetic"}])

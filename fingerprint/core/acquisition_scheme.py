@@ -29,7 +29,7 @@ import hashlib
 import json
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 
@@ -118,6 +118,10 @@ def g_from_b(b: Any, delta: Any, Delta: Any,
 
 
 # --------------------------------------------------------------------------- helpers
+@overload
+def _readonly(array: np.ndarray) -> np.ndarray: ...
+@overload
+def _readonly(array: np.ndarray | None) -> np.ndarray | None: ...
 def _readonly(array: np.ndarray | None) -> np.ndarray | None:
     if array is None:
         return None

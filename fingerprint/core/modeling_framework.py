@@ -415,8 +415,11 @@ class _ParameterNamespace:
             elif link.kind == "equal":
                 values[link.target] = values[link.sources[0]]
             elif link.kind == "tortuous":
-                args = [values[s] for s in link.sources]
-                values[link.target] = tortuosity(*args, *(link.value or ()))
+                lambda_par, vf_intra, *vf_extra = (values[s] for s in link.sources)
+                s0_intra, s0_extra = link.value or (1.0, 1.0)
+                values[link.target] = tortuosity(lambda_par, vf_intra,
+                                                 vf_extra[0] if vf_extra else None,
+                                                 s0_intra, s0_extra)
             else:  # pragma: no cover - constructed internally only
                 raise InputError(f"unknown link kind {link.kind!r}")
         return values
@@ -464,8 +467,8 @@ class _SchemeContext:
     @property
     def shell_weights(self) -> np.ndarray:
         """(S, G) weights: shell spherical means = group spherical means @ weights.T."""
-        if self._shells is None:
-            self.shells  # noqa: B018 - computes both
+        if self._shell_weights is None:
+            self._shells, self._shell_weights = _spherical_mean_groups(self.scheme)
         return self._shell_weights
 
     @property

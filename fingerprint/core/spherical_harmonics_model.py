@@ -120,7 +120,8 @@ def zonal_kernel_coefficients(model: Any, parameters: Mapping[str, Any], scheme:
         return None if arr is None else np.repeat(arr, n_nodes)
 
     tiled = AcquisitionScheme(
-        np.maximum(rep(uniq.b), 0.0), np.tile(node_dirs, (n_unique, 1)), qvalues=rep(uniq.q),
+        np.maximum(np.repeat(uniq.b, n_nodes), 0.0), np.tile(node_dirs, (n_unique, 1)),
+        qvalues=rep(uniq.q),
         gradient_strengths=rep(uniq.G), delta=rep(uniq.delta), Delta=rep(uniq.Delta),
         b0_threshold=0.0, min_b_shell_distance=scheme.min_b_shell_distance)
     signal = _evaluate(model, parameters, tiled.measurements,
@@ -244,7 +245,7 @@ class MultiCompartmentSphericalHarmonicsModel(MultiCompartmentModelProperties):
         return sh_basis(self.sh_order, np.asarray(vertices, dtype=float)) @ sh
 
     # ------------------------------------------------------------------ fitting
-    def fit(self, acquisition_scheme: Any, data: Any, mask: Any = None,  # type: ignore
+    def fit(self, acquisition_scheme: Any, data: Any, mask: Any = None,
             solver: str = "csd", lambda_lb: float = 1e-5, unity_constraint: Any =
             "kernel_dependent", **kwargs: Any) -> FittedMultiCompartmentSphericalHarmonicsModel:
         """Deconvolve ``data`` (..., N) voxel by voxel.

@@ -135,6 +135,7 @@ class ParameterSpace:
             card = int(cardinality[name])
             kind = "orientation" if name in orientation else (
                 "partial_volume" if name in pv_names else "scalar")
+            bounds: tuple[tuple[float, float], ...]
             if kind == "orientation":
                 bounds = ((0.0, math.pi), (-math.pi, math.pi))
             else:
@@ -260,7 +261,7 @@ class SamplingSpec:
 
     def replace(self, **changes: Any) -> SamplingSpec:
         """A copy with some fields changed (``None`` values are ignored)."""
-        values = {
+        values: dict[str, Any] = {
             "size": self.size, "seed": self.seed, "method": self.method,
             "transforms": dict(self.transforms), "ranges": dict(self.ranges),
             "points": dict(self.points),
@@ -351,6 +352,7 @@ class SamplingPlan:
         if self.dims == 0:
             return np.zeros((n, 0))
         if self.spec.method == "grid":
+            assert self.grid_shape is not None  # a grid plan always has its shape
             idx = np.unravel_index(np.arange(start, stop), self.grid_shape)
             cols = []
             for i, k in zip(idx, self.grid_shape, strict=True):
@@ -456,7 +458,7 @@ def resolve_sampling(space: ParameterSpace, spec: SamplingSpec) -> SamplingPlan:
             else:
                 blocks.append(_Block(p.name, "sphere", col, 2))
             continue
-        if p.kind == "partial_volume" and simplex:
+        if p.kind == "partial_volume" and simplex_block is not None:  # simplex
             if p.name == pv_free[0]:
                 blocks.append(simplex_block)
             continue
@@ -481,7 +483,7 @@ def resolve_sampling(space: ParameterSpace, spec: SamplingSpec) -> SamplingPlan:
                         "set a range or use transform 'uniform'")
         blocks.append(_Block(p.name, "scalar", col, p.cardinality, (t,) * p.cardinality, bounds))
 
-    grid_shape = None
+    grid_shape: tuple[int, ...] | None = None
     if spec.method == "grid":
         dims = sum(b.dims for b in blocks)
         if dims == 0:
@@ -493,7 +495,7 @@ def resolve_sampling(space: ParameterSpace, spec: SamplingSpec) -> SamplingPlan:
     return SamplingPlan(space, spec, blocks, grid_shape)
 
 
-def _simplex_block(space: ParameterSpace, ranges: Mapping[str, tuple[float, float]],
+def _simplex_block(space: ParameterSpace, ranges: Mapping[str, tuple[float, ...]],
                    offsets: Mapping[str, int]) -> _Block:
     pv_free = space.partial_volume_names
     by_name = {p.name: p for p in space.parameters}

@@ -48,7 +48,7 @@ FORMAT_NAME = "fingerprint-dictionary"
 FORMAT_VERSION = 1
 #: The arrays of a dictionary, all with one row per atom.
 ARRAY_NAMES = ("signals", "features", "parameters")
-_DTYPES = {"signals": np.dtype("float32"), "features": np.dtype("float32"),
+_DTYPES: dict[str, np.dtype] = {"signals": np.dtype("float32"), "features": np.dtype("float32"),
            "parameters": np.dtype("float64")}
 
 
@@ -385,8 +385,8 @@ def _check_arrays(path: Path, group: Any, attrs: Mapping[str, Any]) -> None:
         except Exception as exc:
             raise DictionaryError(f"dictionary {path}: array {name!r} is missing or "
                                   f"unreadable ({exc})") from None
-        if arr.shape[0] != n_atoms or (widths[name] is not None
-                                       and arr.shape[1] != int(widths[name])):
+        width = widths[name]
+        if arr.shape[0] != n_atoms or (width is not None and arr.shape[1] != int(width)):
             raise DictionaryError(
                 f"dictionary {path}: array {name!r} has shape {arr.shape}, expected "
                 f"({n_atoms}, {widths[name]})")

@@ -142,14 +142,15 @@ def _kernel_nodes(l_max: int) -> int:
 def _tile_measurements(meas: Any, repeats: int, *, interleave: bool) -> Any:
     """A MeasurementSet with every row repeated: ``interleave`` -> row r repeated
     ``repeats`` times in a row (r*repeats + k); else the whole set tiled (k*M + r)."""
-    def rep(arr: np.ndarray | None) -> np.ndarray | None:
-        if arr is None:
-            return None
+    def rep_b(arr: np.ndarray) -> np.ndarray:
         return np.repeat(arr, repeats, axis=0) if interleave else np.tile(arr, repeats)
+
+    def rep(arr: np.ndarray | None) -> np.ndarray | None:
+        return None if arr is None else rep_b(arr)
 
     dirs = (np.repeat(meas.directions, repeats, axis=0) if interleave
             else np.tile(meas.directions, (repeats, 1)))
-    return MeasurementSet(b=rep(meas.b), q=rep(meas.q), G=rep(meas.G), delta=rep(meas.delta),
+    return MeasurementSet(b=rep_b(meas.b), q=rep(meas.q), G=rep(meas.G), delta=rep(meas.delta),
                           Delta=rep(meas.Delta), directions=dirs)
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -67,10 +67,9 @@ _QUADRATURE_THETA = 96
 def _unit_vectors(n: ArrayLike) -> tuple[np.ndarray, bool]:
     arr = np.asarray(n, dtype=float)
     single = arr.ndim == 1
-    arr = arr.reshape(-1, 3) if arr.size % 3 == 0 and arr.shape[-1] == 3 else None
-    if arr is None:
+    if not (arr.size % 3 == 0 and arr.shape[-1] == 3):
         raise InputError(f"n must be unit vectors (3,) or (K, 3), got shape {np.shape(n)}")
-    return arr, single
+    return arr.reshape(-1, 3), single
 
 
 def _mu_of(value: ArrayLike | None, name: str) -> np.ndarray:
@@ -143,7 +142,7 @@ def sh_coefficients_by_quadrature(values: np.ndarray, points: np.ndarray,
 class _Distribution:
     """dmipy-style parameter bookkeeping of a stand-alone distribution."""
 
-    _parameter_ranges: ClassVar[dict[str, object]] = {}
+    _parameter_ranges: ClassVar[dict[str, Any]] = {}
     _parameter_scales: ClassVar[dict[str, object]] = {}
     _parameter_types: ClassVar[dict[str, str]] = {}
     _model_type: ClassVar[str] = "SphericalDistribution"
@@ -174,7 +173,9 @@ class _Distribution:
         return OrderedDict((k, len(np.atleast_2d(v))) for k, v in
                            self._parameter_ranges.items())
 
-    def _get(self, name: str, kwargs: dict[str, object]) -> object:
+    def _get(self, name: str, kwargs: dict[str, object]) -> Any:
+        """The value of parameter ``name`` from ``kwargs`` or the constructor: as the
+        user gave it (a number, a sequence or an array), None when unset."""
         unknown = sorted(set(kwargs) - set(self._parameter_ranges))
         if unknown:
             raise InputError(f"{type(self).__name__} has no parameter {', '.join(unknown)}; "
@@ -213,8 +214,8 @@ class SD1Watson(_Distribution):
     def __call__(self, n: ArrayLike, **kwargs: object) -> np.ndarray | float:
         """Density (1/sr) at unit vectors ``n``: (K,) for (K, 3), a float for (3,)."""
         vectors, single = _unit_vectors(n)
-        mu = _mu_of(self._get("mu", kwargs), "SD1Watson")  # type: ignore[arg-type]
-        kappa = _kappa_of(self._get("odi", kwargs), "SD1Watson")  # type: ignore[arg-type]
+        mu = _mu_of(self._get("mu", kwargs), "SD1Watson")
+        kappa = _kappa_of(self._get("odi", kwargs), "SD1Watson")
         out = watson_density(vectors, unitsphere2cart(mu), kappa)
         return float(out[0]) if single else out
 
@@ -223,11 +224,11 @@ class SD1Watson(_Distribution):
         """SH coefficients (n,) of the density in dmipy's basis, exact (the Watson
         Legendre coefficients rotated onto ``mu``); ``sh_order`` defaults to
         :func:`get_sh_order_from_odi`."""
-        mu = _mu_of(self._get("mu", kwargs), "SD1Watson")  # type: ignore[arg-type]
+        mu = _mu_of(self._get("mu", kwargs), "SD1Watson")
         odi = self._get("odi", kwargs)
-        kappa = _kappa_of(odi, "SD1Watson")  # type: ignore[arg-type]
+        kappa = _kappa_of(odi, "SD1Watson")
         order = get_sh_order_from_odi(float(odi)) if sh_order is None \
-            else check_sh_order(sh_order)  # type: ignore[arg-type]
+            else check_sh_order(sh_order)
         legendre = watson_legendre_coefficients(np.array([kappa]), order)[0]
         basis, orders, degrees = real_sym_sh_mrtrix(order, mu[0], mu[1])
         # addition theorem: P_l(n.mu) = 4 pi / (2l + 1) sum_m Yo_lm(n) Yo_lm(mu), with the
@@ -263,16 +264,16 @@ class SD2Bingham(_Distribution):
 
     def _parameters(self, kwargs: dict[str, object]) -> tuple[np.ndarray, np.ndarray, float,
                                                              float]:
-        mu = _mu_of(self._get("mu", kwargs), "SD2Bingham")  # type: ignore[arg-type]
+        mu = _mu_of(self._get("mu", kwargs), "SD2Bingham")
         psi = self._get("psi", kwargs)
         bf = self._get("beta_fraction", kwargs)
         if psi is None or bf is None:
             raise InputError("SD2Bingham: psi and beta_fraction need values")
-        bf = float(bf)  # type: ignore[arg-type]
+        bf = float(bf)
         if not 0.0 <= bf <= 1.0:
             raise InputError(f"SD2Bingham: beta_fraction must be in [0, 1], got {bf}")
-        kappa = _kappa_of(self._get("odi", kwargs), "SD2Bingham")  # type: ignore[arg-type]
-        e1, e2 = bingham_frame(mu.reshape(1, 2), np.array([float(psi)]))  # type: ignore
+        kappa = _kappa_of(self._get("odi", kwargs), "SD2Bingham")
+        e1, e2 = bingham_frame(mu.reshape(1, 2), np.array([float(psi)]))
         return e1[0], e2[0], kappa, bf * kappa
 
     @staticmethod
@@ -299,7 +300,7 @@ class SD2Bingham(_Distribution):
         order of the same ``odi``."""
         odi = self._get("odi", kwargs)
         order = get_sh_order_from_odi(float(odi)) if sh_order is None \
-            else check_sh_order(sh_order)  # type: ignore[arg-type]
+            else check_sh_order(sh_order)
         pts, w = sphere_quadrature(max(_QUADRATURE_THETA, order + 2))
         return sh_coefficients_by_quadrature(np.asarray(self(pts, **kwargs)), pts, w, order)
 
@@ -377,7 +378,7 @@ class DD1Gamma(_Distribution):
         beta = self._get("beta", kwargs)
         if alpha is None or beta is None:
             raise InputError("DD1Gamma: alpha and beta need values")
-        alpha, beta = float(alpha), float(beta)  # type: ignore[arg-type]
+        alpha, beta = float(alpha), float(beta)
         if not (alpha > 0 and beta > 0 and np.isfinite(alpha) and np.isfinite(beta)):
             raise InputError(f"DD1Gamma: alpha and beta must be positive, got {alpha}, {beta}")
         weighted = stats.gamma(alpha + self._POWERS[self.normalization], scale=beta)

@@ -390,11 +390,14 @@ class FingerprintEstimator:
             empty = np.zeros((0, self.n_parameters))
             return VoxelEstimates(empty, empty.copy(), np.zeros(0), np.zeros(0), np.zeros(0),
                                   np.zeros(0, dtype=bool), np.zeros(0))
-        out = VoxelEstimates(*[
-            None if any(getattr(p, f) is None for p in parts)
-            else np.concatenate([getattr(p, f) for p in parts])
-            for f in ("parameters", "uncertainty", "s0", "r2", "mse", "valid", "sigma",
-                      *VoxelEstimates.DIAGNOSTICS)])
+        def joined(field: str) -> np.ndarray:
+            return np.concatenate([getattr(p, field) for p in parts])
+
+        out = VoxelEstimates(
+            joined("parameters"), joined("uncertainty"), joined("s0"), joined("r2"),
+            joined("mse"), joined("valid"), joined("sigma"),
+            **{f: None if any(getattr(p, f) is None for p in parts) else joined(f)
+               for f in VoxelEstimates.DIAGNOSTICS})
         n_bad = int(n - out.valid.sum())
         if n_bad:
             logger.warning("%d of %d voxels could not be fitted (non-finite values, no "

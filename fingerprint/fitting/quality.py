@@ -45,6 +45,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:  # type names only
+    from fingerprint.fitting.estimator import VoxelEstimates
+
     from .features import FeatureMap
 
 __all__ = [
@@ -234,7 +236,7 @@ def neighbour_cone_angle(weights: np.ndarray, indices: np.ndarray,
     return np.degrees(np.sqrt((w * ang ** 2).sum(axis=1) / total))
 
 
-def voxel_quality(fitter: object, ve: object) -> dict[str, np.ndarray]:
+def voxel_quality(fitter: object, ve: VoxelEstimates) -> dict[str, np.ndarray]:
     """Quality bit map (uint8), noise sd (raw units) and orientation uncertainty (degrees)
     of estimates ``ve`` (a VoxelEstimates) made by ``fitter``: its estimator's
     ``quality_flags`` when it has one, otherwise the ``invalid`` flag alone."""

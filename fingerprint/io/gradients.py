@@ -337,15 +337,15 @@ def write_camino_scheme(scheme: AcquisitionScheme, path: PathLike,
         lines += [" ".join(_fmt(x) for x in (*d, b))
                   for d, b in zip(dirs, scheme.bvalues, strict=True)]
     elif version == "STEJSKALTANNER":
-        if not has_timing or scheme.gradient_strengths is None:
+        G, Delta, delta = scheme.gradient_strengths, scheme.Delta, scheme.delta
+        if G is None or Delta is None or delta is None:  # no pulse timing
             raise InputError("a STEJSKALTANNER scheme file needs delta and Delta; this scheme "
                              "has no pulse timing (write VERSION: BVECTOR instead)")
         n = scheme.number_of_measurements
         te = np.zeros(n) if scheme.TE is None else np.asarray(scheme.TE)
         lines = ["#g_x g_y g_z |G|[T/m] DELTA[s] delta[s] TE[s]", "VERSION: STEJSKALTANNER"]
         for i in range(n):
-            row = (*dirs[i], scheme.gradient_strengths[i], scheme.Delta[i], scheme.delta[i],
-                   te[i])
+            row = (*dirs[i], G[i], Delta[i], delta[i], te[i])
             lines.append(" ".join(_fmt(x) for x in row))
     else:
         raise InputError(f"unknown Camino scheme version {version!r} (expected BVECTOR or "

@@ -136,7 +136,7 @@ class _CompileAnnouncer(numba.core.event.Listener):
             if self.announced:
                 return
             self.announced = True
-            if not caching_enabled():
+            if CACHE_DIR is None or not caching_enabled():
                 logger.info("compiling fingerprint's Numba kernels (no writable cache: "
                             "repeated at each start)")
                 return
@@ -225,11 +225,12 @@ def run_parallel(kernel: Callable[..., Any], *args: Any) -> Any:
     :func:`run_large`) would leave a fit serial for good, at half the speed on two cores.
     """
     serial_rows = getattr(kernel, "serial_rows", None)
-    if serial_rows is not None:
+    serial = getattr(kernel, "serial", None)  # set with serial_rows by parallel_kernel
+    if serial_rows is not None and serial is not None:
         if numba.get_num_threads() == 1 or np.shape(args[0])[:1] < (serial_rows,):
-            return kernel.serial(*args)
+            return serial(*args)
         if getattr(_DEFERRED, "active", False):
-            return run_large(kernel, kernel.serial, *args)
+            return run_large(kernel, serial, *args)
     return _launch(kernel, *args)
 
 

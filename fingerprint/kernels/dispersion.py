@@ -332,8 +332,8 @@ def chebyshev_from_legendre_even(n_even: int) -> np.ndarray:
     out = np.zeros((n_even, n_even))
     for m in range(n_even):
         out[m, 0] = lam[m] * lam[m]
-        k = np.arange(1, m + 1)
-        out[m, 1:m + 1] = 2.0 * lam[m - k] * lam[m + k]
+        ks = np.arange(1, m + 1)
+        out[m, 1:m + 1] = 2.0 * lam[m - ks] * lam[m + ks]
     out.setflags(write=False)
     return out
 

@@ -119,7 +119,9 @@ class MeasurementArrays:
                 raise InputError(f"{owner}: measurement field {name} has {arr.shape[0]} "
                                  f"values for {self.size} measurements")
             self.fields[name] = arr
-        self.b: np.ndarray = self.fields["b"]
+        b_field = self.fields["b"]
+        assert b_field is not None  # a missing b raised above
+        self.b: np.ndarray = b_field
 
     # ------------------------------------------------------------------ sharing
     @classmethod

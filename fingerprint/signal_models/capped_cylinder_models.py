@@ -88,6 +88,10 @@ class CC3CappedCylinderCallaghanApproximation(CompartmentModel):
     _work_per_value = 2100.0
     _constant_names = ("diffusion_intra", "number_of_roots_cylinder",
                        "number_of_functions_cylinder", "number_of_roots_plane")
+    diffusion_intra: float
+    number_of_roots_cylinder: int
+    number_of_functions_cylinder: int
+    number_of_roots_plane: int
 
     def __init__(self, mu: Any = None, diameter: float | None = None,
                  length: float | None = None,

@@ -177,6 +177,9 @@ class C3CylinderCallaghanApproximation(CompartmentModel):
     _parameter_types = _CYLINDER_TYPES
     _parameter_units = _CYLINDER_UNITS
     _constant_names = ("diffusion_perpendicular", "number_of_roots", "number_of_functions")
+    diffusion_perpendicular: float
+    number_of_roots: int
+    number_of_functions: int
 
     def __init__(self, mu: Any = None, lambda_par: float | None = None,
                  diameter: float | None = None,
@@ -229,6 +232,7 @@ class C4CylinderGaussianPhaseApproximation(CompartmentModel):
     _parameter_types = _CYLINDER_TYPES
     _parameter_units = _CYLINDER_UNITS
     _constant_names = ("diffusion_perpendicular",)
+    diffusion_perpendicular: float
 
     def __init__(self, mu: Any = None, lambda_par: float | None = None,
                  diameter: float | None = None,

@@ -108,6 +108,8 @@ class P3PlaneCallaghanApproximation(_Plane):
 
     _required_acquisition_parameters = ["qvalues", "tau"]
     _constant_names = ("diffusion_constant", "number_of_roots")
+    diffusion_constant: float
+    number_of_roots: int
 
     def __init__(self, diameter: float | None = None,
                  diffusion_constant: float = WATER_IN_AXONS_DIFFUSION_CONSTANT,

@@ -55,11 +55,11 @@ def sphere_gpa_roots(bound: float = SPHERE_GPA_ROOT_BOUND) -> np.ndarray:
 class S1Dot(CompartmentModel):
     """Dot: a non-diffusing compartment, E = 1 (Panagiotaki et al. 2012)."""
 
-    _required_acquisition_parameters: list[str] = []
-    _parameter_ranges: dict = {}
-    _parameter_scales: dict = {}
-    _parameter_types: dict = {}
-    _parameter_units: dict = {}
+    _required_acquisition_parameters = []
+    _parameter_ranges = {}
+    _parameter_scales = {}
+    _parameter_types = {}
+    _parameter_units = {}
     is_isotropic = True
 
     def __init__(self) -> None:
@@ -118,6 +118,7 @@ class S4SphereGaussianPhaseApproximation(CompartmentModel):
     _parameter_types = {"diameter": "sphere"}
     _parameter_units = {"diameter": LENGTH}
     _constant_names = ("diffusion_constant",)
+    diffusion_constant: float
     is_isotropic = True
 
     def __init__(self, diameter: float | None = None,

@@ -67,8 +67,10 @@ def _zonal_values(rh: np.ndarray, t: np.ndarray) -> np.ndarray:
 
 class _TissueResponse(CompartmentModel):
     _model_type = "TissueResponseModel"
-    _required_acquisition_parameters: list[str] = ["bvalues"]
+    _required_acquisition_parameters = ["bvalues"]
     _constant_names = ("shell_bvalues", "rotational_harmonics")
+    shell_bvalues: tuple[float, ...]
+    rotational_harmonics: tuple[tuple[float, ...], ...]
 
     def __init__(self, shell_bvalues: ArrayLike, rotational_harmonics: ArrayLike,
                  **values: Any) -> None:
@@ -115,10 +117,10 @@ class TR1IsotropicTissueResponseModel(_TissueResponse):
     rotational_harmonics : (S, 1) the ``Y_00`` coefficient of each shell.
     """
 
-    _parameter_ranges: dict = {}
-    _parameter_scales: dict = {}
-    _parameter_types: dict = {}
-    _parameter_units: dict = {}
+    _parameter_ranges = {}
+    _parameter_scales = {}
+    _parameter_types = {}
+    _parameter_units = {}
     is_isotropic = True
 
     def __init__(self, shell_bvalues: ArrayLike, rotational_harmonics: ArrayLike) -> None:

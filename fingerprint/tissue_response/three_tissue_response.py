@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -12,6 +13,7 @@ from numpy.typing import ArrayLike
 
 from fingerprint.errors import InputError
 from fingerprint.signal_models.tissue_response_models import (
+    TR2AnisotropicTissueResponseModel,
     diffusion_tensor_eigen,
     estimate_TR1_isotropic_tissue_response_model,
     fractional_anisotropy,
@@ -30,8 +32,11 @@ _THRESHOLD_STEPS = 1000
 #: the signal decay metric is clipped to this range (dimensionless)
 SDM_RANGE = (0.0, 10.0)
 
-_WM_ALGORITHMS = {"tournier07": white_matter_response_tournier07,
-                  "tournier13": white_matter_response_tournier13}
+#: white-matter response algorithms: (S0, response model, indices of the voxels used)
+_WM_ALGORITHMS: dict[str, Callable[..., tuple[float, TR2AnisotropicTissueResponseModel,
+                                              np.ndarray]]] = {
+    "tournier07": white_matter_response_tournier07,
+    "tournier13": white_matter_response_tournier13}
 
 
 def signal_decay_metric(acquisition_scheme: Any, data: ArrayLike) -> np.ndarray:
