@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -27,6 +27,9 @@ from fingerprint.fitting.multifascicle import fascicle_layout
 from fingerprint.io.gradients import write_bvals_bvecs
 from fingerprint.io.nifti import atomic_write_nifti, bids_map_name, mu_to_vectors
 from fingerprint.models import get_model, map_labels
+
+if TYPE_CHECKING:
+    from fingerprint.core.acquisition_scheme import AcquisitionScheme
 
 logger = logging.getLogger(__name__)
 
@@ -182,8 +185,9 @@ def _ramp(n: int, lo: float, hi: float) -> np.ndarray:
 
 
 def noddi_phantom(shape: tuple[int, ...] = (8, 8, 4), seed: int = 0, snr: float | None = 30,
-                  scheme: Any = None, *, s0: float = 1000.0, voxel_size: float = 2.0,
-                  jitter: float = 0.03, background: int = 0) -> dict[str, Any]:
+                  scheme: AcquisitionScheme | None = None, *, s0: float = 1000.0,
+                  voxel_size: float = 2.0, jitter: float = 0.03, background: int = 0
+                  ) -> dict[str, Any]:
     """A NODDI phantom with smooth parameter gradients and random fibre orientations.
 
     icvf rises along x (0.2 -> 0.85), odi along y (0.05 -> 0.7), isovf along z

@@ -145,7 +145,8 @@ def summarise_scheme(scheme: AcquisitionScheme, *, timing_source: str = "none",
                          oddities=tuple(odd))
 
 
-def check_model(model: str, summary: SchemeSummary, scheme: object = None) -> Verdict:
+def check_model(model: str, summary: SchemeSummary,
+                scheme: AcquisitionScheme | None = None) -> Verdict:
     """Whether ``model`` (a named model) can be fitted on a series with ``summary``; with
     the series' ``scheme``, the library's scheme checks
     (:func:`fingerprint.core.scheme_checks.check_scheme`, the ones every fit runs) add

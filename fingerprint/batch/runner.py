@@ -65,6 +65,7 @@ from fingerprint.io.nifti import atomic_write_json, bids_map_name, check_file_co
 from fingerprint.models import get_model, get_recipe
 
 if TYPE_CHECKING:
+    from fingerprint.core.acquisition_scheme import AcquisitionScheme
     from fingerprint.fitting.options import FitOptions
 
 logger = logging.getLogger(__name__)
@@ -230,7 +231,7 @@ def _raw_fsl(bval: Path, bvec: Path) -> tuple[np.ndarray, np.ndarray] | None:
     return (b, v) if v.shape == (b.size, 3) else None
 
 
-def _read_scheme(series: Series, options: StudyOptions, sp: SeriesPlan) -> object:
+def _read_scheme(series: Series, options: StudyOptions, sp: SeriesPlan) -> AcquisitionScheme:
     """The series' AcquisitionScheme exactly as the fit will read it (same hash)."""
     from fingerprint.fitting.pipeline import read_fsl_scheme  # lazy: keeps numba off import
 
@@ -284,7 +285,7 @@ def _recipe_provenance(model: str) -> dict:
     return entry
 
 
-def _dictionary_entry(model: str, scheme: object, options: StudyOptions) -> dict:
+def _dictionary_entry(model: str, scheme: AcquisitionScheme, options: StudyOptions) -> dict:
     from fingerprint.dictionary.build import prepare_build  # lazy: keeps numba off import
 
     request = prepare_build(model, scheme, size=options.dictionary_size, seed=0)
@@ -326,7 +327,8 @@ def plan_study(bids_dir: str | Path, output_dir: str | Path, options: StudyOptio
             sources.append(_source_entry(series.mask, root, content=False))
         out_dir = out / series.relative_dir
         for model in models:
-            verdict = check_model(model, sp.summary, scheme)  # type: ignore[arg-type]
+            assert sp.summary is not None  # set by _read_scheme
+            verdict = check_model(model, sp.summary, scheme)
             sp.verdicts[model] = verdict
             if verdict.status == "skip":
                 continue
@@ -339,9 +341,9 @@ def plan_study(bids_dir: str | Path, output_dir: str | Path, options: StudyOptio
                 "Software": {"Name": "fingerprint", "Version": fingerprint.__version__,
                              "CodeURL": CODE_URL},
                 "Recipe": recipes[model],
-                "Scheme": {"Hash": sp.summary.scheme_hash,  # type: ignore[union-attr]
+                "Scheme": {"Hash": sp.summary.scheme_hash,
                            "Timing": {"delta": delta, "Delta": Delta,
-                                      "Source": sp.summary.timing_source}},  # type: ignore
+                                      "Source": sp.summary.timing_source}},
                 "Dictionary": dictionary,
                 "Solver": {"Name": options.fit_options().solver, "Description": SOLVER,
                            "Options": options.solver_options()},

@@ -15,7 +15,6 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
 from fingerprint.cli.flags import (
     add_b0_threshold_argument,
@@ -27,7 +26,7 @@ from fingerprint.cli.progress import shown_path
 from fingerprint.errors import InputError
 
 
-def add_parser(subparsers: Any) -> None:
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register ``fingerprint bids``."""
     parser = subparsers.add_parser(
         "bids", help="fit models to every DWI series of a BIDS or QSIPrep dataset",

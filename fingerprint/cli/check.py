@@ -26,7 +26,7 @@ from fingerprint.cli.flags import (
 from fingerprint.errors import InputError
 
 
-def add_parser(subparsers: Any) -> None:
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register ``fingerprint check``."""
     parser = subparsers.add_parser(
         "check", help="check an acquisition scheme against a model (no fit)",

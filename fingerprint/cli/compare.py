@@ -13,13 +13,12 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
 
 from fingerprint.cli.flags import check_timing_flags, quiet_third_party_logs
 from fingerprint.errors import InputError
 
 
-def add_parser(subparsers: Any) -> None:
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register ``fingerprint compare``."""
     parser = subparsers.add_parser(
         "compare", help="fit several models and pick the best per voxel (BIC/AIC/AICc)",

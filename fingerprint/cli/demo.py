@@ -14,7 +14,6 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -29,7 +28,7 @@ DEMO_DICTIONARY_SIZE = 20_000
 MAX_DEMO_VOXELS = 2_000_000
 
 
-def add_parser(subparsers: Any) -> None:
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register ``fingerprint demo``."""
     parser = subparsers.add_parser(
         "demo", help="simulate a NODDI phantom, fit it and report the accuracy",

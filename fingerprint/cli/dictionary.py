@@ -21,7 +21,7 @@ from fingerprint.cli.progress import progress_bar
 from fingerprint.errors import DictionaryError, InputError
 
 
-def add_parser(subparsers: Any) -> None:
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register ``fingerprint dictionary`` and its sub-commands."""
     parser = subparsers.add_parser(
         "dictionary", help="build, list and inspect dictionaries of simulated signals",

@@ -21,7 +21,6 @@ import json
 import re
 import sys
 from pathlib import Path
-from typing import Any
 
 from fingerprint.cli.flags import (
     add_b0_threshold_argument,
@@ -65,7 +64,7 @@ def fit_options_from_args(args: argparse.Namespace) -> FitOptions:
     return FitOptions.from_mapping(values)
 
 
-def add_parser(subparsers: Any) -> None:
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register ``fingerprint fit``."""
     parser = subparsers.add_parser(
         "fit", help="fit a model to a DWI volume and write parameter maps",

@@ -18,7 +18,7 @@ from typing import Any
 from fingerprint.cli.serve import check_data_dir
 
 
-def add_parser(subparsers: Any) -> None:
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register ``fingerprint keys`` and its actions."""
     parser = subparsers.add_parser(
         "keys", help="manage the lab server's API keys",

@@ -20,7 +20,7 @@ from typing import Any
 from fingerprint.cli.main import CLIError
 
 
-def add_parser(subparsers: Any) -> None:
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register ``fingerprint submit``."""
     parser = subparsers.add_parser(
         "submit", help="fit a volume on a lab server (upload, wait, download)",

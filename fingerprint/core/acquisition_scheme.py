@@ -29,13 +29,16 @@ import hashlib
 import json
 import logging
 from dataclasses import dataclass
-from typing import Any, overload
+from typing import TYPE_CHECKING, Any, overload
 
 import numpy as np
 
 from fingerprint.core.backends import backend
 from fingerprint.core.constants import GYROMAGNETIC_RATIO
 from fingerprint.errors import InputError
+
+if TYPE_CHECKING:
+    from numpy.typing import ArrayLike
 
 __all__ = [
     "AcquisitionScheme",
@@ -76,25 +79,27 @@ _HASH_VERSION = 1
 
 
 # --------------------------------------------------------------------------- conversions
-def q_from_b(b: Any, delta: Any, Delta: Any) -> np.ndarray:
+def q_from_b(b: ArrayLike, delta: ArrayLike, Delta: ArrayLike) -> np.ndarray:
     """q-value (1/m) from b-value (s/m²), pulse duration and separation (s)."""
     tau = np.asarray(Delta, dtype=float) - np.asarray(delta, dtype=float) / 3.0
     return np.sqrt(np.asarray(b, dtype=float) / tau) / (2.0 * np.pi)
 
 
-def b_from_q(q: Any, delta: Any, Delta: Any) -> np.ndarray:
+def b_from_q(q: ArrayLike, delta: ArrayLike, Delta: ArrayLike) -> np.ndarray:
     """b-value (s/m²) from q-value (1/m), pulse duration and separation (s)."""
     tau = np.asarray(Delta, dtype=float) - np.asarray(delta, dtype=float) / 3.0
     return (2.0 * np.pi * np.asarray(q, dtype=float)) ** 2 * tau
 
 
-def q_from_g(g: Any, delta: Any, gyromagnetic_ratio: float = GYROMAGNETIC_RATIO) -> np.ndarray:
+def q_from_g(g: ArrayLike, delta: ArrayLike, gyromagnetic_ratio: float = GYROMAGNETIC_RATIO
+             ) -> np.ndarray:
     """q-value (1/m) from gradient strength (T/m) and pulse duration (s)."""
     return (np.asarray(g, dtype=float) * np.asarray(delta, dtype=float) * gyromagnetic_ratio
             / (2.0 * np.pi))
 
 
-def g_from_q(q: Any, delta: Any, gyromagnetic_ratio: float = GYROMAGNETIC_RATIO) -> np.ndarray:
+def g_from_q(q: ArrayLike, delta: ArrayLike, gyromagnetic_ratio: float = GYROMAGNETIC_RATIO
+             ) -> np.ndarray:
     """Gradient strength (T/m) from q-value (1/m) and pulse duration (s)."""
     q = np.asarray(q, dtype=float)
     delta = np.asarray(delta, dtype=float)
@@ -103,7 +108,7 @@ def g_from_q(q: Any, delta: Any, gyromagnetic_ratio: float = GYROMAGNETIC_RATIO)
     return np.where(q == 0.0, 0.0, g)
 
 
-def b_from_g(g: Any, delta: Any, Delta: Any,
+def b_from_g(g: ArrayLike, delta: ArrayLike, Delta: ArrayLike,
              gyromagnetic_ratio: float = GYROMAGNETIC_RATIO) -> np.ndarray:
     """b-value (s/m²) from gradient strength (T/m), pulse duration and separation (s)."""
     delta = np.asarray(delta, dtype=float)
@@ -111,7 +116,7 @@ def b_from_g(g: Any, delta: Any, Delta: Any,
     return (np.asarray(g, dtype=float) * gyromagnetic_ratio * delta) ** 2 * tau
 
 
-def g_from_b(b: Any, delta: Any, Delta: Any,
+def g_from_b(b: ArrayLike, delta: ArrayLike, Delta: ArrayLike,
              gyromagnetic_ratio: float = GYROMAGNETIC_RATIO) -> np.ndarray:
     """Gradient strength (T/m) from b-value (s/m²), pulse duration and separation (s)."""
     return g_from_q(q_from_b(b, delta, Delta), delta, gyromagnetic_ratio)
@@ -234,7 +239,7 @@ def _unit_directions(gradient_directions: Any, n: int, b0_mask: np.ndarray,
     return out
 
 
-def calculate_shell_bvalues_and_indices(bvalues: Any, max_distance: float = 20e6
+def calculate_shell_bvalues_and_indices(bvalues: ArrayLike, max_distance: float = 20e6
                                         ) -> tuple[np.ndarray, np.ndarray]:
     """Cluster b-values into shells (single linkage, dmipy's ``fcluster`` semantics).
 
@@ -424,9 +429,11 @@ class AcquisitionScheme:
     hash: str
     _measurements: MeasurementSet
 
-    def __init__(self, bvalues: Any, gradient_directions: Any, qvalues: Any = None,
-                 gradient_strengths: Any = None, delta: Any = None, Delta: Any = None,
-                 TE: Any = None, min_b_shell_distance: float = DEFAULT_MIN_B_SHELL_DISTANCE,
+    def __init__(self, bvalues: ArrayLike, gradient_directions: ArrayLike,
+                 qvalues: ArrayLike | None = None, gradient_strengths: ArrayLike | None = None,
+                 delta: ArrayLike | None = None, Delta: ArrayLike | None = None,
+                 TE: ArrayLike | None = None,
+                 min_b_shell_distance: float = DEFAULT_MIN_B_SHELL_DISTANCE,
                  b0_threshold: float = DEFAULT_B0_THRESHOLD) -> None:
         b = _as_vector("bvalues", bvalues, None)
         n = b.shape[0]
@@ -647,7 +654,7 @@ class AcquisitionScheme:
             raise InputError("the selection contains no measurement")
         return idx
 
-    def subset(self, mask_or_indices: Any) -> AcquisitionScheme:
+    def subset(self, mask_or_indices: ArrayLike) -> AcquisitionScheme:
         """A new scheme made of the selected measurements (shells are regrouped)."""
         idx = self._indices(mask_or_indices)
 
@@ -662,7 +669,7 @@ class AcquisitionScheme:
     def __getitem__(self, selection: Any) -> AcquisitionScheme:
         return self.subset(selection)
 
-    def select_shells(self, shell_ids: Any) -> AcquisitionScheme:
+    def select_shells(self, shell_ids: ArrayLike) -> AcquisitionScheme:
         """A new scheme with only the measurements of the given shell indices."""
         ids = np.atleast_1d(np.asarray(shell_ids))
         if ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
@@ -693,7 +700,7 @@ class AcquisitionScheme:
             self.gradient_strengths, self.delta, self.Delta, self.TE,
             self.min_b_shell_distance, float(b0_threshold))
 
-    def rotated(self, R: Any) -> AcquisitionScheme:
+    def rotated(self, R: ArrayLike) -> AcquisitionScheme:
         """A new scheme with every gradient direction rotated by the 3x3 rotation ``R``."""
         rot = np.asarray(R, dtype=float)
         if rot.shape != (3, 3) or not np.isfinite(rot).all():
@@ -791,10 +798,12 @@ def _reference_vector(name: str, values: Any) -> np.ndarray:
     return arr
 
 
-def acquisition_scheme_from_bvalues(
-        bvalues: Any, gradient_directions: Any, delta: Any = None, Delta: Any = None,
-        TE: Any = None, min_b_shell_distance: float = DEFAULT_MIN_B_SHELL_DISTANCE,
-        b0_threshold: float = DEFAULT_B0_THRESHOLD) -> AcquisitionScheme:
+def acquisition_scheme_from_bvalues(bvalues: ArrayLike, gradient_directions: ArrayLike,
+                                    delta: ArrayLike | None = None, Delta: ArrayLike | None = None,
+                                    TE: ArrayLike | None = None,
+                                    min_b_shell_distance: float = DEFAULT_MIN_B_SHELL_DISTANCE,
+                                    b0_threshold: float = DEFAULT_B0_THRESHOLD
+                                    ) -> AcquisitionScheme:
     """Acquisition scheme from b-values (s/m²) and unit gradient directions (N, 3).
 
     ``delta``, ``Delta`` (pulse duration and separation, s) and ``TE`` (s) are optional
@@ -816,16 +825,19 @@ def acquisition_scheme_from_bvalues(
                              b0_threshold)
 
 
-def acquisition_scheme_from_qvalues(
-        qvalues: Any, gradient_directions: Any, delta: Any, Delta: Any, TE: Any = None,
-        min_b_shell_distance: float = DEFAULT_MIN_B_SHELL_DISTANCE,
-        b0_threshold: float = DEFAULT_B0_THRESHOLD) -> AcquisitionScheme:
+def acquisition_scheme_from_qvalues(qvalues: ArrayLike, gradient_directions: ArrayLike,
+                                    delta: ArrayLike | None, Delta: ArrayLike | None,
+                                    TE: ArrayLike | None = None,
+                                    min_b_shell_distance: float = DEFAULT_MIN_B_SHELL_DISTANCE,
+                                    b0_threshold: float = DEFAULT_B0_THRESHOLD
+                                    ) -> AcquisitionScheme:
     """Acquisition scheme from q-values (1/m), directions, delta and Delta (s)."""
     q = _reference_vector("qvalues", qvalues)
     if delta is None or Delta is None:
         raise InputError("acquisition_scheme_from_qvalues needs both delta and Delta "
                          "(seconds)")
     d, D, te = _timing(q, delta, Delta, TE)
+    assert d is not None and D is not None  # both given (checked above)
     _check_tau(q > 0, d, D)
     b = b_from_q(q, d, D)
     g = g_from_q(q, d)
@@ -834,8 +846,9 @@ def acquisition_scheme_from_qvalues(
 
 
 def acquisition_scheme_from_gradient_strengths(
-        gradient_strengths: Any, gradient_directions: Any, delta: Any, Delta: Any,
-        TE: Any = None, min_b_shell_distance: float = DEFAULT_MIN_B_SHELL_DISTANCE,
+        gradient_strengths: ArrayLike, gradient_directions: ArrayLike, delta: ArrayLike | None,
+        Delta: ArrayLike | None, TE: ArrayLike | None = None,
+        min_b_shell_distance: float = DEFAULT_MIN_B_SHELL_DISTANCE,
         b0_threshold: float = DEFAULT_B0_THRESHOLD) -> AcquisitionScheme:
     """Acquisition scheme from gradient strengths (T/m), directions, delta and Delta (s)."""
     g = _reference_vector("gradient_strengths", gradient_strengths)
@@ -843,6 +856,7 @@ def acquisition_scheme_from_gradient_strengths(
         raise InputError("acquisition_scheme_from_gradient_strengths needs both delta and "
                          "Delta (seconds)")
     d, D, te = _timing(g, delta, Delta, TE)
+    assert d is not None and D is not None  # both given (checked above)
     _check_tau(g > 0, d, D)
     if float(g.max()) > 10.0:
         logger.warning("gradient strengths reach %g T/m: they must be given in T/m "

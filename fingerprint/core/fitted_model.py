@@ -12,12 +12,15 @@ fitted (non-finite values, no positive b0 signal) hold NaN and are False in ``va
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from fingerprint.core.parameter_layout import ParameterLayout
 from fingerprint.errors import InputError
+
+if TYPE_CHECKING:
+    from fingerprint.core.acquisition_scheme import AcquisitionScheme
 
 __all__ = ["FittedMultiCompartmentModel", "FittedParameters", "UnknownParameterError",
            "free_parameter_count"]
@@ -89,8 +92,9 @@ class FittedMultiCompartmentModel:
         and :meth:`mean_squared_error` recompute them with the exact forward model).
     """
 
-    def __init__(self, model: Any, acquisition_scheme: Any, parameters_vector: np.ndarray,
-                 *, mask: np.ndarray, S0: np.ndarray, uncertainty: np.ndarray | None = None,
+    def __init__(self, model: Any, acquisition_scheme: AcquisitionScheme,
+                 parameters_vector: np.ndarray, *, mask: np.ndarray, S0: np.ndarray,
+                 uncertainty: np.ndarray | None = None,
                  valid: np.ndarray | None = None, r2: np.ndarray | None = None,
                  mse: np.ndarray | None = None, estimator: Any = None,
                  solver: str = "fingerprint"):
@@ -160,7 +164,7 @@ class FittedMultiCompartmentModel:
             return {n: np.where(total > 0, v / total, 0.0) for n, v in fractions.items()}
 
     # ------------------------------------------------------------------ prediction
-    def predict(self, acquisition_scheme: Any = None, S0: Any = None,
+    def predict(self, acquisition_scheme: AcquisitionScheme | None = None, S0: Any = None,
                 mask: Any = None) -> np.ndarray:
         """Signals of the fitted parameters, shape mask.shape + (N,) ((S,) shells for
         spherical-mean models), times ``S0`` (default: the fitted S0 maps); zeros outside

@@ -46,7 +46,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -56,6 +56,9 @@ from fingerprint.core.parameter_layout import ParameterLayout
 from fingerprint.core.units import DIMENSIONLESS
 from fingerprint.errors import InputError
 from fingerprint.utils.utils import T1_tortuosity, parameter_equality, tortuosity
+
+if TYPE_CHECKING:
+    from fingerprint.core.acquisition_scheme import AcquisitionScheme
 
 logger = logging.getLogger(__name__)
 
@@ -839,7 +842,7 @@ class MultiCompartmentModelProperties(_ParameterNamespace):
                              f"({', '.join(self.parameter_names)}), got shape {vec.shape}")
         return vec
 
-    def simulate_signal(self, acquisition_scheme: Any, parameters_array_or_dict: Any
+    def simulate_signal(self, acquisition_scheme: AcquisitionScheme, parameters_array_or_dict: Any
                         ) -> np.ndarray:
         """Signal attenuation for parameter vectors (P,), (n, P) or (..., P) (or a dict
         of named parameters): (..., N) measurements, or (..., S) shells for spherical-mean
@@ -858,8 +861,8 @@ class MultiCompartmentModelProperties(_ParameterNamespace):
             out[start:start + block.shape[0]] = self._simulate_block(ctx, block, state, models)
         return out.reshape(vec.shape[:-1] + (n_out,))
 
-    def simulate_compartment_signals(self, acquisition_scheme: Any, parameters_array: Any,
-                                     which: Any = None) -> np.ndarray:
+    def simulate_compartment_signals(self, acquisition_scheme: AcquisitionScheme,
+                                     parameters_array: Any, which: Any = None) -> np.ndarray:
         """Signals of each top-level sub-model at unit volume fraction.
 
         ``parameters_array`` (n, P) parameter vectors; returns (n, K, N) ((n, K, S) shells
@@ -956,13 +959,13 @@ class MultiCompartmentModelProperties(_ParameterNamespace):
                              "(SD1WatsonDistributed / SD2BinghamDistributed) to give an FOD")
         return total
 
-    def __call__(self, acquisition_scheme: Any, **kwargs: Any) -> np.ndarray:
+    def __call__(self, acquisition_scheme: AcquisitionScheme, **kwargs: Any) -> np.ndarray:
         """Signal for one set of named parameters (dmipy call style)."""
         return self.simulate_signal(acquisition_scheme,
                                     self.parameters_to_parameter_vector(**kwargs))
 
     # ------------------------------------------------------------------ fitting
-    def fit(self, acquisition_scheme: Any, data: Any, mask: Any = None,
+    def fit(self, acquisition_scheme: AcquisitionScheme, data: Any, mask: Any = None,
             solver: str = "fingerprint", **kwargs: Any) -> Any:
         """Fit the model to ``data`` (..., N) by dictionary matching; returns a
         FittedMultiCompartmentModel (see :func:`fingerprint.fitting.engine.fit_model`,

@@ -57,12 +57,17 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from fingerprint.core.acquisition_scheme import DEFAULT_B0_THRESHOLD
 from fingerprint.errors import InputError
+
+if TYPE_CHECKING:
+    from numpy.typing import ArrayLike
+
+    from fingerprint.core.acquisition_scheme import AcquisitionScheme
 
 __all__ = [
     "FEW_DIRECTIONS",
@@ -304,7 +309,7 @@ def _anisotropic(model: Any) -> bool:
 
 
 # ----------------------------------------------------------------------------- raw tables
-def check_gradient_table(bvalues: Any, vectors: Any,
+def check_gradient_table(bvalues: ArrayLike, vectors: Any,
                          b0_threshold: float = DEFAULT_B0_THRESHOLD,
                          source: str = "gradient table") -> list[SchemeFinding]:
     """Findings about raw b-values (s/m²) and gradient vectors (N, 3) of a file.
@@ -577,8 +582,8 @@ def _model_findings(scheme: Any, model: Any, label: str, has_timing: bool,
     return out
 
 
-def prepare_scheme(scheme: Any, model: Any = None, *, b0_threshold: float | None = None,
-                   who: str = "", model_name: str | None = None,
+def prepare_scheme(scheme: AcquisitionScheme, model: Any = None, *,
+                   b0_threshold: float | None = None, who: str = "", model_name: str | None = None,
                    requires_timing: bool | None = None,
                    log: logging.Logger | None = None) -> tuple[Any, SchemeReport]:
     """What every entry point runs before a fit: apply ``b0_threshold`` (s/m², None keeps

@@ -96,7 +96,7 @@ def _degrees(sh_order: int) -> np.ndarray:
     return np.concatenate([np.full(2 * ell + 1, ell) for ell in range(0, sh_order + 1, 2)])
 
 
-def zonal_kernel_coefficients(model: Any, parameters: Mapping[str, Any], scheme: Any,
+def zonal_kernel_coefficients(model: Any, parameters: Mapping[str, Any], scheme: AcquisitionScheme,
                               sh_order: int) -> np.ndarray:
     """Funk-Hecke coefficients ``kappa_l`` (N, sh_order / 2 + 1) of a kernel (compartment
     or distributed model, axis along z) for every measurement of ``scheme``.
@@ -219,7 +219,7 @@ class MultiCompartmentSphericalHarmonicsModel(MultiCompartmentModelProperties):
                                          (n,)) for k in range(self.N_models)], axis=1)
 
     # ------------------------------------------------------------------ simulation
-    def simulate_signal(self, acquisition_scheme: Any, parameters_array_or_dict: Any
+    def simulate_signal(self, acquisition_scheme: AcquisitionScheme, parameters_array_or_dict: Any
                         ) -> np.ndarray:
         """Signal attenuation (..., N) for parameter vectors (..., P) or a dict with
         ``sh_coeff`` (and ``partial_volume_i``): ``sum_k f_k A_k c`` (each tissue's S0
@@ -245,7 +245,7 @@ class MultiCompartmentSphericalHarmonicsModel(MultiCompartmentModelProperties):
         return sh_basis(self.sh_order, np.asarray(vertices, dtype=float)) @ sh
 
     # ------------------------------------------------------------------ fitting
-    def fit(self, acquisition_scheme: Any, data: Any, mask: Any = None,
+    def fit(self, acquisition_scheme: AcquisitionScheme, data: Any, mask: Any = None,
             solver: str = "csd", lambda_lb: float = 1e-5, unity_constraint: Any =
             "kernel_dependent", **kwargs: Any) -> FittedMultiCompartmentSphericalHarmonicsModel:
         """Deconvolve ``data`` (..., N) voxel by voxel.
@@ -491,7 +491,7 @@ class FittedMultiCompartmentSphericalHarmonicsModel:
     ``partial_volume_i`` (...,) to maps; ``S0`` the normalisation used per voxel.
     """
 
-    def __init__(self, model: MultiCompartmentSphericalHarmonicsModel, scheme: Any,
+    def __init__(self, model: MultiCompartmentSphericalHarmonicsModel, scheme: AcquisitionScheme,
                  vectors: np.ndarray, S0: np.ndarray, mask: np.ndarray) -> None:  # noqa: N803
         self.model = model
         self.acquisition_scheme = scheme
@@ -551,7 +551,7 @@ class FittedMultiCompartmentSphericalHarmonicsModel:
                           min_separation_angle)[0]
         return peaks.reshape(sh.shape[:-1] + (max_peaks, 3))
 
-    def predict(self, acquisition_scheme: Any = None, S0: Any = None,
+    def predict(self, acquisition_scheme: AcquisitionScheme | None = None, S0: Any = None,
                 mask: Any = None) -> np.ndarray:
         """Fitted signals (..., N) times ``S0`` (default: the normalisation used), zero
         outside the fitted mask."""

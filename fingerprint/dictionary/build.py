@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numba
 import numpy as np
@@ -54,6 +54,9 @@ from .store import (
     scheme_to_dict,
 )
 
+if TYPE_CHECKING:
+    from fingerprint.core.acquisition_scheme import AcquisitionScheme
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -74,7 +77,7 @@ DEFAULT_SIZE = 100_000
 ProgressCallback = Callable[[float], Any]
 
 
-def simulate_atoms(model: Any, scheme: Any, parameters: np.ndarray) -> np.ndarray:
+def simulate_atoms(model: Any, scheme: AcquisitionScheme, parameters: np.ndarray) -> np.ndarray:
     """Signals (S0 = 1) of atoms with parameter vectors ``parameters`` (n, P), as float32
     (n, N) -- or (n, shells) for spherical-mean models -- via the model's batched
     forward model ``simulate_signal``."""
@@ -93,7 +96,7 @@ def _feature_map(model: Any, scheme: Any) -> Any:
 class BuildRequest:
     """Everything that determines one dictionary: model, scheme, resolved sampling, key."""
 
-    def __init__(self, model: Any, scheme: Any, plan: SamplingPlan, name: str | None,
+    def __init__(self, model: Any, scheme: AcquisitionScheme, plan: SamplingPlan, name: str | None,
                  features_version: int):
         self.model = model
         self.scheme = scheme
@@ -165,7 +168,7 @@ def _check_timing(model: Any, recipe: Any, scheme: Any) -> None:
             "read a Camino .scheme file")
 
 
-def prepare_build(model: Any, scheme: Any, *, sampling: SamplingSpec | None = None,
+def prepare_build(model: Any, scheme: AcquisitionScheme, *, sampling: SamplingSpec | None = None,
                   size: int | None = None, seed: int | None = None) -> BuildRequest:
     """Resolve a model (name or object), scheme and sampling into a :class:`BuildRequest`.
 
@@ -353,7 +356,7 @@ def _build_at(request: BuildRequest, target: Path, *, overwrite: bool, in_cache:
     return result
 
 
-def build_dictionary(model: Any, scheme: Any, path: str | os.PathLike, *,
+def build_dictionary(model: Any, scheme: AcquisitionScheme, path: str | os.PathLike, *,
                      sampling: SamplingSpec | None = None, size: int | None = None,
                      seed: int | None = None, progress: ProgressCallback | None = None,
                      n_jobs: int | None = None, should_cancel: Callable[[], bool] | None = None,
@@ -383,7 +386,7 @@ def build_dictionary(model: Any, scheme: Any, path: str | os.PathLike, *,
                      chunk_atoms=chunk_atoms)
 
 
-def get_or_build_dictionary(model: Any, scheme: Any, *, size: int | None = None,
+def get_or_build_dictionary(model: Any, scheme: AcquisitionScheme, *, size: int | None = None,
                             seed: int | None = 0, directory: str | os.PathLike | None = None,
                             progress: ProgressCallback | None = None,
                             n_jobs: int | None = None,

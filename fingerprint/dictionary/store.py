@@ -18,7 +18,7 @@ import os
 from collections.abc import Mapping
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -26,6 +26,9 @@ from fingerprint.core.acquisition_scheme import acquisition_scheme_from_bvalues
 from fingerprint.core.modeling_framework import model_from_spec
 from fingerprint.errors import DictionaryError
 from fingerprint.fitting.features import FEATURES_VERSION
+
+if TYPE_CHECKING:
+    from fingerprint.core.acquisition_scheme import AcquisitionScheme
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +90,7 @@ _SCHEME_ARRAYS = ("bvalues", "gradient_directions", "qvalues", "gradient_strengt
                   "delta", "Delta", "TE")
 
 
-def scheme_to_dict(scheme: Any) -> dict[str, Any]:
+def scheme_to_dict(scheme: AcquisitionScheme) -> dict[str, Any]:
     """Full arrays of an acquisition scheme as JSON-able lists (SI units)."""
     out: dict[str, Any] = {}
     for name in _SCHEME_ARRAYS:
@@ -112,7 +115,11 @@ def scheme_from_dict(data: Mapping[str, Any]) -> Any:
                               "b0_threshold": float(data["b0_threshold"])}
     if data.get("min_b_shell_distance") is not None:
         kwargs["min_b_shell_distance"] = float(data["min_b_shell_distance"])
-    return acquisition_scheme_from_bvalues(arr("bvalues"), arr("gradient_directions"), **kwargs)
+    bvalues, directions = arr("bvalues"), arr("gradient_directions")
+    if bvalues is None or directions is None:
+        raise DictionaryError("stored acquisition scheme lacks its bvalues or "
+                              "gradient_directions")
+    return acquisition_scheme_from_bvalues(bvalues, directions, **kwargs)
 
 
 # --------------------------------------------------------------------------- writing

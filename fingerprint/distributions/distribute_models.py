@@ -35,7 +35,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -67,6 +67,9 @@ from fingerprint.kernels.dispersion import (
     watson_quadrature_size,
     weighted_node_sum,
 )
+
+if TYPE_CHECKING:
+    from fingerprint.core.acquisition_scheme import AcquisitionScheme
 
 __all__ = [
     "DD1GammaDistributed",
@@ -303,7 +306,7 @@ class DistributedModel(_ParameterNamespace):
                 model, ctx.shells, per_model[k], n)
         return total
 
-    def __call__(self, acquisition_scheme: Any, **kwargs: Any) -> np.ndarray:
+    def __call__(self, acquisition_scheme: AcquisitionScheme, **kwargs: Any) -> np.ndarray:
         """Signal (N,) for one set of named parameters (dmipy call style; names without
         this model's prefix, e.g. ``SD1Watson_1_odi``; mu as [theta, phi])."""
         check_scheme(acquisition_scheme, self._required_acquisition_parameters,

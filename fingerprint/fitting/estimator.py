@@ -35,7 +35,7 @@ import logging
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -55,6 +55,9 @@ from .quality import (
     quality_flags,
 )
 from .refine import local_linear_step, orientation_curvature, posterior_mean, weighted_atoms
+
+if TYPE_CHECKING:
+    from fingerprint.core.acquisition_scheme import AcquisitionScheme
 
 logger = logging.getLogger(__name__)
 
@@ -169,7 +172,7 @@ class FingerprintEstimator:
     n_neighbors, refine, rician, n_jobs: options (see :meth:`from_dictionary`).
     """
 
-    def __init__(self, *, model: Any, scheme: Any, atom_parameters: np.ndarray,
+    def __init__(self, *, model: Any, scheme: AcquisitionScheme, atom_parameters: np.ndarray,
                  atom_features: np.ndarray, dictionary: Any = None,
                  parameter_names: list[str] | None = None,
                  parameter_cardinality: Mapping[str, int] | None = None,
@@ -292,7 +295,8 @@ class FingerprintEstimator:
                        n_jobs=n_jobs, **options)
 
     @classmethod
-    def from_model(cls, model: Any, scheme: Any, *, dictionary_size: int | None = None,
+    def from_model(cls, model: Any, scheme: AcquisitionScheme, *,
+                   dictionary_size: int | None = None,
                    dictionary_dir: str | os.PathLike | None = None,
                    progress: Callable[[float], Any] | None = None, n_jobs: int | None = None,
                    should_cancel: Callable[[], bool] | None = None, seed: int | None = 0,

@@ -31,13 +31,16 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from fingerprint.errors import InputError
 
 from .frame import FrameEstimator
+
+if TYPE_CHECKING:
+    from fingerprint.core.acquisition_scheme import AcquisitionScheme
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +101,7 @@ class FeatureMap:
 
     # ---------------------------------------------------------------- construction
     @classmethod
-    def from_model(cls, model: Any, scheme: Any) -> FeatureMap:
+    def from_model(cls, model: Any, scheme: AcquisitionScheme) -> FeatureMap:
         """Feature map of ``model`` on ``scheme`` (an AcquisitionScheme)."""
         if bool(getattr(model, "is_spherical_mean", False)):
             kind = "shell_means"
@@ -109,7 +112,7 @@ class FeatureMap:
         return cls.for_scheme(scheme, kind)
 
     @classmethod
-    def for_scheme(cls, scheme: Any, kind: str = "zonal") -> FeatureMap:
+    def for_scheme(cls, scheme: AcquisitionScheme, kind: str = "zonal") -> FeatureMap:
         """Feature map of the given ``kind`` on ``scheme``."""
         b0 = np.asarray(scheme.b0_mask, dtype=bool)
         n = int(b0.size)

@@ -48,12 +48,15 @@ import contextlib
 import logging
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from scipy.optimize import least_squares, nnls
 
 from fingerprint.errors import InputError
+
+if TYPE_CHECKING:
+    from fingerprint.core.acquisition_scheme import AcquisitionScheme
 
 logger = logging.getLogger(__name__)
 
@@ -582,7 +585,7 @@ def _numba_threads(n_jobs: int | None) -> Iterator[None]:
         numba.set_num_threads(previous)
 
 
-def refine_nonlinear(model: Any, scheme: Any, signals: Any, x0: Any, *,
+def refine_nonlinear(model: Any, scheme: AcquisitionScheme, signals: Any, x0: Any, *,
                      n_jobs: int | None = None, max_nfev: int = DEFAULT_MAX_NFEV,
                      return_cost: bool = False, method: str = "batched") -> Any:
     """Polish parameter vectors by bounded non-linear least squares on the signals.
@@ -665,7 +668,7 @@ def refine_nonlinear(model: Any, scheme: Any, signals: Any, x0: Any, *,
     return (out, cost) if return_cost else out
 
 
-def goodness_of_fit(model: Any, scheme: Any, signals: Any, parameters: Any
+def goodness_of_fit(model: Any, scheme: AcquisitionScheme, signals: Any, parameters: Any
                     ) -> tuple[np.ndarray, np.ndarray]:
     """R² and mean squared error (n,) of ``parameters`` (n, P) on b0-normalised
     ``signals`` (n, N) (shell means for spherical-mean models), all measurements."""

@@ -43,7 +43,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -88,6 +88,9 @@ from fingerprint.models import model_name as recipe_name
 from fingerprint.preview import write_preview
 from fingerprint.stages import active_profile, stage
 from fingerprint.volume_models import VOLUME_MODELS, get_volume_model, is_volume_model
+
+if TYPE_CHECKING:
+    from numpy.typing import ArrayLike
 
 logger = logging.getLogger(__name__)
 
@@ -162,8 +165,9 @@ def _path(value: Any, what: str) -> Path:
         raise InputError(f"{what} must be a file path, got {type(value).__name__}") from None
 
 
-def read_fsl_scheme(bval: Any, bvec: Any, *, delta: Any = None, Delta: Any = None,
-                    TE: Any = None, b0_threshold: float | None = None) -> Any:
+def read_fsl_scheme(bval: Any, bvec: Any, *, delta: ArrayLike | None = None,
+                    Delta: ArrayLike | None = None, TE: ArrayLike | None = None,
+                    b0_threshold: float | None = None) -> Any:
     """Read an FSL bval/bvec pair (s/mm²) as an AcquisitionScheme, strictly:
     ``read_bvals_bvecs(..., strict_units=True)``, so b-values that look like s/m² are an
     InputError naming the bval file. ``b0_threshold`` is in s/m² (default 10e6, i.e.
@@ -185,7 +189,7 @@ def _read_scheme(bval: Path, bvec: Path, delta: Any, Delta: Any, TE: Any,
                             **kwargs)
 
 
-def check_fsl_scheme(scheme: Any, bval: Any, bvec: Any, model: Any = None,
+def check_fsl_scheme(scheme: AcquisitionScheme, bval: Any, bvec: Any, model: Any = None,
                      model_name: str | None = None) -> Any:
     """Run the scheme checks (:mod:`fingerprint.core.scheme_checks`) for a scheme read
     from ``bval`` / ``bvec``: InputError naming the files and every refusal; warnings
@@ -260,8 +264,9 @@ def _scan_data(image: DWIImage, mask: np.ndarray | None,
     return n_bad
 
 
-def validate_inputs(dwi: Any, bval: Any, bvec: Any, mask: Any = None, *, delta: Any = None,
-                    Delta: Any = None, TE: Any = None, scan_data: bool = True,
+def validate_inputs(dwi: Any, bval: Any, bvec: Any, mask: Any = None, *,
+                    delta: ArrayLike | None = None, Delta: ArrayLike | None = None,
+                    TE: ArrayLike | None = None, scan_data: bool = True,
                     b0_threshold: float | None = None, model: Any = None) -> InputSummary:
     """Check a DWI / bval / bvec (/ mask) set before fitting it.
 
@@ -502,8 +507,8 @@ def check_output_directory(out_dir: Any) -> Path:
 
 
 def check_dictionary_space(size: int | None, n_measurements: int, directory: Any, *,
-                           model: Any = None, scheme: Any = None, seed: int | None = 0
-                           ) -> None:
+                           model: Any = None, scheme: AcquisitionScheme | None = None,
+                           seed: int | None = 0) -> None:
     """InputError before building when a dictionary of ``size`` atoms cannot fit on the
     disk of ``directory`` (default: the dictionary cache): its simulated signals alone take
     ``size * n_measurements * 4`` bytes, at best about half of that once compressed. With

@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -40,6 +40,9 @@ from fingerprint.core.acquisition_scheme import (
 from fingerprint.core.backends import register_backend
 from fingerprint.core.scheme_checks import check_gradient_table
 from fingerprint.errors import InputError
+
+if TYPE_CHECKING:
+    from numpy.typing import ArrayLike
 
 __all__ = [
     "read_bvals_bvecs",
@@ -201,9 +204,9 @@ def _read_bvecs(path: PathLike, n: int, bval_path: PathLike) -> np.ndarray:
                      f"rows of 3 values; found {vecs.shape[0]} rows of {vecs.shape[1]} values")
 
 
-def read_bvals_bvecs(bval_path: PathLike, bvec_path: PathLike, delta: Any = None,
-                     Delta: Any = None, TE: Any = None, *, strict_units: bool = False,
-                     **scheme_kwargs: Any) -> AcquisitionScheme:
+def read_bvals_bvecs(bval_path: PathLike, bvec_path: PathLike, delta: ArrayLike | None = None,
+                     Delta: ArrayLike | None = None, TE: ArrayLike | None = None, *,
+                     strict_units: bool = False, **scheme_kwargs: Any) -> AcquisitionScheme:
     """Read an FSL bval/bvec pair into an :class:`AcquisitionScheme` (SI units).
 
     Parameters
@@ -354,8 +357,8 @@ def write_camino_scheme(scheme: AcquisitionScheme, path: PathLike,
 
 
 # --------------------------------------------------------------------------- MRtrix
-def read_mrtrix_grad(path: PathLike, delta: Any = None, Delta: Any = None, TE: Any = None,
-                     **scheme_kwargs: Any) -> AcquisitionScheme:
+def read_mrtrix_grad(path: PathLike, delta: ArrayLike | None = None, Delta: ArrayLike | None = None,
+                     TE: ArrayLike | None = None, **scheme_kwargs: Any) -> AcquisitionScheme:
     """Read an MRtrix gradient table (N rows ``x y z b``, b in s/mm²).
 
     delta, Delta, TE: optional timings in seconds; scheme_kwargs: ``b0_threshold`` /

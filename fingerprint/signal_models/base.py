@@ -399,7 +399,8 @@ class CompartmentModel:
             raise InputError(f"{type(self).__name__} has no parameter {', '.join(unknown)}; "
                              f"parameters: {', '.join(self.parameter_names) or 'none'}")
 
-    def __call__(self, acquisition_scheme: Any, **kwargs: Any) -> np.ndarray:
+    def __call__(self, acquisition_scheme: AcquisitionScheme | MeasurementSet,
+                 **kwargs: Any) -> np.ndarray:
         """Signal attenuation (N,) for one parameter set (dmipy call style).
 
         Parameters are SI values named without prefix (``mu`` = [theta, phi] in radians,
@@ -407,8 +408,8 @@ class CompartmentModel:
         given to the constructor.
         """
         self._check_kwargs(kwargs)
-        meas = acquisition_scheme.measurements if hasattr(acquisition_scheme, "measurements") \
-            else acquisition_scheme
+        source: Any = acquisition_scheme  # a scheme, or measurements (also duck-typed)
+        meas = source.measurements if hasattr(source, "measurements") else source
         params = self._single_params(kwargs)
         cosines = None
         if not self.is_isotropic:
@@ -421,7 +422,7 @@ class CompartmentModel:
             cosines = (directions @ axis)[None, :]
         return self.signal_from_cosines(meas, cosines, **params)[0]
 
-    def spherical_mean(self, acquisition_scheme: Any, **kwargs: Any) -> np.ndarray:
+    def spherical_mean(self, acquisition_scheme: AcquisitionScheme, **kwargs: Any) -> np.ndarray:
         """Spherical mean (S,) of the signal on each shell of the scheme (dmipy style).
 
         Exact at every b-value: a shell's value is the average of its members' spherical
@@ -536,7 +537,7 @@ class CompartmentModel:
                 params: dict[str, np.ndarray], out: np.ndarray) -> None:
         raise NotImplementedError
 
-    def rotational_harmonics_representation(self, acquisition_scheme: Any,
+    def rotational_harmonics_representation(self, acquisition_scheme: AcquisitionScheme,
                                             sh_order: int = 14, **kwargs: Any) -> np.ndarray:
         """Rotational harmonics (N_dwi_shells, sh_order / 2 + 1) of the compartment with
         its axis along z, one row per diffusion-weighted shell: the coefficients of

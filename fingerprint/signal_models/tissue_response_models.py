@@ -12,7 +12,7 @@ b-values are matched to the stored shells within 5 % (b0: ``b <= 10e6`` s/m², E
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -21,6 +21,9 @@ from fingerprint.errors import InputError
 from fingerprint.kernels.dispersion import legendre_even_matrix
 from fingerprint.signal_models.base import ORIENTATION_RANGE, CompartmentModel, MeasurementArrays
 from fingerprint.utils.spherical_convolution import real_sym_rh_basis
+
+if TYPE_CHECKING:
+    from fingerprint.core.acquisition_scheme import AcquisitionScheme
 
 __all__ = [
     "TR1IsotropicTissueResponseModel",
@@ -185,7 +188,7 @@ def _dwi_shells(acquisition_scheme: Any) -> list[int]:
 
 
 def estimate_TR1_isotropic_tissue_response_model(  # noqa: N802 - dmipy's name
-        acquisition_scheme: Any, data: ArrayLike
+        acquisition_scheme: AcquisitionScheme, data: ArrayLike
 ) -> tuple[float, TR1IsotropicTissueResponseModel]:
     """Isotropic response from candidate voxels ``data`` (voxels, N): per shell the
     ``Y_00`` coefficient of the mean signal, divided by the mean b0 signal.
@@ -203,7 +206,8 @@ def estimate_TR1_isotropic_tissue_response_model(  # noqa: N802 - dmipy's name
     return s0, TR1IsotropicTissueResponseModel(b, rh)
 
 
-def principal_diffusion_directions(acquisition_scheme: Any, data: ArrayLike) -> np.ndarray:
+def principal_diffusion_directions(acquisition_scheme: AcquisitionScheme,
+                                   data: ArrayLike) -> np.ndarray:
     """Principal eigenvectors (voxels, 3) of log-linear diffusion tensor fits."""
     return diffusion_tensor_eigen(acquisition_scheme, data)[1][:, :, -1]
 
@@ -218,7 +222,7 @@ def fractional_anisotropy(eigenvalues: np.ndarray) -> np.ndarray:
         return np.where(den > 0, np.sqrt(1.5) * num / den, 0.0)
 
 
-def diffusion_tensor_eigen(acquisition_scheme: Any, data: ArrayLike
+def diffusion_tensor_eigen(acquisition_scheme: AcquisitionScheme, data: ArrayLike
                            ) -> tuple[np.ndarray, np.ndarray]:
     """Eigenvalues (voxels, 3) in m²/s, ascending, and eigenvectors (voxels, 3, 3) (as
     columns) of log-linear diffusion tensor fits."""
@@ -242,7 +246,7 @@ def diffusion_tensor_eigen(acquisition_scheme: Any, data: ArrayLike
 
 
 def estimate_TR2_anisotropic_tissue_response_model(  # noqa: N802 - dmipy's name
-        acquisition_scheme: Any, data: ArrayLike, sh_order: int = RESPONSE_ORDER
+        acquisition_scheme: AcquisitionScheme, data: ArrayLike, sh_order: int = RESPONSE_ORDER
 ) -> tuple[float, TR2AnisotropicTissueResponseModel]:
     """Axially symmetric response from candidate single-fibre voxels ``data``
     (voxels, N): each voxel's gradients are expressed in the frame of its principal

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -22,6 +22,9 @@ from fingerprint.tissue_response.white_matter_response import (
     white_matter_response_tournier07,
     white_matter_response_tournier13,
 )
+
+if TYPE_CHECKING:
+    from fingerprint.core.acquisition_scheme import AcquisitionScheme
 
 __all__ = ["optimal_threshold", "signal_decay_metric", "three_tissue_response_dhollander16"]
 
@@ -39,7 +42,7 @@ _WM_ALGORITHMS: dict[str, Callable[..., tuple[float, TR2AnisotropicTissueRespons
     "tournier13": white_matter_response_tournier13}
 
 
-def signal_decay_metric(acquisition_scheme: Any, data: ArrayLike) -> np.ndarray:
+def signal_decay_metric(acquisition_scheme: AcquisitionScheme, data: ArrayLike) -> np.ndarray:
     """Signal decay metric (...,) of signals (..., N): the mean over diffusion-weighted
     shells of ``log(mean b0 / mean shell signal)`` (Dhollander et al. 2016); 0 where a
     mean is not positive, clipped to [0, 10]."""
@@ -83,7 +86,7 @@ def optimal_threshold(data: ArrayLike) -> float:
 
 
 def three_tissue_response_dhollander16(
-        acquisition_scheme: Any, data: ArrayLike, wm_algorithm: str = "tournier13",
+        acquisition_scheme: AcquisitionScheme, data: ArrayLike, wm_algorithm: str = "tournier13",
         wm_N_candidate_voxels: int = 300, gm_perc: float = 0.02,  # noqa: N803
         csf_perc: float = 0.1, mask: ArrayLike | None = None, **kwargs: Any
 ) -> tuple[list[float], list[Any], np.ndarray]:

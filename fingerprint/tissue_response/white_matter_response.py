@@ -7,7 +7,7 @@ Both return ``(S0_wm, TR2 response model, selected voxel indices)``; ``data`` is
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -23,6 +23,9 @@ from fingerprint.signal_models.tissue_response_models import (
     estimate_TR2_anisotropic_tissue_response_model,
     fractional_anisotropy,
 )
+
+if TYPE_CHECKING:
+    from fingerprint.core.acquisition_scheme import AcquisitionScheme
 
 __all__ = ["white_matter_response_tournier07", "white_matter_response_tournier13"]
 
@@ -56,7 +59,7 @@ def _candidates(n_voxels: int, n_candidates: int) -> int:
 
 
 def white_matter_response_tournier07(
-        acquisition_scheme: Any, data: ArrayLike, N_candidate_voxels: int = 300,  # noqa: N803
+        acquisition_scheme: AcquisitionScheme, data: ArrayLike, N_candidate_voxels: int = 300,  # noqa: N803
         mask: ArrayLike | None = None, **kwargs: Any
 ) -> tuple[float, TR2AnisotropicTissueResponseModel, np.ndarray]:
     """The response of the ``N_candidate_voxels`` voxels of highest fractional
@@ -72,8 +75,8 @@ def white_matter_response_tournier07(
 
 
 def white_matter_response_tournier13(
-        acquisition_scheme: Any, data: ArrayLike, max_iter: int = 5, sh_order: int = 10,
-        N_candidate_voxels: int = 300, peak_ratio_setting: str = "mrtrix",  # noqa: N803
+        acquisition_scheme: AcquisitionScheme, data: ArrayLike, max_iter: int = 5,
+        sh_order: int = 10, N_candidate_voxels: int = 300, peak_ratio_setting: str = "mrtrix",  # noqa: N803
         mask: ArrayLike | None = None
 ) -> tuple[float, TR2AnisotropicTissueResponseModel, np.ndarray]:
     """Iterative single-fibre selection (Tournier et al. 2013): start from the

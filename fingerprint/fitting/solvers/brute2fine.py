@@ -19,7 +19,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -31,6 +31,9 @@ from fingerprint.fitting.solvers.common import (
     projected_costs,
     sphere_samples,
 )
+
+if TYPE_CHECKING:
+    from fingerprint.core.acquisition_scheme import AcquisitionScheme
 
 logger = logging.getLogger(__name__)
 
@@ -160,7 +163,7 @@ def _starts_per_voxel(problem: _Problem, grid: np.ndarray, given: np.ndarray,
     return out
 
 
-def fit_brute2fine(model: Any, scheme: Any, signals: np.ndarray,
+def fit_brute2fine(model: Any, scheme: AcquisitionScheme, signals: np.ndarray,
                    x0: np.ndarray | None = None,
                    options: ClassicalOptions | None = None
                    ) -> tuple[np.ndarray, np.ndarray]:

@@ -18,12 +18,15 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from fingerprint.fitting.nonlinear import _numba_threads, _Problem, refine_nonlinear
 from fingerprint.fitting.solvers.common import ClassicalOptions
+
+if TYPE_CHECKING:
+    from fingerprint.core.acquisition_scheme import AcquisitionScheme
 
 logger = logging.getLogger(__name__)
 
@@ -60,8 +63,9 @@ def _search_bounds(problem: _Problem) -> tuple[np.ndarray, np.ndarray]:
     return lo, hi
 
 
-def fit_mix(model: Any, scheme: Any, signals: np.ndarray, x0: np.ndarray | None = None,
-            options: ClassicalOptions | None = None) -> tuple[np.ndarray, np.ndarray]:
+def fit_mix(model: Any, scheme: AcquisitionScheme, signals: np.ndarray,
+            x0: np.ndarray | None = None, options: ClassicalOptions | None = None
+            ) -> tuple[np.ndarray, np.ndarray]:
     """Fit b0-normalised ``signals`` (n, N) by differential evolution then refinement.
 
     ``x0`` (n, P), NaN where not given, joins the initial population (its missing

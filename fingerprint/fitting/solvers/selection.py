@@ -17,7 +17,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -25,6 +25,9 @@ from fingerprint.errors import InputError
 from fingerprint.io.nifti import bids_map_name, write_map
 from fingerprint.models import get_model, get_recipe
 from fingerprint.preview import write_preview
+
+if TYPE_CHECKING:
+    from numpy.typing import ArrayLike
 
 logger = logging.getLogger(__name__)
 
@@ -117,9 +120,9 @@ class VolumeComparison:
 def compare_volume(models: Sequence[str], dwi: Any, bval: Any, bvec: Any, out_dir: Any, *,
                    mask: Any = None, criterion: str = "bic", solver: str = "fingerprint",
                    threads: int | None = None, prefix: str | None = None,
-                   delta: Any = None, Delta: Any = None, TE: Any = None,
-                   preview: bool = True, fit_options: Mapping[str, Any] | None = None
-                   ) -> VolumeComparison:
+                   delta: ArrayLike | None = None, Delta: ArrayLike | None = None,
+                   TE: ArrayLike | None = None, preview: bool = True,
+                   fit_options: Mapping[str, Any] | None = None) -> VolumeComparison:
     """Fit named models (``fingerprint dictionary models``) to a DWI volume with
     ``solver``, compare them by ``criterion`` voxel by voxel and write, into
     ``out_dir``: the winning-model index map
