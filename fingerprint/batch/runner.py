@@ -197,11 +197,16 @@ def _hash(obj: dict) -> str:
 # ----------------------------------------------------------------------------- schemes
 @contextlib.contextmanager
 def _fsl_files(series_dwi: str, bval: str | None, bvec: str | None, workdir: Path | None,
-               *, gradients_only: bool = False) -> Iterator[tuple[str, str | None, str | None]]:
+               *, gradients_only: bool = False) -> Iterator[tuple[str, str, str]]:
     """(dwi, bval, bvec) as NIfTI + FSL files; a .mif is converted into ``workdir`` (only
     its gradient table when ``gradients_only``; the dwi is then the .mif itself)."""
+    def pair(bval: str | None, bvec: str | None) -> tuple[str, str]:
+        if bval is None or bvec is None:
+            raise InputError(f"{series_dwi}: needs both a .bval and a .bvec file")
+        return bval, bvec
+
     if not is_mif(series_dwi) or (gradients_only and bval is not None):
-        yield series_dwi, bval, bvec
+        yield (series_dwi, *pair(bval, bvec))
         return
     opened = mif_gradients_as_fsl(series_dwi) if gradients_only else \
         mif_as_nifti(series_dwi, workdir)
@@ -211,7 +216,7 @@ def _fsl_files(series_dwi: str, bval: str | None, bvec: str | None, workdir: Pat
                 raise InputError(f"MRtrix image {series_dwi} has no gradient table "
                                  "(dw_scheme) and no .bval/.bvec beside it")
             bval, bvec = str(files["bval"]), str(files["bvec"])
-        yield str(files.get("dwi", series_dwi)), bval, bvec
+        yield (str(files.get("dwi", series_dwi)), *pair(bval, bvec))
 
 
 def _mif_gradients(path: Path) -> tuple[np.ndarray, np.ndarray]:

@@ -165,9 +165,9 @@ def _path(value: Any, what: str) -> Path:
         raise InputError(f"{what} must be a file path, got {type(value).__name__}") from None
 
 
-def read_fsl_scheme(bval: Any, bvec: Any, *, delta: ArrayLike | None = None,
-                    Delta: ArrayLike | None = None, TE: ArrayLike | None = None,
-                    b0_threshold: float | None = None) -> Any:
+def read_fsl_scheme(bval: str | os.PathLike[str], bvec: str | os.PathLike[str], *,
+                    delta: ArrayLike | None = None, Delta: ArrayLike | None = None,
+                    TE: ArrayLike | None = None, b0_threshold: float | None = None) -> Any:
     """Read an FSL bval/bvec pair (s/mm²) as an AcquisitionScheme, strictly:
     ``read_bvals_bvecs(..., strict_units=True)``, so b-values that look like s/m² are an
     InputError naming the bval file. ``b0_threshold`` is in s/m² (default 10e6, i.e.
@@ -189,8 +189,9 @@ def _read_scheme(bval: Path, bvec: Path, delta: Any, Delta: Any, TE: Any,
                             **kwargs)
 
 
-def check_fsl_scheme(scheme: AcquisitionScheme, bval: Any, bvec: Any, model: Any = None,
-                     model_name: str | None = None) -> Any:
+def check_fsl_scheme(scheme: AcquisitionScheme, bval: str | os.PathLike[str],
+                     bvec: str | os.PathLike[str], model: Any = None, model_name: str | None = None
+                     ) -> Any:
     """Run the scheme checks (:mod:`fingerprint.core.scheme_checks`) for a scheme read
     from ``bval`` / ``bvec``: InputError naming the files and every refusal; warnings
     and notes are logged. ``model`` is a name, a model or None (the scheme alone).
@@ -264,7 +265,8 @@ def _scan_data(image: DWIImage, mask: np.ndarray | None,
     return n_bad
 
 
-def validate_inputs(dwi: Any, bval: Any, bvec: Any, mask: Any = None, *,
+def validate_inputs(dwi: str | os.PathLike[str], bval: str | os.PathLike[str],
+                    bvec: str | os.PathLike[str], mask: str | os.PathLike[str] | None = None, *,
                     delta: ArrayLike | None = None, Delta: ArrayLike | None = None,
                     TE: ArrayLike | None = None, scan_data: bool = True,
                     b0_threshold: float | None = None, model: Any = None) -> InputSummary:
@@ -488,7 +490,7 @@ def _read_ahead(image: DWIImage, mask: np.ndarray, slab_bytes: int) -> Iterator[
         reader.join()
 
 
-def check_output_directory(out_dir: Any) -> Path:
+def check_output_directory(out_dir: str | os.PathLike[str]) -> Path:
     """The absolute output directory; InputError before any work when it cannot be one
     (an existing file, or under a file or a read-only directory)."""
     if out_dir is None:
@@ -613,9 +615,11 @@ def _sidecar(*, label: str, parameter: str | None, units: str, description: str,
     return out
 
 
-def fit_volume(model: Any, dwi: Any, bval: Any, bvec: Any, out_dir: Any, *,
-               mask: Any = None, prefix: str | None = None, threads: int | None = None,
-               executor: cf.Executor | None = None, progress: ProgressCallback | None = None,
+def fit_volume(model: Any, dwi: str | os.PathLike[str], bval: str | os.PathLike[str],
+               bvec: str | os.PathLike[str], out_dir: str | os.PathLike[str], *,
+               mask: str | os.PathLike[str] | None = None, prefix: str | None = None,
+               threads: int | None = None, executor: cf.Executor | None = None,
+               progress: ProgressCallback | None = None,
                should_cancel: Callable[[], bool] | None = None, dictionary_dir: Any = None,
                dictionary_size: int | None = None, chunk_voxels: int = DEFAULT_CHUNK_VOXELS,
                preview: bool = False, delta: float | None = None, Delta: float | None = None,

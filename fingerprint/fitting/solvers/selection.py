@@ -13,6 +13,7 @@ lowest value. Voxels that any model could not fit are left out (winner -1).
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -117,12 +118,14 @@ class VolumeComparison:
     seconds: float
 
 
-def compare_volume(models: Sequence[str], dwi: Any, bval: Any, bvec: Any, out_dir: Any, *,
-                   mask: Any = None, criterion: str = "bic", solver: str = "fingerprint",
-                   threads: int | None = None, prefix: str | None = None,
-                   delta: ArrayLike | None = None, Delta: ArrayLike | None = None,
-                   TE: ArrayLike | None = None, preview: bool = True,
-                   fit_options: Mapping[str, Any] | None = None) -> VolumeComparison:
+def compare_volume(models: Sequence[str], dwi: str | os.PathLike[str], bval: str | os.PathLike[str],
+                   bvec: str | os.PathLike[str], out_dir: str | os.PathLike[str], *,
+                   mask: str | os.PathLike[str] | None = None, criterion: str = "bic",
+                   solver: str = "fingerprint", threads: int | None = None,
+                   prefix: str | None = None, delta: ArrayLike | None = None,
+                   Delta: ArrayLike | None = None, TE: ArrayLike | None = None,
+                   preview: bool = True, fit_options: Mapping[str, Any] | None = None
+                   ) -> VolumeComparison:
     """Fit named models (``fingerprint dictionary models``) to a DWI volume with
     ``solver``, compare them by ``criterion`` voxel by voxel and write, into
     ``out_dir``: the winning-model index map
