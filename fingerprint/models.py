@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import logging
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fingerprint.errors import InputError
 from fingerprint.recipes import Recipe, load_recipes, recipe_dir, unknown_model
+
+if TYPE_CHECKING:
+    from fingerprint.core.modeling_framework import MultiCompartmentModelProperties
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +56,7 @@ def get_recipe(name: str) -> Recipe:
     return recipe
 
 
-def get_model(name: str) -> Any:
+def get_model(name: str) -> MultiCompartmentModelProperties:
     """A fresh instance of the named model (UnknownModelError listing the names)."""
     return get_recipe(name).build_model()
 
@@ -78,7 +81,7 @@ def _recipe_hashes(stamp: tuple) -> dict[str, str]:
     return out
 
 
-def recipe_for_model(model: Any) -> Recipe | None:
+def recipe_for_model(model: str | MultiCompartmentModelProperties) -> Recipe | None:
     """The recipe whose model is identical (same spec hash) to ``model``, or None."""
     if isinstance(model, str):
         return get_recipe(model)
@@ -91,7 +94,7 @@ def recipe_for_model(model: Any) -> Recipe | None:
     return recipes.get(name) if name else None
 
 
-def model_name(model: Any) -> str | None:
+def model_name(model: str | MultiCompartmentModelProperties) -> str | None:
     """Name of the recipe ``model`` was built from (same spec), or None."""
     recipe = recipe_for_model(model)
     return recipe.name if recipe else None

@@ -46,10 +46,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import fingerprint
 from fingerprint.errors import InputError, UnknownModelError
+
+if TYPE_CHECKING:
+    from fingerprint.core.modeling_framework import MultiCompartmentModelProperties
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -110,7 +113,7 @@ class Recipe:
     reference: str = ""
     path: Path | None = field(default=None, compare=False)
 
-    def build_model(self) -> Any:
+    def build_model(self) -> MultiCompartmentModelProperties:
         """A fresh model instance described by this recipe."""
         return _build(self)
 

@@ -682,7 +682,8 @@ class AcquisitionScheme:
                              f"0..{s - 1}")
         return self.subset(np.isin(self.shell_indices, ids))
 
-    def return_pruned_acquisition_scheme(self, shell_indices: Any, data: Any = None) -> Any:
+    def return_pruned_acquisition_scheme(self, shell_indices: Any, data: ArrayLike | None = None
+                                         ) -> Any:
         """dmipy name of :meth:`select_shells`; also prunes ``data[..., N]`` when given."""
         pruned = self.select_shells(shell_indices)
         if data is None:

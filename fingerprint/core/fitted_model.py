@@ -20,7 +20,10 @@ from fingerprint.core.parameter_layout import ParameterLayout
 from fingerprint.errors import InputError
 
 if TYPE_CHECKING:
+    from numpy.typing import ArrayLike
+
     from fingerprint.core.acquisition_scheme import AcquisitionScheme
+    from fingerprint.core.modeling_framework import MultiCompartmentModelProperties
 
 __all__ = ["FittedMultiCompartmentModel", "FittedParameters", "UnknownParameterError",
            "free_parameter_count"]
@@ -92,12 +95,11 @@ class FittedMultiCompartmentModel:
         and :meth:`mean_squared_error` recompute them with the exact forward model).
     """
 
-    def __init__(self, model: Any, acquisition_scheme: AcquisitionScheme,
-                 parameters_vector: np.ndarray, *, mask: np.ndarray, S0: np.ndarray,
-                 uncertainty: np.ndarray | None = None,
+    def __init__(self, model: MultiCompartmentModelProperties,
+                 acquisition_scheme: AcquisitionScheme, parameters_vector: np.ndarray, *,
+                 mask: np.ndarray, S0: np.ndarray, uncertainty: np.ndarray | None = None,
                  valid: np.ndarray | None = None, r2: np.ndarray | None = None,
-                 mse: np.ndarray | None = None, estimator: Any = None,
-                 solver: str = "fingerprint"):
+                 mse: np.ndarray | None = None, estimator: Any = None, solver: str = "fingerprint"):
         self.model = model
         self.acquisition_scheme = acquisition_scheme
         self.fitted_parameters_vector = np.asarray(parameters_vector, dtype=np.float64)
@@ -164,8 +166,8 @@ class FittedMultiCompartmentModel:
             return {n: np.where(total > 0, v / total, 0.0) for n, v in fractions.items()}
 
     # ------------------------------------------------------------------ prediction
-    def predict(self, acquisition_scheme: AcquisitionScheme | None = None, S0: Any = None,
-                mask: Any = None) -> np.ndarray:
+    def predict(self, acquisition_scheme: AcquisitionScheme | None = None,
+                S0: ArrayLike | None = None, mask: ArrayLike | None = None) -> np.ndarray:
         """Signals of the fitted parameters, shape mask.shape + (N,) ((S,) shells for
         spherical-mean models), times ``S0`` (default: the fitted S0 maps); zeros outside
         the mask and NaN for invalid voxels."""
@@ -180,7 +182,8 @@ class FittedMultiCompartmentModel:
                                                             self.mask.shape)
         except (TypeError, ValueError):
             raise InputError(f"S0 must be a number or an array of the fitted shape "
-                             f"{self.mask.shape}, got shape {np.shape(S0)}") from None
+                             f"{self.mask.shape}, got shape "
+                             f"{np.shape(S0) if S0 is not None else ()}") from None
         vectors = self.fitted_parameters_vector[use]
         sim = np.asarray(self.model.simulate_signal(scheme, vectors)) if vectors.size else \
             None
@@ -215,7 +218,7 @@ class FittedMultiCompartmentModel:
                           for s in range(int(shells.max()) + 1)], axis=1)
         return y, pred, use
 
-    def mean_squared_error(self, data: Any) -> np.ndarray:
+    def mean_squared_error(self, data: ArrayLike) -> np.ndarray:
         """Mean squared error (mask.shape) between the b0-normalised data and the fitted
         signal (per-shell means for spherical-mean models); 0 outside the mask."""
         y, pred, use = self._normalised(data)
@@ -224,7 +227,7 @@ class FittedMultiCompartmentModel:
         out[self.mask & ~self.valid] = np.nan
         return out
 
-    def R2_coefficient_of_determination(self, data: Any) -> np.ndarray:
+    def R2_coefficient_of_determination(self, data: ArrayLike) -> np.ndarray:
         """Coefficient of determination 1 - SS_res / SS_tot (mask.shape) of the fitted
         signal against the b0-normalised data; 0 outside the mask."""
         y, pred, use = self._normalised(data)
@@ -247,7 +250,7 @@ class FittedMultiCompartmentModel:
         every model, are not counted."""
         return free_parameter_count(self.model)
 
-    def residual_sum_of_squares(self, data: Any) -> np.ndarray:
+    def residual_sum_of_squares(self, data: ArrayLike) -> np.ndarray:
         """Residual sum of squares (mask.shape) of the fitted signal (times the fitted
         S0) against ``data``, in the data's units (per-shell means for spherical-mean
         models); 0 outside the mask, NaN where the fit is invalid."""
@@ -277,7 +280,7 @@ class FittedMultiCompartmentModel:
         out[self.mask & ~self.valid] = np.nan
         return out
 
-    def aic(self, data: Any) -> np.ndarray:
+    def aic(self, data: ArrayLike) -> np.ndarray:
         """Akaike information criterion per voxel (mask.shape; lower is better).
 
         Noise model: independent Gaussian noise of one unknown variance per voxel on the
@@ -287,12 +290,12 @@ class FittedMultiCompartmentModel:
         models on data well above the noise floor. 0 outside the mask."""
         return self._criterion(data, "aic")
 
-    def bic(self, data: Any) -> np.ndarray:
+    def bic(self, data: ArrayLike) -> np.ndarray:
         """Bayesian information criterion ``n log(RSS / n) + k log n`` per voxel (lower
         is better); noise model and k as in :meth:`aic`."""
         return self._criterion(data, "bic")
 
-    def aicc(self, data: Any) -> np.ndarray:
+    def aicc(self, data: ArrayLike) -> np.ndarray:
         """AIC with the small-sample correction ``2 k (k + 1) / (n - k - 1)``, per voxel
         (lower is better); noise model and k as in :meth:`aic`."""
         return self._criterion(data, "aicc")
@@ -303,7 +306,7 @@ class FittedMultiCompartmentModel:
                 f"valid={int((self.mask & self.valid).sum())})")
 
 
-def free_parameter_count(model: Any) -> int:
+def free_parameter_count(model: MultiCompartmentModelProperties) -> int:
     """Free parameters of ``model`` for information criteria (see
     :attr:`FittedMultiCompartmentModel.n_free_parameters`)."""
     count = 0

@@ -58,6 +58,8 @@ from fingerprint.errors import InputError
 from fingerprint.utils.utils import T1_tortuosity, parameter_equality, tortuosity
 
 if TYPE_CHECKING:
+    from numpy.typing import ArrayLike
+
     from fingerprint.core.acquisition_scheme import AcquisitionScheme
 
 logger = logging.getLogger(__name__)
@@ -937,7 +939,7 @@ class MultiCompartmentModelProperties(_ParameterNamespace):
         assert total is not None
         return total
 
-    def fod(self, vertices: Any, **kwargs: Any) -> np.ndarray:
+    def fod(self, vertices: ArrayLike, **kwargs: Any) -> np.ndarray:
         """Fibre orientation density at unit vectors ``vertices`` (K, 3): the orientation
         distributions of the dispersed sub-models weighted by their volume fractions, for
         one set of named parameters (dmipy's ``fod``)."""
@@ -965,8 +967,8 @@ class MultiCompartmentModelProperties(_ParameterNamespace):
                                     self.parameters_to_parameter_vector(**kwargs))
 
     # ------------------------------------------------------------------ fitting
-    def fit(self, acquisition_scheme: AcquisitionScheme, data: Any, mask: Any = None,
-            solver: str = "fingerprint", **kwargs: Any) -> Any:
+    def fit(self, acquisition_scheme: AcquisitionScheme, data: ArrayLike,
+            mask: ArrayLike | None = None, solver: str = "fingerprint", **kwargs: Any) -> Any:
         """Fit the model to ``data`` (..., N) by dictionary matching; returns a
         FittedMultiCompartmentModel (see :func:`fingerprint.fitting.engine.fit_model`,
         reached through :func:`fingerprint.core.backends.backend` so that ``core`` does

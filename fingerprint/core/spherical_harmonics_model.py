@@ -31,7 +31,7 @@ import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import clarabel
 import numpy as np
@@ -53,6 +53,9 @@ from fingerprint.errors import InputError
 from fingerprint.kernels import gauss_legendre_unit
 from fingerprint.kernels.dispersion import legendre_even_matrix
 from fingerprint.utils.spherical_convolution import check_sh_order, real_sym_sh_mrtrix
+
+if TYPE_CHECKING:
+    from numpy.typing import ArrayLike
 
 __all__ = [
     "FittedMultiCompartmentSphericalHarmonicsModel",
@@ -237,7 +240,7 @@ class MultiCompartmentSphericalHarmonicsModel(MultiCompartmentModelProperties):
             out += fractions[:, k:k + 1] * (sh @ a_k.T)
         return out.reshape(vec.shape[:-1] + (out.shape[-1],))
 
-    def fod(self, vertices: Any, **kwargs: Any) -> np.ndarray:
+    def fod(self, vertices: ArrayLike, **kwargs: Any) -> np.ndarray:
         """FOD (1/sr) at unit vectors (K, 3) of one ``sh_coeff`` vector."""
         sh = np.asarray(kwargs.get("sh_coeff"), dtype=float)
         if sh.ndim == 0:
@@ -245,9 +248,10 @@ class MultiCompartmentSphericalHarmonicsModel(MultiCompartmentModelProperties):
         return sh_basis(self.sh_order, np.asarray(vertices, dtype=float)) @ sh
 
     # ------------------------------------------------------------------ fitting
-    def fit(self, acquisition_scheme: AcquisitionScheme, data: Any, mask: Any = None,
-            solver: str = "csd", lambda_lb: float = 1e-5, unity_constraint: Any =
-            "kernel_dependent", **kwargs: Any) -> FittedMultiCompartmentSphericalHarmonicsModel:
+    def fit(self, acquisition_scheme: AcquisitionScheme, data: ArrayLike,
+            mask: ArrayLike | None = None, solver: str = "csd", lambda_lb: float = 1e-5,
+            unity_constraint: Any = "kernel_dependent", **kwargs: Any
+            ) -> FittedMultiCompartmentSphericalHarmonicsModel:
         """Deconvolve ``data`` (..., N) voxel by voxel.
 
         ``solver``: 'csd', 'csd_cvxpy' or 'csd_tournier07' (the latter needs fixed volume
@@ -517,7 +521,7 @@ class FittedMultiCompartmentSphericalHarmonicsModel:
         return {k: v for k, v in self.fitted_parameters.items()
                 if k.startswith("partial_volume_")}
 
-    def fod(self, vertices: Any, visual_odi_lower_bound: float = 0.0) -> np.ndarray:
+    def fod(self, vertices: ArrayLike, visual_odi_lower_bound: float = 0.0) -> np.ndarray:
         """FOD values (..., K) at unit vectors ``vertices`` (K, 3) (1/sr)."""
         basis = sh_basis(self.model.sh_order, np.asarray(vertices, dtype=float))
         return self.fitted_parameters["sh_coeff"] @ basis.T
@@ -551,8 +555,8 @@ class FittedMultiCompartmentSphericalHarmonicsModel:
                           min_separation_angle)[0]
         return peaks.reshape(sh.shape[:-1] + (max_peaks, 3))
 
-    def predict(self, acquisition_scheme: AcquisitionScheme | None = None, S0: Any = None,
-                mask: Any = None) -> np.ndarray:
+    def predict(self, acquisition_scheme: AcquisitionScheme | None = None,
+                S0: ArrayLike | None = None, mask: ArrayLike | None = None) -> np.ndarray:
         """Fitted signals (..., N) times ``S0`` (default: the normalisation used), zero
         outside the fitted mask."""
         scheme = self.acquisition_scheme if acquisition_scheme is None else acquisition_scheme
@@ -578,14 +582,14 @@ class FittedMultiCompartmentSphericalHarmonicsModel:
         pred = self.predict()
         return arr, pred
 
-    def mean_squared_error(self, data: Any) -> np.ndarray:
+    def mean_squared_error(self, data: ArrayLike) -> np.ndarray:
         """Mean squared error (...,) between data and prediction, divided by S0^2."""
         arr, pred = self._residuals(data)
         with np.errstate(divide="ignore", invalid="ignore"):
             out = np.mean((arr - pred) ** 2, axis=-1) / np.where(self.S0 > 0, self.S0, 1) ** 2
         return np.where(self.mask, out, 0.0)
 
-    def R2_coefficient_of_determination(self, data: Any) -> np.ndarray:  # noqa: N802
+    def R2_coefficient_of_determination(self, data: ArrayLike) -> np.ndarray:  # noqa: N802
         """1 - SS_res / SS_tot (...,) of the prediction against the data."""
         arr, pred = self._residuals(data)
         res = np.sum((arr - pred) ** 2, axis=-1)

@@ -56,6 +56,7 @@ from .store import (
 
 if TYPE_CHECKING:
     from fingerprint.core.acquisition_scheme import AcquisitionScheme
+    from fingerprint.core.modeling_framework import MultiCompartmentModelProperties
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +78,8 @@ DEFAULT_SIZE = 100_000
 ProgressCallback = Callable[[float], Any]
 
 
-def simulate_atoms(model: Any, scheme: AcquisitionScheme, parameters: np.ndarray) -> np.ndarray:
+def simulate_atoms(model: MultiCompartmentModelProperties, scheme: AcquisitionScheme,
+                   parameters: np.ndarray) -> np.ndarray:
     """Signals (S0 = 1) of atoms with parameter vectors ``parameters`` (n, P), as float32
     (n, N) -- or (n, shells) for spherical-mean models -- via the model's batched
     forward model ``simulate_signal``."""
@@ -96,8 +98,8 @@ def _feature_map(model: Any, scheme: Any) -> Any:
 class BuildRequest:
     """Everything that determines one dictionary: model, scheme, resolved sampling, key."""
 
-    def __init__(self, model: Any, scheme: AcquisitionScheme, plan: SamplingPlan, name: str | None,
-                 features_version: int):
+    def __init__(self, model: MultiCompartmentModelProperties, scheme: AcquisitionScheme,
+                 plan: SamplingPlan, name: str | None, features_version: int):
         self.model = model
         self.scheme = scheme
         self.plan = plan
@@ -168,8 +170,9 @@ def _check_timing(model: Any, recipe: Any, scheme: Any) -> None:
             "read a Camino .scheme file")
 
 
-def prepare_build(model: Any, scheme: AcquisitionScheme, *, sampling: SamplingSpec | None = None,
-                  size: int | None = None, seed: int | None = None) -> BuildRequest:
+def prepare_build(model: str | MultiCompartmentModelProperties, scheme: AcquisitionScheme, *,
+                  sampling: SamplingSpec | None = None, size: int | None = None,
+                  seed: int | None = None) -> BuildRequest:
     """Resolve a model (name or object), scheme and sampling into a :class:`BuildRequest`.
 
     The sampling starts from ``sampling``, else the recipe's default sampling (when the
@@ -356,11 +359,11 @@ def _build_at(request: BuildRequest, target: Path, *, overwrite: bool, in_cache:
     return result
 
 
-def build_dictionary(model: Any, scheme: AcquisitionScheme, path: str | os.PathLike, *,
-                     sampling: SamplingSpec | None = None, size: int | None = None,
-                     seed: int | None = None, progress: ProgressCallback | None = None,
-                     n_jobs: int | None = None, should_cancel: Callable[[], bool] | None = None,
-                     overwrite: bool = False,
+def build_dictionary(model: str | MultiCompartmentModelProperties, scheme: AcquisitionScheme,
+                     path: str | os.PathLike, *, sampling: SamplingSpec | None = None,
+                     size: int | None = None, seed: int | None = None,
+                     progress: ProgressCallback | None = None, n_jobs: int | None = None,
+                     should_cancel: Callable[[], bool] | None = None, overwrite: bool = False,
                      chunk_atoms: int = DEFAULT_CHUNK_ATOMS) -> Dictionary:
     """Build the dictionary of ``model`` on ``scheme`` at ``path`` (a new directory).
 
@@ -386,10 +389,10 @@ def build_dictionary(model: Any, scheme: AcquisitionScheme, path: str | os.PathL
                      chunk_atoms=chunk_atoms)
 
 
-def get_or_build_dictionary(model: Any, scheme: AcquisitionScheme, *, size: int | None = None,
-                            seed: int | None = 0, directory: str | os.PathLike | None = None,
-                            progress: ProgressCallback | None = None,
-                            n_jobs: int | None = None,
+def get_or_build_dictionary(model: str | MultiCompartmentModelProperties, scheme: AcquisitionScheme,
+                            *, size: int | None = None, seed: int | None = 0,
+                            directory: str | os.PathLike | None = None,
+                            progress: ProgressCallback | None = None, n_jobs: int | None = None,
                             sampling: SamplingSpec | None = None,
                             should_cancel: Callable[[], bool] | None = None,
                             chunk_atoms: int = DEFAULT_CHUNK_ATOMS) -> Dictionary:

@@ -36,12 +36,15 @@ import re
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from fingerprint.core.parameter_layout import ParameterLayout
 from fingerprint.errors import InputError
+
+if TYPE_CHECKING:
+    from fingerprint.core.modeling_framework import MultiCompartmentModelProperties
 
 __all__ = [
     "METHODS",
@@ -108,7 +111,7 @@ class ParameterSpace:
             object.__setattr__(self, "n_partial_volumes", n)
 
     @classmethod
-    def from_model(cls, model: Any) -> ParameterSpace:
+    def from_model(cls, model: MultiCompartmentModelProperties) -> ParameterSpace:
         """Describe the free parameters of a (dmipy-compatible) multi-compartment model.
 
         Uses ``parameter_names``, ``parameter_cardinality``, ``parameter_ranges`` (scaled

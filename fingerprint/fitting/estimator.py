@@ -57,7 +57,10 @@ from .quality import (
 from .refine import local_linear_step, orientation_curvature, posterior_mean, weighted_atoms
 
 if TYPE_CHECKING:
+    from numpy.typing import ArrayLike
+
     from fingerprint.core.acquisition_scheme import AcquisitionScheme
+    from fingerprint.core.modeling_framework import MultiCompartmentModelProperties
 
 logger = logging.getLogger(__name__)
 
@@ -172,18 +175,16 @@ class FingerprintEstimator:
     n_neighbors, refine, rician, n_jobs: options (see :meth:`from_dictionary`).
     """
 
-    def __init__(self, *, model: Any, scheme: AcquisitionScheme, atom_parameters: np.ndarray,
-                 atom_features: np.ndarray, dictionary: Any = None,
+    def __init__(self, *, model: MultiCompartmentModelProperties, scheme: AcquisitionScheme,
+                 atom_parameters: np.ndarray, atom_features: np.ndarray, dictionary: Any = None,
                  parameter_names: list[str] | None = None,
                  parameter_cardinality: Mapping[str, int] | None = None,
-                 canonical_orientation: bool | None = None,
-                 simplex_names: list[str] | None = None,
+                 canonical_orientation: bool | None = None, simplex_names: list[str] | None = None,
                  n_neighbors: int | None = None, refine: bool = True, rician: bool = True,
                  n_jobs: int | None = None, matcher_method: str = "auto",
-                 hnsw_threshold: int = DEFAULT_HNSW_THRESHOLD,
-                 ef_search: int = HNSW_EF_SEARCH, frame_iterations: int | None = None,
-                 temperature: float = 1.0, cache_index: bool = True,
-                 marginalise_orientation: float = 0.0,
+                 hnsw_threshold: int = DEFAULT_HNSW_THRESHOLD, ef_search: int = HNSW_EF_SEARCH,
+                 frame_iterations: int | None = None, temperature: float = 1.0,
+                 cache_index: bool = True, marginalise_orientation: float = 0.0,
                  refine_shrinkage: float = 1.0, align_axis: bool = True) -> None:
         self.model = model
         self.scheme = scheme
@@ -295,7 +296,7 @@ class FingerprintEstimator:
                        n_jobs=n_jobs, **options)
 
     @classmethod
-    def from_model(cls, model: Any, scheme: AcquisitionScheme, *,
+    def from_model(cls, model: str | MultiCompartmentModelProperties, scheme: AcquisitionScheme, *,
                    dictionary_size: int | None = None,
                    dictionary_dir: str | os.PathLike | None = None,
                    progress: Callable[[float], Any] | None = None, n_jobs: int | None = None,
@@ -368,7 +369,7 @@ class FingerprintEstimator:
                          f"{self.parameter_names}")
 
     # ------------------------------------------------------------------ estimation
-    def estimate(self, data: Any, x0: Any = None) -> VoxelEstimates:
+    def estimate(self, data: ArrayLike, x0: Any = None) -> VoxelEstimates:
         """Fit voxels ``data`` (n, N) (raw signals, any positive scale) and return
         :class:`VoxelEstimates`. ``x0`` (parameter vectors (P,)/(n, P), or a dict of
         possibly short parameter names) seeds the fit: a given orientation replaces the

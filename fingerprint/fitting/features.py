@@ -41,6 +41,7 @@ from .frame import FrameEstimator
 
 if TYPE_CHECKING:
     from fingerprint.core.acquisition_scheme import AcquisitionScheme
+    from fingerprint.core.modeling_framework import MultiCompartmentModelProperties
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +102,8 @@ class FeatureMap:
 
     # ---------------------------------------------------------------- construction
     @classmethod
-    def from_model(cls, model: Any, scheme: AcquisitionScheme) -> FeatureMap:
+    def from_model(cls, model: MultiCompartmentModelProperties, scheme: AcquisitionScheme
+                   ) -> FeatureMap:
         """Feature map of ``model`` on ``scheme`` (an AcquisitionScheme)."""
         if bool(getattr(model, "is_spherical_mean", False)):
             kind = "shell_means"

@@ -56,7 +56,10 @@ from scipy.optimize import least_squares, nnls
 from fingerprint.errors import InputError
 
 if TYPE_CHECKING:
+    from numpy.typing import ArrayLike
+
     from fingerprint.core.acquisition_scheme import AcquisitionScheme
+    from fingerprint.core.modeling_framework import MultiCompartmentModelProperties
 
 logger = logging.getLogger(__name__)
 
@@ -585,9 +588,10 @@ def _numba_threads(n_jobs: int | None) -> Iterator[None]:
         numba.set_num_threads(previous)
 
 
-def refine_nonlinear(model: Any, scheme: AcquisitionScheme, signals: Any, x0: Any, *,
-                     n_jobs: int | None = None, max_nfev: int = DEFAULT_MAX_NFEV,
-                     return_cost: bool = False, method: str = "batched") -> Any:
+def refine_nonlinear(model: MultiCompartmentModelProperties, scheme: AcquisitionScheme,
+                     signals: ArrayLike, x0: Any, *, n_jobs: int | None = None,
+                     max_nfev: int = DEFAULT_MAX_NFEV, return_cost: bool = False,
+                     method: str = "batched") -> Any:
     """Polish parameter vectors by bounded non-linear least squares on the signals.
 
     Parameters
@@ -668,8 +672,8 @@ def refine_nonlinear(model: Any, scheme: AcquisitionScheme, signals: Any, x0: An
     return (out, cost) if return_cost else out
 
 
-def goodness_of_fit(model: Any, scheme: AcquisitionScheme, signals: Any, parameters: Any
-                    ) -> tuple[np.ndarray, np.ndarray]:
+def goodness_of_fit(model: MultiCompartmentModelProperties, scheme: AcquisitionScheme,
+                    signals: ArrayLike, parameters: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     """R² and mean squared error (n,) of ``parameters`` (n, P) on b0-normalised
     ``signals`` (n, N) (shell means for spherical-mean models), all measurements."""
     problem = _Problem(model, scheme)

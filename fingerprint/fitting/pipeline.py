@@ -92,6 +92,8 @@ from fingerprint.volume_models import VOLUME_MODELS, get_volume_model, is_volume
 if TYPE_CHECKING:
     from numpy.typing import ArrayLike
 
+    from fingerprint.core.modeling_framework import MultiCompartmentModelProperties
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["DEFAULT_CHUNK_VOXELS", "FitResult", "InputSummary", "check_dictionary_space",
@@ -190,8 +192,9 @@ def _read_scheme(bval: Path, bvec: Path, delta: Any, Delta: Any, TE: Any,
 
 
 def check_fsl_scheme(scheme: AcquisitionScheme, bval: str | os.PathLike[str],
-                     bvec: str | os.PathLike[str], model: Any = None, model_name: str | None = None
-                     ) -> Any:
+                     bvec: str | os.PathLike[str],
+                     model: str | MultiCompartmentModelProperties | None = None,
+                     model_name: str | None = None) -> Any:
     """Run the scheme checks (:mod:`fingerprint.core.scheme_checks`) for a scheme read
     from ``bval`` / ``bvec``: InputError naming the files and every refusal; warnings
     and notes are logged. ``model`` is a name, a model or None (the scheme alone).
@@ -269,7 +272,8 @@ def validate_inputs(dwi: str | os.PathLike[str], bval: str | os.PathLike[str],
                     bvec: str | os.PathLike[str], mask: str | os.PathLike[str] | None = None, *,
                     delta: ArrayLike | None = None, Delta: ArrayLike | None = None,
                     TE: ArrayLike | None = None, scan_data: bool = True,
-                    b0_threshold: float | None = None, model: Any = None) -> InputSummary:
+                    b0_threshold: float | None = None,
+                    model: str | MultiCompartmentModelProperties | None = None) -> InputSummary:
     """Check a DWI / bval / bvec (/ mask) set before fitting it.
 
     Raises :class:`~fingerprint.errors.InputError` naming the file at fault for: missing,
@@ -509,8 +513,8 @@ def check_output_directory(out_dir: str | os.PathLike[str]) -> Path:
 
 
 def check_dictionary_space(size: int | None, n_measurements: int, directory: Any, *,
-                           model: Any = None, scheme: AcquisitionScheme | None = None,
-                           seed: int | None = 0) -> None:
+                           model: str | MultiCompartmentModelProperties | None = None,
+                           scheme: AcquisitionScheme | None = None, seed: int | None = 0) -> None:
     """InputError before building when a dictionary of ``size`` atoms cannot fit on the
     disk of ``directory`` (default: the dictionary cache): its simulated signals alone take
     ``size * n_measurements * 4`` bytes, at best about half of that once compressed. With
@@ -615,11 +619,11 @@ def _sidecar(*, label: str, parameter: str | None, units: str, description: str,
     return out
 
 
-def fit_volume(model: Any, dwi: str | os.PathLike[str], bval: str | os.PathLike[str],
-               bvec: str | os.PathLike[str], out_dir: str | os.PathLike[str], *,
-               mask: str | os.PathLike[str] | None = None, prefix: str | None = None,
-               threads: int | None = None, executor: cf.Executor | None = None,
-               progress: ProgressCallback | None = None,
+def fit_volume(model: str | MultiCompartmentModelProperties, dwi: str | os.PathLike[str],
+               bval: str | os.PathLike[str], bvec: str | os.PathLike[str],
+               out_dir: str | os.PathLike[str], *, mask: str | os.PathLike[str] | None = None,
+               prefix: str | None = None, threads: int | None = None,
+               executor: cf.Executor | None = None, progress: ProgressCallback | None = None,
                should_cancel: Callable[[], bool] | None = None, dictionary_dir: Any = None,
                dictionary_size: int | None = None, chunk_voxels: int = DEFAULT_CHUNK_VOXELS,
                preview: bool = False, delta: float | None = None, Delta: float | None = None,

@@ -27,7 +27,7 @@ import math
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
@@ -36,6 +36,9 @@ from fingerprint.core.orientations import mu_to_vectors
 from fingerprint.errors import InputError
 from fingerprint.kernels import compartments as kernels
 from fingerprint.kernels import gauss_legendre_unit, run_kernel
+
+if TYPE_CHECKING:
+    from numpy.typing import ArrayLike
 
 __all__ = [
     "CompartmentModel",
@@ -70,7 +73,7 @@ class _ClassProperty:
         return self._getter(owner)
 
 
-def unitsphere2cart(mu: Any) -> np.ndarray:
+def unitsphere2cart(mu: ArrayLike) -> np.ndarray:
     """Unit vector(s) (..., 3) from angles (..., 2) = (theta, phi) in radians (dmipy name
     of :func:`fingerprint.core.orientations.mu_to_vectors`)."""
     return mu_to_vectors(mu)

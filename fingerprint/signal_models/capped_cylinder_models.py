@@ -17,7 +17,7 @@ cylinder's); here both are parameters.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -34,6 +34,9 @@ from fingerprint.signal_models.base import (
 )
 from fingerprint.signal_models.cylinder_models import callaghan_roots
 from fingerprint.signal_models.plane_models import plane_callaghan, plane_stejskal_tanner
+
+if TYPE_CHECKING:
+    from numpy.typing import ArrayLike
 
 __all__ = ["CC2CappedCylinderStejskalTannerApproximation",
            "CC3CappedCylinderCallaghanApproximation"]
@@ -59,7 +62,7 @@ class CC2CappedCylinderStejskalTannerApproximation(CompartmentModel):
     _parameter_units = _UNITS
     _work_per_value = 45.0
 
-    def __init__(self, mu: Any = None, diameter: float | None = None,
+    def __init__(self, mu: ArrayLike | None = None, diameter: float | None = None,
                  length: float | None = None) -> None:
         super().__init__(mu=mu, diameter=diameter, length=length)
 
@@ -93,7 +96,7 @@ class CC3CappedCylinderCallaghanApproximation(CompartmentModel):
     number_of_functions_cylinder: int
     number_of_roots_plane: int
 
-    def __init__(self, mu: Any = None, diameter: float | None = None,
+    def __init__(self, mu: ArrayLike | None = None, diameter: float | None = None,
                  length: float | None = None,
                  diffusion_intra: float = WATER_IN_AXONS_DIFFUSION_CONSTANT,
                  number_of_roots_cylinder: int = 20, number_of_functions_cylinder: int = 50,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from scipy import special
@@ -20,6 +20,9 @@ from fingerprint.signal_models.base import (
     CompartmentModel,
     MeasurementArrays,
 )
+
+if TYPE_CHECKING:
+    from numpy.typing import ArrayLike
 
 __all__ = [
     "C1Stick",
@@ -104,7 +107,7 @@ class C1Stick(CompartmentModel):
     _parameter_types = {"mu": "orientation", "lambda_par": "normal"}
     _parameter_units = {"mu": ANGLE, "lambda_par": DIFFUSIVITY}
 
-    def __init__(self, mu: Any = None, lambda_par: float | None = None) -> None:
+    def __init__(self, mu: ArrayLike | None = None, lambda_par: float | None = None) -> None:
         super().__init__(mu=mu, lambda_par=lambda_par)
 
     def _kernel(self, meas: MeasurementArrays, cos: np.ndarray | None,
@@ -141,7 +144,7 @@ class C2CylinderStejskalTannerApproximation(CompartmentModel):
     _parameter_types = _CYLINDER_TYPES
     _parameter_units = _CYLINDER_UNITS
 
-    def __init__(self, mu: Any = None, lambda_par: float | None = None,
+    def __init__(self, mu: ArrayLike | None = None, lambda_par: float | None = None,
                  diameter: float | None = None) -> None:
         super().__init__(mu=mu, lambda_par=lambda_par, diameter=diameter)
 
@@ -181,7 +184,7 @@ class C3CylinderCallaghanApproximation(CompartmentModel):
     number_of_roots: int
     number_of_functions: int
 
-    def __init__(self, mu: Any = None, lambda_par: float | None = None,
+    def __init__(self, mu: ArrayLike | None = None, lambda_par: float | None = None,
                  diameter: float | None = None,
                  diffusion_perpendicular: float = WATER_IN_AXONS_DIFFUSION_CONSTANT,
                  number_of_roots: int = 20, number_of_functions: int = 50) -> None:
@@ -234,7 +237,7 @@ class C4CylinderGaussianPhaseApproximation(CompartmentModel):
     _constant_names = ("diffusion_perpendicular",)
     diffusion_perpendicular: float
 
-    def __init__(self, mu: Any = None, lambda_par: float | None = None,
+    def __init__(self, mu: ArrayLike | None = None, lambda_par: float | None = None,
                  diameter: float | None = None,
                  diffusion_perpendicular: float = WATER_IN_AXONS_DIFFUSION_CONSTANT) -> None:
         diffusion_perpendicular = _positive_constant(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -16,6 +16,9 @@ from fingerprint.signal_models.base import (
     CompartmentModel,
     MeasurementArrays,
 )
+
+if TYPE_CHECKING:
+    from numpy.typing import ArrayLike
 
 __all__ = ["G1Ball", "G2Zeppelin", "G3TemporalZeppelin"]
 
@@ -71,7 +74,7 @@ class G2Zeppelin(CompartmentModel):
     _parameter_types = {"mu": "orientation", "lambda_par": "normal", "lambda_perp": "normal"}
     _parameter_units = {"mu": ANGLE, "lambda_par": DIFFUSIVITY, "lambda_perp": DIFFUSIVITY}
 
-    def __init__(self, mu: Any = None, lambda_par: float | None = None,
+    def __init__(self, mu: ArrayLike | None = None, lambda_par: float | None = None,
                  lambda_perp: float | None = None) -> None:
         super().__init__(mu=mu, lambda_par=lambda_par, lambda_perp=lambda_perp)
 
@@ -126,7 +129,7 @@ class G3TemporalZeppelin(CompartmentModel):
     _parameter_units = {"mu": ANGLE, "lambda_par": DIFFUSIVITY, "lambda_inf": DIFFUSIVITY,
                         "A": AREA}
 
-    def __init__(self, mu: Any = None, lambda_par: float | None = None,
+    def __init__(self, mu: ArrayLike | None = None, lambda_par: float | None = None,
                  lambda_inf: float | None = None, A: float | None = None) -> None:
         super().__init__(mu=mu, lambda_par=lambda_par, lambda_inf=lambda_inf, A=A)
 

@@ -155,7 +155,7 @@ class TR2AnisotropicTissueResponseModel(_TissueResponse):
     _parameter_units = {"mu": "rad"}
 
     def __init__(self, shell_bvalues: ArrayLike, rotational_harmonics: ArrayLike,
-                 mu: Any = None) -> None:
+                 mu: ArrayLike | None = None) -> None:
         super().__init__(shell_bvalues, rotational_harmonics, mu=mu)
 
     def _kernel(self, meas: MeasurementArrays, cos: np.ndarray | None,

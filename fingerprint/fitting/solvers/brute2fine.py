@@ -19,7 +19,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -34,6 +34,7 @@ from fingerprint.fitting.solvers.common import (
 
 if TYPE_CHECKING:
     from fingerprint.core.acquisition_scheme import AcquisitionScheme
+    from fingerprint.core.modeling_framework import MultiCompartmentModelProperties
 
 logger = logging.getLogger(__name__)
 
@@ -67,8 +68,9 @@ def _axes(problem: _Problem, given: np.ndarray, options: ClassicalOptions
     return cols, values
 
 
-def brute_force_grid(model: Any, options: ClassicalOptions | None = None,
-                     given: np.ndarray | None = None) -> np.ndarray:
+def brute_force_grid(model: MultiCompartmentModelProperties,
+                     options: ClassicalOptions | None = None, given: np.ndarray | None = None
+                     ) -> np.ndarray:
     """The brute-force grid of ``model``: parameter vectors (G, P), SI units.
 
     ``given`` (P,) bool marks columns left out of the grid (their values come from the
@@ -163,10 +165,9 @@ def _starts_per_voxel(problem: _Problem, grid: np.ndarray, given: np.ndarray,
     return out
 
 
-def fit_brute2fine(model: Any, scheme: AcquisitionScheme, signals: np.ndarray,
-                   x0: np.ndarray | None = None,
-                   options: ClassicalOptions | None = None
-                   ) -> tuple[np.ndarray, np.ndarray]:
+def fit_brute2fine(model: MultiCompartmentModelProperties, scheme: AcquisitionScheme,
+                   signals: np.ndarray, x0: np.ndarray | None = None,
+                   options: ClassicalOptions | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Fit b0-normalised ``signals`` (n, N) by brute force then refinement.
 
     ``x0`` (n, P) with NaN where not given: columns given for every voxel replace their

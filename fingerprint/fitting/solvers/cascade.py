@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from fingerprint.errors import InputError
+
+if TYPE_CHECKING:
+    from fingerprint.core.modeling_framework import MultiCompartmentModelProperties
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +45,7 @@ def _distributed_orientation(model: Any, key: str) -> list[str]:
     return sorted(set(out))
 
 
-def resolve_x0_name(model: Any, key: str) -> str:
+def resolve_x0_name(model: MultiCompartmentModelProperties, key: str) -> str:
     """The free parameter of ``model`` that the x0 entry ``key`` initialises."""
     try:
         return model.resolve_parameter_name(key, free_only=True)
@@ -59,7 +62,7 @@ def resolve_x0_name(model: Any, key: str) -> str:
                          f"parameters: {list(model.parameter_names)}") from None
 
 
-def x0_matrix(model: Any, x0: Any, n: int) -> np.ndarray | None:
+def x0_matrix(model: MultiCompartmentModelProperties, x0: Any, n: int) -> np.ndarray | None:
     """``x0`` (vector (P,) / (n, P), or dict of names) -> (n, P) with NaN where not
     given; None stays None."""
     if x0 is None:

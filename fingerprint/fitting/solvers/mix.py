@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -27,6 +27,7 @@ from fingerprint.fitting.solvers.common import ClassicalOptions
 
 if TYPE_CHECKING:
     from fingerprint.core.acquisition_scheme import AcquisitionScheme
+    from fingerprint.core.modeling_framework import MultiCompartmentModelProperties
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ def _search_bounds(problem: _Problem) -> tuple[np.ndarray, np.ndarray]:
     return lo, hi
 
 
-def fit_mix(model: Any, scheme: AcquisitionScheme, signals: np.ndarray,
+def fit_mix(model: MultiCompartmentModelProperties, scheme: AcquisitionScheme, signals: np.ndarray,
             x0: np.ndarray | None = None, options: ClassicalOptions | None = None
             ) -> tuple[np.ndarray, np.ndarray]:
     """Fit b0-normalised ``signals`` (n, N) by differential evolution then refinement.

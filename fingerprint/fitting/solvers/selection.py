@@ -71,7 +71,7 @@ class ModelComparison:
                 "fraction_of_voxels": self.fractions()}
 
 
-def compare_models(fitted: Mapping[str, Any] | Sequence[Any], data: Any,
+def compare_models(fitted: Mapping[str, Any] | Sequence[Any], data: ArrayLike,
                    criterion: str = "bic") -> ModelComparison:
     """Compare fitted models (name -> FittedMultiCompartmentModel, or a list, named
     ``model_0``, ...) on the ``data`` they were fitted to, voxel by voxel."""
