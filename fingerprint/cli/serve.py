@@ -15,6 +15,8 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fingerprint.cli.main import CLIError
+
 if TYPE_CHECKING:  # type names only: the server loads when the command runs
     from server.config import Settings
 
@@ -35,7 +37,7 @@ def add_parser(subparsers: Any) -> None:
 def settings_from_args(args: argparse.Namespace, prog: str = "fingerprint serve"
                        ) -> Settings:
     """Settings from the environment, overridden by the flags that were given."""
-    # the server's settings (pydantic) load only for this command
+    # lazy: the server's settings (pydantic) load only for this command
     from server.config import settings_from_argv
 
     return settings_from_argv(args.options, prog)
@@ -43,8 +45,6 @@ def settings_from_args(args: argparse.Namespace, prog: str = "fingerprint serve"
 
 def check_data_dir(path: Path) -> None:
     """One-line errors (CLIError) for a ``--data-dir`` that cannot hold the server's data."""
-    from fingerprint.cli.main import CLIError
-
     path = Path(path)
     for parent in (path, *path.parents):
         if parent.exists():
@@ -55,11 +55,10 @@ def check_data_dir(path: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    # the server and its web framework load only for this command
+    # lazy: the server and its web framework load only for this command
     import uvicorn
 
-    from fingerprint.cli.main import CLIError
-    from server.app import DataDirLock, DataDirLocked, create_app
+    from server.app import DataDirLock, DataDirLocked, create_app  # lazy: server code
 
     settings = settings_from_args(args, getattr(args, "prog", "fingerprint serve"))
     check_data_dir(settings.data_dir)

@@ -19,6 +19,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from fingerprint.errors import InputError
+from fingerprint.fitting.estimator import VoxelEstimates
+from fingerprint.fitting.solvers.cascade import x0_matrix
+from fingerprint.fitting.solvers.common import ClassicalOptions
 
 if TYPE_CHECKING:  # type names only
     from fingerprint.core.acquisition_scheme import AcquisitionScheme
@@ -38,9 +41,10 @@ CLASSICAL_SOLVERS = ("brute2fine", "mix")
 
 def _runner(solver: str) -> Callable[..., tuple[np.ndarray, np.ndarray]]:
     if solver == "brute2fine":
+        # lazy: keeps SciPy's optimisers off import
         from fingerprint.fitting.solvers.brute2fine import fit_brute2fine
         return fit_brute2fine
-    from fingerprint.fitting.solvers.mix import fit_mix
+    from fingerprint.fitting.solvers.mix import fit_mix  # lazy: keeps SciPy off import
     return fit_mix
 
 
@@ -68,9 +72,7 @@ class ClassicalFitter:
         signals ``data`` (n, N), every voxel usable; ``x0`` starts (see
         :mod:`.cascade`). ``uncertainty`` is NaN (not estimated); ``sigma`` is the RMS
         residual in the data's units."""
-        from fingerprint.fitting.estimator import VoxelEstimates
-        from fingerprint.fitting.nonlinear import goodness_of_fit
-        from fingerprint.fitting.solvers.cascade import x0_matrix
+        from fingerprint.fitting.nonlinear import goodness_of_fit  # lazy: keeps numba off import
 
         arr = np.asarray(data, dtype=np.float64)
         n = arr.shape[0]
@@ -99,8 +101,6 @@ class ClassicalFitter:
 
 def _prepare(solver: str) -> Callable[[SolverRequest], ClassicalFitter]:
     def prepare(request: SolverRequest) -> ClassicalFitter:
-        from fingerprint.fitting.solvers.common import ClassicalOptions
-
         return ClassicalFitter(request.model, request.scheme, solver,
                                ClassicalOptions.from_fit_options(request.options))
     return prepare
