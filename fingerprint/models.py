@@ -100,7 +100,7 @@ def model_name(model: str | MultiCompartmentModelProperties) -> str | None:
     return recipe.name if recipe else None
 
 
-def map_labels(name_or_model: Any) -> dict[str, str]:
+def map_labels(name_or_model: str | MultiCompartmentModelProperties) -> dict[str, str]:
     """Output map label -> parameter name.
 
     For a named model (or a model identical to one) this is the recipe's ``[maps]`` table
@@ -110,10 +110,11 @@ def map_labels(name_or_model: Any) -> dict[str, str]:
     recipe = recipe_for_model(name_or_model)
     if recipe is not None:
         return dict(recipe.maps)
+    assert not isinstance(name_or_model, str)  # a name has its recipe (or raised)
     return {name: name for name in name_or_model.parameter_names}
 
 
-def requires_timing(name_or_model: Any) -> bool:
+def requires_timing(name_or_model: str | MultiCompartmentModelProperties) -> bool:
     """Whether simulating the model needs pulse timing (delta, Delta) in the scheme."""
     recipe = recipe_for_model(name_or_model)
     if recipe is not None and recipe.requires_timing:

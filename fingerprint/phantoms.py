@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fingerprint.core.acquisition_scheme import acquisition_scheme_from_bvalues
+from fingerprint.core.acquisition_scheme import AcquisitionScheme, acquisition_scheme_from_bvalues
 from fingerprint.core.orientations import angular_error_deg, vectors_to_mu
 from fingerprint.errors import InputError
 from fingerprint.fitting.multifascicle import fascicle_layout
@@ -29,7 +29,7 @@ from fingerprint.io.nifti import atomic_write_nifti, bids_map_name, mu_to_vector
 from fingerprint.models import get_model, map_labels
 
 if TYPE_CHECKING:
-    from fingerprint.core.acquisition_scheme import AcquisitionScheme
+    from fingerprint.core.modeling_framework import MultiCompartmentModelProperties
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +63,8 @@ def fibonacci_hemisphere(n: int, twist: float = 0.0) -> np.ndarray:
 
 
 def default_scheme(*, n_b0: int = 6, shells: tuple[tuple[float, int], ...] = (
-        (1000.0, 30), (2000.0, 60)), delta: float = 0.015, Delta: float = 0.035) -> Any:
+        (1000.0, 30), (2000.0, 60)), delta: float = 0.015, Delta: float = 0.035
+        ) -> AcquisitionScheme:
     """The built-in multi-shell scheme (b-values in s/mm² in ``shells``; returned in SI).
 
     b=0 volumes are interleaved (one every ``len(dwis) // n_b0`` measurements), like on a
@@ -105,8 +106,8 @@ def random_orientations(n: int, rng: np.random.Generator) -> np.ndarray:
     return np.stack([theta, phi], axis=1)
 
 
-def noddi_parameter_vectors(model: Any, *, icvf: np.ndarray, odi: np.ndarray,
-                            isovf: np.ndarray, mu: np.ndarray) -> np.ndarray:
+def noddi_parameter_vectors(model: MultiCompartmentModelProperties, *, icvf: np.ndarray,
+                            odi: np.ndarray, isovf: np.ndarray, mu: np.ndarray) -> np.ndarray:
     """(n, P) parameter vectors of the NODDI recipe model from (n,) icvf, odi, isovf
     (dimensionless) and (n, 2) mu = (theta, phi) in rad."""
     labels = map_labels("noddi")

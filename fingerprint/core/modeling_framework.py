@@ -46,7 +46,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import numpy as np
 
@@ -61,6 +61,8 @@ if TYPE_CHECKING:
     from numpy.typing import ArrayLike
 
     from fingerprint.core.acquisition_scheme import AcquisitionScheme
+    from fingerprint.distributions.distribute_models import DistributedModel
+    from fingerprint.signal_models.base import CompartmentModel
 
 logger = logging.getLogger(__name__)
 
@@ -560,7 +562,7 @@ def compartment_spec(compartment: Any) -> dict[str, Any]:
             "constants": _jsonable(constants)}
 
 
-def _is_distributed(model: Any) -> bool:
+def _is_distributed(model: object) -> TypeGuard[DistributedModel]:
     return bool(getattr(model, "_is_distributed_model", False))
 
 
@@ -697,7 +699,8 @@ class MultiCompartmentModelProperties(_ParameterNamespace):
     _spherical_mean = False
     _kind_label = "model"
 
-    def __init__(self, models: Sequence[Any], S0_tissue_responses: Any = None,
+    def __init__(self, models: Sequence[CompartmentModel | DistributedModel],
+                 S0_tissue_responses: Any = None,
                  parameter_links: Any = None) -> None:
         if parameter_links:
             raise InputError("parameter_links is not supported; use set_fixed_parameter / "
@@ -705,7 +708,7 @@ class MultiCompartmentModelProperties(_ParameterNamespace):
         if isinstance(models, (str, bytes)) or not isinstance(models, Sequence) or not models:
             raise InputError("models must be a non-empty list of compartments or distributed "
                              "models")
-        subs = []
+        subs: list[CompartmentModel | DistributedModel] = []
         for i, model in enumerate(models):
             if _is_distributed(model):
                 subs.append(model.copy())  # snapshot: later edits of the input do not leak
@@ -949,13 +952,15 @@ class MultiCompartmentModelProperties(_ParameterNamespace):
         total = np.zeros(vertices.shape[0])
         found = False
         for k, model in enumerate(self.models):
-            if not hasattr(model, "fod"):
+            fod = getattr(model, "fod", None)  # spherical distributed models only
+            if fod is None:
                 continue
             found = True
             local = {p.local: values[p.name][0] for p in self._state.params if p.owner == k}
             weight = float(values[f"partial_volume_{k}"][0]) if self.N_models > 1 else 1.0
-            dist = {n: v for n, v in local.items() if n.startswith(model.distribution_name)}
-            total += weight * model.fod(vertices, **dist)
+            prefix = getattr(model, "distribution_name", "")
+            dist = {n: v for n, v in local.items() if n.startswith(prefix)}
+            total += weight * fod(vertices, **dist)
         if not found:
             raise InputError(f"{type(self).__name__} has no orientation distribution "
                              "(SD1WatsonDistributed / SD2BinghamDistributed) to give an FOD")

@@ -68,6 +68,8 @@ if TYPE_CHECKING:
     from numpy.typing import ArrayLike
 
     from fingerprint.core.acquisition_scheme import AcquisitionScheme
+    from fingerprint.core.modeling_framework import MultiCompartmentModelProperties
+    from fingerprint.signal_models.base import CompartmentModel
 
 __all__ = [
     "FEW_DIRECTIONS",
@@ -236,7 +238,7 @@ class SchemeReport:
 
 
 # ----------------------------------------------------------------------------- helpers
-def distinct_directions(directions: Any, decimals: int = 3) -> int:
+def distinct_directions(directions: ArrayLike, decimals: int = 3) -> int:
     """Number of distinct non-zero unit directions, antipodal pairs counted once."""
     d = np.asarray(directions, dtype=float).reshape(-1, 3)
     norms = np.linalg.norm(d, axis=1)
@@ -309,7 +311,7 @@ def _anisotropic(model: Any) -> bool:
 
 
 # ----------------------------------------------------------------------------- raw tables
-def check_gradient_table(bvalues: ArrayLike, vectors: Any,
+def check_gradient_table(bvalues: ArrayLike, vectors: ArrayLike,
                          b0_threshold: float = DEFAULT_B0_THRESHOLD,
                          source: str = "gradient table") -> list[SchemeFinding]:
     """Findings about raw b-values (s/m²) and gradient vectors (N, 3) of a file.
@@ -433,8 +435,10 @@ def check_csd_scheme(scheme: Any, n_tissues: int, sh_order: int,
                         base.n_b0, base.b0_threshold, base.has_timing, dict(base.extra))
 
 
-def check_scheme(scheme: Any, model: Any = None, *, model_name: str | None = None,
-                 requires_timing: bool | None = None) -> SchemeReport:
+def check_scheme(scheme: Any,
+                 model: MultiCompartmentModelProperties | CompartmentModel | None = None, *,
+                 model_name: str | None = None, requires_timing: bool | None = None
+                 ) -> SchemeReport:
     """Check ``scheme`` (an AcquisitionScheme) alone, or against ``model``.
 
     ``model`` is a MultiCompartmentModel (or SphericalMean model, or a compartment);
@@ -582,9 +586,9 @@ def _model_findings(scheme: Any, model: Any, label: str, has_timing: bool,
     return out
 
 
-def prepare_scheme(scheme: AcquisitionScheme, model: Any = None, *,
-                   b0_threshold: float | None = None, who: str = "", model_name: str | None = None,
-                   requires_timing: bool | None = None,
+def prepare_scheme(scheme: AcquisitionScheme, model: MultiCompartmentModelProperties | None = None,
+                   *, b0_threshold: float | None = None, who: str = "",
+                   model_name: str | None = None, requires_timing: bool | None = None,
                    log: logging.Logger | None = None) -> tuple[Any, SchemeReport]:
     """What every entry point runs before a fit: apply ``b0_threshold`` (s/m², None keeps
     the scheme's), check the scheme against ``model``, raise an InputError (prefixed by

@@ -57,6 +57,9 @@ from fingerprint.utils.spherical_convolution import check_sh_order, real_sym_sh_
 if TYPE_CHECKING:
     from numpy.typing import ArrayLike
 
+    from fingerprint.distributions.distribute_models import DistributedModel
+    from fingerprint.signal_models.base import CompartmentModel
+
 __all__ = [
     "FittedMultiCompartmentSphericalHarmonicsModel",
     "MultiCompartmentSphericalHarmonicsModel",
@@ -167,7 +170,8 @@ class MultiCompartmentSphericalHarmonicsModel(MultiCompartmentModelProperties):
     _spherical_mean = False
     _kind_label = "spherical harmonics model"
 
-    def __init__(self, models: Sequence[Any], S0_tissue_responses: Any = None,  # noqa: N803
+    def __init__(self, models: Sequence[CompartmentModel | DistributedModel],
+                 S0_tissue_responses: Any = None,  # noqa: N803
                  sh_order: int = 8) -> None:
         super().__init__(models, S0_tissue_responses=S0_tissue_responses)
         self.sh_order = check_sh_order(sh_order)

@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fingerprint.core.acquisition_scheme import acquisition_scheme_from_bvalues
-from fingerprint.core.modeling_framework import model_from_spec
+from fingerprint.core.acquisition_scheme import AcquisitionScheme, acquisition_scheme_from_bvalues
+from fingerprint.core.modeling_framework import MultiCompartmentModelProperties, model_from_spec
 from fingerprint.errors import DictionaryError
 from fingerprint.fitting.features import FEATURES_VERSION
 
@@ -105,7 +105,7 @@ def scheme_to_dict(scheme: AcquisitionScheme) -> dict[str, Any]:
     return out
 
 
-def scheme_from_dict(data: Mapping[str, Any]) -> Any:
+def scheme_from_dict(data: Mapping[str, Any]) -> AcquisitionScheme:
     """Rebuild an :class:`AcquisitionScheme` from :func:`scheme_to_dict` output."""
     def arr(name: str) -> np.ndarray | None:
         value = data.get(name)
@@ -268,7 +268,7 @@ class Dictionary:
         return dict(self.metadata["sampling"])
 
     @cached_property
-    def model(self) -> Any:
+    def model(self) -> MultiCompartmentModelProperties:
         """The model, rebuilt exactly from its stored spec."""
         try:
             return model_from_spec(self.metadata["model"])
@@ -278,7 +278,7 @@ class Dictionary:
             ) from exc
 
     @cached_property
-    def scheme(self) -> Any:
+    def scheme(self) -> AcquisitionScheme:
         """The acquisition scheme the atoms were simulated for."""
         scheme = scheme_from_dict(self.metadata["scheme"])
         stored = self.metadata.get("scheme_hash")

@@ -69,7 +69,10 @@ from fingerprint.kernels.dispersion import (
 )
 
 if TYPE_CHECKING:
+    from numpy.typing import ArrayLike
+
     from fingerprint.core.acquisition_scheme import AcquisitionScheme
+    from fingerprint.signal_models.base import CompartmentModel
 
 __all__ = [
     "DD1GammaDistributed",
@@ -97,12 +100,12 @@ _BINGHAM_THETA = 32
 _BINGHAM_PHI = 48
 
 
-def odi2kappa(odi: Any) -> np.ndarray:
+def odi2kappa(odi: ArrayLike) -> np.ndarray:
     """Watson concentration from the orientation dispersion index: 1 / tan(odi pi / 2)."""
     return 1.0 / np.tan(np.asarray(odi, dtype=float) * (np.pi / 2.0))
 
 
-def kappa2odi(kappa: Any) -> np.ndarray:
+def kappa2odi(kappa: ArrayLike) -> np.ndarray:
     """Orientation dispersion index from the Watson concentration: 2/pi arctan(1/kappa)."""
     return (2.0 / np.pi) * np.arctan(1.0 / np.asarray(kappa, dtype=float))
 
@@ -184,7 +187,7 @@ class DistributedModel(_ParameterNamespace):
     #: SI unit of each distribution parameter (``fingerprint.core.units``)
     _distribution_units: dict[str, str] = {}
 
-    def __init__(self, models: Sequence[Any], parameter_links: Any = None,
+    def __init__(self, models: Sequence[CompartmentModel], parameter_links: Any = None,
                  target_parameter: str | None = None) -> None:
         cls = type(self).__name__
         if parameter_links:
@@ -390,7 +393,7 @@ class SD1WatsonDistributed(_SphericalDistributed):
     )
     _distribution_units = {"mu": ANGLE, "odi": DIMENSIONLESS}
 
-    def __init__(self, models: Sequence[Any], parameter_links: Any = None,
+    def __init__(self, models: Sequence[CompartmentModel], parameter_links: Any = None,
                  target_parameter: str = "mu") -> None:
         super().__init__(models, parameter_links, target_parameter)
 
@@ -500,7 +503,7 @@ class SD2BinghamDistributed(_SphericalDistributed):
     _distribution_units = {"mu": ANGLE, "psi": ANGLE, "odi": DIMENSIONLESS,
                            "beta_fraction": DIMENSIONLESS}
 
-    def __init__(self, models: Sequence[Any], parameter_links: Any = None,
+    def __init__(self, models: Sequence[CompartmentModel], parameter_links: Any = None,
                  target_parameter: str = "mu") -> None:
         super().__init__(models, parameter_links, target_parameter)
 
@@ -586,7 +589,7 @@ class DD1GammaDistributed(DistributedModel):
     )
     _distribution_units = {"alpha": DIMENSIONLESS, "beta": LENGTH}
 
-    def __init__(self, models: Sequence[Any], parameter_links: Any = None,
+    def __init__(self, models: Sequence[CompartmentModel], parameter_links: Any = None,
                  target_parameter: str = "diameter") -> None:
         super().__init__(models, parameter_links, target_parameter)
 

@@ -61,6 +61,7 @@ if TYPE_CHECKING:
 
     from fingerprint.core.acquisition_scheme import AcquisitionScheme
     from fingerprint.core.modeling_framework import MultiCompartmentModelProperties
+    from fingerprint.dictionary.store import Dictionary
 
 logger = logging.getLogger(__name__)
 
@@ -176,8 +177,8 @@ class FingerprintEstimator:
     """
 
     def __init__(self, *, model: MultiCompartmentModelProperties, scheme: AcquisitionScheme,
-                 atom_parameters: np.ndarray, atom_features: np.ndarray, dictionary: Any = None,
-                 parameter_names: list[str] | None = None,
+                 atom_parameters: np.ndarray, atom_features: np.ndarray,
+                 dictionary: Dictionary | None = None, parameter_names: list[str] | None = None,
                  parameter_cardinality: Mapping[str, int] | None = None,
                  canonical_orientation: bool | None = None, simplex_names: list[str] | None = None,
                  n_neighbors: int | None = None, refine: bool = True, rician: bool = True,
@@ -265,7 +266,7 @@ class FingerprintEstimator:
 
     # ------------------------------------------------------------------ constructors
     @classmethod
-    def from_dictionary(cls, dictionary: Any, *, n_neighbors: int | None = None,
+    def from_dictionary(cls, dictionary: Dictionary, *, n_neighbors: int | None = None,
                         refine: bool = True, n_jobs: int | None = None,
                         **options: Any) -> FingerprintEstimator:
         """Estimator over a stored :class:`~fingerprint.dictionary.Dictionary`.

@@ -31,11 +31,14 @@ import os
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from fingerprint.errors import DictionaryError
+
+if TYPE_CHECKING:
+    from fingerprint.dictionary.store import Dictionary
 
 logger = logging.getLogger(__name__)
 
@@ -256,7 +259,7 @@ class Matcher:
 
     # ------------------------------------------------------------ dictionaries
     @classmethod
-    def for_dictionary(cls, dictionary: Any, features: np.ndarray | None = None, *,
+    def for_dictionary(cls, dictionary: Dictionary, features: np.ndarray | None = None, *,
                        method: str = "auto", hnsw_threshold: int = DEFAULT_HNSW_THRESHOLD,
                        ef_search: int = HNSW_EF_SEARCH, cache: bool = True) -> Matcher:
         """Matcher over a stored dictionary's features; an HNSW graph is read from (or

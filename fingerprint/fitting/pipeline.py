@@ -49,7 +49,7 @@ import numpy as np
 
 import fingerprint
 from fingerprint.core.acquisition_scheme import AcquisitionScheme
-from fingerprint.core.scheme_checks import check_csd_scheme, prepare_scheme
+from fingerprint.core.scheme_checks import SchemeReport, check_csd_scheme, prepare_scheme
 from fingerprint.dictionary.build import prepare_build
 from fingerprint.dictionary.cache import default_dictionary_dir, store_path
 from fingerprint.errors import CancelledError, FingerprintError, InputError
@@ -169,7 +169,8 @@ def _path(value: Any, what: str) -> Path:
 
 def read_fsl_scheme(bval: str | os.PathLike[str], bvec: str | os.PathLike[str], *,
                     delta: ArrayLike | None = None, Delta: ArrayLike | None = None,
-                    TE: ArrayLike | None = None, b0_threshold: float | None = None) -> Any:
+                    TE: ArrayLike | None = None, b0_threshold: float | None = None
+                    ) -> AcquisitionScheme:
     """Read an FSL bval/bvec pair (s/mm²) as an AcquisitionScheme, strictly:
     ``read_bvals_bvecs(..., strict_units=True)``, so b-values that look like s/m² are an
     InputError naming the bval file. ``b0_threshold`` is in s/m² (default 10e6, i.e.
@@ -194,7 +195,7 @@ def _read_scheme(bval: Path, bvec: Path, delta: Any, Delta: Any, TE: Any,
 def check_fsl_scheme(scheme: AcquisitionScheme, bval: str | os.PathLike[str],
                      bvec: str | os.PathLike[str],
                      model: str | MultiCompartmentModelProperties | None = None,
-                     model_name: str | None = None) -> Any:
+                     model_name: str | None = None) -> SchemeReport:
     """Run the scheme checks (:mod:`fingerprint.core.scheme_checks`) for a scheme read
     from ``bval`` / ``bvec``: InputError naming the files and every refusal; warnings
     and notes are logged. ``model`` is a name, a model or None (the scheme alone).
@@ -301,7 +302,7 @@ def validate_inputs(dwi: str | os.PathLike[str], bval: str | os.PathLike[str],
                         scheme=scheme, n_nonfinite_voxels=n_bad)
 
 
-def prefix_from_filename(path: Any) -> str | None:
+def prefix_from_filename(path: str | os.PathLike[str]) -> str | None:
     """The BIDS entities of a DWI file name (``sub-01_ses-2_dwi.nii.gz`` -> ``sub-01_ses-2``),
     or None when the name has none."""
     name = Path(os.fspath(path)).name
@@ -512,7 +513,8 @@ def check_output_directory(out_dir: str | os.PathLike[str]) -> Path:
     return path
 
 
-def check_dictionary_space(size: int | None, n_measurements: int, directory: Any, *,
+def check_dictionary_space(size: int | None, n_measurements: int,
+                           directory: str | os.PathLike[str] | None, *,
                            model: str | MultiCompartmentModelProperties | None = None,
                            scheme: AcquisitionScheme | None = None, seed: int | None = 0) -> None:
     """InputError before building when a dictionary of ``size`` atoms cannot fit on the
@@ -624,7 +626,8 @@ def fit_volume(model: str | MultiCompartmentModelProperties, dwi: str | os.PathL
                out_dir: str | os.PathLike[str], *, mask: str | os.PathLike[str] | None = None,
                prefix: str | None = None, threads: int | None = None,
                executor: cf.Executor | None = None, progress: ProgressCallback | None = None,
-               should_cancel: Callable[[], bool] | None = None, dictionary_dir: Any = None,
+               should_cancel: Callable[[], bool] | None = None,
+               dictionary_dir: str | os.PathLike[str] | None = None,
                dictionary_size: int | None = None, chunk_voxels: int = DEFAULT_CHUNK_VOXELS,
                preview: bool = False, delta: float | None = None, Delta: float | None = None,
                TE: float | None = None, estimator_options: dict[str, Any] | None = None,
