@@ -33,9 +33,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-import clarabel
 import numpy as np
-from scipy import sparse
 
 from fingerprint.core.acquisition_scheme import AcquisitionScheme
 from fingerprint.core.csd_peaks import fod_peaks
@@ -357,6 +355,8 @@ class _CsdProblem:
     def __init__(self, design: list[np.ndarray], sh_order: int, lambda_lb: float,
                  unity: bool, fixed_fractions: np.ndarray | None,
                  isotropic: list[bool]) -> None:
+        from scipy import sparse  # lazy: keeps scipy.sparse off import
+
         self.n_coef = design[0].shape[1]
         self.n_models = len(design)
         self.fixed = fixed_fractions
@@ -412,6 +412,8 @@ class _CsdProblem:
         self.n_var = n_var
 
     def solve_many(self, signals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        import clarabel  # lazy: the QP solver loads when CSD first solves
+
         settings = clarabel.DefaultSettings()
         settings.verbose = False
         cones: list[Any] = []

@@ -6,7 +6,6 @@ from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from scipy import special
 
 from fingerprint.core.constants import WATER_IN_AXONS_DIFFUSION_CONSTANT
 from fingerprint.core.units import ANGLE, DIFFUSIVITY, LENGTH
@@ -38,6 +37,8 @@ CYLINDER_GPA_ROOTS = 100
 @lru_cache(maxsize=4)
 def cylinder_gpa_roots(count: int = CYLINDER_GPA_ROOTS) -> np.ndarray:
     """The first ``count`` positive roots of J_1' (read-only, ascending)."""
+    from scipy import special  # lazy: keeps SciPy off import
+
     roots = np.sort(special.jnp_zeros(1, int(count)))
     roots.setflags(write=False)
     return roots
@@ -50,6 +51,8 @@ def callaghan_roots(number_of_roots: int, number_of_functions: int
 
     Weights are 4 for m = 0 and 8 a² / (a² - m²) for m >= 1 (Callaghan 1995).
     """
+    from scipy import special  # lazy: keeps SciPy off import
+
     k, f = int(number_of_roots), int(number_of_functions)
     alpha = np.zeros((k, f))
     if k > 1:

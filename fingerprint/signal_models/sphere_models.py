@@ -7,7 +7,6 @@ import math
 from functools import lru_cache
 
 import numpy as np
-from scipy import optimize, special
 
 from fingerprint.core.constants import WATER_IN_AXONS_DIFFUSION_CONSTANT
 from fingerprint.core.units import LENGTH
@@ -36,6 +35,8 @@ def sphere_gpa_roots(bound: float = SPHERE_GPA_ROOT_BOUND) -> np.ndarray:
 
     They solve (1 / x) J_{3/2}(x) = J_{5/2}(x) (Balinov et al. 1993); read-only, ascending.
     """
+    from scipy import optimize, special  # lazy: keeps SciPy off import
+
     def f(x: float) -> float:
         return float(special.spherical_jn(1, x, derivative=True))
 
