@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TypeGuard
 
 from fingerprint.errors import InputError
 
@@ -87,7 +88,7 @@ MC_CSD = VolumeModel(
 VOLUME_MODELS: dict[str, VolumeModel] = {MC_CSD.name: MC_CSD}
 
 
-def is_volume_model(name: object) -> bool:
+def is_volume_model(name: object) -> TypeGuard[str]:
     """Whether ``name`` names a model of :data:`VOLUME_MODELS`."""
     return isinstance(name, str) and name.strip().lower().replace("-", "_") in VOLUME_MODELS
 

@@ -32,6 +32,7 @@ from fingerprint.cli.main import CLIError
 from fingerprint.cli.progress import progress_bar, shown_path
 from fingerprint.errors import CancelledError, DictionaryError, InputError
 from fingerprint.fitting.options import FIT_OPTION_SPECS, FitOptions
+from fingerprint.volume_models import is_volume_model
 
 #: FitOptions offered as flags beyond --threads / --dictionary-size (from FIT_OPTION_SPECS)
 _EXTRA_FIT_FLAGS = ("n_neighbors", "refine", "seed", "mask_rule")
@@ -187,8 +188,6 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     # lazy: keeps numba off import; CLI start-up builds the parsers only
     from fingerprint.fitting.pipeline import DEFAULT_CHUNK_VOXELS, fit_volume
     from fingerprint.models import get_recipe
-    from fingerprint.volume_models import is_volume_model
-
     if not is_volume_model(args.model):
         get_recipe(args.model)  # unknown names fail before any file is read
     model_options = _csd_options(args)

@@ -395,7 +395,7 @@ def _shells(scheme: Any) -> list[ShellSummary]:
     return out
 
 
-def check_csd_scheme(scheme: Any, n_tissues: int, sh_order: int,
+def check_csd_scheme(scheme: AcquisitionScheme, n_tissues: int, sh_order: int,
                      model_name: str = "mc_csd") -> SchemeReport:
     """Check ``scheme`` for multi-tissue constrained spherical deconvolution with
     ``n_tissues`` tissues (white matter plus isotropic ones) and a white-matter FOD of

@@ -223,7 +223,9 @@ def _options(values: Mapping[str, object] | None) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- volume
-def fit_mc_csd_volume(dwi: Any, bval: Any, bvec: Any, out_dir: Any, *, mask: Any = None,
+def fit_mc_csd_volume(dwi: str | os.PathLike[str], bval: str | os.PathLike[str],
+                      bvec: str | os.PathLike[str], out_dir: str | os.PathLike[str], *,
+                      mask: str | os.PathLike[str] | None = None,
                       prefix: str | None = None,
                       model_options: Mapping[str, object] | None = None,
                       progress: Callable[[float], object] | None = None,
