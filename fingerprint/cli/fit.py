@@ -126,9 +126,6 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
 def _csd_options(args: argparse.Namespace) -> dict[str, object] | None:
     """The mc_csd options given on the command line (InputError when given for another
     model)."""
-    # local import: the CLI loads the library only when a command runs (fast --help)
-    from fingerprint.volume_models import is_volume_model
-
     values: dict[str, object] = {}
     if getattr(args, "sh_order", None) is not None:
         values["sh_order"] = args.sh_order

@@ -399,7 +399,7 @@ def fit_mc_csd_volume(dwi: str | os.PathLike[str], bval: str | os.PathLike[str],
         files.append(write_mrtrix_response(path, rows_t, shells))
     preview_path = None
     if preview:
-        # local import: the preview loads matplotlib, only when a preview is asked for
+        # lazy: the preview is only loaded when a preview is asked for
         from fingerprint.preview import write_preview
 
         first = np.nan_to_num(peaks[:, :3])
