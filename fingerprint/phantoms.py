@@ -141,8 +141,9 @@ def crossing_directions(n: int, angle_deg: float | np.ndarray, rng: np.random.Ge
     return u1, u2
 
 
-def crossing_parameter_vectors(model: Any, *, directions: list[np.ndarray],
-                               fractions: np.ndarray, micro: list[dict[str, np.ndarray]],
+def crossing_parameter_vectors(model: MultiCompartmentModelProperties, *,
+                               directions: list[np.ndarray], fractions: np.ndarray,
+                               micro: list[dict[str, np.ndarray]],
                                iso: dict[str, np.ndarray] | None = None) -> np.ndarray:
     """(n, P) parameter vectors of a multi-fascicle model (``ball_stick_stick``,
     ``noddi2``, ...): per fascicle compartment k, ``directions[k]`` (n, 3) unit vectors
