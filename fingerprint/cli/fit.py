@@ -222,6 +222,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     try:
         with contextlib.ExitStack() as stack:
             if getattr(args, "profile", False):
+                # lazy: CLI start-up builds the parsers only
                 from fingerprint.stages import profile_stages
 
                 profile = stack.enter_context(profile_stages())

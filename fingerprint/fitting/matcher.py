@@ -190,6 +190,7 @@ class Matcher:
         """The IVF index of wide searches (:data:`IVF_MIN_K`): read from the cache beside
         the HNSW graph's when valid, else trained (k-means with a fixed seed: the same
         lists in every process) and written there."""
+        # lazy: keeps FAISS off import
         import faiss
 
         path = None if self._cache_path is None else \
@@ -283,6 +284,7 @@ class Matcher:
 
     @staticmethod
     def _save_index(index: Any, path: str | os.PathLike) -> bool:
+        # lazy: keeps FAISS off import
         import faiss
 
         path = Path(path)

@@ -107,6 +107,7 @@ def fit_limit(n_fit: int, noise_dof: int | None) -> float:
         return float(chi2_limit(n_fit))
     # the F quantile by scipy.special (scipy.stats.f.ppf is the same function, but
     # importing scipy.stats costs a second of every command-line fit)
+    # lazy: keeps SciPy off import
     from scipy.special import fdtri
 
     return max(CHI2_FLOOR, float(fdtri(max(int(n_fit), 1), max(int(noise_dof), 1),
@@ -191,6 +192,7 @@ def profile_orientation_sd(profile: object, features: np.ndarray, frames: np.nda
     against)."""
     s2 = np.maximum(np.asarray(sigma2, dtype=float), SIGMA_FLOOR ** 2)
     if getattr(profile, "kind", None) == "zonal":
+        # lazy: keeps numba off import
         from fingerprint.kernels import run_parallel
         from fingerprint.kernels.features import zonal_orientation_sd
 

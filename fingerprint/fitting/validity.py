@@ -34,6 +34,7 @@ def usable_voxels(data: np.ndarray, b0_mask: np.ndarray) -> np.ndarray:
     if arr.ndim == 2 and arr.dtype in (np.float32, np.float64) and \
             arr.flags.c_contiguous and arr.shape[1] == b0.size:
         # one pass of a compiled kernel instead of four array-sized temporaries
+        # lazy: keeps numba off import
         from fingerprint.kernels import run_parallel
         from fingerprint.kernels.features import usable_rows
 
