@@ -25,6 +25,7 @@ from collections.abc import Callable, Hashable, Mapping
 
 import numpy as np
 
+import fingerprint.fitting.solvers  # noqa: F401  (registers brute2fine, mix, amico's refusal)
 from fingerprint.core.acquisition_scheme import AcquisitionScheme
 from fingerprint.core.backends import register_backend
 from fingerprint.core.fitted_model import FittedMultiCompartmentModel
@@ -32,6 +33,7 @@ from fingerprint.core.modeling_framework import MultiCompartmentModelProperties 
 from fingerprint.dictionary import open_dictionary
 from fingerprint.errors import InputError
 from fingerprint.fitting.estimator import FingerprintEstimator, VoxelEstimates
+from fingerprint.fitting.initial import x0_matrix
 from fingerprint.fitting.multifascicle import (
     MultiFascicleFitter,
     MultiFascicleSettings,
@@ -52,7 +54,6 @@ from fingerprint.fitting.registry import (
     get_solver,
     register_solver,
 )
-from fingerprint.fitting.solvers.cascade import x0_matrix
 from fingerprint.fitting.validity import default_mask, report_unusable, usable_voxels
 from fingerprint.stages import stage
 
@@ -384,7 +385,7 @@ def fit_model(model: Model, acquisition_scheme: AcquisitionScheme, data: np.ndar
         orientation fixes the fibre frame (e.g. from a Ball-Stick fit); a compartment's
         orientation the model carries through a distribution (``'C1Stick_1_mu'`` given
         to NODDI) initialises that distribution's axis (see
-        :mod:`fingerprint.fitting.solvers.cascade`).
+        :mod:`fingerprint.fitting.initial`).
     n_jobs: threads for FAISS, BLAS and Numba.
     dictionary_size, dictionary_dir: dictionary atoms and directory (default: the
         recipe's size, the user cache directory).

@@ -141,12 +141,70 @@ def _nnls_supports(g: np.ndarray, b: np.ndarray) -> np.ndarray:
     return best
 
 
+def _simplex_batch(at: np.ndarray, y: np.ndarray, lower: np.ndarray | None = None
+                   ) -> np.ndarray:
+    """Least squares on the simplex for many small problems at once: x (r, K) with
+    x >= ``lower`` (K,) (default 0) and sum(x) = 1, minimising |at.T x - y| (``at``
+    (r, K, R), ``y`` (r, R)). With x = lower + g the optimum g is the
+    equality-constrained least-squares solution on its own support, so every non-empty
+    support is solved (closed form of the KKT system, batched) and the feasible one of
+    lowest cost kept (K <= 8; beyond, scipy's NNLS with a heavily weighted sum row, per
+    row)."""
+    r, k, _ = at.shape
+    lo = np.zeros(k) if lower is None else np.clip(np.asarray(lower, float), 0.0, None)
+    total = 1.0 - lo.sum()
+    if total <= 0:
+        return np.broadcast_to(lo / max(lo.sum(), 1e-300), (r, k)).copy()
+    y = y - np.einsum("rkn,k->rn", at, lo)
+    if k > 8:
+        w = 1e3 * np.sqrt(np.maximum(np.sum(y ** 2, axis=1), 1e-300))
+        g_rows = [nnls(np.vstack([at[i].T, w[i] * np.ones((1, k))]),
+                       np.append(y[i], w[i] * total))[0] for i in range(r)]
+        return lo + (np.stack(g_rows) if r else np.zeros((0, k)))
+    g = at @ np.transpose(at, (0, 2, 1))
+    b = (at @ y[:, :, None])[:, :, 0]
+    best = np.full((r, k), total / k)
+    best_cost = np.full(r, np.inf)
+    for mask in range(1, 2 ** k):
+        cols = np.asarray([j for j in range(k) if mask >> j & 1], dtype=np.intp)
+        gs = g[:, cols][:, :, cols]
+        bs = b[:, cols]
+        ridge = 1e-14 * np.einsum("rii->r", gs)[:, None, None] * np.eye(cols.size)
+        rhs = np.stack([bs, np.ones_like(bs)], axis=2)  # (r, s, 2)
+        try:
+            sol = np.linalg.solve(gs + ridge, rhs)
+        except np.linalg.LinAlgError:
+            continue
+        gib, gi1 = sol[..., 0], sol[..., 1]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            mu = (total - gib.sum(axis=1)) / gi1.sum(axis=1)
+            xs = gib + gi1 * mu[:, None]
+        # cost relative to |y|²: x G x - 2 x.b
+        c = np.einsum("rk,rkl,rl->r", xs, gs, xs) - 2.0 * np.einsum("rk,rk->r", xs, bs)
+        feasible = np.all(xs >= -1e-12, axis=1) & np.all(np.isfinite(xs), axis=1) \
+            & np.isfinite(c)
+        take = feasible & (c < best_cost)
+        if take.any():
+            rows = np.flatnonzero(take)
+            best[rows] = 0.0
+            best[np.ix_(rows, cols)] = np.maximum(xs[take], 0.0)
+            best_cost[take] = c[take]
+    sums = best.sum(axis=1, keepdims=True)
+    return lo + total * best / np.where(sums > 0, sums, 1.0)
+
+
 class _Problem:
     """What the residuals of one model on one scheme need (immutable after __init__,
-    but for the compartment dependence pattern, computed once when first needed)."""
+    but for the compartment dependence pattern, computed once when first needed).
 
-    def __init__(self, model: Any, scheme: Any) -> None:
+    With variable projection the fractions are solved for each parameter set: by
+    non-negative least squares (their sum free, i.e. an S0 scale fitted too; the result
+    is renormalised) or, with ``sum_to_one``, on the simplex (fractions summing to one
+    on b0-normalised signals: dmipy's problem, the one the classical solvers solve)."""
+
+    def __init__(self, model: Any, scheme: Any, sum_to_one: bool = False) -> None:
         self.model = model
+        self.sum_to_one = bool(sum_to_one)
         self.scheme = scheme
         cards = list(model.parameter_cardinality.items())
         self.P = int(sum(c for _, c in cards))
@@ -178,6 +236,9 @@ class _Problem:
         if self.varpro:
             exclude[self.pv_columns] = True
         self.free = np.flatnonzero(~exclude)
+        #: lower bounds of the projected fractions (sum_to_one)
+        self.pv_lower = (self.lower * self.scales)[self.pv_columns] if self.varpro \
+            else np.zeros(0)
         lo = np.where(self.orientation, -np.inf, self.lower)[self.free]
         hi = np.where(self.orientation, np.inf, self.upper)[self.free]
         self.z_lower, self.z_upper = lo, hi
@@ -220,7 +281,8 @@ class _Problem:
                     res[i] = 1e3
                     fr[i] = 1.0 / K
                     continue
-                f, _ = nnls(a, y)
+                f = _simplex_batch(a.T[None], y[None], self.pv_lower)[0] if self.sum_to_one \
+                    else nnls(a, y)[0]
                 res[i] = a @ f - y
                 fr[i] = f
             return res, fr
@@ -264,11 +326,16 @@ class _Problem:
         ok = np.all(np.isfinite(a), axis=(1, 2))
         fr = np.full((a.shape[0], K), 1.0 / K)
         res = np.full(ys.shape, 1e3)
+        if self.sum_to_one:
+            def solve(at: np.ndarray, y: np.ndarray) -> np.ndarray:
+                return _simplex_batch(at, y, self.pv_lower)
+        else:
+            solve = _nnls_batch
         if ok.all():
-            fr = _nnls_batch(a, ys)
+            fr = solve(a, ys)
             res = (fr[:, None, :] @ a)[:, 0, :] - ys
         elif ok.any():
-            fr[ok] = _nnls_batch(a[ok], ys[ok])
+            fr[ok] = solve(a[ok], ys[ok])
             res[ok] = (fr[ok][:, None, :] @ a[ok])[:, 0, :] - ys[ok]
         return res, fr
 
@@ -584,7 +651,8 @@ def _numba_threads(n_jobs: int | None) -> Iterator[None]:
 
 def refine_nonlinear(model: Any, scheme: Any, signals: Any, x0: Any, *,
                      n_jobs: int | None = None, max_nfev: int = DEFAULT_MAX_NFEV,
-                     return_cost: bool = False, method: str = "batched") -> Any:
+                     return_cost: bool = False, method: str = "batched",
+                     sum_to_one: bool = False) -> Any:
     """Polish parameter vectors by bounded non-linear least squares on the signals.
 
     Parameters
@@ -606,6 +674,10 @@ def refine_nonlinear(model: Any, scheme: Any, signals: Any, x0: Any, *,
         call per step (plus one per free parameter for the Jacobian);
         ``'scipy'``: :func:`scipy.optimize.least_squares` (trust-region reflective)
         voxel by voxel, the reference.
+    sum_to_one: volume fractions solved by projection sum to one exactly (the
+        signals' S0 is the b0 mean they were divided by; dmipy's problem, that of the
+        classical solvers); default False: their sum is free (an S0 scale is fitted
+        too) and they are renormalised afterwards.
 
     Returns
     -------
@@ -624,7 +696,7 @@ def refine_nonlinear(model: Any, scheme: Any, signals: Any, x0: Any, *,
     if y_all.ndim != 2 or y_all.shape[1] != n_meas:
         raise InputError(f"signals must have shape (voxels, {n_meas}), got "
                          f"{np.shape(signals)}")
-    problem = _Problem(model, scheme)
+    problem = _Problem(model, scheme, sum_to_one=sum_to_one)
     if starts.ndim != 3 or starts.shape[0] != y_all.shape[0] or starts.shape[2] != problem.P:
         raise InputError(f"x0 must have shape ({y_all.shape[0]}, {problem.P}) or "
                          f"({y_all.shape[0]}, k, {problem.P}), got {np.shape(x0)}")

@@ -77,7 +77,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["DEFAULT_CHUNK_VOXELS", "FitResult", "InputSummary", "check_dictionary_space",
            "check_fsl_scheme", "check_output_directory", "fit_chunk", "fit_volume",
-           "prefix_from_filename", "progress_stage", "read_fsl_scheme", "validate_inputs"]
+           "open_inputs", "prefix_from_filename", "progress_stage", "read_fsl_scheme",
+           "validate_inputs", "volume_mask"]
 
 #: Voxels per fitted chunk (one task of an executor).
 DEFAULT_CHUNK_VOXELS = 20_000
@@ -200,9 +201,14 @@ def check_fsl_scheme(scheme: Any, bval: Any, bvec: Any, model: Any = None,
     return report
 
 
-def _open_inputs(dwi: Any, bval: Any, bvec: Any, mask: Any, delta: Any = None,
-                 Delta: Any = None, TE: Any = None, b0_threshold: float | None = None,
-                 model: Any = None) -> tuple[DWIImage, Any, np.ndarray | None, Path | None]:
+def open_inputs(dwi: Any, bval: Any, bvec: Any, mask: Any, delta: Any = None,
+                Delta: Any = None, TE: Any = None, b0_threshold: float | None = None,
+                model: Any = None) -> tuple[DWIImage, Any, np.ndarray | None, Path | None]:
+    """Open a DWI volume and its scheme: the image (lazy), the acquisition scheme read
+    from the FSL files (timings ``delta`` / ``Delta`` / ``TE`` in s, ``b0_threshold`` in
+    s/m²; checked against ``model`` when given), the mask (an array, a NIfTI path or
+    None) as a bool array or None, and the mask path. InputError naming the file when
+    they do not fit together."""
     dwi_p, bval_p, bvec_p = _path(dwi, "DWI"), _path(bval, "bval"), _path(bvec, "bvec")
     image = DWIImage(dwi_p)
     scheme = _read_scheme(bval_p, bvec_p, delta, Delta, TE, b0_threshold)
@@ -269,7 +275,7 @@ def validate_inputs(dwi: Any, bval: Any, bvec: Any, mask: Any = None, *, delta: 
     voxels with NaN or infinite values are counted (``n_nonfinite_voxels``; fits leave
     them out, see :mod:`fingerprint.fitting.validity`).
     """
-    image, scheme, mask_arr, mask_p = _open_inputs(dwi, bval, bvec, mask, delta, Delta, TE,
+    image, scheme, mask_arr, mask_p = open_inputs(dwi, bval, bvec, mask, delta, Delta, TE,
                                                    b0_threshold, model)
     n_bad = 0
     if scan_data:
@@ -533,8 +539,9 @@ def check_dictionary_space(size: int | None, n_measurements: int, directory: Any
                          f"smaller dictionary size")
 
 
-def _volume_mask(image: DWIImage, scheme: AcquisitionScheme, rule: str) -> np.ndarray:
-    """The default mask of ``image`` under ``rule`` (:data:`~.options.MASK_RULES`)."""
+def volume_mask(image: DWIImage, scheme: AcquisitionScheme, rule: str) -> np.ndarray:
+    """The default mask of ``image`` under ``rule`` (:data:`~.options.MASK_RULES`),
+    bool of the image's spatial shape."""
     if rule == "all":
         return np.ones(image.spatial_shape, dtype=bool)
     return default_mask(image.mean_b0(np.asarray(scheme.b0_mask)),
@@ -715,12 +722,12 @@ def fit_volume(model: Any, dwi: Any, bval: Any, bvec: Any, out_dir: Any, *,
     prog = _Progress(progress)
     model_obj, model_label, est = _resolve_model(model)
     with stage("inputs"):
-        image, scheme, mask_arr, _ = _open_inputs(dwi, bval, bvec, mask, delta, Delta, TE,
-                                                  opts.b0_threshold, model_obj)
+        image, scheme, mask_arr, _ = open_inputs(dwi, bval, bvec, mask, delta, Delta, TE,
+                                                 opts.b0_threshold, model_obj)
     prog(0.0)
     with stage("mask"):
         if mask_arr is None:
-            mask_arr = _volume_mask(image, scheme, opts.mask_rule)
+            mask_arr = volume_mask(image, scheme, opts.mask_rule)
         n_total = int(mask_arr.sum())
     _check_cancel(should_cancel)
 

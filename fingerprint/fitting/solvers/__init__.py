@@ -4,7 +4,7 @@ selection.
 - :mod:`.brute2fine`: brute-force grid, then bounded non-linear least squares;
 - :mod:`.mix`: differential evolution with the volume fractions by NNLS, then the same
   refinement;
-- :mod:`.cascade`: initial guesses (``x0_vector``) from other fits, by name;
+- initial guesses (``x0_vector``, cascades) are parsed by :mod:`fingerprint.fitting.initial`;
 - :mod:`.selection`: free-parameter counts, AIC / BIC / AICc, comparing fitted models.
 
 :func:`fit_classical` is what ``model.fit(..., solver='brute2fine' | 'mix')`` runs.
@@ -24,6 +24,7 @@ if TYPE_CHECKING:  # type names only
     from fingerprint.core.acquisition_scheme import AcquisitionScheme
     from fingerprint.core.modeling_framework import MultiCompartmentModelProperties as Model
     from fingerprint.fitting.estimator import VoxelEstimates
+from fingerprint.fitting.initial import x0_matrix
 from fingerprint.fitting.registry import REFUSED_SOLVERS, SolverRequest, register_solver
 
 logger = logging.getLogger(__name__)
@@ -66,11 +67,10 @@ class ClassicalFitter:
                    ) -> VoxelEstimates:
         """Estimates (:class:`~fingerprint.fitting.estimator.VoxelEstimates`) of raw
         signals ``data`` (n, N), every voxel usable; ``x0`` starts (see
-        :mod:`.cascade`). ``uncertainty`` is NaN (not estimated); ``sigma`` is the RMS
-        residual in the data's units."""
+        :mod:`fingerprint.fitting.initial`). ``uncertainty`` is NaN (not estimated);
+        ``sigma`` is the RMS residual in the data's units."""
         from fingerprint.fitting.estimator import VoxelEstimates
         from fingerprint.fitting.nonlinear import goodness_of_fit
-        from fingerprint.fitting.solvers.cascade import x0_matrix
 
         arr = np.asarray(data, dtype=np.float64)
         n = arr.shape[0]

@@ -115,7 +115,7 @@ def _costs_shared(problem: _Problem, grid: np.ndarray, obs: np.ndarray, k: int
         for v0 in range(0, n, _VOXEL_CHUNK):
             y = obs[v0:v0 + _VOXEL_CHUNK]
             if problem.varpro:
-                costs[v0:v0 + y.shape[0]] = projected_costs(a, y)
+                costs[v0:v0 + y.shape[0]] = projected_costs(a, y, sum_to_one=True)
             else:
                 costs[v0:v0 + y.shape[0]] = (np.sum(y ** 2, 1)[:, None] - 2 * y @ a.T
                                              + np.sum(a ** 2, 1)[None, :])
@@ -149,7 +149,8 @@ def _starts_per_voxel(problem: _Problem, grid: np.ndarray, given: np.ndarray,
             a = problem._compartments(flat).reshape((v1 - v0, g) + (problem.pv_columns.size,
                                                                     -1))
             bad = ~np.all(np.isfinite(a), axis=(2, 3))
-            costs = projected_costs(np.where(np.isfinite(a), a, 0.0), y)
+            costs = projected_costs(np.where(np.isfinite(a), a, 0.0), y,
+                                    sum_to_one=True)
         else:
             a = problem.model.simulate_signal(problem.scheme, flat).reshape(v1 - v0, g, -1)
             bad = ~np.all(np.isfinite(a), axis=2)
@@ -173,7 +174,7 @@ def fit_brute2fine(model: Any, scheme: Any, signals: np.ndarray,
     """
     options = options or ClassicalOptions()
     t0 = time.perf_counter()
-    problem = _Problem(model, scheme)
+    problem = _Problem(model, scheme, sum_to_one=True)
     y = np.asarray(signals, dtype=np.float64)
     obs = problem.observed(y)
     n = y.shape[0]
@@ -201,7 +202,8 @@ def fit_brute2fine(model: Any, scheme: Any, signals: np.ndarray,
             extra[~partial] = np.nan
             starts = np.concatenate([starts, extra[:, None, :]], axis=1)
         out, cost = refine_nonlinear(model, scheme, y, starts, n_jobs=options.n_jobs,
-                                     max_nfev=options.maxiter, return_cost=True)
+                                     max_nfev=options.maxiter, return_cost=True,
+                                     sum_to_one=True)
     logger.info("brute2fine: %d voxels, grid of %d points (%.3g s), refinement %.3g s",
                 n, grid.shape[0], t1 - t0, time.perf_counter() - t1)
     return out, cost

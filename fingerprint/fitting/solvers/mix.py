@@ -70,7 +70,7 @@ def fit_mix(model: Any, scheme: Any, signals: np.ndarray, x0: np.ndarray | None 
     """
     options = options or ClassicalOptions()
     t0 = time.perf_counter()
-    problem = _Problem(model, scheme)
+    problem = _Problem(model, scheme, sum_to_one=True)
     y = np.asarray(signals, dtype=np.float64)
     obs = problem.observed(y)
     n = y.shape[0]
@@ -138,7 +138,8 @@ def fit_mix(model: Any, scheme: Any, signals: np.ndarray, x0: np.ndarray | None 
             start[ok[:, None], problem.free[None, :]] = best_z[ok] * problem.scales[
                 problem.free]
         out_x, out_cost = refine_nonlinear(model, scheme, y, start, n_jobs=options.n_jobs,
-                                           max_nfev=options.maxiter, return_cost=True)
+                                           max_nfev=options.maxiter, return_cost=True,
+                                           sum_to_one=True)
     logger.info("mix: %d voxels, differential evolution %d generation(s) (%.3g s), "
                 "refinement %.3g s", n, generations, t1 - t0, time.perf_counter() - t1)
     return out_x, out_cost

@@ -127,9 +127,9 @@ def compare_volume(models: Sequence[str], dwi: Any, bval: Any, bvec: Any, out_di
     from pathlib import Path
 
     from fingerprint.fitting.pipeline import (
-        _open_inputs,
-        _volume_mask,
         check_output_directory,
+        open_inputs,
+        volume_mask,
     )
     from fingerprint.io.nifti import bids_map_name, write_map
     from fingerprint.models import get_model, get_recipe
@@ -146,11 +146,11 @@ def compare_volume(models: Sequence[str], dwi: Any, bval: Any, bvec: Any, out_di
     if criterion not in CRITERIA:
         raise InputError(f"criterion must be one of {', '.join(CRITERIA)}, got "
                          f"{criterion!r}")
-    image, scheme, mask_arr, _ = _open_inputs(dwi, bval, bvec, mask, delta, Delta, TE)
+    image, scheme, mask_arr, _ = open_inputs(dwi, bval, bvec, mask, delta, Delta, TE)
     out = check_output_directory(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if mask_arr is None:
-        mask_arr = _volume_mask(image, scheme, "positive_b0")
+        mask_arr = volume_mask(image, scheme, "positive_b0")
     data = np.asarray(image.img.dataobj, dtype=np.float32)
     fits = {}
     for name in names:

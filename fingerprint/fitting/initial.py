@@ -1,0 +1,127 @@
+"""Initial guesses (``x0_vector``, dmipy's cascades): one parser for every solver.
+
+``x0_vector`` is a parameter vector (P,) / (n, P), or a dict of (possibly short)
+parameter names, each value one vector (broadcast) or one per voxel. A dict may also
+name a compartment's orientation that the model only carries through a distribution:
+``{'C1Stick_1_mu': ...}`` from a Ball-Stick fit given to NODDI initialises the Watson
+axis of the bundle that holds the stick (``SD1WatsonDistributed_1_SD1Watson_1_mu``);
+this is logged at INFO. Names that match nothing are refused with the model's
+parameters listed.
+
+Used by ``model.fit`` for every registered solver (dictionary matching, brute2fine, mix)
+and by :meth:`fingerprint.fitting.estimator.FingerprintEstimator.estimate`, whose
+parameter layout is its dictionary's.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from fingerprint.core.parameter_layout import ParameterLayout
+from fingerprint.errors import InputError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["X0Input", "resolve_x0_name", "x0_matrix"]
+
+#: What ``x0_vector`` may be: an array of parameter vectors or a dict name -> values.
+X0Input = np.ndarray | Sequence[float] | Mapping[str, Any]
+
+
+def _distributed_orientation(model: Any, key: str, names: Sequence[str]) -> list[str]:
+    """Orientations (among ``names``) of distributed sub-models holding the compartment
+    whose orientation ``key`` (``'<Compartment>_<i>_mu'``) names."""
+    if not key.endswith("mu"):
+        return []
+    types = dict(getattr(model, "parameter_types", {}) or {})
+    out: list[str] = []
+    for sub, prefix in zip(getattr(model, "models", ()), getattr(model, "model_names", ()),
+                           strict=False):
+        inner = getattr(sub, "model_names", None)
+        if not inner or not getattr(sub, "_is_distributed_model", False):
+            continue
+        for inner_prefix in inner:
+            local = inner_prefix + "mu"
+            if key in (local, prefix + local) or key.endswith("_" + local):
+                out.extend(n for n in names
+                           if n.startswith(prefix) and types.get(n) == "orientation")
+    return sorted(set(out))
+
+
+def resolve_x0_name(model: Any, key: str, names: Sequence[str] | None = None) -> str:
+    """The free parameter (one of ``names``, default the model's free parameters) that
+    the x0 entry ``key`` initialises: a full name, a unique ``_``-suffix, or a
+    compartment's orientation carried by a distribution (see the module docstring).
+    InputError when it names nothing or several parameters."""
+    pool = list(model.parameter_names if names is None else names)
+    key = str(key)
+    reason = ""
+    resolver = getattr(model, "resolve_parameter_name", None)
+    if key in pool:
+        return key
+    if resolver is not None:
+        try:
+            full = resolver(key, free_only=True)
+            if full in pool:
+                return full
+        except InputError as exc:
+            reason = f": {exc}"
+    else:
+        matches = [p for p in pool if p.endswith("_" + key)]
+        if len(matches) == 1:
+            return matches[0]
+    candidates = _distributed_orientation(model, key, pool)
+    if len(candidates) == 1:
+        logger.info("x0 %r initialises %s (the orientation of the distribution holding "
+                    "that compartment)", key, candidates[0])
+        return candidates[0]
+    if len(candidates) > 1:
+        raise InputError(f"x0 {key!r} is ambiguous: it may initialise any of {candidates}; "
+                         f"give the full name")
+    raise InputError(f"x0 {key!r} is not a (unique) parameter of the model{reason}; "
+                     f"parameters: {pool}")
+
+
+def x0_matrix(model: Any, x0: X0Input | None, n: int,
+              layout: ParameterLayout | None = None) -> np.ndarray | None:
+    """``x0`` (vector (P,) / (n, P), or dict of names) -> (n, P) with NaN where not
+    given; None stays None. ``layout`` is the parameter vector's layout (default: the
+    model's free parameters in order, ``model.parameter_cardinality``)."""
+    if x0 is None:
+        return None
+    if layout is None:
+        layout = ParameterLayout.from_cardinality(dict(model.parameter_cardinality))
+    slices = layout.slices
+    P = layout.size
+    out = np.full((n, P), np.nan)
+    if isinstance(x0, Mapping):
+        for key, value in x0.items():
+            name = resolve_x0_name(model, str(key), list(layout.names))
+            sl = slices[name]
+            width = sl.stop - sl.start
+            try:
+                v = np.asarray(value, dtype=np.float64)
+                v = np.broadcast_to(v.reshape(-1, width) if v.ndim >= 1 and
+                                    v.size % width == 0 else v, (n, width))
+            except (TypeError, ValueError):
+                raise InputError(f"x0[{key!r}] has shape {np.shape(value)}; expected "
+                                 f"({width},) or ({n}, {width}) numbers") from None
+            out[:, sl] = v
+        return out
+    try:
+        arr = np.asarray(x0, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise InputError(f"x0_vector must be numbers or a dict of parameter names, got "
+                         f"{type(x0).__name__}") from None
+    if arr.ndim == 0 or arr.shape[-1] != P:
+        raise InputError(f"x0_vector must end with the parameter-vector length {P} "
+                         f"({', '.join(layout.names)}), got shape {arr.shape}")
+    arr = arr.reshape(-1, P)
+    if arr.shape[0] not in (1, n):
+        raise InputError(f"x0_vector has {arr.shape[0]} rows for {n} voxels")
+    out[:] = arr
+    return out
