@@ -334,3 +334,44 @@ def test_spherical_mean_model_fitted_by_classical_solvers(hcp, solver):
 
     assert np.all(rss(est) <= rss(truth) + 1e-12)
     np.testing.assert_allclose(est[:, 1:], truth[:, 1:], atol=0.05)
+
+
+@pytest.mark.parametrize("solver", ["brute2fine", "mix"])
+def test_per_voxel_fixed_parameters_held_by_classical_solvers(hcp, solver):
+    """fixed_parameters (dmipy's set_fixed_parameter with an array): a different value in
+    every voxel, held exactly, the other parameters recovered; a fixed fraction turns the
+    projection off and still fits; dictionary matching refuses them with the reason."""
+    _, scheme, signals, _ = hcp
+    data = signals["NODDIWatson/signals_exact"][:4].reshape(2, 2, -1)
+    truth = signals["NODDIWatson/params"][:4]
+    noddi = noddi_watson()
+    spatial = truth.reshape(2, 2, -1)
+    fixed = {"odi": spatial[..., 2], "partial_volume_0": spatial[..., 4]}
+    fitted = noddi.fit(scheme, data, solver=solver, fixed_parameters=fixed)
+    est = fitted.fitted_parameters_vector.reshape(4, -1)
+    np.testing.assert_array_equal(est[:, 2], truth[:, 2])
+    np.testing.assert_array_equal(est[:, 4], truth[:, 4])
+    _check_recovery(noddi, fitted, truth)
+    # an orientation fixed per voxel (Ball-Stick: the stick's axis)
+    bs_truth = signals["BallStick/params"][:3]
+    bs = ball_stick().fit(scheme, signals["BallStick/signals"][:3], solver=solver,
+                          fixed_parameters={"C1Stick_1_mu": bs_truth[:, 1:3]})
+    np.testing.assert_array_equal(bs.fitted_parameters_vector[:, 1:3], bs_truth[:, 1:3])
+    _check_recovery(ball_stick(), bs, bs_truth)
+
+
+def test_per_voxel_fixed_parameters_errors(hcp):
+    _, scheme, signals, _ = hcp
+    data = signals["BallStick/signals"][:3]
+    model = ball_stick()
+    with pytest.raises(InputError, match="brute2fine.*mix"):
+        model.fit(scheme, data, fixed_parameters={"lambda_iso": np.full(3, 3e-9)})
+    bad = {"G1Ball_1_lambda_iso": np.array([3e-9, np.nan, 3e-9])}
+    with pytest.raises(InputError, match="lambda_iso.*every voxel"):
+        model.fit(scheme, data, solver="brute2fine", fixed_parameters=bad)
+    with pytest.raises(InputError, match="lambda_iso.*within"):
+        model.fit(scheme, data, solver="mix", fixed_parameters={"lambda_iso": 1.0})
+    with pytest.raises(InputError, match="fixed_parameters 'nothing'"):
+        model.fit(scheme, data, solver="mix", fixed_parameters={"nothing": 1.0})
+    with pytest.raises(InputError, match="shape"):
+        model.fit(scheme, data, solver="mix", fixed_parameters={"lambda_iso": np.ones(5)})

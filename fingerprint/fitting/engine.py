@@ -33,7 +33,7 @@ from fingerprint.core.modeling_framework import MultiCompartmentModelProperties 
 from fingerprint.dictionary import open_dictionary
 from fingerprint.errors import InputError
 from fingerprint.fitting.estimator import FingerprintEstimator, VoxelEstimates
-from fingerprint.fitting.initial import x0_matrix
+from fingerprint.fitting.initial import voxel_fixed_matrix, x0_matrix
 from fingerprint.fitting.multifascicle import (
     MultiFascicleFitter,
     MultiFascicleSettings,
@@ -65,6 +65,11 @@ __all__ = ["DMIPY_IGNORED_OPTIONS", "DMIPY_SOLVERS", "ESTIMATORS", "EstimatorCac
            "fit_model", "fit_voxels", "get_estimator", "prepare_fitter"]
 
 ProgressCallback = Callable[[float], object]
+
+_NO_VOXEL_FIXED = ("per-voxel fixed parameters (fixed_parameters) need solver='brute2fine' "
+                   "or 'mix' (they fit voxel by voxel); a dictionary holds one value of each "
+                   "fixed parameter, so dictionary matching cannot hold a different value "
+                   "in every voxel")
 CancelCheck = Callable[[], bool]
 
 #: Estimators kept per process (dictionary and FAISS index loaded once).
@@ -317,13 +322,18 @@ def prepare_fitter(model: Model, scheme: AcquisitionScheme, options: FitOptions,
 
 
 def fit_voxels(fitter: VoxelFitter, data: np.ndarray,
-               x0: np.ndarray | Mapping[str, np.ndarray] | None = None) -> VoxelEstimates:
+               x0: np.ndarray | Mapping[str, np.ndarray] | None = None,
+               fixed: np.ndarray | None = None) -> VoxelEstimates:
     """The one fitting core: fit ``data`` (n, N) raw signals with ``fitter``.
 
     Voxels that are not usable (:func:`~fingerprint.fitting.validity.usable_voxels`) are
     left out and get NaN estimates and ``valid`` False; the others are fitted in float64
     whatever the input's precision, so that every entry point gives the same numbers.
-    ``x0`` (P,) / (n, P) / dict: starts (see :func:`fit_model`)."""
+    ``x0`` (P,) / (n, P) / dict: starts (see :func:`fit_model`). ``fixed`` (n, P):
+    per-voxel fixed values, NaN where estimated
+    (:func:`~fingerprint.fitting.initial.voxel_fixed_matrix`); only solvers whose
+    fitter has ``supports_voxel_fixed`` (brute2fine, mix) take them, the others refuse
+    with an InputError."""
     arr = np.asarray(data)
     if arr.ndim != 2:
         raise InputError(f"data must have shape (voxels, measurements), got {arr.shape}")
@@ -337,7 +347,12 @@ def fit_voxels(fitter: VoxelFitter, data: np.ndarray,
         # every voxel is usable: the estimator normalises them to float64 in one pass
         sub = np.ascontiguousarray(arr if rows.size == n else arr[rows])
         x0_rows = _x0_rows(x0, rows, n)
-    ve = fitter.fit_voxels(sub, x0_rows)
+    if fixed is not None:
+        if not getattr(fitter, "supports_voxel_fixed", False):
+            raise InputError(_NO_VOXEL_FIXED)
+        ve = fitter.fit_voxels(sub, x0_rows, fixed=np.asarray(fixed)[rows])  # type: ignore[call-arg]
+    else:
+        ve = fitter.fit_voxels(sub, x0_rows)
     if rows.size == n:
         return ve
     return ve.take(rows, n)
@@ -363,6 +378,7 @@ def fit_model(model: Model, acquisition_scheme: AcquisitionScheme, data: np.ndar
               refine: bool | str = True, n_neighbors: int | None = None,
               progress: ProgressCallback | None = None,
               options: FitOptions | None = None,
+              fixed_parameters: Mapping[str, object] | None = None,
               **kwargs: object) -> FittedMultiCompartmentModel:
     """Fit ``model`` to ``data`` (..., N) measured with ``acquisition_scheme``.
 
@@ -386,6 +402,12 @@ def fit_model(model: Model, acquisition_scheme: AcquisitionScheme, data: np.ndar
         orientation the model carries through a distribution (``'C1Stick_1_mu'`` given
         to NODDI) initialises that distribution's axis (see
         :mod:`fingerprint.fitting.initial`).
+    fixed_parameters: parameters fixed voxel by voxel (what dmipy's
+        ``set_fixed_parameter`` does with an array): a dict of (possibly short) free
+        parameter names, each one value or one per voxel (data.shape[:-1], + (2,) for an
+        orientation [theta, phi] in rad), SI units. They stay in the parameter vector,
+        are held at the given values by ``'brute2fine'`` and ``'mix'`` and returned as
+        given; dictionary matching refuses them (InputError).
     n_jobs: threads for FAISS, BLAS and Numba.
     dictionary_size, dictionary_dir: dictionary atoms and directory (default: the
         recipe's size, the user cache directory).
@@ -477,11 +499,15 @@ def fit_model(model: Model, acquisition_scheme: AcquisitionScheme, data: np.ndar
                              f"shape {spatial}")
         if use.size and not use.any():
             raise InputError("mask is empty (no voxel selected)")
+    if fixed_parameters is not None and solver_name == BUILTIN_SOLVER:
+        raise InputError(_NO_VOXEL_FIXED)
     fitter = prepare_fitter(model, acquisition_scheme, opts, dictionary_dir=dictionary_dir,
                             progress=progress)
     selected = arr[use]
     x0m = x0_matrix(model, _x0_flat(x0_vector, spatial, use), int(selected.shape[0]))
-    ve = fit_voxels(fitter, selected, x0m)
+    fixed_m = voxel_fixed_matrix(model, _x0_flat(fixed_parameters, spatial, use),
+                                 int(selected.shape[0]))
+    ve = fit_voxels(fitter, selected, x0m, fixed=fixed_m)
     usable = usable_voxels(selected, b0)
     if not usable.all():
         coords = np.argwhere(use)[~usable] if spatial else np.zeros((1, 0), dtype=int)

@@ -200,9 +200,12 @@ class _Problem:
     With variable projection the fractions are solved for each parameter set: by
     non-negative least squares (their sum free, i.e. an S0 scale fitted too; the result
     is renormalised) or, with ``sum_to_one``, on the simplex (fractions summing to one
-    on b0-normalised signals: dmipy's problem, the one the classical solvers solve)."""
+    on b0-normalised signals: dmipy's problem, the one the classical solvers solve).
+    ``held`` (P,) bool marks columns held at the values of each row's template (per-voxel
+    fixed parameters); held fractions turn variable projection off."""
 
-    def __init__(self, model: Any, scheme: Any, sum_to_one: bool = False) -> None:
+    def __init__(self, model: Any, scheme: Any, sum_to_one: bool = False,
+                 held: np.ndarray | None = None) -> None:
         self.model = model
         self.sum_to_one = bool(sum_to_one)
         self.scheme = scheme
@@ -229,10 +232,13 @@ class _Problem:
         for link in getattr(model, "parameter_links", []) or []:
             linked.add(link.target)
             linked.update(link.sources)
+        self.held = np.zeros(self.P, dtype=bool) if held is None else \
+            np.asarray(held, dtype=bool).reshape(self.P)
         self.varpro = (len(pv_names) >= 2 and len(free_pv) == len(pv_names)
-                       and not linked.intersection(pv_names))
+                       and not linked.intersection(pv_names)
+                       and not self.held[self.pv_columns].any())
         fixed_range = (self.upper <= self.lower) & ~self.orientation
-        exclude = fixed_range.copy()
+        exclude = fixed_range | self.held
         if self.varpro:
             exclude[self.pv_columns] = True
         self.free = np.flatnonzero(~exclude)
@@ -652,7 +658,7 @@ def _numba_threads(n_jobs: int | None) -> Iterator[None]:
 def refine_nonlinear(model: Any, scheme: Any, signals: Any, x0: Any, *,
                      n_jobs: int | None = None, max_nfev: int = DEFAULT_MAX_NFEV,
                      return_cost: bool = False, method: str = "batched",
-                     sum_to_one: bool = False) -> Any:
+                     sum_to_one: bool = False, held: np.ndarray | None = None) -> Any:
     """Polish parameter vectors by bounded non-linear least squares on the signals.
 
     Parameters
@@ -678,6 +684,9 @@ def refine_nonlinear(model: Any, scheme: Any, signals: Any, x0: Any, *,
         signals' S0 is the b0 mean they were divided by; dmipy's problem, that of the
         classical solvers); default False: their sum is free (an S0 scale is fitted
         too) and they are renormalised afterwards.
+    held: (n, P) values held fixed voxel by voxel (per-voxel fixed parameters; SI
+        units), NaN where the parameter is estimated; a column is either held in every
+        voxel or in none.
 
     Returns
     -------
@@ -696,10 +705,15 @@ def refine_nonlinear(model: Any, scheme: Any, signals: Any, x0: Any, *,
     if y_all.ndim != 2 or y_all.shape[1] != n_meas:
         raise InputError(f"signals must have shape (voxels, {n_meas}), got "
                          f"{np.shape(signals)}")
-    problem = _Problem(model, scheme, sum_to_one=sum_to_one)
-    if starts.ndim != 3 or starts.shape[0] != y_all.shape[0] or starts.shape[2] != problem.P:
-        raise InputError(f"x0 must have shape ({y_all.shape[0]}, {problem.P}) or "
-                         f"({y_all.shape[0]}, k, {problem.P}), got {np.shape(x0)}")
+    P = int(sum(model.parameter_cardinality.values()))
+    if starts.ndim != 3 or starts.shape[0] != y_all.shape[0] or starts.shape[2] != P:
+        raise InputError(f"x0 must have shape ({y_all.shape[0]}, {P}) or "
+                         f"({y_all.shape[0]}, k, {P}), got {np.shape(x0)}")
+    held_values, held_cols = _held(held, starts.shape[0], P)
+    problem = _Problem(model, scheme, sum_to_one=sum_to_one, held=held_cols)
+    if held_cols.any():
+        starts = starts.copy()
+        starts[:, :, held_cols] = held_values[:, None, held_cols]
     if max_nfev < 1:
         raise InputError(f"max_nfev must be at least 1, got {max_nfev}")
     method = str(method).lower()
@@ -712,6 +726,8 @@ def refine_nonlinear(model: Any, scheme: Any, signals: Any, x0: Any, *,
             out, cost = problem.refine_batched(obs, starts, max_nfev)
         logger.debug("batched non-linear refinement of %d voxels (%d start(s) each)", n,
                      starts.shape[1])
+        if held_cols.any():  # exactly the given values (not renormalised)
+            out[:, held_cols] = held_values[:, held_cols]
         return (out, cost) if return_cost else out
     out = starts[:, 0, :].copy()
     cost = np.full(n, np.nan)
@@ -734,7 +750,24 @@ def refine_nonlinear(model: Any, scheme: Any, signals: Any, x0: Any, *,
     logger.debug("non-linear refinement of %d voxels (%d start(s) each, %s)", n,
                  starts.shape[1], "variable projection" if problem.varpro
                  else "all parameters")
+    if held_cols.any():
+        out[:, held_cols] = held_values[:, held_cols]
     return (out, cost) if return_cost else out
+
+
+def _held(held: np.ndarray | None, n: int, P: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-voxel held values (n, P) (NaN: estimated) and the held columns (P,)."""
+    if held is None:
+        return np.full((n, P), np.nan), np.zeros(P, dtype=bool)
+    values = np.asarray(held, dtype=np.float64)
+    if values.shape != (n, P):
+        raise InputError(f"held values must have shape ({n}, {P}), got {values.shape}")
+    cols = np.all(np.isfinite(values), axis=0) if n else np.zeros(P, dtype=bool)
+    partly = np.any(np.isfinite(values), axis=0) & ~cols
+    if partly.any():
+        raise InputError(f"held (per-voxel fixed) columns {np.flatnonzero(partly).tolist()} "
+                         f"have values for some voxels only; give every voxel a value")
+    return values, cols
 
 
 def goodness_of_fit(model: Any, scheme: Any, signals: Any, parameters: Any
