@@ -146,33 +146,53 @@ def _simplex_batch(at: np.ndarray, y: np.ndarray, lower: np.ndarray | None = Non
     """Least squares on the simplex for many small problems at once: x (r, K) with
     x >= ``lower`` (K,) (default 0) and sum(x) = 1, minimising |at.T x - y| (``at``
     (r, K, R), ``y`` (r, R)). With x = lower + g the optimum g is the
-    equality-constrained least-squares solution on its own support, so every non-empty
-    support is solved (closed form of the KKT system, batched) and the feasible one of
-    lowest cost kept (K <= 8; beyond, scipy's NNLS with a heavily weighted sum row, per
-    row)."""
+    equality-constrained least-squares solution on its own support: where the full
+    support's solution is feasible it is the answer; elsewhere every non-empty support
+    is solved (closed form of the KKT system, batched) and the feasible one of lowest
+    cost kept (K <= 8; beyond, scipy's NNLS with a heavily weighted sum row, per row)."""
     r, k, _ = at.shape
     lo = np.zeros(k) if lower is None else np.clip(np.asarray(lower, float), 0.0, None)
     total = 1.0 - lo.sum()
     if total <= 0:
         return np.broadcast_to(lo / max(lo.sum(), 1e-300), (r, k)).copy()
-    y = y - np.einsum("rkn,k->rn", at, lo)
     if k > 8:
-        w = 1e3 * np.sqrt(np.maximum(np.sum(y ** 2, axis=1), 1e-300))
+        ys = y - np.einsum("rkn,k->rn", at, lo)
+        w = 1e3 * np.sqrt(np.maximum(np.sum(ys ** 2, axis=1), 1e-300))
         g_rows = [nnls(np.vstack([at[i].T, w[i] * np.ones((1, k))]),
-                       np.append(y[i], w[i] * total))[0] for i in range(r)]
+                       np.append(ys[i], w[i] * total))[0] for i in range(r)]
         return lo + (np.stack(g_rows) if r else np.zeros((0, k)))
     g = at @ np.transpose(at, (0, 2, 1))
-    b = (at @ y[:, :, None])[:, :, 0]
-    best = np.full((r, k), total / k)
-    best_cost = np.full(r, np.inf)
-    for mask in range(1, 2 ** k):
+    b = (at @ y[:, :, None])[:, :, 0] - g @ lo  # normal equations of y - at.T lo
+    return lo + _simplex_normal(g, b, total)
+
+
+def _simplex_normal(g: np.ndarray, b: np.ndarray, total: float) -> np.ndarray:
+    """min x G x - 2 x.b over x >= 0, sum x = ``total``, for G (r, K, K), b (r, K)."""
+    r, k = b.shape
+    eye = np.eye(k)
+    ridge = 1e-14 * np.einsum("rii->r", g)[:, None, None] * eye
+    try:
+        sol = np.linalg.solve(g + ridge, np.stack([b, np.ones_like(b)], axis=2))
+    except np.linalg.LinAlgError:
+        sol = np.full((r, k, 2), np.nan)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mu = (total - sol[..., 0].sum(axis=1)) / sol[..., 1].sum(axis=1)
+        full = sol[..., 0] + sol[..., 1] * mu[:, None]
+    inside = np.all(full >= 0.0, axis=1) & np.all(np.isfinite(full), axis=1)
+    if inside.all():  # the full support's solution is feasible: it is the optimum
+        return full
+    out = full
+    rest = np.flatnonzero(~inside)
+    g, b = g[rest], b[rest]
+    best = np.full((rest.size, k), total / k)
+    best_cost = np.full(rest.size, np.inf)
+    for mask in range(1, 2 ** k - 1):  # the proper supports (the full one failed)
         cols = np.asarray([j for j in range(k) if mask >> j & 1], dtype=np.intp)
         gs = g[:, cols][:, :, cols]
         bs = b[:, cols]
         ridge = 1e-14 * np.einsum("rii->r", gs)[:, None, None] * np.eye(cols.size)
-        rhs = np.stack([bs, np.ones_like(bs)], axis=2)  # (r, s, 2)
         try:
-            sol = np.linalg.solve(gs + ridge, rhs)
+            sol = np.linalg.solve(gs + ridge, np.stack([bs, np.ones_like(bs)], axis=2))
         except np.linalg.LinAlgError:
             continue
         gib, gi1 = sol[..., 0], sol[..., 1]
@@ -190,7 +210,8 @@ def _simplex_batch(at: np.ndarray, y: np.ndarray, lower: np.ndarray | None = Non
             best[np.ix_(rows, cols)] = np.maximum(xs[take], 0.0)
             best_cost[take] = c[take]
     sums = best.sum(axis=1, keepdims=True)
-    return lo + total * best / np.where(sums > 0, sums, 1.0)
+    out[rest] = total * best / np.where(sums > 0, sums, 1.0)
+    return out
 
 
 class _Problem:
