@@ -38,7 +38,7 @@ from fingerprint.cli.flags import (
 )
 from fingerprint.cli.progress import progress_bar, shown_path
 from fingerprint.errors import CancelledError, DictionaryError, InputError
-from fingerprint.fitting.options import FIT_OPTION_SPECS, FitOptions
+from fingerprint.fitting.options import CLASSICAL_OPTION_NAMES, FIT_OPTION_SPECS, FitOptions
 
 #: FitOptions offered as flags beyond --threads / --dictionary-size (from FIT_OPTION_SPECS)
 _EXTRA_FIT_FLAGS = ("n_neighbors", "refine", "seed", "mask_rule", "solver", "Ns",
@@ -86,8 +86,6 @@ def fit_options_from_args(args: argparse.Namespace) -> FitOptions:
 def _warn_unused_options(args: argparse.Namespace, options: FitOptions) -> None:
     """Log options the chosen solver does not use (classical options with dictionary
     matching, matching options with a classical solver)."""
-    from fingerprint.fitting.options import CLASSICAL_OPTION_NAMES
-
     classical = options.solver != "fingerprint"
     unused = [option_flag(name) for name in _EXTRA_FIT_FLAGS + ("dictionary_size",)
               if getattr(args, name, None) is not None
