@@ -58,6 +58,7 @@ else:  # pragma: no cover
 __all__ = [
     "LINK_METHODS",
     "RECIPE_DIR_ENV",
+    "REQUIREMENT_KEYS",
     "Recipe",
     "load_recipe",
     "load_recipes",
@@ -74,10 +75,15 @@ LINK_METHODS = ("set_fixed_parameter", "set_tortuous_parameter", "set_equal_para
 _MODEL_CLASSES = ("MultiCompartmentModel", "MultiCompartmentSphericalMeanModel")
 _COMPARTMENT_MODULES = ("fingerprint.signal_models.cylinder_models",
                         "fingerprint.signal_models.gaussian_models",
+                        "fingerprint.signal_models.tensor_models",
                         "fingerprint.signal_models.sphere_models")
 _DISTRIBUTED_MODULE = "fingerprint.distributions.distribute_models"
 _TOP_KEYS = {"name", "description", "reference", "requires_timing", "model", "distributed",
-             "sampling", "maps"}
+             "sampling", "maps", "requirements", "derived", "solver"}
+#: Scheme requirements a recipe may state (``[requirements]``), checked before every fit
+#: by :func:`fingerprint.core.scheme_checks.check_scheme`: diffusion-weighted shells at
+#: least, largest b-value at least (s/m²), distinct gradient directions at least.
+REQUIREMENT_KEYS = ("min_shells", "min_bmax", "min_directions")
 
 
 def recipe_dir() -> Path:
@@ -109,6 +115,14 @@ class Recipe:
     maps: Mapping[str, str]
     reference: str = ""
     path: Path | None = field(default=None, compare=False)
+    #: scheme requirements beyond timing (:data:`REQUIREMENT_KEYS`, SI units)
+    requirements: Mapping[str, float] = field(default_factory=dict)
+    #: derived output maps: label -> name of a function of
+    #: :data:`fingerprint.derived.DERIVED_MAPS` (e.g. DTI's ``fa``)
+    derived: Mapping[str, str] = field(default_factory=dict)
+    #: the solver this model is fitted with whatever solver is asked for (``dti``: a
+    #: linear tensor fit), or "" (any registered solver)
+    solver: str = ""
 
     def build_model(self) -> Any:
         """A fresh model instance described by this recipe."""
@@ -176,11 +190,25 @@ def _parse(data: Mapping[str, Any], path: Path | None) -> Recipe:
     requires_timing = data.get("requires_timing", False)
     if not isinstance(requires_timing, bool):
         raise InputError(f"{where}: 'requires_timing' must be true or false")
+    requirements = data.get("requirements", {})
+    if not isinstance(requirements, Mapping) or set(requirements) - set(REQUIREMENT_KEYS) \
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+                       for v in requirements.values()):
+        raise InputError(f"{where}: [requirements] must map some of {REQUIREMENT_KEYS} to "
+                         f"positive numbers (b-values in s/m²), got {requirements!r}")
+    derived = data.get("derived", {})
+    if not isinstance(derived, Mapping) or \
+            not all(isinstance(k, str) and isinstance(v, str) for k, v in derived.items()):
+        raise InputError(f"{where}: [derived] must map labels to derived-map names (strings)")
+    solver = data.get("solver", "")
+    if not isinstance(solver, str):
+        raise InputError(f"{where}: 'solver' must be a solver name")
     return Recipe(name=name, description=str(data["description"]).strip(),
                   requires_timing=requires_timing, model_description=dict(model),
                   distributed={k: dict(v) for k, v in distributed.items()},
                   sampling=sampling, maps=dict(maps), reference=str(data.get("reference", "")),
-                  path=path)
+                  path=path, requirements={k: float(v) for k, v in requirements.items()},
+                  derived=dict(derived), solver=solver)
 
 
 def load_recipe(path: str | os.PathLike) -> Recipe:

@@ -32,6 +32,7 @@ from fingerprint.core.fitted_model import FittedMultiCompartmentModel
 from fingerprint.core.modeling_framework import MultiCompartmentModelProperties as Model
 from fingerprint.dictionary import open_dictionary
 from fingerprint.errors import InputError
+from fingerprint.fitting import dti as _dti  # noqa: F401  (registers the 'dti' solver)
 from fingerprint.fitting.estimator import FingerprintEstimator, VoxelEstimates
 from fingerprint.fitting.initial import voxel_fixed_matrix, x0_matrix
 from fingerprint.fitting.multifascicle import (
@@ -55,12 +56,13 @@ from fingerprint.fitting.registry import (
     register_solver,
 )
 from fingerprint.fitting.validity import default_mask, report_unusable, usable_voxels
+from fingerprint.models import model_solver
 from fingerprint.stages import stage
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["DMIPY_IGNORED_OPTIONS", "DMIPY_SOLVERS", "ESTIMATORS", "EstimatorCache",
-           "FingerprintFitter", "clear_estimator_cache", "dictionary_cache_key",
+           "FingerprintFitter", "clear_estimator_cache", "dictionary_cache_key", "effective_solver",
            "estimator_for_dictionary", "fitter_for_estimator",
            "fit_model", "fit_voxels", "get_estimator", "prepare_fitter"]
 
@@ -273,12 +275,20 @@ def _fitter_from_dictionary(path: str, options: tuple[tuple[str, object], ...],
 
 def fitter_for_estimator(est: FingerprintEstimator, options: FitOptions) -> FingerprintFitter:
     """The fitter of a ready estimator with ``options``' polish rule."""
-    n_orient = len(getattr(est.model, "orientation_parameter_names", []) or [])
-    polish = options.polish if options.nonlinear_for(n_orient) else None
+    polish = options.polish if options.nonlinear_for(_frame_angles(est.model)) else None
     est_options = {k: v for k, v in options.estimator_options().items()
                    if k not in ("n_neighbors", "refine", "n_jobs")}
     est_options.update(n_neighbors=est.n_neighbors, refine=est.refine, n_jobs=est.n_jobs)
     return FingerprintFitter(est, est_options, polish)
+
+
+def _frame_angles(model: Model) -> int:
+    """Orientations the polish rule counts: the model's orientation parameters, plus one
+    for a Bingham distribution's psi (a frame without axial symmetry: matched on zonal
+    features, which average over psi, it needs the polish like a second orientation)."""
+    n = len(getattr(model, "orientation_parameter_names", []) or [])
+    types = dict(getattr(model, "parameter_types", {}) or {})
+    return n + (1 if any(t == "circular" for t in types.values()) else 0)
 
 
 def _prepare_fingerprint(request: SolverRequest) -> VoxelFitter:
@@ -297,8 +307,7 @@ def _prepare_fingerprint(request: SolverRequest) -> VoxelFitter:
                         dictionary_dir=request.dictionary_dir, n_jobs=n_jobs,  # type: ignore[arg-type]
                         progress=request.progress, should_cancel=request.should_cancel,
                         seed=options.seed, **est_options)
-    n_orient = len(request.model.orientation_parameter_names)
-    polish = options.polish if options.nonlinear_for(n_orient) else None
+    polish = options.polish if options.nonlinear_for(_frame_angles(request.model)) else None
     return FingerprintFitter(est, {**est_options, "n_jobs": n_jobs}, polish)
 
 
@@ -308,13 +317,24 @@ register_solver(BUILTIN_SOLVER, _prepare_fingerprint, uses_dictionary=True,
                             "models: rotated single-fascicle atoms)", replace=True)
 
 
+def effective_solver(model: Model | str, requested: str) -> str:
+    """The solver that fits ``model`` when ``requested`` is asked for: the one a named
+    model's recipe prescribes (``dti``: the linear tensor fit), else ``requested``."""
+    forced = model_solver(model)
+    return forced or requested
+
+
 def prepare_fitter(model: Model, scheme: AcquisitionScheme, options: FitOptions, *,
                    dictionary_dir: str | os.PathLike[str] | None = None,
                    progress: ProgressCallback | None = None,
                    should_cancel: CancelCheck | None = None) -> VoxelFitter:
     """The fitter of ``options.solver`` for ``model`` on ``scheme`` (builds or loads what
     it needs, e.g. the dictionary)."""
-    info = get_solver(options.solver)
+    info = get_solver(effective_solver(model, options.solver))
+    if info.name != get_solver(options.solver).name:
+        logger.info("model fitted by solver %r (its recipe's), not %r", info.name,
+                    options.solver)
+        options = options.replace(solver=info.name)
     if options.solver in DMIPY_SOLVERS and info.name == BUILTIN_SOLVER:
         logger.info("solver %r: fitting by dictionary matching instead", options.solver)
     return info.prepare(SolverRequest(model, scheme, options, dictionary_dir, progress,
@@ -448,7 +468,7 @@ def fit_model(model: Model, acquisition_scheme: AcquisitionScheme, data: np.ndar
         given.pop("threads", None)
     given.update(kwargs)
     opts = FitOptions.from_mapping(given, dmipy=True)
-    solver_name = get_solver(opts.solver).name
+    solver_name = get_solver(effective_solver(model, opts.solver)).name
     for name in DMIPY_IGNORED_OPTIONS + CLASSICAL_OPTION_NAMES:
         if name in kwargs and (solver_name == BUILTIN_SOLVER
                                or name in DMIPY_IGNORED_OPTIONS):

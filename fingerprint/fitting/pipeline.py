@@ -53,6 +53,7 @@ from fingerprint.fitting.engine import (
     ESTIMATORS,
     FingerprintFitter,
     dictionary_cache_key,
+    effective_solver,
     fit_voxels,
     fitter_for_estimator,
     prepare_fitter,
@@ -70,6 +71,7 @@ from fingerprint.io.nifti import (
     mu_to_vectors,
     write_map,
 )
+from fingerprint.models import derived_map_specs, derived_maps
 from fingerprint.stages import active_profile, stage
 from fingerprint.volume_models import VOLUME_MODELS, get_volume_model, is_volume_model
 
@@ -739,9 +741,11 @@ def fit_volume(model: Any, dwi: Any, bval: Any, bvec: Any, out_dir: Any, *,
         # -- dictionary and fitter -----------------------------------------------------------
         t0, c0 = time.perf_counter(), time.process_time()
         fitter: VoxelFitter
-        if est is None:
+        if est is None and get_solver(effective_solver(model_obj,
+                                                       opts.solver)).uses_dictionary:
             check_dictionary_space(opts.dictionary_size, scheme.number_of_measurements,
                                    dictionary_dir, model=model_obj, scheme=scheme, seed=opts.seed)
+        if est is None:
             fitter = prepare_fitter(model_obj, scheme, opts, dictionary_dir=dictionary_dir,
                                     progress=prog.span(0.0, _DICTIONARY_SHARE),
                                     should_cancel=should_cancel)
@@ -845,7 +849,7 @@ def fit_volume(model: Any, dwi: Any, bval: Any, bvec: Any, out_dir: Any, *,
         common_extra["Dictionary"] = {"Key": getattr(dictionary, "key", None),
                                       "Atoms": int(getattr(dictionary, "n_atoms", 0) or 0)}
     model_info = _model_info(model_obj, model_label)
-    solver_info = get_solver(opts.solver)
+    solver_info = get_solver(effective_solver(model_obj, opts.solver))
     solver_name = solver_info.name
     # solvers without a dictionary (brute2fine, mix) estimate no uncertainty: no maps
     with_uncertainty = bool(solver_info.uses_dictionary)
@@ -914,6 +918,7 @@ def fit_volume(model: Any, dwi: Any, bval: Any, bvec: Any, out_dir: Any, *,
                          f"parameter among the matched dictionary atoms")
     common_extra.pop("Fascicle", None)
     common_extra.pop("FascicleOrder", None)
+    _emit_derived(model_obj, params, layout, valid, emit)
     emit("s0", np.where(valid, s0, np.nan).astype(np.float32), parameter=None,
          units="arbitrary",
          description="fitted signal without diffusion weighting (units of the input)")
@@ -983,6 +988,27 @@ def _record(name: str, seconds: float, cpu: float) -> None:
     prof = active_profile()
     if prof is not None:
         prof.add(name, seconds, cpu=cpu)
+
+
+def _emit_derived(model: Any, params: np.ndarray, layout: dict[str, slice],
+                  valid: np.ndarray, emit: Callable[..., None]) -> None:
+    """Write a named model's derived maps (DTI's fa, md, ad, rd, v1) from the fitted
+    parameters."""
+    specs = derived_map_specs(model)
+    if not specs:
+        return
+    columns = {name: params[:, sl][:, 0] if sl.stop - sl.start == 1 else params[:, sl]
+               for name, sl in layout.items()}
+    for label, values in derived_maps(model, columns).items():
+        spec = specs[label]
+        out = np.asarray(values, dtype=np.float32)
+        out[~valid] = np.nan
+        extra = None
+        if spec.width == 3:
+            extra = {"OrientationEncoding": {"Type": "vector", "Reference": "bvec",
+                                             "EncodingAxis": 3}}
+        emit(label, out, parameter=None, units=spec.units,
+             description=f"{label}: {spec.description}", extra=extra)
 
 
 def _layout(fitter: VoxelFitter) -> dict[str, slice]:
