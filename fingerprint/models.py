@@ -11,6 +11,8 @@ directory (``$FINGERPRINT_RECIPE_DIR`` overrides it); see :mod:`fingerprint.reci
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -69,16 +71,24 @@ def get_recipe(name: str) -> Recipe:
     return recipe
 
 
-def get_model(name: str) -> Any:
-    """A fresh instance of the named model (UnknownModelError listing the names)."""
-    return get_recipe(name).build_model()
+def get_model(name: str, S0_tissue_responses: Any = None) -> Any:  # noqa: N803
+    """A fresh instance of the named model (UnknownModelError listing the names); with
+    ``S0_tissue_responses`` (one per top-level compartment, units of the data) a
+    multi-tissue model whose fits report volume fractions
+    (``fitted_multi_tissue_fractions``)."""
+    return get_recipe(name).build_model(S0_tissue_responses)
 
 
 def _spec_hash(model: Any) -> str | None:
+    """Digest of the model's spec without its multi-tissue S0 responses (a named model
+    with responses is still that named model)."""
     try:
-        return str(model.spec_hash)
+        spec = dict(model.to_spec())
     except Exception:  # a model without specs cannot match a recipe
         return None
+    spec.pop("S0_tissue_responses", None)
+    text = json.dumps(spec, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 @lru_cache(maxsize=64)

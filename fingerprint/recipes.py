@@ -60,6 +60,7 @@ __all__ = [
     "RECIPE_DIR_ENV",
     "REQUIREMENT_KEYS",
     "Recipe",
+    "TISSUES",
     "load_recipe",
     "load_recipes",
     "recipe_dir",
@@ -79,7 +80,10 @@ _COMPARTMENT_MODULES = ("fingerprint.signal_models.cylinder_models",
                         "fingerprint.signal_models.sphere_models")
 _DISTRIBUTED_MODULE = "fingerprint.distributions.distribute_models"
 _TOP_KEYS = {"name", "description", "reference", "requires_timing", "model", "distributed",
-             "sampling", "maps", "requirements", "derived", "solver"}
+             "sampling", "maps", "requirements", "derived", "solver", "tissues"}
+#: Tissues a recipe's top-level compartments may belong to (``tissues = ["csf", "wm"]``):
+#: white matter, grey matter, cerebrospinal fluid (multi-tissue fits).
+TISSUES = ("wm", "gm", "csf")
 #: Scheme requirements a recipe may state (``[requirements]``), checked before every fit
 #: by :func:`fingerprint.core.scheme_checks.check_scheme`: diffusion-weighted shells at
 #: least, largest b-value at least (s/m²), distinct gradient directions at least.
@@ -123,10 +127,13 @@ class Recipe:
     #: the solver this model is fitted with whatever solver is asked for (``dti``: a
     #: linear tensor fit), or "" (any registered solver)
     solver: str = ""
+    #: tissue (:data:`TISSUES`) of each top-level compartment, or () when not declared
+    tissues: tuple[str, ...] = ()
 
-    def build_model(self) -> Any:
-        """A fresh model instance described by this recipe."""
-        return _build(self)
+    def build_model(self, S0_tissue_responses: Any = None) -> Any:  # noqa: N803
+        """A fresh model instance described by this recipe (with dmipy's multi-tissue
+        ``S0_tissue_responses``, one per top-level compartment, when given)."""
+        return _build(self, S0_tissue_responses)
 
     def sampling_spec(self, **overrides: Any) -> Any:
         """The recipe's default :class:`~fingerprint.dictionary.SamplingSpec`, with
@@ -203,12 +210,17 @@ def _parse(data: Mapping[str, Any], path: Path | None) -> Recipe:
     solver = data.get("solver", "")
     if not isinstance(solver, str):
         raise InputError(f"{where}: 'solver' must be a solver name")
+    tissues = data.get("tissues", [])
+    if not isinstance(tissues, list) or not all(t in TISSUES for t in tissues) or (
+            tissues and len(tissues) != len(model["models"])):
+        raise InputError(f"{where}: 'tissues' must list one of {TISSUES} per top-level "
+                         f"compartment ({len(model['models'])}), got {tissues!r}")
     return Recipe(name=name, description=str(data["description"]).strip(),
                   requires_timing=requires_timing, model_description=dict(model),
                   distributed={k: dict(v) for k, v in distributed.items()},
                   sampling=sampling, maps=dict(maps), reference=str(data.get("reference", "")),
                   path=path, requirements={k: float(v) for k, v in requirements.items()},
-                  derived=dict(derived), solver=solver)
+                  derived=dict(derived), solver=solver, tissues=tuple(tissues))
 
 
 def load_recipe(path: str | os.PathLike) -> Recipe:
@@ -269,7 +281,7 @@ def _apply_links(obj: Any, links: list[list[Any]], where: str) -> None:
             raise InputError(f"{where}: {method}{tuple(args)!r} failed: {exc}") from exc
 
 
-def _build(recipe: Recipe) -> Any:
+def _build(recipe: Recipe, s0_responses: Any = None) -> Any:
     where = _where(recipe.path)
     framework = importlib.import_module("fingerprint.core.modeling_framework")
     distribute = None
@@ -294,7 +306,7 @@ def _build(recipe: Recipe) -> Any:
     description = recipe.model_description
     models = [make(m) for m in description["models"]]
     cls = getattr(framework, description.get("class", "MultiCompartmentModel"))
-    model = cls(models=models)
+    model = cls(models=models, S0_tissue_responses=s0_responses)
     _apply_links(model, description.get("links", []), f"{where} [model]")
     return model
 

@@ -76,7 +76,7 @@ def test_fingerprint_solver_recorded_and_amico_refused(hcp):
     model = ball_stick()
     with pytest.raises(InputError, match="amico"):
         model.fit(scheme, data, solver="amico")
-    with pytest.raises(InputError, match="brute2fine, fingerprint, mix"):
+    with pytest.raises(InputError, match="brute2fine, dti, fingerprint, mix"):
         model.fit(scheme, data, solver="lbfgs")
     with pytest.raises(InputError, match="'Ns' must be an integer"):
         model.fit(scheme, data, solver="brute2fine", Ns=1)

@@ -38,6 +38,7 @@ from fingerprint.cli.flags import (
 )
 from fingerprint.cli.progress import progress_bar, shown_path
 from fingerprint.errors import CancelledError, DictionaryError, InputError
+from fingerprint.fitting.multi_tissue import parse_responses
 from fingerprint.fitting.options import CLASSICAL_OPTION_NAMES, FIT_OPTION_SPECS, FitOptions
 
 #: FitOptions offered as flags beyond --threads / --dictionary-size (from FIT_OPTION_SPECS)
@@ -138,6 +139,11 @@ def add_parser(subparsers: Any) -> None:
     add_b0_threshold_argument(parser)
     parser.add_argument("--chunk-voxels", type=int, dest="chunk_voxels", metavar="N",
                         help="voxels per chunk (default 20000)")
+    parser.add_argument("--multi-tissue", dest="multi_tissue", metavar="RESPONSES",
+                        help="also write volume fractions (<tissue>_vf maps): S0 responses "
+                             "'auto' (estimated from the data's white-matter, grey-matter and "
+                             "CSF voxels), 'wm=..,gm=..,csf=..' or one number per compartment "
+                             "(units of the data)")
     parser.add_argument("--preview", action="store_true", help="also write a PNG preview")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--profile", action="store_true",
@@ -282,7 +288,9 @@ def _cmd_fit(args: argparse.Namespace) -> int:
                 dictionary_dir=args.dictionary_dir,
                 chunk_voxels=args.chunk_voxels or DEFAULT_CHUNK_VOXELS, preview=args.preview,
                 delta=args.delta, Delta=args.Delta, TE=args.TE,
-                b0_threshold=b0_threshold, model_options=model_options)
+                b0_threshold=b0_threshold, model_options=model_options,
+                s0_responses=None if args.multi_tissue is None
+                else parse_responses(args.multi_tissue))
             if mif:  # the sidecars name the .mif, not its temporary conversion
                 _name_sources(result.files, [args.dwi, args.bval, args.bvec, args.mask])
     except (DictionaryError, CancelledError) as exc:

@@ -59,6 +59,11 @@ from fingerprint.fitting.engine import (
     prepare_fitter,
 )
 from fingerprint.fitting.estimator import VoxelEstimates
+from fingerprint.fitting.multi_tissue import (
+    Responses,
+    compartment_responses,
+    volume_fraction_maps,
+)
 from fingerprint.fitting.options import FitOptions, check_prefix
 from fingerprint.fitting.registry import VoxelFitter, get_solver
 from fingerprint.fitting.validity import default_mask, report_unusable, usable_voxels
@@ -631,8 +636,8 @@ def fit_volume(model: Any, dwi: Any, bval: Any, bvec: Any, out_dir: Any, *,
                TE: float | None = None, estimator_options: dict[str, Any] | None = None,
                slab_bytes: int = DEFAULT_SLAB_BYTES, executor_window: int | None = None,
                options: FitOptions | None = None, b0_threshold: float | None = None,
-               model_options: Mapping[str, object] | None = None
-               ) -> FitResult:
+               model_options: Mapping[str, object] | None = None,
+               s0_responses: Responses | None = None) -> FitResult:
     """Fit ``model`` to every masked voxel of a DWI volume and write the maps.
 
     Parameters
@@ -681,6 +686,12 @@ def fit_volume(model: Any, dwi: Any, bval: Any, bvec: Any, out_dir: Any, *,
         Largest block of float32 input data read at once (bytes).
     executor_window : int, optional
         Chunks in flight on the executor (default: twice its workers).
+    s0_responses : optional
+        Multi-tissue fit (:mod:`fingerprint.fitting.multi_tissue`): the S0 response of each
+        top-level compartment (units of the data), a ``{'wm', 'gm', 'csf'}`` mapping for
+        named models whose recipe lists its compartments' tissues, or ``'auto'``
+        (estimated from the masked voxels); volume-fraction maps ``<tissue>_vf`` (or
+        ``partial_volume_<i>_vf``) are written next to the signal fractions.
     options : FitOptions, optional
         How to fit (solver, dictionary size, neighbours, refinement, threads, mask rule):
         the same object and the same fitting core as ``model.fit``, so the maps equal
@@ -732,6 +743,14 @@ def fit_volume(model: Any, dwi: Any, bval: Any, bvec: Any, out_dir: Any, *,
             mask_arr = volume_mask(image, scheme, opts.mask_rule)
         n_total = int(mask_arr.sum())
     _check_cancel(should_cancel)
+    responses = None
+    if s0_responses is not None:
+        sample = None
+        if isinstance(s0_responses, str):
+            sample = np.concatenate([slab.data for slab in image.iter_slabs(
+                mask_arr, max_bytes=int(slab_bytes))]) if n_total else None
+        responses = compartment_responses(model_obj, s0_responses, scheme=scheme,
+                                          data=sample)
 
     # the decompression of a gzip DWI (into a temporary file read slab by slab) runs in
     # the background while the dictionary and estimator load
@@ -919,6 +938,14 @@ def fit_volume(model: Any, dwi: Any, bval: Any, bvec: Any, out_dir: Any, *,
     common_extra.pop("Fascicle", None)
     common_extra.pop("FascicleOrder", None)
     _emit_derived(model_obj, params, layout, valid, emit)
+    if responses is not None:
+        columns = {name: params[:, sl][:, 0] for name, sl in layout.items()
+                   if sl.stop - sl.start == 1}
+        for label, values in volume_fraction_maps(model_obj, columns, responses).items():
+            emit(label, np.where(valid, values, np.nan).astype(np.float32), parameter=None,
+                 units="n/a", description=f"{label}: volume fraction (signal fractions "
+                 "divided by their tissues' S0 responses, renormalised)",
+                 extra={"S0TissueResponses": list(responses)})
     emit("s0", np.where(valid, s0, np.nan).astype(np.float32), parameter=None,
          units="arbitrary",
          description="fitted signal without diffusion weighting (units of the input)")
