@@ -124,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--voxels", type=int, default=200)
     parser.add_argument("--classical-voxels", type=int, default=20,
                         help="voxels for brute2fine (0: skip it)")
+    parser.add_argument("--classical-models", nargs="+", default=None,
+                        help="models fitted by brute2fine too (default: all but dti)")
     parser.add_argument("--size", type=int, default=20000, help="atoms at most")
     parser.add_argument("--snr", type=float, nargs="+", default=[30.0, 15.0])
     parser.add_argument("--models", nargs="+", default=None)
@@ -139,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         for name in names:
             scheme = schemes[scheme_for(name)]
             solvers = ["fingerprint"]
-            if args.classical_voxels and get_recipe(name).solver != "dti":
+            if args.classical_voxels and get_recipe(name).solver != "dti" and (
+                    args.classical_models is None or name in args.classical_models):
                 solvers.append("brute2fine")
             for snr in args.snr:
                 for solver in solvers:
