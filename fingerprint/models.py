@@ -26,6 +26,7 @@ from fingerprint.core.units import DIFFUSIVITY, DIMENSIONLESS
 from fingerprint.errors import InputError
 from fingerprint.recipes import Recipe, load_recipes, recipe_dir, unknown_model
 from fingerprint.signal_models.tensor_models import TENSOR_ELEMENTS, tensor_eigen
+from fingerprint.volume_models import VOLUME_MODELS, get_volume_model, is_volume_model
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +34,7 @@ __all__ = [
     "DERIVED_MAPS",
     "DerivedMap",
     "available_models",
+    "catalogue",
     "derived_map_specs",
     "derived_maps",
     "describe_model",
@@ -282,11 +284,37 @@ def _fmt(value: float) -> str:
     return f"{value:.4g}"
 
 
+def catalogue() -> dict[str, str]:
+    """Every named model (recipes and the volume models such as ``mc_csd``) with its
+    one-line description, by name."""
+    out = dict(available_models())
+    out.update({name: vm.description.split(". ")[0].rstrip(".") + "."
+                for name, vm in VOLUME_MODELS.items()})
+    return dict(sorted(out.items()))
+
+
+def _describe_volume_model(name: str) -> dict[str, Any]:
+    vm = get_volume_model(name)
+    return {
+        "name": vm.name, "description": vm.description, "reference": vm.reference,
+        "class": "volume model", "spherical_mean": False,
+        "solver": "its own volume fit (not dictionary matching)", "dictionary_size": None,
+        "free_values": None,
+        "parameters": [{"name": k, "label": "", "kind": "option", "units": "",
+                        "bounds": f"default {d!r}: {text}"}
+                       for k, (d, text) in vm.options.items()],
+        "constraints": [], "requirements": [vm.requirements] if vm.requirements else [],
+        "maps": dict(vm.outputs), "common_maps": {},
+    }
+
+
 def describe_model(name: str) -> dict[str, Any]:
     """Everything the catalogue says about a named model, from its recipe and the model
     it builds: description, reference, free parameters (map label, unit, SI bounds),
     constraints (fixed / linked parameters), scheme requirements, output maps, solver and
     dictionary size. What ``fingerprint models NAME`` prints and ``docs/models.md`` holds."""
+    if is_volume_model(name):
+        return _describe_volume_model(name)
     # local: the dictionary package's __init__ loads the builder, which needs this module
     from fingerprint.dictionary.sampling import ParameterSpace
 
@@ -368,17 +396,20 @@ def format_model(name: str) -> str:
              f"Reference: {d['reference'] or 'n/a'}",
              f"Model: {d['class']}; fitted by: {d['solver']}"
              + (f"; dictionary atoms: {d['dictionary_size']}" if d["dictionary_size"] else ""),
-             "", "Parameters (SI units; bounds of the fit):"]
+             "", "Options:" if d["class"] == "volume model" else
+             "Parameters (SI units; bounds of the fit):"]
     for p in d["parameters"]:
         label = f" [{p['label']}]" if p["label"] else ""
-        lines.append(f"  {p['name']}{label}: {p['units']}, {p['bounds']}")
+        unit = f"{p['units']}, " if p["units"] else ""
+        lines.append(f"  {p['name']}{label}: {unit}{p['bounds']}")
     if d["constraints"]:
         lines += ["", "Constraints:"] + [f"  {c}" for c in d["constraints"]]
     lines += ["", "Scheme requirements:"]
     lines += [f"  {r}" for r in d["requirements"]] or ["  none beyond a b=0 and diffusion "
                                                        "weighting"]
     lines += ["", "Output maps:"] + [f"  {k}: {v}" for k, v in d["maps"].items()]
-    lines.append("  and " + ", ".join(d["common_maps"]))
+    if d["common_maps"]:
+        lines.append("  and " + ", ".join(d["common_maps"]))
     return "\n".join(lines) + "\n"
 
 
@@ -396,9 +427,10 @@ def models_markdown() -> str:
            "are in SI units (diffusivities m²/s, lengths m, angles rad); bounds are those "
            "of the fit (the dictionary's sampling range where the recipe narrows it).", "",
            "| model | description |", "| --- | --- |"]
-    names = sorted(load_recipes())
+    listed = catalogue()
+    names = list(listed)
     for name in names:
-        first = get_recipe(name).description.split(". ")[0].rstrip(".")
+        first = describe_model(name)["description"].split(". ")[0].rstrip(".")
         out.append(f"| [`{name}`](#{name.replace('_', '-')}) | {first}. |")
     for name in names:
         d = describe_model(name)
@@ -407,8 +439,13 @@ def models_markdown() -> str:
                 f"*Model:* `{d['class']}`; *fitted by:* {d['solver']}"
                 + (f"; *dictionary atoms (default):* {d['dictionary_size']}"
                    if d["dictionary_size"] else ""), "",
-                "| parameter | map | unit | bounds |", "| --- | --- | --- | --- |"]
+                *(["| option | default and meaning |", "| --- | --- |"]
+                  if d["class"] == "volume model" else
+                  ["| parameter | map | unit | bounds |", "| --- | --- | --- | --- |"])]
         for p in d["parameters"]:
+            if d["class"] == "volume model":
+                out.append(f"| `{p['name']}` | {p['bounds']} |")
+                continue
             out.append(f"| `{p['name']}` | {p['label'] or '—'} | {p['units']} | "
                        f"{p['bounds']} |")
         if d["constraints"]:

@@ -260,7 +260,7 @@ def test_dti_through_fingerprint_fit_writes_derived_maps(tmp_path, three_shells)
 def test_cli_models_lists_and_describes(capsys):
     assert main(["models"]) == 0
     listed = capsys.readouterr().out
-    for name in NEW_MODELS + ("noddi", "activeax"):
+    for name in NEW_MODELS + ("noddi", "activeax", "mc_csd"):
         assert f"\n{name} " in "\n" + listed
     assert main(["models", "dti"]) == 0
     text = capsys.readouterr().out

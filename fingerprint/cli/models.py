@@ -27,10 +27,11 @@ def add_parser(subparsers: Any) -> None:
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
-    from fingerprint.models import available_models, describe_model, format_model
+    from fingerprint.models import catalogue, describe_model, format_model, get_recipe
+    from fingerprint.volume_models import is_volume_model
 
     if args.name is None:
-        models = available_models()
+        models = catalogue()
         if args.json:
             sys.stdout.write(json.dumps(models, indent=2) + "\n")
         else:
@@ -38,6 +39,8 @@ def _cmd_models(args: argparse.Namespace) -> int:
             for name, description in models.items():
                 sys.stdout.write(f"{name:{width}s}{description}\n")
         return 0
+    if not is_volume_model(args.name):
+        get_recipe(args.name)  # unknown names: the error listing the models
     if args.json:
         sys.stdout.write(json.dumps(describe_model(args.name), indent=2) + "\n")
     else:
