@@ -22,11 +22,13 @@ import numpy as np
 
 from fingerprint.core.acquisition_scheme import AcquisitionScheme, acquisition_scheme_from_bvalues
 from fingerprint.core.orientations import angular_error_deg, vectors_to_mu
+from fingerprint.dictionary.sampling import ParameterSpace
 from fingerprint.errors import InputError
 from fingerprint.fitting.multifascicle import fascicle_layout
 from fingerprint.io.gradients import write_bvals_bvecs
 from fingerprint.io.nifti import atomic_write_nifti, bids_map_name, mu_to_vectors
-from fingerprint.models import get_model, map_labels
+from fingerprint.models import get_model, get_recipe, map_labels
+from fingerprint.signal_models.tensor_models import TENSOR_ELEMENTS
 
 if TYPE_CHECKING:
     from fingerprint.core.modeling_framework import MultiCompartmentModelProperties
@@ -320,3 +322,96 @@ def noddi_errors(estimated: dict[str, np.ndarray], truth: dict[str, np.ndarray],
         sel = mask if mask is not None else np.ones(err.shape, dtype=bool)
         out["direction_median_deg"] = float(np.nanmedian(err[sel]))
     return out
+
+
+# --------------------------------------------------------------------------- any named model
+#: Ground-truth ranges of :func:`model_phantom` by map label (SI units), inside the models'
+#: bounds and away from their edges, where the parameters are identifiable; labels not
+#: listed are drawn from the recipe's sampling range.
+PHANTOM_TRUTH_RANGES: dict[str, dict[str, tuple[float, float]]] = {
+    "noddi": {"odi": (0.1, 0.6)},
+    "noddi_bingham": {"odi": (0.1, 0.5), "beta_fraction": (0.0, 0.9), "psi": (0.2, 2.9)},
+    "watson_stick": {"odi": (0.1, 0.6), "lambda_par": (1.0e-9, 2.5e-9)},
+    "ball_stick": {"lambda_iso": (1.5e-9, 3e-9), "lambda_par": (1.0e-9, 2.5e-9)},
+    "smt": {"lambda_par": (1.5e-9, 2.5e-9), "lambda_perp": (0.2e-9, 0.9e-9)},
+    "smt_noddi": {"lambda_par": (1.2e-9, 2.5e-9)},
+    "sandi": {"soma_diameter": (8e-6, 20e-6), "neurite_diffusivity": (1.5e-9, 2.5e-9),
+              "extracellular_diffusivity": (0.8e-9, 2.0e-9)},
+    "sphere_ball": {"diameter": (4e-6, 15e-6), "lambda_iso": (1.0e-9, 2.5e-9)},
+    "activeax": {"diameter": (2e-6, 10e-6)},
+    "charmed": {"diameter": (2e-6, 10e-6), "lambda_par": (1.2e-9, 2.2e-9),
+                "lambda_perp": (0.3e-9, 1.0e-9)},
+    "axcaliber": {"alpha": (2.0, 8.0), "beta": (0.3e-6, 1.5e-6),
+                  "lambda_par": (1.2e-9, 2.2e-9), "lambda_perp": (0.3e-9, 1.0e-9)},
+}
+#: Fraction of each top-level compartment at least (Dirichlet draws are rescaled).
+_MIN_FRACTION = 0.1
+
+
+def _random_tensors(n: int, rng: np.random.Generator) -> np.ndarray:
+    """(n, 6) tensor elements of random white/grey-matter-like tensors (m²/s)."""
+    lam = np.sort(rng.uniform(0.2e-9, 2.0e-9, (n, 3)), axis=1)[:, ::-1]
+    v = rng.standard_normal((n, 3, 3))
+    q, r = np.linalg.qr(v)
+    q = q * np.sign(np.diagonal(r, axis1=1, axis2=2))[:, None, :]
+    d = np.einsum("nij,nj,nkj->nik", q, lam, q)
+    idx = {"d_xx": (0, 0), "d_yy": (1, 1), "d_zz": (2, 2), "d_xy": (0, 1), "d_xz": (0, 2),
+           "d_yz": (1, 2)}
+    return np.stack([d[:, i, j] for i, j in (idx[k] for k in TENSOR_ELEMENTS)], axis=1)
+
+
+def model_truth(name: str, n: int, seed: int = 0) -> np.ndarray:
+    """(n, P) random ground-truth parameter vectors of the named model ``name``:
+    orientations uniform on the sphere, top-level volume fractions from a flat Dirichlet
+    (each at least 0.1 when there are up to three), scalars uniform in
+    :data:`PHANTOM_TRUTH_RANGES` or else the recipe's sampling range (SI units)."""
+    recipe = get_recipe(name)
+    model = get_model(recipe.name)
+    rng = np.random.default_rng(seed)
+    if recipe.solver == "dti":
+        return _random_tensors(n, rng)
+    space = ParameterSpace.from_model(model)
+    by_param = {v: k for k, v in recipe.maps.items()}
+    truth = PHANTOM_TRUTH_RANGES.get(recipe.name, {})
+    sampled = dict(recipe.sampling.get("ranges", {}))
+    values: dict[str, np.ndarray] = {}
+    pv = space.partial_volume_names
+    if pv:
+        k = len(pv)
+        f = rng.dirichlet(np.ones(k), n)
+        floor = min(_MIN_FRACTION, 0.5 / k)
+        f = floor + (1.0 - k * floor) * f
+        for i, pname in enumerate(pv):
+            values[pname] = f[:, i]
+    for p in space.parameters:
+        if p.name in values:
+            continue
+        if p.kind == "orientation":
+            values[p.name] = random_orientations(n, rng)
+            continue
+        label = by_param.get(p.name, "")
+        lo, hi = truth.get(label) or sampled.get(p.name) or p.bounds[0]
+        lo, hi = max(lo, p.bounds[0][0]), min(hi, p.bounds[0][1])
+        values[p.name] = rng.uniform(lo, hi, n)
+    return np.asarray(model.parameters_to_parameter_vector(**values), dtype=np.float64)
+
+
+def model_phantom(name: str, scheme: Any, n: int = 200, *, seed: int = 0,
+                  snr: float | None = None, s0: float = 1000.0) -> dict[str, Any]:
+    """A phantom of ``n`` voxels of the named model ``name`` on ``scheme``: ground truth
+    (``'parameters'`` (n, P), :func:`model_truth`), the noise-free signals and (``snr``
+    given: b=0 SNR, Rician) the noisy ones (``'signals'``, (n, N), scaled by ``s0``).
+    Spherical-mean models give powder-averaged voxels: each measurement holds its shell's
+    spherical mean."""
+
+    model = get_model(name)
+    params = model_truth(name, n, seed)
+    clean = np.asarray(model.simulate_signal(scheme, params), dtype=np.float64) * s0
+    if getattr(model, "is_spherical_mean", False):
+        # per-shell spherical means: every measurement of a shell holds its shell's mean
+        # (a powder-averaged voxel, whose spherical means are exactly the model's)
+        clean = clean[:, np.asarray(scheme.shell_indices, dtype=int)]
+    rng = np.random.default_rng(seed + 1)
+    noisy = clean if not snr else add_rician_noise(clean, s0 / float(snr), rng)
+    return {"model": name, "parameters": params, "clean": clean, "signals": noisy,
+            "snr": snr, "s0": s0}

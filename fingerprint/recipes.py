@@ -52,6 +52,8 @@ import fingerprint
 from fingerprint.errors import InputError, UnknownModelError
 
 if TYPE_CHECKING:
+    from numpy.typing import ArrayLike
+
     from fingerprint.core.modeling_framework import MultiCompartmentModelProperties
 
 if sys.version_info >= (3, 11):
@@ -62,7 +64,9 @@ else:  # pragma: no cover
 __all__ = [
     "LINK_METHODS",
     "RECIPE_DIR_ENV",
+    "REQUIREMENT_KEYS",
     "Recipe",
+    "TISSUES",
     "load_recipe",
     "load_recipes",
     "recipe_dir",
@@ -78,10 +82,18 @@ LINK_METHODS = ("set_fixed_parameter", "set_tortuous_parameter", "set_equal_para
 _MODEL_CLASSES = ("MultiCompartmentModel", "MultiCompartmentSphericalMeanModel")
 _COMPARTMENT_MODULES = ("fingerprint.signal_models.cylinder_models",
                         "fingerprint.signal_models.gaussian_models",
+                        "fingerprint.signal_models.tensor_models",
                         "fingerprint.signal_models.sphere_models")
 _DISTRIBUTED_MODULE = "fingerprint.distributions.distribute_models"
 _TOP_KEYS = {"name", "description", "reference", "requires_timing", "model", "distributed",
-             "sampling", "maps"}
+             "sampling", "maps", "requirements", "derived", "solver", "tissues"}
+#: Tissues a recipe's top-level compartments may belong to (``tissues = ["csf", "wm"]``):
+#: white matter, grey matter, cerebrospinal fluid (multi-tissue fits).
+TISSUES = ("wm", "gm", "csf")
+#: Scheme requirements a recipe may state (``[requirements]``), checked before every fit
+#: by :func:`fingerprint.core.scheme_checks.check_scheme`: diffusion-weighted shells at
+#: least, largest b-value at least (s/m²), distinct gradient directions at least.
+REQUIREMENT_KEYS = ("min_shells", "min_bmax", "min_directions")
 
 
 def recipe_dir() -> Path:
@@ -112,10 +124,22 @@ class Recipe:
     maps: Mapping[str, str]
     reference: str = ""
     path: Path | None = field(default=None, compare=False)
+    #: scheme requirements beyond timing (:data:`REQUIREMENT_KEYS`, SI units)
+    requirements: Mapping[str, float] = field(default_factory=dict)
+    #: derived output maps: label -> name of a function of
+    #: :data:`fingerprint.derived.DERIVED_MAPS` (e.g. DTI's ``fa``)
+    derived: Mapping[str, str] = field(default_factory=dict)
+    #: the solver this model is fitted with whatever solver is asked for (``dti``: a
+    #: linear tensor fit), or "" (any registered solver)
+    solver: str = ""
+    #: tissue (:data:`TISSUES`) of each top-level compartment, or () when not declared
+    tissues: tuple[str, ...] = ()
 
-    def build_model(self) -> MultiCompartmentModelProperties:
-        """A fresh model instance described by this recipe."""
-        return _build(self)
+    def build_model(self, S0_tissue_responses: ArrayLike | None = None  # noqa: N803
+                    ) -> MultiCompartmentModelProperties:
+        """A fresh model instance described by this recipe (with dmipy's multi-tissue
+        ``S0_tissue_responses``, one per top-level compartment, when given)."""
+        return _build(self, S0_tissue_responses)
 
     def sampling_spec(self, **overrides: Any) -> Any:
         """The recipe's default :class:`~fingerprint.dictionary.SamplingSpec`, with
@@ -179,11 +203,30 @@ def _parse(data: Mapping[str, Any], path: Path | None) -> Recipe:
     requires_timing = data.get("requires_timing", False)
     if not isinstance(requires_timing, bool):
         raise InputError(f"{where}: 'requires_timing' must be true or false")
+    requirements = data.get("requirements", {})
+    if not isinstance(requirements, Mapping) or set(requirements) - set(REQUIREMENT_KEYS) \
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+                       for v in requirements.values()):
+        raise InputError(f"{where}: [requirements] must map some of {REQUIREMENT_KEYS} to "
+                         f"positive numbers (b-values in s/m²), got {requirements!r}")
+    derived = data.get("derived", {})
+    if not isinstance(derived, Mapping) or \
+            not all(isinstance(k, str) and isinstance(v, str) for k, v in derived.items()):
+        raise InputError(f"{where}: [derived] must map labels to derived-map names (strings)")
+    solver = data.get("solver", "")
+    if not isinstance(solver, str):
+        raise InputError(f"{where}: 'solver' must be a solver name")
+    tissues = data.get("tissues", [])
+    if not isinstance(tissues, list) or not all(t in TISSUES for t in tissues) or (
+            tissues and len(tissues) != len(model["models"])):
+        raise InputError(f"{where}: 'tissues' must list one of {TISSUES} per top-level "
+                         f"compartment ({len(model['models'])}), got {tissues!r}")
     return Recipe(name=name, description=str(data["description"]).strip(),
                   requires_timing=requires_timing, model_description=dict(model),
                   distributed={k: dict(v) for k, v in distributed.items()},
                   sampling=sampling, maps=dict(maps), reference=str(data.get("reference", "")),
-                  path=path)
+                  path=path, requirements={k: float(v) for k, v in requirements.items()},
+                  derived=dict(derived), solver=solver, tissues=tuple(tissues))
 
 
 def load_recipe(path: str | os.PathLike) -> Recipe:
@@ -244,7 +287,7 @@ def _apply_links(obj: Any, links: list[list[Any]], where: str) -> None:
             raise InputError(f"{where}: {method}{tuple(args)!r} failed: {exc}") from exc
 
 
-def _build(recipe: Recipe) -> Any:
+def _build(recipe: Recipe, s0_responses: Any = None) -> Any:
     where = _where(recipe.path)
     framework = importlib.import_module("fingerprint.core.modeling_framework")
     distribute = None
@@ -269,7 +312,7 @@ def _build(recipe: Recipe) -> Any:
     description = recipe.model_description
     models = [make(m) for m in description["models"]]
     cls = getattr(framework, description.get("class", "MultiCompartmentModel"))
-    model = cls(models=models)
+    model = cls(models=models, S0_tissue_responses=s0_responses)
     _apply_links(model, description.get("links", []), f"{where} [model]")
     return model
 

@@ -76,7 +76,7 @@ def test_fingerprint_solver_recorded_and_amico_refused(hcp):
     model = ball_stick()
     with pytest.raises(InputError, match="amico"):
         model.fit(scheme, data, solver="amico")
-    with pytest.raises(InputError, match="brute2fine, fingerprint, mix"):
+    with pytest.raises(InputError, match="brute2fine, dti, fingerprint, mix"):
         model.fit(scheme, data, solver="lbfgs")
     with pytest.raises(InputError, match="'Ns' must be an integer"):
         model.fit(scheme, data, solver="brute2fine", Ns=1)
@@ -121,7 +121,7 @@ def test_cascade_ball_stick_orientation_into_noddi(hcp, caplog):
     truth = signals["NODDIWatson/params"][:4]
     bs = ball_stick().fit(scheme, data, solver="brute2fine", Ns=3)
     noddi = noddi_watson()
-    with caplog.at_level(logging.INFO, logger="fingerprint.fitting.solvers.cascade"):
+    with caplog.at_level(logging.INFO, logger="fingerprint.fitting.initial"):
         fitted = noddi.fit(scheme, data, solver="brute2fine", x0_vector={
             "C1Stick_1_mu": bs.fitted_parameters["C1Stick_1_mu"]})
     assert "SD1WatsonDistributed_1_SD1Watson_1_mu" in caplog.text
@@ -130,6 +130,14 @@ def test_cascade_ball_stick_orientation_into_noddi(hcp, caplog):
     fp = noddi.fit(scheme, data, x0_vector={"C1Stick_1_mu": truth[:, :2]},
                    dictionary_size=5000)
     assert _angles(fp.fitted_parameters_vector[:, :2], truth[:, :2]).max() < 1e-6
+    # ... also when given straight to the estimator (the same parser, the dictionary's
+    # layout): the Watson axis is the stick's
+    with caplog.at_level(logging.INFO, logger="fingerprint.fitting.initial"):
+        ve = fp.estimator.estimate(data, x0={"C1Stick_1_mu": truth[:, :2]})
+    assert _angles(ve.parameters[:, :2], truth[:, :2]).max() < 1e-6
+    np.testing.assert_allclose(ve.parameters, fp.fitted_parameters_vector, atol=1e-9)
+    with pytest.raises(InputError, match="G2Zeppelin_3_mu"):
+        fp.estimator.estimate(data, x0={"G2Zeppelin_3_mu": [0.0, 0.0]})
     with pytest.raises(InputError, match="G2Zeppelin_3_mu"):
         noddi.fit(scheme, data, solver="mix", x0_vector={"G2Zeppelin_3_mu": [0.0, 0.0]})
 
@@ -203,3 +211,167 @@ def test_per_voxel_fixed_parameters_refused_clearly():
     with pytest.raises(InputError, match="per-voxel fixed maps are not supported.*x0_vector"):
         model.set_fixed_parameter("G1Ball_1_lambda_iso", np.full((4, 4), 3e-9))
     assert "G1Ball_1_lambda_iso" in model.parameter_names  # nothing was fixed
+
+
+def test_x0_matrix_names_shapes_and_errors():
+    from fingerprint.core.parameter_layout import ParameterLayout
+    from fingerprint.fitting.initial import resolve_x0_name, x0_matrix
+
+    noddi = noddi_watson()
+    P = sum(noddi.parameter_cardinality.values())
+    assert x0_matrix(noddi, None, 3) is None
+    m = x0_matrix(noddi, {"odi": 0.3, "C1Stick_1_mu": [[0.1, 0.2], [0.3, 0.4]]}, 2)
+    assert m.shape == (2, P)
+    np.testing.assert_array_equal(m[:, :2], [[0.1, 0.2], [0.3, 0.4]])  # Watson axis
+    np.testing.assert_array_equal(m[:, 2], 0.3)
+    assert np.isnan(m[:, 3:]).all()
+    assert resolve_x0_name(noddi, "partial_volume_0") == "partial_volume_0"
+    full = x0_matrix(noddi, np.arange(P, dtype=float), 3)
+    np.testing.assert_array_equal(full, np.tile(np.arange(P), (3, 1)))
+    # a layout of a subset (a dictionary's) is honoured, and the name rule still holds
+    layout = ParameterLayout.from_cardinality({
+        "SD1WatsonDistributed_1_SD1Watson_1_mu": 2,
+        "SD1WatsonDistributed_1_SD1Watson_1_odi": 1})
+    sub = x0_matrix(noddi, {"C1Stick_1_mu": [1.0, 2.0]}, 1, layout)
+    np.testing.assert_array_equal(sub, [[1.0, 2.0, np.nan]])
+    for bad, needle in (({"nothing": 1.0}, "nothing"), ({"odi": [1.0, 2.0, 3.0]}, "odi"),
+                        (np.zeros(P + 1), "length"), (np.zeros((4, P)), "rows"),
+                        ({"partial_volume_0": "x"}, "partial_volume_0")):
+        with pytest.raises(InputError, match=needle):
+            x0_matrix(noddi, bad, 2)
+
+
+def test_simplex_projection_is_constrained_least_squares():
+    """The fractions of the classical solvers (dmipy's problem: b0-normalised signals,
+    fractions summing to one within their bounds) are the exact constrained optimum."""
+    from scipy.optimize import minimize
+
+    from fingerprint.fitting.nonlinear import _simplex_batch
+
+    rng = np.random.default_rng(5)
+    for k in (2, 3):
+        a = rng.random((6, k, 15))
+        y = rng.random((6, 15)) * 0.8
+        lower = np.full(k, 0.01)
+        got = _simplex_batch(a, y, lower)
+        np.testing.assert_allclose(got.sum(axis=1), 1.0, atol=1e-12)
+        assert (got >= lower - 1e-12).all()
+        for i in range(6):
+            def cost(f, ai=a[i], yi=y[i]):
+                return float(np.sum((f @ ai - yi) ** 2))
+            ref = minimize(cost, np.full(k, 1.0 / k), method="SLSQP",
+                           bounds=[(0.01, 1.0)] * k,
+                           constraints=[{"type": "eq", "fun": lambda f: f.sum() - 1.0}],
+                           options={"ftol": 1e-14, "maxiter": 500})
+            assert cost(got[i]) <= ref.fun + 1e-10
+        # the brute-force grid's costs are the same optimum (no lower bounds there)
+        free = _simplex_batch(a, y)
+        costs = projected_costs(a[:, None], y, sum_to_one=True)
+        np.testing.assert_allclose(costs[:, 0],
+                                   np.sum((np.einsum("rk,rkn->rn", free, a) - y) ** 2, 1),
+                                   rtol=1e-8, atol=1e-12)
+
+
+def test_classical_fit_is_at_least_as_good_as_the_truth_on_noisy_data(hcp):
+    """On noisy NODDI signals the fitted cost (dmipy's objective: b0-normalised signals,
+    fractions summing to one) is not above the cost at the true parameters, nor above
+    that of a refinement started from the truth."""
+    from fingerprint.fitting.nonlinear import refine_nonlinear
+    from fingerprint.phantoms import add_rician_noise
+
+    _, scheme, signals, _ = hcp
+    model = noddi_watson()
+    truth = signals["NODDIWatson/params"][:8]
+    rng = np.random.default_rng(2)
+    data = add_rician_noise(100.0 * model.simulate_signal(scheme, truth), 100.0 / 30, rng)
+    b0 = np.asarray(scheme.b0_mask)
+    y = data / data[:, b0].mean(axis=1, keepdims=True)
+
+    def cost(x):
+        return 0.5 * np.sum((model.simulate_signal(scheme, x) - y) ** 2, axis=1)
+
+    _, from_truth = refine_nonlinear(model, scheme, y, truth, return_cost=True,
+                                     sum_to_one=True, max_nfev=300)
+    for solver in ("brute2fine", "mix"):
+        fitted = model.fit(scheme, data, solver=solver).fitted_parameters_vector
+        c = cost(fitted)
+        assert np.all(c <= cost(truth) + 1e-12), solver
+        assert np.all(c <= from_truth * (1 + 1e-6) + 1e-12), solver
+
+
+@pytest.mark.parametrize("solver", ["brute2fine", "mix"])
+def test_spherical_mean_model_fitted_by_classical_solvers(hcp, solver):
+    """smt_noddi (stick + tortuous zeppelin on per-shell spherical means): noise-free
+    data are fitted back (fractions within 0.01, the diffusivity within 2 %) with a cost
+    not above the truth's; with noise, the fitted cost is not above the truth's either."""
+    from fingerprint.models import get_model
+
+    _, scheme, _, _ = hcp
+    model = get_model("smt_noddi")
+    assert model.is_spherical_mean
+    rng = np.random.default_rng(11)
+    n = 6
+    f0 = rng.uniform(0.2, 0.8, n)
+    truth = np.stack([rng.uniform(1.2e-9, 2.6e-9, n), f0, 1.0 - f0], axis=1)
+    shells = np.asarray(scheme.shell_indices)
+    data = model.simulate_signal(scheme, truth)[:, shells]  # isotropic voxels
+    fitted = model.fit(scheme, data, solver=solver)
+    assert fitted.solver == solver
+    est = fitted.fitted_parameters_vector
+    np.testing.assert_allclose(est[:, 0], truth[:, 0], rtol=0.02)
+    np.testing.assert_allclose(est[:, 1:], truth[:, 1:], atol=0.01)
+    # the truth's cost is 0 on noise-free data
+    assert np.all(fitted.residual_sum_of_squares(data) <= 1e-12)
+    # noisy shell means: no worse than the truth on the fitted objective
+    noisy = data + rng.normal(0.0, 0.01, data.shape)
+    noisy[:, np.asarray(scheme.b0_mask)] = 1.0
+    est = model.fit(scheme, noisy, solver=solver).fitted_parameters_vector
+    means = np.stack([noisy[:, shells == s].mean(axis=1)
+                      for s in range(len(scheme.shell_bvalues))], axis=1)
+
+    def rss(x):
+        return np.sum((model.simulate_signal(scheme, x) - means) ** 2, axis=1)
+
+    assert np.all(rss(est) <= rss(truth) + 1e-12)
+    np.testing.assert_allclose(est[:, 1:], truth[:, 1:], atol=0.05)
+
+
+@pytest.mark.parametrize("solver", ["brute2fine", "mix"])
+def test_per_voxel_fixed_parameters_held_by_classical_solvers(hcp, solver):
+    """fixed_parameters (dmipy's set_fixed_parameter with an array): a different value in
+    every voxel, held exactly, the other parameters recovered; a fixed fraction turns the
+    projection off and still fits; dictionary matching refuses them with the reason."""
+    _, scheme, signals, _ = hcp
+    data = signals["NODDIWatson/signals_exact"][:4].reshape(2, 2, -1)
+    truth = signals["NODDIWatson/params"][:4]
+    noddi = noddi_watson()
+    spatial = truth.reshape(2, 2, -1)
+    fixed = {"odi": spatial[..., 2], "partial_volume_0": spatial[..., 4]}
+    fitted = noddi.fit(scheme, data, solver=solver, fixed_parameters=fixed)
+    est = fitted.fitted_parameters_vector.reshape(4, -1)
+    np.testing.assert_array_equal(est[:, 2], truth[:, 2])
+    np.testing.assert_array_equal(est[:, 4], truth[:, 4])
+    _check_recovery(noddi, fitted, truth)
+    # an orientation fixed per voxel (Ball-Stick: the stick's axis)
+    bs_truth = signals["BallStick/params"][:3]
+    bs = ball_stick().fit(scheme, signals["BallStick/signals"][:3], solver=solver,
+                          fixed_parameters={"C1Stick_1_mu": bs_truth[:, 1:3]})
+    np.testing.assert_array_equal(bs.fitted_parameters_vector[:, 1:3], bs_truth[:, 1:3])
+    _check_recovery(ball_stick(), bs, bs_truth)
+
+
+def test_per_voxel_fixed_parameters_errors(hcp):
+    _, scheme, signals, _ = hcp
+    data = signals["BallStick/signals"][:3]
+    model = ball_stick()
+    with pytest.raises(InputError, match="brute2fine.*mix"):
+        model.fit(scheme, data, fixed_parameters={"lambda_iso": np.full(3, 3e-9)})
+    bad = {"G1Ball_1_lambda_iso": np.array([3e-9, np.nan, 3e-9])}
+    with pytest.raises(InputError, match="lambda_iso.*every voxel"):
+        model.fit(scheme, data, solver="brute2fine", fixed_parameters=bad)
+    with pytest.raises(InputError, match="lambda_iso.*within"):
+        model.fit(scheme, data, solver="mix", fixed_parameters={"lambda_iso": 1.0})
+    with pytest.raises(InputError, match="fixed_parameters 'nothing'"):
+        model.fit(scheme, data, solver="mix", fixed_parameters={"nothing": 1.0})
+    with pytest.raises(InputError, match="shape"):
+        model.fit(scheme, data, solver="mix", fixed_parameters={"lambda_iso": np.ones(5)})

@@ -118,3 +118,47 @@ def test_invalid_voxels_do_not_stop_a_fit_and_the_summary_counts_flags(tmp_path,
     # direction: refused, naming the file and the measurement
     code, out, err = _run(capsys, *args, "--b0-threshold", 2)
     assert code == 2 and "measurement 0 has b = 5 s/mm² but a zero gradient vector" in err
+
+
+def test_fit_with_a_classical_solver_records_it(capsys, files, tmp_path):
+    """--solver brute2fine with dmipy's options: no dictionary, the sidecars say which
+    solver ran, the fit matches the library's, and bad values name the flag."""
+    import json
+
+    from fingerprint.fitting.options import FitOptions
+    from fingerprint.fitting.pipeline import fit_volume
+
+    out_dir = tmp_path / "b2f"
+    argv = ["fit", "--model", "noddi", "--dwi", files["dwi"], "--bval", files["bval"],
+            "--bvec", files["bvec"], "--mask", files["mask"], "--out", out_dir,
+            "--no-progress", "--threads", 1, "--solver", "brute2fine", "--Ns", 3,
+            "--N-sphere-samples", 12, "--maxiter", 50]
+    code, out, err = _run(capsys, *argv)
+    assert code == 0, err
+    assert "fitted 24 voxels with noddi" in out and "brute2fine" in out
+    sidecar = json.loads((out_dir / "sub-07_ses-2_model-noddi_param-odi_dwimap.json")
+                         .read_text())
+    assert sidecar["Solver"] == "brute2fine"
+    assert not list(out_dir.glob("*uncertainty*"))
+    ref = fit_volume("noddi", files["dwi"], files["bval"], files["bvec"], tmp_path / "lib",
+                     mask=files["mask"], prefix="sub-07_ses-2",
+                     options=FitOptions.from_mapping({"solver": "brute2fine", "Ns": 3,
+                                                      "N_sphere_samples": 12,
+                                                      "maxiter": 50, "threads": 1}))
+    for name in ("icvf", "odi", "isovf"):
+        fname = f"sub-07_ses-2_model-noddi_param-{name}_dwimap.nii.gz"
+        np.testing.assert_allclose(np.asarray(nib.load(out_dir / fname).dataobj),
+                                   np.asarray(nib.load(ref.out_dir / fname).dataobj),
+                                   atol=1e-6, err_msg=name)
+    # mix runs too, and records itself
+    code, out, err = _run(capsys, *argv[:-8], "--solver", "mix", "--maxiter", 20,
+                          "--popsize", 3, "--out", tmp_path / "mix")
+    assert code == 0, err
+    sidecar = json.loads((tmp_path / "mix" / "sub-07_ses-2_model-noddi_param-icvf_dwimap"
+                          ".json").read_text())
+    assert sidecar["Solver"] == "mix"
+    for bad, needle in ((["--Ns", 1], "Ns"), (["--maxiter", 0], "maxiter")):
+        code, _, err = _run(capsys, *argv, *bad)
+        assert code == 2 and needle in err, err
+    with pytest.raises(SystemExit):  # not a choice (amico is refused, not offered)
+        main([*map(str, argv[:-8]), "--solver", "amico"])

@@ -92,8 +92,14 @@ def _compare(expected: dict[str, np.ndarray], maps: dict[str, np.ndarray], what:
                                    err_msg=f"{what}: {label}")
 
 
+#: Named models whose scheme requirements this module's two-shell volume does not meet
+#: (their refusal is tested in tests/test_catalogue_models.py).
+NEEDS_OTHER_SCHEME = {"sandi"}
+
+
 def _models() -> list[tuple[str, object]]:
-    return [(name, name) for name in available_models()] + [("crossing", "crossing")]
+    return [(name, name) for name in available_models() if name not in NEEDS_OTHER_SCHEME] \
+        + [("crossing", "crossing")]
 
 
 @pytest.mark.parametrize("name", [n for n, _ in _models()])

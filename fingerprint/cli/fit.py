@@ -2,7 +2,14 @@
 
     fingerprint fit --model noddi --dwi dwi.nii.gz --bval dwi.bval --bvec dwi.bvec \\
         [--mask mask.nii.gz] --out DIR [--threads N] [--prefix P] [--dictionary-size N] \\
-        [--delta S --Delta S] [--b0-threshold B] [--preview] [--profile]
+        [--solver {fingerprint,brute2fine,mix}] [--Ns N] [--N-sphere-samples N] \\
+        [--maxiter N] [--delta S --Delta S] [--b0-threshold B] [--preview] [--profile]
+
+``--solver`` chooses dictionary matching (``fingerprint``, the default) or dmipy's
+classical non-linear fits ``brute2fine`` / ``mix`` (no dictionary; their options
+``--Ns``, ``--N-sphere-samples``, ``--grid-starts``, ``--maxiter``, ``--popsize``,
+``--tol`` are dmipy's; ``--threads`` is dmipy's ``number_of_processors``). The map
+sidecars record the solver (``"Solver"``).
 
 Maps are named ``<prefix>_model-<model>_param-<label>_dwimap.nii.gz`` (+ JSON sidecars).
 The prefix is ``--prefix`` when given, else the BIDS entities of the DWI file name
@@ -18,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import re
 import sys
 from pathlib import Path
@@ -31,23 +39,36 @@ from fingerprint.cli.flags import (
 from fingerprint.cli.main import CLIError
 from fingerprint.cli.progress import progress_bar, shown_path
 from fingerprint.errors import CancelledError, DictionaryError, InputError
-from fingerprint.fitting.options import FIT_OPTION_SPECS, FitOptions
+from fingerprint.fitting.multi_tissue import parse_responses
+from fingerprint.fitting.options import CLASSICAL_OPTION_NAMES, FIT_OPTION_SPECS, FitOptions
 from fingerprint.volume_models import is_volume_model
 
 #: FitOptions offered as flags beyond --threads / --dictionary-size (from FIT_OPTION_SPECS)
-_EXTRA_FIT_FLAGS = ("n_neighbors", "refine", "seed", "mask_rule")
+_EXTRA_FIT_FLAGS = ("n_neighbors", "refine", "seed", "mask_rule", "solver", "Ns",
+                    "N_sphere_samples", "grid_starts", "maxiter", "popsize", "tol")
+
+
+def option_flag(name: str) -> str:
+    """The command-line flag of fit option ``name`` (``N_sphere_samples`` ->
+    ``--N-sphere-samples``)."""
+    return "--" + name.replace("_", "-")
 
 
 def add_fit_option_flags(parser: argparse.ArgumentParser) -> None:
-    """``--n-neighbors``, ``--refine``, ``--seed``, ``--mask-rule``: fit options as the
-    library declares them (:data:`fingerprint.fitting.options.FIT_OPTION_SPECS`), validated
-    by :class:`~fingerprint.fitting.options.FitOptions` (errors name the option)."""
+    """``--n-neighbors``, ``--refine``, ``--seed``, ``--mask-rule``, ``--solver`` and the
+    classical solvers' ``--Ns``, ``--N-sphere-samples``, ``--grid-starts``,
+    ``--maxiter``, ``--popsize``, ``--tol``: fit options as the library declares them
+    (:data:`fingerprint.fitting.options.FIT_OPTION_SPECS`), validated by
+    :class:`~fingerprint.fitting.options.FitOptions` (errors name the option)."""
     for spec in FIT_OPTION_SPECS:
         if spec.name not in _EXTRA_FIT_FLAGS:
             continue
-        flag = "--" + spec.name.replace("_", "-")
+        flag = option_flag(spec.name)
         if spec.kind == "int":
             parser.add_argument(flag, dest=spec.name, type=int, metavar="N", help=spec.help)
+        elif spec.kind == "float":
+            parser.add_argument(flag, dest=spec.name, type=float, metavar="X",
+                                help=spec.help)
         elif spec.kind == "choice":
             parser.add_argument(flag, dest=spec.name, choices=spec.choices, help=spec.help)
         else:
@@ -65,13 +86,27 @@ def fit_options_from_args(args: argparse.Namespace) -> FitOptions:
     return FitOptions.from_mapping(values)
 
 
+def _warn_unused_options(args: argparse.Namespace, options: FitOptions) -> None:
+    """Log options the chosen solver does not use (classical options with dictionary
+    matching, matching options with a classical solver)."""
+    classical = options.solver != "fingerprint"
+    unused = [option_flag(name) for name in _EXTRA_FIT_FLAGS + ("dictionary_size",)
+              if getattr(args, name, None) is not None
+              and ((name in CLASSICAL_OPTION_NAMES and not classical)
+                   or (name in ("n_neighbors", "refine", "dictionary_size") and classical))]
+    if unused:
+        logging.getLogger(__name__).warning("%s not used by solver %r", ", ".join(unused),
+                                            options.solver)
+
+
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register ``fingerprint fit``."""
     parser = subparsers.add_parser(
         "fit", help="fit a model to a DWI volume and write parameter maps",
         description="Fit a microstructure model to every voxel of a DWI volume (within the "
-                    "mask) by dictionary matching, and write BIDS-derivative parameter maps "
-                    "with JSON sidecars.",
+                    "mask) by dictionary matching (or, with --solver brute2fine / mix, by "
+                    "dmipy's classical non-linear fits), and write BIDS-derivative parameter "
+                    "maps with JSON sidecars (which record the solver).",
         epilog="Outputs in DIR: <prefix>_model-<model>_param-<label>_dwimap.nii.gz (+ .json) "
                "for each of the model's maps, param-s0, param-r2, and "
                "param-<label>_desc-uncertainty for each scalar map; direction maps hold unit "
@@ -91,7 +126,9 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
                         help="output file prefix, e.g. sub-01_ses-1 (default: the BIDS "
                              "entities of the DWI file name, else the sub-/ses- folders of "
                              "--out, else none)")
-    parser.add_argument("--threads", type=int, metavar="N", help="threads (default: all cores)")
+    parser.add_argument("--threads", type=int, metavar="N",
+                        help="threads (default: all cores); for brute2fine / mix this is "
+                             "dmipy's number_of_processors")
     parser.add_argument("--dictionary-size", type=int, dest="dictionary_size", metavar="N",
                         help="atoms of the dictionary (default: the model's)")
     parser.add_argument("--dictionary-dir", type=Path, dest="dictionary_dir", metavar="DIR",
@@ -104,6 +141,11 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     add_b0_threshold_argument(parser)
     parser.add_argument("--chunk-voxels", type=int, dest="chunk_voxels", metavar="N",
                         help="voxels per chunk (default 20000)")
+    parser.add_argument("--multi-tissue", dest="multi_tissue", metavar="RESPONSES",
+                        help="also write volume fractions (<tissue>_vf maps): S0 responses "
+                             "'auto' (estimated from the data's white-matter, grey-matter and "
+                             "CSF voxels), 'wm=..,gm=..,csf=..' or one number per compartment "
+                             "(units of the data)")
     parser.add_argument("--preview", action="store_true", help="also write a PNG preview")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--profile", action="store_true",
@@ -194,6 +236,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     if args.dictionary_size is not None and args.dictionary_size < 1:
         raise InputError("--dictionary-size must be a positive integer")
     fit_options = fit_options_from_args(args)
+    _warn_unused_options(args, fit_options)
     if args.chunk_voxels is not None and args.chunk_voxels < 1:
         raise InputError("--chunk-voxels must be a positive integer")
     if (args.delta is None) != (args.Delta is None):
@@ -241,7 +284,9 @@ def _cmd_fit(args: argparse.Namespace) -> int:
                 dictionary_dir=args.dictionary_dir,
                 chunk_voxels=args.chunk_voxels or DEFAULT_CHUNK_VOXELS, preview=args.preview,
                 delta=args.delta, Delta=args.Delta, TE=args.TE,
-                b0_threshold=b0_threshold, model_options=model_options)
+                b0_threshold=b0_threshold, model_options=model_options,
+                s0_responses=None if args.multi_tissue is None
+                else parse_responses(args.multi_tissue))
             if mif:  # the sidecars name the .mif, not its temporary conversion
                 _name_sources(result.files, [args.dwi, args.bval, args.bvec, args.mask])
     except (DictionaryError, CancelledError) as exc:
@@ -250,9 +295,11 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         if bar is not None:
             bar.close()
     out = sys.stdout
+    what = ("deconvolution" if is_volume_model(args.model) else "matching") \
+        if fit_options.solver == "fingerprint" else fit_options.solver
     out.write(f"fitted {result.n_voxels} voxels with {result.model} in {result.seconds:.1f} s"
               f" ({result.n_voxels / max(result.timings.get('fit', 0.0), 1e-9):,.0f} voxels/s"
-              f" {'deconvolution' if is_volume_model(args.model) else 'matching'})\n")
+              f" {what})\n")
     if result.n_invalid:
         out.write(f"{result.n_invalid} voxels were left out ({result.n_unusable} for NaN, "
                   f"infinite or negative signals or no positive b=0 signal; NaN in the "

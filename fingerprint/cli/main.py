@@ -15,7 +15,7 @@ import sys
 from fingerprint import __version__
 
 SUBCOMMAND_MODULES = ("demo", "dictionary", "fit", "check", "bids", "compare", "serve",
-                      "keys", "submit")
+                      "keys", "submit", "models")
 
 logger = logging.getLogger("fingerprint")
 

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from fingerprint.cli.main import CLIError
 
 if TYPE_CHECKING:  # type names only: the server loads when the command runs
     from server.config import Settings
 
-def add_parser(subparsers: Any) -> None:
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register ``fingerprint serve``. Its flags are the server's settings
     (:func:`server.config.argument_parser`), parsed when the command runs, so that the
     other commands do not load the server."""

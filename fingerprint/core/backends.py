@@ -1,6 +1,8 @@
 """Late-bound services that dmipy-named entry points of ``core`` offer but higher layers
-implement: ``model.fit`` (the fitting core), and reading / writing Camino scheme files
-(``acquisition_scheme_from_schemefile``, ``AcquisitionScheme.to_schemefile``).
+implement: ``model.fit`` (the fitting core), reading / writing Camino scheme files
+(``acquisition_scheme_from_schemefile``, ``AcquisitionScheme.to_schemefile``), and the
+scheme requirements a named model's recipe states (``model_requirements``, asked by
+:mod:`fingerprint.core.scheme_checks`).
 
 ``core`` never imports those layers: a service is looked up here by name, and a higher
 layer registers its implementation (:func:`register_backend`; ``fingerprint.fitting.engine``
@@ -25,6 +27,7 @@ DEFAULT_PROVIDERS: dict[str, str] = {
     "fit": "fingerprint.fitting.engine",
     "read_camino_scheme": "fingerprint.io.gradients",
     "write_camino_scheme": "fingerprint.io.gradients",
+    "model_requirements": "fingerprint.models",
 }
 
 _BACKENDS: dict[str, Callable[..., Any]] = {}

@@ -11,6 +11,7 @@ fitted (non-finite values, no positive b0 signal) hold NaN and are False in ``va
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
     from fingerprint.core.modeling_framework import MultiCompartmentModelProperties
 
 __all__ = ["FittedMultiCompartmentModel", "FittedParameters", "UnknownParameterError",
+           "multi_tissue_fractions",
            "free_parameter_count"]
 
 
@@ -72,6 +74,25 @@ class FittedParameters(Mapping):
 
     def __repr__(self) -> str:
         return f"FittedParameters({list(self._values)})"
+
+
+def multi_tissue_fractions(parameters: Mapping[str, Any], s0_responses: Any,
+                           *, normalized: bool = False) -> dict[str, np.ndarray]:
+    """Volume fractions from signal fractions: each top-level ``partial_volume_i`` of
+    ``parameters`` (name -> values) divided by its tissue's S0 response
+    ``s0_responses[i]`` (unchanged when None); ``normalized``: divided by their sum, so
+    they add to one. What :attr:`FittedMultiCompartmentModel.fitted_multi_tissue_fractions`
+    and the volume fits' ``*_vf`` maps report."""
+    names = sorted((n for n in parameters if re.fullmatch(r"partial_volume_\d+", n)),
+                   key=lambda n: int(n.rsplit("_", 1)[1]))
+    s0 = None if s0_responses is None else [float(v) for v in s0_responses]
+    out = {n: np.asarray(parameters[n], dtype=np.float64) /
+           (1.0 if s0 is None else s0[int(n.rsplit("_", 1)[1])]) for n in names}
+    if not normalized or not out:
+        return out
+    total = sum(out.values())
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return {n: np.where(total > 0, v / total, 0.0) for n, v in out.items()}
 
 
 class FittedMultiCompartmentModel:
@@ -149,21 +170,15 @@ class FittedMultiCompartmentModel:
         """Volume fractions of a multi-tissue model: each fitted signal fraction
         ``partial_volume_i`` divided by its tissue's S0 response (the signal fractions
         themselves without responses)."""
-        s0 = getattr(self.model, "S0_tissue_responses", None)
-        params = self.fitted_parameters
-        names = [n for n in getattr(self.model, "partial_volume_names", []) if n in params]
-        return {n: np.asarray(params[n]) / (1.0 if s0 is None else
-                                           s0[int(n.rsplit("_", 1)[1])]) for n in names}
+        return multi_tissue_fractions(self.fitted_parameters,
+                                      getattr(self.model, "S0_tissue_responses", None))
 
     @property
     def fitted_multi_tissue_fractions_normalized(self) -> dict[str, np.ndarray]:
         """:attr:`fitted_multi_tissue_fractions` divided by their sum (they add to one)."""
-        fractions = self.fitted_multi_tissue_fractions
-        if not fractions:
-            return {}
-        total = sum(fractions.values())
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return {n: np.where(total > 0, v / total, 0.0) for n, v in fractions.items()}
+        return multi_tissue_fractions(self.fitted_parameters,
+                                      getattr(self.model, "S0_tissue_responses", None),
+                                      normalized=True)
 
     # ------------------------------------------------------------------ prediction
     def predict(self, acquisition_scheme: AcquisitionScheme | None = None,

@@ -530,8 +530,8 @@ def compartment_signal(compartment: Any, ctx_meas: Any, directions: np.ndarray |
     """Batched signal (n, M) of a plain compartment for its own parameters ``params``."""
     kwargs = {k: np.ascontiguousarray(v, dtype=np.float64) for k, v in params.items()
               if k != "mu"}
-    if is_isotropic(compartment):
-        cos = None
+    if is_isotropic(compartment) or not getattr(compartment, "has_axis", True):
+        cos = None  # isotropic, or a full tensor that reads the directions itself
     else:
         if directions is None:
             raise InputError(f"{type(compartment).__name__} needs gradient directions")

@@ -45,6 +45,10 @@ The rules (b-values in s/mm² in the messages, SI units in the code):
   parameters -> refuse; fewer than :data:`FEW_DIRECTIONS` per orientation of an
   anisotropic model -> warn.
 * ``low-bmax``: an anisotropic model whose largest b-value is below :data:`LOW_BMAX` -> warn.
+* ``requirement-shells`` / ``requirement-bmax`` / ``requirement-directions``: a named
+  model's recipe states the diffusion-weighted shells, largest b-value or distinct
+  directions it needs at least (``[requirements]`` of ``dictionaries/<name>.toml``) and
+  the scheme has fewer / a lower one -> refuse.
 * ``bvec-norm`` / ``bvec-zero`` / ``bvec-nan`` (raw gradient tables): non-unit vectors at
   non-zero b -> note (they are normalised); zero or NaN vectors at b above the threshold
   -> refuse; zero or NaN vectors of b=0 measurements -> note (a b=0 direction is
@@ -62,6 +66,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fingerprint.core.acquisition_scheme import DEFAULT_B0_THRESHOLD
+from fingerprint.core.backends import backend
 from fingerprint.errors import InputError
 
 if TYPE_CHECKING:
@@ -578,11 +583,49 @@ def _model_findings(scheme: Any, model: Any, label: str, has_timing: bool,
                 f"only {n_dirs} distinct gradient directions for {k} fibre orientation(s) "
                 f"(at least {FEW_DIRECTIONS * k} recommended): orientations and dispersion "
                 "are uncertain"))
+    out.extend(_requirement_findings(model, who, n_shells, n_dirs, bmax))
     if _anisotropic(model) and 0 < bmax < LOW_BMAX:
         out.append(SchemeFinding(
             "warn", "low-bmax",
             f"the largest b-value is {_sm(bmax)}, below {_sm(LOW_BMAX)}: anisotropic "
             "compartments are poorly resolved"))
+    return out
+
+
+def _recipe_requirements(model: Any) -> dict[str, float]:
+    """The ``[requirements]`` of the recipe ``model`` was built from ({} for any other)."""
+    if not hasattr(model, "parameter_names"):
+        return {}
+    try:
+        found = backend("model_requirements")(model)
+    except Exception as exc:  # a recipe directory that cannot be read: no requirements
+        logger.debug("no recipe requirements for the model: %s", exc)
+        return {}
+    return dict(found or {})
+
+
+def _requirement_findings(model: Any, who: str, n_shells: int, n_dirs: int,
+                          bmax: float) -> list[SchemeFinding]:
+    req = _recipe_requirements(model)
+    out: list[SchemeFinding] = []
+    shells = int(req.get("min_shells", 0))
+    if n_shells < shells:
+        out.append(SchemeFinding(
+            "refuse", "requirement-shells",
+            f"{who} needs at least {shells} diffusion-weighted shells; this scheme has "
+            f"{n_shells}"))
+    need_b = float(req.get("min_bmax", 0.0))
+    if bmax < need_b:
+        out.append(SchemeFinding(
+            "refuse", "requirement-bmax",
+            f"{who} needs a largest b-value of at least {_sm(need_b)}; this scheme's is "
+            f"{_sm(bmax)}"))
+    dirs = int(req.get("min_directions", 0))
+    if n_dirs < dirs:
+        out.append(SchemeFinding(
+            "refuse", "requirement-directions",
+            f"{who} needs at least {dirs} distinct gradient directions; this scheme has "
+            f"{n_dirs}"))
     return out
 
 

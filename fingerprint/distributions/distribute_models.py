@@ -169,7 +169,7 @@ def _kernel(model: Any, meas: Any, cosines: np.ndarray | None,
     return np.broadcast_to(out, (n, meas.number_of_measurements))
 
 
-def _rows(params: Mapping[str, np.ndarray], sl: slice) -> dict[str, np.ndarray]:
+def _rows(params: Mapping[str, np.ndarray], sl: slice | np.ndarray) -> dict[str, np.ndarray]:
     return {k: v[sl] for k, v in params.items()}
 
 
@@ -533,8 +533,25 @@ class SD2BinghamDistributed(_SphericalDistributed):
         if not np.all((bf >= 0) & (bf <= 1)):
             raise InputError("SD2Bingham_1_beta_fraction must be in [0, 1]")
         beta = bf * kappa
-        kmax = float(np.max(kappa)) if n else 1.0
-        n_theta = _BINGHAM_THETA + 2 * int(math.sqrt(max(kmax, 0.0)))
+        e1, e2 = bingham_frame(mu, np.asarray(dist["psi"], dtype=float))
+        e3 = np.cross(e1, e2)
+        out = np.empty((n, ctx.meas.number_of_measurements))
+        # each voxel's own quadrature order (from its own kappa), so a voxel's signal does
+        # not depend on the other voxels evaluated with it
+        orders = _BINGHAM_THETA + 2 * np.sqrt(np.maximum(kappa, 0.0)).astype(int)
+        for n_theta in np.unique(orders):
+            rows = np.flatnonzero(orders == n_theta)
+            self._bingham_rows(ctx, per_model, fractions, kappa, beta, (e1, e2, e3), rows,
+                               int(n_theta), out)
+        return out
+
+    def _bingham_rows(self, ctx: _SchemeContext, per_model: list[dict[str, np.ndarray]],
+                      fractions: np.ndarray, kappa: np.ndarray, beta: np.ndarray,
+                      frames: tuple[np.ndarray, np.ndarray, np.ndarray], rows: np.ndarray,
+                      n_theta: int, out: np.ndarray) -> None:
+        """Signals of the voxels ``rows`` (written into ``out``) with ``n_theta``
+        Gauss-Legendre nodes in cos(theta) and :data:`_BINGHAM_PHI` in phi."""
+        e1, e2, e3 = frames
         u, wu = gauss_legendre_unit(n_theta)
         phi = 2.0 * np.pi * np.arange(_BINGHAM_PHI) / _BINGHAM_PHI
         uu = np.repeat(u, _BINGHAM_PHI)
@@ -542,17 +559,14 @@ class SD2BinghamDistributed(_SphericalDistributed):
         ww = np.repeat(wu, _BINGHAM_PHI) * (2.0 * np.pi / _BINGHAM_PHI)
         ss = np.sqrt(np.clip(1.0 - uu * uu, 0.0, None))
         n_nodes = uu.size
-        e1, e2 = bingham_frame(mu, np.asarray(dist["psi"], dtype=float))
-        e3 = np.cross(e1, e2)
         meas = ctx.meas
         n_meas = meas.number_of_measurements
         meas_t = _tile_measurements(meas, n_nodes, interleave=False)
-        out = np.empty((n, n_meas))
         step = max(1, _BLOCK_VALUES // (n_nodes * n_meas))
         local_dirs = np.stack([uu, ss * np.cos(pp), ss * np.sin(pp)], axis=1)  # (K, 3)
-        for start in range(0, n, step):
-            sl = slice(start, min(n, start + step))
-            nc = sl.stop - sl.start
+        for start in range(0, rows.size, step):
+            sl = rows[start:start + step]
+            nc = sl.size
             frame = np.stack([e1[sl], e2[sl], e3[sl]], axis=1)  # (nc, 3 axes, 3)
             node_dirs = np.einsum("ka,nab->nkb", local_dirs, frame)  # (nc, K, 3)
             logd = (kappa[sl, None] * uu[None, :] ** 2
@@ -566,7 +580,6 @@ class SD2BinghamDistributed(_SphericalDistributed):
                 kern += fractions[sl, k:k + 1] * _kernel(model, meas_t, cos,
                                                          _rows(per_model[k], sl), nc)
             out[sl] = weighted_node_sum(kern, np.ascontiguousarray(w), n_nodes)
-        return out
 
 
 class DD1GammaDistributed(DistributedModel):

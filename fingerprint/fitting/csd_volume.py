@@ -38,11 +38,11 @@ from fingerprint.fitting.pipeline import (
     DEFAULT_CHUNK_VOXELS,
     FitResult,
     _check_cancel,
-    _open_inputs,
     _Progress,
     _sidecar,
-    _volume_mask,
     check_output_directory,
+    open_inputs,
+    volume_mask,
 )
 from fingerprint.fitting.validity import report_unusable, usable_voxels
 from fingerprint.io.nifti import DEFAULT_SLAB_BYTES, bids_map_name, write_map
@@ -243,7 +243,7 @@ def fit_mc_csd_volume(dwi: str | os.PathLike[str], bval: str | os.PathLike[str],
         raise InputError(f"chunk_voxels must be positive, got {chunk_voxels}")
     out_dir = check_output_directory(out_dir)
     prog = _Progress(progress)
-    image, scheme, mask_arr, mask_path = _open_inputs(dwi, bval, bvec, mask,
+    image, scheme, mask_arr, mask_path = open_inputs(dwi, bval, bvec, mask,
                                                       b0_threshold=b0_threshold)
     sh_order = int(opts["sh_order"])
     given = opts["responses"]
@@ -254,7 +254,7 @@ def fit_mc_csd_volume(dwi: str | os.PathLike[str], bval: str | os.PathLike[str],
     report.raise_if_refused(f"DWI file {image.path}")
     prog(0.0)
     if mask_arr is None:
-        mask_arr = _volume_mask(image, scheme, "b0")
+        mask_arr = volume_mask(image, scheme, "b0")
     n_total = int(mask_arr.sum())
     b0_mask = np.asarray(scheme.b0_mask, dtype=bool)
     _check_cancel(should_cancel)

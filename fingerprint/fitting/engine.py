@@ -25,6 +25,7 @@ from collections.abc import Callable, Hashable, Mapping
 
 import numpy as np
 
+import fingerprint.fitting.solvers  # noqa: F401  (registers brute2fine, mix, amico's refusal)
 from fingerprint.core.acquisition_scheme import AcquisitionScheme
 from fingerprint.core.backends import register_backend
 from fingerprint.core.fitted_model import FittedMultiCompartmentModel
@@ -32,7 +33,9 @@ from fingerprint.core.modeling_framework import MultiCompartmentModelProperties 
 from fingerprint.core.scheme_checks import prepare_scheme
 from fingerprint.dictionary import open_dictionary
 from fingerprint.errors import InputError
+from fingerprint.fitting import dti as _dti  # noqa: F401  (registers the 'dti' solver)
 from fingerprint.fitting.estimator import FingerprintEstimator, VoxelEstimates
+from fingerprint.fitting.initial import voxel_fixed_matrix, x0_matrix
 from fingerprint.fitting.multifascicle import (
     MultiFascicleFitter,
     MultiFascicleSettings,
@@ -53,18 +56,23 @@ from fingerprint.fitting.registry import (
     get_solver,
     register_solver,
 )
-from fingerprint.fitting.solvers.cascade import x0_matrix
 from fingerprint.fitting.validity import default_mask, report_unusable, usable_voxels
+from fingerprint.models import model_solver
 from fingerprint.stages import stage
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["DMIPY_IGNORED_OPTIONS", "DMIPY_SOLVERS", "ESTIMATORS", "EstimatorCache",
-           "FingerprintFitter", "clear_estimator_cache", "dictionary_cache_key",
+           "FingerprintFitter", "clear_estimator_cache", "dictionary_cache_key", "effective_solver",
            "estimator_for_dictionary", "fitter_for_estimator",
            "fit_model", "fit_voxels", "get_estimator", "prepare_fitter"]
 
 ProgressCallback = Callable[[float], object]
+
+_NO_VOXEL_FIXED = ("per-voxel fixed parameters (fixed_parameters) need solver='brute2fine' "
+                   "or 'mix' (they fit voxel by voxel); a dictionary holds one value of each "
+                   "fixed parameter, so dictionary matching cannot hold a different value "
+                   "in every voxel")
 CancelCheck = Callable[[], bool]
 
 #: Estimators kept per process (dictionary and FAISS index loaded once).
@@ -268,12 +276,20 @@ def _fitter_from_dictionary(path: str, options: tuple[tuple[str, object], ...],
 
 def fitter_for_estimator(est: FingerprintEstimator, options: FitOptions) -> FingerprintFitter:
     """The fitter of a ready estimator with ``options``' polish rule."""
-    n_orient = len(getattr(est.model, "orientation_parameter_names", []) or [])
-    polish = options.polish if options.nonlinear_for(n_orient) else None
+    polish = options.polish if options.nonlinear_for(_frame_angles(est.model)) else None
     est_options = {k: v for k, v in options.estimator_options().items()
                    if k not in ("n_neighbors", "refine", "n_jobs")}
     est_options.update(n_neighbors=est.n_neighbors, refine=est.refine, n_jobs=est.n_jobs)
     return FingerprintFitter(est, est_options, polish)
+
+
+def _frame_angles(model: Model) -> int:
+    """Orientations the polish rule counts: the model's orientation parameters, plus one
+    for a Bingham distribution's psi (a frame without axial symmetry: matched on zonal
+    features, which average over psi, it needs the polish like a second orientation)."""
+    n = len(getattr(model, "orientation_parameter_names", []) or [])
+    types = dict(getattr(model, "parameter_types", {}) or {})
+    return n + (1 if any(t == "circular" for t in types.values()) else 0)
 
 
 def _prepare_fingerprint(request: SolverRequest) -> VoxelFitter:
@@ -292,8 +308,7 @@ def _prepare_fingerprint(request: SolverRequest) -> VoxelFitter:
                         dictionary_dir=request.dictionary_dir, n_jobs=n_jobs,  # type: ignore[arg-type]
                         progress=request.progress, should_cancel=request.should_cancel,
                         seed=options.seed, **est_options)
-    n_orient = len(request.model.orientation_parameter_names)
-    polish = options.polish if options.nonlinear_for(n_orient) else None
+    polish = options.polish if options.nonlinear_for(_frame_angles(request.model)) else None
     return FingerprintFitter(est, {**est_options, "n_jobs": n_jobs}, polish)
 
 
@@ -303,13 +318,24 @@ register_solver(BUILTIN_SOLVER, _prepare_fingerprint, uses_dictionary=True,
                             "models: rotated single-fascicle atoms)", replace=True)
 
 
+def effective_solver(model: Model | str, requested: str) -> str:
+    """The solver that fits ``model`` when ``requested`` is asked for: the one a named
+    model's recipe prescribes (``dti``: the linear tensor fit), else ``requested``."""
+    forced = model_solver(model)
+    return forced or requested
+
+
 def prepare_fitter(model: Model, scheme: AcquisitionScheme, options: FitOptions, *,
                    dictionary_dir: str | os.PathLike[str] | None = None,
                    progress: ProgressCallback | None = None,
                    should_cancel: CancelCheck | None = None) -> VoxelFitter:
     """The fitter of ``options.solver`` for ``model`` on ``scheme`` (builds or loads what
     it needs, e.g. the dictionary)."""
-    info = get_solver(options.solver)
+    info = get_solver(effective_solver(model, options.solver))
+    if info.name != get_solver(options.solver).name:
+        logger.info("model fitted by solver %r (its recipe's), not %r", info.name,
+                    options.solver)
+        options = options.replace(solver=info.name)
     if options.solver in DMIPY_SOLVERS and info.name == BUILTIN_SOLVER:
         logger.info("solver %r: fitting by dictionary matching instead", options.solver)
     return info.prepare(SolverRequest(model, scheme, options, dictionary_dir, progress,
@@ -317,13 +343,18 @@ def prepare_fitter(model: Model, scheme: AcquisitionScheme, options: FitOptions,
 
 
 def fit_voxels(fitter: VoxelFitter, data: np.ndarray,
-               x0: np.ndarray | Mapping[str, np.ndarray] | None = None) -> VoxelEstimates:
+               x0: np.ndarray | Mapping[str, np.ndarray] | None = None,
+               fixed: np.ndarray | None = None) -> VoxelEstimates:
     """The one fitting core: fit ``data`` (n, N) raw signals with ``fitter``.
 
     Voxels that are not usable (:func:`~fingerprint.fitting.validity.usable_voxels`) are
     left out and get NaN estimates and ``valid`` False; the others are fitted in float64
     whatever the input's precision, so that every entry point gives the same numbers.
-    ``x0`` (P,) / (n, P) / dict: starts (see :func:`fit_model`)."""
+    ``x0`` (P,) / (n, P) / dict: starts (see :func:`fit_model`). ``fixed`` (n, P):
+    per-voxel fixed values, NaN where estimated
+    (:func:`~fingerprint.fitting.initial.voxel_fixed_matrix`); only solvers whose
+    fitter has ``supports_voxel_fixed`` (brute2fine, mix) take them, the others refuse
+    with an InputError."""
     arr = np.asarray(data)
     if arr.ndim != 2:
         raise InputError(f"data must have shape (voxels, measurements), got {arr.shape}")
@@ -337,7 +368,12 @@ def fit_voxels(fitter: VoxelFitter, data: np.ndarray,
         # every voxel is usable: the estimator normalises them to float64 in one pass
         sub = np.ascontiguousarray(arr if rows.size == n else arr[rows])
         x0_rows = _x0_rows(x0, rows, n)
-    ve = fitter.fit_voxels(sub, x0_rows)
+    if fixed is not None:
+        if not getattr(fitter, "supports_voxel_fixed", False):
+            raise InputError(_NO_VOXEL_FIXED)
+        ve = fitter.fit_voxels(sub, x0_rows, fixed=np.asarray(fixed)[rows])  # type: ignore[call-arg]
+    else:
+        ve = fitter.fit_voxels(sub, x0_rows)
     if rows.size == n:
         return ve
     return ve.take(rows, n)
@@ -363,6 +399,7 @@ def fit_model(model: Model, acquisition_scheme: AcquisitionScheme, data: np.ndar
               refine: bool | str = True, n_neighbors: int | None = None,
               progress: ProgressCallback | None = None,
               options: FitOptions | None = None,
+              fixed_parameters: Mapping[str, object] | None = None,
               **kwargs: object) -> FittedMultiCompartmentModel:
     """Fit ``model`` to ``data`` (..., N) measured with ``acquisition_scheme``.
 
@@ -385,7 +422,13 @@ def fit_model(model: Model, acquisition_scheme: AcquisitionScheme, data: np.ndar
         orientation fixes the fibre frame (e.g. from a Ball-Stick fit); a compartment's
         orientation the model carries through a distribution (``'C1Stick_1_mu'`` given
         to NODDI) initialises that distribution's axis (see
-        :mod:`fingerprint.fitting.solvers.cascade`).
+        :mod:`fingerprint.fitting.initial`).
+    fixed_parameters: parameters fixed voxel by voxel (what dmipy's
+        ``set_fixed_parameter`` does with an array): a dict of (possibly short) free
+        parameter names, each one value or one per voxel (data.shape[:-1], + (2,) for an
+        orientation [theta, phi] in rad), SI units. They stay in the parameter vector,
+        are held at the given values by ``'brute2fine'`` and ``'mix'`` and returned as
+        given; dictionary matching refuses them (InputError).
     n_jobs: threads for FAISS, BLAS and Numba.
     dictionary_size, dictionary_dir: dictionary atoms and directory (default: the
         recipe's size, the user cache directory).
@@ -426,7 +469,7 @@ def fit_model(model: Model, acquisition_scheme: AcquisitionScheme, data: np.ndar
         given.pop("threads", None)
     given.update(kwargs)
     opts = FitOptions.from_mapping(given, dmipy=True)
-    solver_name = get_solver(opts.solver).name
+    solver_name = get_solver(effective_solver(model, opts.solver)).name
     for name in DMIPY_IGNORED_OPTIONS + CLASSICAL_OPTION_NAMES:
         if name in kwargs and (solver_name == BUILTIN_SOLVER
                                or name in DMIPY_IGNORED_OPTIONS):
@@ -476,11 +519,15 @@ def fit_model(model: Model, acquisition_scheme: AcquisitionScheme, data: np.ndar
                              f"shape {spatial}")
         if use.size and not use.any():
             raise InputError("mask is empty (no voxel selected)")
+    if fixed_parameters is not None and solver_name == BUILTIN_SOLVER:
+        raise InputError(_NO_VOXEL_FIXED)
     fitter = prepare_fitter(model, acquisition_scheme, opts, dictionary_dir=dictionary_dir,
                             progress=progress)
     selected = arr[use]
     x0m = x0_matrix(model, _x0_flat(x0_vector, spatial, use), int(selected.shape[0]))
-    ve = fit_voxels(fitter, selected, x0m)
+    fixed_m = voxel_fixed_matrix(model, _x0_flat(fixed_parameters, spatial, use),
+                                 int(selected.shape[0]))
+    ve = fit_voxels(fitter, selected, x0m, fixed=fixed_m)
     usable = usable_voxels(selected, b0)
     if not usable.all():
         coords = np.argwhere(use)[~usable] if spatial else np.zeros((1, 0), dtype=int)

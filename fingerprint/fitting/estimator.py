@@ -45,6 +45,7 @@ from fingerprint.stages import Laps, active_profile
 
 from .features import FeatureMap
 from .frame import FrameEstimator, angles_to_frames, frames_to_angles
+from .initial import x0_matrix
 from .matcher import DEFAULT_HNSW_THRESHOLD, HNSW_EF_SEARCH, Matcher, faiss_threads
 from .quality import (
     SIGMA_FLOOR,
@@ -322,53 +323,6 @@ class FingerprintEstimator:
                 f"[{self.feature_map.n_features}], k={self.n_neighbors}, "
                 f"matcher={self.matcher.method})")
 
-    def _x0_matrix(self, x0: Any, n: int) -> np.ndarray | None:
-        """x0 (array (P,)/(n, P) or dict of possibly short names) -> (n, P) with NaN for
-        values not given."""
-        if x0 is None:
-            return None
-        out = np.full((n, self.n_parameters), np.nan)
-        if isinstance(x0, Mapping):
-            for key, value in x0.items():
-                name = self._resolve(key)
-                sl = self._slices[name]
-                v = np.asarray(value, dtype=np.float64)
-                width = sl.stop - sl.start
-                try:
-                    v = np.broadcast_to(v.reshape(-1, width) if v.ndim >= 1 and
-                                        v.size % width == 0 else v, (n, width))
-                except ValueError:
-                    raise InputError(f"x0[{key!r}] has shape {np.shape(value)}; expected "
-                                     f"({width},) or ({n}, {width})") from None
-                out[:, sl] = v
-            return out
-        arr = np.asarray(x0, dtype=np.float64)
-        if arr.shape[-1] != self.n_parameters:
-            raise InputError(f"x0_vector must end with the parameter-vector length "
-                             f"{self.n_parameters}, got shape {arr.shape}")
-        arr = arr.reshape(-1, self.n_parameters)
-        if arr.shape[0] not in (1, n):
-            raise InputError(f"x0_vector has {arr.shape[0]} rows for {n} voxels")
-        out[:] = arr
-        return out
-
-    def _resolve(self, name: str) -> str:
-        if name in self._slices:
-            return name
-        resolver = getattr(self.model, "resolve_parameter_name", None)
-        if resolver is not None:
-            try:
-                full = resolver(name)
-                if full in self._slices:
-                    return full
-            except Exception:
-                pass
-        matches = [n for n in self.parameter_names if n.endswith("_" + name)]
-        if len(matches) == 1:
-            return matches[0]
-        raise InputError(f"{name!r} is not a (unique) parameter of the model; parameters: "
-                         f"{self.parameter_names}")
-
     # ------------------------------------------------------------------ estimation
     def estimate(self, data: ArrayLike, x0: Any = None) -> VoxelEstimates:
         """Fit voxels ``data`` (n, N) (raw signals, any positive scale) and return
@@ -384,7 +338,7 @@ class FingerprintEstimator:
             raise InputError(f"data must have shape (voxels, {self._n_meas}) for this "
                              f"acquisition scheme, got {np.shape(data)}")
         n = arr.shape[0]
-        x0m = self._x0_matrix(x0, n)
+        x0m = x0_matrix(self.model, x0, n, self.parameter_layout)
         prof = active_profile()
         if prof is not None:
             prof.count_voxels(n)

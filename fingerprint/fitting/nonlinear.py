@@ -147,12 +147,94 @@ def _nnls_supports(g: np.ndarray, b: np.ndarray) -> np.ndarray:
     return best
 
 
+def _simplex_batch(at: np.ndarray, y: np.ndarray, lower: np.ndarray | None = None
+                   ) -> np.ndarray:
+    """Least squares on the simplex for many small problems at once: x (r, K) with
+    x >= ``lower`` (K,) (default 0) and sum(x) = 1, minimising |at.T x - y| (``at``
+    (r, K, R), ``y`` (r, R)). With x = lower + g the optimum g is the
+    equality-constrained least-squares solution on its own support: where the full
+    support's solution is feasible it is the answer; elsewhere every non-empty support
+    is solved (closed form of the KKT system, batched) and the feasible one of lowest
+    cost kept (K <= 8; beyond, scipy's NNLS with a heavily weighted sum row, per row)."""
+    r, k, _ = at.shape
+    lo = np.zeros(k) if lower is None else np.clip(np.asarray(lower, float), 0.0, None)
+    total = 1.0 - lo.sum()
+    if total <= 0:
+        return np.broadcast_to(lo / max(lo.sum(), 1e-300), (r, k)).copy()
+    if k > 8:
+        ys = y - np.einsum("rkn,k->rn", at, lo)
+        w = 1e3 * np.sqrt(np.maximum(np.sum(ys ** 2, axis=1), 1e-300))
+        g_rows = [nnls(np.vstack([at[i].T, w[i] * np.ones((1, k))]),
+                       np.append(ys[i], w[i] * total))[0] for i in range(r)]
+        return lo + (np.stack(g_rows) if r else np.zeros((0, k)))
+    g = at @ np.transpose(at, (0, 2, 1))
+    b = (at @ y[:, :, None])[:, :, 0] - g @ lo  # normal equations of y - at.T lo
+    return lo + _simplex_normal(g, b, total)
+
+
+def _simplex_normal(g: np.ndarray, b: np.ndarray, total: float) -> np.ndarray:
+    """min x G x - 2 x.b over x >= 0, sum x = ``total``, for G (r, K, K), b (r, K)."""
+    r, k = b.shape
+    eye = np.eye(k)
+    ridge = 1e-14 * np.einsum("rii->r", g)[:, None, None] * eye
+    try:
+        sol = np.linalg.solve(g + ridge, np.stack([b, np.ones_like(b)], axis=2))
+    except np.linalg.LinAlgError:
+        sol = np.full((r, k, 2), np.nan)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mu = (total - sol[..., 0].sum(axis=1)) / sol[..., 1].sum(axis=1)
+        full = sol[..., 0] + sol[..., 1] * mu[:, None]
+    inside = np.all(full >= 0.0, axis=1) & np.all(np.isfinite(full), axis=1)
+    if inside.all():  # the full support's solution is feasible: it is the optimum
+        return full
+    out = full
+    rest = np.flatnonzero(~inside)
+    g, b = g[rest], b[rest]
+    best = np.full((rest.size, k), total / k)
+    best_cost = np.full(rest.size, np.inf)
+    for mask in range(1, 2 ** k - 1):  # the proper supports (the full one failed)
+        cols = np.asarray([j for j in range(k) if mask >> j & 1], dtype=np.intp)
+        gs = g[:, cols][:, :, cols]
+        bs = b[:, cols]
+        ridge = 1e-14 * np.einsum("rii->r", gs)[:, None, None] * np.eye(cols.size)
+        try:
+            sol = np.linalg.solve(gs + ridge, np.stack([bs, np.ones_like(bs)], axis=2))
+        except np.linalg.LinAlgError:
+            continue
+        gib, gi1 = sol[..., 0], sol[..., 1]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            mu = (total - gib.sum(axis=1)) / gi1.sum(axis=1)
+            xs = gib + gi1 * mu[:, None]
+        # cost relative to |y|²: x G x - 2 x.b
+        c = np.einsum("rk,rkl,rl->r", xs, gs, xs) - 2.0 * np.einsum("rk,rk->r", xs, bs)
+        feasible = np.all(xs >= -1e-12, axis=1) & np.all(np.isfinite(xs), axis=1) \
+            & np.isfinite(c)
+        take = feasible & (c < best_cost)
+        if take.any():
+            rows = np.flatnonzero(take)
+            best[rows] = 0.0
+            best[np.ix_(rows, cols)] = np.maximum(xs[take], 0.0)
+            best_cost[take] = c[take]
+    sums = best.sum(axis=1, keepdims=True)
+    out[rest] = total * best / np.where(sums > 0, sums, 1.0)
+    return out
+
+
 class _Problem:
     """What the residuals of one model on one scheme need (immutable after __init__,
-    but for the compartment dependence pattern, computed once when first needed)."""
+    but for the compartment dependence pattern, computed once when first needed).
 
-    def __init__(self, model: Any, scheme: Any) -> None:
+    With variable projection the fractions are solved for each parameter set: by
+    non-negative least squares (their sum free, i.e. an S0 scale fitted too; the result
+    is renormalised) or, with ``sum_to_one``, on the simplex (fractions summing to one
+    on b0-normalised signals: dmipy's problem, the one the classical solvers solve).
+    ``held`` (P,) bool marks columns held at the values of each row's template (per-voxel
+    fixed parameters); held fractions turn variable projection off."""
+
+    def __init__(self, model: Any, scheme: Any, sum_to_one: bool = False,
+                 held: np.ndarray | None = None) -> None:
         self.model = model
+        self.sum_to_one = bool(sum_to_one)
         self.scheme = scheme
         cards = list(model.parameter_cardinality.items())
         self.P = int(sum(c for _, c in cards))
@@ -177,13 +259,19 @@ class _Problem:
         for link in getattr(model, "parameter_links", []) or []:
             linked.add(link.target)
             linked.update(link.sources)
+        self.held = np.zeros(self.P, dtype=bool) if held is None else \
+            np.asarray(held, dtype=bool).reshape(self.P)
         self.varpro = (len(pv_names) >= 2 and len(free_pv) == len(pv_names)
-                       and not linked.intersection(pv_names))
+                       and not linked.intersection(pv_names)
+                       and not self.held[self.pv_columns].any())
         fixed_range = (self.upper <= self.lower) & ~self.orientation
-        exclude = fixed_range.copy()
+        exclude = fixed_range | self.held
         if self.varpro:
             exclude[self.pv_columns] = True
         self.free = np.flatnonzero(~exclude)
+        #: lower bounds of the projected fractions (sum_to_one)
+        self.pv_lower = (self.lower * self.scales)[self.pv_columns] if self.varpro \
+            else np.zeros(0)
         lo = np.where(self.orientation, -np.inf, self.lower)[self.free]
         hi = np.where(self.orientation, np.inf, self.upper)[self.free]
         self.z_lower, self.z_upper = lo, hi
@@ -226,7 +314,8 @@ class _Problem:
                     res[i] = 1e3
                     fr[i] = 1.0 / K
                     continue
-                f, _ = nnls(a, y)
+                f = _simplex_batch(a.T[None], y[None], self.pv_lower)[0] if self.sum_to_one \
+                    else nnls(a, y)[0]
                 res[i] = a @ f - y
                 fr[i] = f
             return res, fr
@@ -270,11 +359,16 @@ class _Problem:
         ok = np.all(np.isfinite(a), axis=(1, 2))
         fr = np.full((a.shape[0], K), 1.0 / K)
         res = np.full(ys.shape, 1e3)
+        if self.sum_to_one:
+            def solve(at: np.ndarray, y: np.ndarray) -> np.ndarray:
+                return _simplex_batch(at, y, self.pv_lower)
+        else:
+            solve = _nnls_batch
         if ok.all():
-            fr = _nnls_batch(a, ys)
+            fr = solve(a, ys)
             res = (fr[:, None, :] @ a)[:, 0, :] - ys
         elif ok.any():
-            fr[ok] = _nnls_batch(a[ok], ys[ok])
+            fr[ok] = solve(a[ok], ys[ok])
             res[ok] = (fr[ok][:, None, :] @ a[ok])[:, 0, :] - ys[ok]
         return res, fr
 
@@ -591,7 +685,8 @@ def _numba_threads(n_jobs: int | None) -> Iterator[None]:
 def refine_nonlinear(model: MultiCompartmentModelProperties, scheme: AcquisitionScheme,
                      signals: ArrayLike, x0: Any, *, n_jobs: int | None = None,
                      max_nfev: int = DEFAULT_MAX_NFEV, return_cost: bool = False,
-                     method: str = "batched") -> Any:
+                     method: str = "batched", sum_to_one: bool = False,
+                     held: np.ndarray | None = None) -> Any:
     """Polish parameter vectors by bounded non-linear least squares on the signals.
 
     Parameters
@@ -613,6 +708,13 @@ def refine_nonlinear(model: MultiCompartmentModelProperties, scheme: Acquisition
         call per step (plus one per free parameter for the Jacobian);
         ``'scipy'``: :func:`scipy.optimize.least_squares` (trust-region reflective)
         voxel by voxel, the reference.
+    sum_to_one: volume fractions solved by projection sum to one exactly (the
+        signals' S0 is the b0 mean they were divided by; dmipy's problem, that of the
+        classical solvers); default False: their sum is free (an S0 scale is fitted
+        too) and they are renormalised afterwards.
+    held: (n, P) values held fixed voxel by voxel (per-voxel fixed parameters; SI
+        units), NaN where the parameter is estimated; a column is either held in every
+        voxel or in none.
 
     Returns
     -------
@@ -631,10 +733,15 @@ def refine_nonlinear(model: MultiCompartmentModelProperties, scheme: Acquisition
     if y_all.ndim != 2 or y_all.shape[1] != n_meas:
         raise InputError(f"signals must have shape (voxels, {n_meas}), got "
                          f"{np.shape(signals)}")
-    problem = _Problem(model, scheme)
-    if starts.ndim != 3 or starts.shape[0] != y_all.shape[0] or starts.shape[2] != problem.P:
-        raise InputError(f"x0 must have shape ({y_all.shape[0]}, {problem.P}) or "
-                         f"({y_all.shape[0]}, k, {problem.P}), got {np.shape(x0)}")
+    P = int(sum(model.parameter_cardinality.values()))
+    if starts.ndim != 3 or starts.shape[0] != y_all.shape[0] or starts.shape[2] != P:
+        raise InputError(f"x0 must have shape ({y_all.shape[0]}, {P}) or "
+                         f"({y_all.shape[0]}, k, {P}), got {np.shape(x0)}")
+    held_values, held_cols = _held(held, starts.shape[0], P)
+    problem = _Problem(model, scheme, sum_to_one=sum_to_one, held=held_cols)
+    if held_cols.any():
+        starts = starts.copy()
+        starts[:, :, held_cols] = held_values[:, None, held_cols]
     if max_nfev < 1:
         raise InputError(f"max_nfev must be at least 1, got {max_nfev}")
     method = str(method).lower()
@@ -647,6 +754,8 @@ def refine_nonlinear(model: MultiCompartmentModelProperties, scheme: Acquisition
             out, cost = problem.refine_batched(obs, starts, max_nfev)
         logger.debug("batched non-linear refinement of %d voxels (%d start(s) each)", n,
                      starts.shape[1])
+        if held_cols.any():  # exactly the given values (not renormalised)
+            out[:, held_cols] = held_values[:, held_cols]
         return (out, cost) if return_cost else out
     out = starts[:, 0, :].copy()
     cost = np.full(n, np.nan)
@@ -669,7 +778,24 @@ def refine_nonlinear(model: MultiCompartmentModelProperties, scheme: Acquisition
     logger.debug("non-linear refinement of %d voxels (%d start(s) each, %s)", n,
                  starts.shape[1], "variable projection" if problem.varpro
                  else "all parameters")
+    if held_cols.any():
+        out[:, held_cols] = held_values[:, held_cols]
     return (out, cost) if return_cost else out
+
+
+def _held(held: np.ndarray | None, n: int, P: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-voxel held values (n, P) (NaN: estimated) and the held columns (P,)."""
+    if held is None:
+        return np.full((n, P), np.nan), np.zeros(P, dtype=bool)
+    values = np.asarray(held, dtype=np.float64)
+    if values.shape != (n, P):
+        raise InputError(f"held values must have shape ({n}, {P}), got {values.shape}")
+    cols = np.all(np.isfinite(values), axis=0) if n else np.zeros(P, dtype=bool)
+    partly = np.any(np.isfinite(values), axis=0) & ~cols
+    if partly.any():
+        raise InputError(f"held (per-voxel fixed) columns {np.flatnonzero(partly).tolist()} "
+                         f"have values for some voxels only; give every voxel a value")
+    return values, cols
 
 
 def goodness_of_fit(model: MultiCompartmentModelProperties, scheme: AcquisitionScheme,

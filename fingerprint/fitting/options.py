@@ -199,8 +199,9 @@ class FitOptions:
     Attributes
     ----------
     solver: a registered solver (:func:`fingerprint.fitting.registry.available_solvers`;
-        ``'fingerprint'``, dictionary matching, by default; dmipy's ``'brute2fine'``,
-        ``'mix'``, ``'amico'`` are answered by dictionary matching unless registered).
+        ``'fingerprint'``, dictionary matching, by default; dmipy's ``'brute2fine'`` and
+        ``'mix'``, :mod:`fingerprint.fitting.solvers`, with the settings of
+        :attr:`classical`; ``'amico'`` is refused).
     dictionary_size: atoms (default: the model's recipe); seed: its sampling seed.
     n_neighbors: atoms matched per voxel (default 32).
     refine: local-linear step after matching; ``'nonlinear'`` adds the non-linear polish,

@@ -57,11 +57,17 @@ from fingerprint.fitting.engine import (
     ESTIMATORS,
     FingerprintFitter,
     dictionary_cache_key,
+    effective_solver,
     fit_voxels,
     fitter_for_estimator,
     prepare_fitter,
 )
 from fingerprint.fitting.estimator import VoxelEstimates
+from fingerprint.fitting.multi_tissue import (
+    Responses,
+    compartment_responses,
+    volume_fraction_maps,
+)
 from fingerprint.fitting.options import FitOptions, check_prefix
 from fingerprint.fitting.quality import FLAGS, flag_counts, voxel_quality
 from fingerprint.fitting.registry import VoxelFitter, get_solver
@@ -77,6 +83,8 @@ from fingerprint.io.nifti import (
     write_map,
 )
 from fingerprint.models import (
+    derived_map_specs,
+    derived_maps,
     get_model,
     get_recipe,
     map_labels,
@@ -98,7 +106,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["DEFAULT_CHUNK_VOXELS", "FitResult", "InputSummary", "check_dictionary_space",
            "check_fsl_scheme", "check_output_directory", "fit_chunk", "fit_volume",
-           "prefix_from_filename", "progress_stage", "read_fsl_scheme", "validate_inputs"]
+           "open_inputs", "prefix_from_filename", "progress_stage", "read_fsl_scheme",
+           "validate_inputs", "volume_mask"]
 
 #: Voxels per fitted chunk (one task of an executor).
 DEFAULT_CHUNK_VOXELS = 20_000
@@ -216,9 +225,14 @@ def check_fsl_scheme(scheme: AcquisitionScheme, bval: str | os.PathLike[str],
     return report
 
 
-def _open_inputs(dwi: Any, bval: Any, bvec: Any, mask: Any, delta: Any = None,
-                 Delta: Any = None, TE: Any = None, b0_threshold: float | None = None,
-                 model: Any = None) -> tuple[DWIImage, Any, np.ndarray | None, Path | None]:
+def open_inputs(dwi: Any, bval: Any, bvec: Any, mask: Any, delta: Any = None,
+                Delta: Any = None, TE: Any = None, b0_threshold: float | None = None,
+                model: Any = None) -> tuple[DWIImage, Any, np.ndarray | None, Path | None]:
+    """Open a DWI volume and its scheme: the image (lazy), the acquisition scheme read
+    from the FSL files (timings ``delta`` / ``Delta`` / ``TE`` in s, ``b0_threshold`` in
+    s/m²; checked against ``model`` when given), the mask (an array, a NIfTI path or
+    None) as a bool array or None, and the mask path. InputError naming the file when
+    they do not fit together."""
     dwi_p, bval_p, bvec_p = _path(dwi, "DWI"), _path(bval, "bval"), _path(bvec, "bvec")
     image = DWIImage(dwi_p)
     scheme = _read_scheme(bval_p, bvec_p, delta, Delta, TE, b0_threshold)
@@ -288,7 +302,7 @@ def validate_inputs(dwi: str | os.PathLike[str], bval: str | os.PathLike[str],
     voxels with NaN or infinite values are counted (``n_nonfinite_voxels``; fits leave
     them out, see :mod:`fingerprint.fitting.validity`).
     """
-    image, scheme, mask_arr, mask_p = _open_inputs(dwi, bval, bvec, mask, delta, Delta, TE,
+    image, scheme, mask_arr, mask_p = open_inputs(dwi, bval, bvec, mask, delta, Delta, TE,
                                                    b0_threshold, model)
     n_bad = 0
     if scan_data:
@@ -545,8 +559,9 @@ def check_dictionary_space(size: int | None, n_measurements: int,
                          f"smaller dictionary size")
 
 
-def _volume_mask(image: DWIImage, scheme: AcquisitionScheme, rule: str) -> np.ndarray:
-    """The default mask of ``image`` under ``rule`` (:data:`~.options.MASK_RULES`)."""
+def volume_mask(image: DWIImage, scheme: AcquisitionScheme, rule: str) -> np.ndarray:
+    """The default mask of ``image`` under ``rule`` (:data:`~.options.MASK_RULES`),
+    bool of the image's spatial shape."""
     if rule == "all":
         return np.ones(image.spatial_shape, dtype=bool)
     return default_mask(image.mean_b0(np.asarray(scheme.b0_mask)),
@@ -633,8 +648,8 @@ def fit_volume(model: str | MultiCompartmentModelProperties, dwi: str | os.PathL
                TE: float | None = None, estimator_options: dict[str, Any] | None = None,
                slab_bytes: int = DEFAULT_SLAB_BYTES, executor_window: int | None = None,
                options: FitOptions | None = None, b0_threshold: float | None = None,
-               model_options: Mapping[str, object] | None = None
-               ) -> FitResult:
+               model_options: Mapping[str, object] | None = None,
+               s0_responses: Responses | None = None) -> FitResult:
     """Fit ``model`` to every masked voxel of a DWI volume and write the maps.
 
     Parameters
@@ -683,6 +698,12 @@ def fit_volume(model: str | MultiCompartmentModelProperties, dwi: str | os.PathL
         Largest block of float32 input data read at once (bytes).
     executor_window : int, optional
         Chunks in flight on the executor (default: twice its workers).
+    s0_responses : optional
+        Multi-tissue fit (:mod:`fingerprint.fitting.multi_tissue`): the S0 response of each
+        top-level compartment (units of the data), a ``{'wm', 'gm', 'csf'}`` mapping for
+        named models whose recipe lists its compartments' tissues, or ``'auto'``
+        (estimated from the masked voxels); volume-fraction maps ``<tissue>_vf`` (or
+        ``partial_volume_<i>_vf``) are written next to the signal fractions.
     options : FitOptions, optional
         How to fit (solver, dictionary size, neighbours, refinement, threads, mask rule):
         the same object and the same fitting core as ``model.fit``, so the maps equal
@@ -726,14 +747,22 @@ def fit_volume(model: str | MultiCompartmentModelProperties, dwi: str | os.PathL
     prog = _Progress(progress)
     model_obj, model_label, est = _resolve_model(model)
     with stage("inputs"):
-        image, scheme, mask_arr, _ = _open_inputs(dwi, bval, bvec, mask, delta, Delta, TE,
-                                                  opts.b0_threshold, model_obj)
+        image, scheme, mask_arr, _ = open_inputs(dwi, bval, bvec, mask, delta, Delta, TE,
+                                                 opts.b0_threshold, model_obj)
     prog(0.0)
     with stage("mask"):
         if mask_arr is None:
-            mask_arr = _volume_mask(image, scheme, opts.mask_rule)
+            mask_arr = volume_mask(image, scheme, opts.mask_rule)
         n_total = int(mask_arr.sum())
     _check_cancel(should_cancel)
+    responses = None
+    if s0_responses is not None:
+        sample = None
+        if isinstance(s0_responses, str):
+            sample = np.concatenate([slab.data for slab in image.iter_slabs(
+                mask_arr, max_bytes=int(slab_bytes))]) if n_total else None
+        responses = compartment_responses(model_obj, s0_responses, scheme=scheme,
+                                          data=sample)
 
     # the decompression of a gzip DWI (into a temporary file read slab by slab) runs in
     # the background while the dictionary and estimator load
@@ -743,9 +772,11 @@ def fit_volume(model: str | MultiCompartmentModelProperties, dwi: str | os.PathL
         # -- dictionary and fitter -----------------------------------------------------------
         t0, c0 = time.perf_counter(), time.process_time()
         fitter: VoxelFitter
-        if est is None:
+        if est is None and get_solver(effective_solver(model_obj,
+                                                       opts.solver)).uses_dictionary:
             check_dictionary_space(opts.dictionary_size, scheme.number_of_measurements,
                                    dictionary_dir, model=model_obj, scheme=scheme, seed=opts.seed)
+        if est is None:
             fitter = prepare_fitter(model_obj, scheme, opts, dictionary_dir=dictionary_dir,
                                     progress=prog.span(0.0, _DICTIONARY_SHARE),
                                     should_cancel=should_cancel)
@@ -849,7 +880,7 @@ def fit_volume(model: str | MultiCompartmentModelProperties, dwi: str | os.PathL
         common_extra["Dictionary"] = {"Key": getattr(dictionary, "key", None),
                                       "Atoms": int(getattr(dictionary, "n_atoms", 0) or 0)}
     model_info = _model_info(model_obj, model_label)
-    solver_info = get_solver(opts.solver)
+    solver_info = get_solver(effective_solver(model_obj, opts.solver))
     solver_name = solver_info.name
     # solvers without a dictionary (brute2fine, mix) estimate no uncertainty: no maps
     with_uncertainty = bool(solver_info.uses_dictionary)
@@ -918,6 +949,15 @@ def fit_volume(model: str | MultiCompartmentModelProperties, dwi: str | os.PathL
                          f"parameter among the matched dictionary atoms")
     common_extra.pop("Fascicle", None)
     common_extra.pop("FascicleOrder", None)
+    _emit_derived(model_obj, params, layout, valid, emit)
+    if responses is not None:
+        columns = {name: params[:, sl][:, 0] for name, sl in layout.items()
+                   if sl.stop - sl.start == 1}
+        for label, values in volume_fraction_maps(model_obj, columns, responses).items():
+            emit(label, np.where(valid, values, np.nan).astype(np.float32), parameter=None,
+                 units="n/a", description=f"{label}: volume fraction (signal fractions "
+                 "divided by their tissues' S0 responses, renormalised)",
+                 extra={"S0TissueResponses": list(responses)})
     emit("s0", np.where(valid, s0, np.nan).astype(np.float32), parameter=None,
          units="arbitrary",
          description="fitted signal without diffusion weighting (units of the input)")
@@ -984,6 +1024,27 @@ def _record(name: str, seconds: float, cpu: float) -> None:
     prof = active_profile()
     if prof is not None:
         prof.add(name, seconds, cpu=cpu)
+
+
+def _emit_derived(model: Any, params: np.ndarray, layout: dict[str, slice],
+                  valid: np.ndarray, emit: Callable[..., None]) -> None:
+    """Write a named model's derived maps (DTI's fa, md, ad, rd, v1) from the fitted
+    parameters."""
+    specs = derived_map_specs(model)
+    if not specs:
+        return
+    columns = {name: params[:, sl][:, 0] if sl.stop - sl.start == 1 else params[:, sl]
+               for name, sl in layout.items()}
+    for label, values in derived_maps(model, columns).items():
+        spec = specs[label]
+        out = np.asarray(values, dtype=np.float32)
+        out[~valid] = np.nan
+        extra = None
+        if spec.width == 3:
+            extra = {"OrientationEncoding": {"Type": "vector", "Reference": "bvec",
+                                             "EncodingAxis": 3}}
+        emit(label, out, parameter=None, units=spec.units,
+             description=f"{label}: {spec.description}", extra=extra)
 
 
 def _layout(fitter: VoxelFitter) -> dict[str, slice]:

@@ -30,6 +30,11 @@ units (floored at :data:`SIGMA_FLOOR` squared) and ``k`` the number of matched f
     the noise here is the b=0 spread alone (``nu`` = b0 count - 1 degrees of freedom),
     which a poor fit cannot inflate, and the limit is the F distribution's quantile;
     with fewer than 4 b0s the pooled ``sigma2`` and :func:`chi2_limit` are used.
+``below_resolution`` (32)
+    models with an axon diameter (a cylinder's, or a Gamma distribution's mean): the
+    estimated diameter lies below the resolution limit of the scheme at the voxel's own
+    SNR (``s0 / sigma``; :mod:`fingerprint.fitting.resolution`, Nilsson et al. 2017):
+    diameters below it cannot be told apart.
 
 The noise estimate (``sigma``, raw signal units) and an orientation uncertainty (degrees:
 the 1-sd cone angle of the fibre axis, from the Fisher information of the fitted angular
@@ -43,6 +48,8 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from fingerprint.fitting.resolution import below_resolution
 
 if TYPE_CHECKING:  # type names only
     from fingerprint.fitting.estimator import VoxelEstimates
@@ -71,7 +78,7 @@ __all__ = [
 
 #: Bit of each flag in the quality map.
 FLAGS: Mapping[str, int] = {"invalid": 1, "at_bound": 2, "outside_dictionary": 4,
-                            "ambiguous": 8, "poor_fit": 16}
+                            "ambiguous": 8, "poor_fit": 16, "below_resolution": 32}
 #: Distance to a bound, as a fraction of the parameter's range, that counts as "at it" ...
 BOUND_FRACTION = 1e-3
 #: ... or as a number of the estimate's posterior standard deviations.
@@ -250,6 +257,12 @@ def voxel_quality(fitter: object, ve: VoxelEstimates) -> dict[str, np.ndarray]:
     else:
         flags = np.where(valid, 0, FLAGS["invalid"]).astype(np.uint8)
     sigma = getattr(ve, "sigma", None)
+    model, scheme = getattr(fitter, "model", None), getattr(fitter, "scheme", None)
+    if sigma is not None and model is not None and scheme is not None and valid.any():
+        with np.errstate(divide="ignore", invalid="ignore"):
+            snr = np.asarray(ve.s0, dtype=np.float64) / np.asarray(sigma, dtype=np.float64)
+        below = below_resolution(model, scheme, np.asarray(ve.parameters), snr)
+        flags[valid & below] |= FLAGS["below_resolution"]
     orient = getattr(ve, "orientation_sd", None)
     return {"quality": flags,
             "sigma": np.full(n, np.nan, np.float32) if sigma is None

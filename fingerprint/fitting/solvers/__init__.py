@@ -4,7 +4,7 @@ selection.
 - :mod:`.brute2fine`: brute-force grid, then bounded non-linear least squares;
 - :mod:`.mix`: differential evolution with the volume fractions by NNLS, then the same
   refinement;
-- :mod:`.cascade`: initial guesses (``x0_vector``) from other fits, by name;
+- initial guesses (``x0_vector``, cascades) are parsed by :mod:`fingerprint.fitting.initial`;
 - :mod:`.selection`: free-parameter counts, AIC / BIC / AICc, comparing fitted models.
 
 :func:`fit_classical` is what ``model.fit(..., solver='brute2fine' | 'mix')`` runs.
@@ -20,13 +20,13 @@ import numpy as np
 
 from fingerprint.errors import InputError
 from fingerprint.fitting.estimator import VoxelEstimates
-from fingerprint.fitting.solvers.cascade import x0_matrix
 from fingerprint.fitting.solvers.common import ClassicalOptions
 
 if TYPE_CHECKING:  # type names only
     from fingerprint.core.acquisition_scheme import AcquisitionScheme
     from fingerprint.core.modeling_framework import MultiCompartmentModelProperties as Model
     from fingerprint.fitting.estimator import VoxelEstimates
+from fingerprint.fitting.initial import voxel_fixed_matrix, x0_matrix
 from fingerprint.fitting.registry import REFUSED_SOLVERS, SolverRequest, register_solver
 
 logger = logging.getLogger(__name__)
@@ -65,13 +65,20 @@ class ClassicalFitter:
         self.solver = solver
         self.options = options
 
+    #: per-voxel fixed parameters are supported (``fit_voxels(..., fixed=...)``)
+    supports_voxel_fixed = True
+
     def fit_voxels(self, data: np.ndarray,
-                   x0: np.ndarray | Mapping[str, np.ndarray] | None = None
+                   x0: np.ndarray | Mapping[str, np.ndarray] | None = None,
+                   fixed: np.ndarray | Mapping[str, np.ndarray] | None = None
                    ) -> VoxelEstimates:
         """Estimates (:class:`~fingerprint.fitting.estimator.VoxelEstimates`) of raw
         signals ``data`` (n, N), every voxel usable; ``x0`` starts (see
-        :mod:`.cascade`). ``uncertainty`` is NaN (not estimated); ``sigma`` is the RMS
-        residual in the data's units."""
+        :mod:`fingerprint.fitting.initial`). ``fixed``: per-voxel fixed values, parsed
+        like ``x0`` (an (n, P) matrix with NaN where estimated, or a dict of parameter
+        names, one value or one per voxel, SI units): held throughout and returned as
+        given. ``uncertainty`` is NaN (not estimated); ``sigma`` is the RMS residual in
+        the data's units."""
         from fingerprint.fitting.nonlinear import goodness_of_fit  # lazy: keeps numba off import
 
         arr = np.asarray(data, dtype=np.float64)
@@ -85,12 +92,14 @@ class ClassicalFitter:
         params = np.full((n, P), np.nan)
         r2 = np.full(n, np.nan)
         mse = np.full(n, np.nan)
+        x0m = x0_matrix(model, x0, n)
+        fixed_m = voxel_fixed_matrix(model, fixed, n)
         if valid.any():
             y = arr[valid] / s0[valid, None]
-            x0m = x0_matrix(model, x0, n)
             fitted, _ = _runner(self.solver)(model, scheme, y,
                                              None if x0m is None else x0m[valid],
-                                             self.options)
+                                             self.options,
+                                             None if fixed_m is None else fixed_m[valid])
             params[valid] = fitted
             r2[valid], mse[valid] = goodness_of_fit(model, scheme, y, fitted)
         valid &= np.all(np.isfinite(params), axis=1)

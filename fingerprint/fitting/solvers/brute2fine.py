@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from fingerprint.errors import InputError
-from fingerprint.fitting.nonlinear import _numba_threads, _Problem, refine_nonlinear
+from fingerprint.fitting.nonlinear import _held, _numba_threads, _Problem, refine_nonlinear
 from fingerprint.fitting.solvers.common import (
     MAX_GRID,
     ClassicalOptions,
@@ -69,16 +69,19 @@ def _axes(problem: _Problem, given: np.ndarray, options: ClassicalOptions
 
 
 def brute_force_grid(model: MultiCompartmentModelProperties,
-                     options: ClassicalOptions | None = None, given: np.ndarray | None = None
+                     options: ClassicalOptions | None = None, given: np.ndarray | None = None,
+                     held: np.ndarray | None = None
                      ) -> np.ndarray:
     """The brute-force grid of ``model``: parameter vectors (G, P), SI units.
 
     ``given`` (P,) bool marks columns left out of the grid (their values come from the
-    caller); they hold the middle of their range here. Fixed-range parameters hold their
-    bound; volume fractions solved by projection hold 1/K.
+    caller); they hold the middle of their range here. ``held`` (P,) bool marks
+    per-voxel fixed columns (left out too; with held fractions the others are gridded).
+    Fixed-range parameters hold their bound; volume fractions solved by projection hold
+    1/K.
     """
     options = options or ClassicalOptions()
-    problem = _Problem(model, None)
+    problem = _Problem(model, None, held=held)
     given = np.zeros(problem.P, dtype=bool) if given is None else np.asarray(given, bool)
     base = 0.5 * (problem.lower + problem.upper) * problem.scales
     fixed = problem.upper <= problem.lower
@@ -120,7 +123,7 @@ def _costs_shared(problem: _Problem, grid: np.ndarray, obs: np.ndarray, k: int
         for v0 in range(0, n, _VOXEL_CHUNK):
             y = obs[v0:v0 + _VOXEL_CHUNK]
             if problem.varpro:
-                costs[v0:v0 + y.shape[0]] = projected_costs(a, y)
+                costs[v0:v0 + y.shape[0]] = projected_costs(a, y, sum_to_one=True)
             else:
                 costs[v0:v0 + y.shape[0]] = (np.sum(y ** 2, 1)[:, None] - 2 * y @ a.T
                                              + np.sum(a ** 2, 1)[None, :])
@@ -154,7 +157,8 @@ def _starts_per_voxel(problem: _Problem, grid: np.ndarray, given: np.ndarray,
             a = problem._compartments(flat).reshape((v1 - v0, g) + (problem.pv_columns.size,
                                                                     -1))
             bad = ~np.all(np.isfinite(a), axis=(2, 3))
-            costs = projected_costs(np.where(np.isfinite(a), a, 0.0), y)
+            costs = projected_costs(np.where(np.isfinite(a), a, 0.0), y,
+                                    sum_to_one=True)
         else:
             a = problem.model.simulate_signal(problem.scheme, flat).reshape(v1 - v0, g, -1)
             bad = ~np.all(np.isfinite(a), axis=2)
@@ -167,26 +171,32 @@ def _starts_per_voxel(problem: _Problem, grid: np.ndarray, given: np.ndarray,
 
 def fit_brute2fine(model: MultiCompartmentModelProperties, scheme: AcquisitionScheme,
                    signals: np.ndarray, x0: np.ndarray | None = None,
-                   options: ClassicalOptions | None = None) -> tuple[np.ndarray, np.ndarray]:
+                   options: ClassicalOptions | None = None,
+                   fixed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Fit b0-normalised ``signals`` (n, N) by brute force then refinement.
 
     ``x0`` (n, P) with NaN where not given: columns given for every voxel replace their
     grid axis; a partly given x0 also starts one refinement (NaN filled from the grid).
+    ``fixed`` (n, P): per-voxel fixed values (NaN where estimated; a column is fixed in
+    every voxel or in none): left out of the grid and held by the refinement.
     Returns parameter vectors (n, P) (SI units) and costs (n,) (half the residual sum of
     squares of the normalised signals).
     """
     options = options or ClassicalOptions()
     t0 = time.perf_counter()
-    problem = _Problem(model, scheme)
     y = np.asarray(signals, dtype=np.float64)
-    obs = problem.observed(y)
     n = y.shape[0]
+    P = int(sum(model.parameter_cardinality.values()))
+    fixed_values, held = _held(fixed, n, P)
+    problem = _Problem(model, scheme, sum_to_one=True, held=held)
+    obs = problem.observed(y)
     ok = np.all(np.isfinite(obs), axis=1)
-    x0m = np.full((n, problem.P), np.nan) if x0 is None else np.asarray(x0, float)
+    x0m = np.full((n, problem.P), np.nan) if x0 is None else np.array(x0, float)
+    x0m[:, held] = fixed_values[:, held]
     given = np.all(np.isfinite(x0m), axis=0) if n else np.zeros(problem.P, bool)
     if problem.varpro:
         given[problem.pv_columns] = False  # solved by projection anyway
-    grid = brute_force_grid(model, options, given)
+    grid = brute_force_grid(model, options, given, held)
     k = options.starts
     starts = np.full((n, k, problem.P), np.nan)
     with _numba_threads(options.n_jobs):
@@ -205,7 +215,9 @@ def fit_brute2fine(model: MultiCompartmentModelProperties, scheme: AcquisitionSc
             extra[~partial] = np.nan
             starts = np.concatenate([starts, extra[:, None, :]], axis=1)
         out, cost = refine_nonlinear(model, scheme, y, starts, n_jobs=options.n_jobs,
-                                     max_nfev=options.maxiter, return_cost=True)
+                                     max_nfev=options.maxiter, return_cost=True,
+                                     sum_to_one=True,
+                                     held=fixed_values if held.any() else None)
     logger.info("brute2fine: %d voxels, grid of %d points (%.3g s), refinement %.3g s",
                 n, grid.shape[0], t1 - t0, time.perf_counter() - t1)
     return out, cost

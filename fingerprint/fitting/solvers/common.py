@@ -71,13 +71,15 @@ def _supports(k: int) -> list[list[int]]:
     return [[j for j in range(k) if mask >> j & 1] for mask in range(1, 2 ** k)]
 
 
-def projected_costs(a: np.ndarray, y: np.ndarray) -> np.ndarray:
+def projected_costs(a: np.ndarray, y: np.ndarray, sum_to_one: bool = False) -> np.ndarray:
     """Cost |y - A f|² with the fractions f >= 0 solved exactly (non-negative least
-    squares), for every voxel and every parameter set at once.
+    squares; with ``sum_to_one``, least squares on the simplex: f >= 0, sum f = 1), for
+    every voxel and every parameter set at once.
 
     ``a``: compartment signals, (g, K, N) shared by all voxels or (v, g, K, N) per
-    voxel; ``y`` (v, N). Returns (v, g). The NNLS optimum is the least-squares solution
-    on its own support, so it is the best feasible one over the 2^K - 1 supports.
+    voxel; ``y`` (v, N). Returns (v, g). The optimum is the (equality-constrained)
+    least-squares solution on its own support, so it is the best feasible one over the
+    2^K - 1 supports.
     """
     k = a.shape[-2]
     gram = a @ np.swapaxes(a, -1, -2)  # (..., g, K, K)
@@ -85,7 +87,8 @@ def projected_costs(a: np.ndarray, y: np.ndarray) -> np.ndarray:
         b = np.einsum("gkn,vn->vgk", a, y)
     else:
         b = np.einsum("vgkn,vn->vgk", a, y)
-    best = np.zeros(b.shape[:2])
+    # best reduction of |y|²: 2 f.b - f G f (the empty support, f = 0, reduces nothing)
+    best = np.full(b.shape[:2], -np.inf if sum_to_one else 0.0)
     trace = np.einsum("...ii->...", gram)[..., None, None]
     for cols in _supports(k):
         gs = gram[..., cols, :][..., :, cols]
@@ -94,7 +97,18 @@ def projected_costs(a: np.ndarray, y: np.ndarray) -> np.ndarray:
             inv = np.linalg.inv(gs)
         bs = b[..., cols]
         xs = (inv @ bs[..., None])[..., 0]
-        red = np.sum(xs * bs, axis=-1)
+        if sum_to_one:
+            u = inv.sum(axis=-1)  # G^-1 1, (..., g, s)
+            if a.ndim == 3:
+                u = np.broadcast_to(u[None], xs.shape)
+            with np.errstate(all="ignore"):
+                mu = (1.0 - xs.sum(axis=-1)) / u.sum(axis=-1)
+            xs = xs + u * mu[..., None]
+            gx = np.einsum("...ij,...j->...i", gs, xs) if a.ndim == 4 else \
+                np.einsum("gij,vgj->vgi", gs, xs)
+            red = 2.0 * np.sum(xs * bs, axis=-1) - np.sum(xs * gx, axis=-1)
+        else:
+            red = np.sum(xs * bs, axis=-1)
         take = np.all(xs >= 0.0, axis=-1) & np.isfinite(red) & (red > best)
         best = np.where(take, red, best)
     return np.sum(y ** 2, axis=1)[:, None] - best

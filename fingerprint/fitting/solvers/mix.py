@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fingerprint.fitting.nonlinear import _numba_threads, _Problem, refine_nonlinear
+from fingerprint.fitting.nonlinear import _held, _numba_threads, _Problem, refine_nonlinear
 from fingerprint.fitting.solvers.common import ClassicalOptions
 
 if TYPE_CHECKING:
@@ -65,29 +65,37 @@ def _search_bounds(problem: _Problem) -> tuple[np.ndarray, np.ndarray]:
 
 
 def fit_mix(model: MultiCompartmentModelProperties, scheme: AcquisitionScheme, signals: np.ndarray,
-            x0: np.ndarray | None = None, options: ClassicalOptions | None = None
+            x0: np.ndarray | None = None, options: ClassicalOptions | None = None,
+            fixed: np.ndarray | None = None
             ) -> tuple[np.ndarray, np.ndarray]:
     """Fit b0-normalised ``signals`` (n, N) by differential evolution then refinement.
 
     ``x0`` (n, P), NaN where not given, joins the initial population (its missing
-    values drawn at random). Returns parameter vectors (n, P) (SI units) and costs (n,)
-    (half the residual sum of squares of the normalised signals).
+    values drawn at random). ``fixed`` (n, P): per-voxel fixed values (NaN where
+    estimated; a column is fixed in every voxel or in none), held throughout. Returns
+    parameter vectors (n, P) (SI units) and costs (n,) (half the residual sum of squares
+    of the normalised signals).
     """
     options = options or ClassicalOptions()
     t0 = time.perf_counter()
-    problem = _Problem(model, scheme)
     y = np.asarray(signals, dtype=np.float64)
-    obs = problem.observed(y)
     n = y.shape[0]
+    P = int(sum(model.parameter_cardinality.values()))
+    fixed_values, held = _held(fixed, n, P)
+    problem = _Problem(model, scheme, sum_to_one=True, held=held)
+    obs = problem.observed(y)
     rng = np.random.default_rng(options.seed)
     lo, hi = _search_bounds(problem)
     m = lo.size
     template = 0.5 * (problem.lower + problem.upper) * problem.scales
-    fixed = problem.upper <= problem.lower
-    template[fixed] = (problem.lower * problem.scales)[fixed]
+    bound_only = problem.upper <= problem.lower
+    template[bound_only] = (problem.lower * problem.scales)[bound_only]
     if problem.pv_columns.size:
         template[problem.pv_columns] = 1.0 / problem.pv_columns.size
     ok = np.flatnonzero(np.all(np.isfinite(obs), axis=1))
+    # each voxel's template: the fixed values of its own (held columns)
+    voxel_template = np.repeat(template[None, :], n, axis=0)
+    voxel_template[:, held] = fixed_values[:, held]
     best_z = np.full((n, m), np.nan)
     generations = 0
     with _numba_threads(options.n_jobs):
@@ -101,7 +109,7 @@ def fit_mix(model: MultiCompartmentModelProperties, scheme: AcquisitionScheme, s
             if x0 is not None:
                 seed = np.asarray(x0, float)[ok][:, problem.free] / problem.scales[problem.free]
                 pop[:, 0] = np.where(np.isfinite(seed), np.clip(seed, lo, hi), pop[:, 0])
-            tmpl = np.broadcast_to(template, (v * npop, problem.P))
+            tmpl = np.repeat(voxel_template[ok], npop, axis=0)
             ys = np.repeat(obs[ok], npop, axis=0)
             cost = _cost(problem, tmpl, pop.reshape(-1, m), ys).reshape(v, npop)
             active = np.ones(v, dtype=bool)
@@ -125,7 +133,7 @@ def fit_mix(model: MultiCompartmentModelProperties, scheme: AcquisitionScheme, s
                 trial = np.where(cross, mutant, p)
                 out = (trial < lo) | (trial > hi)
                 trial = np.where(out, lo + rng.random(trial.shape) * (hi - lo), trial)
-                tc = _cost(problem, np.broadcast_to(template, (a * npop, problem.P)),
+                tc = _cost(problem, np.repeat(voxel_template[ok][act], npop, axis=0),
                            trial.reshape(-1, m),
                            np.repeat(obs[ok][act], npop, axis=0)).reshape(a, npop)
                 better = tc <= c
@@ -138,12 +146,14 @@ def fit_mix(model: MultiCompartmentModelProperties, scheme: AcquisitionScheme, s
             best_z[ok] = pop[np.arange(v), np.argmin(cost, axis=1)]
         t1 = time.perf_counter()
         start = np.full((n, problem.P), np.nan)
-        start[ok] = template
+        start[ok] = voxel_template[ok]
         if m:
             start[ok[:, None], problem.free[None, :]] = best_z[ok] * problem.scales[
                 problem.free]
         out_x, out_cost = refine_nonlinear(model, scheme, y, start, n_jobs=options.n_jobs,
-                                           max_nfev=options.maxiter, return_cost=True)
+                                           max_nfev=options.maxiter, return_cost=True,
+                                           sum_to_one=True,
+                                           held=fixed_values if held.any() else None)
     logger.info("mix: %d voxels, differential evolution %d generation(s) (%.3g s), "
                 "refinement %.3g s", n, generations, t1 - t0, time.perf_counter() - t1)
     return out_x, out_cost

@@ -135,9 +135,9 @@ def compare_volume(models: Sequence[str], dwi: str | os.PathLike[str], bval: str
     (``<prefix>_model-<model>_param-<criterion>_dwimap.nii.gz``) and, with ``preview``,
     a PNG of the middle slices. The volume is held in memory (float32)."""
     from fingerprint.fitting.pipeline import (  # lazy: keeps numba off import
-        _open_inputs,
-        _volume_mask,
         check_output_directory,
+        open_inputs,
+        volume_mask,
     )
 
     t0 = time.perf_counter()
@@ -152,11 +152,11 @@ def compare_volume(models: Sequence[str], dwi: str | os.PathLike[str], bval: str
     if criterion not in CRITERIA:
         raise InputError(f"criterion must be one of {', '.join(CRITERIA)}, got "
                          f"{criterion!r}")
-    image, scheme, mask_arr, _ = _open_inputs(dwi, bval, bvec, mask, delta, Delta, TE)
+    image, scheme, mask_arr, _ = open_inputs(dwi, bval, bvec, mask, delta, Delta, TE)
     out = check_output_directory(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if mask_arr is None:
-        mask_arr = _volume_mask(image, scheme, "positive_b0")
+        mask_arr = volume_mask(image, scheme, "positive_b0")
     data = np.asarray(image.img.dataobj, dtype=np.float32)
     fits = {}
     for name in names:
