@@ -165,7 +165,9 @@ def test_per_voxel_fixed_maps_are_validated(scheme):
     with pytest.raises(InputError, match=r"\[0, 1\]"):
         model.set_fixed_parameter("partial_volume_0", np.array([0.2, 1.2]))
     with pytest.raises(InputError, match="finite"):
-        model.set_fixed_parameter("partial_volume_0", np.array([0.2, np.nan]))
+        model.set_fixed_parameter("partial_volume_0", np.array([0.2, np.inf]))
+    with pytest.raises(InputError, match="all NaN"):
+        model.set_fixed_parameter("partial_volume_0", np.array([np.nan, np.nan]))
     model.set_fixed_parameter("partial_volume_0", np.array([0.2, 0.3]))
     with pytest.raises(InputError, match="fixed voxel by voxel"):
         model.set_initial_guess_parameter("partial_volume_0", 0.5)

@@ -21,7 +21,8 @@
   vector holds the fixed values) but is not estimated. The voxels are fitted in groups
   sharing one combination of fixed values, each group by a copy of the model with those
   values fixed (one dictionary per group for dictionary matching, hence a limit on the
-  number of distinct combinations: :data:`MAX_FIXED_GROUPS`).
+  number of distinct combinations: :data:`MAX_FIXED_GROUPS`). Voxels whose fixed value
+  is NaN are not fitted (a map taken from another fit that has no value there).
 """
 
 from __future__ import annotations
@@ -29,13 +30,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from fingerprint.core.backends import backend
-from fingerprint.core.fitted_model import FittedMultiCompartmentModel
 from fingerprint.errors import InputError
+
+if TYPE_CHECKING:  # type names only (the fitted model's module builds on this one)
+    from fingerprint.core.fitted_model import FittedMultiCompartmentModel
 
 logger = logging.getLogger(__name__)
 
@@ -164,8 +167,10 @@ def fit_with_guesses(model: Any, acquisition_scheme: Any, data: Any, mask: Any,
         for name, value in guesses.items():  # refuse a wrong voxel shape before fitting
             guess_on_voxels(int(cards[name]), value, tuple(spatial),
                             f"initial guess of {name}")
+    if x0 is not None:
+        kwargs = {**kwargs, "x0_vector": x0}
     fitted: FittedMultiCompartmentModel = backend("fit")(
-        model, acquisition_scheme, data, mask=mask, solver=solver, x0_vector=x0, **kwargs)
+        model, acquisition_scheme, data, mask=mask, solver=solver, **kwargs)
     if guesses:
         keep_better_guesses(model, fitted, data, guesses)
     return fitted
@@ -198,6 +203,14 @@ def _fit_voxel_fixed(model: Any, acquisition_scheme: Any, data: Any, mask: Any,
         raise InputError("no voxel to fit (empty mask, or no voxel with a positive mean "
                          "b=0 signal)")
     stacked = np.concatenate([maps[n] for n in maps], axis=-1)  # spatial + (k,)
+    missing = use & np.isnan(stacked).any(axis=-1)
+    if missing.any():
+        logger.warning("%d voxel(s) of the mask have no value (NaN) in a per-voxel fixed "
+                       "map: not fitted", int(missing.sum()))
+        use = use & ~missing
+        if not use.any():
+            raise InputError("no voxel to fit: every voxel of the mask has NaN in a "
+                             "per-voxel fixed map")
     combos, inverse = np.unique(stacked[use], axis=0, return_inverse=True)
     inverse = np.asarray(inverse).reshape(-1)
     if combos.shape[0] > MAX_FIXED_GROUPS:
@@ -220,6 +233,7 @@ def _fit_voxel_fixed(model: Any, acquisition_scheme: Any, data: Any, mask: Any,
     mse = np.zeros(spatial)
     positions = np.argwhere(use)
     fitted_scheme, solver_name = acquisition_scheme, str(solver)
+    fitted_type: Any = None
     for g, combo in enumerate(combos):
         sub = model.copy()
         sub._state = replace(state, voxel_fixed=())
@@ -236,6 +250,7 @@ def _fit_voxel_fixed(model: Any, acquisition_scheme: Any, data: Any, mask: Any,
             kw["x0_vector"] = x0
         part = sub.fit(acquisition_scheme, data, mask=group, solver=solver, **kw)
         fitted_scheme, solver_name = part.acquisition_scheme, part.solver
+        fitted_type = type(part)
         sub_params = part.fitted_parameters
         sub_unc = part.uncertainty_parameters
         for name, sl in layout.slices.items():
@@ -256,6 +271,7 @@ def _fit_voxel_fixed(model: Any, acquisition_scheme: Any, data: Any, mask: Any,
     params[use & ~valid] = np.nan
     logger.info("per-voxel fixed %s: %d group(s) of voxels fitted", ", ".join(maps),
                 combos.shape[0])
-    return FittedMultiCompartmentModel(model, fitted_scheme, params, mask=use, S0=s0_map,
-                                       uncertainty=unc, valid=valid, r2=r2, mse=mse,
-                                       solver=solver_name)
+    out: FittedMultiCompartmentModel = fitted_type(
+        model, fitted_scheme, params, mask=use, S0=s0_map, uncertainty=unc, valid=valid,
+        r2=r2, mse=mse, solver=solver_name)
+    return out

@@ -268,6 +268,7 @@ class _ParameterNamespace:
         """Fix a parameter to ``value`` (SI units; a list of ``cardinality`` values for
         orientations); it leaves the free parameters."""
         info = self._free_info(parameter_name)
+        _refuse_list_for_scalar(info, value)
         arr = _as_float_array(value, f"fixed value of {info.name}")
         if info.cardinality == 1:
             if arr.ndim != 0 and arr.shape != (1,):
@@ -290,6 +291,8 @@ class _ParameterNamespace:
     def set_equal_parameter(self, parameter_name_in: str, parameter_name_out: str) -> None:
         """Make ``parameter_name_out`` equal to ``parameter_name_in``; the former leaves the
         free parameters (dmipy argument order)."""
+        if self._same_equal_link(parameter_name_in, parameter_name_out):
+            return
         src = self._free_info(parameter_name_in)
         dst = self._free_info(parameter_name_out)
         if src.name == dst.name:
@@ -299,6 +302,20 @@ class _ParameterNamespace:
                              f"{src.name} (cardinality {src.cardinality})")
         self._add_link(Link("equal", dst.name, (src.name,)),
                        ("set_equal_parameter", src.name, dst.name))
+
+    def _same_equal_link(self, name_in: str, name_out: str) -> bool:
+        """Whether ``name_out`` is set equal to ``name_in`` already (repeating that call
+        is a no-op, as in dmipy; it is logged)."""
+        try:
+            src = self.resolve_parameter_name(name_in)
+            dst = self.resolve_parameter_name(name_out)
+        except InputError:
+            return False
+        if any(link.kind == "equal" and link.target == dst and link.sources == (src,)
+               for link in self._state.links):
+            logger.info("%s is equal to %s already", dst, src)
+            return True
+        return False
 
     def _tortuous(self, lambda_perp: str, lambda_par: str, vf_intra: str,
                   vf_extra: str | None, s0: tuple[float, float] | None = None) -> None:
@@ -647,6 +664,15 @@ def _s0_responses(value: Any, n_models: int) -> tuple[float, ...] | None:
     return tuple(float(v) for v in arr)
 
 
+def _refuse_list_for_scalar(info: ParameterInfo, value: Any) -> None:
+    """dmipy's rule: a scalar parameter is fixed to a number (or a numpy array, one value
+    per voxel), not to a list."""
+    if info.cardinality == 1 and isinstance(value, (list, tuple)):
+        raise InputError(f"{info.name} can only be fixed to one number (or a numpy array "
+                         f"with one value per voxel), got a {type(value).__name__}: "
+                         f"{value!r}")
+
+
 def _as_float_array(value: Any, what: str) -> np.ndarray:
     """``value`` as a float array; InputError naming ``what`` when it is not numeric."""
     try:
@@ -871,8 +897,10 @@ class MultiCompartmentModelProperties(_ParameterNamespace):
         of the data's spatial shape, ending in ``cardinality`` values for orientations)
         the parameter is fixed voxel by voxel instead: it stays in the parameter vector
         (dmipy's layout) with ``parameter_optimization_flags`` False, and the fit
-        returns the given values (see :mod:`fingerprint.core.initial_guess`)."""
+        returns the given values; voxels whose value is NaN are not fitted (see
+        :mod:`fingerprint.core.initial_guess`)."""
         info = self._free_info(parameter_name)
+        _refuse_list_for_scalar(info, value)
         arr = _as_float_array(value, f"fixed value of {info.name}")
         per_voxel = (arr.ndim >= 1 and arr.shape != (1,)) if info.cardinality == 1 \
             else arr.ndim > 1
@@ -886,7 +914,9 @@ class MultiCompartmentModelProperties(_ParameterNamespace):
             raise InputError(f"{info.name} is fixed voxel by voxel already")
         if any(link.sources and info.name in link.sources for link in self._state.links):
             logger.info("%s is fixed voxel by voxel and feeds a link", info.name)
-        fixed = self._voxel_value(info, arr, "fixed map", allow_nan=False)
+        fixed = self._voxel_value(info, arr, "fixed map", allow_nan=True)
+        if np.isnan(fixed).all():
+            raise InputError(f"fixed map of {info.name} has no value (all NaN)")
         state = self._state
         self._state = replace(
             state, guesses=tuple((n, v) for n, v in state.guesses if n != info.name),
