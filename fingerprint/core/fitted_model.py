@@ -65,14 +65,14 @@ class FittedParameters(dict):
             return False
         return True
 
-    def get(self, key: str, default: Any = None) -> Any:  # type: ignore[override]
+    def get(self, key: str, default: Any = None) -> Any:
         """The map of ``key`` (full name or unique suffix), or ``default``."""
         return self[key] if key in self else default
 
     def _read_only(self, *args: Any, **kwargs: Any) -> None:
         raise TypeError("fitted_parameters is read-only; copy it with dict(...) to edit")
 
-    __setitem__ = __delitem__ = _read_only  # type: ignore[assignment]
+    __setitem__ = __delitem__ = _read_only
     pop = popitem = clear = update = setdefault = _read_only  # type: ignore[assignment]
     __ior__ = _read_only  # type: ignore[assignment]
 
