@@ -213,3 +213,17 @@ def test_mix_accepts_tortuosity_inside_a_distribution(scheme):
     data = model.simulate_signal(scheme, truth)[None]
     fitted = model.fit(scheme, data, solver="mix")
     np.testing.assert_allclose(fitted.fitted_parameters["partial_volume_0"], 0.2, atol=0.01)
+
+
+def test_spherical_mean_model_ignores_the_orientation_it_drops(scheme):
+    """dmipy scripts give a model and its spherical-mean sibling the same parameters;
+    the orientation the spherical mean drops is ignored, other unknown names refused."""
+    sm = MultiCompartmentSphericalMeanModel(models=[G1Ball(), C1Stick()])
+    assert sm.dropped_orientations == ("C1Stick_1_mu",)
+    named = dict(G1Ball_1_lambda_iso=3e-9, C1Stick_1_lambda_par=1.7e-9,
+                 partial_volume_0=0.3, partial_volume_1=0.7)
+    np.testing.assert_array_equal(
+        sm.parameters_to_parameter_vector(**named, C1Stick_1_mu=[0.1, 0.2]),
+        sm.parameters_to_parameter_vector(**named))
+    with pytest.raises(InputError, match="unknown parameter"):
+        sm.parameters_to_parameter_vector(**named, C1Stick_1_nu=[0.1, 0.2])

@@ -379,7 +379,13 @@ class _ParameterNamespace:
         """
         cards = self.parameter_cardinality
         given: dict[str, np.ndarray] = {}
+        dropped = getattr(self, "dropped_orientations", ())
         for key, value in parameters.items():
+            if key in dropped:
+                # dmipy passes the same parameters to a model and its spherical-mean
+                # sibling: the orientation the spherical mean drops is ignored
+                logger.debug("%s is not a parameter of a spherical-mean model; ignored", key)
+                continue
             full = self.resolve_parameter_name(key, free_only=True)
             if full in given:
                 raise InputError(f"parameter {full} given twice (as {key!r})")
@@ -748,10 +754,13 @@ class MultiCompartmentModelProperties(_ParameterNamespace):
         self.S0_tissue_responses = _s0_responses(S0_tissue_responses, len(subs))
         self.model_names = _prefixes(subs)
         params: list[ParameterInfo] = []
+        #: orientations of the sub-models that a spherical-mean model drops
+        self.dropped_orientations: tuple[str, ...] = ()
         for k, (model, prefix) in enumerate(zip(subs, self.model_names, strict=True)):
             units = submodel_units(model)
             for name, card, rng, scale, ptype in _submodel_parameters(model):
                 if self._spherical_mean and ptype == "orientation":
+                    self.dropped_orientations += (prefix + name,)
                     continue
                 params.append(ParameterInfo(prefix + name, card, rng, scale, ptype, k, name,
                                             units[name]))
