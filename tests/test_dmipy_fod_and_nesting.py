@@ -195,3 +195,15 @@ def test_nesting_is_validated():
     inner = SD1WatsonDistributed([DD1GammaDistributed([cylinder])])
     with pytest.raises(InputError, match="one level of nesting"):
         DD1GammaDistributed([inner])
+
+
+def test_orientation_distribution_needs_an_oriented_model():
+    from fingerprint.signal_models.sphere_models import S1Dot
+
+    for isotropic in (G1Ball(), S1Dot()):
+        for cls in (SD1WatsonDistributed, SD2BinghamDistributed):
+            with pytest.raises(ValueError, match="all isotropic"):
+                cls([isotropic])
+    # an isotropic compartment next to an oriented one is left undispersed
+    bundle = SD1WatsonDistributed([C1Stick(), G1Ball()])
+    assert "G1Ball_1_lambda_iso" in bundle.parameter_names

@@ -416,6 +416,10 @@ class _SphericalDistributed(DistributedModel):
             if "mu" not in names and not is_isotropic(model):
                 raise InputError(f"{type(self).__name__}: models[{i}] "
                                  f"({type(model).__name__}) has no orientation to disperse")
+        if all(not _is_nested(m) and is_isotropic(m) for m in self.models):
+            raise InputError(f"{type(self).__name__}: its models are all isotropic "
+                             f"({', '.join(type(m).__name__ for m in self.models)}); an "
+                             f"orientation distribution needs at least one oriented model")
 
     def fod(self, vertices: Any, **kwargs: Any) -> np.ndarray:
         """Orientation density (1/sr, integrates to 1 over the sphere) at unit vectors
