@@ -185,18 +185,6 @@ def test_per_voxel_fixed_maps_are_validated(scheme):
         many.fit(scheme, np.ones((n, scheme.number_of_measurements)))
 
 
-# ------------------------------------------------------------------ refusals
-@pytest.mark.parametrize("framework", [MultiCompartmentModel,
-                                       MultiCompartmentSphericalMeanModel])
-def test_mix_refuses_a_top_level_tortuosity_link(scheme, framework):
-    model = framework(models=[C1Stick(), G2Zeppelin()])
-    model.set_tortuous_parameter("G2Zeppelin_1_lambda_perp", "C1Stick_1_lambda_par",
-                                 "partial_volume_0", "partial_volume_1")
-    data = np.ones(scheme.number_of_measurements)
-    with pytest.raises(ValueError, match="solver 'mix' cannot fit a model with a tortuosity"):
-        model.fit(scheme, data, solver="mix")
-
-
 def test_mix_accepts_tortuosity_inside_a_distribution(scheme):
     bundle = SD1WatsonDistributed(models=[C1Stick(), G2Zeppelin()])
     bundle.set_tortuous_parameter("G2Zeppelin_1_lambda_perp", "C1Stick_1_lambda_par",

@@ -1108,14 +1108,7 @@ class MultiCompartmentModelProperties(_ParameterNamespace):
         FittedMultiCompartmentModel (see :func:`fingerprint.fitting.engine.fit_model`,
         reached through :func:`fingerprint.core.backends.backend` so that ``core`` does
         not import ``fitting``). Initial guesses and per-voxel fixed maps are applied as
-        :mod:`fingerprint.core.initial_guess` describes. Like dmipy, ``solver='mix'``
-        refuses a tortuosity link set on this model (InputError, a ValueError)."""
-        if solver == "mix" and any(link.kind == "tortuous" for link in self._state.links):
-            raise InputError("solver 'mix' cannot fit a model with a tortuosity link set on "
-                             "the multi-compartment model (its volume fractions are solved "
-                             "linearly, which the link would break); set the tortuosity "
-                             "inside the distributed model, or use solver 'brute2fine' or "
-                             "the default dictionary matching")
+        :mod:`fingerprint.core.initial_guess` describes."""
         return fit_with_guesses(self, acquisition_scheme, data, mask, solver, dict(kwargs))
 
 
