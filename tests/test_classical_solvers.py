@@ -206,11 +206,13 @@ def test_brute2fine_agrees_with_fingerprint_within_the_noise(hcp):
     assert np.median(_angles(b2f[:, :2], fp[:, :2])) < 2.0
 
 
-def test_per_voxel_fixed_parameters_refused_clearly():
+def test_per_voxel_fixed_parameters_stay_in_the_vector():
+    """dmipy's layout: a per-voxel fixed map keeps its parameter in the vector, not
+    optimised (fitting it: tests/test_dmipy_initial_guess.py)."""
     model = ball_stick()
-    with pytest.raises(InputError, match="per-voxel fixed maps are not supported.*x0_vector"):
-        model.set_fixed_parameter("G1Ball_1_lambda_iso", np.full((4, 4), 3e-9))
-    assert "G1Ball_1_lambda_iso" in model.parameter_names  # nothing was fixed
+    model.set_fixed_parameter("G1Ball_1_lambda_iso", np.full((4, 4), 3e-9))
+    assert "G1Ball_1_lambda_iso" in model.parameter_names
+    assert model.parameter_optimization_flags["G1Ball_1_lambda_iso"] is False
 
 
 def test_x0_matrix_names_shapes_and_errors():

@@ -316,8 +316,8 @@ def test_distributed_links_and_errors():
         other.set_fixed_parameter("lambda_par", 1e-9)
     other.set_fixed_parameter("odi", 0.3)  # unique suffix
     assert "SD1Watson_1_odi" not in other.parameter_names
-    with pytest.raises(InputError, match="not a compartment"):
-        SD1WatsonDistributed(models=[bundle])
+    with pytest.raises(InputError, match="cannot be distributed by it"):
+        SD1WatsonDistributed(models=[bundle])  # an orientation distribution of one
     with pytest.raises(InputError):
         SD1WatsonDistributed(models=[])
 

@@ -152,3 +152,20 @@ def test_duval_scheme_timings():
     assert len(timings) == 9 and (0.007, 0.003) in timings and (0.04, 0.008) in timings
     assert np.isclose(scheme.gradient_strengths.max(), 0.6 * np.sqrt(2), rtol=1e-5)
     np.testing.assert_allclose(scheme.gradient_directions[~scheme.b0_mask][:, 2], 0.0)
+
+
+def test_unshipped_named_schemes_read_a_given_file_or_say_why_not(tmp_path):
+    from fingerprint.data import saved_acquisition_schemes as saved
+
+    duval = duval_cat_spinal_cord_2d_acquisition_scheme()
+    path = tmp_path / "given.scheme"
+    duval.to_schemefile(path)
+    for name in ("duval_cat_spinal_cord_3d_acquisition_scheme",
+                 "de_santis_generated_acquisition_scheme",
+                 "isbi2015_white_matter_challenge_scheme"):
+        function = getattr(saved, name)
+        with pytest.raises(InputError, match="does not ship.*schemefile"):
+            function()
+        scheme = function(schemefile=path)  # a table the caller has, read as given
+        np.testing.assert_allclose(scheme.bvalues, duval.bvalues, rtol=1e-6)
+        np.testing.assert_allclose(scheme.Delta, duval.Delta, rtol=1e-6)

@@ -17,8 +17,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from fingerprint.core.modeling_framework import MultiCompartmentModel
+from fingerprint.core.orientations import mu_to_vectors
 from fingerprint.core.parameter_layout import ParameterLayout
+from fingerprint.distributions import distribute_models
 from fingerprint.errors import InputError
+from fingerprint.utils.spherical_convolution import check_sh_order, real_sym_sh_mrtrix
 
 if TYPE_CHECKING:
     from numpy.typing import ArrayLike
@@ -38,26 +42,27 @@ class UnknownParameterError(InputError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
-class FittedParameters(Mapping):
-    """Read-only mapping of parameter name -> map; keys are the model's full dmipy names,
-    and any unambiguous suffix (``'SD1Watson_1_odi'``, ``'odi'``) resolves too."""
+class FittedParameters(dict):
+    """Read-only dict of parameter name -> map (a ``dict`` like dmipy's
+    ``fitted_parameters``); keys are the model's full dmipy names, and any unambiguous
+    suffix (``'SD1Watson_1_odi'``, ``'odi'``) resolves too."""
 
     def __init__(self, values: dict[str, np.ndarray]):
-        self._values = values
+        super().__init__(values)
 
     def _resolve(self, key: str) -> str:
-        if key in self._values:
+        if dict.__contains__(self, key):
             return key
-        matches = [k for k in self._values if k.endswith("_" + key)]
+        matches = [k for k in self if isinstance(key, str) and k.endswith("_" + key)]
         if len(matches) == 1:
             return matches[0]
         if matches:
             raise UnknownParameterError(f"{key!r} is ambiguous: it matches {matches}")
         raise UnknownParameterError(f"{key!r} is not a fitted parameter; parameters: "
-                       f"{list(self._values)}")
+                                    f"{list(self)}")
 
     def __getitem__(self, key: str) -> np.ndarray:
-        return self._values[self._resolve(key)]
+        return dict.__getitem__(self, self._resolve(key))
 
     def __contains__(self, key: object) -> bool:
         try:
@@ -66,14 +71,22 @@ class FittedParameters(Mapping):
             return False
         return True
 
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._values)
+    def get(self, key: str, default: Any = None) -> Any:
+        """The map of ``key`` (full name or unique suffix), or ``default``."""
+        return self[key] if key in self else default
 
-    def __len__(self) -> int:
-        return len(self._values)
+    def _read_only(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError("fitted_parameters is read-only; copy it with dict(...) to edit")
+
+    __setitem__ = __delitem__ = _read_only
+    pop = popitem = clear = update = setdefault = _read_only  # type: ignore[assignment]
+    __ior__ = _read_only  # type: ignore[assignment]
+
+    def __reduce__(self) -> tuple[Any, tuple[dict[str, np.ndarray]]]:
+        return type(self), (dict(self),)
 
     def __repr__(self) -> str:
-        return f"FittedParameters({list(self._values)})"
+        return f"FittedParameters({list(self)})"
 
 
 def multi_tissue_fractions(parameters: Mapping[str, Any], s0_responses: Any,
@@ -179,6 +192,168 @@ class FittedMultiCompartmentModel:
         return multi_tissue_fractions(self.fitted_parameters,
                                       getattr(self.model, "S0_tissue_responses", None),
                                       normalized=True)
+
+    # ------------------------------------------------------------------ orientations
+    def _voxel_parameters(self) -> Iterator[tuple[tuple[int, ...], dict[str, np.ndarray]]]:
+        """(index, named free parameters) of every valid voxel of the mask."""
+        use = self.mask & self.valid
+        vectors = self.fitted_parameters_vector
+        for idx in np.argwhere(use):
+            key = tuple(int(i) for i in idx)
+            yield key, self.model.parameter_vector_to_parameters(vectors[key])
+
+    def _check_fod_available(self) -> None:
+        if bool(getattr(self.model, "is_spherical_mean", False)) or not any(
+                hasattr(m, "fod") for m in getattr(self.model, "models", [])):
+            raise InputError(f"FODs are not available for this {type(self.model).__name__}: "
+                             "it has no orientation distribution (SD1WatsonDistributed / "
+                             "SD2BinghamDistributed)")
+
+    def fod(self, vertices: Any, visual_odi_lower_bound: float = 0.0) -> np.ndarray:
+        """Fibre orientation density (1/sr) of every voxel at unit vectors ``vertices``
+        (K, 3): the orientation distributions of the dispersed sub-models weighted by
+        their volume fractions; shape mask.shape + (K,), 0 outside the mask, NaN where
+        the fit is invalid. ``visual_odi_lower_bound`` (in [0, 1)) raises every fitted
+        ODI to at least that value first (for displaying very sharp FODs), like dmipy."""
+        self._check_fod_available()
+        verts = _unit_vectors(vertices)
+        lower = float(visual_odi_lower_bound)
+        if not 0.0 <= lower < 1.0:
+            raise InputError(f"visual_odi_lower_bound must be in [0, 1), got "
+                             f"{visual_odi_lower_bound!r}")
+        out = np.zeros(self.mask.shape + (verts.shape[0],))
+        for key, params in self._voxel_parameters():
+            if lower > 0:
+                params = {k: (np.clip(v, lower, 1.0) if k.endswith("odi") else v)
+                          for k, v in params.items()}
+            out[key] = self.model.fod(verts, **params)
+        out[self.mask & ~self.valid] = np.nan
+        return out
+
+    def fod_sh(self, sh_order: int = 8, basis_type: str | None = None) -> np.ndarray:
+        """Spherical-harmonic coefficients of :meth:`fod` up to even order ``sh_order``,
+        shape mask.shape + ((sh_order + 1)(sh_order + 2) / 2,), in the project's SH basis
+        (dmipy's MC-CSD basis, MRtrix 0.2 / Tournier 2007; ``basis_type`` None or
+        ``'tournier07'``). The coefficients are the exact L2 projection of the density,
+        computed by a product Gauss-Legendre x trapezoid quadrature on the sphere (dmipy
+        fits them by least squares on 724 points)."""
+        self._check_fod_available()
+        order = check_sh_order(sh_order)
+        if basis_type not in (None, "tournier07"):
+            raise InputError(f"basis_type must be None or 'tournier07' (the MRtrix 0.2 basis "
+                             f"of the project's SH coefficients), got {basis_type!r}")
+        theta, phi, weights = _sphere_quadrature(order)
+        basis, _, _ = real_sym_sh_mrtrix(order, theta, phi)
+        st = np.sin(theta)
+        verts = np.stack([st * np.cos(phi), st * np.sin(phi), np.cos(theta)], axis=1)
+        # the basis is orthogonal but not normalised (m != 0 lack sqrt(2)): divide by norms
+        projector = (basis * weights[:, None]) / (weights @ basis ** 2)[None, :]
+        density = self.fod(verts)
+        out = np.zeros(self.mask.shape + (basis.shape[1],))
+        use = self.mask & self.valid
+        out[use] = density[use] @ projector
+        out[self.mask & ~self.valid] = np.nan
+        return out
+
+    def peaks_spherical(self) -> np.ndarray:
+        """The fitted orientations [theta, phi] (rad) of the model's orientation
+        parameters, shape mask.shape + (n_orientations, 2) (dmipy's peaks; with several
+        orientations dmipy stacks them along the last axis instead)."""
+        names = [n for n, t in self.model.parameter_types.items() if t == "orientation"]
+        if not names:
+            raise InputError(f"peaks are not available for this {type(self.model).__name__}: "
+                             "it has no free orientation")
+        params = self.fitted_parameters
+        return np.stack([np.asarray(params[n]) for n in names], axis=-2)
+
+    def peaks_cartesian(self) -> np.ndarray:
+        """Unit vectors of :meth:`peaks_spherical`, shape mask.shape +
+        (n_orientations, 3)."""
+        return mu_to_vectors(self.peaks_spherical())
+
+    # ------------------------------------------------------------------ FOD models
+    def _kernel_maps(self) -> tuple[dict[str, np.ndarray], list[str]]:
+        """Fitted spherical-mean parameters as kernel maps (NaN where not fitted) and the
+        top-level volume fractions converted to a bundle's nested ones."""
+        if not bool(getattr(self.model, "is_spherical_mean", False)):
+            raise InputError("FOD models are built from a fitted spherical-mean model "
+                             "(MultiCompartmentSphericalMeanModel)")
+        use = self.mask & self.valid
+        maps = {}
+        for name, value in self.fitted_parameters.items():
+            arr = np.array(value, dtype=float)
+            arr[~use] = np.nan
+            maps[name] = arr
+        pv = [n for n in self.model.partial_volume_names if n in maps]
+        nested: list[str] = []
+        if pv:
+            if len(pv) != self.model.N_models:
+                raise InputError("a FOD model needs the spherical-mean model's volume "
+                                 "fractions all free (or all fixed)")
+            remaining = np.ones(self.mask.shape)
+            for i, name in enumerate(pv[:-1]):
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    maps[f"bundle_partial_volume_{i}"] = np.clip(
+                        maps[name] / remaining, 0.0, 1.0)
+                remaining = remaining - maps[name]
+                nested.append(f"partial_volume_{i}")
+        return maps, nested
+
+    def _replay_links(self, target: Any, nested_fractions: bool) -> None:
+        """The spherical-mean model's fixed / equal / tortuous links, set again on
+        ``target`` (a distributed bundle or a spherical-harmonics model)."""
+        for link in self.model.parameter_links:
+            if link.target.startswith("partial_volume_"):
+                raise InputError(f"a FOD model cannot carry the link on the volume fraction "
+                                 f"{link.target}")
+            if link.kind == "fixed":
+                target.set_fixed_parameter(link.target, link.value)
+            elif link.kind == "equal":
+                target.set_equal_parameter(link.sources[0], link.target)
+            else:
+                lambda_par, vf_intra = link.sources[0], link.sources[1]
+                if link.value is not None or vf_intra != "partial_volume_0" or \
+                        self.model.N_models != 2:
+                    raise InputError("a FOD model keeps a tortuosity link only between two "
+                                     "compartments with the first one intra-axonal "
+                                     "(partial_volume_0) and no S0 correction")
+                if nested_fractions:
+                    target.set_tortuous_parameter(link.target, lambda_par, "partial_volume_0")
+                else:
+                    target.set_tortuous_parameter(link.target, lambda_par, *link.sources[1:])
+
+    def return_parametric_fod_model(self, distribution: str = "watson",
+                                    Ncompartments: int = 1) -> Any:  # noqa: N803
+        """A MultiCompartmentModel of ``Ncompartments`` bundles (``'watson'``:
+        SD1WatsonDistributed, ``'bingham'``: SD2BinghamDistributed) of this fitted
+        spherical-mean model's compartments, with its links and its fitted parameters
+        fixed as the kernel (one value per voxel; NaN, so not fitted, where this fit has
+        none) and shared by every bundle: fitting it estimates only the orientation
+        distributions (and the bundles' fractions). dmipy's method; the spherical-mean
+        volume fractions become the bundle's nested ones exactly."""
+        if isinstance(Ncompartments, bool) or not isinstance(Ncompartments, (int, np.integer)) \
+                or Ncompartments < 1:
+            raise InputError(f"Ncompartments must be an integer >= 1, got {Ncompartments!r}")
+        classes = {"watson": distribute_models.SD1WatsonDistributed,
+                   "bingham": distribute_models.SD2BinghamDistributed}
+        if distribution not in classes:
+            raise InputError(f"distribution must be one of {sorted(classes)}, got "
+                             f"{distribution!r}")
+        maps, nested = self._kernel_maps()
+        bundle = classes[distribution](list(self.model.models))  # type: ignore[arg-type]  # may nest distributions
+        self._replay_links(bundle, nested_fractions=True)
+        model = MultiCompartmentModel([bundle.copy() for _ in range(int(Ncompartments))])
+        prefixes = model.model_names
+        kernel = [n for n in self.model.parameter_names
+                  if not n.startswith("partial_volume_")]
+        pairs = [(maps[n], n) for n in kernel]
+        pairs += [(maps[f"bundle_{n}"], n) for n in nested]
+        for _, local in pairs:
+            for prefix in prefixes[1:]:
+                model.set_equal_parameter(prefixes[0] + local, prefix + local)
+        for value, local in pairs:
+            model.set_fixed_parameter(prefixes[0] + local, _one_or_map(value))
+        return model
 
     # ------------------------------------------------------------------ prediction
     def predict(self, acquisition_scheme: AcquisitionScheme | None = None,
@@ -342,3 +517,37 @@ def _signal_width(model: Any, scheme: Any) -> int:
     if bool(getattr(model, "is_spherical_mean", False)):
         return int(np.asarray(scheme.shell_bvalues).size)
     return int(scheme.number_of_measurements)
+
+
+def _unit_vectors(vertices: Any) -> np.ndarray:
+    """Validated unit vectors (K, 3)."""
+    try:
+        verts = np.asarray(vertices, dtype=float)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"vertices must be a numeric (K, 3) array: {exc}") from None
+    if verts.ndim != 2 or verts.shape[1] != 3:
+        raise InputError(f"vertices must have shape (K, 3), got {verts.shape}")
+    norms = np.linalg.norm(verts, axis=1)
+    if not np.all(np.isfinite(norms)) or np.any(norms == 0):
+        raise InputError("vertices must be finite, non-zero vectors")
+    return verts / norms[:, None]
+
+
+def _sphere_quadrature(sh_order: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(theta, phi, weights) of a product rule on the sphere: Gauss-Legendre in
+    cos(theta), trapezoid in phi; weights sum to 4 pi. Exact for polynomials of degree
+    well above ``2 sh_order`` and accurate to ~1e-12 for the sharpest Watson densities
+    (kappa ~ 32 at ODI 0.02)."""
+    n_t = max(96, 2 * sh_order + 2)
+    n_p = 2 * n_t
+    x, w = np.polynomial.legendre.leggauss(n_t)
+    phi = np.arange(n_p) * (2.0 * np.pi / n_p) - np.pi
+    theta = np.repeat(np.arccos(x), n_p)
+    return theta, np.tile(phi, n_t), np.repeat(w, n_p) * (2.0 * np.pi / n_p)
+
+
+def _one_or_map(value: np.ndarray) -> Any:
+    """A fitted map as a fixed value: one number when the map has one voxel, else the
+    map itself (a per-voxel fixed map)."""
+    arr = np.asarray(value, dtype=float)
+    return float(arr.reshape(-1)[0]) if arr.size == 1 else arr

@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, Any, TypeGuard
 
 import numpy as np
 
-from fingerprint.core.backends import backend
+from fingerprint.core.initial_guess import fit_with_guesses
 from fingerprint.core.orientations import mu_to_vectors
 from fingerprint.core.parameter_layout import ParameterLayout
 from fingerprint.core.units import DIMENSIONLESS
@@ -138,6 +138,10 @@ class _State:
     params: tuple[ParameterInfo, ...]
     links: tuple[Link, ...] = ()
     calls: tuple[tuple[Any, ...], ...] = ()  # replayable set_* calls (for specs)
+    #: initial guesses (name, read-only SI array), dmipy's ``set_initial_guess_parameter``
+    guesses: tuple[tuple[str, np.ndarray], ...] = ()
+    #: parameters fixed voxel by voxel (name, read-only SI array of the voxels' shape)
+    voxel_fixed: tuple[tuple[str, np.ndarray], ...] = ()
 
     @property
     def linked(self) -> frozenset[str]:
@@ -262,12 +266,16 @@ class _ParameterNamespace:
     # ------------------------------------------------------------------ links (dmipy API)
     def _add_link(self, link: Link, call: tuple[Any, ...]) -> None:
         state = self._state
+        if any(name == link.target for name, _ in state.voxel_fixed):
+            raise InputError(f"{link.target} is fixed voxel by voxel already; it cannot be "
+                             f"fixed or linked again")
         self._state = replace(state, links=state.links + (link,), calls=state.calls + (call,))
 
     def set_fixed_parameter(self, parameter_name: str, value: Any) -> None:
         """Fix a parameter to ``value`` (SI units; a list of ``cardinality`` values for
         orientations); it leaves the free parameters."""
         info = self._free_info(parameter_name)
+        _refuse_list_for_scalar(info, value)
         arr = _as_float_array(value, f"fixed value of {info.name}")
         if info.cardinality == 1:
             if arr.ndim != 0 and arr.shape != (1,):
@@ -290,6 +298,8 @@ class _ParameterNamespace:
     def set_equal_parameter(self, parameter_name_in: str, parameter_name_out: str) -> None:
         """Make ``parameter_name_out`` equal to ``parameter_name_in``; the former leaves the
         free parameters (dmipy argument order)."""
+        if self._same_equal_link(parameter_name_in, parameter_name_out):
+            return
         src = self._free_info(parameter_name_in)
         dst = self._free_info(parameter_name_out)
         if src.name == dst.name:
@@ -299,6 +309,20 @@ class _ParameterNamespace:
                              f"{src.name} (cardinality {src.cardinality})")
         self._add_link(Link("equal", dst.name, (src.name,)),
                        ("set_equal_parameter", src.name, dst.name))
+
+    def _same_equal_link(self, name_in: str, name_out: str) -> bool:
+        """Whether ``name_out`` is set equal to ``name_in`` already (repeating that call
+        is a no-op, as in dmipy; it is logged)."""
+        try:
+            src = self.resolve_parameter_name(name_in)
+            dst = self.resolve_parameter_name(name_out)
+        except InputError:
+            return False
+        if any(link.kind == "equal" and link.target == dst and link.sources == (src,)
+               for link in self._state.links):
+            logger.info("%s is equal to %s already", dst, src)
+            return True
+        return False
 
     def _tortuous(self, lambda_perp: str, lambda_par: str, vf_intra: str,
                   vf_extra: str | None, s0: tuple[float, float] | None = None) -> None:
@@ -362,7 +386,13 @@ class _ParameterNamespace:
         """
         cards = self.parameter_cardinality
         given: dict[str, np.ndarray] = {}
+        dropped = getattr(self, "dropped_orientations", ())
         for key, value in parameters.items():
+            if key in dropped:
+                # dmipy passes the same parameters to a model and its spherical-mean
+                # sibling: the orientation the spherical mean drops is ignored
+                logger.debug("%s is not a parameter of a spherical-mean model; ignored", key)
+                continue
             full = self.resolve_parameter_name(key, free_only=True)
             if full in given:
                 raise InputError(f"parameter {full} given twice (as {key!r})")
@@ -650,6 +680,15 @@ def _s0_responses(value: Any, n_models: int) -> tuple[float, ...] | None:
     return tuple(float(v) for v in arr)
 
 
+def _refuse_list_for_scalar(info: ParameterInfo, value: Any) -> None:
+    """dmipy's rule: a scalar parameter is fixed to a number (or a numpy array, one value
+    per voxel), not to a list."""
+    if info.cardinality == 1 and isinstance(value, (list, tuple)):
+        raise InputError(f"{info.name} can only be fixed to one number (or a numpy array "
+                         f"with one value per voxel), got a {type(value).__name__}: "
+                         f"{value!r}")
+
+
 def _as_float_array(value: Any, what: str) -> np.ndarray:
     """``value`` as a float array; InputError naming ``what`` when it is not numeric."""
     try:
@@ -726,10 +765,13 @@ class MultiCompartmentModelProperties(_ParameterNamespace):
         self.S0_tissue_responses = _s0_responses(S0_tissue_responses, len(subs))
         self.model_names = _prefixes(subs)
         params: list[ParameterInfo] = []
+        #: orientations of the sub-models that a spherical-mean model drops
+        self.dropped_orientations: tuple[str, ...] = ()
         for k, (model, prefix) in enumerate(zip(subs, self.model_names, strict=True)):
             units = submodel_units(model)
             for name, card, rng, scale, ptype in _submodel_parameters(model):
                 if self._spherical_mean and ptype == "orientation":
+                    self.dropped_orientations += (prefix + name,)
                     continue
                 params.append(ParameterInfo(prefix + name, card, rng, scale, ptype, k, name,
                                             units[name]))
@@ -798,6 +840,107 @@ class MultiCompartmentModelProperties(_ParameterNamespace):
         self._tortuous(lambda_perp_parameter_name, lambda_par_parameter_name,
                        volume_fraction_intra_parameter_name,
                        volume_fraction_extra_parameter_name, s0)
+
+    # ------------------------------------------------------------------ initial guesses
+    @property
+    def x0_parameters(self) -> dict[str, np.ndarray]:
+        """dmipy's ``x0_parameters``: the initial guesses and the per-voxel fixed maps by
+        parameter name (SI units; read-only arrays)."""
+        state = self._state
+        return dict(state.guesses) | dict(state.voxel_fixed)
+
+    @property
+    def parameter_optimization_flags(self) -> OrderedDict:
+        """Name -> whether the fit estimates the free parameter (False for parameters
+        fixed voxel by voxel, which stay in the parameter vector like in dmipy)."""
+        fixed = {name for name, _ in self._state.voxel_fixed}
+        return OrderedDict((n, n not in fixed) for n in self.parameter_names)
+
+    def _voxel_value(self, info: ParameterInfo, value: Any, what: str,
+                     allow_nan: bool) -> np.ndarray:
+        """``value`` as one value (shape () / (card,)) or one per voxel (shape voxels /
+        voxels + (card,)), validated; a read-only float copy."""
+        arr = np.array(_as_float_array(value, f"{what} of {info.name}"), dtype=float)
+        if info.cardinality > 1 and (arr.ndim == 0 or arr.shape[-1] != info.cardinality):
+            raise InputError(f"{what} of {info.name} must end in {info.cardinality} values "
+                             f"({info.name} is an orientation [theta, phi] in rad), got "
+                             f"shape {arr.shape}")
+        bad = np.isinf(arr) if allow_nan else ~np.isfinite(arr)
+        if bad.any():
+            raise InputError(f"{what} of {info.name} must be finite"
+                             f"{' (NaN: no value for that voxel)' if allow_nan else ''}, "
+                             f"got {int(bad.sum())} bad value(s)")
+        if info.type != "orientation" and info.range is not None:
+            rng = np.atleast_2d(np.asarray(info.range, dtype=float))[0]
+            lo, hi = float(rng[0]) * float(info.scale), float(rng[1]) * float(info.scale)
+            if "partial_volume_" in info.name:
+                lo, hi = 0.0, 1.0
+            with np.errstate(invalid="ignore"):
+                outside = (arr < lo) | (arr > hi)
+            if outside.any():
+                raise InputError(f"{what} of {info.name} must lie in [{lo:g}, {hi:g}] (SI "
+                                 f"units), got values from {np.nanmin(arr):g} to "
+                                 f"{np.nanmax(arr):g}")
+        shape = arr.shape if info.cardinality == 1 else arr.shape[:-1]
+        others = self._state.guesses + self._state.voxel_fixed
+        for name, other in others:
+            if name == info.name:
+                continue
+            card = self.parameter_cardinality.get(name, 1)
+            other_shape = other.shape if card == 1 else other.shape[:-1]
+            if shape and other_shape and shape != other_shape:
+                raise InputError(f"{what} of {info.name} has one value per voxel of shape "
+                                 f"{shape}, but {name} was given for voxels of shape "
+                                 f"{other_shape}")
+        arr.setflags(write=False)
+        return arr
+
+    def set_initial_guess_parameter(self, parameter_name: str, value: Any) -> None:
+        """Start the fit of a free parameter at ``value`` (SI units; one value, or one
+        per voxel of the data's spatial shape, NaN where there is none; orientations end
+        in [theta, phi], rad). dmipy's method; see :mod:`fingerprint.core.initial_guess`
+        for what each solver does with it (classical solvers start from it; every fit
+        keeps the guess where it fits the signal at least as well). Setting a parameter
+        again replaces its guess."""
+        info = self._free_info(parameter_name)
+        if any(name == info.name for name, _ in self._state.voxel_fixed):
+            raise InputError(f"{info.name} is fixed voxel by voxel; it takes no initial "
+                             f"guess")
+        arr = self._voxel_value(info, value, "initial guess", allow_nan=True)
+        state = self._state
+        guesses = tuple((n, v) for n, v in state.guesses if n != info.name)
+        self._state = replace(state, guesses=guesses + ((info.name, arr),))
+
+    def set_fixed_parameter(self, parameter_name: str, value: Any) -> None:
+        """Fix a parameter to ``value`` (SI units; ``cardinality`` values for
+        orientations); it leaves the free parameters. With one value per voxel (an array
+        of the data's spatial shape, ending in ``cardinality`` values for orientations)
+        the parameter is fixed voxel by voxel instead: it stays in the parameter vector
+        (dmipy's layout) with ``parameter_optimization_flags`` False, and the fit
+        returns the given values; voxels whose value is NaN are not fitted (see
+        :mod:`fingerprint.core.initial_guess`)."""
+        info = self._free_info(parameter_name)
+        _refuse_list_for_scalar(info, value)
+        arr = _as_float_array(value, f"fixed value of {info.name}")
+        per_voxel = (arr.ndim >= 1 and arr.shape != (1,)) if info.cardinality == 1 \
+            else arr.ndim > 1
+        if not per_voxel:
+            super().set_fixed_parameter(parameter_name, value)
+            return
+        if type(self).fit is not MultiCompartmentModelProperties.fit:
+            raise InputError(f"{info.name}: {type(self).__name__} takes one fixed value "
+                             f"per parameter, not a map")
+        if any(name == info.name for name, _ in self._state.voxel_fixed):
+            raise InputError(f"{info.name} is fixed voxel by voxel already")
+        if any(link.sources and info.name in link.sources for link in self._state.links):
+            logger.info("%s is fixed voxel by voxel and feeds a link", info.name)
+        fixed = self._voxel_value(info, arr, "fixed map", allow_nan=True)
+        if np.isnan(fixed).all():
+            raise InputError(f"fixed map of {info.name} has no value (all NaN)")
+        state = self._state
+        self._state = replace(
+            state, guesses=tuple((n, v) for n, v in state.guesses if n != info.name),
+            voxel_fixed=state.voxel_fixed + ((info.name, fixed),))
 
     def add_linked_parameters_to_parameters(self, parameters: Mapping[str, Any]) -> dict:
         """All parameters (free and linked) from a dict of the free ones (dmipy)."""
@@ -977,9 +1120,9 @@ class MultiCompartmentModelProperties(_ParameterNamespace):
         """Fit the model to ``data`` (..., N) by dictionary matching; returns a
         FittedMultiCompartmentModel (see :func:`fingerprint.fitting.engine.fit_model`,
         reached through :func:`fingerprint.core.backends.backend` so that ``core`` does
-        not import ``fitting``)."""
-        return backend("fit")(self, acquisition_scheme, data, mask=mask, solver=solver,
-                              **kwargs)
+        not import ``fitting``). Initial guesses and per-voxel fixed maps are applied as
+        :mod:`fingerprint.core.initial_guess` describes."""
+        return fit_with_guesses(self, acquisition_scheme, data, mask, solver, dict(kwargs))
 
 
 class MultiCompartmentModel(MultiCompartmentModelProperties):

@@ -18,10 +18,19 @@ The gradient tables are package data (``fingerprint/data/schemes``):
   a b0 at each timing (20 measurements). dmipy downloads the Camino tutorial's VERDICT
   table instead; this one is written from the published protocol and ships with the
   package.
+
+Not shipped: dmipy's ``duval_cat_spinal_cord_3d``, ``de_santis_generated`` and
+``isbi2015_white_matter_challenge`` schemes are measured (or simulation-generated)
+tables whose measurement-by-measurement gradients and timings the published descriptions
+do not give (they give ranges: numbers of shells, gradient strengths, diffusion times),
+so they cannot be rebuilt faithfully from them. Their functions keep dmipy's names and
+read the table from a Camino scheme file the caller has (``schemefile``); without one
+they raise an InputError saying so.
 """
 
 from __future__ import annotations
 
+import os
 from importlib import resources
 from pathlib import Path
 
@@ -32,10 +41,14 @@ from fingerprint.core.acquisition_scheme import (
     acquisition_scheme_from_bvalues,
     acquisition_scheme_from_schemefile,
 )
+from fingerprint.errors import InputError
 
 __all__ = [
     "SCHEME_DIRECTORY",
+    "de_santis_generated_acquisition_scheme",
     "duval_cat_spinal_cord_2d_acquisition_scheme",
+    "duval_cat_spinal_cord_3d_acquisition_scheme",
+    "isbi2015_white_matter_challenge_scheme",
     "panagiotaki_verdict_acquisition_scheme",
     "wu_minn_hcp_acquisition_scheme",
 ]
@@ -69,3 +82,39 @@ def panagiotaki_verdict_acquisition_scheme() -> AcquisitionScheme:
     table = np.loadtxt(SCHEME_DIRECTORY / "panagiotaki_verdict.txt")
     return acquisition_scheme_from_bvalues(table[:, 3], table[:, :3], table[:, 4],
                                            table[:, 5], TE=table[:, 6])
+
+
+def _not_shipped(name: str, what: str, schemefile: str | os.PathLike[str] | None,
+                 **options: float) -> AcquisitionScheme:
+    if schemefile is None:
+        raise InputError(f"{name}: the {what} is a measured gradient table that fingerprint "
+                         f"does not ship (the published description does not give it "
+                         f"measurement by measurement); pass the Camino scheme file you "
+                         f"have as schemefile=...")
+    return acquisition_scheme_from_schemefile(schemefile, **options)
+
+
+def duval_cat_spinal_cord_3d_acquisition_scheme(
+        schemefile: str | os.PathLike[str] | None = None) -> AcquisitionScheme:
+    """The 3-D q-space scheme of the ex vivo cat spinal cord (Duval et al. 2015), read
+    from its Camino scheme file ``schemefile`` (not shipped: see the module docstring);
+    shells closer than 20e6 s/m² (20 s/mm²) are merged, as dmipy does."""
+    return _not_shipped("duval_cat_spinal_cord_3d_acquisition_scheme",
+                        "3-D cat spinal cord scheme", schemefile, min_b_shell_distance=20e6)
+
+
+def de_santis_generated_acquisition_scheme(
+        schemefile: str | os.PathLike[str] | None = None) -> AcquisitionScheme:
+    """The Camino-generated scheme of De Santis et al., read from its Camino scheme file
+    ``schemefile`` (not shipped: see the module docstring)."""
+    return _not_shipped("de_santis_generated_acquisition_scheme",
+                        "De Santis Camino-generated scheme", schemefile)
+
+
+def isbi2015_white_matter_challenge_scheme(
+        schemefile: str | os.PathLike[str] | None = None) -> AcquisitionScheme:
+    """The 35-shell scheme of the ISBI 2015 White Matter Modeling Challenge (Connectom
+    scanner, Ferizi et al. 2017), read from its Camino scheme file ``schemefile`` (not
+    shipped: see the module docstring)."""
+    return _not_shipped("isbi2015_white_matter_challenge_scheme",
+                        "ISBI 2015 challenge scheme", schemefile)

@@ -194,25 +194,37 @@ class DistributedModel(_ParameterNamespace):
             raise InputError(f"{cls}: parameter_links is not supported; use "
                              "set_fixed_parameter / set_equal_parameter / "
                              "set_tortuous_parameter")
-        if target_parameter is not None and target_parameter != self.target_parameter:
+        nested = isinstance(models, Sequence) and any(_is_nested(m) for m in models)
+        if target_parameter is not None and target_parameter != self.target_parameter and \
+                not (nested and str(target_parameter).endswith("_" + self.target_parameter)):
             raise InputError(f"{cls} distributes {self.target_parameter!r}, not "
                              f"{target_parameter!r}")
         if isinstance(models, (str, bytes)) or not isinstance(models, Sequence) or not models:
             raise InputError(f"{cls}: models must be a non-empty list of compartments")
+        subs = []
         for i, model in enumerate(models):
-            if getattr(model, "_is_distributed_model", False) or not hasattr(
+            if _is_nested(model):
+                self._check_nested(i, model)
+                subs.append(model.copy())  # type: ignore[attr-defined]  # nested distribution; snapshot: later edits of the input do not leak
+            elif getattr(model, "_is_distributed_model", False) or not hasattr(
                     model, "signal_from_cosines"):
                 raise InputError(f"{cls}: models[{i}] ({type(model).__name__}) is not a "
                                  "compartment")
-        self.models = list(models)
+            else:
+                subs.append(model)
+        self.models = subs
+        self._nested_target = target_parameter
         self._check_models()
         self.model_names = _prefixes(self.models)
         dist_prefix = f"{self.distribution_name}_1_"
         params: list[ParameterInfo] = []
+        self._targets: list[tuple[str, ...]] = []
         for k, (model, prefix) in enumerate(zip(self.models, self.model_names, strict=True)):
             units = dict(model.parameter_units)
+            targets = self._targets_of(k, model)
+            self._targets.append(targets)
             for name, card, rng, scale, ptype in compartment_info(model):
-                if name == self.target_parameter:
+                if name in targets:
                     continue
                 params.append(ParameterInfo(prefix + name, card, rng, scale, ptype, k, name,
                                             units[name]))
@@ -226,6 +238,30 @@ class DistributedModel(_ParameterNamespace):
 
     def _check_models(self) -> None:
         pass
+
+    # ------------------------------------------------------------------ nesting
+    #: distributed models this one may hold (dmipy's nested distributions)
+    _nestable: tuple[str, ...] = ()
+
+    def _check_nested(self, i: int, model: Any) -> None:
+        """A distributed sub-model: of a kind this distribution may hold, itself made of
+        compartments only (one level of nesting)."""
+        if model._model_type not in self._nestable:
+            raise InputError(f"{type(self).__name__}: models[{i}] ({type(model).__name__}) "
+                             f"cannot be distributed by it (a size distribution may hold "
+                             f"orientation-distributed models and vice versa)")
+        if any(_is_nested(m) for m in model.models):
+            raise InputError(f"{type(self).__name__}: models[{i}] ({type(model).__name__}) "
+                             f"holds distributed models itself; one level of nesting only")
+
+    def _targets_of(self, k: int, model: Any) -> tuple[str, ...]:
+        """Local names of sub-model ``k`` that this distribution replaces."""
+        if not _is_nested(model):
+            return (self.target_parameter,)
+        return self._nested_targets(k, model)
+
+    def _nested_targets(self, k: int, model: Any) -> tuple[str, ...]:  # pragma: no cover
+        raise NotImplementedError
 
     # ------------------------------------------------------------------ dmipy API
     @property
@@ -248,20 +284,27 @@ class DistributedModel(_ParameterNamespace):
         """An independent distributed model with the same configuration."""
         new = object.__new__(type(self))
         new.__dict__.update(self.__dict__)
-        new.models = list(self.models)
+        new.models = [m.copy() if _is_nested(m) else m for m in self.models]
         return new
 
     def to_spec(self) -> dict[str, Any]:
-        """JSON-able description (compartments and set_* calls)."""
-        return {"type": "distributed", "class": type(self).__name__,
-                "models": [compartment_spec(m) for m in self.models],
-                "calls": [list(c) for c in self._state.calls]}
+        """JSON-able description (compartments or nested distributed models, and set_*
+        calls)."""
+        spec: dict[str, Any] = {"type": "distributed", "class": type(self).__name__,
+                                "models": [m.to_spec() if _is_nested(m) else
+                                           compartment_spec(m) for m in self.models],
+                                "calls": [list(c) for c in self._state.calls]}
+        if self._nested_target not in (None, self.target_parameter):
+            spec["target_parameter"] = self._nested_target
+        return spec
 
     @classmethod
     def from_spec(cls, spec: Mapping[str, Any]) -> DistributedModel:
         """Rebuild from :meth:`to_spec` output."""
         models = [submodel_from_spec(m) for m in spec.get("models", [])]
-        obj = cls(models=models)
+        target = spec.get("target_parameter")
+        obj = cls(models=models) if target is None else cls(models=models,
+                                                            target_parameter=str(target))
         replay_calls(obj, spec.get("calls", []), f"{cls.__name__} spec")
         return obj
 
@@ -312,6 +355,23 @@ class DistributedModel(_ParameterNamespace):
     def __call__(self, acquisition_scheme: AcquisitionScheme, **kwargs: Any) -> np.ndarray:
         """Signal (N,) for one set of named parameters (dmipy call style; names without
         this model's prefix, e.g. ``SD1Watson_1_odi``; mu as [theta, phi])."""
+        return self._signal_batch(_SchemeContext(acquisition_scheme),
+                                  self._call_parameters(acquisition_scheme, kwargs), 1)[0]
+
+    def spherical_mean(self, acquisition_scheme: AcquisitionScheme, **kwargs: Any) -> np.ndarray:
+        """Per-shell spherical mean (S,) of the signal for one set of named parameters
+        (dmipy's call style; orientations may be given and are ignored): the exact mean
+        over directions of each shell's b-value and timing."""
+        kwargs = {k: v for k, v in kwargs.items()
+                  if self._state.by_name().get(self.resolve_parameter_name(k),
+                                               None) is None
+                  or self._state.by_name()[self.resolve_parameter_name(k)].type
+                  != "orientation"}
+        local = self._call_parameters(acquisition_scheme, kwargs, skip_orientation=True)
+        return self._spherical_mean_batch(_SchemeContext(acquisition_scheme), local, 1)[0]
+
+    def _call_parameters(self, acquisition_scheme: Any, kwargs: Mapping[str, Any],
+                         skip_orientation: bool = False) -> dict[str, np.ndarray]:
         check_scheme(acquisition_scheme, self._required_acquisition_parameters,
                      type(self).__name__)
         local = {}
@@ -320,10 +380,17 @@ class DistributedModel(_ParameterNamespace):
             arr = np.asarray(value, dtype=float)
             card = self._state.by_name()[full].cardinality
             local[full] = arr.reshape(1) if card == 1 else arr.reshape(1, card)
-        missing = [p for p in self.parameter_names if p not in local]
+        types = self.parameter_types
+        missing = [p for p in self.parameter_names if p not in local
+                   and not (skip_orientation and types[p] == "orientation")]
         if missing:
             raise InputError(f"missing parameter(s): {', '.join(missing)}")
-        return self._signal_batch(_SchemeContext(acquisition_scheme), local, 1)[0]
+        return local
+
+
+def _is_nested(model: Any) -> bool:
+    """Whether ``model`` is a distributed model (held by another distribution)."""
+    return bool(getattr(model, "_is_distributed_model", False))
 
 
 def _check_orientation(value: np.ndarray, name: str) -> None:
@@ -338,12 +405,26 @@ class _SphericalDistributed(DistributedModel):
     target_parameter = "mu"
     _model_type = "SphericalDistributedModel"
 
+    _nestable = ("SpatialDistributedModel",)
+
+    def _nested_targets(self, k: int, model: Any) -> tuple[str, ...]:
+        return tuple(n for n, t in model.parameter_types.items() if t == "orientation")
+
     def _check_models(self) -> None:
         for i, model in enumerate(self.models):
+            if _is_nested(model):
+                if not self._nested_targets(i, model):
+                    raise InputError(f"{type(self).__name__}: models[{i}] "
+                                     f"({type(model).__name__}) has no orientation to disperse")
+                continue
             names = [p[0] for p in compartment_info(model)]
             if "mu" not in names and not is_isotropic(model):
                 raise InputError(f"{type(self).__name__}: models[{i}] "
                                  f"({type(model).__name__}) has no orientation to disperse")
+        if all(not _is_nested(m) and is_isotropic(m) for m in self.models):
+            raise InputError(f"{type(self).__name__}: its models are all isotropic "
+                             f"({', '.join(type(m).__name__ for m in self.models)}); an "
+                             f"orientation distribution needs at least one oriented model")
 
     def fod(self, vertices: Any, **kwargs: Any) -> np.ndarray:
         """Orientation density (1/sr, integrates to 1 over the sphere) at unit vectors
@@ -606,10 +687,35 @@ class DD1GammaDistributed(DistributedModel):
                  target_parameter: str = "diameter") -> None:
         super().__init__(models, parameter_links, target_parameter)
 
+    _nestable = ("SphericalDistributedModel",)
+
+    def _nested_targets(self, k: int, model: Any) -> tuple[str, ...]:
+        names = [n for n in model.parameter_names if n.endswith("_diameter")]
+        target = self._nested_target
+        if target is not None and target != self.target_parameter:
+            if target not in names:
+                raise InputError(f"DD1GammaDistributed: target_parameter {target!r} is not a "
+                                 f"free diameter of models[{k}] ({type(model).__name__}); "
+                                 f"its diameters: {names}")
+            return (str(target),)
+        if len(names) != 1:
+            raise InputError(f"DD1GammaDistributed: models[{k}] ({type(model).__name__}) has "
+                             f"{len(names)} free diameters {names}; name the one to "
+                             f"distribute with target_parameter")
+        return (names[0],)
+
     def _check_models(self) -> None:
         kinds = set()
         for i, model in enumerate(self.models):
             names = {p[0]: p[4] for p in compartment_info(model)}
+            if _is_nested(model):
+                target = self._nested_targets(i, model)[0]
+                inner = model.models[model.model_names.index(target[:-len("diameter")])] \
+                    if target[:-len("diameter")] in model.model_names else None
+                ptype = names[target] if inner is None else \
+                    dict((p[0], p[4]) for p in compartment_info(inner)).get("diameter", "")
+                kinds.add(self._kind(inner if inner is not None else model, ptype))
+                continue
             if "diameter" not in names:
                 raise InputError(f"DD1GammaDistributed: models[{i}] ({type(model).__name__}) "
                                  "has no diameter to distribute")
@@ -650,8 +756,8 @@ class DD1GammaDistributed(DistributedModel):
             for k, model in enumerate(self.models):
                 params = {name: np.repeat(v[sl], k_nodes, axis=0)
                           for name, v in per_model[k].items()}
-                params["diameter"] = 2.0 * radii.ravel()
-                sig = evaluate(model, params, nc, k_nodes)
+                params[self._targets[k][0]] = 2.0 * radii.ravel()
+                sig = evaluate(model, params, nc, k_nodes, sl)
                 avg = np.einsum("nkj,nk->nj", sig.reshape(nc, k_nodes, n_out), w)
                 out[sl] += fractions[sl, k:k + 1] * avg
         return out
@@ -660,7 +766,10 @@ class DD1GammaDistributed(DistributedModel):
                       n: int) -> np.ndarray:
         n_meas = ctx.meas.number_of_measurements
 
-        def evaluate(model: Any, params: dict, nc: int, k_nodes: int) -> np.ndarray:
+        def evaluate(model: Any, params: dict, nc: int, k_nodes: int, sl: slice
+                     ) -> np.ndarray:
+            if _is_nested(model):
+                return np.asarray(model._signal_batch(ctx, params, nc * k_nodes))
             cos = None
             if not is_isotropic(model):
                 mu = params["mu"].reshape(nc, k_nodes, 2)[:, 0]
@@ -673,7 +782,47 @@ class DD1GammaDistributed(DistributedModel):
                               n: int) -> np.ndarray:
         shells = ctx.shells
 
-        def evaluate(model: Any, params: dict, nc: int, k_nodes: int) -> np.ndarray:
+        def evaluate(model: Any, params: dict, nc: int, k_nodes: int, sl: slice
+                     ) -> np.ndarray:
+            if _is_nested(model):
+                return np.asarray(model._spherical_mean_batch(ctx, params, nc * k_nodes))
             return compartment_spherical_mean(model, shells, params, nc * k_nodes)
 
         return self._integrate(n, shells.number_of_measurements, local, evaluate)
+
+    # ------------------------------------------------------------------ as a compartment
+    def signal_from_cosines(self, meas: Any, cosines: np.ndarray | None,
+                            **local: np.ndarray) -> np.ndarray:
+        """Signal (n, M) of measurements ``meas`` at the cosines (n, M) (or (1, M)) between
+        each measurement's direction and the fibre axis, for parameters ``local`` (this
+        model's names without its orientations): what an orientation distribution that
+        holds this model integrates (dmipy's nested distributions)."""
+        n = max((len(np.atleast_1d(v)) for v in local.values()), default=1)
+        values = {k: np.broadcast_to(np.asarray(v, dtype=float),
+                                     (n,) + np.shape(v)[1:] if np.ndim(v) else (n,))
+                  for k, v in local.items()}
+        n_meas = meas.number_of_measurements
+
+        def evaluate(model: Any, params: dict, nc: int, k_nodes: int, sl: slice
+                     ) -> np.ndarray:
+            cos = None
+            if not is_isotropic(model):
+                c = np.asarray(cosines, dtype=float)
+                c = c[sl] if c.shape[0] == n else np.broadcast_to(c, (nc, n_meas))
+                cos = np.repeat(c, k_nodes, axis=0)
+            return _kernel(model, meas, cos, params, nc * k_nodes)
+
+        return self._integrate(n, n_meas, values, evaluate)
+
+    def spherical_mean_batch(self, shells: Any, **local: np.ndarray) -> np.ndarray:
+        """Per-shell spherical mean (n, S) for parameters ``local`` (as a compartment of
+        an orientation distribution, which leaves it unchanged)."""
+        n = max((len(np.atleast_1d(v)) for v in local.values()), default=1)
+        values = {k: np.broadcast_to(np.asarray(v, dtype=float), (n,)) for k, v in
+                  local.items()}
+
+        def evaluate(model: Any, params: dict, nc: int, k_nodes: int, sl: slice
+                     ) -> np.ndarray:
+            return compartment_spherical_mean(model, shells, params, nc * k_nodes)
+
+        return self._integrate(n, shells.number_of_measurements, values, evaluate)
