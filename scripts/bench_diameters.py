@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
+from docs_section import write_section  # noqa: E402
 from reference_helpers import default_reference_dir, reference_scheme  # noqa: E402
 
 from fingerprint.fitting.resolution import (  # noqa: E402
@@ -114,14 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         *table, "", END])
     print(text)
     if args.write_docs:
-        doc = ROOT / "docs" / "benchmarks.md"
-        current = doc.read_text(encoding="utf-8")
-        if BEGIN in current and END in current:
-            head, rest = current.split(BEGIN, 1)
-            current = head + text + rest.split(END, 1)[1]
-        else:
-            current = current.rstrip("\n") + "\n\n" + text + "\n"
-        doc.write_text(current, encoding="utf-8")
+        write_section(ROOT / "docs" / "benchmarks.md", text, BEGIN, END)
     return 0
 
 
