@@ -214,3 +214,27 @@ def test_wide_searches_use_a_cached_ivf_index_with_full_recall(tmp_path):
     np.testing.assert_array_equal(ia, ib)
     _, i4 = b.search(queries, 4, ef_search=8)  # a quick match: the graph
     assert b._hnsw is not None and i4.shape == (500, 4)
+
+
+def test_quick_match_probes_the_given_number_of_ivf_lists():
+    """A search given ``nprobe`` on an approximate matcher uses the inverted file: probing
+    every list is the exact search, probing one finds most of the nearest atoms; exact
+    matchers ignore ``nprobe``."""
+    from fingerprint.fitting.matcher import Matcher, _ivf_lists
+
+    rng = np.random.default_rng(8)
+    t = rng.uniform(0, 1, (5000, 3))
+    basis = rng.normal(size=(3, 12))
+    atoms = np.tanh(t @ basis)
+    queries = np.tanh(rng.uniform(0, 1, (300, 3)) @ basis) + rng.normal(0, 0.01, (300, 12))
+    exact = Matcher(atoms, method="exact")
+    approx = Matcher(atoms, method="hnsw")
+    de, ie = exact.search(queries, 4)
+    da, ia = approx.search(queries, 4, nprobe=_ivf_lists(atoms.shape[0]))
+    assert approx._ivf is not None
+    np.testing.assert_array_equal(ia, ie)
+    np.testing.assert_allclose(da, de, rtol=1e-5, atol=1e-6)
+    _, i1 = approx.search(queries, 4, nprobe=1)
+    recall = np.mean([len(set(i1[i]) & set(ie[i])) / 4 for i in range(len(queries))])
+    assert 0.5 < recall <= 1.0
+    np.testing.assert_array_equal(exact.search(queries, 4, nprobe=1)[1], ie)

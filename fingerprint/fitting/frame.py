@@ -31,6 +31,11 @@ __all__ = ["DEFAULT_MAX_B", "FrameEstimator", "frames_to_angles", "angles_to_fra
 #: Gauss-Newton steps of :meth:`FrameEstimator.align` (wm-gm benchmark odi MAE with 2 steps
 #: 0.0271, 3: 0.0268, 4: 0.0267).
 ALIGN_ITERATIONS = 3
+#: Steps of :meth:`FrameEstimator.align` shorter than this (radians, 0.57 degrees) are
+#: taken without the pass over the data that checks them, and end the search: 2.4 passes
+#: per voxel instead of 3.6 on the NODDI benchmarks, whose maps change by less than 1e-5
+#: in MAE and 0.01 degrees in median angle.
+ALIGN_ACCEPT_STEP = 0.01
 #: Largest b-value (s/m²) used by the tensor fit.
 DEFAULT_MAX_B = 3.5e9
 _LOG_FLOOR = 1e-3
@@ -143,7 +148,8 @@ class FrameEstimator:
                              max(int(self.refine_iterations), 1), self.max_step, False)
 
     def align(self, signals: np.ndarray, frames: np.ndarray, coefficients: np.ndarray,
-              iterations: int = ALIGN_ITERATIONS) -> np.ndarray:
+              iterations: int = ALIGN_ITERATIONS,
+              accept_step: float = ALIGN_ACCEPT_STEP) -> np.ndarray:
         """Axes (n, 3) that best fit b0-normalised ``signals`` (n, N) with the per-shell
         Legendre series ``coefficients`` (n, k) (unwhitened zonal features, e.g. of the
         matched atoms) held fixed, by Gauss-Newton from ``frames`` (n, 3).
@@ -171,7 +177,7 @@ class FrameEstimator:
                             np.ascontiguousarray(frames, dtype=np.float64),
                             np.ascontiguousarray(coefficients, dtype=np.float64),
                             self.directions, self.shell_of, nc, offsets, int(iterations),
-                            self.max_step)
+                            self.max_step, float(accept_step))
 
     def estimate(self, signals: np.ndarray, start: np.ndarray | None = None, *,
                  check: bool = True) -> np.ndarray:

@@ -308,10 +308,15 @@ class Matcher:
             return False
 
     # ------------------------------------------------------------ search
-    def search(self, queries: np.ndarray, k: int,
-               ef_search: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: np.ndarray, k: int, ef_search: int | None = None,
+               nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Squared L2 distances (n, k) float32 and atom indices (n, k) int64 (-1 when
-        fewer than k atoms) of the k nearest atoms of every query (n, dim)."""
+        fewer than k atoms) of the k nearest atoms of every query (n, dim).
+
+        On an approximate (HNSW-sized) dictionary, searches for at least
+        :data:`IVF_MIN_K` neighbours, or any search given ``nprobe``, use the inverted
+        file probing ``nprobe`` lists (default :data:`IVF_NPROBE`); others the HNSW graph
+        with beam ``ef_search`` (default the matcher's). Exact matchers ignore both."""
         import faiss  # lazy: keeps FAISS off import
 
         q = np.ascontiguousarray(queries, dtype=np.float32)
@@ -323,10 +328,10 @@ class Matcher:
         idx = np.empty((n, k), dtype=np.int64)
         index = self._index_for(n)
         params = None
-        if index is self._hnsw and k >= IVF_MIN_K:
+        if index is self._hnsw and (k >= IVF_MIN_K or nprobe is not None):
             index = self._wide_index()
             params = getattr(faiss, "SearchParametersIVF")()  # noqa: B009 - untyped module
-            params.nprobe = int(IVF_NPROBE)
+            params.nprobe = max(1, int(nprobe or IVF_NPROBE))
         elif index is self._hnsw:
             params = getattr(faiss, "SearchParametersHNSW")()  # noqa: B009 - untyped module
             params.efSearch = max(int(ef_search or self.ef_search), k)

@@ -656,15 +656,19 @@ def _power_axis_step(y: np.ndarray, gx: np.ndarray, gy: np.ndarray, gz: np.ndarr
 @parallel_kernel(serial_rows=SERIAL_ROWS, nogil=True)
 def align_frames(signals: np.ndarray, frames: np.ndarray, coefficients: np.ndarray,
                  directions: np.ndarray, shell_of: np.ndarray, n_coefficients: np.ndarray,
-                 offsets: np.ndarray, iterations: int, max_step: float) -> np.ndarray:
+                 offsets: np.ndarray, iterations: int, max_step: float,
+                 accept_step: float = 0.0) -> np.ndarray:
     """Axis of every voxel for a *given* angular profile: Gauss-Newton on the orientation
     of the per-shell Legendre series ``coefficients`` (n, k) (unwhitened, layout of
     ``offsets``) held fixed, from ``frames`` (n, 3); steps limited to ``max_step``
     radians. A step whose residual turns out higher is undone and ends the search (one
     pass over the data per iteration: each pass measures the residual of the previous
-    step and takes the next). Unlike :func:`refine_frames`, whose coefficients follow the
-    axis, the profile here is a matched atom's, so the axis cannot bend the profile
-    towards the noise. Returns (n, 3) unit vectors with z >= 0.
+    step and takes the next); a step shorter than ``accept_step`` radians is taken
+    without that check and ends the search (near convergence a Gauss-Newton step is
+    reliable; this saves the pass that would only confirm it). Unlike
+    :func:`refine_frames`, whose coefficients follow the axis, the profile here is a
+    matched atom's, so the axis cannot bend the profile towards the noise. Returns (n, 3)
+    unit vectors with z >= 0.
 
     With at most :data:`POWER_COEFFICIENTS` coefficients per shell (the feature maps'
     case) each series is rewritten as a cubic in u² and each pass sums over the
@@ -680,7 +684,7 @@ def align_frames(signals: np.ndarray, frames: np.ndarray, coefficients: np.ndarr
     if lmax_n > POWER_COEFFICIENTS:
         for i in prange(n):
             _align_general(signals, i, coefficients, directions, shell_of, n_coefficients,
-                           offsets, iterations, max_step, lmax_n, out)
+                           offsets, iterations, max_step, lmax_n, out, accept_step)
         return out
     order, starts = shell_layout(shell_of, n_shells, np.ones(shell_of.shape[0], np.bool_))
     m = order.shape[0]
@@ -716,7 +720,13 @@ def align_frames(signals: np.ndarray, frames: np.ndarray, coefficients: np.ndarr
             best_rss = sums[0]
             for a in range(3):
                 good[a] = trial[a]
-            if not (step >= 1e-4):  # converged, or no step possible
+            if not (step >= 0.0):  # no step possible
+                break
+            if step < accept_step:  # small enough to take unchecked
+                for a in range(3):
+                    good[a] = mu[a]
+                break
+            if step < 1e-4:  # converged
                 break
         out[i, 0] = good[0]
         out[i, 1] = good[1]
@@ -728,7 +738,7 @@ def align_frames(signals: np.ndarray, frames: np.ndarray, coefficients: np.ndarr
 def _align_general(signals: np.ndarray, i: int, coefficients: np.ndarray,
                    directions: np.ndarray, shell_of: np.ndarray, n_coefficients: np.ndarray,
                    offsets: np.ndarray, iterations: int, max_step: float, lmax_n: int,
-                   out: np.ndarray) -> None:
+                   out: np.ndarray, accept_step: float = 0.0) -> None:
     """:func:`align_frames` of voxel ``i`` (in place in ``out``) for series of any length
     (Legendre polynomials evaluated measurement by measurement)."""
     n_shells = n_coefficients.shape[0]
@@ -753,7 +763,13 @@ def _align_general(signals: np.ndarray, i: int, coefficients: np.ndarray,
         best_rss = rss[0]
         for a in range(3):
             good[a] = trial[a]
-        if not (step >= 1e-4):  # converged, or no step possible
+        if not (step >= 0.0):  # no step possible
+            break
+        if step < accept_step:  # small enough to take unchecked
+            for a in range(3):
+                good[a] = mu[a]
+            break
+        if step < 1e-4:  # converged
             break
     out[i, 0] = good[0]
     out[i, 1] = good[1]
