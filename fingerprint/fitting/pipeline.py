@@ -892,7 +892,7 @@ def fit_volume(model: str | MultiCompartmentModelProperties, dwi: str | os.PathL
             with stage("read"):
                 source = ready()
             workers = _fit_threads(fitter, opts) if executor is None else 1
-            if workers > 1:
+            if workers > 1 and isinstance(fitter, FingerprintFitter):
                 # chunks fitted side by side, one per thread, each with single-threaded
                 # kernels: half-size chunks and (workers + 1) smaller slabs keep the
                 # memory of one chunk and one slab at a time
