@@ -164,3 +164,20 @@ def test_small_alignment_steps_taken_unchecked_end_near_the_checked_search(schem
     assert np.all(angle < 0.02)
     assert np.any(angle > 0.0)
     np.testing.assert_allclose(np.linalg.norm(quick, axis=1), 1.0, atol=1e-12)
+
+
+def test_tensor_directions_equal_the_one_pass_kernel(scheme, noddi):
+    """Logarithms by numpy and tensors by a matrix product give the directions of the
+    per-voxel kernel (values at or below the floor, and NaN, floored alike)."""
+    from fingerprint.kernels.features import dti_principal_directions
+
+    fmap = FeatureMap.from_model(noddi, scheme)
+    fe = FrameEstimator.for_scheme(fmap)
+    rng = np.random.default_rng(7)
+    _, sig = _voxels(noddi, scheme, 5000, rng, noise=0.05)
+    sig[0, fe.columns[:3]] = [np.nan, -1.0, 0.0]
+    fast = fe.tensor_directions(sig)
+    reference = dti_principal_directions.serial(sig, fe.columns, fe.pinv, 1e-3)
+    assert fast.shape == (5000, 3)
+    np.testing.assert_allclose(np.abs(np.sum(fast * reference, axis=1)), 1.0, atol=1e-9)
+    assert np.all(fast[:, 2] >= 0)

@@ -39,6 +39,8 @@ ALIGN_ACCEPT_STEP = 0.01
 #: Largest b-value (s/m²) used by the tensor fit.
 DEFAULT_MAX_B = 3.5e9
 _LOG_FLOOR = 1e-3
+#: Voxels per block of the tensor fit (bounds its temporary logarithms).
+TENSOR_BLOCK = 4096
 
 
 def frames_to_angles(frames: np.ndarray) -> np.ndarray:
@@ -109,14 +111,23 @@ class FrameEstimator:
                    refine_iterations=int(refine_iterations))
 
     def tensor_directions(self, signals: np.ndarray) -> np.ndarray:
-        """Principal tensor eigenvectors (n, 3) of b0-normalised ``signals`` (n, N)."""
+        """Principal tensor eigenvectors (n, 3) of b0-normalised ``signals`` (n, N).
+
+        The logarithms are taken by numpy (vectorised), the tensors by one matrix product
+        per block of :data:`TENSOR_BLOCK` voxels, the eigenvectors by a kernel."""
         # lazy: keeps numba off import
         from fingerprint.kernels import run_parallel
-        from fingerprint.kernels.features import dti_principal_directions
+        from fingerprint.kernels.features import principal_eigenvectors
 
-        return run_parallel(dti_principal_directions,
-                            np.ascontiguousarray(signals, dtype=np.float64), self.columns,
-                            self.pinv, _LOG_FLOOR)
+        signals = np.asarray(signals)
+        n = signals.shape[0]
+        tensors = np.empty((n, 6))
+        for start in range(0, n, TENSOR_BLOCK):
+            logs = signals[start:start + TENSOR_BLOCK][:, self.columns].astype(np.float64)
+            np.fmax(logs, _LOG_FLOOR, out=logs)  # NaN becomes the floor, as do values below
+            np.log(logs, out=logs)
+            np.matmul(logs, self.pinv.T, out=tensors[start:start + TENSOR_BLOCK])
+        return run_parallel(principal_eigenvectors, tensors)
 
     def refine(self, signals: np.ndarray, frames: np.ndarray,
                iterations: int | None = None) -> np.ndarray:

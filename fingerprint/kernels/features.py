@@ -32,6 +32,7 @@ __all__ = [
     "local_linear_refine",
     "posterior_average",
     "prepare_signals",
+    "principal_eigenvectors",
     "zonal_fit_residuals",
     "reconstruct_zonal",
     "rician_correct",
@@ -193,6 +194,18 @@ def dti_principal_directions(signals: np.ndarray, columns: np.ndarray,
             for k in range(6):
                 d[k] += pinv[k, j] * y
         _principal_eigenvector(d, out[i])
+    return out
+
+
+@parallel_kernel(serial_rows=SERIAL_ROWS, nogil=True)
+def principal_eigenvectors(tensors: np.ndarray) -> np.ndarray:
+    """Unit eigenvectors (n, 3), z >= 0, of the largest eigenvalue of symmetric 3x3
+    matrices ``tensors`` (n, 6) stored as (dxx, dyy, dzz, dxy, dxz, dyz) (z for
+    degenerate ones)."""
+    n = tensors.shape[0]
+    out = np.empty((n, 3))
+    for i in prange(n):
+        _principal_eigenvector(tensors[i], out[i])
     return out
 
 
