@@ -3,6 +3,7 @@ by ``FitOptions`` (422 naming the field), stored with the job and used by its fi
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import zipfile
@@ -13,6 +14,9 @@ import numpy as np
 import pytest
 from server_helpers import client, serve, upload_files, wait_for
 
+from fingerprint.cli import submit
+from fingerprint.cli.flags import option_flag
+from fingerprint.cli.main import CLIError
 from fingerprint.fitting.options import FIT_OPTION_SPECS, FitOptions
 from server.forms import SERVER_HIGH, FitForm, parse_form
 
@@ -155,3 +159,38 @@ def test_classical_solvers_fit_fewer_voxels(server, phantom):
         assert job["status"] == "failed", job
         assert f"limit of {MAX_CLASSICAL} voxels per job with solver 'brute2fine'" in \
             job["error"], job
+
+
+#: A valid value of every fit option the server offers, as ``fingerprint submit`` flags
+#: (cheap: a classical fit of a few voxels), and what the job record holds for it.
+SUBMIT_FLAGS = {"dictionary_size": ("2000", 2000), "n_neighbors": ("8", 8),
+                "refine": ("false", False), "threads": ("1", 1),
+                "mask_rule": ("all", "all"), "solver": ("brute2fine", "brute2fine"),
+                "Ns": ("2", 2), "N_sphere_samples": ("6", 6), "grid_starts": ("2", 2),
+                "maxiter": ("20", 20), "popsize": ("4", 4), "tol": ("0.1", 0.1)}
+
+
+def test_submit_has_a_flag_for_every_server_option_and_sends_it(server, phantom, small_mask,
+                                                                  capsys):
+    offered = {s.name for s in FIT_OPTION_SPECS if s.server}
+    assert set(SUBMIT_FLAGS) == offered  # a new server option needs a flag (and a case here)
+    parser = argparse.ArgumentParser()
+    submit.add_parser(parser.add_subparsers())
+    base = ["submit", "--server", server.url, "--api-key", server.keys["bob"],
+            "--dwi", str(phantom["dwi"]), "--bval", str(phantom["bval"]),
+            "--bvec", str(phantom["bvec"]), "--mask", str(small_mask), "--no-progress"]
+    argv = [*base, "--b0-threshold", "20"]
+    for name, (text, _) in SUBMIT_FLAGS.items():
+        argv += [option_flag(name), text]
+    args = parser.parse_args(argv)
+    assert args.func(args) == 0
+    job_id = capsys.readouterr().out.split()[-1]
+    with client(server, server.keys["bob"]) as http:
+        job = http.get(f"/v1/jobs/{job_id}").json()
+        expected = {name: value for name, (_, value) in SUBMIT_FLAGS.items()}
+        assert job["options"] == {**expected, "b0_threshold": 20e6, "prefix": "sub-01"}, job
+        assert http.delete(f"/v1/jobs/{job_id}").status_code in (200, 202)
+    # a value the server refuses is reported with the field it names
+    args = parser.parse_args([*base, "--solver", "brute2fine", "--Ns", "1"])
+    with pytest.raises(CLIError, match="422.*Ns"):
+        args.func(args)
