@@ -128,8 +128,9 @@ def test_fit_options_are_recorded_and_used_by_the_fit(server, phantom, small_mas
         assert done["options"] == job["options"]  # the job record keeps them
         sidecar = _sidecar(http, done)
         assert sidecar["Solver"] == "brute2fine"
-        # the same job with dictionary matching and its neighbour count
-        r = http.post("/v1/jobs", files=upload_files(phantom), data={
+        # the same job with dictionary matching and its neighbour count (the non-linear
+        # polish: within the per-voxel fits' limit)
+        r = http.post("/v1/jobs", files=upload_files({**phantom, "mask": small_mask}), data={
             "model": "noddi", "n_neighbors": "4", "dictionary_size": str(SIZE),
             "refine": "nonlinear"})
         assert r.status_code == 202, r.text
@@ -138,7 +139,13 @@ def test_fit_options_are_recorded_and_used_by_the_fit(server, phantom, small_mas
         assert done["options"] == {"n_neighbors": 4, "dictionary_size": SIZE,
                                    "refine": "nonlinear"}
         assert _sidecar(http, done)["Solver"] == "fingerprint"
-        # (18 voxels: above the classical solvers' limit, within the server's)
+        assert done["result"]["n_voxels"] == 9
+        # matching alone fits every voxel (18: above the per-voxel fits' limit)
+        r = http.post("/v1/jobs", files=upload_files(phantom), data={
+            "model": "noddi", "dictionary_size": str(SIZE), "refine": "true"})
+        assert r.status_code == 202, r.text
+        done = wait_for(http, r.json()["id"], timeout=600)
+        assert done["status"] == "succeeded", done
         assert done["result"]["n_voxels"] == 18
 
 
@@ -194,3 +201,43 @@ def test_submit_has_a_flag_for_every_server_option_and_sends_it(server, phantom,
     args = parser.parse_args([*base, "--solver", "brute2fine", "--Ns", "1"])
     with pytest.raises(CLIError, match="422.*Ns"):
         args.func(args)
+
+
+@pytest.mark.parametrize("data, what", [
+    ({"model": "noddi", "refine": "nonlinear"},
+     "with the non-linear polish of model 'noddi' (refine='nonlinear')"),
+    # a Bingham distribution's psi: the polish is the model's default
+    ({"model": "noddi_bingham"},
+     "with the non-linear polish of model 'noddi_bingham' (the model's default; "
+     "refine=false turns it off)"),
+])
+def test_per_voxel_non_linear_fits_fit_fewer_voxels(server, phantom, data, what):
+    """Jobs whose fit ends with the non-linear polish (about a second per voxel) fall
+    under --max-classical-voxels like the classical solvers: a mask over it is 422 on
+    ``mask``, a default mask over it fails the job before it fits; the message names the
+    limit."""
+    with client(server, server.keys["bob"]) as http:
+        r = http.post("/v1/jobs", files=upload_files(phantom), data=data)
+        assert r.status_code == 422 and r.json()["field"] == "mask", r.text
+        detail = r.json()["detail"]
+        assert f"the mask has 18 voxels, more than the server's limit of {MAX_CLASSICAL} " \
+            f"voxels per job {what}, a non-linear fit per voxel (max_classical_voxels)" \
+            in detail, detail
+        files = upload_files(phantom)
+        del files["mask"]
+        r = http.post("/v1/jobs", files=files, data=data)
+        assert r.status_code == 202, r.text
+        job = wait_for(http, r.json()["id"], timeout=300)
+        assert job["status"] == "failed", job
+        assert f"limit of {MAX_CLASSICAL} voxels per job {what}" in job["error"], job
+
+
+def test_fits_without_a_per_voxel_fit_keep_the_voxel_limit(server, phantom):
+    """Turning the polish off (or a multi-fascicle model fitted by multi-fascicle
+    fingerprinting) is not a per-voxel fit: the 18-voxel mask is accepted."""
+    with client(server, server.keys["bob"]) as http:
+        for data in ({"model": "noddi_bingham", "refine": "false"},
+                     {"model": "ball_stick_stick"}):
+            r = http.post("/v1/jobs", files=upload_files(phantom), data=data)
+            assert r.status_code == 202, (data, r.text)
+            assert http.delete(f"/v1/jobs/{r.json()['id']}").status_code in (200, 202)
