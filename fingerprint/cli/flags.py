@@ -62,9 +62,11 @@ def add_option_flags(parser: argparse.ArgumentParser, specs: Iterable[OptionSpec
         elif spec.kind == "bool":
             parser.add_argument(flag, dest=spec.name, choices=("true", "false"),
                                 help=spec.help)
-        else:
+        elif spec.kind == "refine":
             parser.add_argument(flag, dest=spec.name, choices=("true", "false", "nonlinear"),
                                 help=spec.help)
+        else:  # text, validated by the library
+            parser.add_argument(flag, dest=spec.name, metavar="TEXT", help=spec.help)
 
 
 def option_values(args: argparse.Namespace, specs: Iterable[OptionSpec]
