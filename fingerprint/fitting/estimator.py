@@ -61,6 +61,7 @@ if TYPE_CHECKING:
     from numpy.typing import ArrayLike
 
     from fingerprint.core.acquisition_scheme import AcquisitionScheme
+    from fingerprint.core.initial_guess import X0Input
     from fingerprint.core.modeling_framework import MultiCompartmentModelProperties
     from fingerprint.dictionary.store import Dictionary
 
@@ -324,7 +325,7 @@ class FingerprintEstimator:
                 f"matcher={self.matcher.method})")
 
     # ------------------------------------------------------------------ estimation
-    def estimate(self, data: ArrayLike, x0: Any = None) -> VoxelEstimates:
+    def estimate(self, data: ArrayLike, x0: X0Input | None = None) -> VoxelEstimates:
         """Fit voxels ``data`` (n, N) (raw signals, any positive scale) and return
         :class:`VoxelEstimates`. ``x0`` (parameter vectors (P,)/(n, P), or a dict of
         possibly short parameter names) seeds the fit: a given orientation replaces the

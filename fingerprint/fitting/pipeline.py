@@ -225,9 +225,12 @@ def check_fsl_scheme(scheme: AcquisitionScheme, bval: str | os.PathLike[str],
     return report
 
 
-def open_inputs(dwi: Any, bval: Any, bvec: Any, mask: Any, delta: Any = None,
-                Delta: Any = None, TE: Any = None, b0_threshold: float | None = None,
-                model: Any = None) -> tuple[DWIImage, Any, np.ndarray | None, Path | None]:
+def open_inputs(dwi: str | os.PathLike[str], bval: str | os.PathLike[str],
+                bvec: str | os.PathLike[str], mask: np.ndarray | str | os.PathLike[str] | None,
+                delta: ArrayLike | None = None, Delta: ArrayLike | None = None,
+                TE: ArrayLike | None = None, b0_threshold: float | None = None,
+                model: str | MultiCompartmentModelProperties | None = None
+                ) -> tuple[DWIImage, AcquisitionScheme, np.ndarray | None, Path | None]:
     """Open a DWI volume and its scheme: the image (lazy), the acquisition scheme read
     from the FSL files (timings ``delta`` / ``Delta`` / ``TE`` in s, ``b0_threshold`` in
     s/m²; checked against ``model`` when given), the mask (an array, a NIfTI path or

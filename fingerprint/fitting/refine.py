@@ -23,9 +23,12 @@ Two cheap steps, both vectorised over voxels (Numba kernels in
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from fingerprint.fitting.features import FeatureMap
 
 __all__ = ["local_linear_step", "orientation_curvature", "posterior_mean",
            "weighted_atoms"]
@@ -80,7 +83,7 @@ def weighted_atoms(weights: np.ndarray, indices: np.ndarray, table: np.ndarray) 
                         np.ascontiguousarray(table, dtype=np.float64))
 
 
-def orientation_curvature(feature_map: Any, atom_features: np.ndarray) -> np.ndarray:
+def orientation_curvature(feature_map: FeatureMap, atom_features: np.ndarray) -> np.ndarray:
     """Curvature J (atoms,) of each atom's squared residual with respect to a small tilt
     of its axis, from its whitened zonal features f_l:
     J = 1/2 sum_shells sum_l l (l + 1) f_l² (from the orthogonality of the associated
