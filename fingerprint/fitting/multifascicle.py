@@ -99,7 +99,9 @@ class MultiFascicleSettings:
     """Settings of the multi-fascicle fit.
 
     min_fraction: smallest signal fraction of a fascicle for its count to be eligible.
-    sweeps: rounds of atom search and joint polish.
+    sweeps: rounds of atom search and joint polish (with two or more fascicles, the
+        rounds after the first run only while two fascicles are closer than
+        ``sweeps_separation_deg`` degrees: farther apart one round finds the optimum).
     single_extra_sweeps: extra rounds of the one-fascicle fit.
     first_passes: passes of the first discrete search over the fascicles' atoms.
     polish_iterations: Levenberg-Marquardt steps of each polish (0: no polish, the
@@ -121,6 +123,7 @@ class MultiFascicleSettings:
     min_fraction: float = 0.1
     single_extra_sweeps: int = 1
     sweeps: int = 2
+    sweeps_separation_deg: float = 45.0
     first_passes: int = 1
     polish_iterations: int = 10
     min_separation_deg: float = 15.0
@@ -495,6 +498,7 @@ class MultiFascicleFitter:
                              tb.iso_sizes, tb.iso_cont, tb.shell, int(tb.shell.max()) + 1,
                              tb.grad, st.sweeps + (st.single_extra_sweeps if k == 1 else 0),
                              st.first_passes, st.polish_iterations * (2 if k == 1 else 1),
+                             math.cos(math.radians(st.sweeps_separation_deg)),
                              np.ascontiguousarray(gate))
             results[k - 1] = res
             _, _, dirs, w, rss = res

@@ -910,12 +910,15 @@ def _fit_voxel_joint(yv: np.ndarray, u0: np.ndarray, n_fasc: int, table: np.ndar
                      iso_tables: np.ndarray, iso_sizes: np.ndarray, iso_cont: np.ndarray,
                      shell: np.ndarray,
                      n_shells: int, grad: np.ndarray, rounds: int, first_passes: int,
-                     polish_iters: int, rss_gate: float, z_out: np.ndarray,
+                     polish_iters: int, close_cos: float, rss_gate: float,
+                     z_out: np.ndarray,
                      iso_out: np.ndarray, dirs_out: np.ndarray, w_out: np.ndarray) -> float:
     """One voxel, ``n_fasc`` fascicles from directions ``u0``: discrete atom search (up
     to ``first_passes`` passes over the fascicles), then rounds of joint polish
     (directions, continuous fascicle and isotropic parameters) and atom search, a
-    discrete atom replacing a continuous one only when it lowers the residual; no polish
+    discrete atom replacing a continuous one only when it lowers the residual (with two
+    or more fascicles, only while two of them are closer than ``close_cos``, |cos|
+    above it: farther apart the first polish has found the optimum); no polish
     when the discrete fit's residual sum of squares exceeds ``rss_gate`` (another count
     is far better). Returns the residual sum of squares."""
     n = yv.shape[0]
@@ -1009,6 +1012,15 @@ def _fit_voxel_joint(yv: np.ndarray, u0: np.ndarray, n_fasc: int, table: np.ndar
         cost = _polish_joint(yv, cols, m, n_fasc, mono, axes_n, strides, z, dirs, shell,
                              grad, iso_tables, iso_sizes, iso_cont, wiso, polish_iters, g,
                              b, x, work)
+        if n_fasc > 1:  # more rounds only when two fascicles are close
+            close = False
+            for k in range(n_fasc):
+                for q in range(k):
+                    c = (dirs[k, 0] * dirs[q, 0] + dirs[k, 1] * dirs[q, 1]
+                         + dirs[k, 2] * dirs[q, 2])
+                    close = close or abs(c) > close_cos
+            if not close:
+                break
         for k in range(n_fasc):  # the search rounds work in the Legendre basis
             _legendre_rows(grad, dirs[k], n_even, pv[k], pd[k])
         fresh[:] = False
@@ -1031,7 +1043,7 @@ def fit_joint_kernel(y: np.ndarray, u0: np.ndarray, n_fasc: int, table: np.ndarr
                      iso_tables: np.ndarray, iso_sizes: np.ndarray, iso_cont: np.ndarray,
                      shell: np.ndarray,
                      n_shells: int, grad: np.ndarray, rounds: int, first_passes: int,
-                     polish_iters: int, rss_gate: np.ndarray
+                     polish_iters: int, close_cos: float, rss_gate: np.ndarray
                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Fit every voxel of y (n, N) with ``n_fasc`` fascicles from directions u0
     (n, >= n_fasc, 3) (see :func:`_fit_voxel_joint`; ``table`` (A, S, E) the atoms'
@@ -1052,6 +1064,6 @@ def fit_joint_kernel(y: np.ndarray, u0: np.ndarray, n_fasc: int, table: np.ndarr
     for v in prange(n):
         rss[v] = _fit_voxel_joint(y[v], u0[v], n_fasc, table, mono, axes_n, strides,
                                   iso_tables, iso_sizes, iso_cont, shell, n_shells, grad, rounds,
-                                  first_passes, polish_iters, rss_gate[v], zs[v],
+                                  first_passes, polish_iters, close_cos, rss_gate[v], zs[v],
                                   iso[v], dirs[v], weights[v])
     return zs, iso, dirs, weights, rss
