@@ -19,18 +19,22 @@ fitted voxel by voxel as a sum of *rotated single-fascicle atoms* plus isotropic
 3. **Fit for a given fascicle count K.** Each fascicle's atom in turn (others fixed) is
    the table atom of lowest residual with all fractions by non-negative least squares,
    then the isotropic atoms; then a Levenberg-Marquardt polish moves every fascicle's
-   direction (two tangent angles, analytic Legendre derivatives) and its own parameters
-   jointly, the latter continuously between grid atoms (the Legendre coefficients are
-   interpolated multilinearly on the atom grid), with the fractions re-solved by NNLS at
-   each trial (variable projection). A second round searches the atoms again (a discrete
-   atom replaces a fascicle's only when it lowers the residual) and polishes again when
-   anything changed.
-4. **Fascicle count.** K = 1 ... K_max (the model's fascicle compartments) are fitted and
-   the count of lowest Bayesian information criterion
+   direction (two tangent angles, analytic derivatives), its own parameters and the
+   one-parameter isotropic compartments' parameter jointly, the parameters continuously
+   between grid atoms (the atoms are interpolated by Catmull-Rom cubics on their grid,
+   and evaluated in the polish as power series in ``(g . u)^2``), with the fractions.
+   It stops when a step gains less than a twentieth of the noise variance. For one
+   fascicle, or while two fascicles are closer than ``sweeps_separation_deg``, a second
+   round searches the atoms again (a discrete atom replaces a continuous one only when it
+   lowers the residual) and polishes again when anything changed.
+4. **Fascicle count.** K = K_max ... 1 (the model's fascicle compartments) are fitted
+   and the count of lowest Bayesian information criterion
    ``BIC = N log(RSS / N) + p log N`` is kept (N measurements, p = K (2 angles + 1
    fraction + the fascicle's own parameters) + the isotropic fractions and
    parameters); a count whose smallest fascicle has a signal fraction below
-   ``min_fraction`` (default 0.1) is not eligible.
+   ``min_fraction`` (default 0.1) is not eligible. A smaller count is not polished where
+   its grid fit could not win even with its residual divided by ``skip_factor`` against
+   a larger eligible count whose fascicles are ``skip_separation_deg`` apart.
 5. **Output.** Fascicles are ordered by fraction, largest first, and written into the
    model's fascicle compartments in order (``C1Stick_1_*`` is the largest fascicle);
    compartments beyond the voxel's count get fraction 0 and NaN direction and
