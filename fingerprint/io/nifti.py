@@ -163,8 +163,12 @@ def _has_nifti_magic(path: Path) -> bool:
 
 
 def _expected_data_end(img: Any) -> int:
+    """Byte offset (in the uncompressed stream) where ``img``'s data block ends."""
     header = img.header
-    offset = int(header.get_data_offset())
+    # the offset read from the file is the array proxy's: a loaded image's header is a
+    # copy whose vox_offset nibabel resets to 0 (which made every gzip file look truncated
+    # and decompressed it whole to read its last voxel)
+    offset = int(getattr(img.dataobj, "offset", header.get_data_offset()))
     itemsize = np.dtype(header.get_data_dtype()).itemsize
     return offset + int(np.prod(img.shape, dtype=np.int64)) * itemsize
 

@@ -330,13 +330,18 @@ def parallel_kernel(*, serial_rows: int | None = None,
     """
 
     def decorator(func: _F) -> _F:
-        parallel = _compile(func, {**options, "cache": True, "parallel": True})
+        # nogil: threads fitting their own chunks run the serial twins side by side (and a
+        # reader or writer thread runs during a parallel launch)
+        opts = {"nogil": True, **options, "cache": True}
+        parallel = _compile(func, {**opts, "parallel": True})
         twin = types.FunctionType(func.__code__, func.__globals__, func.__name__ + "_serial",
                                   func.__defaults__, func.__closure__)
-        twin.__qualname__ = func.__qualname__ + "_serial"
+        # numba's cache key holds the bytecode, not the options: a new name keeps a twin
+        # cached before it released the GIL from being loaded
+        twin.__qualname__ = func.__qualname__ + "_serial_nogil"
         twin.__module__ = func.__module__
         twin.__doc__ = func.__doc__
-        parallel.serial = _compile(twin, {**options, "cache": True, "parallel": False})
+        parallel.serial = _compile(twin, {**opts, "parallel": False})
         parallel.serial_rows = None if serial_rows is None else int(serial_rows)
         return parallel
 
