@@ -127,7 +127,7 @@ class MultiFascicleSettings:
     min_fraction: float = 0.1
     single_extra_sweeps: int = 1
     sweeps: int = 2
-    sweeps_separation_deg: float = 45.0
+    sweeps_separation_deg: float = 55.0
     first_passes: int = 1
     polish_iterations: int = 10
     min_separation_deg: float = 15.0

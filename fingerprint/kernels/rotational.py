@@ -199,6 +199,48 @@ def _nnls_work(g: np.ndarray, b: np.ndarray, m: int, x: np.ndarray, idx: np.ndar
     return best
 
 
+@njit(cache=True)
+def _nnls_bounded(g: np.ndarray, b: np.ndarray, m: int, x: np.ndarray, idx: np.ndarray,
+                  a: np.ndarray, r: np.ndarray, bound: float) -> float:
+    """:func:`_nnls_work` for a caller that only wants a cost below ``bound``: the
+    unconstrained least-squares cost is a lower bound of the NNLS cost, so when the
+    unconstrained solution is infeasible and its cost is not below ``bound``, that cost
+    is returned at once (``x`` then undefined); otherwise the NNLS cost and solution."""
+    for p in range(m):
+        r[p] = b[p]
+        for q in range(m):
+            a[p, q] = g[p, q]
+        a[p, p] += _RIDGE * (g[p, p] + 1e-300)
+    for p in range(m):
+        piv = a[p, p]
+        if not piv > 0.0:
+            return _nnls_work(g, b, m, x, idx, a, r)
+        for q in range(p + 1, m):
+            f = a[q, p] / piv
+            if f != 0.0:
+                for c in range(p, m):
+                    a[q, c] -= f * a[p, c]
+                r[q] -= f * r[p]
+    feasible = True
+    for p in range(m - 1, -1, -1):
+        acc = r[p]
+        for c in range(p + 1, m):
+            acc -= a[p, c] * r[c]
+        r[p] = acc / a[p, p]
+        if not r[p] >= 0.0:
+            feasible = False
+    cost = 0.0
+    for p in range(m):
+        cost -= r[p] * b[p]
+    if feasible:
+        for p in range(m):
+            x[p] = r[p]
+        return cost
+    if cost >= bound:
+        return cost
+    return _nnls_work(g, b, m, x, idx, a, r)
+
+
 @parallel_kernel()
 def forward_directions_kernel(y: np.ndarray, templates: np.ndarray, gram: np.ndarray,
                               grid: np.ndarray, iso: np.ndarray, n_fascicles: int,
@@ -261,7 +303,7 @@ def forward_directions_kernel(y: np.ndarray, templates: np.ndarray, gram: np.nda
                 g[k + 1, k + 1] = iso2
                 b[k] = ty[d]
                 b[k + 1] = yiso
-                cost = _nnls_work(g, b, size, x, wi, wa, wr)
+                cost = _nnls_bounded(g, b, size, x, wi, wa, wr, best_cost)
                 if cost < best_cost:
                     best_cost = cost
                     best_d = d
@@ -431,7 +473,7 @@ def _search_atoms(yv: np.ndarray, cols: np.ndarray, m: int, k: int, table: np.nd
             g[c, k] = ac
         g[k, k] = norms[a]
         b[k] = by
-        cost = _nnls_work(g, b, m, x, wi, wa, wr)
+        cost = _nnls_bounded(g, b, m, x, wi, wa, wr, best_cost)
         if cost < best_cost:
             best_cost = cost
             best_a = a
@@ -498,7 +540,7 @@ def _search_iso(yv: np.ndarray, cols: np.ndarray, m: int, c: int, tab: np.ndarra
             g[p, c] = acc
         g[c, c] = iso_norm[a]
         b[c] = iso_y[a]
-        cost = _nnls_work(g, b, m, x, wi, wa, wr)
+        cost = _nnls_bounded(g, b, m, x, wi, wa, wr, best)
         if cost < best:
             best = cost
             best_a = a
