@@ -29,7 +29,8 @@ Methods, all in this run on the same noisy signals:
 * ``dmipy``: dmipy 1.0.5's ``brute2fine`` on ``MultiCompartmentModel([G1Ball(),
   C1Stick(), C1Stick()])`` (Ball-Stick-Stick only; the first ``--dmipy-voxels`` voxels
   of the ``--dmipy-angles`` cases, in the virtual environment of
-  ``scripts/bench_noddi.py``).
+  ``scripts/bench_noddi.py``); the other methods are then also scored on those voxels
+  alone (a second table).
 
 Per case: median angular error of each fascicle (true fascicles matched to the fitted
 ones by the smallest total angle; a fascicle the fit missed is scored against the nearest

@@ -148,6 +148,27 @@ def test_skipping_hopeless_polishes_keeps_the_counts(scheme, bss_fitter):
     np.testing.assert_allclose(a.parameters[two], b.parameters[two], rtol=1e-9)
 
 
+def test_count_penalty_trades_crossings_for_splits(scheme, bss_fitter):
+    """The information criterion's per-parameter penalty: 0 always takes the eligible
+    larger count, a huge one always one fascicle; the default is BIC (log N)."""
+    model = bss_fitter.model
+    rng = np.random.default_rng(17)
+    u1, u2 = crossing_directions(8, 90.0, rng)
+    x = _bss_vectors(model, u1, u2, 0.4, 0.3)
+    sig = add_rician_noise(100.0 * model.simulate_signal(scheme, x), 100.0 / 30, rng)
+
+    def count(penalty):
+        fitter = MultiFascicleFitter(model, scheme, MultiFascicleSettings(penalty=penalty))
+        p = model.parameter_vector_to_parameters(fitter.fit_voxels(sig).parameters)
+        return 1 + (p["partial_volume_2"] > 0)
+
+    assert np.all(count(None) == 2)
+    assert np.all(count(0.0) == 2)
+    assert np.all(count(1e6) == 1)
+    with pytest.raises(InputError, match="penalty"):
+        MultiFascicleSettings(penalty=-1.0)
+
+
 def test_small_nnls_matches_scipy():
     rng = np.random.default_rng(3)
     for m in (1, 2, 3, 4, 5):

@@ -122,6 +122,10 @@ class MultiFascicleSettings:
         ``skip_separation_deg`` apart (two fascicles that far apart are not one
         fascicle split in two). 0 polishes every count.
     skip_separation_deg: see ``skip_factor`` (degrees).
+    penalty: information-criterion cost of one parameter in the fascicle-count choice
+        (``N log(RSS / N) + p * penalty``): None is ``log N`` (BIC, default); 2 is AIC.
+        A smaller penalty finds more crossings and splits more single fascicles
+        (docs/crossing.md gives the trade-off measured for both named models).
     """
 
     min_fraction: float = 0.1
@@ -134,8 +138,13 @@ class MultiFascicleSettings:
     start: str = "matching"
     skip_factor: float = 2.0
     skip_separation_deg: float = 30.0
+    penalty: float | None = None
 
     def __post_init__(self) -> None:
+        if self.penalty is not None and not (math.isfinite(self.penalty)
+                                             and self.penalty >= 0):
+            raise InputError(f"penalty must be a finite number >= 0 or None, got "
+                             f"{self.penalty!r}")
         if self.start not in START_METHODS:
             raise InputError(f"start must be one of {', '.join(START_METHODS)}, got "
                              f"{self.start!r}")
@@ -490,13 +499,14 @@ class MultiFascicleFitter:
         results: list[tuple[np.ndarray, ...]] = [()] * kmax
         bic = np.full((n, kmax), np.inf)
         best_clear = np.full(n, np.inf)  # best BIC of a larger, well-separated count
+        penalty = math.log(n_meas) if st.penalty is None else float(st.penalty)
         for k in range(kmax, 0, -1):
             p = k * (3 + n_micro) + n_iso_free
             gate = np.full(n, np.inf)
             if st.skip_factor > 0:
                 with np.errstate(over="ignore", invalid="ignore"):
                     gate = np.where(np.isfinite(best_clear), n_meas * st.skip_factor * np.exp(
-                        (best_clear - p * np.log(n_meas)) / n_meas), np.inf)
+                        (best_clear - p * penalty) / n_meas), np.inf)
             res = run_kernel(fit_joint_kernel, float(n) * tb.coef.shape[0] * k * 50,
                              y, u0, k, tb.coef, tb.mono, tb.axes_n, tb.strides, tb.iso,
                              tb.iso_sizes, tb.iso_cont, tb.shell, int(tb.shell.max()) + 1,
@@ -510,7 +520,7 @@ class MultiFascicleFitter:
             frac = w[:, :k] / np.where(total > 0, total, 1.0)[:, None]
             eligible = (frac.min(axis=1) >= st.min_fraction) | (k == 1)
             with np.errstate(divide="ignore", invalid="ignore"):
-                b = n_meas * np.log(np.maximum(rss, 1e-300) / n_meas) + p * np.log(n_meas)
+                b = n_meas * np.log(np.maximum(rss, 1e-300) / n_meas) + p * penalty
             bic[:, k - 1] = np.where(eligible & np.isfinite(b), b, np.inf)
             if k > 1:
                 cos = np.abs(np.einsum("vid,vjd->vij", dirs[:, :k], dirs[:, :k]))
