@@ -281,3 +281,30 @@ def test_default_mask_of_a_gzip_input_is_read_from_its_decompressed_copy(tmp_pat
         fit_volume("noddi", zero / "dwi.nii.gz", paths["bval"], paths["bvec"],
                    tmp_path / "zero-out", dictionary_size=SIZE, slab_bytes=1)
     assert not [p for p in (tmp_path / "zero-out").iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("compressor", ["isal", "stdlib"])
+def test_maps_are_gzip_nifti_files_equal_to_nibabels(tmp_path, monkeypatch, compressor):
+    """Maps compressed by ISA-L (or the standard library without it) are the NIfTI files
+    nibabel writes: same header, same voxels, a valid gzip stream."""
+    from fingerprint.io import nifti
+
+    if compressor == "stdlib":
+        monkeypatch.setattr(nifti, "_fast_gzip", gzip)
+    rng = np.random.default_rng(3)
+    ref = nib.Nifti1Image(rng.uniform(1, 9, (4, 3, 5, 2)).astype(np.float32),
+                          np.diag([2.0, 2.0, 2.5, 1.0]))
+    ref.header.set_xyzt_units("mm")
+    for data in (rng.uniform(0, 1, (4, 3, 5)).astype(np.float32),
+                 rng.normal(size=(4, 3, 5, 3)).astype(np.float32)):
+        data[0, 0, 0] = np.nan
+        nii, js = nifti.write_map(data, ref, tmp_path, "x_dwimap.nii.gz", {"Units": "n/a"})
+        nib.save(nifti.map_image(data, ref), tmp_path / "nibabel.nii.gz")
+        ours, theirs = nib.load(nii), nib.load(tmp_path / "nibabel.nii.gz")
+        np.testing.assert_array_equal(np.asarray(ours.dataobj), data)
+        assert ours.header.binaryblock == theirs.header.binaryblock
+        np.testing.assert_array_equal(ours.affine, theirs.affine)
+        assert gzip.decompress(nii.read_bytes()) == gzip.decompress(
+            (tmp_path / "nibabel.nii.gz").read_bytes())
+        assert js.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

@@ -472,7 +472,7 @@ class DWIImage:
         coords = np.argwhere(local)  # C order of (x, y, z), as local's boolean index
         index = coords[:, 0] + x * (coords[:, 1] + y * coords[:, 2])  # F order on disk
         buf = np.empty(x * y * (b - a), dtype=dtype)
-        view = memoryview(buf.view(np.uint8))
+        view = buf.view(np.uint8).data
         volume_bytes = x * y * z * dtype.itemsize
         try:
             with open(self._file, "rb", buffering=0) as fh:
@@ -581,7 +581,13 @@ def atomic_write_nifti(img: SpatialImage, path: str | os.PathLike) -> Path:
     # nibabel picks the compression from the name: keep the suffix on the temporary file
     tmp = tmp.with_name(tmp.name + "".join(path.suffixes[-2:]))
     try:
-        nib.save(img, str(tmp))
+        if path.name.endswith(".nii.gz") and isinstance(img, (nib.Nifti1Image,
+                                                              nib.Nifti2Image)):
+            # the single-file NIfTI nibabel would write, compressed by ISA-L (several
+            # times faster than zlib at the same level; zlib when ISA-L is missing)
+            tmp.write_bytes(_fast_gzip.compress(img.to_bytes(), compresslevel=1))
+        else:
+            nib.save(img, str(tmp))
         os.replace(tmp, path)
     finally:
         if tmp.exists():
