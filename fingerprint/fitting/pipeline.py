@@ -810,7 +810,7 @@ def fit_volume(model: str | MultiCompartmentModelProperties, dwi: str | os.PathL
     responses = None
     if s0_responses is not None:
         sample = None
-        if isinstance(s0_responses, str):
+        if isinstance(s0_responses, str) and mask_arr is not None:  # (never deferred)
             sample = np.concatenate([slab.data for slab in image.iter_slabs(
                 mask_arr, max_bytes=int(slab_bytes))]) if n_total else None
         responses = compartment_responses(model_obj, s0_responses, scheme=scheme,
