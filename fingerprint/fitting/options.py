@@ -74,7 +74,8 @@ FIT_OPTION_SPECS: tuple[OptionSpec, ...] = (
                low=1, high=4096, server=True),
     OptionSpec("refine", "refine", "after matching: true (local-linear step), false, or "
                "'nonlinear' (plus a non-linear least-squares polish; the default for models "
-               "with more than one orientation)", server=True),
+               "with more than one orientation); default: the model's (its recipe's [fit] "
+               "refine, else true)", server=True),
     OptionSpec("threads", "int", "threads for matching and dictionary builds (default: all "
                "cores)", low=1, high=4096, server=True),
     OptionSpec("seed", "int", "seed of the dictionary's sampling", low=0, high=2**31 - 1),
@@ -206,6 +207,8 @@ class FitOptions:
     n_neighbors: atoms matched per voxel (default 32).
     refine: local-linear step after matching; ``'nonlinear'`` adds the non-linear polish,
         which models with more than one orientation get by default; False turns both off.
+        None (default): the model's own default (a named model's recipe ``[fit] refine``,
+        else True), resolved by :meth:`with_model_refine` when the fit is prepared.
     threads: threads for FAISS, BLAS and Numba (default: all cores).
     mask_rule: default mask when none is given (:data:`MASK_RULES`).
     rician, matcher_method, hnsw_threshold, ef_search, frame_iterations, temperature,
@@ -221,7 +224,7 @@ class FitOptions:
     dictionary_size: int | None = None
     seed: int = 0
     n_neighbors: int | None = None
-    refine: RefineOption = True
+    refine: RefineOption | None = None
     threads: int | None = None
     mask_rule: Literal["positive_b0", "all"] = "positive_b0"
     rician: bool = True
@@ -250,7 +253,9 @@ class FitOptions:
         setv(self, "seed", _int("seed", self.seed, 0, optional=False))
         setv(self, "n_neighbors", _int("n_neighbors", self.n_neighbors, 1))
         refine = self.refine
-        if isinstance(refine, str) and refine.lower() == "nonlinear":
+        if refine is None:
+            pass
+        elif isinstance(refine, str) and refine.lower() == "nonlinear":
             refine = "nonlinear"
         else:
             try:
@@ -368,8 +373,17 @@ class FitOptions:
                 out[name] = value
         return out
 
+    def with_model_refine(self, model_refine: RefineOption | None) -> FitOptions:
+        """These options with ``refine`` resolved: the user's when given, else the
+        model's default ``model_refine`` (a recipe's ``[fit] refine``), else True."""
+        if self.refine is not None:
+            return self
+        return dataclasses.replace(self, refine=True if model_refine is None
+                                   else model_refine)
+
     def nonlinear_for(self, n_orientations: int) -> bool:
-        """Whether the non-linear polish runs for a model with ``n_orientations``."""
+        """Whether the non-linear polish runs for a model with ``n_orientations``
+        (``refine`` None counts as True)."""
         if self.refine is False:
             return False
         return self.refine == "nonlinear" or n_orientations > 1
