@@ -179,7 +179,8 @@ def model_solver(name_or_model: Any) -> str:
     return recipe.solver if recipe is not None else ""
 
 
-def model_refine(name_or_model: Any) -> bool | str | None:
+def model_refine(name_or_model: str | MultiCompartmentModelProperties
+                 ) -> bool | str | None:
     """The refinement a named model is fitted with when the user does not choose one
     (its recipe's ``[fit] refine``: True, False or ``'nonlinear'``), or None (the
     library's default: the local-linear step, plus the non-linear polish for models with

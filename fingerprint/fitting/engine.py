@@ -475,6 +475,11 @@ def fit_model(model: Model, acquisition_scheme: AcquisitionScheme, data: np.ndar
         given.pop("threads", None)
     given.update(kwargs)
     opts = FitOptions.from_mapping(given, dmipy=True)
+    if opts.multi_tissue is not None:
+        raise InputError("option 'multi_tissue' is for volume fits (fit_volume, fingerprint "
+                         "fit, server jobs); with model.fit build the model with its "
+                         "responses (get_model(name, S0_tissue_responses=[...])) and read "
+                         "fitted_multi_tissue_fractions")
     solver_name = get_solver(effective_solver(model, opts.solver)).name
     for name in DMIPY_IGNORED_OPTIONS + CLASSICAL_OPTION_NAMES:
         if name in kwargs and (solver_name == BUILTIN_SOLVER
