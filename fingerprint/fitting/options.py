@@ -447,13 +447,12 @@ class FitOptions:
                 out[name] = value
         return out
 
-    def with_model_refine(self, model_refine: RefineOption | None) -> FitOptions:
+    def with_model_refine(self, model_refine: bool | str | None) -> FitOptions:
         """These options with ``refine`` resolved: the user's when given, else the
         model's default ``model_refine`` (a recipe's ``[fit] refine``), else True."""
         if self.refine is not None:
             return self
-        return dataclasses.replace(self, refine=True if model_refine is None
-                                   else model_refine)
+        return self.replace(refine=True if model_refine is None else model_refine)
 
     def nonlinear_for(self, n_orientations: int) -> bool:
         """Whether the non-linear polish runs for a model with ``n_orientations``
