@@ -161,7 +161,7 @@ def requires_timing(name_or_model: str | MultiCompartmentModelProperties) -> boo
     return any(p in ("delta", "Delta", "qvalues", "gradient_strengths") for p in required)
 
 
-def scheme_requirements(name_or_model: Any) -> dict[str, float]:
+def scheme_requirements(name_or_model: str | MultiCompartmentModelProperties) -> dict[str, float]:
     """The scheme requirements (``min_shells``, ``min_bmax`` in s/m², ``min_directions``)
     the recipe of a named model states ({} for a model built otherwise); checked before
     every fit by :func:`fingerprint.core.scheme_checks.check_scheme`."""
@@ -172,7 +172,7 @@ def scheme_requirements(name_or_model: Any) -> dict[str, float]:
 register_backend("model_requirements", scheme_requirements)
 
 
-def model_solver(name_or_model: Any) -> str:
+def model_solver(name_or_model: str | MultiCompartmentModelProperties) -> str:
     """The solver a named model is always fitted with ("" when any solver may fit it,
     ``'dti'`` for the linear tensor fit)."""
     recipe = recipe_for_model(name_or_model)
@@ -267,7 +267,8 @@ def _by_suffix(parameters: dict[str, np.ndarray], short: str) -> np.ndarray:
     return parameters[hits[0]]
 
 
-def derived_map_specs(name_or_model: Any) -> dict[str, DerivedMap]:
+def derived_map_specs(name_or_model: str | MultiCompartmentModelProperties
+                      ) -> dict[str, DerivedMap]:
     """Label -> :class:`DerivedMap` of a named model's ``[derived]`` maps ({} otherwise)."""
     recipe = recipe_for_model(name_or_model)
     if recipe is None:
@@ -282,7 +283,8 @@ def derived_map_specs(name_or_model: Any) -> dict[str, DerivedMap]:
     return out
 
 
-def derived_maps(name_or_model: Any, parameters: dict[str, np.ndarray]
+def derived_maps(name_or_model: str | MultiCompartmentModelProperties,
+                 parameters: dict[str, np.ndarray]
                  ) -> dict[str, np.ndarray]:
     """The derived maps (label -> (n,) or (n, 3) array) of fitted ``parameters`` (full
     parameter name -> (n,) values) of a named model with a ``[derived]`` table."""

@@ -416,7 +416,7 @@ def model_truth(name: str, n: int, seed: int = 0) -> np.ndarray:
     return np.asarray(model.parameters_to_parameter_vector(**values), dtype=np.float64)
 
 
-def model_phantom(name: str, scheme: Any, n: int = 200, *, seed: int = 0,
+def model_phantom(name: str, scheme: AcquisitionScheme, n: int = 200, *, seed: int = 0,
                   snr: float | None = None, s0: float = 1000.0) -> dict[str, Any]:
     """A phantom of ``n`` voxels of the named model ``name`` on ``scheme``: ground truth
     (``'parameters'`` (n, P), :func:`model_truth`), the noise-free signals and (``snr``

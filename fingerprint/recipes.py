@@ -55,6 +55,7 @@ if TYPE_CHECKING:
     from numpy.typing import ArrayLike
 
     from fingerprint.core.modeling_framework import MultiCompartmentModelProperties
+    from fingerprint.dictionary.sampling import SamplingSpec
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -149,7 +150,7 @@ class Recipe:
         ``S0_tissue_responses``, one per top-level compartment, when given)."""
         return _build(self, S0_tissue_responses)
 
-    def sampling_spec(self, **overrides: Any) -> Any:
+    def sampling_spec(self, **overrides: Any) -> SamplingSpec:
         """The recipe's default :class:`~fingerprint.dictionary.SamplingSpec`, with
         ``overrides`` (e.g. ``size=``, ``seed=``; ``None`` values ignored) applied."""
         from fingerprint.dictionary.sampling import SamplingSpec  # lazy: keeps numba off import

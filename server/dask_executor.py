@@ -26,7 +26,10 @@ import logging
 import threading
 import weakref
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import distributed
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +50,8 @@ class _Shipped:
 class DaskJobExecutor(cf.Executor):
     """Run ``fn(*args, **kwargs)`` calls as tasks on ``client``'s cluster."""
 
-    def __init__(self, client: Any, *, scatter_threshold: int = SCATTER_THRESHOLD) -> None:
+    def __init__(self, client: distributed.Client, *,
+                 scatter_threshold: int = SCATTER_THRESHOLD) -> None:
         self._client = client
         self._threshold = int(scatter_threshold)
         self._lock = threading.Lock()

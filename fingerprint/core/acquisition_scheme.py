@@ -38,6 +38,9 @@ from fingerprint.core.constants import GYROMAGNETIC_RATIO
 from fingerprint.errors import InputError
 
 if TYPE_CHECKING:
+    import os
+
+    from dipy.core.gradients import GradientTable
     from numpy.typing import ArrayLike
 
 __all__ = [
@@ -682,8 +685,18 @@ class AcquisitionScheme:
                              f"0..{s - 1}")
         return self.subset(np.isin(self.shell_indices, ids))
 
-    def return_pruned_acquisition_scheme(self, shell_indices: Any, data: ArrayLike | None = None
-                                         ) -> Any:
+    @overload
+    def return_pruned_acquisition_scheme(self, shell_indices: ArrayLike,
+                                         data: None = None) -> AcquisitionScheme: ...
+
+    @overload
+    def return_pruned_acquisition_scheme(self, shell_indices: ArrayLike, data: ArrayLike
+                                         ) -> tuple[AcquisitionScheme, np.ndarray]: ...
+
+    def return_pruned_acquisition_scheme(self, shell_indices: ArrayLike,
+                                         data: ArrayLike | None = None
+                                         ) -> AcquisitionScheme | tuple[AcquisitionScheme,
+                                                                        np.ndarray]:
         """dmipy name of :meth:`select_shells`; also prunes ``data[..., N]`` when given."""
         pruned = self.select_shells(shell_indices)
         if data is None:
@@ -750,11 +763,11 @@ class AcquisitionScheme:
         return text
 
     # ----------------------------------------------------------------- other formats
-    def to_schemefile(self, filename: Any) -> None:
+    def to_schemefile(self, filename: str | os.PathLike[str]) -> None:
         """Write the scheme as a Camino ``.scheme`` file (dmipy name)."""
         backend("write_camino_scheme")(self, filename)
 
-    def to_dipy(self) -> Any:
+    def to_dipy(self) -> GradientTable:
         """The equivalent DIPY ``GradientTable`` (needs DIPY)."""
         return gtab_fingerprint2dipy(self)
 
@@ -878,7 +891,7 @@ def _dipy_gradients() -> Any:
     return gradients
 
 
-def gtab_dipy2fingerprint(dipy_gradient_table: Any,
+def gtab_dipy2fingerprint(dipy_gradient_table: GradientTable,
                           min_b_shell_distance: float = DEFAULT_MIN_B_SHELL_DISTANCE,
                           b0_threshold: float = DEFAULT_B0_THRESHOLD) -> AcquisitionScheme:
     """Acquisition scheme from a DIPY ``GradientTable`` (b-values in s/mm² there).
@@ -914,7 +927,7 @@ def _single_value(name: str, arr: np.ndarray | None) -> float | None:
     return float(values[0])
 
 
-def gtab_fingerprint2dipy(scheme: AcquisitionScheme) -> Any:
+def gtab_fingerprint2dipy(scheme: AcquisitionScheme) -> GradientTable:
     """DIPY ``GradientTable`` of ``scheme`` (needs a single delta and Delta, if any)."""
     gradients = _dipy_gradients()
     if not isinstance(scheme, AcquisitionScheme):
@@ -927,7 +940,8 @@ def gtab_fingerprint2dipy(scheme: AcquisitionScheme) -> Any:
 
 
 def acquisition_scheme_from_schemefile(
-        file_path: Any, min_b_shell_distance: float = DEFAULT_MIN_B_SHELL_DISTANCE,
+        file_path: str | os.PathLike[str],
+        min_b_shell_distance: float = DEFAULT_MIN_B_SHELL_DISTANCE,
         b0_threshold: float = DEFAULT_B0_THRESHOLD) -> AcquisitionScheme:
     """Acquisition scheme from a Camino ``.scheme`` file (dmipy name).
 

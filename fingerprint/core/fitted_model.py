@@ -12,8 +12,8 @@ fitted (non-finite values, no positive b0 signal) hold NaN and are False in ``va
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import numpy as np
 
@@ -30,9 +30,48 @@ if TYPE_CHECKING:
     from fingerprint.core.acquisition_scheme import AcquisitionScheme
     from fingerprint.core.modeling_framework import MultiCompartmentModelProperties
 
-__all__ = ["FittedMultiCompartmentModel", "FittedParameters", "UnknownParameterError",
-           "multi_tissue_fractions",
+_T = TypeVar("_T")
+
+__all__ = ["FittedModel", "FittedMultiCompartmentModel", "FittedParameters",
+           "UnknownParameterError", "multi_tissue_fractions",
            "free_parameter_count"]
+
+
+class FittedModel(Protocol):
+    """What the fit of any framework offers: :class:`FittedMultiCompartmentModel` (what
+    multi-compartment and spherical-mean models return) and the spherical-harmonics
+    model's fit both have these (dmipy's names)."""
+
+    @property
+    def model(self) -> MultiCompartmentModelProperties:
+        """The fitted model."""
+
+    @property
+    def acquisition_scheme(self) -> AcquisitionScheme:
+        """The scheme of the data."""
+
+    @property
+    def fitted_parameters_vector(self) -> np.ndarray:
+        """data.shape[:-1] + (P,) parameter vectors (SI units)."""
+
+    @property
+    def S0(self) -> np.ndarray:  # noqa: N802
+        """data.shape[:-1] b0 signal used to normalise each voxel."""
+
+    @property
+    def mask(self) -> np.ndarray:
+        """data.shape[:-1] bool, the voxels that were fitted."""
+
+    @property
+    def fitted_parameters(self) -> Mapping[str, np.ndarray]:
+        """Parameter name -> map."""
+
+    @property
+    def fitted_multi_tissue_fractions(self) -> dict[str, np.ndarray]:
+        """Volume fractions of the top-level sub-models (name -> map)."""
+
+    def fod(self, vertices: ArrayLike, visual_odi_lower_bound: float = 0.0) -> np.ndarray:
+        """Fibre orientation density (1/sr) at unit vectors ``vertices`` (K, 3)."""
 
 
 class UnknownParameterError(InputError, KeyError):
@@ -71,7 +110,7 @@ class FittedParameters(dict):
             return False
         return True
 
-    def get(self, key: str, default: Any = None) -> Any:
+    def get(self, key: str, default: _T | None = None) -> np.ndarray | _T | None:
         """The map of ``key`` (full name or unique suffix), or ``default``."""
         return self[key] if key in self else default
 
@@ -89,7 +128,8 @@ class FittedParameters(dict):
         return f"FittedParameters({list(self)})"
 
 
-def multi_tissue_fractions(parameters: Mapping[str, Any], s0_responses: Any,
+def multi_tissue_fractions(parameters: Mapping[str, Any],
+                           s0_responses: Sequence[float] | np.ndarray | None,
                            *, normalized: bool = False) -> dict[str, np.ndarray]:
     """Volume fractions from signal fractions: each top-level ``partial_volume_i`` of
     ``parameters`` (name -> values) divided by its tissue's S0 response
@@ -133,7 +173,8 @@ class FittedMultiCompartmentModel:
                  acquisition_scheme: AcquisitionScheme, parameters_vector: np.ndarray, *,
                  mask: np.ndarray, S0: np.ndarray, uncertainty: np.ndarray | None = None,
                  valid: np.ndarray | None = None, r2: np.ndarray | None = None,
-                 mse: np.ndarray | None = None, estimator: Any = None, solver: str = "fingerprint"):
+                 mse: np.ndarray | None = None, estimator: object | None = None,
+                 solver: str = "fingerprint"):
         self.model = model
         self.acquisition_scheme = acquisition_scheme
         self.fitted_parameters_vector = np.asarray(parameters_vector, dtype=np.float64)
@@ -209,7 +250,7 @@ class FittedMultiCompartmentModel:
                              "it has no orientation distribution (SD1WatsonDistributed / "
                              "SD2BinghamDistributed)")
 
-    def fod(self, vertices: Any, visual_odi_lower_bound: float = 0.0) -> np.ndarray:
+    def fod(self, vertices: ArrayLike, visual_odi_lower_bound: float = 0.0) -> np.ndarray:
         """Fibre orientation density (1/sr) of every voxel at unit vectors ``vertices``
         (K, 3): the orientation distributions of the dispersed sub-models weighted by
         their volume fractions; shape mask.shape + (K,), 0 outside the mask, NaN where
@@ -323,7 +364,7 @@ class FittedMultiCompartmentModel:
                     target.set_tortuous_parameter(link.target, lambda_par, *link.sources[1:])
 
     def return_parametric_fod_model(self, distribution: str = "watson",
-                                    Ncompartments: int = 1) -> Any:  # noqa: N803
+                                    Ncompartments: int = 1) -> MultiCompartmentModel:  # noqa: N803
         """A MultiCompartmentModel of ``Ncompartments`` bundles (``'watson'``:
         SD1WatsonDistributed, ``'bingham'``: SD2BinghamDistributed) of this fitted
         spherical-mean model's compartments, with its links and its fitted parameters

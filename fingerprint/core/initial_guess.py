@@ -28,7 +28,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -38,11 +38,19 @@ from fingerprint.core.backends import backend
 from fingerprint.errors import InputError
 
 if TYPE_CHECKING:  # type names only (the fitted model's module builds on this one)
+    from numpy.typing import ArrayLike
+
+    from fingerprint.core.acquisition_scheme import AcquisitionScheme
     from fingerprint.core.fitted_model import FittedMultiCompartmentModel
+    from fingerprint.core.modeling_framework import MultiCompartmentModelProperties
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["GUESS_START_SOLVERS", "MAX_FIXED_GROUPS", "fit_with_guesses", "merge_x0"]
+__all__ = ["GUESS_START_SOLVERS", "MAX_FIXED_GROUPS", "X0Input", "fit_with_guesses",
+           "merge_x0"]
+
+#: What ``x0_vector`` may be: an array of parameter vectors or a dict name -> values.
+X0Input = np.ndarray | Sequence[float] | Mapping[str, Any]
 
 #: Solvers that take the initial guesses as starts (``x0_vector``).
 GUESS_START_SOLVERS = ("brute2fine", "mix")
@@ -68,7 +76,8 @@ def guess_on_voxels(card: int, value: np.ndarray, spatial: tuple[int, ...], what
     return np.broadcast_to(col, spatial + (card,))
 
 
-def merge_x0(model: Any, guesses: Mapping[str, np.ndarray], x0_vector: Any) -> Any:
+def merge_x0(model: MultiCompartmentModelProperties, guesses: Mapping[str, np.ndarray],
+             x0_vector: X0Input | None) -> X0Input | None:
     """The ``x0_vector`` a solver receives: the model's initial guesses, overridden by
     the entries of an explicit ``x0_vector`` (a dict of names, or parameter vectors whose
     NaN entries the guesses fill)."""
@@ -112,7 +121,8 @@ def _normalised_error(model: Any, scheme: Any, data: np.ndarray, vectors: np.nda
     return np.where(np.isfinite(err), err, np.inf)
 
 
-def keep_better_guesses(model: Any, fitted: FittedMultiCompartmentModel, data: Any,
+def keep_better_guesses(model: MultiCompartmentModelProperties,
+                        fitted: FittedMultiCompartmentModel, data: ArrayLike,
                         guesses: Mapping[str, np.ndarray]) -> int:
     """Replace, in ``fitted`` (in place), the parameters of the valid voxels where the
     initial guess (completed by the fitted values) fits the b0-normalised signal at least
@@ -150,7 +160,9 @@ def keep_better_guesses(model: Any, fitted: FittedMultiCompartmentModel, data: A
     return int(keep.sum())
 
 
-def fit_with_guesses(model: Any, acquisition_scheme: Any, data: Any, mask: Any,
+def fit_with_guesses(model: MultiCompartmentModelProperties,
+                     acquisition_scheme: AcquisitionScheme, data: ArrayLike,
+                     mask: ArrayLike | None,
                      solver: str, kwargs: dict[str, Any]) -> FittedMultiCompartmentModel:
     """``model.fit`` with the model's initial guesses and per-voxel fixed maps (see the
     module docstring); plain models go straight to the fitting core."""

@@ -46,7 +46,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, TypeGuard
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -59,12 +59,20 @@ from fingerprint.utils.utils import T1_tortuosity, parameter_equality, tortuosit
 
 if TYPE_CHECKING:
     from numpy.typing import ArrayLike
+    from typing_extensions import TypeIs
 
-    from fingerprint.core.acquisition_scheme import AcquisitionScheme
+    from fingerprint.core.acquisition_scheme import AcquisitionScheme, MeasurementSet
+    from fingerprint.core.fitted_model import FittedModel
     from fingerprint.distributions.distribute_models import DistributedModel
     from fingerprint.signal_models.base import CompartmentModel
 
 logger = logging.getLogger(__name__)
+
+#: One parameter's range in optimiser units (SI = range x scale): ``(low, high)``, or one
+#: ``(low, high)`` per element of a multi-valued parameter (orientations).
+ParameterRange = tuple[float, float] | Sequence[Sequence[float]] | np.ndarray
+#: One parameter's scale (SI value of one optimiser unit): one number, or one per element.
+ParameterScale = float | np.ndarray
 
 __all__ = [
     "MultiCompartmentModel",
@@ -271,7 +279,7 @@ class _ParameterNamespace:
                              f"fixed or linked again")
         self._state = replace(state, links=state.links + (link,), calls=state.calls + (call,))
 
-    def set_fixed_parameter(self, parameter_name: str, value: Any) -> None:
+    def set_fixed_parameter(self, parameter_name: str, value: ArrayLike) -> None:
         """Fix a parameter to ``value`` (SI units; a list of ``cardinality`` values for
         orientations); it leaves the free parameters."""
         info = self._free_info(parameter_name)
@@ -533,7 +541,8 @@ def axis_cosines(directions: np.ndarray, mu: np.ndarray) -> np.ndarray:
     return cosines_to_axes(np.ascontiguousarray(directions, dtype=np.float64), mu_to_axes(mu))
 
 
-def compartment_info(compartment: Any) -> list[tuple[str, int, Any, Any, str]]:
+def compartment_info(compartment: CompartmentModel | DistributedModel
+                     ) -> list[tuple[str, int, ParameterRange, ParameterScale, str]]:
     """(name, cardinality, range, scale, type) of a compartment's parameters, in order."""
     ranges = dict(compartment.parameter_ranges)
     names = list(getattr(compartment, "parameter_names", None) or ranges)
@@ -547,7 +556,7 @@ def compartment_info(compartment: Any) -> list[tuple[str, int, Any, Any, str]]:
     return out
 
 
-def is_isotropic(compartment: Any) -> bool:
+def is_isotropic(compartment: CompartmentModel | DistributedModel) -> bool:
     """Whether a compartment has no orientation."""
     flag = getattr(compartment, "is_isotropic", None)
     if flag is not None:
@@ -555,7 +564,8 @@ def is_isotropic(compartment: Any) -> bool:
     return not any(t == "orientation" for *_, t in compartment_info(compartment))
 
 
-def compartment_signal(compartment: Any, ctx_meas: Any, directions: np.ndarray | None,
+def compartment_signal(compartment: CompartmentModel, ctx_meas: MeasurementSet,
+                       directions: np.ndarray | None,
                        params: Mapping[str, np.ndarray], n: int) -> np.ndarray:
     """Batched signal (n, M) of a plain compartment for its own parameters ``params``."""
     kwargs = {k: np.ascontiguousarray(v, dtype=np.float64) for k, v in params.items()
@@ -572,7 +582,7 @@ def compartment_signal(compartment: Any, ctx_meas: Any, directions: np.ndarray |
     return out
 
 
-def compartment_spherical_mean(compartment: Any, shells: Any,
+def compartment_spherical_mean(compartment: CompartmentModel, shells: MeasurementSet,
                                params: Mapping[str, np.ndarray], n: int) -> np.ndarray:
     """Batched per-shell spherical mean (n, S) of a plain compartment."""
     kwargs = {k: np.ascontiguousarray(v, dtype=np.float64) for k, v in params.items()
@@ -581,7 +591,7 @@ def compartment_spherical_mean(compartment: Any, shells: Any,
     return np.broadcast_to(out, (n, shells.number_of_measurements))
 
 
-def compartment_spec(compartment: Any) -> dict[str, Any]:
+def compartment_spec(compartment: CompartmentModel) -> dict[str, Any]:
     """JSON-able description of a compartment (class and non-fitted constants)."""
     cls = type(compartment)
     constants = {}
@@ -592,18 +602,18 @@ def compartment_spec(compartment: Any) -> dict[str, Any]:
             "constants": _jsonable(constants)}
 
 
-def _is_distributed(model: object) -> TypeGuard[DistributedModel]:
+def _is_distributed(model: object) -> TypeIs[DistributedModel]:
     return bool(getattr(model, "_is_distributed_model", False))
 
 
-def submodel_spec(model: Any) -> dict[str, Any]:
+def submodel_spec(model: CompartmentModel | DistributedModel) -> dict[str, Any]:
     """Spec of a sub-model (compartment or distributed model)."""
     if _is_distributed(model):
         return model.to_spec()
     return compartment_spec(model)
 
 
-def submodel_from_spec(spec: Mapping[str, Any]) -> Any:
+def submodel_from_spec(spec: Mapping[str, Any]) -> CompartmentModel | DistributedModel:
     """Rebuild a compartment or distributed model from its spec."""
     if not isinstance(spec, Mapping) or "class" not in spec:
         raise InputError(f"model spec entry must be a mapping with a 'class', got {spec!r}")
@@ -639,7 +649,7 @@ def _prefixes(models: Sequence[Any], extra: Sequence[Any] = ()) -> list[str]:
     return out
 
 
-def submodel_units(model: Any) -> dict[str, str]:
+def submodel_units(model: CompartmentModel | DistributedModel) -> dict[str, str]:
     """Local parameter name -> SI unit of a compartment or distributed model (declared by
     the compartment / distribution; TypeError when one is missing)."""
     return dict(model.parameter_units)
@@ -717,7 +727,7 @@ def _check_fixed_range(info: ParameterInfo, fixed: Any) -> None:
                        float(fixed), lo, hi)
 
 
-def check_scheme(scheme: Any, required: Sequence[str], who: str) -> None:
+def check_scheme(scheme: object, required: Sequence[str], who: str) -> None:
     """InputError when ``scheme`` is not an acquisition scheme or lacks timing a model
     needs."""
     if not (hasattr(scheme, "measurements") and hasattr(scheme, "b0_mask")):
@@ -739,8 +749,8 @@ class MultiCompartmentModelProperties(_ParameterNamespace):
     _kind_label = "model"
 
     def __init__(self, models: Sequence[CompartmentModel | DistributedModel],
-                 S0_tissue_responses: Any = None,
-                 parameter_links: Any = None) -> None:
+                 S0_tissue_responses: Sequence[float] | np.ndarray | None = None,
+                 parameter_links: Sequence[object] | None = None) -> None:
         if parameter_links:
             raise InputError("parameter_links is not supported; use set_fixed_parameter / "
                              "set_equal_parameter / set_tortuous_parameter")
@@ -895,7 +905,7 @@ class MultiCompartmentModelProperties(_ParameterNamespace):
         arr.setflags(write=False)
         return arr
 
-    def set_initial_guess_parameter(self, parameter_name: str, value: Any) -> None:
+    def set_initial_guess_parameter(self, parameter_name: str, value: ArrayLike) -> None:
         """Start the fit of a free parameter at ``value`` (SI units; one value, or one
         per voxel of the data's spatial shape, NaN where there is none; orientations end
         in [theta, phi], rad). dmipy's method; see :mod:`fingerprint.core.initial_guess`
@@ -911,7 +921,7 @@ class MultiCompartmentModelProperties(_ParameterNamespace):
         guesses = tuple((n, v) for n, v in state.guesses if n != info.name)
         self._state = replace(state, guesses=guesses + ((info.name, arr),))
 
-    def set_fixed_parameter(self, parameter_name: str, value: Any) -> None:
+    def set_fixed_parameter(self, parameter_name: str, value: ArrayLike) -> None:
         """Fix a parameter to ``value`` (SI units; ``cardinality`` values for
         orientations); it leaves the free parameters. With one value per voxel (an array
         of the data's spatial shape, ending in ``cardinality`` values for orientations)
@@ -990,7 +1000,8 @@ class MultiCompartmentModelProperties(_ParameterNamespace):
                              f"({', '.join(self.parameter_names)}), got shape {vec.shape}")
         return vec
 
-    def simulate_signal(self, acquisition_scheme: AcquisitionScheme, parameters_array_or_dict: Any
+    def simulate_signal(self, acquisition_scheme: AcquisitionScheme,
+                        parameters_array_or_dict: ArrayLike | Mapping[str, ArrayLike]
                         ) -> np.ndarray:
         """Signal attenuation for parameter vectors (P,), (n, P) or (..., P) (or a dict
         of named parameters): (..., N) measurements, or (..., S) shells for spherical-mean
@@ -1010,7 +1021,8 @@ class MultiCompartmentModelProperties(_ParameterNamespace):
         return out.reshape(vec.shape[:-1] + (n_out,))
 
     def simulate_compartment_signals(self, acquisition_scheme: AcquisitionScheme,
-                                     parameters_array: Any, which: Any = None) -> np.ndarray:
+                                     parameters_array: ArrayLike, which: ArrayLike | None = None
+                                     ) -> np.ndarray:
         """Signals of each top-level sub-model at unit volume fraction.
 
         ``parameters_array`` (n, P) parameter vectors; returns (n, K, N) ((n, K, S) shells
@@ -1116,7 +1128,8 @@ class MultiCompartmentModelProperties(_ParameterNamespace):
 
     # ------------------------------------------------------------------ fitting
     def fit(self, acquisition_scheme: AcquisitionScheme, data: ArrayLike,
-            mask: ArrayLike | None = None, solver: str = "fingerprint", **kwargs: Any) -> Any:
+            mask: ArrayLike | None = None, solver: str = "fingerprint", **kwargs: Any
+            ) -> FittedModel:
         """Fit the model to ``data`` (..., N) by dictionary matching; returns a
         FittedMultiCompartmentModel (see :func:`fingerprint.fitting.engine.fit_model`,
         reached through :func:`fingerprint.core.backends.backend` so that ``core`` does
@@ -1149,7 +1162,7 @@ _FRAMEWORK_CLASSES = {"MultiCompartmentModel": MultiCompartmentModel,
                       "MultiCompartmentSphericalMeanModel": MultiCompartmentSphericalMeanModel}
 
 
-def replay_calls(model: Any, calls: Sequence[Any], where: str) -> None:
+def replay_calls(model: _ParameterNamespace, calls: Sequence[object], where: str) -> None:
     """Apply recorded set_* calls to a model."""
     allowed = ("set_fixed_parameter", "set_equal_parameter", "set_tortuous_parameter",
                "set_parameter_optimization_bounds")

@@ -440,7 +440,7 @@ def check_csd_scheme(scheme: AcquisitionScheme, n_tissues: int, sh_order: int,
                         base.n_b0, base.b0_threshold, base.has_timing, dict(base.extra))
 
 
-def check_scheme(scheme: Any,
+def check_scheme(scheme: AcquisitionScheme,
                  model: MultiCompartmentModelProperties | CompartmentModel | None = None, *,
                  model_name: str | None = None, requires_timing: bool | None = None
                  ) -> SchemeReport:
@@ -632,7 +632,7 @@ def _requirement_findings(model: Any, who: str, n_shells: int, n_dirs: int,
 def prepare_scheme(scheme: AcquisitionScheme, model: MultiCompartmentModelProperties | None = None,
                    *, b0_threshold: float | None = None, who: str = "",
                    model_name: str | None = None, requires_timing: bool | None = None,
-                   log: logging.Logger | None = None) -> tuple[Any, SchemeReport]:
+                   log: logging.Logger | None = None) -> tuple[AcquisitionScheme, SchemeReport]:
     """What every entry point runs before a fit: apply ``b0_threshold`` (s/m², None keeps
     the scheme's), check the scheme against ``model``, raise an InputError (prefixed by
     ``who``) naming every refusal, log the warnings and notes.

@@ -100,7 +100,8 @@ def _degrees(sh_order: int) -> np.ndarray:
     return np.concatenate([np.full(2 * ell + 1, ell) for ell in range(0, sh_order + 1, 2)])
 
 
-def zonal_kernel_coefficients(model: Any, parameters: Mapping[str, Any], scheme: AcquisitionScheme,
+def zonal_kernel_coefficients(model: CompartmentModel | DistributedModel,
+                              parameters: Mapping[str, Any], scheme: AcquisitionScheme,
                               sh_order: int) -> np.ndarray:
     """Funk-Hecke coefficients ``kappa_l`` (N, sh_order / 2 + 1) of a kernel (compartment
     or distributed model, axis along z) for every measurement of ``scheme``.
@@ -169,7 +170,7 @@ class MultiCompartmentSphericalHarmonicsModel(MultiCompartmentModelProperties):
     _kind_label = "spherical harmonics model"
 
     def __init__(self, models: Sequence[CompartmentModel | DistributedModel],
-                 S0_tissue_responses: Any = None,  # noqa: N803
+                 S0_tissue_responses: Sequence[float] | np.ndarray | None = None,  # noqa: N803
                  sh_order: int = 8) -> None:
         super().__init__(models, S0_tissue_responses=S0_tissue_responses)
         self.sh_order = check_sh_order(sh_order)
@@ -224,7 +225,8 @@ class MultiCompartmentSphericalHarmonicsModel(MultiCompartmentModelProperties):
                                          (n,)) for k in range(self.N_models)], axis=1)
 
     # ------------------------------------------------------------------ simulation
-    def simulate_signal(self, acquisition_scheme: AcquisitionScheme, parameters_array_or_dict: Any
+    def simulate_signal(self, acquisition_scheme: AcquisitionScheme,
+                        parameters_array_or_dict: ArrayLike | Mapping[str, ArrayLike]
                         ) -> np.ndarray:
         """Signal attenuation (..., N) for parameter vectors (..., P) or a dict with
         ``sh_coeff`` (and ``partial_volume_i``): ``sum_k f_k A_k c`` (each tissue's S0
@@ -252,7 +254,7 @@ class MultiCompartmentSphericalHarmonicsModel(MultiCompartmentModelProperties):
     # ------------------------------------------------------------------ fitting
     def fit(self, acquisition_scheme: AcquisitionScheme, data: ArrayLike,
             mask: ArrayLike | None = None, solver: str = "csd", lambda_lb: float = 1e-5,
-            unity_constraint: Any = "kernel_dependent", **kwargs: Any
+            unity_constraint: bool | np.bool_ | str = "kernel_dependent", **kwargs: Any
             ) -> FittedMultiCompartmentSphericalHarmonicsModel:
         """Deconvolve ``data`` (..., N) voxel by voxel.
 

@@ -28,6 +28,8 @@ from fingerprint.errors import DictionaryError
 from fingerprint.fitting.features import FEATURES_VERSION
 
 if TYPE_CHECKING:
+    import zarr
+
     from fingerprint.core.acquisition_scheme import AcquisitionScheme
 
 logger = logging.getLogger(__name__)
@@ -221,7 +223,7 @@ class Dictionary:
     parameters: zarr array (atoms, parameter-vector length) float64, dmipy order, SI.
     """
 
-    def __init__(self, path: Path, group: Any, metadata: dict[str, Any]):
+    def __init__(self, path: Path, group: zarr.Group, metadata: dict[str, Any]):
         self.path = path
         self.metadata = metadata
         self._group = group

@@ -188,7 +188,8 @@ class DistributedModel(_ParameterNamespace):
     #: SI unit of each distribution parameter (``fingerprint.core.units``)
     _distribution_units: dict[str, str] = {}
 
-    def __init__(self, models: Sequence[CompartmentModel], parameter_links: Any = None,
+    def __init__(self, models: Sequence[CompartmentModel],
+                 parameter_links: Sequence[object] | None = None,
                  target_parameter: str | None = None) -> None:
         cls = type(self).__name__
         if parameter_links:
@@ -302,7 +303,8 @@ class DistributedModel(_ParameterNamespace):
     @classmethod
     def from_spec(cls, spec: Mapping[str, Any]) -> DistributedModel:
         """Rebuild from :meth:`to_spec` output."""
-        models = [submodel_from_spec(m) for m in spec.get("models", [])]
+        # a distribution may hold a distribution (dmipy's nested distributions)
+        models: list[Any] = [submodel_from_spec(m) for m in spec.get("models", [])]
         target = spec.get("target_parameter")
         obj = cls(models=models) if target is None else cls(models=models,
                                                             target_parameter=str(target))
@@ -475,7 +477,8 @@ class SD1WatsonDistributed(_SphericalDistributed):
     )
     _distribution_units = {"mu": ANGLE, "odi": DIMENSIONLESS}
 
-    def __init__(self, models: Sequence[CompartmentModel], parameter_links: Any = None,
+    def __init__(self, models: Sequence[CompartmentModel],
+                 parameter_links: Sequence[object] | None = None,
                  target_parameter: str = "mu") -> None:
         super().__init__(models, parameter_links, target_parameter)
 
@@ -585,7 +588,8 @@ class SD2BinghamDistributed(_SphericalDistributed):
     _distribution_units = {"mu": ANGLE, "psi": ANGLE, "odi": DIMENSIONLESS,
                            "beta_fraction": DIMENSIONLESS}
 
-    def __init__(self, models: Sequence[CompartmentModel], parameter_links: Any = None,
+    def __init__(self, models: Sequence[CompartmentModel],
+                 parameter_links: Sequence[object] | None = None,
                  target_parameter: str = "mu") -> None:
         super().__init__(models, parameter_links, target_parameter)
 
@@ -689,7 +693,8 @@ class DD1GammaDistributed(DistributedModel):
     )
     _distribution_units = {"alpha": DIMENSIONLESS, "beta": LENGTH}
 
-    def __init__(self, models: Sequence[CompartmentModel], parameter_links: Any = None,
+    def __init__(self, models: Sequence[CompartmentModel],
+                 parameter_links: Sequence[object] | None = None,
                  target_parameter: str = "diameter") -> None:
         super().__init__(models, parameter_links, target_parameter)
 
@@ -797,7 +802,7 @@ class DD1GammaDistributed(DistributedModel):
         return self._integrate(n, shells.number_of_measurements, local, evaluate)
 
     # ------------------------------------------------------------------ as a compartment
-    def signal_from_cosines(self, meas: Any, cosines: np.ndarray | None,
+    def signal_from_cosines(self, meas: MeasurementSet, cosines: np.ndarray | None,
                             **local: np.ndarray) -> np.ndarray:
         """Signal (n, M) of measurements ``meas`` at the cosines (n, M) (or (1, M)) between
         each measurement's direction and the fibre axis, for parameters ``local`` (this
@@ -820,7 +825,7 @@ class DD1GammaDistributed(DistributedModel):
 
         return self._integrate(n, n_meas, values, evaluate)
 
-    def spherical_mean_batch(self, shells: Any, **local: np.ndarray) -> np.ndarray:
+    def spherical_mean_batch(self, shells: MeasurementSet, **local: np.ndarray) -> np.ndarray:
         """Per-shell spherical mean (n, S) for parameters ``local`` (as a compartment of
         an orientation distribution, which leaves it unchanged)."""
         n = max((len(np.atleast_1d(v)) for v in local.values()), default=1)

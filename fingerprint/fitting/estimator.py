@@ -61,6 +61,7 @@ if TYPE_CHECKING:
     from numpy.typing import ArrayLike
 
     from fingerprint.core.acquisition_scheme import AcquisitionScheme
+    from fingerprint.core.initial_guess import X0Input
     from fingerprint.core.modeling_framework import MultiCompartmentModelProperties
     from fingerprint.dictionary.store import Dictionary
 
@@ -324,7 +325,7 @@ class FingerprintEstimator:
                 f"matcher={self.matcher.method})")
 
     # ------------------------------------------------------------------ estimation
-    def estimate(self, data: ArrayLike, x0: Any = None) -> VoxelEstimates:
+    def estimate(self, data: ArrayLike, x0: X0Input | None = None) -> VoxelEstimates:
         """Fit voxels ``data`` (n, N) (raw signals, any positive scale) and return
         :class:`VoxelEstimates`. ``x0`` (parameter vectors (P,)/(n, P), or a dict of
         possibly short parameter names) seeds the fit: a given orientation replaces the
@@ -473,18 +474,14 @@ class FingerprintEstimator:
             rc = self._refine_columns
             span = (self._upper - self._lower)[rc]
             max_step = 3.0 * np.nan_to_num(sd[:, rc]) + 0.02 * span
+            # the step matters when the posterior is narrower than the dictionary's
+            # spacing (few effective neighbours); when many atoms share the weight the
+            # posterior mean already interpolates, and the step only adds noise: it is
+            # shrunk by min(1, refine_shrinkage / n_eff)
             est, pred_feats = local_linear_step(
                 feats, idx, weights, self.atom_features, self.atom_parameters, start, rc,
-                self._lower[rc], self._upper[rc], max_step)
-            if self.refine_shrinkage:
-                # the step matters when the posterior is narrower than the dictionary's
-                # spacing (few effective neighbours); when many atoms share the weight the
-                # posterior mean already interpolates, and the step only adds noise
-                n_eff = 1.0 / np.maximum((weights ** 2).sum(axis=1), 1e-300)
-                lam = np.minimum(1.0, self.refine_shrinkage / n_eff)
-                est[:, rc] = start[:, rc] + lam[:, None] * (est[:, rc] - start[:, rc])
-                base = weighted_atoms(weights, idx, self.atom_features)
-                pred_feats = base + lam[:, None] * (pred_feats - base)
+                self._lower[rc], self._upper[rc], max_step,
+                shrinkage=self.refine_shrinkage)
             if len(self._simplex_columns) >= 2:
                 others = self._simplex_columns[:-1]
                 total = est[:, others].sum(axis=1)

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 import numpy as np
 
@@ -210,8 +210,29 @@ class FeatureMap:
         return feats
 
     # ---------------------------------------------------------------- voxels
+    @overload
     def voxel_features(self, signals: np.ndarray, frames: np.ndarray | None = None, *,
-                       return_rss: bool = False, return_gram: bool = False) -> Any:
+                       return_rss: Literal[False] = False,
+                       return_gram: Literal[False] = False) -> np.ndarray: ...
+
+    @overload
+    def voxel_features(self, signals: np.ndarray, frames: np.ndarray | None = None, *,
+                       return_rss: Literal[True], return_gram: Literal[True]
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
+
+    @overload
+    def voxel_features(self, signals: np.ndarray, frames: np.ndarray | None = None, *,
+                       return_rss: Literal[True], return_gram: Literal[False] = False
+                       ) -> tuple[np.ndarray, np.ndarray]: ...
+
+    @overload
+    def voxel_features(self, signals: np.ndarray, frames: np.ndarray | None = None, *,
+                       return_rss: Literal[False] = False, return_gram: Literal[True]
+                       ) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def voxel_features(self, signals: np.ndarray, frames: np.ndarray | None = None, *,
+                       return_rss: bool = False, return_gram: bool = False
+                       ) -> np.ndarray | tuple[np.ndarray, ...]:
         """Features (n, k) float32 of voxels ``signals`` (n, N), already divided by their
         b0 (S0 = 1), in the voxels' own fibre ``frames`` (n, 3) unit vectors (needed by
         the zonal kind; computed by a DTI fit when None).

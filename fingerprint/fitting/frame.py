@@ -16,12 +16,15 @@ because it uses every shell with the right (non-Gaussian) angular profile.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from fingerprint.core.orientations import mu_to_vectors, vectors_to_mu
 from fingerprint.errors import InputError
+
+if TYPE_CHECKING:  # the feature map builds on the frame estimator
+    from fingerprint.fitting.features import FeatureMap
 
 __all__ = ["DEFAULT_MAX_B", "FrameEstimator", "frames_to_angles", "angles_to_frames"]
 
@@ -65,7 +68,7 @@ class FrameEstimator:
     max_step: float = 0.3
 
     @classmethod
-    def for_scheme(cls, feature_map: Any, *, bvalues: np.ndarray | None = None,
+    def for_scheme(cls, feature_map: FeatureMap, *, bvalues: np.ndarray | None = None,
                    max_b: float = DEFAULT_MAX_B, refine_iterations: int = 2
                    ) -> FrameEstimator:
         """Frame estimator for a zonal :class:`~fingerprint.fitting.features.FeatureMap`

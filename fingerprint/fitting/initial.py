@@ -17,19 +17,20 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from fingerprint.core.initial_guess import X0Input
 from fingerprint.core.parameter_layout import ParameterLayout
 from fingerprint.errors import InputError
+
+if TYPE_CHECKING:
+    from fingerprint.core.modeling_framework import MultiCompartmentModelProperties
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["X0Input", "resolve_x0_name", "voxel_fixed_matrix", "x0_matrix"]
-
-#: What ``x0_vector`` may be: an array of parameter vectors or a dict name -> values.
-X0Input = np.ndarray | Sequence[float] | Mapping[str, Any]
 
 
 def _distributed_orientation(model: Any, key: str, names: Sequence[str]) -> list[str]:
@@ -52,7 +53,8 @@ def _distributed_orientation(model: Any, key: str, names: Sequence[str]) -> list
     return sorted(set(out))
 
 
-def resolve_x0_name(model: Any, key: str, names: Sequence[str] | None = None, *,
+def resolve_x0_name(model: MultiCompartmentModelProperties, key: str,
+                    names: Sequence[str] | None = None, *,
                     what: str = "x0") -> str:
     """The free parameter (one of ``names``, default the model's free parameters) that
     the x0 entry ``key`` initialises: a full name, a unique ``_``-suffix, or a
@@ -88,7 +90,7 @@ def resolve_x0_name(model: Any, key: str, names: Sequence[str] | None = None, *,
                      f"parameters: {pool}")
 
 
-def x0_matrix(model: Any, x0: X0Input | None, n: int,
+def x0_matrix(model: MultiCompartmentModelProperties, x0: X0Input | None, n: int,
               layout: ParameterLayout | None = None, *, what: str = "x0") -> np.ndarray | None:
     """``x0`` (vector (P,) / (n, P), or dict of names) -> (n, P) with NaN where not
     given; None stays None. ``layout`` is the parameter vector's layout (default: the
@@ -131,7 +133,8 @@ def x0_matrix(model: Any, x0: X0Input | None, n: int,
     return out
 
 
-def voxel_fixed_matrix(model: Any, fixed: X0Input | None, n: int) -> np.ndarray | None:
+def voxel_fixed_matrix(model: MultiCompartmentModelProperties, fixed: X0Input | None,
+                       n: int) -> np.ndarray | None:
     """Per-voxel fixed parameters (``fit(..., fixed_parameters=...)``: a dict of
     parameter names, each one value or one per voxel, or an (n, P) matrix with NaN
     where estimated) -> (n, P) with NaN in the estimated columns; None stays None.

@@ -38,6 +38,8 @@ import numpy as np
 from fingerprint.errors import DictionaryError
 
 if TYPE_CHECKING:
+    import faiss
+
     from fingerprint.dictionary.store import Dictionary
 
 logger = logging.getLogger(__name__)
@@ -123,7 +125,7 @@ class Matcher:
 
     def __init__(self, features: np.ndarray, *, method: str = "auto",
                  hnsw_threshold: int = DEFAULT_HNSW_THRESHOLD,
-                 ef_search: int = HNSW_EF_SEARCH, index: Any = None,
+                 ef_search: int = HNSW_EF_SEARCH, index: faiss.Index | None = None,
                  cache_path: str | os.PathLike | None = None):
         feats = np.ascontiguousarray(features, dtype=np.float32)
         if feats.ndim != 2 or feats.shape[0] == 0:
@@ -228,7 +230,7 @@ class Matcher:
         return self._ivf
 
     @property
-    def index(self) -> Any:
+    def index(self) -> faiss.Index:
         """The FAISS index of large query batches (an HNSW graph is built on first use)."""
         return self._index_for(self.exact_below)
 

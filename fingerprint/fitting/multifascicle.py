@@ -48,7 +48,7 @@ import math
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -482,7 +482,7 @@ class MultiFascicleFitter:
         return ve
 
     def _estimates(self, y: np.ndarray, s0: np.ndarray, count: np.ndarray,
-                   results: list[tuple[np.ndarray, ...]]) -> VoxelEstimates:
+                   results: Sequence[tuple[np.ndarray, ...]]) -> VoxelEstimates:
         model, lay, tb = self.model, self.layout, self.tables
         n, n_meas = y.shape
         kmax = lay.max_fascicles

@@ -48,7 +48,7 @@ import contextlib
 import logging
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 import numpy as np
 from scipy.optimize import least_squares, nnls
@@ -682,11 +682,28 @@ def _numba_threads(n_jobs: int | None) -> Iterator[None]:
         numba.set_num_threads(previous)
 
 
+@overload
 def refine_nonlinear(model: MultiCompartmentModelProperties, scheme: AcquisitionScheme,
-                     signals: ArrayLike, x0: Any, *, n_jobs: int | None = None,
+                     signals: ArrayLike, x0: ArrayLike, *, n_jobs: int | None = None,
+                     max_nfev: int = DEFAULT_MAX_NFEV, return_cost: Literal[False] = False,
+                     method: str = "batched", sum_to_one: bool = False,
+                     held: np.ndarray | None = None) -> np.ndarray: ...
+
+
+@overload
+def refine_nonlinear(model: MultiCompartmentModelProperties, scheme: AcquisitionScheme,
+                     signals: ArrayLike, x0: ArrayLike, *, n_jobs: int | None = None,
+                     max_nfev: int = DEFAULT_MAX_NFEV, return_cost: Literal[True],
+                     method: str = "batched", sum_to_one: bool = False,
+                     held: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+def refine_nonlinear(model: MultiCompartmentModelProperties, scheme: AcquisitionScheme,
+                     signals: ArrayLike, x0: ArrayLike, *, n_jobs: int | None = None,
                      max_nfev: int = DEFAULT_MAX_NFEV, return_cost: bool = False,
                      method: str = "batched", sum_to_one: bool = False,
-                     held: np.ndarray | None = None) -> Any:
+                     held: np.ndarray | None = None
+                     ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Polish parameter vectors by bounded non-linear least squares on the signals.
 
     Parameters

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
+import copy
 import importlib
 import logging
 import os
@@ -225,9 +226,12 @@ def check_fsl_scheme(scheme: AcquisitionScheme, bval: str | os.PathLike[str],
     return report
 
 
-def open_inputs(dwi: Any, bval: Any, bvec: Any, mask: Any, delta: Any = None,
-                Delta: Any = None, TE: Any = None, b0_threshold: float | None = None,
-                model: Any = None) -> tuple[DWIImage, Any, np.ndarray | None, Path | None]:
+def open_inputs(dwi: str | os.PathLike[str], bval: str | os.PathLike[str],
+                bvec: str | os.PathLike[str], mask: np.ndarray | str | os.PathLike[str] | None,
+                delta: ArrayLike | None = None, Delta: ArrayLike | None = None,
+                TE: ArrayLike | None = None, b0_threshold: float | None = None,
+                model: str | MultiCompartmentModelProperties | None = None
+                ) -> tuple[DWIImage, AcquisitionScheme, np.ndarray | None, Path | None]:
     """Open a DWI volume and its scheme: the image (lazy), the acquisition scheme read
     from the FSL files (timings ``delta`` / ``Delta`` / ``TE`` in s, ``b0_threshold`` in
     s/m²; checked against ``model`` when given), the mask (an array, a NIfTI path or
@@ -446,11 +450,12 @@ def _map_plan(model: Any, offsets: dict[str, slice]) -> list[tuple[str, str, sli
 
 
 def _chunks(image: DWIImage, mask: np.ndarray, chunk_voxels: int, slab_bytes: int,
-            b0_mask: np.ndarray, unusable: list[np.ndarray]
+            b0_mask: np.ndarray, unusable: list[np.ndarray], alive: int = 2
             ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(coords (n, 3), data (n, N) float32) chunks of masked voxels; the coordinates of
-    unusable voxels (:func:`~.validity.usable_voxels`) are appended to ``unusable``."""
-    for slab in _read_ahead(image, mask, slab_bytes):
+    unusable voxels (:func:`~.validity.usable_voxels`) are appended to ``unusable``.
+    ``alive``: slabs that may be alive at once (see :func:`_read_ahead`)."""
+    for slab in _read_ahead(image, mask, slab_bytes, alive):
         for start in range(0, slab.data.shape[0], chunk_voxels):
             data = slab.data[start:start + chunk_voxels]
             coords = slab.coords[start:start + chunk_voxels]
@@ -460,11 +465,14 @@ def _chunks(image: DWIImage, mask: np.ndarray, chunk_voxels: int, slab_bytes: in
             yield coords, data
 
 
-def _read_ahead(image: DWIImage, mask: np.ndarray, slab_bytes: int) -> Iterator[Slab]:
+def _read_ahead(image: DWIImage, mask: np.ndarray, slab_bytes: int,
+                alive: int = 2) -> Iterator[Slab]:
     """The slabs of ``image`` (masked voxels), read by a background thread one slab ahead
-    of the consumer: the next slab is read while this one is fitted. Slabs are half of
-    ``slab_bytes`` when there are several, so that the two alive at once take no more
-    memory than one slab read in turn. Errors of the reader are raised here."""
+    of the consumer: the next slab is read while this one is fitted. Slabs are
+    ``slab_bytes / alive`` when there are several, so that the ``alive`` slabs that may
+    be alive at once (the one being fitted and the next; with ``w`` fitting threads,
+    ``w + 1``: chunks of earlier slabs may still be in flight) take no more memory than
+    one slab read in turn. Errors of the reader are raised here."""
     if image.n_slabs(mask, slab_bytes) <= 1:
         slabs = image.iter_slabs(mask, max_bytes=slab_bytes)
         while True:
@@ -473,7 +481,7 @@ def _read_ahead(image: DWIImage, mask: np.ndarray, slab_bytes: int) -> Iterator[
             if slab is None:
                 return
             yield slab
-    slabs = image.iter_slabs(mask, max_bytes=max(slab_bytes // 2, 1))
+    slabs = image.iter_slabs(mask, max_bytes=max(slab_bytes // max(int(alive), 2), 1))
     arrived: queue.Queue[Slab | BaseException | None] = queue.Queue()
     room = threading.Semaphore(2)  # slabs alive: the one being fitted and the next
     stop = threading.Event()
@@ -603,6 +611,47 @@ def _run_chunks(chunks: Iterator[tuple[np.ndarray, np.ndarray]], fitter: VoxelFi
         for fut in pending:
             fut.cancel()
         raise
+
+
+def _fit_threads(fitter: VoxelFitter, options: FitOptions) -> int:
+    """Threads that fit chunks side by side in this process: ``options.threads`` (default:
+    the CPUs this process may use) for the built-in solver, whose estimator is shared
+    read-only by the threads; 1 (one chunk at a time, its kernels using the threads)
+    for the other solvers."""
+    if not isinstance(fitter, FingerprintFitter):
+        return 1
+    if options.threads is not None:
+        return max(1, int(options.threads))
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - platforms without sched_getaffinity
+        return max(1, os.cpu_count() or 1)
+
+
+@contextlib.contextmanager
+def _fitting_threads(fitter: FingerprintFitter, workers: int
+                     ) -> Iterator[tuple[cf.ThreadPoolExecutor, FingerprintFitter]]:
+    """A pool of ``workers`` threads and the fitter they run: ``fitter``'s estimator
+    (dictionary, index and arrays shared, not copied) limited to one thread per call, so
+    that each thread fits its own chunk with serial kernels (Numba's thread count and
+    FAISS's OpenMP count are per thread; the kernels and FAISS release the GIL). BLAS's
+    thread count is process-wide: it is one while the pool runs. Chunks are independent,
+    so the maps are those of one chunk at a time."""
+    single = copy.copy(fitter.estimator)
+    single.n_jobs = 1
+    worker_fitter = FingerprintFitter(single, {**fitter.options, "n_jobs": 1}, fitter.polish)
+    pool = cf.ThreadPoolExecutor(max_workers=int(workers), thread_name_prefix="fingerprint-fit")
+    with contextlib.ExitStack() as stack:
+        try:
+            from threadpoolctl import threadpool_limits  # lazy: optional dependency
+
+            stack.enter_context(threadpool_limits(limits=1))
+        except ImportError:  # pragma: no cover - threadpoolctl is optional
+            pass
+        try:
+            yield pool, worker_fitter
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _model_info(model: Any, model_label: str) -> dict[str, Any]:
@@ -848,9 +897,20 @@ def fit_volume(model: str | MultiCompartmentModelProperties, dwi: str | os.PathL
         try:
             with stage("read"):
                 source = ready()
-            _run_chunks(_chunks(source, mask_arr, int(chunk_voxels), int(slab_bytes),
-                                b0_mask, unusable),
-                        fitter, executor, store, done, should_cancel, window)
+            workers = _fit_threads(fitter, opts) if executor is None else 1
+            if workers > 1 and isinstance(fitter, FingerprintFitter):
+                # chunks fitted side by side, one per thread, each with single-threaded
+                # kernels: half-size chunks and (workers + 1) smaller slabs keep the
+                # memory of one chunk and one slab at a time
+                with _fitting_threads(fitter, workers) as (pool, worker_fitter):
+                    _run_chunks(_chunks(source, mask_arr, -(-int(chunk_voxels) // workers),
+                                        int(slab_bytes), b0_mask, unusable,
+                                        alive=workers + 1),
+                                worker_fitter, pool, store, done, should_cancel, workers)
+            else:
+                _run_chunks(_chunks(source, mask_arr, int(chunk_voxels), int(slab_bytes),
+                                    b0_mask, unusable),
+                            fitter, executor, store, done, should_cancel, window)
         finally:
             if shared_key is not None:  # do not keep this fit's estimator alive here
                 ESTIMATORS.pop(shared_key)

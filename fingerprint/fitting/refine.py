@@ -23,9 +23,12 @@ Two cheap steps, both vectorised over voxels (Numba kernels in
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from fingerprint.fitting.features import FeatureMap
 
 __all__ = ["local_linear_step", "orientation_curvature", "posterior_mean",
            "weighted_atoms"]
@@ -80,7 +83,7 @@ def weighted_atoms(weights: np.ndarray, indices: np.ndarray, table: np.ndarray) 
                         np.ascontiguousarray(table, dtype=np.float64))
 
 
-def orientation_curvature(feature_map: Any, atom_features: np.ndarray) -> np.ndarray:
+def orientation_curvature(feature_map: FeatureMap, atom_features: np.ndarray) -> np.ndarray:
     """Curvature J (atoms,) of each atom's squared residual with respect to a small tilt
     of its axis, from its whitened zonal features f_l:
     J = 1/2 sum_shells sum_l l (l + 1) f_l² (from the orthogonality of the associated
@@ -96,14 +99,17 @@ def local_linear_step(queries: np.ndarray, indices: np.ndarray, weights: np.ndar
                       atom_features: np.ndarray, atom_parameters: np.ndarray,
                       start: np.ndarray, columns: np.ndarray, lower: np.ndarray,
                       upper: np.ndarray, max_step: np.ndarray, *,
-                      floor_weight: float = 0.05, damping: float = 0.0
-                      ) -> tuple[np.ndarray, np.ndarray]:
+                      floor_weight: float = 0.05, damping: float = 0.0,
+                      shrinkage: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """One dictionary-Jacobian Gauss-Newton step per voxel (see the module docstring).
 
     ``columns`` (m,) are the parameter columns refined, ``lower``/``upper`` (m,) their
     bounds, ``max_step`` (n, m) the largest move per voxel and column; neighbour weights
     are floored at ``floor_weight`` times the largest so that the regression sees the
-    whole neighbourhood. Returns (parameters (n, P), predicted features (n, k))."""
+    whole neighbourhood. ``shrinkage`` > 0 scales each step (and the change of the
+    predicted features from the neighbours' weighted mean) by min(1, shrinkage / n_eff),
+    with n_eff = 1 / sum(weights²) the effective number of neighbours. Returns
+    (parameters (n, P), predicted features (n, k))."""
     # lazy: keeps numba off import
     from fingerprint.kernels import run_parallel
     from fingerprint.kernels.features import local_linear_refine
@@ -119,4 +125,4 @@ def local_linear_step(queries: np.ndarray, indices: np.ndarray, weights: np.ndar
         np.ascontiguousarray(lower, dtype=np.float64),
         np.ascontiguousarray(upper, dtype=np.float64),
         np.ascontiguousarray(columns, dtype=np.int64), float(floor_weight), float(damping),
-        np.ascontiguousarray(max_step, dtype=np.float64))
+        np.ascontiguousarray(max_step, dtype=np.float64), float(shrinkage))

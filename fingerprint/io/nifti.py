@@ -60,13 +60,17 @@ import zlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 
 from fingerprint.core.orientations import mu_to_vectors as _mu_to_vectors
 from fingerprint.errors import InputError
 from fingerprint.stages import stage
+
+if TYPE_CHECKING:
+    from nibabel import Nifti1Header, Nifti1Image
+    from nibabel.spatialimages import SpatialImage
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +123,7 @@ def _is_gzip(path: Path) -> bool:
         return fh.read(2) == b"\x1f\x8b"
 
 
-def open_nifti(path: str | os.PathLike, what: str = "image") -> Any:
+def open_nifti(path: str | os.PathLike, what: str = "image") -> Nifti1Image:
     """Open a NIfTI file with nibabel (header only), with errors naming the file.
 
     A gzip file is kept open between reads, so that reads at increasing offsets (volume
@@ -159,13 +163,17 @@ def _has_nifti_magic(path: Path) -> bool:
 
 
 def _expected_data_end(img: Any) -> int:
+    """Byte offset (in the uncompressed stream) where ``img``'s data block ends."""
     header = img.header
-    offset = int(header.get_data_offset())
+    # the offset read from the file is the array proxy's: a loaded image's header is a
+    # copy whose vox_offset nibabel resets to 0 (which made every gzip file look truncated
+    # and decompressed it whole to read its last voxel)
+    offset = int(getattr(img.dataobj, "offset", header.get_data_offset()))
     itemsize = np.dtype(header.get_data_dtype()).itemsize
     return offset + int(np.prod(img.shape, dtype=np.int64)) * itemsize
 
 
-def check_file_complete(img: Any, path: str | os.PathLike, what: str = "image") -> None:
+def check_file_complete(img: Nifti1Image, path: str | os.PathLike, what: str = "image") -> None:
     """Cheap truncation check without decompressing: the file must hold the whole data
     block (uncompressed files), or the gzip trailer's uncompressed size must match the
     header (gzip files; if it does not, the last voxel is read to be sure)."""
@@ -253,7 +261,7 @@ class DWIImage:
         return np.asarray(self.img.affine, dtype=np.float64)
 
     @property
-    def header(self) -> Any:
+    def header(self) -> Nifti1Header:
         return self.img.header
 
     @property
@@ -488,7 +496,7 @@ def _tmp_sibling(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
 
 
-def atomic_write_nifti(img: Any, path: str | os.PathLike) -> Path:
+def atomic_write_nifti(img: SpatialImage, path: str | os.PathLike) -> Path:
     """Save ``img`` to ``path`` via a temporary sibling and a rename."""
     import nibabel as nib  # lazy: keeps nibabel off import
 
@@ -528,7 +536,7 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
-def map_image(data: np.ndarray, reference: Any) -> Any:
+def map_image(data: np.ndarray, reference: Nifti1Image) -> Nifti1Image:
     """A float32 NIfTI image of ``data`` (3-D or 4-D) with the reference image's affine
     and header (data type, scaling, intent and time units reset)."""
     import nibabel as nib  # lazy: keeps nibabel off import
@@ -558,7 +566,7 @@ def map_image(data: np.ndarray, reference: Any) -> Any:
     return img
 
 
-def write_map(data: np.ndarray, reference: Any, directory: str | os.PathLike, name: str,
+def write_map(data: np.ndarray, reference: Nifti1Image, directory: str | os.PathLike, name: str,
               sidecar: Mapping[str, Any]) -> tuple[Path, Path]:
     """Write one map (``name`` ending in .nii.gz) and its JSON sidecar, atomically.
     Returns (nifti path, json path)."""

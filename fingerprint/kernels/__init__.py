@@ -28,7 +28,7 @@ import types
 from collections.abc import Callable, Iterator
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, overload
 
 import numba
 import numba.core.event
@@ -51,6 +51,11 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 prange = numba.prange
+
+#: A kernel function; :func:`njit` returns a numba dispatcher with the same call signature.
+_F = TypeVar("_F", bound=Callable[..., Any])
+#: What a kernel returns (an array or a tuple of arrays).
+_R = TypeVar("_R")
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -174,7 +179,15 @@ def _log_cache_failure(name: str, error: Exception) -> None:
     _cache_failure_logged = True
 
 
-def njit(*args: Any, **options: Any) -> Any:
+@overload
+def njit(func: _F, /) -> _F: ...
+
+
+@overload
+def njit(**options: Any) -> Callable[[_F], _F]: ...
+
+
+def njit(*args: Any, **options: Any) -> Callable[..., Any]:
     """Drop-in replacement for :func:`numba.njit` honouring the cache fallback.
 
     ``cache=True`` is kept when a cache directory is available and silently dropped
@@ -209,7 +222,7 @@ def _compile(func: Callable[..., Any], options: dict[str, Any]) -> Any:
 _LAUNCH_LOCK = threading.RLock()
 
 
-def run_parallel(kernel: Callable[..., Any], *args: Any) -> Any:
+def run_parallel(kernel: Callable[..., _R], *args: Any) -> _R:
     """Call a ``parallel=True`` kernel safely from any thread.
 
     numba's ``workqueue`` threading layer (used when neither TBB nor OpenMP is available)
@@ -251,7 +264,7 @@ def defer_parallel() -> Iterator[None]:
         _DEFERRED.active = previous
 
 
-def _launch(kernel: Callable[..., Any], *args: Any) -> Any:
+def _launch(kernel: Callable[..., _R], *args: Any) -> _R:
     """Launch a parallel kernel (under the package-wide lock with ``workqueue``)."""
     try:
         layer = numba.threading_layer()
@@ -280,7 +293,7 @@ def _parallel_available(kernel: Any) -> bool:
         return not caching_enabled()
 
 
-def run_large(parallel: Any, serial: Any, *args: Any) -> Any:
+def run_large(parallel: Callable[..., _R], serial: Callable[..., _R], *args: Any) -> _R:
     """Run a batch large enough to be worth a parallel launch.
 
     In parallel when the parallel version needs no compilation (see
@@ -291,10 +304,11 @@ def run_large(parallel: Any, serial: Any, *args: Any) -> Any:
     after its first slow batch. Both versions compute the same values."""
     if id(parallel) in _PARALLEL_WANTED or _parallel_available(parallel):
         return _launch(parallel, *args)
-    compiled = len(serial.overloads)
+    compiled = len(getattr(serial, "overloads", ()))  # numba dispatcher: compiled versions
     t0 = time.perf_counter()
     out = serial(*args)
-    if len(serial.overloads) == compiled and time.perf_counter() - t0 > SLOW_SERIAL_SECONDS:
+    if len(getattr(serial, "overloads", ())) == compiled and \
+            time.perf_counter() - t0 > SLOW_SERIAL_SECONDS:
         _PARALLEL_WANTED.add(id(parallel))
     return out
 
@@ -306,7 +320,7 @@ SERIAL_WORK_THRESHOLD = 200_000
 
 
 def parallel_kernel(*, serial_rows: int | None = None,
-                    **options: Any) -> Callable[[Callable[..., Any]], Any]:
+                    **options: Any) -> Callable[[_F], _F]:
     """Compile a ``prange`` kernel twice: parallel (returned) and serial (``.serial``).
 
     Both are compiled lazily (on first use) and cached (separate cache entries); options
@@ -315,21 +329,26 @@ def parallel_kernel(*, serial_rows: int | None = None,
     through :func:`run_parallel` (serial below that many rows of the first argument).
     """
 
-    def decorator(func: Callable[..., Any]) -> Any:
-        parallel = _compile(func, {**options, "cache": True, "parallel": True})
+    def decorator(func: _F) -> _F:
+        # nogil: threads fitting their own chunks run the serial twins side by side (and a
+        # reader or writer thread runs during a parallel launch)
+        opts = {"nogil": True, **options, "cache": True}
+        parallel = _compile(func, {**opts, "parallel": True})
         twin = types.FunctionType(func.__code__, func.__globals__, func.__name__ + "_serial",
                                   func.__defaults__, func.__closure__)
-        twin.__qualname__ = func.__qualname__ + "_serial"
+        # numba's cache key holds the bytecode, not the options: a new name keeps a twin
+        # cached before it released the GIL from being loaded
+        twin.__qualname__ = func.__qualname__ + "_serial_nogil"
         twin.__module__ = func.__module__
         twin.__doc__ = func.__doc__
-        parallel.serial = _compile(twin, {**options, "cache": True, "parallel": False})
+        parallel.serial = _compile(twin, {**opts, "parallel": False})
         parallel.serial_rows = None if serial_rows is None else int(serial_rows)
         return parallel
 
     return decorator
 
 
-def run_kernel(kernel: Any, work: float, *args: Any) -> Any:
+def run_kernel(kernel: Callable[..., _R], work: float, *args: Any) -> _R:
     """Run a :func:`parallel_kernel` on ``args``: serially for small ``work`` or one thread,
     otherwise in parallel (through :func:`run_parallel`)."""
     serial = getattr(kernel, "serial", None)

@@ -18,6 +18,12 @@ from fingerprint.kernels import njit, parallel_kernel, prange
 
 #: Below this many rows (voxels or atoms) a kernel of this module runs its serial twin.
 SERIAL_ROWS = 4096
+#: Arithmetic flags of the inner loops over measurements: reassociation lets LLVM
+#: vectorise their sums (results change in the last bits only); no assumptions about
+#: NaN or infinity, so the finiteness checks keep their meaning.
+_FAST = {"reassoc", "contract", "nsz", "arcp"}
+#: Legendre coefficients per shell that the power-basis kernels handle (l = 0, 2, 4, 6).
+POWER_COEFFICIENTS = 4
 
 __all__ = [
     "align_frames",
@@ -194,6 +200,16 @@ def dti_principal_directions(signals: np.ndarray, columns: np.ndarray,
 def _cholesky_solve(a: np.ndarray, b: np.ndarray, n: int, x: np.ndarray) -> bool:
     """Solve a x = b for the leading n x n block of the SPD matrix ``a`` (in place
     factorisation); False when not positive definite."""
+    if not _cholesky_factor(a, n):
+        return False
+    _cholesky_substitute(a, b, n, x)
+    return True
+
+
+@njit(cache=True, nogil=True)
+def _cholesky_factor(a: np.ndarray, n: int) -> bool:
+    """Cholesky factor L (lower triangle, in place) of the leading n x n block of the SPD
+    matrix ``a``; False when not positive definite."""
     for j in range(n):
         s = a[j, j]
         for k in range(j):
@@ -206,6 +222,12 @@ def _cholesky_solve(a: np.ndarray, b: np.ndarray, n: int, x: np.ndarray) -> bool
             for k in range(j):
                 t -= a[i, k] * a[j, k]
             a[i, j] = t / a[j, j]
+    return True
+
+
+@njit(cache=True, nogil=True)
+def _cholesky_substitute(a: np.ndarray, b: np.ndarray, n: int, x: np.ndarray) -> None:
+    """Solve L Lᵀ x = b with the factor of :func:`_cholesky_factor` in ``a``."""
     for i in range(n):
         t = b[i]
         for k in range(i):
@@ -216,10 +238,9 @@ def _cholesky_solve(a: np.ndarray, b: np.ndarray, n: int, x: np.ndarray) -> bool
         for k in range(i + 1, n):
             t -= a[k, i] * x[k]
         x[i] = t / a[i, i]
-    return True
 
 
-@parallel_kernel(serial_rows=SERIAL_ROWS)
+@parallel_kernel(serial_rows=SERIAL_ROWS, nogil=True)
 def zonal_features(signals: np.ndarray, frames: np.ndarray, directions: np.ndarray,
                    shell_of: np.ndarray, n_coefficients: np.ndarray,
                    offsets: np.ndarray, weights: np.ndarray,
@@ -236,6 +257,10 @@ def zonal_features(signals: np.ndarray, frames: np.ndarray, directions: np.ndarr
     basis at the voxel's frame is written there (for :func:`zonal_fit_residuals`; pass
     an empty (0, 1, 1, 1) array otherwise).
     Returns (features (n, k) float32, residual sum of squares (n,) float64).
+
+    With at most :data:`POWER_COEFFICIENTS` coefficients per shell, the normal equations
+    come from the moments of x = u² (:func:`_zonal_moments`, one vectorised pass per
+    shell) instead of the polynomials at each measurement.
     """
     n = signals.shape[0]
     nmeas = signals.shape[1]
@@ -246,25 +271,45 @@ def zonal_features(signals: np.ndarray, frames: np.ndarray, directions: np.ndarr
         lmax_n = max(lmax_n, n_coefficients[s])
     feats = np.empty((n, k), dtype=np.float32)
     rss = np.empty(n)
+    power = lmax_n <= POWER_COEFFICIENTS
+    order, starts = shell_layout(shell_of, n_shells, np.ones(nmeas, np.bool_))
+    m = order.shape[0]
+    gx = np.empty(m)
+    gy = np.empty(m)
+    gz = np.empty(m)
+    for j in range(m):
+        gx[j] = directions[order[j], 0]
+        gy[j] = directions[order[j], 1]
+        gz[j] = directions[order[j], 2]
     for i in prange(n):
         ata = np.zeros((n_shells, lmax_n, lmax_n))
         aty = np.zeros((n_shells, lmax_n))
         yty = np.zeros(n_shells)
-        p = np.empty(lmax_n)
         fx, fy, fz = frames[i, 0], frames[i, 1], frames[i, 2]
-        for j in range(nmeas):
-            s = shell_of[j]
-            if s < 0:
-                continue
-            y = signals[i, j]
-            u = directions[j, 0] * fx + directions[j, 1] * fy + directions[j, 2] * fz
-            nc = n_coefficients[s]
-            legendre_even(u, 2 * (nc - 1), p)
-            for a in range(nc):
-                aty[s, a] += p[a] * y
-                for b in range(a + 1):
-                    ata[s, a, b] += p[a] * p[b]
-            yty[s] += y * y
+        if power:
+            y = np.empty(m)
+            for j in range(m):
+                y[j] = signals[i, order[j]]
+            moments = np.empty(12)
+            for s in range(n_shells):
+                _zonal_moments(y, gx, gy, gz, starts[s], starts[s + 1], fx, fy, fz, moments)
+                _legendre_normal_equations(moments, n_coefficients[s], ata[s], aty[s])
+                yty[s] = moments[11]
+        else:
+            p = np.empty(lmax_n)
+            for j in range(nmeas):
+                s = shell_of[j]
+                if s < 0:
+                    continue
+                yj = signals[i, j]
+                u = directions[j, 0] * fx + directions[j, 1] * fy + directions[j, 2] * fz
+                nc = n_coefficients[s]
+                legendre_even(u, 2 * (nc - 1), p)
+                for a in range(nc):
+                    aty[s, a] += p[a] * yj
+                    for b in range(a + 1):
+                        ata[s, a, b] += p[a] * p[b]
+                yty[s] += yj * yj
         total = 0.0
         c = np.zeros(lmax_n)
         keep_gram = gram.shape[0] == n
@@ -292,6 +337,84 @@ def zonal_features(signals: np.ndarray, frames: np.ndarray, directions: np.ndarr
             total += max(yty[s] - fit, 0.0)
         rss[i] = total
     return feats, rss
+
+
+@njit(cache=True, nogil=True, fastmath=_FAST)
+def _zonal_moments(y: np.ndarray, gx: np.ndarray, gy: np.ndarray, gz: np.ndarray,
+                   start: int, stop: int, fx: float, fy: float, fz: float,
+                   out: np.ndarray) -> None:
+    """Moments of the grouped measurements ``start:stop`` about the axis f: ``out`` =
+    (count, sum x, ..., sum x⁶, sum y, sum x y, sum x² y, sum x³ y, sum y²) with
+    x = (g . f)²."""
+    h1 = 0.0
+    h2 = 0.0
+    h3 = 0.0
+    h4 = 0.0
+    h5 = 0.0
+    h6 = 0.0
+    t0 = 0.0
+    t1 = 0.0
+    t2 = 0.0
+    t3 = 0.0
+    q = 0.0
+    for j in range(start, stop):
+        u = gx[j] * fx + gy[j] * fy + gz[j] * fz
+        x = u * u
+        x2 = x * x
+        x3 = x2 * x
+        yj = y[j]
+        h1 += x
+        h2 += x2
+        h3 += x3
+        h4 += x2 * x2
+        h5 += x2 * x3
+        h6 += x3 * x3
+        t0 += yj
+        t1 += x * yj
+        t2 += x2 * yj
+        t3 += x3 * yj
+        q += yj * yj
+    out[0] = stop - start
+    out[1] = h1
+    out[2] = h2
+    out[3] = h3
+    out[4] = h4
+    out[5] = h5
+    out[6] = h6
+    out[7] = t0
+    out[8] = t1
+    out[9] = t2
+    out[10] = t3
+    out[11] = q
+
+
+#: Even Legendre polynomials P_0, P_2, P_4, P_6 in powers of x = u² (row l/2, column p:
+#: coefficient of x^p).
+_LEGENDRE_POWER = np.array([[1.0, 0.0, 0.0, 0.0],
+                            [-0.5, 1.5, 0.0, 0.0],
+                            [0.375, -3.75, 4.375, 0.0],
+                            [-0.3125, 6.5625, -19.6875, 14.4375]])
+
+
+@njit(cache=True, nogil=True)
+def _legendre_normal_equations(moments: np.ndarray, nc: int, ata: np.ndarray,
+                               aty: np.ndarray) -> None:
+    """Lower triangle of the Legendre Gram matrix ``ata`` (nc, nc) and ``aty`` (nc,) of
+    one shell from its :func:`_zonal_moments` (nc <= 4)."""
+    t = _LEGENDRE_POWER
+    for a in range(nc):
+        v = 0.0
+        for p in range(a + 1):
+            v += t[a, p] * moments[7 + p]
+        aty[a] = v
+        for b in range(a + 1):
+            v = 0.0
+            for p in range(a + 1):
+                w = 0.0
+                for q in range(b + 1):
+                    w += t[b, q] * moments[p + q]
+                v += t[a, p] * w
+            ata[a, b] = v
 
 
 @njit(cache=True, nogil=True)
@@ -367,7 +490,170 @@ def _axis_gauss_newton_step(signals: np.ndarray, i: int, mu: np.ndarray, c: np.n
     return step
 
 
-@parallel_kernel(serial_rows=SERIAL_ROWS)
+
+
+@njit(cache=True, nogil=True)
+def shell_layout(shell_of: np.ndarray, n_shells: int, use: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Measurements grouped by feature shell: (order (M,) measurement indices with
+    ``shell_of`` >= 0 and ``use``, shell by shell in ascending index; starts (shells + 1,)
+    so that shell s is ``order[starts[s]:starts[s + 1]]``)."""
+    starts = np.zeros(n_shells + 1, dtype=np.int64)
+    for j in range(shell_of.shape[0]):
+        s = shell_of[j]
+        if s >= 0 and use[j]:
+            starts[s + 1] += 1
+    for s in range(n_shells):
+        starts[s + 1] += starts[s]
+    order = np.empty(starts[n_shells], dtype=np.int64)
+    fill = starts[:n_shells].copy()
+    for j in range(shell_of.shape[0]):
+        s = shell_of[j]
+        if s >= 0 and use[j]:
+            order[fill[s]] = j
+            fill[s] += 1
+    return order, starts
+
+
+@njit(cache=True, nogil=True)
+def _legendre_to_power(c: np.ndarray, o: int, nc: int, scale: np.ndarray,
+                       out: np.ndarray) -> None:
+    """Coefficients (a0, a1, a2, a3) in powers of x = u² of the even Legendre series
+    sum_l c[o + l] / scale[o + l] P_2l(u), l < nc <= 4 (``scale`` whitening weights, or
+    ones)."""
+    c0 = c[o] / scale[o]
+    c1 = c[o + 1] / scale[o + 1] if nc > 1 else 0.0
+    c2 = c[o + 2] / scale[o + 2] if nc > 2 else 0.0
+    c3 = c[o + 3] / scale[o + 3] if nc > 3 else 0.0
+    out[0] = c0 - 0.5 * c1 + 0.375 * c2 - 0.3125 * c3
+    out[1] = 1.5 * c1 - 3.75 * c2 + 6.5625 * c3
+    out[2] = 4.375 * c2 - 19.6875 * c3
+    out[3] = 14.4375 * c3
+
+
+@njit(cache=True, nogil=True, fastmath=_FAST)
+def _axis_sums(y: np.ndarray, gx: np.ndarray, gy: np.ndarray, gz: np.ndarray,
+               starts: np.ndarray, poly: np.ndarray, m0: float, m1: float, m2: float,
+               sums: np.ndarray) -> None:
+    """Residual and Gauss-Newton sums of the axis (m0, m1, m2) of per-shell series in
+    powers of x = u², u = g . m (``poly`` (shells, 4)), against the signals ``y`` (M,)
+    of the grouped measurements with directions (gx, gy, gz): ``sums`` = (rss,
+    v = sum r d g (3), G = sum d² g gᵀ (xx, xy, xz, yy, yz, zz)) with r the residual and
+    d the derivative of the series with respect to u."""
+    rss = 0.0
+    vx = 0.0
+    vy = 0.0
+    vz = 0.0
+    gxx = 0.0
+    gxy = 0.0
+    gxz = 0.0
+    gyy = 0.0
+    gyz = 0.0
+    gzz = 0.0
+    for s in range(starts.shape[0] - 1):
+        a0 = poly[s, 0]
+        a1 = poly[s, 1]
+        a2 = poly[s, 2]
+        a3 = poly[s, 3]
+        b1 = 2.0 * a1
+        b2 = 4.0 * a2
+        b3 = 6.0 * a3
+        for j in range(starts[s], starts[s + 1]):
+            ex = gx[j]
+            ey = gy[j]
+            ez = gz[j]
+            u = ex * m0 + ey * m1 + ez * m2
+            x = u * u
+            r = y[j] - (a0 + x * (a1 + x * (a2 + x * a3)))
+            d = u * (b1 + x * (b2 + x * b3))
+            rss += r * r
+            rd = r * d
+            dd = d * d
+            vx += rd * ex
+            vy += rd * ey
+            vz += rd * ez
+            gxx += dd * ex * ex
+            gxy += dd * ex * ey
+            gxz += dd * ex * ez
+            gyy += dd * ey * ey
+            gyz += dd * ey * ez
+            gzz += dd * ez * ez
+    sums[0] = rss
+    sums[1] = vx
+    sums[2] = vy
+    sums[3] = vz
+    sums[4] = gxx
+    sums[5] = gxy
+    sums[6] = gxz
+    sums[7] = gyy
+    sums[8] = gyz
+    sums[9] = gzz
+
+
+@njit(cache=True, nogil=True)
+def _tangent_basis(m0: float, m1: float, m2: float) -> tuple[float, float, float,
+                                                              float, float, float]:
+    """Two unit vectors perpendicular to the unit vector (m0, m1, m2) and to each other
+    (the basis of :func:`_axis_gauss_newton_step`)."""
+    if abs(m2) < 0.9:
+        e1x, e1y, e1z = -m1, m0, 0.0
+    else:
+        e1x, e1y, e1z = 0.0, -m2, m1
+    nn = math.sqrt(e1x * e1x + e1y * e1y + e1z * e1z)
+    e1x /= nn
+    e1y /= nn
+    e1z /= nn
+    e2x = m1 * e1z - m2 * e1y
+    e2y = m2 * e1x - m0 * e1z
+    e2z = m0 * e1y - m1 * e1x
+    return e1x, e1y, e1z, e2x, e2y, e2z
+
+
+@njit(cache=True, nogil=True)
+def _quadratic_form(sums: np.ndarray, ax: float, ay: float, az: float, bx: float,
+                    by: float, bz: float) -> float:
+    """aᵀ G b of the symmetric G stored in ``sums[4:10]`` (xx, xy, xz, yy, yz, zz)."""
+    return (ax * (sums[4] * bx + sums[5] * by + sums[6] * bz)
+            + ay * (sums[5] * bx + sums[7] * by + sums[8] * bz)
+            + az * (sums[6] * bx + sums[8] * by + sums[9] * bz))
+
+
+@njit(cache=True, nogil=True)
+def _power_axis_step(y: np.ndarray, gx: np.ndarray, gy: np.ndarray, gz: np.ndarray,
+                     starts: np.ndarray, poly: np.ndarray, mu: np.ndarray, max_step: float,
+                     sums: np.ndarray) -> float:
+    """:func:`_axis_gauss_newton_step` for series in powers of u² (``poly``) over grouped
+    measurements: one bounded Gauss-Newton step of ``mu`` in place, the residual sum of
+    squares at the starting axis in ``sums[0]``; returns the step length (-1: singular)."""
+    _axis_sums(y, gx, gy, gz, starts, poly, mu[0], mu[1], mu[2], sums)
+    e1x, e1y, e1z, e2x, e2y, e2z = _tangent_basis(mu[0], mu[1], mu[2])
+    j11 = _quadratic_form(sums, e1x, e1y, e1z, e1x, e1y, e1z)
+    j12 = _quadratic_form(sums, e1x, e1y, e1z, e2x, e2y, e2z)
+    j22 = _quadratic_form(sums, e2x, e2y, e2z, e2x, e2y, e2z)
+    r1 = sums[1] * e1x + sums[2] * e1y + sums[3] * e1z
+    r2 = sums[1] * e2x + sums[2] * e2y + sums[3] * e2z
+    det = j11 * j22 - j12 * j12
+    if not (det > 1e-30):
+        return -1.0
+    da = (j22 * r1 - j12 * r2) / det
+    db = (j11 * r2 - j12 * r1) / det
+    step = math.sqrt(da * da + db * db)
+    if step > max_step:
+        da *= max_step / step
+        db *= max_step / step
+    mx = mu[0] + da * e1x + db * e2x
+    my = mu[1] + da * e1y + db * e2y
+    mz = mu[2] + da * e1z + db * e2z
+    nn = math.sqrt(mx * mx + my * my + mz * mz)
+    if mz < 0.0:
+        nn = -nn
+    mu[0] = mx / nn
+    mu[1] = my / nn
+    mu[2] = mz / nn
+    return step
+
+
+@parallel_kernel(serial_rows=SERIAL_ROWS, nogil=True)
 def align_frames(signals: np.ndarray, frames: np.ndarray, coefficients: np.ndarray,
                  directions: np.ndarray, shell_of: np.ndarray, n_coefficients: np.ndarray,
                  offsets: np.ndarray, iterations: int, max_step: float) -> np.ndarray:
@@ -378,42 +664,100 @@ def align_frames(signals: np.ndarray, frames: np.ndarray, coefficients: np.ndarr
     pass over the data per iteration: each pass measures the residual of the previous
     step and takes the next). Unlike :func:`refine_frames`, whose coefficients follow the
     axis, the profile here is a matched atom's, so the axis cannot bend the profile
-    towards the noise. Returns (n, 3) unit vectors with z >= 0."""
+    towards the noise. Returns (n, 3) unit vectors with z >= 0.
+
+    With at most :data:`POWER_COEFFICIENTS` coefficients per shell (the feature maps'
+    case) each series is rewritten as a cubic in u² and each pass sums over the
+    measurements grouped by shell (:func:`shell_layout`), a loop the compiler
+    vectorises; the Gauss-Newton normal equations are accumulated as 3-vectors and a
+    3x3 matrix in gradient coordinates and projected on the tangent plane afterwards."""
     n = signals.shape[0]
     n_shells = n_coefficients.shape[0]
     lmax_n = 1
     for s in range(n_shells):
         lmax_n = max(lmax_n, n_coefficients[s])
     out = frames.copy()
+    if lmax_n > POWER_COEFFICIENTS:
+        for i in prange(n):
+            _align_general(signals, i, coefficients, directions, shell_of, n_coefficients,
+                           offsets, iterations, max_step, lmax_n, out)
+        return out
+    order, starts = shell_layout(shell_of, n_shells, np.ones(shell_of.shape[0], np.bool_))
+    m = order.shape[0]
+    gx = np.empty(m)
+    gy = np.empty(m)
+    gz = np.empty(m)
+    for j in range(m):
+        gx[j] = directions[order[j], 0]
+        gy[j] = directions[order[j], 1]
+        gz[j] = directions[order[j], 2]
+    ones = np.ones(coefficients.shape[1])
     for i in prange(n):
-        p = np.empty(lmax_n)
-        dp = np.empty(lmax_n)
-        rss = np.empty(1)
-        c = np.zeros((n_shells, lmax_n))
+        y = np.empty(m)
+        for j in range(m):
+            y[j] = signals[i, order[j]]
+        poly = np.empty((n_shells, 4))
         for s in range(n_shells):
-            for a in range(n_coefficients[s]):
-                c[s, a] = coefficients[i, offsets[s] + a]
-        mu = out[i].copy()
-        good = mu.copy()
-        trial = mu.copy()
+            _legendre_to_power(coefficients[i], offsets[s], n_coefficients[s], ones, poly[s])
+        sums = np.empty(10)
+        mu = np.empty(3)
+        good = np.empty(3)
+        trial = np.empty(3)
+        for a in range(3):
+            mu[a] = out[i, a]
+            good[a] = out[i, a]
         best_rss = np.inf
         for _ in range(iterations + 1):
-            for a in range(3):  # element-wise: a slice copy compiles a shape check
+            for a in range(3):
                 trial[a] = mu[a]
-            step = _axis_gauss_newton_step(signals, i, mu, c, directions, shell_of,
-                                           n_coefficients, max_step, p, dp, rss)
-            if not (rss[0] < best_rss):  # the step that led here made it worse
+            step = _power_axis_step(y, gx, gy, gz, starts, poly, mu, max_step, sums)
+            if not (sums[0] < best_rss):  # the step that led here made it worse
                 break
-            best_rss = rss[0]
+            best_rss = sums[0]
             for a in range(3):
                 good[a] = trial[a]
             if not (step >= 1e-4):  # converged, or no step possible
                 break
-        mu = good
-        out[i, 0] = mu[0]
-        out[i, 1] = mu[1]
-        out[i, 2] = mu[2]
+        out[i, 0] = good[0]
+        out[i, 1] = good[1]
+        out[i, 2] = good[2]
     return out
+
+
+@njit(cache=True, nogil=True)
+def _align_general(signals: np.ndarray, i: int, coefficients: np.ndarray,
+                   directions: np.ndarray, shell_of: np.ndarray, n_coefficients: np.ndarray,
+                   offsets: np.ndarray, iterations: int, max_step: float, lmax_n: int,
+                   out: np.ndarray) -> None:
+    """:func:`align_frames` of voxel ``i`` (in place in ``out``) for series of any length
+    (Legendre polynomials evaluated measurement by measurement)."""
+    n_shells = n_coefficients.shape[0]
+    p = np.empty(lmax_n)
+    dp = np.empty(lmax_n)
+    rss = np.empty(1)
+    c = np.zeros((n_shells, lmax_n))
+    for s in range(n_shells):
+        for a in range(n_coefficients[s]):
+            c[s, a] = coefficients[i, offsets[s] + a]
+    mu = out[i].copy()
+    good = mu.copy()
+    trial = mu.copy()
+    best_rss = np.inf
+    for _ in range(iterations + 1):
+        for a in range(3):  # element-wise: a slice copy compiles a shape check
+            trial[a] = mu[a]
+        step = _axis_gauss_newton_step(signals, i, mu, c, directions, shell_of,
+                                       n_coefficients, max_step, p, dp, rss)
+        if not (rss[0] < best_rss):  # the step that led here made it worse
+            break
+        best_rss = rss[0]
+        for a in range(3):
+            good[a] = trial[a]
+        if not (step >= 1e-4):  # converged, or no step possible
+            break
+    out[i, 0] = good[0]
+    out[i, 1] = good[1]
+    out[i, 2] = good[2]
 
 
 @parallel_kernel(serial_rows=SERIAL_ROWS)
@@ -548,7 +892,7 @@ def reconstruct_zonal(coefficients: np.ndarray, frames: np.ndarray, directions: 
     return out
 
 
-@parallel_kernel(serial_rows=SERIAL_ROWS)
+@parallel_kernel(serial_rows=SERIAL_ROWS, nogil=True)
 def zonal_orientation_sd(coefficients: np.ndarray, frames: np.ndarray,
                          directions: np.ndarray, shell_of: np.ndarray,
                          n_coefficients: np.ndarray, offsets: np.ndarray,
@@ -566,6 +910,36 @@ def zonal_orientation_sd(coefficients: np.ndarray, frames: np.ndarray,
     for s in range(n_coefficients.shape[0]):
         lmax_n = max(lmax_n, n_coefficients[s])
     out = np.empty(n)
+    if lmax_n <= POWER_COEFFICIENTS:
+        n_shells = n_coefficients.shape[0]
+        order, starts = shell_layout(shell_of, n_shells, use)
+        m = order.shape[0]
+        gx = np.empty(m)
+        gy = np.empty(m)
+        gz = np.empty(m)
+        for j in range(m):
+            gx[j] = directions[order[j], 0]
+            gy[j] = directions[order[j], 1]
+            gz[j] = directions[order[j], 2]
+        ones = np.ones(coefficients.shape[1])
+        for i in prange(n):
+            poly = np.empty((n_shells, 4))
+            for s in range(n_shells):
+                _legendre_to_power(coefficients[i], offsets[s], n_coefficients[s], ones,
+                                   poly[s])
+            sums = np.empty(10)
+            mx, my, mz = frames[i, 0], frames[i, 1], frames[i, 2]
+            nn = math.sqrt(mx * mx + my * my + mz * mz)
+            mx /= nn
+            my /= nn
+            mz /= nn
+            _fisher_sums(gx, gy, gz, starts, poly, mx, my, mz, sums)
+            e1x, e1y, e1z, e2x, e2y, e2z = _tangent_basis(mx, my, mz)
+            f11 = _quadratic_form(sums, e1x, e1y, e1z, e1x, e1y, e1z)
+            f12 = _quadratic_form(sums, e1x, e1y, e1z, e2x, e2y, e2z)
+            f22 = _quadratic_form(sums, e2x, e2y, e2z, e2x, e2y, e2z)
+            out[i] = _cone_angle(f11, f12, f22, sigma2[i])
+        return out
     for i in prange(n):
         p = np.empty(lmax_n)
         dp = np.empty(lmax_n)
@@ -609,14 +983,55 @@ def zonal_orientation_sd(coefficients: np.ndarray, frames: np.ndarray,
             f11 += ga * ga
             f12 += ga * gb
             f22 += gb * gb
-        s2 = sigma2[i]
-        det = (f11 * f22 - f12 * f12) / (s2 * s2)
-        if det > 0.0:
-            angle = math.degrees(math.sqrt((f11 + f22) / s2 / det))
-            out[i] = min(angle, 90.0)
-        else:  # singular (or not finite): no orientation information
-            out[i] = 90.0
+        out[i] = _cone_angle(f11, f12, f22, sigma2[i])
     return out
+
+
+@njit(cache=True, nogil=True)
+def _cone_angle(f11: float, f12: float, f22: float, s2: float) -> float:
+    """1-sd cone angle (degrees, at most 90) of the axis whose Fisher information is
+    F / s2, F = [[f11, f12], [f12, f22]] (90 when singular or not finite)."""
+    det = (f11 * f22 - f12 * f12) / (s2 * s2)
+    if det > 0.0:
+        return min(math.degrees(math.sqrt((f11 + f22) / s2 / det)), 90.0)
+    return 90.0
+
+
+@njit(cache=True, nogil=True, fastmath=_FAST)
+def _fisher_sums(gx: np.ndarray, gy: np.ndarray, gz: np.ndarray, starts: np.ndarray,
+                 poly: np.ndarray, m0: float, m1: float, m2: float, sums: np.ndarray) -> None:
+    """G = sum d² g gᵀ into ``sums[4:10]`` (the layout of :func:`_axis_sums`) with d the
+    derivative with respect to u = g . m of each shell's series in powers of u²."""
+    gxx = 0.0
+    gxy = 0.0
+    gxz = 0.0
+    gyy = 0.0
+    gyz = 0.0
+    gzz = 0.0
+    for s in range(starts.shape[0] - 1):
+        b1 = 2.0 * poly[s, 1]
+        b2 = 4.0 * poly[s, 2]
+        b3 = 6.0 * poly[s, 3]
+        for j in range(starts[s], starts[s + 1]):
+            ex = gx[j]
+            ey = gy[j]
+            ez = gz[j]
+            u = ex * m0 + ey * m1 + ez * m2
+            x = u * u
+            d = u * (b1 + x * (b2 + x * b3))
+            dd = d * d
+            gxx += dd * ex * ex
+            gxy += dd * ex * ey
+            gxz += dd * ex * ez
+            gyy += dd * ey * ey
+            gyz += dd * ey * ez
+            gzz += dd * ez * ez
+    sums[4] = gxx
+    sums[5] = gxy
+    sums[6] = gxz
+    sums[7] = gyy
+    sums[8] = gyz
+    sums[9] = gzz
 
 
 @parallel_kernel(serial_rows=SERIAL_ROWS)
@@ -880,12 +1295,12 @@ def posterior_average(distances: np.ndarray, indices: np.ndarray,
     return mean, std, weights
 
 
-@parallel_kernel(serial_rows=SERIAL_ROWS)
+@parallel_kernel(serial_rows=SERIAL_ROWS, nogil=True)
 def local_linear_refine(queries: np.ndarray, indices: np.ndarray, weights: np.ndarray,
                         atom_features: np.ndarray, atom_params: np.ndarray,
                         start: np.ndarray, lower: np.ndarray, upper: np.ndarray,
                         columns: np.ndarray, floor_weight: float,
-                        damping: float, max_step: np.ndarray
+                        damping: float, max_step: np.ndarray, shrinkage: float = 0.0
                         ) -> tuple[np.ndarray, np.ndarray]:
     """One Gauss-Newton step per voxel with a Jacobian learnt from its neighbours.
 
@@ -897,6 +1312,10 @@ def local_linear_refine(queries: np.ndarray, indices: np.ndarray, weights: np.nd
     [lower, upper], each step limited to ``max_step[i]`` (n, m). Voxels whose fit is singular keep
     ``start``. Also returns the features (n, nf) that the local model predicts at the
     result (the weighted mean of the neighbours' features when the fit is singular).
+
+    ``shrinkage`` > 0 scales each voxel's step (and the predicted features' change from
+    the weighted mean) by min(1, shrinkage / n_eff), n_eff = 1 / sum(weights²) the
+    effective number of neighbours.
     """
     n, k = indices.shape
     nf = atom_features.shape[1]
@@ -951,18 +1370,16 @@ def local_linear_refine(queries: np.ndarray, indices: np.ndarray, weights: np.nd
         for r in range(1, q):
             ata[r, r] += 1e-9 * (ata[r, r] + 1e-30)
         coef = np.zeros((q, nf))
-        good = True
+        if not _cholesky_factor(ata, q):
+            continue
+        rhs = np.empty(q)
+        sol = np.empty(q)
         for f in range(nf):
-            a_copy = ata.copy()
-            rhs = atf[:, f].copy()
-            sol = np.zeros(q)
-            if not _cholesky_solve(a_copy, rhs, q, sol):
-                good = False
-                break
+            for r in range(q):
+                rhs[r] = atf[r, f]
+            _cholesky_substitute(ata, rhs, q, sol)
             for r in range(q):
                 coef[r, f] = sol[r]
-        if not good:
-            continue
         # Gauss-Newton normal equations on J = coef[1:].T (nf, m), residual q - f0
         jtj = np.zeros((m, m))
         jtr = np.zeros(m)
@@ -978,13 +1395,24 @@ def local_linear_refine(queries: np.ndarray, indices: np.ndarray, weights: np.nd
         step = np.zeros(m)
         if not _cholesky_solve(jtj, jtr, m, step):
             continue
+        lam = 1.0
+        if shrinkage > 0.0:
+            w2 = 0.0
+            for j in range(k):
+                w2 += weights[i, j] * weights[i, j]
+            lam = min(1.0, shrinkage * max(w2, 1e-300))
         for f in range(nf):
-            fpred[i, f] = coef[0, f]
+            base = fpred[i, f]
+            v = coef[0, f]
+            for c in range(m):
+                col = columns[c]
+                d = min(max(step[c], -max_step[i, c]), max_step[i, c])
+                v += coef[c + 1, f] * (min(max(start[i, col] + d, lower[c]), upper[c])
+                                       - start[i, col])
+            fpred[i, f] = base + lam * (v - base) if lam < 1.0 else v
         for c in range(m):
             col = columns[c]
             d = min(max(step[c], -max_step[i, c]), max_step[i, c])
             v = min(max(start[i, col] + d, lower[c]), upper[c])
-            out[i, col] = v
-            for f in range(nf):
-                fpred[i, f] += coef[c + 1, f] * (v - start[i, col])
+            out[i, col] = start[i, col] + lam * (v - start[i, col]) if lam < 1.0 else v
     return out, fpred

@@ -40,9 +40,14 @@ from fingerprint.kernels import gauss_legendre_unit, run_kernel
 if TYPE_CHECKING:
     from numpy.typing import ArrayLike
 
+#: What a compartment evaluates on: a MeasurementSet, or an AcquisitionScheme (its
+#: measurements).
+Measurements = MeasurementSet | AcquisitionScheme
+
 __all__ = [
     "CompartmentModel",
     "MeasurementArrays",
+    "Measurements",
     "unitsphere2cart",
 ]
 
@@ -100,18 +105,18 @@ class MeasurementArrays:
     Use :meth:`of` to share one instance per (immutable) MeasurementSet.
     """
 
-    def __init__(self, meas: Any, owner: str) -> None:
-        meas = _source(meas)
-        if not hasattr(meas, "b"):
+    def __init__(self, meas: Measurements | _DerivedMeasurements, owner: str) -> None:
+        source = _source(meas)
+        if not hasattr(source, "b"):
             raise InputError(f"{owner}: expected a MeasurementSet (with b, q, G, delta, "
-                             f"Delta, directions), got {type(meas).__name__}")
-        self._meas = meas
+                             f"Delta, directions), got {type(source).__name__}")
+        self._meas = source
         self._cache: dict[Any, Any] = {}
-        b = np.asarray(meas.b, dtype=np.float64).reshape(-1)
+        b = np.asarray(source.b, dtype=np.float64).reshape(-1)
         self.size = int(b.shape[0])
         self.fields: dict[str, np.ndarray | None] = {}
         for name in _FIELDS:
-            value = getattr(meas, name, None)
+            value = getattr(source, name, None)
             if value is None:
                 if name == "b":
                     raise InputError(f"{owner} needs the measurements' b-values")
@@ -128,7 +133,7 @@ class MeasurementArrays:
 
     # ------------------------------------------------------------------ sharing
     @classmethod
-    def of(cls, meas: Any, owner: str) -> MeasurementArrays:
+    def of(cls, meas: Measurements, owner: str) -> MeasurementArrays:
         """The shared instance for an immutable MeasurementSet (a fresh one otherwise)."""
         source = _source(meas)
         if not isinstance(source, MeasurementSet):
@@ -507,7 +512,7 @@ class CompartmentModel:
                              f"({m},), got {np.shape(cosines)}")
         return np.ascontiguousarray(cos)
 
-    def signal_from_cosines(self, meas: Any, cosines: Any = None,
+    def signal_from_cosines(self, meas: Measurements, cosines: ArrayLike | None = None,
                             **params: Any) -> np.ndarray:
         """Signals (n, M) of n parameter sets on the M measurements of ``meas``.
 
@@ -573,7 +578,7 @@ class CompartmentModel:
     def _name(self) -> str:
         return type(self).__name__
 
-    def spherical_mean_batch(self, meas: Any, **params: Any) -> np.ndarray:
+    def spherical_mean_batch(self, meas: Measurements, **params: Any) -> np.ndarray:
         """Orientation-averaged signals (n, M), one value per row of ``meas``.
 
         Closed form for stick, zeppelins and isotropic compartments; Gauss-Legendre

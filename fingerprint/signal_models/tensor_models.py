@@ -10,13 +10,19 @@ is :func:`tensor_eigen` (the derived maps of the ``dti`` model).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from fingerprint.core.acquisition_scheme import AcquisitionScheme
 from fingerprint.core.units import DIFFUSIVITY
 from fingerprint.errors import InputError
-from fingerprint.signal_models.base import DIFFUSIVITY_SCALING, CompartmentModel
+from fingerprint.signal_models.base import DIFFUSIVITY_SCALING, CompartmentModel, Measurements
+
+if TYPE_CHECKING:
+    from numpy.typing import ArrayLike
+
+    from fingerprint.core.acquisition_scheme import MeasurementSet
 
 __all__ = ["TENSOR_ELEMENTS", "DT1DiffusionTensor", "tensor_eigen", "tensor_matrix"]
 
@@ -75,18 +81,19 @@ class DT1DiffusionTensor(CompartmentModel):
                  d_xz: float | None = None, d_yz: float | None = None) -> None:
         super().__init__(d_xx=d_xx, d_yy=d_yy, d_zz=d_zz, d_xy=d_xy, d_xz=d_xz, d_yz=d_yz)
 
-    def __call__(self, acquisition_scheme: Any, **kwargs: Any) -> np.ndarray:
+    def __call__(self, acquisition_scheme: AcquisitionScheme | MeasurementSet,
+                 **kwargs: Any) -> np.ndarray:
         self._check_kwargs(kwargs)
         meas = acquisition_scheme.measurements if hasattr(acquisition_scheme, "measurements") \
             else acquisition_scheme
         return self.signal_from_cosines(meas, None, **self._single_params(kwargs))[0]
 
-    def signal_from_cosines(self, meas: Any, cosines: Any = None,
+    def signal_from_cosines(self, meas: Measurements, cosines: ArrayLike | None = None,
                             **params: Any) -> np.ndarray:
         """Signals (n, M) of n tensors on the measurements of ``meas`` (``cosines`` is
         ignored: the tensor reads the measurements' own directions)."""
         params = {k: v for k, v in params.items() if k != "mu"}
-        source = getattr(meas, "measurements", meas)
+        source = meas.measurements if isinstance(meas, AcquisitionScheme) else meas
         directions = getattr(source, "directions", None)
         if directions is None:
             raise InputError("DT1DiffusionTensor needs the measurements' gradient directions")
@@ -100,6 +107,6 @@ class DT1DiffusionTensor(CompartmentModel):
         elements = np.stack([values[k] for k in TENSOR_ELEMENTS], axis=1)  # (n, 6)
         return np.exp(-(elements @ design.T)).reshape(n, b.size)
 
-    def spherical_mean_batch(self, meas: Any, **params: Any) -> np.ndarray:
+    def spherical_mean_batch(self, meas: Measurements, **params: Any) -> np.ndarray:
         raise InputError("DT1DiffusionTensor has no spherical-mean form (use the tensor "
                          "itself, or a zeppelin in spherical-mean models)")

@@ -13,6 +13,7 @@ from numpy.typing import ArrayLike
 
 from fingerprint.errors import InputError
 from fingerprint.signal_models.tissue_response_models import (
+    TR1IsotropicTissueResponseModel,
     TR2AnisotropicTissueResponseModel,
     diffusion_tensor_eigen,
     estimate_TR1_isotropic_tissue_response_model,
@@ -89,7 +90,8 @@ def three_tissue_response_dhollander16(
         acquisition_scheme: AcquisitionScheme, data: ArrayLike, wm_algorithm: str = "tournier13",
         wm_N_candidate_voxels: int = 300, gm_perc: float = 0.02,  # noqa: N803
         csf_perc: float = 0.1, mask: ArrayLike | None = None, **kwargs: Any
-) -> tuple[list[float], list[Any], np.ndarray]:
+) -> tuple[list[float], list[TR2AnisotropicTissueResponseModel | TR1IsotropicTissueResponseModel],
+           np.ndarray]:
     """White-matter, grey-matter and CSF responses from a DWI volume ``data`` (..., N)
     (Dhollander et al. 2016): FA > 0.2 voxels give white matter (after removing signal
     decay metric outliers), the FA < 0.2 voxels are split into grey matter and CSF by the

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from fingerprint.core.fitted_model import FittedMultiCompartmentModel
 from fingerprint.errors import InputError
 from fingerprint.io.nifti import bids_map_name, write_map
 from fingerprint.models import get_model, get_recipe
@@ -71,7 +72,8 @@ class ModelComparison:
                 "fraction_of_voxels": self.fractions()}
 
 
-def compare_models(fitted: Mapping[str, Any] | Sequence[Any], data: ArrayLike,
+def compare_models(fitted: Mapping[str, FittedMultiCompartmentModel]
+                   | Sequence[FittedMultiCompartmentModel], data: ArrayLike,
                    criterion: str = "bic") -> ModelComparison:
     """Compare fitted models (name -> FittedMultiCompartmentModel, or a list, named
     ``model_0``, ...) on the ``data`` they were fitted to, voxel by voxel."""
@@ -162,8 +164,12 @@ def compare_volume(models: Sequence[str], dwi: str | os.PathLike[str], bval: str
     for name in names:
         model = get_model(name)
         logger.info("comparison: fitting %s with solver %r", name, solver)
-        fits[name] = model.fit(scheme, data, mask=mask_arr, solver=solver, n_jobs=threads,
-                               **dict(fit_options or {}))
+        fit = model.fit(scheme, data, mask=mask_arr, solver=solver, n_jobs=threads,
+                        **dict(fit_options or {}))
+        # named models are multi-compartment or spherical-mean models (never the
+        # spherical-harmonics framework, whose fit has no information criteria)
+        assert isinstance(fit, FittedMultiCompartmentModel)
+        fits[name] = fit
     comparison = compare_models(fits, data, criterion=criterion)
     files: list[Path] = []
     common = {"Criterion": criterion.upper(), "Solver": solver,

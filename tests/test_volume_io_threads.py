@@ -1,0 +1,157 @@
+"""Reading and thread scheduling of volume fits: the gzip completeness check decompresses
+nothing for a complete file, chunks fitted side by side by several threads give the maps
+of one chunk at a time, and the kernels those threads run release the GIL. No timings are
+asserted."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from fingerprint.errors import CancelledError, InputError
+from fingerprint.fitting import pipeline
+from fingerprint.fitting.pipeline import fit_volume
+from fingerprint.io.nifti import DWIImage, check_file_complete, open_nifti
+from fingerprint.phantoms import noddi_phantom, write_phantom
+from fingerprint.stages import profile_stages
+
+SIZE = 3000
+
+
+@pytest.fixture(scope="module")
+def volume(tmp_path_factory) -> dict[str, Path]:
+    phantom = noddi_phantom(shape=(5, 4, 6), seed=8, snr=30)
+    return write_phantom(phantom, tmp_path_factory.mktemp("threads"), prefix="sub-04")
+
+
+def _maps(result) -> dict[str, np.ndarray]:
+    return {k: np.asarray(nib.load(p).dataobj) for k, p in result.maps.items()}
+
+
+class _Untouchable:
+    """An array proxy that fails when its data are read."""
+
+    def __init__(self, proxy):
+        self.offset = proxy.offset
+
+    def __getitem__(self, item):
+        raise AssertionError("the data were read")
+
+
+def _gzip_image(tmp_path: Path, name: str = "dwi.nii.gz") -> tuple[Path, np.ndarray]:
+    data = np.random.default_rng(1).uniform(1, 100, (4, 3, 5, 6)).astype(np.float32)
+    path = tmp_path / name
+    nib.save(nib.Nifti1Image(data, np.eye(4)), path)
+    return path, data
+
+
+def test_a_complete_gzip_file_is_checked_without_decompressing_it(tmp_path):
+    """The gzip trailer's size matches the data block that starts at the proxy's offset
+    (the header copy of a loaded image says 0), so no voxel is read to check it."""
+    path, _ = _gzip_image(tmp_path)
+    img = open_nifti(path, "DWI")
+    assert img.dataobj.offset >= 348
+
+    class Image:
+        header = img.header
+        shape = img.shape
+        dataobj = _Untouchable(img.dataobj)
+
+    check_file_complete(Image(), path, "DWI")  # reads nothing
+    DWIImage(path)  # the same check when opening
+
+
+def test_truncated_and_multi_member_gzip_files(tmp_path):
+    """A truncated gzip DWI is refused naming the file; a multi-member gzip stream (whose
+    trailer holds only the last member's size) is complete and reads as the original."""
+    path, data = _gzip_image(tmp_path)
+    raw = gzip.decompress(path.read_bytes())
+    cut = tmp_path / "cut.nii.gz"
+    cut.write_bytes(gzip.compress(raw[: len(raw) - 100]))
+    with pytest.raises(InputError, match="cut.nii.gz.*truncated"):
+        DWIImage(cut)
+    multi = tmp_path / "multi.nii.gz"
+    half = len(raw) // 2
+    multi.write_bytes(gzip.compress(raw[:half]) + gzip.compress(raw[half:]))
+    image = DWIImage(multi)
+    mask = np.ones(data.shape[:3], bool)
+    slabs = list(image.iter_slabs(mask))
+    values = np.concatenate([s.data for s in slabs])
+    coords = np.concatenate([s.coords for s in slabs])
+    np.testing.assert_array_equal(values, data[tuple(coords.T)])
+    multi_cut = tmp_path / "multicut.nii.gz"
+    multi_cut.write_bytes(gzip.compress(raw[:half]) + gzip.compress(raw[half:-100]))
+    with pytest.raises(InputError, match="multicut.nii.gz"):
+        DWIImage(multi_cut)
+
+
+def test_chunks_fitted_side_by_side_give_the_maps_of_one_thread(volume, tmp_path,
+                                                                  monkeypatch):
+    """threads=2 fits two chunks at once, each with single-threaded kernels; the maps
+    are those of threads=1 and of threads=2 one chunk at a time (its kernels on two
+    threads), whatever the slab and chunk sizes."""
+    args = ("noddi", volume["dwi"], volume["bval"], volume["bvec"])
+    common = dict(mask=volume["mask"], dictionary_size=SIZE)
+    one = fit_volume(*args, tmp_path / "one", threads=1, **common)
+    with profile_stages() as prof:
+        side = fit_volume(*args, tmp_path / "side", threads=2, slab_bytes=1,
+                          chunk_voxels=9, **common)
+    assert prof.calls["read/decompress"] == 1
+    assert prof.calls["fit"] >= 10  # chunks of ceil(9 / 2) voxels
+    with monkeypatch.context() as patch:
+        patch.setattr(pipeline, "_fit_threads", lambda fitter, options: 1)
+        seq = fit_volume(*args, tmp_path / "seq", threads=2, chunk_voxels=11, **common)
+    a = _maps(one)
+    assert "odi" in a
+    for other in (side, seq):
+        b = _maps(other)
+        assert set(a) == set(b)
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    assert not [p for p in (tmp_path / "side").iterdir() if p.name.startswith(".")]
+
+
+def test_fitting_threads(volume, tmp_path):
+    """The built-in solver fits chunks on ``threads`` threads (default: the CPUs this
+    process may use); the others one chunk at a time. A cancelled threaded fit stops
+    and leaves no temporary file."""
+    from fingerprint.fitting.engine import prepare_fitter
+    from fingerprint.fitting.options import FitOptions
+    from fingerprint.models import get_model
+
+    scheme = pipeline.read_fsl_scheme(volume["bval"], volume["bvec"])
+    fitter = prepare_fitter(get_model("noddi"), scheme,
+                            FitOptions(dictionary_size=SIZE, threads=3))
+    assert pipeline._fit_threads(fitter, FitOptions(threads=3)) == 3
+    assert pipeline._fit_threads(fitter, FitOptions()) >= 1
+    dti = prepare_fitter(get_model("dti"), scheme, FitOptions(threads=3))
+    assert pipeline._fit_threads(dti, FitOptions(threads=3)) == 1
+    with pipeline._fitting_threads(fitter, 2) as (pool, worker):
+        assert worker.estimator is not fitter.estimator
+        assert worker.estimator.n_jobs == 1 and fitter.estimator.n_jobs == 3
+        assert worker.estimator.matcher is fitter.estimator.matcher  # shared, not copied
+        assert pool._max_workers == 2
+    calls = []
+    with pytest.raises(CancelledError):
+        fit_volume("noddi", volume["dwi"], volume["bval"], volume["bvec"], tmp_path / "c",
+                   mask=volume["mask"], dictionary_size=SIZE, threads=2, slab_bytes=1,
+                   chunk_voxels=4, should_cancel=lambda: bool(calls.append(1)) or
+                   len(calls) > 6)
+    assert not (tmp_path / "c").exists() or not list((tmp_path / "c").iterdir())
+
+
+def test_parallel_kernels_release_the_gil():
+    """Both versions of a parallel kernel are compiled with nogil, so that threads
+    fitting their own chunks run them side by side."""
+    from fingerprint.kernels import features
+
+    kernels = [getattr(features, name) for name in dir(features)
+               if hasattr(getattr(features, name), "serial_rows")]
+    assert kernels
+    for kernel in kernels:
+        assert kernel.targetoptions.get("nogil") is True, kernel
+        assert kernel.serial.targetoptions.get("nogil") is True, kernel
