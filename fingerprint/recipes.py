@@ -31,6 +31,9 @@ gives its default dictionary sampling and labels its output maps::
     [maps]                                # output label -> parameter name
     odi = "SD1WatsonDistributed_1_SD1Watson_1_odi"
 
+    [fit]                                 # optional: the model's fit defaults
+    refine = "nonlinear"                  # (FIT_DEFAULT_KEYS; a user's option wins)
+
 Every ``links`` entry is ``[method, *arguments]``, a call of one of
 :data:`LINK_METHODS` on the model (or distributed model) with dmipy's positional
 arguments, in SI units. Recipes are read from the repository's ``dictionaries/``
