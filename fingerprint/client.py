@@ -17,7 +17,7 @@ import os
 import tempfile
 import time
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import ExitStack
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -92,11 +92,16 @@ class FingerprintClient:
                mask: str | os.PathLike | None = None, *, model: str = "noddi",
                threads: int | None = None, dictionary_size: int | None = None,
                prefix: str | None = None, delta: float | None = None,
-               Delta: float | None = None, TE: float | None = None) -> dict[str, Any]:
+               Delta: float | None = None, TE: float | None = None,
+               options: Mapping[str, bool | int | float | str] | None = None
+               ) -> dict[str, Any]:
         """Upload the inputs (streamed from disk) and queue a fit; returns the job.
 
         ``delta``, ``Delta`` and ``TE`` (s) give the pulse timing that FSL files lack,
-        for models that need it (e.g. ``activeax``)."""
+        for models that need it (e.g. ``activeax``). ``options``: fit options by name
+        (``solver``, ``n_neighbors``, ``refine``, ``Ns``, ... as ``GET /v1/fit-options``
+        lists them, and ``b0_threshold`` in s/mm²), sent as form fields; the server
+        validates them (422 naming the field)."""
         data: dict[str, str] = {"model": model}
         for name, value in (("delta", delta), ("Delta", Delta), ("TE", TE)):
             if value is not None:
@@ -107,6 +112,9 @@ class FingerprintClient:
             data["dictionary_size"] = str(int(dictionary_size))
         if prefix is not None:
             data["prefix"] = prefix
+        for name, option in (options or {}).items():
+            if option is not None:
+                data[name] = _form_value(option)
         paths = {"dwi": dwi, "bval": bval, "bvec": bvec}
         if mask is not None:
             paths["mask"] = mask
@@ -162,6 +170,15 @@ class FingerprintClient:
                     tmp.write(chunk)
             tmp.seek(0)
             return _extract(tmp, out_dir)
+
+
+def _form_value(value: bool | int | float | str) -> str:
+    """A fit option as a form field (booleans as ``true`` / ``false``, floats exact)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
 
 
 def _extract(fileobj: Any, out_dir: Path) -> list[Path]:

@@ -415,15 +415,50 @@ DMIPY_RUNNER = textwrap.dedent("""
 """)
 
 
+#: What the benchmarks use of dmipy: the package, its framework and its solvers
+#: (brute2fine, MIX, the CSD optimisers, the multi-tissue one). A cvxpy that does not import
+#: with the venv's scipy once broke these imports; the probe runs them all.
+DMIPY_PROBE = ("import dmipy, dmipy.core.modeling_framework, "
+               "dmipy.core.fitted_modeling_framework, dmipy.distributions.distribute_models, "
+               "dmipy.signal_models.cylinder_models, dmipy.signal_models.gaussian_models, "
+               "dmipy.optimizers.brute2fine, dmipy.optimizers.mix, "
+               "dmipy.optimizers.multi_tissue_convex_optimizer, "
+               "dmipy.optimizers_fod.csd_tournier, dmipy.optimizers_fod.csd_cvxpy")
+
+
+def dmipy_problem(python: Path) -> str | None:
+    """Why dmipy (with its solvers) does not import with ``python``, or None when it
+    does."""
+    try:
+        r = subprocess.run([str(python), "-c", DMIPY_PROBE], capture_output=True, text=True,
+                           timeout=600)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return str(exc)
+    return None if r.returncode == 0 else (r.stderr.strip()[-500:] or f"exit {r.returncode}")
+
+
 def ensure_dmipy(venv: Path) -> tuple[Path | None, str]:
-    """Python of a venv with dmipy (installed on first use), or (None, reason)."""
+    """Python of a venv with dmipy (installed on first use), or (None, reason).
+
+    An existing venv is used when dmipy and its solvers import (:data:`DMIPY_PROBE`).
+    Otherwise it is repaired: a cvxpy that breaks the imports is uninstalled (dmipy only
+    uses it for one optional CSD solver), and when that is not enough the venv is deleted
+    and rebuilt from the pinned binary wheels."""
     python = venv / "bin" / "python"
-    probe = ("import dmipy.core.modeling_framework, "
-             "dmipy.distributions.distribute_models")
     if python.exists():
-        ok = subprocess.run([str(python), "-c", probe], capture_output=True)
-        if ok.returncode == 0:
+        problem = dmipy_problem(python)
+        if problem is None:
             return python, ""
+        print(f"dmipy venv {venv} does not import dmipy's solvers ({problem.splitlines()[-1]})"
+              "; repairing it", file=sys.stderr)
+        if "cvxpy" in problem:
+            subprocess.run([str(python), "-m", "pip", "uninstall", "-q", "-y", "cvxpy"],
+                           capture_output=True)
+            if dmipy_problem(python) is None:
+                return python, ""
+        shutil.rmtree(venv, ignore_errors=True)
+    elif venv.exists():  # a half-made venv (no interpreter)
+        shutil.rmtree(venv, ignore_errors=True)
     try:
         venv.parent.mkdir(parents=True, exist_ok=True)
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True,
@@ -435,9 +470,9 @@ def ensure_dmipy(venv: Path) -> tuple[Path | None, str]:
             r = subprocess.run(cmd, capture_output=True, text=True)
             if r.returncode != 0:
                 return None, f"{' '.join(cmd[3:])} failed: {r.stderr.strip()[-500:]}"
-        ok = subprocess.run([str(python), "-c", probe], capture_output=True, text=True)
-        if ok.returncode != 0:
-            return None, f"dmipy does not import: {ok.stderr.strip()[-500:]}"
+        problem = dmipy_problem(python)
+        if problem is not None:
+            return None, f"dmipy does not import: {problem}"
         return python, ""
     except (OSError, subprocess.CalledProcessError) as exc:
         return None, f"cannot create the dmipy venv: {exc}"

@@ -57,9 +57,10 @@ class Settings(BaseSettings):
         5_000_000, ge=1, description="most voxels a job may fit (in its mask, or in the "
                                      "default mask when it gives none)")
     max_classical_voxels: int = Field(
-        200_000, ge=1, description="most voxels a job may fit with a classical solver "
-                                   "(brute2fine, mix: a non-linear fit per voxel, far "
-                                   "slower than dictionary matching)")
+        200_000, ge=1, description="most voxels a job may fit with a non-linear fit per "
+                                   "voxel, far slower than dictionary matching: a "
+                                   "classical solver (brute2fine, mix) or the non-linear "
+                                   "polish (refine=nonlinear, or a model's default polish)")
     max_dwi_mb: float = Field(
         8192.0, gt=0, description="largest DWI data block once decompressed (MiB), read "
                                   "from the NIfTI header before anything is decompressed")

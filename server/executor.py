@@ -39,12 +39,12 @@ from pathlib import Path
 from typing import Any, Literal, TypedDict
 
 from fingerprint.core.acquisition_scheme import AcquisitionScheme
-from fingerprint.fitting.registry import BUILTIN_SOLVER
+from fingerprint.errors import InputError
 from fingerprint.volume_models import is_volume_model
 
 from .config import Settings
 from .db import Database, FinalStatus, Job, JobKind
-from .limits import InputLimits
+from .limits import InputLimits, job_fit_options
 from .storage import JobStorage, is_disk_full
 
 logger = logging.getLogger(__name__)
@@ -131,7 +131,6 @@ def _run_fit(spec: JobSpec, progress: Callable[[float], None],
              should_cancel: Callable[[], bool], executor: cf.Executor | None
              ) -> dict[str, Any]:
     # the library's fitting stack is imported in the worker processes that run jobs
-    from fingerprint.fitting.options import FitOptions
     from fingerprint.fitting.pipeline import fit_volume, read_fsl_scheme
 
     job_dir = Path(spec.job_dir)
@@ -143,8 +142,7 @@ def _run_fit(spec: JobSpec, progress: Callable[[float], None],
     timing = {name: float(options[name]) for name in ("delta", "Delta", "TE")
               if options.get(name) is not None}
     # the job's fit options, validated by the library's one options object
-    fit_options = FitOptions.from_mapping(
-        {k: v for k, v in options.items() if k in FitOptions.option_names()})
+    fit_options = job_fit_options(options)
     mask: Any = inputs.get("mask")
     if spec.extra.get("limits"):  # the heavy input checks, under the job's limits
         from .limits import check_job_inputs
@@ -200,7 +198,6 @@ def _dictionary_budget(spec: JobSpec, scheme: AcquisitionScheme, size: int | Non
         return
     from fingerprint.dictionary import prepare_build, store_path
     from fingerprint.dictionary.cache import evict_to_budget, in_use
-    from fingerprint.errors import InputError
 
     request = prepare_build(spec.model, scheme, size=size, seed=seed)
     target = store_path(spec.dictionary_dir, request.key)
@@ -521,6 +518,15 @@ class Dispatcher:
             self._wake.wait(self.settings.poll_interval)
             self._wake.clear()
 
+    def _limits(self, job: Job) -> InputLimits:
+        """The input limits of ``job`` (those of a per-voxel non-linear fit when its model
+        and options run one)."""
+        try:
+            options = job_fit_options(job.options)
+        except InputError:  # refused when the job runs (it was validated at upload)
+            return InputLimits.from_settings(self.settings)
+        return InputLimits.from_settings(self.settings, job.model, options)
+
     def _spec(self, job: Job) -> JobSpec:
         return JobSpec(
             job_id=job.id, kind=job.kind, model=job.model, options=job.options,
@@ -530,8 +536,7 @@ class Dispatcher:
             threads=int(job.options.get("threads") or self.settings.threads_per_job),
             attempt=int(job.attempts),
             parent_pid=os.getpid(), dask_scheduler=self.settings.dask_scheduler,
-            extra={"limits": asdict(InputLimits.from_settings(
-                       self.settings, str(job.options.get("solver") or BUILTIN_SOLVER))),
+            extra={"limits": asdict(self._limits(job)),
                    "dictionary_cache_bytes": int(self.settings.dictionary_cache_bytes)})
 
     def _fill(self) -> None:

@@ -22,7 +22,7 @@ import struct
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,8 @@ from typing import Any
 import numpy as np
 
 from fingerprint.errors import CancelledError, FingerprintError, InputError
+from fingerprint.fitting.engine import effective_solver, runs_per_voxel_fit
+from fingerprint.fitting.options import FitOptions
 from fingerprint.fitting.registry import BUILTIN_SOLVER
 from fingerprint.fitting.validity import default_mask
 from fingerprint.io.nifti import READ_ERRORS, DWIImage, open_gzip, open_nifti
@@ -42,7 +44,7 @@ from .validation import public_message, validate_scheme
 logger = logging.getLogger(__name__)
 
 __all__ = ["InputLimits", "UploadGate", "check_disk", "check_fit_upload", "check_job_inputs",
-           "disk_free", "is_disk_full", "verify_data_length"]
+           "disk_free", "is_disk_full", "job_fit_options", "verify_data_length"]
 
 #: Seconds a client told "429" is asked to wait before retrying.
 RETRY_AFTER = 10
@@ -71,15 +73,40 @@ class InputLimits:
     voxels_for: str = ""
 
     @classmethod
-    def from_settings(cls, settings: Settings, solver: str = BUILTIN_SOLVER) -> InputLimits:
-        """The limits of a job fitted with ``solver``: the classical solvers (every
-        solver but dictionary matching) fit at most ``max_classical_voxels``."""
-        if solver != BUILTIN_SOLVER and settings.max_classical_voxels < settings.max_voxels:
-            return cls(max_voxels=int(settings.max_classical_voxels),
-                       max_dwi_bytes=int(settings.max_dwi_bytes),
-                       voxels_for=f" with solver {solver!r}")
-        return cls(max_voxels=int(settings.max_voxels),
-                   max_dwi_bytes=int(settings.max_dwi_bytes))
+    def from_settings(cls, settings: Settings, model: str | None = None,
+                      options: FitOptions | None = None) -> InputLimits:
+        """The limits of a job fitting ``model`` (a name) with ``options``: a job that runs
+        a non-linear fit per voxel (the library's
+        :func:`~fingerprint.fitting.engine.runs_per_voxel_fit`: a classical solver, or
+        dictionary matching with the non-linear polish) fits at most
+        ``max_classical_voxels``."""
+        plain = cls(max_voxels=int(settings.max_voxels),
+                    max_dwi_bytes=int(settings.max_dwi_bytes))
+        if model is None or options is None or \
+                settings.max_classical_voxels >= settings.max_voxels:
+            return plain
+        try:
+            if not runs_per_voxel_fit(model, options):
+                return plain
+            solver = effective_solver(model, options.solver)
+        except InputError:  # an unknown model: refused by the model check
+            return plain
+        if solver != BUILTIN_SOLVER:
+            what = f" with solver {solver!r}"
+        else:
+            why = "refine='nonlinear'" if options.refine == "nonlinear" else \
+                "the model's default; refine=false turns it off"
+            what = f" with the non-linear polish of model {model!r} ({why})"
+        return cls(max_voxels=int(settings.max_classical_voxels),
+                   max_dwi_bytes=int(settings.max_dwi_bytes),
+                   voxels_for=f"{what}, a non-linear fit per voxel (max_classical_voxels)")
+
+
+def job_fit_options(options: Mapping[str, object]) -> FitOptions:
+    """The :class:`FitOptions` of a job's stored options (those among them that are fit
+    options; validated when the job was accepted)."""
+    return FitOptions.from_mapping({k: v for k, v in options.items()
+                                    if k in FitOptions.option_names()})
 
 
 class Stopped(Exception):

@@ -21,7 +21,7 @@ from fastapi import Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
-from fingerprint.fitting.registry import BUILTIN_SOLVER
+from fingerprint.fitting.options import FitOptions
 from fingerprint.models import get_recipe
 from fingerprint.volume_models import is_volume_model
 
@@ -196,11 +196,13 @@ async def client_watch(request: Request) -> AsyncIterator[threading.Event]:
 
 async def run_checks(request: Request, ctx: ServerContext, files: dict[str, Path],
                      timing: dict[str, float], *, model: str | None = None,
-                     b0_threshold: float | None = None, solver: str = BUILTIN_SOLVER) -> None:
+                     b0_threshold: float | None = None,
+                     options: FitOptions | None = None) -> None:
     """The checks made while the client waits (headers, the scheme against ``model`` with
-    ``b0_threshold`` in s/mm², mask voxels under the limit of ``solver``), in a thread,
-    under the server's time limit; stopped when the client goes away."""
-    limits = InputLimits.from_settings(ctx.settings, solver)
+    ``b0_threshold`` in s/mm², mask voxels under the limit of a fit of ``model`` with
+    ``options``), in a thread, under the server's time limit; stopped when the client goes
+    away."""
+    limits = InputLimits.from_settings(ctx.settings, model, options)
     deadline = time.monotonic() + ctx.settings.check_seconds
     async with client_watch(request) as gone:
         try:

@@ -11,7 +11,6 @@ import pytest
 from scipy.special import eval_legendre
 
 from fingerprint.cli.main import main
-from fingerprint.core.msmt_csd import mrtrix3_sh_basis
 from fingerprint.data.saved_acquisition_schemes import wu_minn_hcp_acquisition_scheme
 from fingerprint.errors import InputError
 from fingerprint.fitting.csd_volume import (
@@ -22,6 +21,7 @@ from fingerprint.fitting.csd_volume import (
 )
 from fingerprint.fitting.directions import default_responses
 from fingerprint.fitting.pipeline import check_fsl_scheme, fit_volume, read_fsl_scheme
+from fingerprint.utils.spherical_convolution import mrtrix3_sh_basis
 from fingerprint.volume_models import VOLUME_MODELS, is_volume_model
 
 SCHEME = wu_minn_hcp_acquisition_scheme()

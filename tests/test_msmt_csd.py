@@ -7,21 +7,16 @@ import numpy as np
 import pytest
 from scipy.special import factorial, lpmv
 
-from fingerprint.core.msmt_csd import (
-    CONSTRAINT_POINTS,
-    MsmtCsd,
-    TissueResponses,
-    fod_peaks_batched,
-    fod_to_peak_array,
-    mrtrix3_sh_basis,
-    sh_degrees_orders,
-    unit_hemisphere,
-)
+from fingerprint.core.csd_peaks import fod_peaks_batched, fod_to_peak_array
+from fingerprint.core.msmt_csd import CONSTRAINT_POINTS, MsmtCsd, TissueResponses
+from fingerprint.core.orientations import fibonacci_hemisphere as unit_hemisphere
 from fingerprint.data.saved_acquisition_schemes import wu_minn_hcp_acquisition_scheme
 from fingerprint.errors import InputError
 from fingerprint.fitting.directions import default_responses, fascicle_directions
 from fingerprint.utils.spherical_convolution import (
+    mrtrix3_sh_basis,
     real_sym_sh_mrtrix,
+    sh_degrees_orders,
     sh_from_mrtrix3,
     sh_to_mrtrix3,
 )

@@ -3,6 +3,7 @@ by ``FitOptions`` (422 naming the field), stored with the job and used by its fi
 
 from __future__ import annotations
 
+import argparse
 import gzip
 import io
 import json
@@ -14,6 +15,9 @@ import numpy as np
 import pytest
 from server_helpers import client, serve, upload_files, wait_for
 
+from fingerprint.cli import submit
+from fingerprint.cli.flags import option_flag
+from fingerprint.cli.main import CLIError
 from fingerprint.fitting.options import FIT_OPTION_SPECS, FitOptions
 from server.forms import SERVER_HIGH, FitForm, parse_form
 
@@ -137,8 +141,9 @@ def test_fit_options_are_recorded_and_used_by_the_fit(server, phantom, small_mas
         assert done["options"] == job["options"]  # the job record keeps them
         sidecar = _sidecar(http, done)
         assert sidecar["Solver"] == "brute2fine"
-        # the same job with dictionary matching and its neighbour count
-        r = http.post("/v1/jobs", files=upload_files(phantom), data={
+        # the same job with dictionary matching and its neighbour count (the non-linear
+        # polish: within the per-voxel fits' limit)
+        r = http.post("/v1/jobs", files=upload_files({**phantom, "mask": small_mask}), data={
             "model": "noddi", "n_neighbors": "4", "dictionary_size": str(SIZE),
             "refine": "nonlinear"})
         assert r.status_code == 202, r.text
@@ -147,7 +152,13 @@ def test_fit_options_are_recorded_and_used_by_the_fit(server, phantom, small_mas
         assert done["options"] == {"n_neighbors": 4, "dictionary_size": SIZE,
                                    "refine": "nonlinear"}
         assert _sidecar(http, done)["Solver"] == "fingerprint"
-        # (18 voxels: above the classical solvers' limit, within the server's)
+        assert done["result"]["n_voxels"] == 9
+        # matching alone fits every voxel (18: above the per-voxel fits' limit)
+        r = http.post("/v1/jobs", files=upload_files(phantom), data={
+            "model": "noddi", "dictionary_size": str(SIZE), "refine": "true"})
+        assert r.status_code == 202, r.text
+        done = wait_for(http, r.json()["id"], timeout=600)
+        assert done["status"] == "succeeded", done
         assert done["result"]["n_voxels"] == 18
 
 
@@ -198,3 +209,83 @@ def test_multi_tissue_job_writes_volume_fractions(server, phantom):
     # CSF's four-fold S0 makes its volume fraction smaller than its signal fraction
     expected = (iso / 4000.0) / (iso / 4000.0 + (1.0 - iso) / 1000.0)
     np.testing.assert_allclose(c[inside], expected[inside], atol=1e-5)
+
+
+#: A valid value of every fit option the server offers, as ``fingerprint submit`` flags
+#: (cheap: a classical fit of a few voxels), and what the job record holds for it.
+SUBMIT_FLAGS = {"dictionary_size": ("2000", 2000), "n_neighbors": ("8", 8),
+                "refine": ("false", False), "threads": ("1", 1),
+                "mask_rule": ("all", "all"), "solver": ("brute2fine", "brute2fine"),
+                "Ns": ("2", 2), "N_sphere_samples": ("6", 6), "grid_starts": ("2", 2),
+                "maxiter": ("20", 20), "popsize": ("4", 4), "tol": ("0.1", 0.1),
+                "multi_tissue": ("wm=1000,csf=4000", "wm=1000,csf=4000")}
+
+
+def test_submit_has_a_flag_for_every_server_option_and_sends_it(server, phantom, small_mask,
+                                                                  capsys):
+    offered = {s.name for s in FIT_OPTION_SPECS if s.server}
+    assert set(SUBMIT_FLAGS) <= offered
+    parser = argparse.ArgumentParser()
+    submit.add_parser(parser.add_subparsers())
+    # every option the server offers has its flag (generated from the specs)
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    flags = {f for a in sub.choices["submit"]._actions for f in a.option_strings}
+    assert {option_flag(name) for name in offered} <= flags
+    base = ["submit", "--server", server.url, "--api-key", server.keys["bob"],
+            "--dwi", str(phantom["dwi"]), "--bval", str(phantom["bval"]),
+            "--bvec", str(phantom["bvec"]), "--mask", str(small_mask), "--no-progress"]
+    argv = [*base, "--b0-threshold", "20"]
+    for name, (text, _) in SUBMIT_FLAGS.items():
+        argv += [option_flag(name), text]
+    args = parser.parse_args(argv)
+    assert args.func(args) == 0
+    job_id = capsys.readouterr().out.split()[-1]
+    with client(server, server.keys["bob"]) as http:
+        job = http.get(f"/v1/jobs/{job_id}").json()
+        expected = {name: value for name, (_, value) in SUBMIT_FLAGS.items()}
+        assert job["options"] == {**expected, "b0_threshold": 20e6, "prefix": "sub-01"}, job
+        assert http.delete(f"/v1/jobs/{job_id}").status_code in (200, 202)
+    # a value the server refuses is reported with the field it names
+    args = parser.parse_args([*base, "--solver", "brute2fine", "--Ns", "1"])
+    with pytest.raises(CLIError, match="422.*Ns"):
+        args.func(args)
+
+
+@pytest.mark.parametrize("data, what", [
+    ({"model": "noddi", "refine": "nonlinear"},
+     "with the non-linear polish of model 'noddi' (refine='nonlinear')"),
+    # a Bingham distribution's psi: the polish is the model's default
+    ({"model": "noddi_bingham"},
+     "with the non-linear polish of model 'noddi_bingham' (the model's default; "
+     "refine=false turns it off)"),
+])
+def test_per_voxel_non_linear_fits_fit_fewer_voxels(server, phantom, data, what):
+    """Jobs whose fit ends with the non-linear polish (about a second per voxel) fall
+    under --max-classical-voxels like the classical solvers: a mask over it is 422 on
+    ``mask``, a default mask over it fails the job before it fits; the message names the
+    limit."""
+    with client(server, server.keys["bob"]) as http:
+        r = http.post("/v1/jobs", files=upload_files(phantom), data=data)
+        assert r.status_code == 422 and r.json()["field"] == "mask", r.text
+        detail = r.json()["detail"]
+        assert f"the mask has 18 voxels, more than the server's limit of {MAX_CLASSICAL} " \
+            f"voxels per job {what}, a non-linear fit per voxel (max_classical_voxels)" \
+            in detail, detail
+        files = upload_files(phantom)
+        del files["mask"]
+        r = http.post("/v1/jobs", files=files, data=data)
+        assert r.status_code == 202, r.text
+        job = wait_for(http, r.json()["id"], timeout=300)
+        assert job["status"] == "failed", job
+        assert f"limit of {MAX_CLASSICAL} voxels per job {what}" in job["error"], job
+
+
+def test_fits_without_a_per_voxel_fit_keep_the_voxel_limit(server, phantom):
+    """Turning the polish off (or a multi-fascicle model fitted by multi-fascicle
+    fingerprinting) is not a per-voxel fit: the 18-voxel mask is accepted."""
+    with client(server, server.keys["bob"]) as http:
+        for data in ({"model": "noddi_bingham", "refine": "false"},
+                     {"model": "ball_stick_stick"}):
+            r = http.post("/v1/jobs", files=upload_files(phantom), data=data)
+            assert r.status_code == 202, (data, r.text)
+            assert http.delete(f"/v1/jobs/{r.json()['id']}").status_code in (200, 202)

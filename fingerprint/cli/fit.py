@@ -32,8 +32,10 @@ from pathlib import Path
 
 from fingerprint.cli.flags import (
     add_b0_threshold_argument,
+    add_option_flags,
     b0_threshold_si,
     check_timing_flags,
+    option_flag,
     quiet_third_party_logs,
 )
 from fingerprint.cli.main import CLIError
@@ -48,32 +50,13 @@ _EXTRA_FIT_FLAGS = ("n_neighbors", "refine", "seed", "mask_rule", "solver", "Ns"
                     "N_sphere_samples", "grid_starts", "maxiter", "popsize", "tol")
 
 
-def option_flag(name: str) -> str:
-    """The command-line flag of fit option ``name`` (``N_sphere_samples`` ->
-    ``--N-sphere-samples``)."""
-    return "--" + name.replace("_", "-")
-
-
 def add_fit_option_flags(parser: argparse.ArgumentParser) -> None:
     """``--n-neighbors``, ``--refine``, ``--seed``, ``--mask-rule``, ``--solver`` and the
     classical solvers' ``--Ns``, ``--N-sphere-samples``, ``--grid-starts``,
     ``--maxiter``, ``--popsize``, ``--tol``: fit options as the library declares them
     (:data:`fingerprint.fitting.options.FIT_OPTION_SPECS`), validated by
     :class:`~fingerprint.fitting.options.FitOptions` (errors name the option)."""
-    for spec in FIT_OPTION_SPECS:
-        if spec.name not in _EXTRA_FIT_FLAGS:
-            continue
-        flag = option_flag(spec.name)
-        if spec.kind == "int":
-            parser.add_argument(flag, dest=spec.name, type=int, metavar="N", help=spec.help)
-        elif spec.kind == "float":
-            parser.add_argument(flag, dest=spec.name, type=float, metavar="X",
-                                help=spec.help)
-        elif spec.kind == "choice":
-            parser.add_argument(flag, dest=spec.name, choices=spec.choices, help=spec.help)
-        else:
-            parser.add_argument(flag, dest=spec.name, choices=("true", "false", "nonlinear"),
-                                help=spec.help)
+    add_option_flags(parser, (s for s in FIT_OPTION_SPECS if s.name in _EXTRA_FIT_FLAGS))
 
 
 def fit_options_from_args(args: argparse.Namespace) -> FitOptions:

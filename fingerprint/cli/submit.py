@@ -1,7 +1,12 @@
 """``fingerprint submit``: send a volume to a lab server, optionally wait and download.
 
     fingerprint submit --server URL --api-key KEY --model noddi --dwi dwi.nii.gz \\
-        --bval dwi.bval --bvec dwi.bvec [--mask mask.nii.gz] [--wait] [--out DIR]
+        --bval dwi.bval --bvec dwi.bvec [--mask mask.nii.gz] [--wait] [--out DIR] \\
+        [--solver brute2fine --Ns 5 ...] [--n-neighbors N] [--refine nonlinear] ...
+
+The fit options are the server's: one flag per option of the library's
+:data:`~fingerprint.fitting.options.FIT_OPTION_SPECS` that the server offers (the same
+flags as ``fingerprint fit``), sent as the job's form fields and validated by the server.
 
 The API key may also come from ``$FINGERPRINT_API_KEY`` and the server from
 ``$FINGERPRINT_SERVER``. Errors from the server (bad key, upload too large, invalid
@@ -15,9 +20,17 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from fingerprint.cli.flags import add_b0_threshold_argument, add_option_flags, option_values
 from fingerprint.cli.main import CLIError
+from fingerprint.fitting.options import FIT_OPTION_SPECS
+
+if TYPE_CHECKING:
+    from fingerprint.client import FingerprintClient
+
+#: The fit options a lab server job takes (the library's specs marked ``server``).
+SUBMIT_OPTION_SPECS = tuple(s for s in FIT_OPTION_SPECS if s.server)
 
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -36,8 +49,8 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     parser.add_argument("--bval", type=Path, required=True, help="FSL bval file (s/mm²)")
     parser.add_argument("--bvec", type=Path, required=True, help="FSL bvec file")
     parser.add_argument("--mask", type=Path, help="3-D brain mask NIfTI")
-    parser.add_argument("--threads", type=int, help="threads for the job on the server")
-    parser.add_argument("--dictionary-size", type=int, help="atoms in the dictionary")
+    add_option_flags(parser, SUBMIT_OPTION_SPECS)
+    add_b0_threshold_argument(parser)
     parser.add_argument("--prefix",
                         help="BIDS prefix of the output files (default: the BIDS entities of "
                              "the --dwi file name, e.g. sub-01_ses-1)")
@@ -83,10 +96,12 @@ def run(args: argparse.Namespace) -> int:
     prefix = args.prefix if args.prefix is not None else _default_prefix(args.dwi)
     try:
         with FingerprintClient(args.server, api_key) as client:
+            options: dict[str, int | float | str] = option_values(args, SUBMIT_OPTION_SPECS)
+            if args.b0_threshold is not None:  # the server's field is in s/mm² too
+                options["b0_threshold"] = args.b0_threshold
             job = client.submit(args.dwi, args.bval, args.bvec, args.mask, model=args.model,
-                                threads=args.threads, dictionary_size=args.dictionary_size,
                                 prefix=prefix, delta=args.delta, Delta=args.Delta,
-                                TE=args.TE)
+                                TE=args.TE, options=options)
             sys.stderr.write(f"submitted job {job['id']} ({job['model']})\n")
             if not wait:
                 sys.stdout.write(f"{job['id']}\n")
@@ -119,7 +134,7 @@ def _default_prefix(dwi: Path) -> str | None:
     return None
 
 
-def _wait(client: Any, job_id: str, poll: float, show: bool) -> dict[str, Any]:
+def _wait(client: FingerprintClient, job_id: str, poll: float, show: bool) -> dict[str, Any]:
     from tqdm import tqdm  # lazy: keeps tqdm off import
 
     bar = tqdm(total=100, unit="%", desc=f"{job_id[:8]} queued", disable=not show,

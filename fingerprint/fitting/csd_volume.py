@@ -26,12 +26,8 @@ from typing import Any
 import numpy as np
 
 from fingerprint.core.acquisition_scheme import AcquisitionScheme
-from fingerprint.core.msmt_csd import (
-    MsmtCsd,
-    TissueResponses,
-    fod_peaks_batched,
-    fod_to_peak_array,
-)
+from fingerprint.core.csd_peaks import fod_peaks_batched, fod_to_peak_array
+from fingerprint.core.msmt_csd import MsmtCsd, TissueResponses
 from fingerprint.core.scheme_checks import check_csd_scheme
 from fingerprint.errors import InputError
 from fingerprint.fitting.pipeline import (

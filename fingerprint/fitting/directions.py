@@ -29,7 +29,8 @@ from numpy.typing import ArrayLike
 from scipy.special import eval_legendre
 
 from fingerprint.core.acquisition_scheme import AcquisitionScheme
-from fingerprint.core.msmt_csd import MsmtCsd, TissueResponses, fod_peaks_batched
+from fingerprint.core.csd_peaks import fod_peaks_batched
+from fingerprint.core.msmt_csd import MsmtCsd, TissueResponses
 from fingerprint.errors import InputError
 
 __all__ = ["DEFAULT_ISOTROPIC_DIFFUSIVITIES", "DEFAULT_WM_DIFFUSIVITIES",

@@ -109,6 +109,6 @@ def _prepare(request: SolverRequest) -> DTIFitter:
     return DTIFitter(request.model, request.scheme)
 
 
-register_solver(DTI_SOLVER, _prepare, replace=True,
+register_solver(DTI_SOLVER, _prepare, replace=True, per_voxel_fit=False,
                 description="diffusion tensor by weighted linear least squares (the 'dti' "
                             "model; closed form, no dictionary)")

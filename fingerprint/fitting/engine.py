@@ -57,15 +57,16 @@ from fingerprint.fitting.registry import (
     register_solver,
 )
 from fingerprint.fitting.validity import default_mask, report_unusable, usable_voxels
-from fingerprint.models import model_refine, model_solver
+from fingerprint.models import get_model, model_refine, model_solver
 from fingerprint.stages import stage
+from fingerprint.volume_models import is_volume_model
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["DMIPY_IGNORED_OPTIONS", "DMIPY_SOLVERS", "ESTIMATORS", "EstimatorCache",
            "FingerprintFitter", "clear_estimator_cache", "dictionary_cache_key", "effective_solver",
            "estimator_for_dictionary", "fitter_for_estimator",
-           "fit_model", "fit_voxels", "get_estimator", "prepare_fitter"]
+           "fit_model", "fit_voxels", "get_estimator", "prepare_fitter", "runs_per_voxel_fit"]
 
 ProgressCallback = Callable[[float], object]
 
@@ -314,7 +315,37 @@ def _prepare_fingerprint(request: SolverRequest) -> VoxelFitter:
     return FingerprintFitter(est, {**est_options, "n_jobs": n_jobs}, polish)
 
 
+def _matching_polishes(model: Model, options: FitOptions) -> bool:
+    """Whether dictionary matching of ``model`` with ``options`` ends with the
+    non-linear polish (what :func:`_prepare_fingerprint` decides; ``refine`` unset: the
+    model's default)."""
+    options = options.with_model_refine(model_refine(model))
+    if options.refine != "nonlinear" and is_multifascicle(model):
+        return False  # multi-fascicle fingerprinting: its own joint fit, no polish
+    return options.nonlinear_for(_frame_angles(model))
+
+
+def runs_per_voxel_fit(model: Model | str, options: FitOptions) -> bool:
+    """Whether fitting ``model`` (a model or a named model) with ``options`` runs a
+    non-linear least-squares fit per voxel, which costs about a second per voxel instead
+    of the microseconds of matching (what servers limit): a classical solver
+    (``brute2fine``, ``mix``; the solver a named model's recipe prescribes counts), or
+    dictionary matching followed by the non-linear polish (``refine='nonlinear'``, or the
+    default polish of models with several orientations or a Bingham distribution).
+    Multi-fascicle models fitted by multi-fascicle fingerprinting do not, unless
+    ``refine='nonlinear'``; volume models (``mc_csd``) and the linear tensor fit do not."""
+    if isinstance(model, str):
+        if is_volume_model(model):
+            return False
+        model = get_model(model)
+    info = get_solver(effective_solver(model, options.solver))
+    if info.name == BUILTIN_SOLVER:
+        return _matching_polishes(model, options)
+    return info.per_voxel_fit
+
+
 register_solver(BUILTIN_SOLVER, _prepare_fingerprint, uses_dictionary=True,
+                per_voxel_fit=False,
                 description="dictionary matching with a local-linear refinement (and a "
                             "non-linear polish for several orientations; multi-fascicle "
                             "models: rotated single-fascicle atoms)", replace=True)

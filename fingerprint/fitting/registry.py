@@ -81,6 +81,10 @@ class SolverInfo:
     description: str = ""
     #: whether it matches against a (cached) dictionary
     uses_dictionary: bool = False
+    #: whether it runs a non-linear fit per voxel (seconds per voxel: the classical
+    #: solvers); dictionary matching decides per model and options (its polish, see
+    #: :func:`fingerprint.fitting.engine.runs_per_voxel_fit`)
+    per_voxel_fit: bool = True
 
 
 #: The built-in solver (dictionary matching), always a valid name.
@@ -103,17 +107,21 @@ _LOCK = threading.Lock()
 
 
 def register_solver(name: str, prepare: SolverFactory, *, description: str = "",
-                    uses_dictionary: bool = False, replace: bool = False) -> None:
+                    uses_dictionary: bool = False, per_voxel_fit: bool = True,
+                    replace: bool = False) -> None:
     """Make solver ``name`` (case-insensitive) available to every entry point. A name
     registered twice is an error unless ``replace``; registering one of dmipy's solver
-    names replaces its alias to dictionary matching."""
+    names replaces its alias to dictionary matching. ``per_voxel_fit``: whether it runs a
+    non-linear fit per voxel (limited by servers like the classical solvers; False for
+    closed-form or matching solvers)."""
     key = str(name).lower()
     if not key.isidentifier():
         raise InputError(f"solver name {name!r} must be an identifier")
     with _LOCK:
         if key in _SOLVERS and not replace:
             raise InputError(f"solver {key!r} is already registered")
-        _SOLVERS[key] = SolverInfo(key, prepare, description, uses_dictionary)
+        _SOLVERS[key] = SolverInfo(key, prepare, description, uses_dictionary,
+                                   per_voxel_fit)
         _ALIASES.pop(key, None)
 
 

@@ -12,15 +12,16 @@ from __future__ import annotations
 
 import numpy as np
 from numpy.typing import ArrayLike
-from scipy.special import sph_harm_y
 
 from fingerprint.errors import InputError
 
 __all__ = [
     "check_sh_order",
+    "mrtrix3_sh_basis",
     "real_sym_rh_basis",
     "real_sym_sh_mrtrix",
     "sh_convolution",
+    "sh_degrees_orders",
     "sh_from_mrtrix3",
     "sh_order_from_coefficients",
     "sh_to_mrtrix3",
@@ -44,17 +45,76 @@ def sh_order_from_coefficients(n_coefficients: int) -> int:
     return order
 
 
+def sh_degrees_orders(sh_order: int) -> tuple[np.ndarray, np.ndarray]:
+    """Degree ``l`` and order ``m`` (n_coefficients,) of every coefficient, ordered by
+    ``l`` then ``m`` (both bases)."""
+    order = check_sh_order(sh_order)
+    degrees = np.concatenate([np.full(2 * ell + 1, ell) for ell in range(0, order + 1, 2)])
+    orders = np.concatenate([np.arange(-ell, ell + 1) for ell in range(0, order + 1, 2)])
+    return degrees, orders
+
+
+def mrtrix3_sh_basis(sh_order: int, vectors: ArrayLike) -> np.ndarray:
+    """MRtrix3's real orthonormal even SH basis (K, n_coefficients) at directions
+    ``vectors`` (K, 3) (need not be unit length; zero vectors give the basis at +z): the
+    ``m != 0`` functions of this module's basis times sqrt(2).
+
+    Evaluated by the three-term recurrences of the normalised associated Legendre
+    functions (Condon-Shortley phase included) and of ``cos(m phi)``, ``sin(m phi)``
+    from the vector's components, without angles: vectorised over directions. The one
+    evaluation of both bases (:func:`real_sym_sh_mrtrix` scales it)."""
+    order = check_sh_order(sh_order)
+    v = np.asarray(vectors, dtype=float).reshape(-1, 3)
+    norm = np.linalg.norm(v, axis=1)
+    z = np.where(norm > 0, v[:, 2] / np.where(norm > 0, norm, 1.0), 1.0)
+    z = np.clip(z, -1.0, 1.0)
+    rxy = np.hypot(v[:, 0], v[:, 1])
+    cp = np.where(rxy > 0, v[:, 0] / np.where(rxy > 0, rxy, 1.0), 1.0)
+    sp = np.where(rxy > 0, v[:, 1] / np.where(rxy > 0, rxy, 1.0), 0.0)
+    sin_theta = np.sqrt(np.maximum(0.0, 1.0 - z * z))
+    out = np.zeros((v.shape[0], (order + 1) * (order + 2) // 2))
+    p_mm = np.full(v.shape[0], 0.5 / np.sqrt(np.pi))  # P_00
+    cos_m, sin_m = np.ones(v.shape[0]), np.zeros(v.shape[0])
+    for m in range(0, order + 1):
+        if m:
+            p_mm = -np.sqrt((2.0 * m + 1.0) / (2.0 * m)) * sin_theta * p_mm
+            cos_m, sin_m = cos_m * cp - sin_m * sp, sin_m * cp + cos_m * sp
+        prev2, prev1 = np.zeros_like(p_mm), p_mm  # P_{m-1, m} = 0, P_{m, m}
+        for ell in range(m, order + 1):
+            if ell == m:
+                p_lm = p_mm
+            else:
+                a = np.sqrt((4.0 * ell * ell - 1.0) / (ell * ell - m * m))
+                a_prev = np.sqrt((4.0 * (ell - 1) ** 2 - 1.0) / ((ell - 1) ** 2 - m * m)) \
+                    if ell - 1 > m else np.inf
+                p_lm = a * (z * prev1 - prev2 / a_prev)
+                prev2, prev1 = prev1, p_lm
+            if ell % 2:
+                continue
+            base = ell * (ell + 1) // 2
+            if m == 0:
+                out[:, base] = p_lm
+            else:
+                out[:, base + m] = np.sqrt(2.0) * p_lm * cos_m
+                out[:, base - m] = np.sqrt(2.0) * p_lm * sin_m
+    return out
+
+
 def real_sym_sh_mrtrix(sh_order: int, theta: ArrayLike, phi: ArrayLike
                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The real symmetric SH basis (K, n_coefficients) at angles ``theta``, ``phi`` (K,)
-    (radians), with the order ``m`` and degree ``l`` of each column."""
-    order = check_sh_order(sh_order)
-    theta = np.asarray(theta, dtype=float).reshape(-1, 1)
-    phi = np.asarray(phi, dtype=float).reshape(-1, 1)
-    degrees = np.concatenate([np.full(2 * ell + 1, ell) for ell in range(0, order + 1, 2)])
-    orders = np.concatenate([np.arange(-ell, ell + 1) for ell in range(0, order + 1, 2)])
-    complex_sh = sph_harm_y(degrees[None, :], np.abs(orders)[None, :], theta, phi)
-    basis = np.where(orders[None, :] < 0, complex_sh.imag, complex_sh.real)
+    (radians), with the order ``m`` and degree ``l`` of each column (NaN rows where an
+    angle is not finite)."""
+    degrees, orders = sh_degrees_orders(sh_order)
+    theta = np.asarray(theta, dtype=float).reshape(-1)
+    phi = np.asarray(phi, dtype=float).reshape(-1)
+    theta, phi = np.broadcast_arrays(theta, phi)
+    sin_theta = np.sin(theta)
+    vectors = np.stack([sin_theta * np.cos(phi), sin_theta * np.sin(phi), np.cos(theta)],
+                       axis=1)
+    basis = mrtrix3_sh_basis(int(sh_order), np.where(np.isfinite(vectors), vectors, 0.0))
+    basis *= np.where(orders == 0, 1.0, 1.0 / np.sqrt(2.0))[None, :]
+    basis[~(np.isfinite(theta) & np.isfinite(phi))] = np.nan
     return basis, orders, degrees
 
 

@@ -84,7 +84,7 @@ async def submit_job(request: Request, ctx: Context, key: CallerKey) -> JSONResp
             options["prefix"] = form.prefix
         options.update(sent.timing)
         await run_checks(request, ctx, sent.upload.files, sent.timing, model=sent.model,
-                         b0_threshold=form.b0_threshold, solver=fit.solver)
+                         b0_threshold=form.b0_threshold, options=fit)
         inputs = {name: path.name for name, path in sent.upload.files.items()}
         job = await run_in_threadpool(accept_job, ctx, key.id, sent.directory, kind="fit",
                                       model=sent.model, options=options, inputs=inputs)
