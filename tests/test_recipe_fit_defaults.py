@@ -130,7 +130,13 @@ def test_fit_options_resolve_the_model_default():
 
 
 def test_sandi_recipe_polishes_by_default_and_says_so(capsys):
+    from fingerprint.fitting.engine import runs_per_voxel_fit
+
     assert model_refine("sandi") == "nonlinear"
+    # the polish is a per-voxel fit (what servers limit): the recipe's default counts
+    assert runs_per_voxel_fit("sandi", FitOptions())
+    assert not runs_per_voxel_fit("sandi", FitOptions(refine=True))
+    assert not runs_per_voxel_fit("smt", FitOptions())
     assert model_refine("noddi") is None
     assert "non-linear" in describe_model("sandi")["default_refine"]
     assert describe_model("noddi")["default_refine"] is None
