@@ -49,6 +49,7 @@ __all__ = [
     "get_recipe",
     "map_labels",
     "model_name",
+    "model_refine",
     "model_solver",
     "recipe_dir",
     "recipe_for_model",
@@ -176,6 +177,22 @@ def model_solver(name_or_model: str | MultiCompartmentModelProperties) -> str:
     ``'dti'`` for the linear tensor fit)."""
     recipe = recipe_for_model(name_or_model)
     return recipe.solver if recipe is not None else ""
+
+
+def model_refine(name_or_model: str | MultiCompartmentModelProperties
+                 ) -> bool | str | None:
+    """The refinement a named model is fitted with when the user does not choose one
+    (its recipe's ``[fit] refine``: True, False or ``'nonlinear'``), or None (the
+    library's default: the local-linear step, plus the non-linear polish for models with
+    more than one orientation)."""
+    recipe = recipe_for_model(name_or_model)
+    return recipe.refine if recipe is not None else None
+
+
+_REFINE_TEXT = {True: "matching with the local-linear step",
+               False: "matching only (no refinement)",
+               "nonlinear": "matching, the local-linear step and the non-linear "
+                            "least-squares polish"}
 
 
 # --------------------------------------------------------------------------- derived maps
@@ -391,6 +408,7 @@ def describe_model(name: str) -> dict[str, Any]:
         "spherical_mean": spherical_mean,
         "solver": recipe.solver or "fingerprint (or any registered solver)",
         "dictionary_size": recipe.sampling.get("size"),
+        "default_refine": None if recipe.refine is None else _REFINE_TEXT[recipe.refine],
         "free_values": n_free,
         "parameters": params,
         "constraints": constraints,
@@ -407,6 +425,8 @@ def format_model(name: str) -> str:
              f"Reference: {d['reference'] or 'n/a'}",
              f"Model: {d['class']}; fitted by: {d['solver']}"
              + (f"; dictionary atoms: {d['dictionary_size']}" if d["dictionary_size"] else ""),
+             *([f"Default fit: {d['default_refine']} (the recipe's; the refine option "
+                "overrides it)"] if d.get("default_refine") else []),
              "", "Options:" if d["class"] == "volume model" else
              "Parameters (SI units; bounds of the fit):"]
     for p in d["parameters"]:
@@ -450,6 +470,8 @@ def models_markdown() -> str:
                 f"*Model:* `{d['class']}`; *fitted by:* {d['solver']}"
                 + (f"; *dictionary atoms (default):* {d['dictionary_size']}"
                    if d["dictionary_size"] else ""), "",
+                *([f"*Default fit:* {d['default_refine']} (the recipe's; the `refine` "
+                   "option overrides it)", ""] if d.get("default_refine") else []),
                 *(["| option | default and meaning |", "| --- | --- |"]
                   if d["class"] == "volume model" else
                   ["| parameter | map | unit | bounds |", "| --- | --- | --- | --- |"])]

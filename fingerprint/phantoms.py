@@ -40,6 +40,9 @@ __all__ = [
     "add_rician_noise",
     "default_scheme",
     "fibonacci_hemisphere",
+    "model_phantom",
+    "model_truth",
+    "model_truth_ranges",
     "noddi_parameter_vectors",
     "noddi_phantom",
     "random_orientations",
@@ -345,7 +348,7 @@ PHANTOM_TRUTH_RANGES: dict[str, dict[str, tuple[float, float]]] = {
                   "lambda_par": (1.2e-9, 2.2e-9), "lambda_perp": (0.3e-9, 1.0e-9)},
 }
 #: Fraction of each top-level compartment at least (Dirichlet draws are rescaled).
-_MIN_FRACTION = 0.1
+MIN_FRACTION = 0.1
 
 
 def _random_tensors(n: int, rng: np.random.Generator) -> np.ndarray:
@@ -360,6 +363,27 @@ def _random_tensors(n: int, rng: np.random.Generator) -> np.ndarray:
     return np.stack([d[:, i, j] for i, j in (idx[k] for k in TENSOR_ELEMENTS)], axis=1)
 
 
+def model_truth_ranges(name: str) -> dict[str, tuple[float, float]]:
+    """The uniform ranges (SI units) :func:`model_truth` draws the named model's scalar
+    parameters from: :data:`PHANTOM_TRUTH_RANGES` of the map label, else the recipe's
+    sampling range, else the parameter's bounds (always within the bounds). Volume
+    fractions and orientations are not listed (flat Dirichlet with a floor of
+    :data:`MIN_FRACTION` for up to three fractions, uniform orientations)."""
+    recipe = get_recipe(name)
+    space = ParameterSpace.from_model(get_model(recipe.name))
+    by_param = {v: k for k, v in recipe.maps.items()}
+    truth = PHANTOM_TRUTH_RANGES.get(recipe.name, {})
+    sampled = dict(recipe.sampling.get("ranges", {}))
+    pv = set(space.partial_volume_names)
+    out: dict[str, tuple[float, float]] = {}
+    for p in space.parameters:
+        if p.name in pv or p.kind == "orientation":
+            continue
+        lo, hi = truth.get(by_param.get(p.name, "")) or sampled.get(p.name) or p.bounds[0]
+        out[p.name] = (max(float(lo), p.bounds[0][0]), min(float(hi), p.bounds[0][1]))
+    return out
+
+
 def model_truth(name: str, n: int, seed: int = 0) -> np.ndarray:
     """(n, P) random ground-truth parameter vectors of the named model ``name``:
     orientations uniform on the sphere, top-level volume fractions from a flat Dirichlet
@@ -371,15 +395,13 @@ def model_truth(name: str, n: int, seed: int = 0) -> np.ndarray:
     if recipe.solver == "dti":
         return _random_tensors(n, rng)
     space = ParameterSpace.from_model(model)
-    by_param = {v: k for k, v in recipe.maps.items()}
-    truth = PHANTOM_TRUTH_RANGES.get(recipe.name, {})
-    sampled = dict(recipe.sampling.get("ranges", {}))
+    ranges = model_truth_ranges(name)
     values: dict[str, np.ndarray] = {}
     pv = space.partial_volume_names
     if pv:
         k = len(pv)
         f = rng.dirichlet(np.ones(k), n)
-        floor = min(_MIN_FRACTION, 0.5 / k)
+        floor = min(MIN_FRACTION, 0.5 / k)
         f = floor + (1.0 - k * floor) * f
         for i, pname in enumerate(pv):
             values[pname] = f[:, i]
@@ -389,9 +411,7 @@ def model_truth(name: str, n: int, seed: int = 0) -> np.ndarray:
         if p.kind == "orientation":
             values[p.name] = random_orientations(n, rng)
             continue
-        label = by_param.get(p.name, "")
-        lo, hi = truth.get(label) or sampled.get(p.name) or p.bounds[0]
-        lo, hi = max(lo, p.bounds[0][0]), min(hi, p.bounds[0][1])
+        lo, hi = ranges[p.name]
         values[p.name] = rng.uniform(lo, hi, n)
     return np.asarray(model.parameters_to_parameter_vector(**values), dtype=np.float64)
 

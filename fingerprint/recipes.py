@@ -31,6 +31,9 @@ gives its default dictionary sampling and labels its output maps::
     [maps]                                # output label -> parameter name
     odi = "SD1WatsonDistributed_1_SD1Watson_1_odi"
 
+    [fit]                                 # optional: the model's fit defaults
+    refine = "nonlinear"                  # (FIT_DEFAULT_KEYS; a user's option wins)
+
 Every ``links`` entry is ``[method, *arguments]``, a call of one of
 :data:`LINK_METHODS` on the model (or distributed model) with dmipy's positional
 arguments, in SI units. Recipes are read from the repository's ``dictionaries/``
@@ -65,6 +68,7 @@ else:  # pragma: no cover
 __all__ = [
     "LINK_METHODS",
     "RECIPE_DIR_ENV",
+    "FIT_DEFAULT_KEYS",
     "REQUIREMENT_KEYS",
     "Recipe",
     "TISSUES",
@@ -87,7 +91,11 @@ _COMPARTMENT_MODULES = ("fingerprint.signal_models.cylinder_models",
                         "fingerprint.signal_models.sphere_models")
 _DISTRIBUTED_MODULE = "fingerprint.distributions.distribute_models"
 _TOP_KEYS = {"name", "description", "reference", "requires_timing", "model", "distributed",
-             "sampling", "maps", "requirements", "derived", "solver", "tissues"}
+             "sampling", "maps", "requirements", "derived", "solver", "tissues", "fit"}
+#: Fit defaults a recipe may set in its ``[fit]`` table: ``refine`` (true, false or
+#: ``"nonlinear"``: the model's default refinement after matching, used by every entry
+#: point unless the user gives ``refine``).
+FIT_DEFAULT_KEYS = ("refine",)
 #: Tissues a recipe's top-level compartments may belong to (``tissues = ["csf", "wm"]``):
 #: white matter, grey matter, cerebrospinal fluid (multi-tissue fits).
 TISSUES = ("wm", "gm", "csf")
@@ -135,6 +143,9 @@ class Recipe:
     solver: str = ""
     #: tissue (:data:`TISSUES`) of each top-level compartment, or () when not declared
     tissues: tuple[str, ...] = ()
+    #: the model's default refinement after matching (``[fit] refine``: True, False or
+    #: ``'nonlinear'``), or None (the library's default); a user's ``refine`` wins
+    refine: bool | str | None = None
 
     def build_model(self, S0_tissue_responses: ArrayLike | None = None  # noqa: N803
                     ) -> MultiCompartmentModelProperties:
@@ -222,12 +233,22 @@ def _parse(data: Mapping[str, Any], path: Path | None) -> Recipe:
             tissues and len(tissues) != len(model["models"])):
         raise InputError(f"{where}: 'tissues' must list one of {TISSUES} per top-level "
                          f"compartment ({len(model['models'])}), got {tissues!r}")
+    fit = data.get("fit", {})
+    if not isinstance(fit, Mapping) or set(fit) - set(FIT_DEFAULT_KEYS):
+        raise InputError(f"{where}: [fit] may set only {FIT_DEFAULT_KEYS}, got {fit!r}")
+    refine = fit.get("refine")
+    if isinstance(refine, str) and refine.lower() == "nonlinear":
+        refine = "nonlinear"
+    elif refine is not None and not isinstance(refine, bool):
+        raise InputError(f"{where}: [fit] refine must be true, false or \"nonlinear\", "
+                         f"got {refine!r}")
     return Recipe(name=name, description=str(data["description"]).strip(),
                   requires_timing=requires_timing, model_description=dict(model),
                   distributed={k: dict(v) for k, v in distributed.items()},
                   sampling=sampling, maps=dict(maps), reference=str(data.get("reference", "")),
                   path=path, requirements={k: float(v) for k, v in requirements.items()},
-                  derived=dict(derived), solver=solver, tissues=tuple(tissues))
+                  derived=dict(derived), solver=solver, tissues=tuple(tissues),
+                  refine=refine)
 
 
 def load_recipe(path: str | os.PathLike) -> Recipe:

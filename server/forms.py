@@ -31,6 +31,7 @@ from pydantic_core import ErrorDetails
 from fingerprint.errors import InputError
 from fingerprint.fitting.options import (
     FIT_OPTION_SPECS,
+    RESPONSES_MAX_LENGTH,
     FitOptions,
     OptionError,
     OptionSpec,
@@ -41,7 +42,8 @@ from fingerprint.fitting.options import (
 from .errors import ApiError
 
 __all__ = ["SERVER_HIGH", "SERVER_OPTION_SPECS", "DictionaryForm", "FitForm", "JobForm",
-           "ModelForm", "OptionInfo", "fit_options", "option_infos", "parse_form"]
+           "ModelForm", "OptionInfo", "check_multi_tissue", "fit_options", "option_infos",
+           "parse_form"]
 
 #: The fit options the server offers (the library's specs marked ``server``).
 SERVER_OPTION_SPECS: tuple[OptionSpec, ...] = tuple(s for s in FIT_OPTION_SPECS if s.server)
@@ -122,6 +124,9 @@ def _option_field(spec: OptionSpec) -> tuple[Any, Any]:
                                    json_schema_extra=extra)
     if spec.kind == "bool":
         return bool | None, Field(None, description=spec.help, json_schema_extra=extra)
+    if spec.kind == "text":  # checked by FitOptions (e.g. multi-tissue responses)
+        return str | None, Field(None, max_length=RESPONSES_MAX_LENGTH, description=spec.help,
+                                 json_schema_extra=extra)
     # choices and 'refine' stay text: FitOptions checks them (and explains a refusal,
     # such as dmipy's 'amico' solver); the schema lists what is offered
     choices = list(spec.choices) if spec.kind == "choice" else ["true", "false", "nonlinear"]
@@ -190,11 +195,22 @@ def fit_options(form: JobForm, *, b0_threshold: float | None = None
     return options, {name: normalised[name] for name in given}
 
 
+def check_multi_tissue(model: str, responses: str) -> None:
+    """422 naming ``multi_tissue`` when the responses cannot apply to ``model`` (wrong
+    count, tissues the model's recipe does not list, a one-compartment model)."""
+    from fingerprint.fitting.multi_tissue import check_responses  # lazy: the fitting stack
+
+    try:
+        check_responses(model, responses)
+    except InputError as exc:
+        raise ApiError(422, f"'multi_tissue': {exc}", "multi_tissue") from None
+
+
 class OptionInfo(BaseModel):
     """A fit option the server offers (from the library's option specs)."""
 
     name: str = Field(..., description="form field of POST /v1/jobs")
-    kind: Literal["int", "float", "bool", "choice", "refine"]
+    kind: Literal["int", "float", "bool", "choice", "refine", "text"]
     help: str
     default: str | int | float | bool | None = Field(
         None, description="the library's default (null: chosen per model or machine)")

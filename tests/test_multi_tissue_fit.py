@@ -128,3 +128,44 @@ def test_cli_multi_tissue_writes_volume_fraction_maps(scheme, tmp_path):
     assert sidecar["S0TissueResponses"] == [S0_CSF, S0_WM]
     assert (out / "sub-01_model-noddi_param-wmVf_dwimap.nii.gz").exists()
     assert (out / "sub-01_model-noddi_param-isovf_dwimap.nii.gz").exists()  # signal fraction
+
+
+def test_multi_tissue_is_a_fit_option_of_volume_fits(scheme, tmp_path):
+    """``FitOptions.multi_tissue`` (what server jobs set) gives fit_volume the same maps
+    as its ``s0_responses`` argument (what ``fingerprint fit --multi-tissue`` passes);
+    model.fit refuses it with a pointer to the dmipy way; bad values name the option."""
+    from fingerprint.fitting.multi_tissue import check_responses
+    from fingerprint.fitting.options import FitOptions, OptionError
+    from fingerprint.fitting.pipeline import fit_volume
+
+    data, v_csf = _noddi_voxels(scheme, 12, seed=3)
+    src = tmp_path / "in"
+    src.mkdir()
+    dwi = src / "sub-01_dwi.nii.gz"
+    nib.save(nib.Nifti1Image(data.reshape(3, 2, 2, -1).astype(np.float32), np.eye(4)), dwi)
+    write_bvals_bvecs(scheme, src / "sub-01_dwi.bval", src / "sub-01_dwi.bvec")
+    kw = {"dictionary_size": 3000, "dictionary_dir": tmp_path / "dicts"}
+    by_arg = fit_volume("noddi", dwi, src / "sub-01_dwi.bval", src / "sub-01_dwi.bvec",
+                        tmp_path / "a", s0_responses={"wm": S0_WM, "csf": S0_CSF}, **kw)
+    opts = FitOptions(multi_tissue=f" WM={S0_WM:g}, csf={S0_CSF:g}")
+    assert opts.multi_tissue == "wm=1000,csf=4000"
+    by_option = fit_volume("noddi", dwi, src / "sub-01_dwi.bval", src / "sub-01_dwi.bvec",
+                           tmp_path / "b", options=opts, **kw)
+    for label in ("csf_vf", "wm_vf"):
+        a = np.asarray(nib.load(by_arg.maps[label]).dataobj)
+        b = np.asarray(nib.load(by_option.maps[label]).dataobj)
+        np.testing.assert_array_equal(a, b)
+    assert np.mean(np.abs(a.reshape(-1) - (1 - v_csf))) < 0.03  # wm_vf
+    with pytest.raises(InputError, match="option 'multi_tissue' is for volume fits"):
+        get_model("noddi").fit(scheme, data, multi_tissue="auto", **kw)
+    for bad, words in (("wm=1,brain=2", "name each of the tissues"),
+                       ("1,0", "positive numbers"), ("", "must be 'auto'")):
+        with pytest.raises(OptionError, match=words) as info:
+            FitOptions(multi_tissue=bad)
+        assert info.value.option == "multi_tissue"
+    check_responses("noddi", "auto")
+    check_responses("activeax", "wm=1,csf=3")
+    with pytest.raises(InputError, match="at least two compartments"):
+        check_responses("watson_stick", "auto")
+    with pytest.raises(InputError, match="miss tissue"):
+        check_responses("noddi", "wm=1,gm=2")

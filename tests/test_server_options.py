@@ -4,6 +4,7 @@ by ``FitOptions`` (422 naming the field), stored with the job and used by its fi
 from __future__ import annotations
 
 import argparse
+import gzip
 import io
 import json
 import zipfile
@@ -74,6 +75,10 @@ def test_fit_options_endpoint_and_openapi(server):
     assert options["solver"]["default"] == "fingerprint"
     assert options["Ns"]["default"] == 5 and options["refine"]["kind"] == "refine"
     assert options["threads"]["high"] == 256
+    assert options["multi_tissue"]["kind"] == "text"
+    assert options["multi_tissue"]["default"] is None
+    # refine: chosen per model (a recipe may set its default), so no single default
+    assert options["refine"]["default"] is None
     body = schema["paths"]["/v1/jobs"]["post"]["requestBody"]["content"][
         "multipart/form-data"]["schema"]
     assert body["required"] == ["dwi", "bval", "bvec"]
@@ -94,6 +99,14 @@ def test_fit_options_endpoint_and_openapi(server):
     ({"threads": "1000"}, "threads", "less than or equal to 256"),
     ({"b0_threshold": "-1"}, "b0_threshold", "greater than or equal to 0"),
     ({"seed": "3"}, "seed", "unknown form field"),  # not offered by the server
+    ({"multi_tissue": "lots"}, "multi_tissue", "responses must be 'auto', positive numbers"),
+    ({"multi_tissue": "wm=1,brain=2"}, "multi_tissue", "name each of the tissues"),
+    ({"multi_tissue": "3000,-1"}, "multi_tissue", "must be positive numbers"),
+    ({"multi_tissue": "1" * 300}, "multi_tissue", "at most 200 characters"),
+    ({"model": "noddi", "multi_tissue": "1,2,3"}, "multi_tissue",
+     "must be 2 positive numbers (one per top-level compartment)"),
+    ({"model": "noddi", "multi_tissue": "wm=3000,gm=4000"}, "multi_tissue",
+     "miss tissue(s) ['csf']"),
 ])
 def test_bad_fit_options_are_422_naming_the_field(server, phantom, data, field, words):
     with client(server, server.keys["alice"]) as http:
@@ -168,13 +181,44 @@ def test_classical_solvers_fit_fewer_voxels(server, phantom):
             job["error"], job
 
 
+def test_multi_tissue_job_writes_volume_fractions(server, phantom):
+    """``multi_tissue`` is a job option like the others: recorded in the library's
+    canonical form, and the fit writes the tissues' volume-fraction maps."""
+    with client(server, server.keys["bob"]) as http:
+        r = http.post("/v1/jobs", files=upload_files(phantom), data={
+            "model": "noddi", "dictionary_size": str(SIZE),
+            "multi_tissue": " WM=1000, csf=4e3"})
+        assert r.status_code == 202, r.text
+        job = r.json()
+        assert job["options"] == {"dictionary_size": SIZE, "multi_tissue": "wm=1000,csf=4000"}
+        done = wait_for(http, job["id"], timeout=600)
+        assert done["status"] == "succeeded", done
+        archive = zipfile.ZipFile(io.BytesIO(http.get(f"/v1/jobs/{job['id']}/results").content))
+    names = archive.namelist()
+    wm = next(n for n in names if n.endswith("param-wmVf_dwimap.nii.gz"))
+    csf = next(n for n in names if n.endswith("param-csfVf_dwimap.nii.gz"))
+    isovf = next(n for n in names if n.endswith("param-isovf_dwimap.nii.gz"))
+
+    def read(name: str) -> np.ndarray:
+        return np.asarray(nib.Nifti1Image.from_bytes(gzip.decompress(archive.read(name))).dataobj)
+
+    w, c, iso = read(wm), read(csf), read(isovf)
+    inside = np.isfinite(w) & np.isfinite(c)
+    assert inside.sum() == 18
+    np.testing.assert_allclose(w[inside] + c[inside], 1.0, atol=1e-5)
+    # CSF's four-fold S0 makes its volume fraction smaller than its signal fraction
+    expected = (iso / 4000.0) / (iso / 4000.0 + (1.0 - iso) / 1000.0)
+    np.testing.assert_allclose(c[inside], expected[inside], atol=1e-5)
+
+
 #: A valid value of every fit option the server offers, as ``fingerprint submit`` flags
 #: (cheap: a classical fit of a few voxels), and what the job record holds for it.
 SUBMIT_FLAGS = {"dictionary_size": ("2000", 2000), "n_neighbors": ("8", 8),
                 "refine": ("false", False), "threads": ("1", 1),
                 "mask_rule": ("all", "all"), "solver": ("brute2fine", "brute2fine"),
                 "Ns": ("2", 2), "N_sphere_samples": ("6", 6), "grid_starts": ("2", 2),
-                "maxiter": ("20", 20), "popsize": ("4", 4), "tol": ("0.1", 0.1)}
+                "maxiter": ("20", 20), "popsize": ("4", 4), "tol": ("0.1", 0.1),
+                "multi_tissue": ("wm=1000,csf=4000", "wm=1000,csf=4000")}
 
 
 def test_submit_has_a_flag_for_every_server_option_and_sends_it(server, phantom, small_mask,

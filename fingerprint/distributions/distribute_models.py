@@ -60,6 +60,7 @@ from fingerprint.core.modeling_framework import (
 from fingerprint.core.units import ANGLE, DIMENSIONLESS, LENGTH
 from fingerprint.errors import IncompatibleModelsError, InputError
 from fingerprint.kernels.dispersion import (
+    cosines_to_axes,
     gauss_legendre_unit,
     legendre_even_matrix,
     watson_dispersed_sum,
@@ -653,13 +654,18 @@ class SD2BinghamDistributed(_SphericalDistributed):
             sl = rows[start:start + step]
             nc = sl.size
             frame = np.stack([e1[sl], e2[sl], e3[sl]], axis=1)  # (nc, 3 axes, 3)
-            node_dirs = np.einsum("ka,nab->nkb", local_dirs, frame)  # (nc, K, 3)
+            # (nc, K, 3) node directions and their cosines with the gradients (nc, K*N),
+            # element by element (a row's values do not depend on the batch): several
+            # times faster than einsum
+            node_dirs = (local_dirs[None, :, 0, None] * frame[:, None, 0, :]
+                         + local_dirs[None, :, 1, None] * frame[:, None, 1, :]
+                         + local_dirs[None, :, 2, None] * frame[:, None, 2, :])
             logd = (kappa[sl, None] * uu[None, :] ** 2
                     + beta[sl, None] * (ss[None, :] * np.cos(pp)[None, :]) ** 2)
             logd -= logd.max(axis=1, keepdims=True)
             w = ww[None, :] * np.exp(logd)
             w /= w.sum(axis=1, keepdims=True)
-            cos = np.einsum("nkb,jb->nkj", node_dirs, ctx.directions).reshape(nc, -1)
+            cos = cosines_to_axes(ctx.directions, node_dirs.reshape(-1, 3)).reshape(nc, -1)
             kern = np.zeros((nc, n_nodes * n_meas))
             for k, model in enumerate(self.models):
                 kern += fractions[sl, k:k + 1] * _kernel(model, meas_t, cos,

@@ -57,7 +57,7 @@ from fingerprint.fitting.registry import (
     register_solver,
 )
 from fingerprint.fitting.validity import default_mask, report_unusable, usable_voxels
-from fingerprint.models import get_model, model_solver
+from fingerprint.models import get_model, model_refine, model_solver
 from fingerprint.stages import stage
 from fingerprint.volume_models import is_volume_model
 
@@ -276,7 +276,9 @@ def _fitter_from_dictionary(path: str, options: tuple[tuple[str, object], ...],
 
 
 def fitter_for_estimator(est: FingerprintEstimator, options: FitOptions) -> FingerprintFitter:
-    """The fitter of a ready estimator with ``options``' polish rule."""
+    """The fitter of a ready estimator with ``options``' polish rule (``refine`` unset:
+    the model's default, :func:`fingerprint.models.model_refine`)."""
+    options = options.with_model_refine(model_refine(est.model))
     polish = options.polish if options.nonlinear_for(_frame_angles(est.model)) else None
     est_options = {k: v for k, v in options.estimator_options().items()
                    if k not in ("n_neighbors", "refine", "n_jobs")}
@@ -315,7 +317,9 @@ def _prepare_fingerprint(request: SolverRequest) -> VoxelFitter:
 
 def _matching_polishes(model: Model, options: FitOptions) -> bool:
     """Whether dictionary matching of ``model`` with ``options`` ends with the
-    non-linear polish (what :func:`_prepare_fingerprint` decides)."""
+    non-linear polish (what :func:`_prepare_fingerprint` decides; ``refine`` unset: the
+    model's default)."""
+    options = options.with_model_refine(model_refine(model))
     if options.refine != "nonlinear" and is_multifascicle(model):
         return False  # multi-fascicle fingerprinting: its own joint fit, no polish
     return options.nonlinear_for(_frame_angles(model))
@@ -359,7 +363,9 @@ def prepare_fitter(model: Model, scheme: AcquisitionScheme, options: FitOptions,
                    progress: ProgressCallback | None = None,
                    should_cancel: CancelCheck | None = None) -> VoxelFitter:
     """The fitter of ``options.solver`` for ``model`` on ``scheme`` (builds or loads what
-    it needs, e.g. the dictionary)."""
+    it needs, e.g. the dictionary). ``options.refine`` unset (None) takes the model's
+    default refinement (a named model's recipe ``[fit] refine``, else True)."""
+    options = options.with_model_refine(model_refine(model))
     info = get_solver(effective_solver(model, options.solver))
     if info.name != get_solver(options.solver).name:
         logger.info("model fitted by solver %r (its recipe's), not %r", info.name,
@@ -425,7 +431,7 @@ def fit_model(model: Model, acquisition_scheme: AcquisitionScheme, data: np.ndar
               x0_vector: np.ndarray | Mapping[str, np.ndarray] | None = None,
               n_jobs: int | None = None, dictionary_size: int | None = None,
               dictionary_dir: str | os.PathLike[str] | None = None,
-              refine: bool | str = True, n_neighbors: int | None = None,
+              refine: bool | str | None = None, n_neighbors: int | None = None,
               progress: ProgressCallback | None = None,
               options: FitOptions | None = None,
               fixed_parameters: Mapping[str, object] | None = None,
@@ -465,6 +471,8 @@ def fit_model(model: Model, acquisition_scheme: AcquisitionScheme, data: np.ndar
         non-linear least-squares polish of the matched parameters on the signals
         (:func:`~fingerprint.fitting.nonlinear.refine_nonlinear`), which models with
         more than one orientation get by default (``False`` turns both off).
+        Default None: the model's own default (a named model's recipe may set it in its
+        ``[fit]`` table, e.g. ``sandi``'s polish), else True.
         It starts from the estimate and, for models matched on the signal itself, the
         ``nonlinear_starts`` (default 3) best atoms; ``nonlinear_max_nfev`` limits the
         residual evaluations per start; ``nonlinear_method`` is ``'batched'`` (default:
@@ -489,7 +497,7 @@ def fit_model(model: Model, acquisition_scheme: AcquisitionScheme, data: np.ndar
     given: dict[str, object] = dict(options.to_dict()) if options is not None else {}
     explicit = {"solver": solver, "n_jobs": n_jobs, "dictionary_size": dictionary_size,
                 "refine": refine, "n_neighbors": n_neighbors}
-    defaults = {"solver": "fingerprint", "refine": True}
+    defaults: dict[str, object] = {"solver": "fingerprint"}
     for key, value in explicit.items():
         if options is None or (value is not None and value != defaults.get(key)):
             given[key] = value
@@ -498,6 +506,11 @@ def fit_model(model: Model, acquisition_scheme: AcquisitionScheme, data: np.ndar
         given.pop("threads", None)
     given.update(kwargs)
     opts = FitOptions.from_mapping(given, dmipy=True)
+    if opts.multi_tissue is not None:
+        raise InputError("option 'multi_tissue' is for volume fits (fit_volume, fingerprint "
+                         "fit, server jobs); with model.fit build the model with its "
+                         "responses (get_model(name, S0_tissue_responses=[...])) and read "
+                         "fitted_multi_tissue_fractions")
     solver_name = get_solver(effective_solver(model, opts.solver)).name
     for name in DMIPY_IGNORED_OPTIONS + CLASSICAL_OPTION_NAMES:
         if name in kwargs and (solver_name == BUILTIN_SOLVER

@@ -25,6 +25,7 @@ from fingerprint.core.acquisition_scheme import AcquisitionScheme
 from fingerprint.core.fitted_model import multi_tissue_fractions
 from fingerprint.core.modeling_framework import MultiCompartmentModelProperties as Model
 from fingerprint.errors import InputError
+from fingerprint.fitting.options import parse_responses
 from fingerprint.models import recipe_for_model
 from fingerprint.recipes import TISSUES
 from fingerprint.tissue_response.three_tissue_response import (
@@ -33,7 +34,7 @@ from fingerprint.tissue_response.three_tissue_response import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AUTO", "compartment_responses", "estimate_tissue_responses",
+__all__ = ["AUTO", "check_responses", "compartment_responses", "estimate_tissue_responses",
            "parse_responses", "volume_fraction_maps"]
 
 #: Responses estimated from the data.
@@ -42,24 +43,6 @@ AUTO = "auto"
 MAX_ESTIMATION_VOXELS = 200_000
 
 Responses = Sequence[float] | Mapping[str, float] | str
-
-
-def parse_responses(text: str) -> Responses:
-    """``'auto'``, ``'wm=3000,gm=4000,csf=9000'`` or ``'9000,3000'`` (one per top-level
-    compartment) from the command line."""
-    value = text.strip()
-    if value.lower() == AUTO:
-        return AUTO
-    parts = [p.strip() for p in value.split(",") if p.strip()]
-    try:
-        if parts and all("=" in p for p in parts):
-            out = {k.strip().lower(): float(v) for k, v in (p.split("=", 1) for p in parts)}
-            return out
-        return [float(p) for p in parts]
-    except ValueError:
-        raise InputError(f"multi-tissue responses must be 'auto', numbers separated by "
-                         f"commas (one per compartment) or wm=..,gm=..,csf=..; got "
-                         f"{text!r}") from None
 
 
 def estimate_tissue_responses(scheme: AcquisitionScheme, data: np.ndarray,
@@ -116,6 +99,28 @@ def compartment_responses(model: Model | str, responses: Responses, *,
         raise InputError(f"multi-tissue responses must be {n} positive numbers (one per "
                          f"top-level compartment), got {values}")
     return tuple(values)
+
+
+def check_responses(model: Model | str, responses: Responses) -> None:
+    """InputError when ``responses`` cannot apply to ``model`` (before any data are read):
+    a model with fewer than two compartments, responses by tissue (or ``'auto'``, which
+    estimates them by tissue) for a model whose recipe does not list its compartments'
+    tissues, or a wrong count of per-compartment values. Text is parsed first
+    (:func:`parse_responses`)."""
+    if isinstance(responses, str):
+        responses = parse_responses(responses)
+    if isinstance(responses, str):  # 'auto
+        recipe = recipe_for_model(model)
+        obj = recipe.build_model() if isinstance(model, str) and recipe else model
+        n = int(getattr(obj, "N_models", 0) or len(getattr(obj, "models", []) or []))
+        if n < 2:
+            raise InputError("multi-tissue fits need a model with at least two compartments")
+        if recipe is None or not recipe.tissues:
+            raise InputError("responses estimated from the data ('auto') are per tissue and "
+                             "need a named model whose recipe lists its compartments' "
+                             "tissues; give one response per compartment")
+        return
+    compartment_responses(model, responses)
 
 
 def volume_fraction_maps(model: Model | str, parameters: Mapping[str, np.ndarray],

@@ -27,9 +27,11 @@ from fingerprint.fitting.registry import (
     REFUSED_SOLVERS,
     check_solver,
 )
+from fingerprint.recipes import TISSUES
 
 __all__ = ["CLASSICAL_OPTION_NAMES", "DMIPY_IGNORED_OPTIONS", "DMIPY_SOLVERS",
-           "FIT_OPTION_SPECS", "MASK_RULES", "ClassicalSettings", "OptionError",
+           "FIT_OPTION_SPECS", "MASK_RULES", "RESPONSES_MAX_LENGTH", "RESPONSE_TISSUES",
+           "Responses", "parse_responses", "ClassicalSettings", "OptionError",
            "PREFIX_PATTERN", "TIMING_LIMITS_S", "FitOptions", "OptionSpec", "PolishSettings",
            "check_prefix", "check_timing"]
 
@@ -57,7 +59,7 @@ class OptionSpec:
     """What a front end needs to offer one fit option."""
 
     name: str
-    kind: Literal["int", "float", "bool", "choice", "refine"]
+    kind: Literal["int", "float", "bool", "choice", "refine", "text"]
     help: str
     low: float | None = None
     high: float | None = None
@@ -74,7 +76,12 @@ FIT_OPTION_SPECS: tuple[OptionSpec, ...] = (
                low=1, high=4096, server=True),
     OptionSpec("refine", "refine", "after matching: true (local-linear step), false, or "
                "'nonlinear' (plus a non-linear least-squares polish; the default for models "
-               "with more than one orientation)", server=True),
+               "with more than one orientation); default: the model's (its recipe's [fit] "
+               "refine, else true)", server=True),
+    OptionSpec("multi_tissue", "text", "also write volume fractions (<tissue>_vf maps) from "
+               "S0 responses: 'auto' (estimated from the data's white-matter, grey-matter "
+               "and CSF voxels), 'wm=..,gm=..,csf=..' or one number per compartment (units "
+               "of the data); default: none", server=True),
     OptionSpec("threads", "int", "threads for matching and dictionary builds (default: all "
                "cores)", low=1, high=4096, server=True),
     OptionSpec("seed", "int", "seed of the dictionary's sampling", low=0, high=2**31 - 1),
@@ -100,6 +107,67 @@ FIT_OPTION_SPECS: tuple[OptionSpec, ...] = (
     OptionSpec("tol", "float", "mix: relative spread of a voxel's population costs at which "
                "its evolution stops (default 0.05)", low=1e-12, high=1.0, server=True),
 )
+
+
+#: Largest length of a ``multi_tissue`` value.
+RESPONSES_MAX_LENGTH = 200
+#: Tissue names of per-tissue responses (white matter, grey matter, CSF).
+RESPONSE_TISSUES = TISSUES
+Responses = list[float] | dict[str, float] | str
+
+
+def parse_responses(text: str) -> Responses:
+    """Multi-tissue S0 responses from text: ``'auto'``, ``'wm=3000,gm=4000,csf=9000'``
+    (per tissue) or ``'9000,3000'`` (one per top-level compartment); every value a
+    positive number. InputError naming what was expected otherwise."""
+    value = str(text).strip()
+    if value.lower() == "auto":
+        return "auto"
+    expected = ("'auto', positive numbers separated by commas (one per compartment) or "
+                "wm=..,gm=..,csf=..")
+    parts = [p.strip() for p in value.split(",")]
+    if len(value) > RESPONSES_MAX_LENGTH or not value or not all(parts):
+        raise InputError(f"multi-tissue responses must be {expected}; got {text!r}")
+    by_tissue = all("=" in p for p in parts)
+    try:
+        pairs = [(k.strip().lower(), float(v)) for k, v in (p.split("=", 1) for p in parts)] \
+            if by_tissue else [("", float(p)) for p in parts]
+    except ValueError:
+        raise InputError(f"multi-tissue responses must be {expected}; got {text!r}") from None
+    values = [v for _, v in pairs]
+    out: Responses = values
+    if by_tissue:
+        out = dict(pairs)
+        if set(out) - set(RESPONSE_TISSUES) or len(out) != len(pairs):
+            raise InputError(f"multi-tissue responses name each of the tissues "
+                             f"{list(RESPONSE_TISSUES)} at most once; got {text!r}")
+    if not all(math.isfinite(v) and v > 0 for v in values):
+        raise InputError(f"multi-tissue responses must be positive numbers; got {text!r}")
+    return out
+
+
+def _responses_text(value: object) -> str | None:
+    """The canonical text of a ``multi_tissue`` value (text, per-tissue mapping or one
+    number per compartment), checked; None stays None."""
+    if value is None:
+        return None
+    if isinstance(value, Mapping):
+        text = ",".join(f"{k}={v}" for k, v in value.items())
+    elif isinstance(value, (list, tuple)):
+        text = ",".join(str(v) for v in value)
+    elif isinstance(value, str):
+        text = value
+    else:
+        raise _fail("multi_tissue", "'auto', wm=..,gm=..,csf=.. or numbers", value)
+    try:
+        parsed = parse_responses(text)
+    except InputError as exc:
+        raise OptionError(f"option 'multi_tissue': {exc}", "multi_tissue") from None
+    if isinstance(parsed, str):
+        return parsed
+    if isinstance(parsed, dict):
+        return ",".join(f"{k}={v:g}" for k, v in parsed.items())
+    return ",".join(f"{v:g}" for v in parsed)
 
 
 @dataclass(frozen=True)
@@ -206,12 +274,19 @@ class FitOptions:
     n_neighbors: atoms matched per voxel (default 32).
     refine: local-linear step after matching; ``'nonlinear'`` adds the non-linear polish,
         which models with more than one orientation get by default; False turns both off.
+        None (default): the model's own default (a named model's recipe ``[fit] refine``,
+        else True), resolved by :meth:`with_model_refine` when the fit is prepared.
     threads: threads for FAISS, BLAS and Numba (default: all cores).
     mask_rule: default mask when none is given (:data:`MASK_RULES`).
     rician, matcher_method, hnsw_threshold, ef_search, frame_iterations, temperature,
     cache_index, marginalise_orientation, refine_shrinkage, align_axis: estimator knobs
         (:meth:`fingerprint.fitting.estimator.FingerprintEstimator.from_dictionary`).
     polish: :class:`PolishSettings` of the non-linear polish.
+    multi_tissue: S0 responses of a multi-tissue fit (:mod:`fingerprint.fitting.multi_tissue`):
+        ``'auto'``, ``'wm=..,gm=..,csf=..'`` or one number per top-level compartment
+        (units of the data), kept as canonical text; volume fits (``fit_volume``,
+        ``fingerprint fit``, server jobs) then also write volume-fraction maps. None
+        (default): signal fractions only.
     b0_threshold: b-value (s/m²) at or below which measurements are the b=0 reference that
         normalises S0 (None: the scheme's own, 10e6 s/m² = 10 s/mm² by default); it never
         changes the forward models (:mod:`fingerprint.core.scheme_checks`).
@@ -221,7 +296,7 @@ class FitOptions:
     dictionary_size: int | None = None
     seed: int = 0
     n_neighbors: int | None = None
-    refine: RefineOption = True
+    refine: RefineOption | None = None
     threads: int | None = None
     mask_rule: Literal["positive_b0", "all"] = "positive_b0"
     rician: bool = True
@@ -237,9 +312,11 @@ class FitOptions:
     polish: PolishSettings = field(default_factory=PolishSettings)
     classical: ClassicalSettings = field(default_factory=ClassicalSettings)
     b0_threshold: float | None = None
+    multi_tissue: str | None = None
 
     def __post_init__(self) -> None:
         setv = object.__setattr__
+        setv(self, "multi_tissue", _responses_text(self.multi_tissue))
         if self.b0_threshold is not None:
             setv(self, "b0_threshold", _float("b0_threshold", self.b0_threshold, 0.0, 1e11))
         try:
@@ -250,7 +327,9 @@ class FitOptions:
         setv(self, "seed", _int("seed", self.seed, 0, optional=False))
         setv(self, "n_neighbors", _int("n_neighbors", self.n_neighbors, 1))
         refine = self.refine
-        if isinstance(refine, str) and refine.lower() == "nonlinear":
+        if refine is None:
+            pass
+        elif isinstance(refine, str) and refine.lower() == "nonlinear":
             refine = "nonlinear"
         else:
             try:
@@ -368,8 +447,16 @@ class FitOptions:
                 out[name] = value
         return out
 
+    def with_model_refine(self, model_refine: bool | str | None) -> FitOptions:
+        """These options with ``refine`` resolved: the user's when given, else the
+        model's default ``model_refine`` (a recipe's ``[fit] refine``), else True."""
+        if self.refine is not None:
+            return self
+        return self.replace(refine=True if model_refine is None else model_refine)
+
     def nonlinear_for(self, n_orientations: int) -> bool:
-        """Whether the non-linear polish runs for a model with ``n_orientations``."""
+        """Whether the non-linear polish runs for a model with ``n_orientations``
+        (``refine`` None counts as True)."""
         if self.refine is False:
             return False
         return self.refine == "nonlinear" or n_orientations > 1

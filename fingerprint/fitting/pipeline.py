@@ -72,7 +72,7 @@ from fingerprint.fitting.multi_tissue import (
     compartment_responses,
     volume_fraction_maps,
 )
-from fingerprint.fitting.options import FitOptions, check_prefix
+from fingerprint.fitting.options import FitOptions, check_prefix, parse_responses
 from fingerprint.fitting.quality import FLAGS, flag_counts, voxel_quality
 from fingerprint.fitting.registry import VoxelFitter, get_solver
 from fingerprint.fitting.validity import default_mask, report_unusable, usable_voxels
@@ -754,7 +754,8 @@ def fit_volume(model: str | MultiCompartmentModelProperties, dwi: str | os.PathL
         top-level compartment (units of the data), a ``{'wm', 'gm', 'csf'}`` mapping for
         named models whose recipe lists its compartments' tissues, or ``'auto'``
         (estimated from the masked voxels); volume-fraction maps ``<tissue>_vf`` (or
-        ``partial_volume_<i>_vf``) are written next to the signal fractions.
+        ``partial_volume_<i>_vf``) are written next to the signal fractions. Default:
+        ``options.multi_tissue`` (the same, as text).
     options : FitOptions, optional
         How to fit (solver, dictionary size, neighbours, refinement, threads, mask rule):
         the same object and the same fitting core as ``model.fit``, so the maps equal
@@ -812,6 +813,8 @@ def fit_volume(model: str | MultiCompartmentModelProperties, dwi: str | os.PathL
     _check_cancel(should_cancel)
     n_total = int(mask_arr.sum()) if mask_arr is not None else 0
     responses = None
+    if s0_responses is None and opts.multi_tissue is not None:
+        s0_responses = parse_responses(opts.multi_tissue)
     if s0_responses is not None:
         sample = None
         if isinstance(s0_responses, str) and mask_arr is not None:  # (never deferred)

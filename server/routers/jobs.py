@@ -15,7 +15,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 
 from ..db import Job, JobKind, JobStatus
 from ..dependencies import ApiError, CallerKey, Context
-from ..forms import FitForm, fit_options, multipart_body
+from ..forms import FitForm, check_multi_tissue, fit_options, multipart_body
 from ..schemas import ErrorBody, JobList, JobOut, Responses, job_out
 from ..services import (
     accept_job,
@@ -78,6 +78,8 @@ async def submit_job(request: Request, ctx: Context, key: CallerKey) -> JSONResp
         # the fit options, validated once by the library (b0_threshold: s/mm² on the
         # form, s/m² in the options)
         fit, options = fit_options(form, b0_threshold=form.b0_threshold)
+        if fit.multi_tissue is not None:
+            check_multi_tissue(sent.model, fit.multi_tissue)
         if form.prefix is not None:
             options["prefix"] = form.prefix
         options.update(sent.timing)

@@ -119,6 +119,9 @@ function fitOptionInput(option) {
     input = el("select", { attrs: { id, name: id, "data-fit-option": "1", "aria-describedby": `${id}-help` } },
       [el("option", { text: `(${shown})`, attrs: { value: "" } }),
        ...option.choices.map((c) => el("option", { text: c, attrs: { value: c } }))]);
+  } else if (option.kind === "text") {
+    input = el("input", { attrs: { id, name: id, type: "text", "data-fit-option": "1", placeholder: shown,
+                                   maxlength: "200", "aria-describedby": `${id}-help` } });
   } else {
     const attrs = { id, name: id, type: "number", "data-fit-option": "1", placeholder: shown,
                     step: option.kind === "int" ? "1" : "any", "aria-describedby": `${id}-help` };
