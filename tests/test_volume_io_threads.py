@@ -155,3 +155,156 @@ def test_parallel_kernels_release_the_gil():
     for kernel in kernels:
         assert kernel.targetoptions.get("nogil") is True, kernel
         assert kernel.serial.targetoptions.get("nogil") is True, kernel
+
+
+@pytest.mark.parametrize("decompressor", ["parallel", "isal", "stdlib"])
+def test_every_decompressor_gives_the_same_spooled_copy(tmp_path, monkeypatch, decompressor):
+    """The spooled copy of a gzip DWI is the same whichever library decompresses it
+    (rapidgzip on several cores, ISA-L, or the standard library when neither is
+    installed); a corrupt stream is an InputError naming the file with each."""
+    from fingerprint.io import nifti
+
+    if decompressor == "parallel":
+        if nifti._parallel_gzip is None:
+            pytest.skip("rapidgzip is not installed")
+        monkeypatch.setattr(nifti, "available_cpus", lambda: 2)
+    else:
+        monkeypatch.setattr(nifti, "_parallel_gzip", None)
+        if decompressor == "stdlib":
+            monkeypatch.setattr(nifti, "_fast_gzip", gzip)
+    path, data = _gzip_image(tmp_path)
+    dwi = DWIImage(path)
+    mask = np.ones(data.shape[:3], bool)
+    with dwi.spooled(mask, tmp_path / "spool", max_bytes=1) as copy:
+        assert copy is not dwi and not copy.is_compressed
+        assert copy._raw_float32() is not None
+        slabs = list(copy.iter_slabs(mask, max_bytes=1))
+    values = np.concatenate([s.data for s in slabs])
+    coords = np.concatenate([s.coords for s in slabs])
+    np.testing.assert_array_equal(values, data[tuple(coords.T)])
+    assert not any((tmp_path / "spool").iterdir())
+    blob = bytearray(path.read_bytes())
+    blob[len(blob) // 2:len(blob) // 2 + 64] = bytes(64)
+    bad = tmp_path / "bad.nii.gz"
+    bad.write_bytes(bytes(blob))
+    with pytest.raises(InputError, match="bad.nii.gz"):
+        with DWIImage(bad).spooled(mask, tmp_path / "spool", max_bytes=1):
+            pass
+    assert not any((tmp_path / "spool").iterdir())
+
+
+def test_maps_without_the_optional_decompressors(volume, tmp_path, monkeypatch):
+    """Without rapidgzip and ISA-L (the standard library's gzip) a fit gives the maps of
+    the default decompressor."""
+    from fingerprint.io import nifti
+
+    args = ("noddi", volume["dwi"], volume["bval"], volume["bvec"])
+    common = dict(mask=volume["mask"], dictionary_size=SIZE, threads=2, slab_bytes=1)
+    default = fit_volume(*args, tmp_path / "default", **common)
+    monkeypatch.setattr(nifti, "_parallel_gzip", None)
+    monkeypatch.setattr(nifti, "_fast_gzip", gzip)
+    plain = fit_volume(*args, tmp_path / "plain", **common)
+    a, b = _maps(default), _maps(plain)
+    assert set(a) == set(b)
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+@pytest.mark.parametrize("dtype, slope", [("<f4", None), (">f4", None), ("<f4", 2.0),
+                                          ("<i2", 0.5), ("<f8", None)])
+def test_direct_reads_of_uncompressed_files_equal_nibabel(tmp_path, dtype, slope):
+    """Uncompressed float32 files without scaling (the spooled copies) are read straight
+    from the file; the values equal nibabel's, which reads every other file."""
+    rng = np.random.default_rng(2)
+    data = rng.uniform(1, 1000, (5, 4, 6, 7)).astype(dtype)
+    data[1, 2, 3, 4] = np.nan if data.dtype.kind == "f" else 0
+    img = nib.Nifti1Image(data, np.eye(4))
+    img.header.set_data_dtype(dtype)
+    if slope is not None:
+        img.header.set_slope_inter(slope, 3.0)
+    path = tmp_path / "dwi.nii"
+    nib.save(img, path)
+    dwi = DWIImage(path)
+    direct = dtype in ("<f4", ">f4") and slope is None
+    assert (dwi._raw_float32() is not None) == direct
+    mask = rng.uniform(size=data.shape[:3]) < 0.6
+    for max_bytes in (1, 10**9):
+        slabs = list(dwi.iter_slabs(mask, max_bytes=max_bytes))
+        values = np.concatenate([s.data for s in slabs])
+        coords = np.concatenate([s.coords for s in slabs])
+        proxy = np.asarray(nib.load(path).get_fdata(dtype=np.float32))
+        assert values.dtype == np.float32
+        np.testing.assert_array_equal(values, proxy[tuple(coords.T)])
+    truncated = tmp_path / "cut.nii"
+    truncated.write_bytes(path.read_bytes()[:-50])
+    with pytest.raises(InputError, match="cut.nii"):
+        image = DWIImage(truncated, check=False)
+        list(image.iter_slabs(np.ones(data.shape[:3], bool), max_bytes=1))
+
+
+def test_default_mask_of_a_gzip_input_is_read_from_its_decompressed_copy(tmp_path,
+                                                                          monkeypatch):
+    """Without a mask, the b=0 volumes of a gzip DWI read in several slabs are read from
+    its decompressed copy (the gzip stream is decompressed once); the maps are those of
+    the same mask given explicitly."""
+    phantom = noddi_phantom(shape=(4, 3, 5), seed=9, snr=30, background=1)
+    paths = write_phantom(phantom, tmp_path / "in", prefix="sub-05")
+    seen: list[bool] = []
+    original = DWIImage.mean_b0
+
+    def mean_b0(self, b0_mask):
+        seen.append(self.is_compressed)
+        return original(self, b0_mask)
+
+    monkeypatch.setattr(DWIImage, "mean_b0", mean_b0)
+    args = ("noddi", paths["dwi"], paths["bval"], paths["bvec"])
+    with profile_stages() as prof:
+        default = fit_volume(*args, tmp_path / "default", dictionary_size=SIZE, threads=2,
+                             slab_bytes=1)
+    assert seen == [False] and prof.calls["read/decompress"] == 1
+    image = DWIImage(paths["dwi"])
+    mask = original(image, np.asarray(pipeline.read_fsl_scheme(
+        paths["bval"], paths["bvec"]).b0_mask)) > 0
+    assert 0 < mask.sum() < mask.size  # the background is left out
+    given = fit_volume(*args, tmp_path / "given", mask=mask, dictionary_size=SIZE,
+                       threads=2, slab_bytes=1)
+    assert default.n_voxels == given.n_voxels == int(mask.sum())
+    a, b = _maps(default), _maps(given)
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    with pytest.raises(InputError, match="positive"):
+        zero = tmp_path / "zero"
+        zero.mkdir()
+        img = nib.load(paths["dwi"])
+        nib.save(nib.Nifti1Image(np.zeros(img.shape, np.float32), img.affine),
+                 zero / "dwi.nii.gz")
+        fit_volume("noddi", zero / "dwi.nii.gz", paths["bval"], paths["bvec"],
+                   tmp_path / "zero-out", dictionary_size=SIZE, slab_bytes=1)
+    assert not [p for p in (tmp_path / "zero-out").iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("compressor", ["isal", "stdlib"])
+def test_maps_are_gzip_nifti_files_equal_to_nibabels(tmp_path, monkeypatch, compressor):
+    """Maps compressed by ISA-L (or the standard library without it) are the NIfTI files
+    nibabel writes: same header, same voxels, a valid gzip stream."""
+    from fingerprint.io import nifti
+
+    if compressor == "stdlib":
+        monkeypatch.setattr(nifti, "_fast_gzip", gzip)
+    rng = np.random.default_rng(3)
+    ref = nib.Nifti1Image(rng.uniform(1, 9, (4, 3, 5, 2)).astype(np.float32),
+                          np.diag([2.0, 2.0, 2.5, 1.0]))
+    ref.header.set_xyzt_units("mm")
+    for data in (rng.uniform(0, 1, (4, 3, 5)).astype(np.float32),
+                 rng.normal(size=(4, 3, 5, 3)).astype(np.float32)):
+        data[0, 0, 0] = np.nan
+        nii, js = nifti.write_map(data, ref, tmp_path, "x_dwimap.nii.gz", {"Units": "n/a"})
+        nib.save(nifti.map_image(data, ref), tmp_path / "nibabel.nii.gz")
+        ours, theirs = nib.load(nii), nib.load(tmp_path / "nibabel.nii.gz")
+        np.testing.assert_array_equal(np.asarray(ours.dataobj), data)
+        assert ours.header.binaryblock == theirs.header.binaryblock
+        np.testing.assert_array_equal(ours.affine, theirs.affine)
+        assert gzip.decompress(nii.read_bytes()) == gzip.decompress(
+            (tmp_path / "nibabel.nii.gz").read_bytes())
+        assert js.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

@@ -78,6 +78,7 @@ from fingerprint.io.nifti import (
     DEFAULT_SLAB_BYTES,
     DWIImage,
     Slab,
+    available_cpus,
     bids_map_name,
     load_mask,
     mu_to_vectors,
@@ -622,10 +623,7 @@ def _fit_threads(fitter: VoxelFitter, options: FitOptions) -> int:
         return 1
     if options.threads is not None:
         return max(1, int(options.threads))
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - platforms without sched_getaffinity
-        return max(1, os.cpu_count() or 1)
+    return available_cpus()
 
 
 @contextlib.contextmanager
@@ -799,15 +797,20 @@ def fit_volume(model: str | MultiCompartmentModelProperties, dwi: str | os.PathL
         image, scheme, mask_arr, _ = open_inputs(dwi, bval, bvec, mask, delta, Delta, TE,
                                                  opts.b0_threshold, model_obj)
     prog(0.0)
-    with stage("mask"):
-        if mask_arr is None:
-            mask_arr = volume_mask(image, scheme, opts.mask_rule)
-        n_total = int(mask_arr.sum())
+    # the default mask of a gzip DWI is made from its decompressed copy (below): reading
+    # its b=0 volumes from the gzip stream would decompress most of the file twice
+    defer_mask = (mask_arr is None and opts.mask_rule != "all" and s0_responses is None
+                  and image.is_compressed)
+    if not defer_mask:
+        with stage("mask"):
+            if mask_arr is None:
+                mask_arr = volume_mask(image, scheme, opts.mask_rule)
     _check_cancel(should_cancel)
+    n_total = int(mask_arr.sum()) if mask_arr is not None else 0
     responses = None
     if s0_responses is not None:
         sample = None
-        if isinstance(s0_responses, str):
+        if isinstance(s0_responses, str) and mask_arr is not None:  # (never deferred)
             sample = np.concatenate([slab.data for slab in image.iter_slabs(
                 mask_arr, max_bytes=int(slab_bytes))]) if n_total else None
         responses = compartment_responses(model_obj, s0_responses, scheme=scheme,
@@ -816,8 +819,9 @@ def fit_volume(model: str | MultiCompartmentModelProperties, dwi: str | os.PathL
     # the decompression of a gzip DWI (into a temporary file read slab by slab) runs in
     # the background while the dictionary and estimator load
     with contextlib.ExitStack() as spool:
-        ready = spool.enter_context(image.spooling(mask_arr, out_dir,
-                                                   max_bytes=int(slab_bytes)))
+        ready = spool.enter_context(image.spooling(
+            np.ones(image.spatial_shape, dtype=bool) if mask_arr is None else mask_arr,
+            out_dir, max_bytes=int(slab_bytes)))
         # -- dictionary and fitter -----------------------------------------------------------
         t0, c0 = time.perf_counter(), time.process_time()
         fitter: VoxelFitter
@@ -845,6 +849,13 @@ def fit_volume(model: str | MultiCompartmentModelProperties, dwi: str | os.PathL
 
         # -- fit chunk by chunk --------------------------------------------------------------
         t0, c0 = time.perf_counter(), time.process_time()
+        with stage("read"):
+            source = ready()
+        if mask_arr is None:
+            with stage("mask"):
+                mask_arr = volume_mask(source, scheme, opts.mask_rule)
+            n_total = int(mask_arr.sum())
+            _check_cancel(should_cancel)
         layout = _layout(fitter)
         plan = _map_plan(model_obj, layout)
         n_params = sum(sl.stop - sl.start for sl in layout.values())
@@ -892,8 +903,6 @@ def fit_volume(model: str | MultiCompartmentModelProperties, dwi: str | os.PathL
         unusable: list[np.ndarray] = []
         b0_mask = np.asarray(scheme.b0_mask, dtype=bool)
         try:
-            with stage("read"):
-                source = ready()
             workers = _fit_threads(fitter, opts) if executor is None else 1
             if workers > 1 and isinstance(fitter, FingerprintFitter):
                 # chunks fitted side by side, one per thread, each with single-threaded

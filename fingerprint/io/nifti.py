@@ -81,10 +81,12 @@ __all__ = [
     "Slab",
     "atomic_write_json",
     "atomic_write_nifti",
+    "available_cpus",
     "bids_map_name",
     "load_mask",
     "mu_to_vectors",
     "open_gzip",
+    "open_gzip_stream",
     "open_nifti",
     "write_map",
 ]
@@ -106,6 +108,14 @@ except ImportError:  # pragma: no cover - isal is a dependency; stdlib as a fall
     _fast_gzip = gzip
     _fast_gzip_error = zlib.error
 
+_parallel_gzip: types.ModuleType | None
+try:  # rapidgzip decompresses one gzip stream on several cores at once (the spooling)
+    import rapidgzip
+
+    _parallel_gzip = rapidgzip
+except ImportError:  # pragma: no cover - rapidgzip is a dependency; one core as a fallback
+    _parallel_gzip = None
+
 _READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, struct.error, gzip.BadGzipFile,
                 _fast_gzip_error)
 #: What reading a truncated or corrupt NIfTI (or its gzip stream) may raise.
@@ -116,6 +126,26 @@ def open_gzip(path: str | os.PathLike[str]) -> BinaryIO:
     """``path`` (gzip) opened for reading with the fastest decompressor at hand (ISA-L,
     else the standard library); read errors are among :data:`READ_ERRORS`."""
     return _fast_gzip.open(path, "rb")
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - platforms without sched_getaffinity
+        return max(1, os.cpu_count() or 1)
+
+
+def open_gzip_stream(path: str | os.PathLike[str], threads: int | None = None) -> BinaryIO:
+    """``path`` (gzip) opened for one pass from start to end, decompressed on ``threads``
+    cores (default: those this process may use) by rapidgzip when there are several and
+    it is installed, else by :func:`open_gzip`. Errors of a corrupt or truncated stream
+    are among :data:`READ_ERRORS` or a RuntimeError."""
+    n = available_cpus() if threads is None else max(1, int(threads))
+    if _parallel_gzip is not None and n > 1:
+        stream: BinaryIO = _parallel_gzip.open(os.fspath(path), parallelization=n)
+        return stream
+    return open_gzip(path)
 
 
 def _is_gzip(path: Path) -> bool:
@@ -344,14 +374,14 @@ class DWIImage:
 
         def decompress() -> None:
             try:
-                with stage("read/decompress"), _fast_gzip.open(self.path, "rb") as src, \
+                with stage("read/decompress"), open_gzip_stream(self.path) as src, \
                         open(tmp, "wb") as dst:
                     while not stop.is_set():
                         block = src.read(16 * 1024**2)
                         if not block:
                             break
                         dst.write(block)
-            except _READ_ERRORS as exc:
+            except (*_READ_ERRORS, RuntimeError) as exc:
                 outcome["error"] = InputError(
                     f"DWI file {self.path} cannot be decompressed: {exc}")
             except BaseException as exc:  # handed to the waiting thread
@@ -407,12 +437,58 @@ class DWIImage:
                 data = np.ascontiguousarray(block[local])
                 del block
             else:  # volume by volume: no second slab-sized copy
-                data = np.empty((int(local.sum()), self.n_volumes), dtype=np.float32)
-                for t in range(self.n_volumes):
-                    data[:, t] = self._read((slice(None), slice(None), slice(a, b), t))[local]
+                data = self._read_volumes(a, b, local)
             coords = np.argwhere(local)
             coords[:, 2] += a
             yield Slab(a, b, coords, data)
+
+    def _raw_float32(self) -> tuple[int, np.dtype] | None:
+        """(data offset, on-disk dtype) when the voxels can be read as they are stored
+        (an uncompressed float32 file in NIfTI's order, without scaling), else None."""
+        proxy = self.img.dataobj
+        dtype = np.dtype(getattr(proxy, "dtype", self.dtype))
+        if dtype.kind != "f" or dtype.itemsize != 4 or getattr(proxy, "order", "F") != "F":
+            return None
+        slope, inter = getattr(proxy, "slope", None), getattr(proxy, "inter", None)
+        if slope is None or inter is None or float(slope) != 1.0 or float(inter) != 0.0:
+            return None
+        if self.is_compressed:
+            return None
+        return int(proxy.offset), dtype
+
+    def _read_volumes(self, a: int, b: int, local: np.ndarray) -> np.ndarray:
+        """(n, N) float32 signals of the voxels of ``local`` (the mask of slices
+        ``[a, b)``), read volume by volume. An uncompressed float32 file (such as the
+        spooled copy of a gzip input) is read straight into one reused buffer per volume
+        (the values nibabel gives, without its per-read copies and conversions)."""
+        data = np.empty((int(local.sum()), self.n_volumes), dtype=np.float32)
+        raw = self._raw_float32()
+        if raw is None:
+            for t in range(self.n_volumes):
+                data[:, t] = self._read((slice(None), slice(None), slice(a, b), t))[local]
+            return data
+        offset, dtype = raw
+        x, y, z, _ = self.shape
+        coords = np.argwhere(local)  # C order of (x, y, z), as local's boolean index
+        index = coords[:, 0] + x * (coords[:, 1] + y * coords[:, 2])  # F order on disk
+        buf = np.empty(x * y * (b - a), dtype=dtype)
+        view = buf.view(np.uint8).data
+        volume_bytes = x * y * z * dtype.itemsize
+        try:
+            with open(self._file, "rb", buffering=0) as fh:
+                for t in range(self.n_volumes):
+                    fh.seek(offset + t * volume_bytes + x * y * a * dtype.itemsize)
+                    got = 0
+                    while got < buf.nbytes:
+                        n = fh.readinto(view[got:])
+                        if not n:
+                            raise InputError(f"DWI file {self.path} is truncated: volume {t} "
+                                             f"ends before slice {b}")
+                        got += n
+                    data[:, t] = buf[index]
+        except OSError as exc:
+            raise InputError(f"DWI file {self.path} cannot be read: {exc}") from None
+        return data
 
     def mean_b0(self, b0_mask: np.ndarray) -> np.ndarray:
         """Mean of the b=0 volumes (float32, 3-D), read one volume at a time."""
@@ -505,7 +581,13 @@ def atomic_write_nifti(img: SpatialImage, path: str | os.PathLike) -> Path:
     # nibabel picks the compression from the name: keep the suffix on the temporary file
     tmp = tmp.with_name(tmp.name + "".join(path.suffixes[-2:]))
     try:
-        nib.save(img, str(tmp))
+        if path.name.endswith(".nii.gz") and isinstance(img, (nib.Nifti1Image,
+                                                              nib.Nifti2Image)):
+            # the single-file NIfTI nibabel would write, compressed by ISA-L (several
+            # times faster than zlib at the same level; zlib when ISA-L is missing)
+            tmp.write_bytes(_fast_gzip.compress(img.to_bytes(), compresslevel=1))
+        else:
+            nib.save(img, str(tmp))
         os.replace(tmp, path)
     finally:
         if tmp.exists():
