@@ -24,7 +24,12 @@ from fingerprint.fitting.multifascicle import (
 )
 from fingerprint.fitting.options import FitOptions
 from fingerprint.io.gradients import write_bvals_bvecs
-from fingerprint.kernels.rotational import even_legendre, nnls_small, rotated_signals
+from fingerprint.kernels.rotational import (
+    even_legendre,
+    legendre_to_power,
+    nnls_small,
+    rotated_signals,
+)
 from fingerprint.models import get_model
 from fingerprint.phantoms import (
     add_rician_noise,
@@ -90,6 +95,78 @@ def test_even_legendre_values_and_derivatives():
             assert values[j] == pytest.approx(legendre.legval(t, c), abs=1e-12)
             assert derivs[j] == pytest.approx(legendre.legval(t, legendre.legder(c)),
                                               abs=1e-9 * max(1, j * j))
+
+
+def test_power_series_is_the_legendre_series():
+    """The polish evaluates atoms as power series in (g.u)^2: the same functions."""
+    rng = np.random.default_rng(4)
+    coef = rng.standard_normal((3, 2, 9))
+    power = legendre_to_power(coef)
+    t = np.linspace(-1.0, 1.0, 41)
+    for a in range(3):
+        for s in range(2):
+            full = np.zeros(17)
+            full[::2] = coef[a, s]
+            want = legendre.legval(t, full)
+            got = np.polynomial.polynomial.polyval(t * t, power[a, s])
+            np.testing.assert_allclose(got, want, atol=1e-10)
+
+
+def test_ball_diffusivity_is_polished_between_its_atoms(scheme, bss_fitter):
+    """The isotropic compartment's parameter moves continuously in the polish: an
+    off-grid ball diffusivity is recovered far inside the atom spacing."""
+    model = bss_fitter.model
+    values = bss_fitter.tables.iso_values[0, :, 0]
+    spacing = float(values[1] - values[0])
+    off_grid = float(values[20] + 0.37 * spacing)
+    rng = np.random.default_rng(8)
+    u1, u2 = crossing_directions(6, 80.0, rng)
+    x = _bss_vectors(model, u1, u2, 0.4, 0.3, d_iso=off_grid)
+    ve = bss_fitter.fit_voxels(100.0 * model.simulate_signal(scheme, x))
+    p = model.parameter_vector_to_parameters(ve.parameters)
+    np.testing.assert_allclose(p["G1Ball_1_lambda_iso"], off_grid, atol=0.05 * spacing)
+
+
+def test_skipping_hopeless_polishes_keeps_the_counts(scheme, bss_fitter):
+    """Not polishing a count that cannot win (skip_factor) gives the same counts and
+    the same crossing estimates as polishing every count."""
+    model = bss_fitter.model
+    rng = np.random.default_rng(13)
+    n = 40
+    u1, u2 = crossing_directions(n, 70.0, rng)
+    f1 = np.r_[np.full(n // 2, 0.7), rng.uniform(0.3, 0.45, n // 2)]
+    f2 = np.r_[np.zeros(n // 2), rng.uniform(0.15, 0.3, n // 2)]
+    x = _bss_vectors(model, u1, u2, f1, f2)
+    sig = add_rician_noise(100.0 * model.simulate_signal(scheme, x), 100.0 / 30, rng)
+    every = MultiFascicleFitter(model, scheme, MultiFascicleSettings(skip_factor=0.0))
+    a, b = bss_fitter.fit_voxels(sig), every.fit_voxels(sig)
+    pa = model.parameter_vector_to_parameters(a.parameters)
+    pb = model.parameter_vector_to_parameters(b.parameters)
+    np.testing.assert_array_equal(pa["partial_volume_2"] > 0, pb["partial_volume_2"] > 0)
+    two = pa["partial_volume_2"] > 0
+    assert two[n // 2:].all()
+    np.testing.assert_allclose(a.parameters[two], b.parameters[two], rtol=1e-9)
+
+
+def test_count_penalty_trades_crossings_for_splits(scheme, bss_fitter):
+    """The information criterion's per-parameter penalty: 0 always takes the eligible
+    larger count, a huge one always one fascicle; the default is BIC (log N)."""
+    model = bss_fitter.model
+    rng = np.random.default_rng(17)
+    u1, u2 = crossing_directions(8, 90.0, rng)
+    x = _bss_vectors(model, u1, u2, 0.4, 0.3)
+    sig = add_rician_noise(100.0 * model.simulate_signal(scheme, x), 100.0 / 30, rng)
+
+    def count(penalty):
+        fitter = MultiFascicleFitter(model, scheme, MultiFascicleSettings(penalty=penalty))
+        p = model.parameter_vector_to_parameters(fitter.fit_voxels(sig).parameters)
+        return 1 + (p["partial_volume_2"] > 0)
+
+    assert np.all(count(None) == 2)
+    assert np.all(count(0.0) == 2)
+    assert np.all(count(1e6) == 1)
+    with pytest.raises(InputError, match="penalty"):
+        MultiFascicleSettings(penalty=-1.0)
 
 
 def test_small_nnls_matches_scipy():

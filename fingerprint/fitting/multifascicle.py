@@ -19,18 +19,22 @@ fitted voxel by voxel as a sum of *rotated single-fascicle atoms* plus isotropic
 3. **Fit for a given fascicle count K.** Each fascicle's atom in turn (others fixed) is
    the table atom of lowest residual with all fractions by non-negative least squares,
    then the isotropic atoms; then a Levenberg-Marquardt polish moves every fascicle's
-   direction (two tangent angles, analytic Legendre derivatives) and its own parameters
-   jointly, the latter continuously between grid atoms (the Legendre coefficients are
-   interpolated multilinearly on the atom grid), with the fractions re-solved by NNLS at
-   each trial (variable projection). A second round searches the atoms again (a discrete
-   atom replaces a fascicle's only when it lowers the residual) and polishes again when
-   anything changed.
-4. **Fascicle count.** K = 1 ... K_max (the model's fascicle compartments) are fitted and
-   the count of lowest Bayesian information criterion
+   direction (two tangent angles, analytic derivatives), its own parameters and the
+   one-parameter isotropic compartments' parameter jointly, the parameters continuously
+   between grid atoms (the atoms are interpolated by Catmull-Rom cubics on their grid,
+   and evaluated in the polish as power series in ``(g . u)^2``), with the fractions.
+   It stops when a step gains less than a twentieth of the noise variance. For one
+   fascicle, or while two fascicles are closer than ``sweeps_separation_deg``, a second
+   round searches the atoms again (a discrete atom replaces a continuous one only when it
+   lowers the residual) and polishes again when anything changed.
+4. **Fascicle count.** K = K_max ... 1 (the model's fascicle compartments) are fitted
+   and the count of lowest Bayesian information criterion
    ``BIC = N log(RSS / N) + p log N`` is kept (N measurements, p = K (2 angles + 1
    fraction + the fascicle's own parameters) + the isotropic fractions and
    parameters); a count whose smallest fascicle has a signal fraction below
-   ``min_fraction`` (default 0.1) is not eligible.
+   ``min_fraction`` (default 0.1) is not eligible. A smaller count is not polished where
+   its grid fit could not win even with its residual divided by ``skip_factor`` against
+   a larger eligible count whose fascicles are ``skip_separation_deg`` apart.
 5. **Output.** Fascicles are ordered by fraction, largest first, and written into the
    model's fascicle compartments in order (``C1Stick_1_*`` is the largest fascicle);
    compartments beyond the voxel's count get fraction 0 and NaN direction and
@@ -66,6 +70,7 @@ from fingerprint.kernels import run_kernel
 from fingerprint.kernels.rotational import (
     fit_joint_kernel,
     forward_directions_kernel,
+    legendre_to_power,
     rotated_signals,
 )
 
@@ -98,7 +103,11 @@ class MultiFascicleSettings:
     """Settings of the multi-fascicle fit.
 
     min_fraction: smallest signal fraction of a fascicle for its count to be eligible.
-    sweeps: rounds of atom search and joint polish.
+    sweeps: rounds of atom search and joint polish (with two or more fascicles, the
+        rounds after the first run only while two fascicles are closer than
+        ``sweeps_separation_deg`` degrees: farther apart one round finds the optimum).
+    single_extra_sweeps: extra rounds of the one-fascicle fit.
+    first_passes: passes of the first discrete search over the fascicles' atoms.
     polish_iterations: Levenberg-Marquardt steps of each polish (0: no polish, the
         directions stay on the search grid and the parameters on the atom grid).
     min_separation_deg: smallest angle between two fascicles' start directions (degrees).
@@ -106,16 +115,36 @@ class MultiFascicleSettings:
         multi-direction matching, default) or ``'csd'`` (the FOD peaks of
         :func:`fingerprint.fitting.directions.fascicle_directions`, completed by the
         greedy matching where the FOD has fewer peaks than the model has fascicles).
+    skip_factor: counts are fitted from the largest down; a smaller count is not
+        polished where its discrete (grid) fit could not win the information criterion
+        even if the polish divided its residual sum of squares by ``skip_factor``,
+        against a larger eligible count whose fascicles are at least
+        ``skip_separation_deg`` apart (two fascicles that far apart are not one
+        fascicle split in two). 0 polishes every count.
+    skip_separation_deg: see ``skip_factor`` (degrees).
+    penalty: information-criterion cost of one parameter in the fascicle-count choice
+        (``N log(RSS / N) + p * penalty``): None is ``log N`` (BIC, default); 2 is AIC.
+        A smaller penalty finds more crossings and splits more single fascicles
+        (docs/crossing.md gives the trade-off measured for both named models).
     """
 
     min_fraction: float = 0.1
     single_extra_sweeps: int = 1
     sweeps: int = 2
+    sweeps_separation_deg: float = 55.0
+    first_passes: int = 1
     polish_iterations: int = 10
     min_separation_deg: float = 15.0
     start: str = "matching"
+    skip_factor: float = 2.0
+    skip_separation_deg: float = 30.0
+    penalty: float | None = None
 
     def __post_init__(self) -> None:
+        if self.penalty is not None and not (math.isfinite(self.penalty)
+                                             and self.penalty >= 0):
+            raise InputError(f"penalty must be a finite number >= 0 or None, got "
+                             f"{self.penalty!r}")
         if self.start not in START_METHODS:
             raise InputError(f"start must be one of {', '.join(START_METHODS)}, got "
                              f"{self.start!r}")
@@ -222,16 +251,21 @@ def is_multifascicle(model: Model) -> bool:
 class FascicleTables:
     """Atoms of one model on one scheme.
 
-    coef: (A, S, E) even Legendre coefficients of the fascicle atoms per shell.
+    coef: (A, S, E) even Legendre coefficients of the fascicle atoms per shell; mono
+        the same atoms as coefficients of (g . u)^(2j) (the polish evaluates them by
+        Horner's rule).
     micro_values: (A, M) the fascicle atoms' own parameters (SI), on the grid of
         ``micro_axes`` (M axes, C order: atom index = sum_d i_d strides[d]).
-    iso: (I, Amax, N) isotropic atom signals; iso_sizes (I,); iso_values (I, Amax, Q).
+    iso: (I, Amax, N) isotropic atom signals; iso_sizes (I,); iso_values (I, Amax, Q);
+        iso_cont (I,) 1 where the compartment has one free parameter (polished
+        continuously between its atoms), else 0.
     shell: (N,) shell of each measurement; grad (N, 3) unit gradients (0 at b=0).
     grid: (D, 3) hemisphere directions; templates (D, N) the middle fascicle atom
         rotated to them; gram (D, D); iso_mean (N,) a typical isotropic signal.
     """
 
     coef: np.ndarray
+    mono: np.ndarray
     micro_values: np.ndarray
     micro_axes: tuple[np.ndarray, ...]
     axes_n: np.ndarray
@@ -239,6 +273,7 @@ class FascicleTables:
     iso: np.ndarray
     iso_sizes: np.ndarray
     iso_values: np.ndarray
+    iso_cont: np.ndarray
     shell: np.ndarray
     grad: np.ndarray
     grid: np.ndarray
@@ -370,6 +405,8 @@ def fascicle_tables(model: Model, scheme: AcquisitionScheme, layout: FascicleLay
     iso = np.zeros((n_iso, amax, n_meas))
     iso_values = np.full((n_iso, amax, qmax), np.nan)
     sizes = np.zeros(n_iso, dtype=np.int64)
+    iso_cont = np.asarray([int(len(names) == 1) for names in layout.iso_params],
+                          dtype=np.int64)
     for j, (signals, v) in enumerate(zip(iso_sig, iso_vals, strict=True)):
         iso[j, :signals.shape[0]] = signals
         iso_values[j, :v.shape[0], :v.shape[1]] = v
@@ -381,8 +418,8 @@ def fascicle_tables(model: Model, scheme: AcquisitionScheme, layout: FascicleLay
     logger.info("multi-fascicle atoms: %d fascicle atoms (Legendre order %d, fit error "
                 "%.1e), %s isotropic atoms, %.2f s", n_atoms, 2 * (coef.shape[2] - 1), err,
                 "+".join(str(int(s)) for s in sizes) or "no", time.perf_counter() - t0)
-    return FascicleTables(np.ascontiguousarray(coef), micro_values, micro_axes, axes_n,
-                          strides, iso, sizes, iso_values,
+    return FascicleTables(np.ascontiguousarray(coef), legendre_to_power(coef), micro_values,
+                          micro_axes, axes_n, strides, iso, sizes, iso_values, iso_cont,
                           shell, np.ascontiguousarray(grad), grid, templates, gram,
                           iso_mean, err)
 
@@ -455,26 +492,41 @@ class MultiFascicleFitter:
         if st.start == "csd":
             peaks, _, found = fascicle_directions(self.scheme, arr, max_fascicles=kmax)
             u0 = _csd_starts(np.asarray(peaks), np.asarray(found), u0)
-        results = []
-        for k in range(1, kmax + 1):
-            res = run_kernel(fit_joint_kernel, float(n) * tb.coef.shape[0] * k * 50,
-                             y, u0, k, tb.coef, tb.axes_n, tb.strides, tb.iso,
-                             tb.iso_sizes, tb.shell, int(tb.shell.max()) + 1, tb.grad,
-                             st.sweeps + (st.single_extra_sweeps if k == 1 else 0),
-                             st.polish_iterations * (2 if k == 1 else 1))
-            results.append(res)
-        # fascicle count by BIC among the eligible counts
+        # counts from the largest down: a smaller count's discrete fit is polished only
+        # when the polish could still make it win (see MultiFascicleSettings.skip_factor)
         n_micro = len(lay.micro[0])
         n_iso_free = sum(1 + len(p) for p in lay.iso_params)
+        results: list[tuple[np.ndarray, ...]] = [()] * kmax
         bic = np.full((n, kmax), np.inf)
-        for k, (_, _, _, w, rss) in enumerate(results, start=1):
+        best_clear = np.full(n, np.inf)  # best BIC of a larger, well-separated count
+        penalty = math.log(n_meas) if st.penalty is None else float(st.penalty)
+        for k in range(kmax, 0, -1):
+            p = k * (3 + n_micro) + n_iso_free
+            gate = np.full(n, np.inf)
+            if st.skip_factor > 0:
+                with np.errstate(over="ignore", invalid="ignore"):
+                    gate = np.where(np.isfinite(best_clear), n_meas * st.skip_factor * np.exp(
+                        (best_clear - p * penalty) / n_meas), np.inf)
+            res = run_kernel(fit_joint_kernel, float(n) * tb.coef.shape[0] * k * 50,
+                             y, u0, k, tb.coef, tb.mono, tb.axes_n, tb.strides, tb.iso,
+                             tb.iso_sizes, tb.iso_cont, tb.shell, int(tb.shell.max()) + 1,
+                             tb.grad, st.sweeps + (st.single_extra_sweeps if k == 1 else 0),
+                             st.first_passes, st.polish_iterations * (2 if k == 1 else 1),
+                             math.cos(math.radians(st.sweeps_separation_deg)),
+                             np.ascontiguousarray(gate))
+            results[k - 1] = res
+            _, _, dirs, w, rss = res
             total = w.sum(axis=1)
             frac = w[:, :k] / np.where(total > 0, total, 1.0)[:, None]
             eligible = (frac.min(axis=1) >= st.min_fraction) | (k == 1)
-            p = k * (3 + n_micro) + n_iso_free
             with np.errstate(divide="ignore", invalid="ignore"):
-                b = n_meas * np.log(np.maximum(rss, 1e-300) / n_meas) + p * np.log(n_meas)
+                b = n_meas * np.log(np.maximum(rss, 1e-300) / n_meas) + p * penalty
             bic[:, k - 1] = np.where(eligible & np.isfinite(b), b, np.inf)
+            if k > 1:
+                cos = np.abs(np.einsum("vid,vjd->vij", dirs[:, :k], dirs[:, :k]))
+                cos[:, np.arange(k), np.arange(k)] = 0.0
+                clear = cos.max(axis=(1, 2)) <= math.cos(math.radians(st.skip_separation_deg))
+                best_clear = np.minimum(best_clear, np.where(clear, bic[:, k - 1], np.inf))
         count = np.argmin(bic, axis=1) + 1
         ve = self._estimates(y, s0, count, results)
         logger.info("multi-fascicle fit of %d voxels (up to %d fascicles): %.3g s", n, kmax,
@@ -528,8 +580,13 @@ class MultiFascicleFitter:
                 comp = lay.isotropic[j]
                 params[rows, slices[pv_names[comp]]] = frac[:, k + j:k + j + 1]
                 a = iso_atoms[:, j]
+                size = int(tb.iso_sizes[j])
                 for i, pname in enumerate(lay.iso_params[j]):
-                    params[rows, slices[pname]] = tb.iso_values[j, a, i][:, None]
+                    if tb.iso_cont[j]:  # continuous grid coordinate
+                        value = np.interp(a, np.arange(size), tb.iso_values[j, :size, i])
+                    else:
+                        value = tb.iso_values[j, np.rint(a).astype(np.int64), i]
+                    params[rows, slices[pname]] = value[:, None]
         valid = np.isfinite(rss_out) & (weights_total > 0)
         ss_tot = ((y - y.mean(axis=1, keepdims=True)) ** 2).sum(axis=1)
         with np.errstate(divide="ignore", invalid="ignore"):

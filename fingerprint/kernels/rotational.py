@@ -25,16 +25,18 @@ import numpy as np
 
 from fingerprint.kernels import njit, parallel_kernel, prange
 
-__all__ = ["even_legendre", "fit_joint_kernel", "forward_directions_kernel", "nnls_small",
-           "rotated_signals"]
+__all__ = ["even_legendre", "fit_joint_kernel", "forward_directions_kernel",
+           "legendre_to_power", "nnls_small", "rotated_signals"]
 
 #: Largest number of columns of the small NNLS problems (fascicles + isotropic).
 MAX_COLUMNS = 8
 _RIDGE = 1e-12
-#: The direction polish stops when a step lowers the residual by less than this fraction.
-_POLISH_RTOL = 1e-4
-#: Passes of the first discrete coordinate search over the fascicles' atoms.
-_FIRST_PASSES = 3
+#: The joint polish stops when a step lowers the residual sum of squares by less than
+#: this many units of the noise variance (estimated from the residual itself: a step
+#: worth much less than one chi-squared unit does not move the estimates meaningfully).
+_POLISH_CHI2 = 0.05
+#: Largest step of a continuous grid coordinate per polish iteration (grid steps).
+_Z_STEP = 8.0
 
 
 @njit(cache=True)
@@ -54,6 +56,21 @@ def even_legendre(t: float, n_even: int, values: np.ndarray, derivs: np.ndarray)
         if (ell + 1) % 2 == 0:
             values[(ell + 1) // 2] = p_cur
             derivs[(ell + 1) // 2] = d_cur
+
+
+def legendre_to_power(coef: np.ndarray) -> np.ndarray:
+    """Even Legendre coefficients ``coef`` (..., E) (of ``P_0, P_2, ..., P_{2E-2}``) as
+    coefficients of ``t^0, t^2, ..., t^{2E-2}`` (same shape): the same zonal functions,
+    evaluated by Horner's rule in ``t^2``."""
+    coef = np.asarray(coef, dtype=np.float64)
+    n_even = coef.shape[-1]
+    conv = np.zeros((n_even, n_even))  # conv[j, l]: coefficient of t^{2j} in P_{2l}
+    for ell in range(n_even):
+        c = np.zeros(2 * ell + 1)
+        c[-1] = 1.0
+        power = np.polynomial.legendre.leg2poly(c)
+        conv[:ell + 1, ell] = power[::2]
+    return np.ascontiguousarray(coef @ conv.T)
 
 
 #: Recurrence constants (2l + 1) / (l + 1) and l / (l + 1) of the Legendre polynomials.
@@ -182,6 +199,48 @@ def _nnls_work(g: np.ndarray, b: np.ndarray, m: int, x: np.ndarray, idx: np.ndar
     return best
 
 
+@njit(cache=True)
+def _nnls_bounded(g: np.ndarray, b: np.ndarray, m: int, x: np.ndarray, idx: np.ndarray,
+                  a: np.ndarray, r: np.ndarray, bound: float) -> float:
+    """:func:`_nnls_work` for a caller that only wants a cost below ``bound``: the
+    unconstrained least-squares cost is a lower bound of the NNLS cost, so when the
+    unconstrained solution is infeasible and its cost is not below ``bound``, that cost
+    is returned at once (``x`` then undefined); otherwise the NNLS cost and solution."""
+    for p in range(m):
+        r[p] = b[p]
+        for q in range(m):
+            a[p, q] = g[p, q]
+        a[p, p] += _RIDGE * (g[p, p] + 1e-300)
+    for p in range(m):
+        piv = a[p, p]
+        if not piv > 0.0:
+            return _nnls_work(g, b, m, x, idx, a, r)
+        for q in range(p + 1, m):
+            f = a[q, p] / piv
+            if f != 0.0:
+                for c in range(p, m):
+                    a[q, c] -= f * a[p, c]
+                r[q] -= f * r[p]
+    feasible = True
+    for p in range(m - 1, -1, -1):
+        acc = r[p]
+        for c in range(p + 1, m):
+            acc -= a[p, c] * r[c]
+        r[p] = acc / a[p, p]
+        if not r[p] >= 0.0:
+            feasible = False
+    cost = 0.0
+    for p in range(m):
+        cost -= r[p] * b[p]
+    if feasible:
+        for p in range(m):
+            x[p] = r[p]
+        return cost
+    if cost >= bound:
+        return cost
+    return _nnls_work(g, b, m, x, idx, a, r)
+
+
 @parallel_kernel()
 def forward_directions_kernel(y: np.ndarray, templates: np.ndarray, gram: np.ndarray,
                               grid: np.ndarray, iso: np.ndarray, n_fascicles: int,
@@ -244,7 +303,7 @@ def forward_directions_kernel(y: np.ndarray, templates: np.ndarray, gram: np.nda
                 g[k + 1, k + 1] = iso2
                 b[k] = ty[d]
                 b[k + 1] = yiso
-                cost = _nnls_work(g, b, size, x, wi, wa, wr)
+                cost = _nnls_bounded(g, b, size, x, wi, wa, wr, best_cost)
                 if cost < best_cost:
                     best_cost = cost
                     best_d = d
@@ -313,10 +372,23 @@ def _tangents(u: np.ndarray, e1: np.ndarray, e2: np.ndarray) -> None:
 
 @njit(cache=True)
 def _dot(a: np.ndarray, b: np.ndarray) -> float:
-    acc = 0.0
-    for i in range(a.shape[0]):
-        acc += a[i] * b[i]
-    return acc
+    """a . b with four interleaved partial sums (independent chains, so the products
+    pipeline; the summation order depends only on the length, so results stay
+    reproducible)."""
+    n = a.shape[0]
+    m = n - n % 4
+    a0 = 0.0
+    a1 = 0.0
+    a2 = 0.0
+    a3 = 0.0
+    for i in range(0, m, 4):
+        a0 += a[i] * b[i]
+        a1 += a[i + 1] * b[i + 1]
+        a2 += a[i + 2] * b[i + 2]
+        a3 += a[i + 3] * b[i + 3]
+    for i in range(m, n):
+        a0 += a[i] * b[i]
+    return (a0 + a1) + (a2 + a3)
 
 
 @njit(cache=True)
@@ -401,7 +473,7 @@ def _search_atoms(yv: np.ndarray, cols: np.ndarray, m: int, k: int, table: np.nd
             g[c, k] = ac
         g[k, k] = norms[a]
         b[k] = by
-        cost = _nnls_work(g, b, m, x, wi, wa, wr)
+        cost = _nnls_bounded(g, b, m, x, wi, wa, wr, best_cost)
         if cost < best_cost:
             best_cost = cost
             best_a = a
@@ -438,8 +510,9 @@ def _search_iso(yv: np.ndarray, cols: np.ndarray, m: int, c: int, tab: np.ndarra
                 size: int, iso_norm: np.ndarray, iso_y: np.ndarray, g: np.ndarray,
                 b: np.ndarray, x: np.ndarray,
                 work: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]
-                ) -> int:
-    """Best isotropic atom for column c (others fixed)."""
+                ) -> tuple[int, float]:
+    """Best isotropic atom for column c (others fixed): (atom, cost relative to
+    |y|^2)."""
     n = yv.shape[0]
     wi, wa, wr, fixed_g, fixed_b = work
     for p in range(m):
@@ -467,11 +540,11 @@ def _search_iso(yv: np.ndarray, cols: np.ndarray, m: int, c: int, tab: np.ndarra
             g[p, c] = acc
         g[c, c] = iso_norm[a]
         b[c] = iso_y[a]
-        cost = _nnls_work(g, b, m, x, wi, wa, wr)
+        cost = _nnls_bounded(g, b, m, x, wi, wa, wr, best)
         if cost < best:
             best = cost
             best_a = a
-    return best_a
+    return best_a, best
 
 
 @njit(cache=True)
@@ -599,44 +672,163 @@ def _atom_index_to_z(a: int, axes_n: np.ndarray, strides: np.ndarray, z: np.ndar
 
 
 @njit(cache=True)
-def _polish_joint(yv: np.ndarray, cols: np.ndarray, m: int, n_fasc: int, table: np.ndarray,
+def _interp_iso(tab: np.ndarray, size: int, w: float, out: np.ndarray, dout: np.ndarray
+                ) -> None:
+    """Catmull-Rom interpolation of the isotropic atoms ``tab`` (Amax, N) (the first
+    ``size`` valid, one parameter axis) at grid coordinate ``w``: the signal ``out`` (N,)
+    and its derivative along ``w`` ``dout`` (N,). Exact at grid points."""
+    n = tab.shape[1]
+    for i in range(n):
+        out[i] = 0.0
+        dout[i] = 0.0
+    if size < 2:
+        for i in range(n):
+            out[i] = tab[0, i]
+        return
+    wd = min(max(w, 0.0), size - 1.0)
+    i0 = min(int(math.floor(wd)), size - 2)
+    t = wd - i0
+    t2 = t * t
+    t3 = t2 * t
+    for q in range(4):
+        if q == 0:
+            wq = 0.5 * (-t3 + 2.0 * t2 - t)
+            dq = 0.5 * (-3.0 * t2 + 4.0 * t - 1.0)
+        elif q == 1:
+            wq = 0.5 * (3.0 * t3 - 5.0 * t2 + 2.0)
+            dq = 0.5 * (9.0 * t2 - 10.0 * t)
+        elif q == 2:
+            wq = 0.5 * (-3.0 * t3 + 4.0 * t2 + t)
+            dq = 0.5 * (-9.0 * t2 + 8.0 * t + 1.0)
+        else:
+            wq = 0.5 * (t3 - t2)
+            dq = 0.5 * (3.0 * t2 - 2.0 * t)
+        a = min(max(i0 - 1 + q, 0), size - 1)
+        for i in range(n):
+            out[i] += wq * tab[a, i]
+            dout[i] += dq * tab[a, i]
+
+
+@njit(cache=True)
+def _zonal(mono: np.ndarray, dmono: np.ndarray, n_dim: int, t: np.ndarray,
+           shell: np.ndarray, sig: np.ndarray, dsig_dt: np.ndarray, dsig_dz: np.ndarray
+           ) -> None:
+    """A zonal atom from its power-series coefficients ``mono`` (S, E) in ``t^2``
+    (Horner): the signal ``sig`` (N,) at cosines ``t`` (N,), its derivative along t
+    ``dsig_dt`` and, from ``dmono`` (M, S, E), along each grid coordinate ``dsig_dz``
+    (M, N)."""
+    n = t.shape[0]
+    n_even = mono.shape[1]
+    for i in range(n):
+        s = shell[i]
+        ti = t[i]
+        xx = ti * ti
+        p = mono[s, n_even - 1]
+        dp = 0.0
+        for j in range(n_even - 2, -1, -1):
+            dp = dp * xx + p
+            p = p * xx + mono[s, j]
+        sig[i] = p
+        dsig_dt[i] = 2.0 * ti * dp
+        for d in range(n_dim):
+            q = dmono[d, s, n_even - 1]
+            for j in range(n_even - 2, -1, -1):
+                q = q * xx + dmono[d, s, j]
+            dsig_dz[d, i] = q
+
+
+@njit(cache=True)
+def _zonal_value(mono: np.ndarray, t: np.ndarray, shell: np.ndarray, sig: np.ndarray
+                 ) -> None:
+    """The signal of :func:`_zonal` only."""
+    n = t.shape[0]
+    n_even = mono.shape[1]
+    for i in range(n):
+        s = shell[i]
+        xx = t[i] * t[i]
+        p = mono[s, n_even - 1]
+        for j in range(n_even - 2, -1, -1):
+            p = p * xx + mono[s, j]
+        sig[i] = p
+
+
+@njit(cache=True)
+def _cosines(grad: np.ndarray, u: np.ndarray, t: np.ndarray) -> None:
+    """t_i = g_i . u, clipped to [-1, 1]."""
+    for i in range(grad.shape[0]):
+        c = grad[i, 0] * u[0] + grad[i, 1] * u[1] + grad[i, 2] * u[2]
+        t[i] = min(max(c, -1.0), 1.0)
+
+
+@njit(cache=True)
+def _polish_joint(yv: np.ndarray, cols: np.ndarray, m: int, n_fasc: int, mono: np.ndarray,
                   axes_n: np.ndarray, strides: np.ndarray, z: np.ndarray, dirs: np.ndarray,
-                  pv: np.ndarray, pd: np.ndarray, shell: np.ndarray, grad: np.ndarray,
-                  iters: int, g: np.ndarray, b: np.ndarray, x: np.ndarray,
+                  shell: np.ndarray, grad: np.ndarray,
+                  iso_tables: np.ndarray, iso_sizes: np.ndarray, iso_cont: np.ndarray,
+                  wiso: np.ndarray, iters: int, g: np.ndarray, b: np.ndarray,
+                  x: np.ndarray,
                   work: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]
                   ) -> float:
     """Levenberg-Marquardt on the fractions (held non-negative), every fascicle's
     direction (two tangent angles) and own parameters (continuous grid coordinates, atoms
-    interpolated) together, from the NNLS fractions of the current atoms; the fractions
-    are solved by NNLS again at the end. Updates cols, z, dirs, pv, pd, x; returns the
-    residual sum of squares."""
+    interpolated) and the one-parameter isotropic compartments' parameter (continuous
+    grid coordinate ``wiso``, where ``iso_cont``) together, from the NNLS fractions of the
+    current atoms; the fractions are solved by NNLS again at the end. The fascicle atoms
+    are evaluated from their power series in ``(g . u)^2`` (``mono``, the atom table in
+    that basis: Horner's rule, no Legendre recurrence). The normal equations are formed
+    once per iteration (the damping retries reuse them); the iterations stop when a step
+    gains less than ``_POLISH_CHI2`` noise-variance units (the variance estimated as
+    RSS / (N - parameters)). Updates cols, z, dirs, wiso, x; returns the residual sum of
+    squares."""
     n = yv.shape[0]
-    n_even = pv.shape[2]
     n_dim = z.shape[1]
+    nd1 = max(n_dim, 1)
     per = 2 + n_dim
-    npar = m + per * n_fasc
-    n_shells = table.shape[1]
-    e1 = np.zeros((n_fasc, 3))
-    e2 = np.zeros((n_fasc, 3))
+    n_iso = m - n_fasc
+    n_ci = 0
+    for j in range(n_iso):
+        if iso_cont[j]:
+            n_ci += 1
+    base_iso = m + per * n_fasc
+    npar = base_iso + n_ci
+    n_shells = mono.shape[1]
+    n_even = mono.shape[2]
+    e1 = np.zeros(3)
+    e2 = np.zeros(3)
     jac = np.zeros((npar, n))
     res = np.zeros(n)
     coef = np.zeros((n_fasc, n_shells, n_even))
-    dcoef = np.zeros((n_fasc, max(n_dim, 1), n_shells, n_even))
-    t_coef = np.zeros((n_shells, n_even))
-    t_dcoef = np.zeros((max(n_dim, 1), n_shells, n_even))
+    dcoef = np.zeros((n_fasc, nd1, n_shells, n_even))
+    t_coef = np.zeros((n_fasc, n_shells, n_even))
+    t_dcoef = np.zeros((n_fasc, nd1, n_shells, n_even))
+    tt = np.zeros((n_fasc, n))
+    trial_t = np.zeros((n_fasc, n))
+    dsig = np.zeros(n)
+    dsz = np.zeros((nd1, n))
     trial_cols = cols.copy()
-    trial_pv = pv.copy()
-    trial_pd = pd.copy()
     trial_dirs = dirs.copy()
     trial_z = z.copy()
+    n_iso1 = max(n_iso, 1)
+    diso = np.zeros((n_iso1, n))
+    trial_diso = np.zeros((n_iso1, n))
+    trial_w = np.zeros(n_iso1)
+    a0 = np.zeros((npar, npar))
+    r0 = np.zeros(npar)
     a = np.zeros((npar, npar))
     r = np.zeros(npar)
     step = np.zeros(npar)
     xt = np.zeros(m)
     lam = 1e-3
     for k in range(n_fasc):
-        _interp(table, z[k], axes_n, strides, coef[k], dcoef[k])
+        _interp(mono, z[k], axes_n, strides, coef[k], dcoef[k])
+        _cosines(grad, dirs[k], tt[k])
+        _zonal_value(coef[k], tt[k], shell, cols[k])
+    for j in range(n_iso):
+        trial_w[j] = wiso[j]
+        if iso_cont[j]:
+            _interp_iso(iso_tables[j], iso_sizes[j], wiso[j], cols[n_fasc + j], diso[j])
     cost = _weights(yv, cols, m, g, b, x, work)
+    dof = max(n - npar, 1)
     for _it in range(iters):
         for i in range(n):
             acc = -yv[i]
@@ -647,31 +839,44 @@ def _polish_joint(yv: np.ndarray, cols: np.ndarray, m: int, n_fasc: int, table: 
             for i in range(n):
                 jac[c, i] = cols[c, i]
         for k in range(n_fasc):
-            _tangents(dirs[k], e1[k], e2[k])
+            _tangents(dirs[k], e1, e2)
             row = m + per * k
-            _atom_deriv(coef[k], pd[k], shell, grad, e1[k], jac[row])
-            _atom_deriv(coef[k], pd[k], shell, grad, e2[k], jac[row + 1])
-            for d in range(n_dim):
-                _atom_signal(dcoef[k, d], pv[k], shell, jac[row + 2 + d])
-            for q in range(per):
+            _zonal(coef[k], dcoef[k], n_dim, tt[k], shell, cols[k], dsig, dsz)
+            xk = x[k]
+            for i in range(n):
+                ds = xk * dsig[i]
+                jac[row, i] = ds * (grad[i, 0] * e1[0] + grad[i, 1] * e1[1]
+                                    + grad[i, 2] * e1[2])
+                jac[row + 1, i] = ds * (grad[i, 0] * e2[0] + grad[i, 1] * e2[1]
+                                        + grad[i, 2] * e2[2])
+                for d in range(n_dim):
+                    jac[row + 2 + d, i] = xk * dsz[d, i]
+        row = base_iso
+        for j in range(n_iso):
+            if iso_cont[j]:
                 for i in range(n):
-                    jac[row + q, i] *= x[k]
+                    jac[row, i] = x[n_fasc + j] * diso[j, i]
+                row += 1
+        for p in range(npar):
+            r0[p] = -_dot(jac[p], res)
+            for q in range(p, npar):
+                a0[p, q] = _dot(jac[p], jac[q])
+                a0[q, p] = a0[p, q]
         improved = False
-        rel = 0.0
+        gain = 0.0
         for _attempt in range(8):
             for p in range(npar):
-                r[p] = -_dot(jac[p], res)
-                for q in range(p, npar):
-                    a[p, q] = _dot(jac[p], jac[q])
-                    a[q, p] = a[p, q]
-            for p in range(npar):
-                a[p, p] = a[p, p] * (1.0 + lam) + 1e-12
+                r[p] = r0[p]
+                for q in range(npar):
+                    a[p, q] = a0[p, q]
+                a[p, p] = a0[p, p] * (1.0 + lam) + 1e-12
             if not _solve_sym(a, r, npar, step):
                 lam *= 10.0
                 continue
             for c in range(m):
                 xt[c] = max(x[c] + step[c], 0.0)
             for k in range(n_fasc):
+                _tangents(dirs[k], e1, e2)
                 row = m + per * k
                 s1 = step[row]
                 s2 = step[row + 1]
@@ -681,60 +886,83 @@ def _polish_joint(yv: np.ndarray, cols: np.ndarray, m: int, n_fasc: int, table: 
                     s2 *= 0.3 / big
                 nrm = 0.0
                 for c in range(3):
-                    trial_dirs[k, c] = dirs[k, c] + s1 * e1[k, c] + s2 * e2[k, c]
+                    trial_dirs[k, c] = dirs[k, c] + s1 * e1[c] + s2 * e2[c]
                     nrm += trial_dirs[k, c] ** 2
                 nrm = math.sqrt(nrm)
                 for c in range(3):
                     trial_dirs[k, c] /= nrm
                 for d in range(n_dim):
-                    sd = min(max(step[row + 2 + d], -2.0), 2.0)  # at most two grid steps
+                    sd = min(max(step[row + 2 + d], -_Z_STEP), _Z_STEP)
                     trial_z[k, d] = min(max(z[k, d] + sd, 0.0), axes_n[d] - 1.0)
-                _interp(table, trial_z[k], axes_n, strides, t_coef, t_dcoef)
-                _legendre_rows(grad, trial_dirs[k], n_even, trial_pv[k], trial_pd[k])
-                _atom_signal(t_coef, trial_pv[k], shell, trial_cols[k])
+                _interp(mono, trial_z[k], axes_n, strides, t_coef[k], t_dcoef[k])
+                _cosines(grad, trial_dirs[k], trial_t[k])
+                _zonal_value(t_coef[k], trial_t[k], shell, trial_cols[k])
+            row = base_iso
+            for j in range(n_iso):
+                if iso_cont[j]:
+                    sw = min(max(step[row], -_Z_STEP), _Z_STEP)
+                    trial_w[j] = min(max(wiso[j] + sw, 0.0), iso_sizes[j] - 1.0)
+                    _interp_iso(iso_tables[j], iso_sizes[j], trial_w[j],
+                                trial_cols[n_fasc + j], trial_diso[j])
+                    row += 1
             trial_cost = 0.0
             for i in range(n):
                 acc = -yv[i]
                 for c in range(n_fasc):
                     acc += xt[c] * trial_cols[c, i]
-                for c in range(n_fasc, m):
-                    acc += xt[c] * cols[c, i]
+                for j in range(n_iso):
+                    if iso_cont[j]:
+                        acc += xt[n_fasc + j] * trial_cols[n_fasc + j, i]
+                    else:
+                        acc += xt[n_fasc + j] * cols[n_fasc + j, i]
                 trial_cost += acc * acc
             if trial_cost < cost:
                 improved = True
-                rel = (cost - trial_cost) / max(cost, 1e-300)
+                gain = cost - trial_cost
                 cost = trial_cost
                 for k in range(n_fasc):
                     for c in range(3):
                         dirs[k, c] = trial_dirs[k, c]
                     for d in range(n_dim):
                         z[k, d] = trial_z[k, d]
-                    _interp(table, z[k], axes_n, strides, coef[k], dcoef[k])
+                    coef[k, :, :] = t_coef[k]
+                    dcoef[k, :, :, :] = t_dcoef[k]
                     for i in range(n):
                         cols[k, i] = trial_cols[k, i]
-                        for j in range(n_even):
-                            pv[k, i, j] = trial_pv[k, i, j]
-                            pd[k, i, j] = trial_pd[k, i, j]
+                        tt[k, i] = trial_t[k, i]
+                for j in range(n_iso):
+                    if iso_cont[j]:
+                        wiso[j] = trial_w[j]
+                        for i in range(n):
+                            cols[n_fasc + j, i] = trial_cols[n_fasc + j, i]
+                            diso[j, i] = trial_diso[j, i]
                 for c in range(m):
                     x[c] = xt[c]
                 lam = max(lam * 0.3, 1e-9)
                 break
             lam *= 10.0
-        if not improved or rel < _POLISH_RTOL:
+        if not improved or gain < _POLISH_CHI2 * cost / dof:
             break
     return _weights(yv, cols, m, g, b, x, work)
 
 
 @njit(cache=True)
 def _fit_voxel_joint(yv: np.ndarray, u0: np.ndarray, n_fasc: int, table: np.ndarray,
-                     axes_n: np.ndarray, strides: np.ndarray, iso_tables: np.ndarray,
-                     iso_sizes: np.ndarray, shell: np.ndarray, n_shells: int,
-                     grad: np.ndarray, rounds: int, polish_iters: int, z_out: np.ndarray,
+                     mono: np.ndarray, axes_n: np.ndarray, strides: np.ndarray,
+                     iso_tables: np.ndarray, iso_sizes: np.ndarray, iso_cont: np.ndarray,
+                     shell: np.ndarray,
+                     n_shells: int, grad: np.ndarray, rounds: int, first_passes: int,
+                     polish_iters: int, close_cos: float, rss_gate: float,
+                     z_out: np.ndarray,
                      iso_out: np.ndarray, dirs_out: np.ndarray, w_out: np.ndarray) -> float:
-    """One voxel, ``n_fasc`` fascicles from directions ``u0``: discrete atom search, then
-    rounds of joint polish (directions and continuous fascicle parameters) and isotropic
-    atom search, a discrete atom replacing a fascicle's only when it lowers the residual.
-    Returns the residual sum of squares."""
+    """One voxel, ``n_fasc`` fascicles from directions ``u0``: discrete atom search (up
+    to ``first_passes`` passes over the fascicles), then rounds of joint polish
+    (directions, continuous fascicle and isotropic parameters) and atom search, a
+    discrete atom replacing a continuous one only when it lowers the residual (with two
+    or more fascicles, only while two of them are closer than ``close_cos``, |cos|
+    above it: farther apart the first polish has found the optimum); no polish
+    when the discrete fit's residual sum of squares exceeds ``rss_gate`` (another count
+    is far better). Returns the residual sum of squares."""
     n = yv.shape[0]
     n_iso = iso_tables.shape[0]
     m = n_fasc + n_iso
@@ -753,7 +981,7 @@ def _fit_voxel_joint(yv: np.ndarray, u0: np.ndarray, n_fasc: int, table: np.ndar
             np.empty(m))
     dirs = np.zeros((n_fasc, 3))
     z = np.zeros((n_fasc, n_dim))
-    iso_atoms = np.zeros(max(n_iso, 1), dtype=np.int64)
+    wiso = np.zeros(max(n_iso, 1))
     saved = np.zeros(n)
     norms = np.zeros((n_fasc, n_atoms))
     proj_yk = np.zeros((n_fasc, n_shells, n_even))
@@ -761,6 +989,7 @@ def _fit_voxel_joint(yv: np.ndarray, u0: np.ndarray, n_fasc: int, table: np.ndar
     amax = iso_tables.shape[1]
     iso_norm = np.zeros((max(n_iso, 1), amax))
     iso_y = np.zeros((max(n_iso, 1), amax))
+    yy = _dot(yv, yv)
     for j in range(n_iso):
         for a in range(iso_sizes[j]):
             iso_norm[j, a] = _dot(iso_tables[j, a], iso_tables[j, a])
@@ -773,17 +1002,17 @@ def _fit_voxel_joint(yv: np.ndarray, u0: np.ndarray, n_fasc: int, table: np.ndar
         _atom_index_to_z(n_atoms // 2, axes_n, strides, z[k])
         _atom_signal(table[n_atoms // 2], pv[k], shell, cols[k])
     for j in range(n_iso):
-        iso_atoms[j] = iso_sizes[j] // 2
+        wiso[j] = float(iso_sizes[j] // 2)
         for i in range(n):
-            cols[n_fasc + j, i] = iso_tables[j, iso_atoms[j], i]
+            cols[n_fasc + j, i] = iso_tables[j, iso_sizes[j] // 2, i]
     cost = _weights(yv, cols, m, g, b, x, work)
     # first round: coordinate descent over the discrete atoms until none changes (at
-    # most _FIRST_PASSES passes); later rounds: one pass, an atom replacing a fascicle's
-    # continuous one only when it lowers the residual
+    # most first_passes passes); later rounds: one pass, an atom replacing a fascicle's
+    # (or an isotropic compartment's) continuous one only when it lowers the residual
     changed_pass = False
     for rnd in range(max(rounds, 1)):
         changed = False
-        for kk in range(n_fasc * (_FIRST_PASSES if rnd == 0 else 1)):
+        for kk in range(n_fasc * (max(first_passes, 1) if rnd == 0 else 1)):
             if rnd == 0 and kk > 0 and kk % n_fasc == 0 and not changed_pass:
                 break
             if kk % n_fasc == 0:
@@ -795,7 +1024,7 @@ def _fit_voxel_joint(yv: np.ndarray, u0: np.ndarray, n_fasc: int, table: np.ndar
                 fresh[k] = True
             a, c_best = _search_atoms(yv, cols, m, k, table, pv[k], norms[k], shell,
                                       n_shells, proj_yk[k], proj_c, g, b, x, work)
-            if rnd == 0 or _dot(yv, yv) + c_best < cost * (1.0 - 1e-9):
+            if rnd == 0 or yy + c_best < cost * (1.0 - 1e-9):
                 for i in range(n):
                     saved[i] = cols[k, i]
                 _atom_signal(table[a], pv[k], shell, cols[k])
@@ -811,17 +1040,31 @@ def _fit_voxel_joint(yv: np.ndarray, u0: np.ndarray, n_fasc: int, table: np.ndar
                         cols[k, i] = saved[i]
         for j in range(n_iso):
             c = n_fasc + j
-            best_a = _search_iso(yv, cols, m, c, iso_tables[j], iso_sizes[j], iso_norm[j],
-                                 iso_y[j], g, b, x, work)
-            changed = changed or best_a != iso_atoms[j]
-            iso_atoms[j] = best_a
-            for i in range(n):
-                cols[c, i] = iso_tables[j, best_a, i]
+            best_a, c_best = _search_iso(yv, cols, m, c, iso_tables[j], iso_sizes[j],
+                                         iso_norm[j], iso_y[j], g, b, x, work)
+            if rnd == 0 or yy + c_best < cost * (1.0 - 1e-9):
+                changed = changed or float(best_a) != wiso[j]
+                wiso[j] = float(best_a)
+                for i in range(n):
+                    cols[c, i] = iso_tables[j, best_a, i]
+                cost = _weights(yv, cols, m, g, b, x, work)
         cost = _weights(yv, cols, m, g, b, x, work)
-        if polish_iters <= 0 or (rnd > 0 and not changed):
+        if polish_iters <= 0 or (rnd > 0 and not changed) or cost > rss_gate:
             break
-        cost = _polish_joint(yv, cols, m, n_fasc, table, axes_n, strides, z, dirs, pv, pd,
-                             shell, grad, polish_iters, g, b, x, work)
+        cost = _polish_joint(yv, cols, m, n_fasc, mono, axes_n, strides, z, dirs, shell,
+                             grad, iso_tables, iso_sizes, iso_cont, wiso, polish_iters, g,
+                             b, x, work)
+        if n_fasc > 1:  # more rounds only when two fascicles are close
+            close = False
+            for k in range(n_fasc):
+                for q in range(k):
+                    c = (dirs[k, 0] * dirs[q, 0] + dirs[k, 1] * dirs[q, 1]
+                         + dirs[k, 2] * dirs[q, 2])
+                    close = close or abs(c) > close_cos
+            if not close:
+                break
+        for k in range(n_fasc):  # the search rounds work in the Legendre basis
+            _legendre_rows(grad, dirs[k], n_even, pv[k], pd[k])
         fresh[:] = False
     rss = _weights(yv, cols, m, g, b, x, work)
     for k in range(n_fasc):
@@ -830,7 +1073,7 @@ def _fit_voxel_joint(yv: np.ndarray, u0: np.ndarray, n_fasc: int, table: np.ndar
         for d in range(n_dim):
             z_out[k, d] = z[k, d]
     for j in range(n_iso):
-        iso_out[j] = iso_atoms[j]
+        iso_out[j] = wiso[j]
     for c in range(m):
         w_out[c] = x[c]
     return rss
@@ -838,24 +1081,31 @@ def _fit_voxel_joint(yv: np.ndarray, u0: np.ndarray, n_fasc: int, table: np.ndar
 
 @parallel_kernel()
 def fit_joint_kernel(y: np.ndarray, u0: np.ndarray, n_fasc: int, table: np.ndarray,
-                     axes_n: np.ndarray, strides: np.ndarray, iso_tables: np.ndarray,
-                     iso_sizes: np.ndarray, shell: np.ndarray, n_shells: int,
-                     grad: np.ndarray, rounds: int, polish_iters: int
+                     mono: np.ndarray, axes_n: np.ndarray, strides: np.ndarray,
+                     iso_tables: np.ndarray, iso_sizes: np.ndarray, iso_cont: np.ndarray,
+                     shell: np.ndarray,
+                     n_shells: int, grad: np.ndarray, rounds: int, first_passes: int,
+                     polish_iters: int, close_cos: float, rss_gate: np.ndarray
                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Fit every voxel of y (n, N) with ``n_fasc`` fascicles from directions u0
-    (n, >= n_fasc, 3) (see :func:`_fit_voxel_joint`): fascicle grid coordinates
-    (n, n_fasc, M), isotropic atoms (n, I), directions (n, n_fasc, 3), NNLS weights
-    (n, n_fasc + I) and the residual sum of squares (n,)."""
+    (n, >= n_fasc, 3) (see :func:`_fit_voxel_joint`; ``table`` (A, S, E) the atoms'
+    even Legendre coefficients, ``mono`` the same atoms' coefficients of
+    ``(g . u)^(2j)``, see :func:`legendre_to_power`): fascicle grid coordinates
+    (n, n_fasc, M), isotropic grid coordinates (n, I) (continuous where ``iso_cont``,
+    else an atom index), directions (n, n_fasc, 3), NNLS weights (n, n_fasc + I) and the
+    residual sum of squares (n,). ``rss_gate`` (n,): a voxel whose discrete fit has a
+    larger residual sum of squares is not polished (``inf``: always polished)."""
     n = y.shape[0]
     n_iso = iso_tables.shape[0]
     m = n_fasc + n_iso
     zs = np.zeros((n, n_fasc, axes_n.shape[0]))
-    iso = np.zeros((n, max(n_iso, 1)), dtype=np.int64)
+    iso = np.zeros((n, max(n_iso, 1)))
     dirs = np.zeros((n, max(n_fasc, 1), 3))
     weights = np.zeros((n, m))
     rss = np.zeros(n)
     for v in prange(n):
-        rss[v] = _fit_voxel_joint(y[v], u0[v], n_fasc, table, axes_n, strides, iso_tables,
-                                  iso_sizes, shell, n_shells, grad, rounds, polish_iters,
-                                  zs[v], iso[v], dirs[v], weights[v])
+        rss[v] = _fit_voxel_joint(y[v], u0[v], n_fasc, table, mono, axes_n, strides,
+                                  iso_tables, iso_sizes, iso_cont, shell, n_shells, grad, rounds,
+                                  first_passes, polish_iters, close_cos, rss_gate[v], zs[v],
+                                  iso[v], dirs[v], weights[v])
     return zs, iso, dirs, weights, rss
