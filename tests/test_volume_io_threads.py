@@ -102,12 +102,15 @@ def test_chunks_fitted_side_by_side_give_the_maps_of_one_thread(volume, tmp_path
                           chunk_voxels=9, **common)
     assert prof.calls["read/decompress"] == 1
     assert prof.calls["fit"] >= 10  # chunks of ceil(9 / 2) voxels
+    with profile_stages() as prof:
+        small = fit_volume(*args, tmp_path / "small", threads=2, **common)
+    assert prof.calls["fit"] == 2  # fewer voxels than a chunk: one half for each thread
     with monkeypatch.context() as patch:
         patch.setattr(pipeline, "_fit_threads", lambda fitter, options: 1)
         seq = fit_volume(*args, tmp_path / "seq", threads=2, chunk_voxels=11, **common)
     a = _maps(one)
     assert "odi" in a
-    for other in (side, seq):
+    for other in (side, seq, small):
         b = _maps(other)
         assert set(a) == set(b)
         for key in a:

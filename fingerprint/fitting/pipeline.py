@@ -24,8 +24,11 @@ Steps of :func:`fit_volume`:
    JSON sidecars into ``out_dir`` atomically (see :mod:`fingerprint.io.nifti` for the
    names of the s0, r2 and uncertainty maps), plus an optional PNG preview.
 
-Results do not depend on the chunk size nor on the executor: each voxel is fitted
-independently by the same estimator.
+In this process, the built-in solver fits ``threads`` chunks side by side, one per
+thread, each with single-threaded kernels (they and FAISS release the GIL); other
+solvers fit one chunk at a time with multi-threaded kernels. Results do not depend on the
+chunk size, the thread count nor on the executor: each voxel is fitted independently by
+the same estimator.
 """
 
 from __future__ import annotations
@@ -717,7 +720,8 @@ def fit_volume(model: str | MultiCompartmentModelProperties, dwi: str | os.PathL
         File-name prefix, e.g. ``'sub-01_ses-1'`` (default: none, names start at
         ``model-``).
     threads : int, optional
-        Threads for dictionary building and matching (default: all cores).
+        Threads for dictionary building and matching (default: the CPUs this process may
+        use); the built-in solver fits that many chunks side by side.
     executor : concurrent.futures.Executor, optional
         Runs the voxel chunks (e.g. ``distributed.Client.get_executor()``); workers get
         the dictionary path and rebuild the estimator once per process.
@@ -908,10 +912,11 @@ def fit_volume(model: str | MultiCompartmentModelProperties, dwi: str | os.PathL
                 # chunks fitted side by side, one per thread, each with single-threaded
                 # kernels: half-size chunks and (workers + 1) smaller slabs keep the
                 # memory of one chunk and one slab at a time
+                # (a volume smaller than that still gives every thread a chunk)
+                size = max(1, min(-(-int(chunk_voxels) // workers), -(-n_total // workers)))
                 with _fitting_threads(fitter, workers) as (pool, worker_fitter):
-                    _run_chunks(_chunks(source, mask_arr, -(-int(chunk_voxels) // workers),
-                                        int(slab_bytes), b0_mask, unusable,
-                                        alive=workers + 1),
+                    _run_chunks(_chunks(source, mask_arr, size, int(slab_bytes), b0_mask,
+                                        unusable, alive=workers + 1),
                                 worker_fitter, pool, store, done, should_cancel, workers)
             else:
                 _run_chunks(_chunks(source, mask_arr, int(chunk_voxels), int(slab_bytes),
