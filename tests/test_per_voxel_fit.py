@@ -23,6 +23,9 @@ from fingerprint.models import get_model
     ("noddi_bingham", {}, True),
     ("noddi_bingham", {"refine": True}, True),
     ("noddi_bingham", {"refine": False}, False),
+    # a recipe's default refinement (sandi polishes unless the user asks otherwise)
+    ("sandi", {}, True),
+    ("sandi", {"refine": True}, False),
     # multi-fascicle fingerprinting (its own joint fit), unless refine='nonlinear'
     ("ball_stick_stick", {}, False),
     ("ball_stick_stick", {"refine": "nonlinear"}, True),
