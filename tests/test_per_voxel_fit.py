@@ -23,6 +23,9 @@ from fingerprint.models import get_model
     ("noddi_bingham", {}, True),
     ("noddi_bingham", {"refine": True}, True),
     ("noddi_bingham", {"refine": False}, False),
+    # a recipe's default refinement (sandi polishes unless the user asks otherwise)
+    ("sandi", {}, True),
+    ("sandi", {"refine": True}, False),
     # multi-fascicle fingerprinting (its own joint fit), unless refine='nonlinear'
     ("ball_stick_stick", {}, False),
     ("ball_stick_stick", {"refine": "nonlinear"}, True),
@@ -41,3 +44,32 @@ def test_a_model_object_is_judged_like_its_name():
         opts = FitOptions.from_mapping(options)
         for name in ("noddi", "noddi_bingham", "ball_stick_stick"):
             assert runs_per_voxel_fit(get_model(name), opts) is runs_per_voxel_fit(name, opts)
+
+
+def test_the_predicate_agrees_with_the_fitter_the_engine_prepares(monkeypatch):
+    """For every named model and refinement, the predicate says "per-voxel fit" exactly
+    when the fitter the engine prepares (recipe defaults and solver included) ends with
+    the non-linear polish or is a classical solver (the estimator and the multi-fascicle
+    fitter are stubbed: nothing is built)."""
+    from types import SimpleNamespace
+
+    from fingerprint.data.saved_acquisition_schemes import wu_minn_hcp_acquisition_scheme
+    from fingerprint.fitting import engine
+    from fingerprint.models import load_recipes
+    from fingerprint.volume_models import is_volume_model
+
+    monkeypatch.setattr(engine, "get_estimator", lambda model, scheme, **kw: SimpleNamespace(
+        model=model, scheme=scheme))
+    monkeypatch.setattr(engine, "MultiFascicleFitter", lambda *a, **kw: "multi-fascicle")
+    scheme = wu_minn_hcp_acquisition_scheme()
+    for name in sorted(load_recipes()):
+        if is_volume_model(name):
+            continue
+        for options in ({}, {"refine": True}, {"refine": False}, {"refine": "nonlinear"}):
+            opts = FitOptions.from_mapping(options)
+            fitter = engine.prepare_fitter(get_model(name), scheme, opts)
+            if isinstance(fitter, engine.FingerprintFitter):
+                expected = fitter.polish is not None
+            else:  # multi-fascicle fingerprinting, or the linear tensor fit
+                expected = False
+            assert runs_per_voxel_fit(name, opts) is expected, (name, options)

@@ -50,7 +50,11 @@ from fingerprint.core.orientations import fibonacci_hemisphere
 from fingerprint.errors import InputError
 from fingerprint.kernels import gauss_legendre_unit
 from fingerprint.kernels.dispersion import legendre_even_matrix
-from fingerprint.utils.spherical_convolution import check_sh_order, real_sym_sh_mrtrix
+from fingerprint.utils.spherical_convolution import (
+    check_sh_order,
+    real_sym_sh_mrtrix,
+    sh_degrees_orders,
+)
 
 if TYPE_CHECKING:
     from numpy.typing import ArrayLike
@@ -97,7 +101,7 @@ def sh_basis(sh_order: int, vectors: np.ndarray) -> np.ndarray:
 
 
 def _degrees(sh_order: int) -> np.ndarray:
-    return np.concatenate([np.full(2 * ell + 1, ell) for ell in range(0, sh_order + 1, 2)])
+    return sh_degrees_orders(sh_order)[0]
 
 
 def zonal_kernel_coefficients(model: CompartmentModel | DistributedModel,

@@ -331,14 +331,16 @@ def runs_per_voxel_fit(model: Model | str, options: FitOptions) -> bool:
     non-linear least-squares fit per voxel, which costs about a second per voxel instead
     of the microseconds of matching (what servers limit): a classical solver
     (``brute2fine``, ``mix``; the solver a named model's recipe prescribes counts), or
-    dictionary matching followed by the non-linear polish (``refine='nonlinear'``, or the
-    default polish of models with several orientations or a Bingham distribution).
+    dictionary matching followed by the non-linear polish (``refine='nonlinear'``, a named
+    model's default refinement such as ``sandi``'s, or the default polish of models with
+    several orientations or a Bingham distribution).
     Multi-fascicle models fitted by multi-fascicle fingerprinting do not, unless
     ``refine='nonlinear'``; volume models (``mc_csd``) and the linear tensor fit do not."""
     if isinstance(model, str):
         if is_volume_model(model):
             return False
         model = get_model(model)
+    options = options.with_model_refine(model_refine(model))  # a recipe's default, as fitted
     info = get_solver(effective_solver(model, options.solver))
     if info.name == BUILTIN_SOLVER:
         return _matching_polishes(model, options)
