@@ -49,6 +49,7 @@ __all__ = [
     "get_recipe",
     "map_labels",
     "model_name",
+    "model_count_penalty",
     "model_refine",
     "model_solver",
     "recipe_dir",
@@ -187,6 +188,16 @@ def model_refine(name_or_model: str | MultiCompartmentModelProperties
     more than one orientation)."""
     recipe = recipe_for_model(name_or_model)
     return recipe.refine if recipe is not None else None
+
+
+def model_count_penalty(name_or_model: str | MultiCompartmentModelProperties
+                        ) -> float | None:
+    """The fascicle-count penalty a named multi-fascicle model is fitted with (its
+    recipe's ``[fit] count_penalty``: the information-criterion cost of one parameter,
+    :class:`~fingerprint.fitting.multifascicle.MultiFascicleSettings`), or None (log N,
+    the BIC)."""
+    recipe = recipe_for_model(name_or_model)
+    return recipe.count_penalty if recipe is not None else None
 
 
 _REFINE_TEXT = {True: "matching with the local-linear step",
@@ -409,6 +420,9 @@ def describe_model(name: str) -> dict[str, Any]:
         "solver": recipe.solver or "fingerprint (or any registered solver)",
         "dictionary_size": recipe.sampling.get("size"),
         "default_refine": None if recipe.refine is None else _REFINE_TEXT[recipe.refine],
+        "count_penalty": None if recipe.count_penalty is None else (
+            f"fascicle count chosen with a penalty of {recipe.count_penalty:g} per "
+            "parameter (the recipe's; the BIC's is log N)"),
         "free_values": n_free,
         "parameters": params,
         "constraints": constraints,
@@ -427,6 +441,7 @@ def format_model(name: str) -> str:
              + (f"; dictionary atoms: {d['dictionary_size']}" if d["dictionary_size"] else ""),
              *([f"Default fit: {d['default_refine']} (the recipe's; the refine option "
                 "overrides it)"] if d.get("default_refine") else []),
+             *([f"Fascicle count: {d['count_penalty']}"] if d.get("count_penalty") else []),
              "", "Options:" if d["class"] == "volume model" else
              "Parameters (SI units; bounds of the fit):"]
     for p in d["parameters"]:
@@ -472,6 +487,8 @@ def models_markdown() -> str:
                    if d["dictionary_size"] else ""), "",
                 *([f"*Default fit:* {d['default_refine']} (the recipe's; the `refine` "
                    "option overrides it)", ""] if d.get("default_refine") else []),
+                *([f"*Fascicle count:* {d['count_penalty']}", ""]
+                  if d.get("count_penalty") else []),
                 *(["| option | default and meaning |", "| --- | --- |"]
                   if d["class"] == "volume model" else
                   ["| parameter | map | unit | bounds |", "| --- | --- | --- | --- |"])]

@@ -33,6 +33,7 @@ gives its default dictionary sampling and labels its output maps::
 
     [fit]                                 # optional: the model's fit defaults
     refine = "nonlinear"                  # (FIT_DEFAULT_KEYS; a user's option wins)
+    count_penalty = 3.0                   # multi-fascicle models: fascicle-count penalty
 
 Every ``links`` entry is ``[method, *arguments]``, a call of one of
 :data:`LINK_METHODS` on the model (or distributed model) with dmipy's positional
@@ -43,6 +44,7 @@ directory, or from ``$FINGERPRINT_RECIPE_DIR`` when set.
 from __future__ import annotations
 
 import importlib
+import math
 import os
 import sys
 from collections.abc import Mapping
@@ -94,8 +96,10 @@ _TOP_KEYS = {"name", "description", "reference", "requires_timing", "model", "di
              "sampling", "maps", "requirements", "derived", "solver", "tissues", "fit"}
 #: Fit defaults a recipe may set in its ``[fit]`` table: ``refine`` (true, false or
 #: ``"nonlinear"``: the model's default refinement after matching, used by every entry
-#: point unless the user gives ``refine``).
-FIT_DEFAULT_KEYS = ("refine",)
+#: point unless the user gives ``refine``) and ``count_penalty`` (multi-fascicle models:
+#: the information-criterion cost of one parameter when the fascicle count is chosen, a
+#: number >= 0; unset is log N, the BIC).
+FIT_DEFAULT_KEYS = ("refine", "count_penalty")
 #: Tissues a recipe's top-level compartments may belong to (``tissues = ["csf", "wm"]``):
 #: white matter, grey matter, cerebrospinal fluid (multi-tissue fits).
 TISSUES = ("wm", "gm", "csf")
@@ -146,6 +150,9 @@ class Recipe:
     #: the model's default refinement after matching (``[fit] refine``: True, False or
     #: ``'nonlinear'``), or None (the library's default); a user's ``refine`` wins
     refine: bool | str | None = None
+    #: the fascicle-count penalty of a multi-fascicle model (``[fit] count_penalty``), or
+    #: None (log N, the BIC)
+    count_penalty: float | None = None
 
     def build_model(self, S0_tissue_responses: ArrayLike | None = None  # noqa: N803
                     ) -> MultiCompartmentModelProperties:
@@ -242,13 +249,20 @@ def _parse(data: Mapping[str, Any], path: Path | None) -> Recipe:
     elif refine is not None and not isinstance(refine, bool):
         raise InputError(f"{where}: [fit] refine must be true, false or \"nonlinear\", "
                          f"got {refine!r}")
+    count_penalty = fit.get("count_penalty")
+    if count_penalty is not None and (
+            isinstance(count_penalty, bool) or not isinstance(count_penalty, (int, float))
+            or not math.isfinite(count_penalty) or count_penalty < 0):
+        raise InputError(f"{where}: [fit] count_penalty must be a finite number >= 0, "
+                         f"got {count_penalty!r}")
     return Recipe(name=name, description=str(data["description"]).strip(),
                   requires_timing=requires_timing, model_description=dict(model),
                   distributed={k: dict(v) for k, v in distributed.items()},
                   sampling=sampling, maps=dict(maps), reference=str(data.get("reference", "")),
                   path=path, requirements={k: float(v) for k, v in requirements.items()},
                   derived=dict(derived), solver=solver, tissues=tuple(tissues),
-                  refine=refine)
+                  refine=refine,
+                  count_penalty=None if count_penalty is None else float(count_penalty))
 
 
 def load_recipe(path: str | os.PathLike) -> Recipe:

@@ -157,3 +157,38 @@ def test_recipe_fit_table_is_validated(tmp_path):
         load_recipe(bad)
     bad.write_text(base + '[fit]\nrefine = false\n')
     assert load_recipe(bad).refine is False
+
+
+def test_recipe_count_penalty_is_validated(tmp_path):
+    base = 'name = "bad"\ndescription = "x"\n[model]\nmodels = ["C1Stick"]\n'
+    bad = tmp_path / "bad.toml"
+    for value in ('-1.0', '"high"', 'true', 'nan'):
+        bad.write_text(base + f'[fit]\ncount_penalty = {value}\n')
+        with pytest.raises(InputError, match=r"bad.toml.*\[fit\] count_penalty must be a "
+                                             r"finite number >= 0"):
+            load_recipe(bad)
+    bad.write_text(base + '[fit]\ncount_penalty = 2\n')
+    assert load_recipe(bad).count_penalty == 2.0
+    bad.write_text(base)
+    assert load_recipe(bad).count_penalty is None
+
+
+def test_noddi2_recipe_count_penalty_reaches_the_multifascicle_fit(capsys):
+    from fingerprint.fitting.multifascicle import MultiFascicleFitter
+    from fingerprint.models import model_count_penalty
+
+    scheme = default_scheme(n_b0=3, shells=((1000.0, 30), (2000.0, 30)))
+    assert model_count_penalty("noddi2") == 3.0
+    assert model_count_penalty("ball_stick_stick") is None  # the BIC
+    for refine in (None, True, False):
+        fitter = prepare_fitter(get_model("noddi2"), scheme, FitOptions(refine=refine))
+        assert isinstance(fitter, MultiFascicleFitter)
+        assert fitter.settings.penalty == 3.0
+        assert fitter.settings.polish_iterations == (0 if refine is False else 10)
+    fitter = prepare_fitter(get_model("ball_stick_stick"), scheme, FitOptions())
+    assert isinstance(fitter, MultiFascicleFitter) and fitter.settings.penalty is None
+    assert "penalty of 3 per parameter" in describe_model("noddi2")["count_penalty"]
+    assert describe_model("ball_stick_stick")["count_penalty"] is None
+    assert cli_main(["models", "noddi2"]) == 0
+    assert "Fascicle count: fascicle count chosen with a penalty of 3" in \
+        capsys.readouterr().out

@@ -57,7 +57,7 @@ from fingerprint.fitting.registry import (
     register_solver,
 )
 from fingerprint.fitting.validity import default_mask, report_unusable, usable_voxels
-from fingerprint.models import get_model, model_refine, model_solver
+from fingerprint.models import get_model, model_count_penalty, model_refine, model_solver
 from fingerprint.stages import stage
 from fingerprint.volume_models import is_volume_model
 
@@ -300,8 +300,9 @@ def _prepare_fingerprint(request: SolverRequest) -> VoxelFitter:
     if options.refine != "nonlinear" and is_multifascicle(request.model):
         # several copies of one single-fascicle compartment plus isotropic ones: rotated
         # single-fascicle atoms (refine='nonlinear' keeps matching + non-linear polish)
-        settings = MultiFascicleSettings() if options.refine else \
-            MultiFascicleSettings(polish_iterations=0)
+        penalty = model_count_penalty(request.model)
+        settings = MultiFascicleSettings(penalty=penalty) if options.refine else \
+            MultiFascicleSettings(polish_iterations=0, penalty=penalty)
         return MultiFascicleFitter(request.model, request.scheme, settings,
                                    n_jobs=options.threads)
     est_options = options.estimator_options()
