@@ -166,23 +166,35 @@ class Matcher:
         index.add(self._features)
         return index
 
+    def _read_cached_index(self, path: Path | None, kind: str) -> Any:
+        """The ``kind`` index cached at ``path`` when it exists, is readable and matches the
+        dictionary (atom count and dimension), else None (logged: it is rebuilt)."""
+        import faiss  # lazy: keeps FAISS off import
+
+        if path is None or not path.exists():
+            return None
+        try:
+            index = faiss.read_index(str(path))
+        except Exception as exc:  # unreadable cache: rebuild
+            logger.warning("cannot read cached %s index %s (%s); rebuilding it", kind, path,
+                           exc)
+            return None
+        if index.ntotal == self.n_atoms and index.d == self.dimension:
+            logger.info("using cached %s index %s", kind, path)
+            return index
+        logger.warning("cached %s index %s does not match the dictionary; rebuilding it",
+                       kind, path)
+        return None
+
     def _load_or_build_hnsw(self) -> Any:
         """The HNSW graph: read from :attr:`_cache_path` when valid, else built (and
         written there)."""
         import faiss  # lazy: keeps FAISS off import
 
         path = self._cache_path
-        if path is not None and path.exists():
-            try:
-                index = faiss.read_index(str(path))
-                if index.ntotal == self.n_atoms and index.d == self.dimension:
-                    logger.info("using cached HNSW index %s", path)
-                    return index
-                logger.warning("cached HNSW index %s does not match the dictionary; "
-                               "rebuilding it", path)
-            except Exception as exc:  # unreadable cache: rebuild
-                logger.warning("cannot read cached HNSW index %s (%s); rebuilding it", path,
-                               exc)
+        cached = self._read_cached_index(path, "HNSW")
+        if cached is not None:
+            return cached
         logger.info("building the HNSW index of %d atoms (once per dictionary)", self.n_atoms)
         index = faiss.IndexHNSWFlat(self.dimension, HNSW_M)
         index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
@@ -201,17 +213,9 @@ class Matcher:
 
         path = None if self._cache_path is None else \
             _ivf_cache_path(self._cache_path, self.n_atoms)
-        if path is not None and path.exists():
-            try:
-                index = faiss.read_index(str(path))
-                if index.ntotal == self.n_atoms and index.d == self.dimension:
-                    logger.info("using cached IVF index %s", path)
-                    return index
-                logger.warning("cached IVF index %s does not match the dictionary; "
-                               "rebuilding it", path)
-            except Exception as exc:  # unreadable cache: rebuild
-                logger.warning("cannot read cached IVF index %s (%s); rebuilding it", path,
-                               exc)
+        cached = self._read_cached_index(path, "IVF")
+        if cached is not None:
+            return cached
         n_lists = _ivf_lists(self.n_atoms)
         logger.info("building the IVF index of %d atoms in %d lists (once per dictionary)",
                     self.n_atoms, n_lists)

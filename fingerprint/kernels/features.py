@@ -441,18 +441,7 @@ def _axis_gauss_newton_step(signals: np.ndarray, i: int, mu: np.ndarray, c: np.n
     the *starting* axis into ``rss[0]``. Returns the step length, or -1 when the normal
     equations are singular (``mu`` unchanged)."""
     nmeas = signals.shape[1]
-    # tangent basis at mu
-    if abs(mu[2]) < 0.9:
-        e1x, e1y, e1z = -mu[1], mu[0], 0.0
-    else:
-        e1x, e1y, e1z = 0.0, -mu[2], mu[1]
-    nn = math.sqrt(e1x * e1x + e1y * e1y + e1z * e1z)
-    e1x /= nn
-    e1y /= nn
-    e1z /= nn
-    e2x = mu[1] * e1z - mu[2] * e1y
-    e2y = mu[2] * e1x - mu[0] * e1z
-    e2z = mu[0] * e1y - mu[1] * e1x
+    e1x, e1y, e1z, e2x, e2y, e2z = _tangent_basis(mu[0], mu[1], mu[2])
     j11 = 0.0
     j12 = 0.0
     j22 = 0.0
@@ -482,25 +471,8 @@ def _axis_gauss_newton_step(signals: np.ndarray, i: int, mu: np.ndarray, c: np.n
         r1 += ja * res
         r2 += jb * res
     rss[0] = total
-    det = j11 * j22 - j12 * j12
-    if not (det > 1e-30):
-        return -1.0
-    da = (j22 * r1 - j12 * r2) / det
-    db = (j11 * r2 - j12 * r1) / det
-    step = math.sqrt(da * da + db * db)
-    if step > max_step:
-        da *= max_step / step
-        db *= max_step / step
-    mx = mu[0] + da * e1x + db * e2x
-    my = mu[1] + da * e1y + db * e2y
-    mz = mu[2] + da * e1z + db * e2z
-    nn = math.sqrt(mx * mx + my * my + mz * mz)
-    if mz < 0.0:
-        nn = -nn
-    mu[0] = mx / nn
-    mu[1] = my / nn
-    mu[2] = mz / nn
-    return step
+    return _tangent_step(mu, e1x, e1y, e1z, e2x, e2y, e2z, j11, j12, j22, r1, r2,
+                         max_step)
 
 
 
@@ -623,6 +595,35 @@ def _tangent_basis(m0: float, m1: float, m2: float) -> tuple[float, float, float
 
 
 @njit(cache=True, nogil=True)
+def _tangent_step(mu: np.ndarray, e1x: float, e1y: float, e1z: float, e2x: float,
+                  e2y: float, e2z: float, j11: float, j12: float, j22: float, r1: float,
+                  r2: float, max_step: float) -> float:
+    """Move the unit vector ``mu`` (in place, kept with z >= 0) by the Gauss-Newton step
+    of the 2×2 normal equations [[j11, j12], [j12, j22]] d = (r1, r2) in the tangent
+    basis (e1, e2), the step limited to ``max_step`` radians. Returns the step length,
+    or -1 when the equations are singular (``mu`` unchanged)."""
+    det = j11 * j22 - j12 * j12
+    if not (det > 1e-30):
+        return -1.0
+    da = (j22 * r1 - j12 * r2) / det
+    db = (j11 * r2 - j12 * r1) / det
+    step = math.sqrt(da * da + db * db)
+    if step > max_step:
+        da *= max_step / step
+        db *= max_step / step
+    mx = mu[0] + da * e1x + db * e2x
+    my = mu[1] + da * e1y + db * e2y
+    mz = mu[2] + da * e1z + db * e2z
+    nn = math.sqrt(mx * mx + my * my + mz * mz)
+    if mz < 0.0:
+        nn = -nn
+    mu[0] = mx / nn
+    mu[1] = my / nn
+    mu[2] = mz / nn
+    return step
+
+
+@njit(cache=True, nogil=True)
 def _quadratic_form(sums: np.ndarray, ax: float, ay: float, az: float, bx: float,
                     by: float, bz: float) -> float:
     """aᵀ G b of the symmetric G stored in ``sums[4:10]`` (xx, xy, xz, yy, yz, zz)."""
@@ -645,25 +646,8 @@ def _power_axis_step(y: np.ndarray, gx: np.ndarray, gy: np.ndarray, gz: np.ndarr
     j22 = _quadratic_form(sums, e2x, e2y, e2z, e2x, e2y, e2z)
     r1 = sums[1] * e1x + sums[2] * e1y + sums[3] * e1z
     r2 = sums[1] * e2x + sums[2] * e2y + sums[3] * e2z
-    det = j11 * j22 - j12 * j12
-    if not (det > 1e-30):
-        return -1.0
-    da = (j22 * r1 - j12 * r2) / det
-    db = (j11 * r2 - j12 * r1) / det
-    step = math.sqrt(da * da + db * db)
-    if step > max_step:
-        da *= max_step / step
-        db *= max_step / step
-    mx = mu[0] + da * e1x + db * e2x
-    my = mu[1] + da * e1y + db * e2y
-    mz = mu[2] + da * e1z + db * e2z
-    nn = math.sqrt(mx * mx + my * my + mz * mz)
-    if mz < 0.0:
-        nn = -nn
-    mu[0] = mx / nn
-    mu[1] = my / nn
-    mu[2] = mz / nn
-    return step
+    return _tangent_step(mu, e1x, e1y, e1z, e2x, e2y, e2z, j11, j12, j22, r1, r2,
+                         max_step)
 
 
 @parallel_kernel(serial_rows=SERIAL_ROWS, nogil=True)
