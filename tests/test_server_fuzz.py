@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -23,6 +24,13 @@ schemathesis = pytest.importorskip(
                            "project's 'test' or 'fuzz' extra)")
 
 SIZE = 2000
+#: test cases per operation in the fuzzing phase: a count, not a time budget, so that a
+#: loaded machine runs the same cases (every operation, the pinned job's deletion too),
+#: only more slowly
+MAX_EXAMPLES = 100
+#: longest wait (s) for a job, a request or the whole fuzz run: generous bounds that only
+#: a hung server reaches
+WAIT_S = 600
 
 #: the job routes' ``job_id`` is pinned to finished jobs, so that the fuzzer reaches the
 #: code behind the id check (result files by name, the ZIP, the viewer's summary and map
@@ -56,7 +64,8 @@ def test_openapi_fuzz_has_no_server_errors(tmp_path):
         with client(server, keys["root"]) as http:
             job, victim = (wait_for(http, http.post(
                 "/v1/jobs", files=upload_files(phantom),
-                data={"dictionary_size": str(SIZE)}).json()["id"]) for _ in range(2))
+                data={"dictionary_size": str(SIZE)}).json()["id"], timeout=WAIT_S)
+                for _ in range(2))
             assert job["status"] == victim["status"] == "succeeded", (job, victim)
         (tmp_path / "schemathesis.toml").write_text(
             CONFIG.format(job_id=job["id"], victim=victim["id"]))
@@ -66,9 +75,10 @@ def test_openapi_fuzz_has_no_server_errors(tmp_path):
              "--header", f"X-API-Key: {keys['root']}",
              "--checks", "not_a_server_error",
              "--phases", "examples,coverage,fuzzing",
-             "--max-time", "30", "--workers", "2", "--request-timeout", "30",
+             "--max-examples", str(MAX_EXAMPLES), "--workers", "2",
+             "--request-timeout", str(WAIT_S),
              "--report", "ndjson", "--report-dir", str(report)],
-            capture_output=True, text=True, timeout=300, cwd=tmp_path)
+            capture_output=True, text=True, timeout=3 * WAIT_S, cwd=tmp_path)
         with client(server, keys["root"]) as http:  # the pinned job survived, files intact
             again = http.get(f"/v1/jobs/{job['id']}").json()
             assert again["files"] == job["files"]
@@ -79,6 +89,12 @@ def test_openapi_fuzz_has_no_server_errors(tmp_path):
         server.stop()
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert "passed" in result.stdout
+    # every operation of the schema was tested (none left out for want of time)
+    selected = re.search(r"Selected: (\d+)/(\d+)", result.stdout)
+    tested = re.search(r"Tested: (\d+)", result.stdout)
+    assert selected and tested, result.stdout[-4000:]
+    assert int(tested.group(1)) == int(selected.group(1)) == int(selected.group(2)), \
+        result.stdout[-4000:]
     assert "Internal Server Error" not in server.log() and "Traceback" not in server.log()
     for line in _events(report):
         assert "ServerError" not in line

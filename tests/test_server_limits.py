@@ -12,6 +12,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 from server_helpers import (
+    WAIT_S,
     ServerProcess,
     client,
     make_keys,
@@ -207,34 +208,59 @@ def test_slow_and_stalled_uploads_get_408(server, phantom):
     assert _leftovers(server) == before
 
 
-def test_uploads_in_flight_are_bounded_per_key_and_in_total(server, phantom):
+def test_uploads_in_flight_are_bounded_per_key_and_in_total(tmp_path, phantom):
     import threading
 
+    # a server of its own whose slow uploads may pause as long as the test needs (the
+    # module's server answers a pause of a second with 408); the same upload limits
+    server = start_server(tmp_path / "data", "--workers", "1", "--max-upload-mb", "4",
+                          "--max-dwi-mb", str(MAX_DWI_MB), "--max-voxels", str(MAX_VOXELS),
+                          "--max-uploads-per-key", "1", "--max-uploads", "2",
+                          "--min-upload-rate-kb", "0", "--max-upload-seconds", "600",
+                          env={"FINGERPRINT_UPLOAD_GRACE_SECONDS": "300"})
     body = _form(phantom)
+    release = threading.Event()
     results = {}
 
-    def slow(name: str) -> None:  # holds its upload slot for about 1 s, then finishes
-        pieces = [body[:100], body[100:]]
-        results[name] = _raw_request(server, server.keys[name], pieces, pause=0.8)
+    def held_pieces():  # the body's start, then the rest once the checks below are done
+        yield body[:100]
+        release.wait(WAIT_S)
+        yield body[100:]
 
-    threads = [threading.Thread(target=slow, args=(n,)) for n in ("alice", "bob")]
-    for t in threads:
-        t.start()
-    time.sleep(0.4)
-    with client(server, server.keys["alice"]) as http:
-        r = http.post("/v1/jobs", files=upload_files(phantom))
-        assert r.status_code == 429 and "uploads in progress" in r.json()["detail"], r.text
-        assert int(r.headers["retry-after"]) > 0
-    with client(server, server.keys["root"]) as http:
-        r = http.post("/v1/jobs", files=upload_files(phantom))
-        assert r.status_code == 429 and "receiving 2 uploads" in r.json()["detail"], r.text
-        assert int(r.headers["retry-after"]) > 0
-    for t in threads:
-        t.join(30)
-    # the slow uploads themselves were answered: checked (the mask is over the voxel
-    # limit), or too slow when the machine is loaded
-    assert {results[n][0] for n in ("alice", "bob")} <= {408, 422}
-    assert _leftovers(server)[0] == []
+    def slow(name: str) -> None:  # holds one upload slot until released
+        results[name] = _raw_request(server, server.keys[name], held_pieces(),
+                                     length=len(body), timeout=WAIT_S)
+
+    threads = [threading.Thread(target=slow, args=(n,), daemon=True) for n in ("alice", "bob")]
+    try:
+        for t in threads:
+            t.start()
+        # both uploads hold their slots once the server has made their upload directories
+        deadline = time.monotonic() + WAIT_S
+        while len(_leftovers(server)[0]) < 2:
+            assert time.monotonic() < deadline, "the slow uploads never started"
+            assert not results, results  # none was answered before it was released
+            time.sleep(0.05)
+        with client(server, server.keys["alice"]) as http:
+            r = http.post("/v1/jobs", files=upload_files(phantom))
+            assert r.status_code == 429 and "uploads in progress" in r.json()["detail"], r.text
+            assert int(r.headers["retry-after"]) > 0
+        with client(server, server.keys["root"]) as http:
+            r = http.post("/v1/jobs", files=upload_files(phantom))
+            assert r.status_code == 429 and "receiving 2 uploads" in r.json()["detail"], r.text
+            assert int(r.headers["retry-after"]) > 0
+        assert not results, results  # the slow uploads were still in flight throughout
+    finally:
+        release.set()
+        for t in threads:
+            t.join(WAIT_S)
+        server.stop()
+    # the slow uploads themselves were then received and checked: the mask is over the
+    # voxel limit
+    for name in ("alice", "bob"):
+        status, _, text, sent = results[name]
+        assert status == 422 and "voxels" in text and sent == len(body), (name, text)
+    assert _leftovers(server) == ([], [])
 
 
 def test_chunked_upload_is_refused_as_soon_as_it_passes_the_limit(server, phantom):
