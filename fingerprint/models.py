@@ -422,7 +422,8 @@ def describe_model(name: str) -> dict[str, Any]:
         "default_refine": None if recipe.refine is None else _REFINE_TEXT[recipe.refine],
         "count_penalty": None if recipe.count_penalty is None else (
             f"fascicle count chosen with a penalty of {recipe.count_penalty:g} per "
-            "parameter (the recipe's; the BIC's is log N)"),
+            "parameter (the recipe's; the BIC's is log N; the count_penalty option "
+            "overrides it)"),
         "free_values": n_free,
         "parameters": params,
         "constraints": constraints,

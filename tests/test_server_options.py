@@ -76,6 +76,9 @@ def test_fit_options_endpoint_and_openapi(server):
     assert options["Ns"]["default"] == 5 and options["refine"]["kind"] == "refine"
     assert options["threads"]["high"] == 256
     assert options["multi_tissue"]["kind"] == "text"
+    assert options["count_penalty"]["kind"] == "float"
+    assert (options["count_penalty"]["low"], options["count_penalty"]["high"]) == (0, 1000)
+    assert options["count_penalty"]["default"] is None  # the model's (recipe, else BIC)
     assert options["multi_tissue"]["default"] is None
     # refine: chosen per model (a recipe may set its default), so no single default
     assert options["refine"]["default"] is None
@@ -95,6 +98,10 @@ def test_fit_options_endpoint_and_openapi(server):
     ({"refine": "maybe"}, "refine", "true, false or 'nonlinear'"),
     ({"Ns": "1000"}, "Ns", "less than or equal to 100"),
     ({"tol": "2"}, "tol", "less than or equal to 1"),
+    ({"count_penalty": "-1"}, "count_penalty", "greater than or equal to 0"),
+    ({"count_penalty": "1e9"}, "count_penalty", "less than or equal to 1000"),
+    ({"count_penalty": "lots"}, "count_penalty", "valid number"),
+    ({"count_penalty": "nan"}, "count_penalty", "'count_penalty'"),
     ({"mask_rule": "brain"}, "mask_rule", "'positive_b0', 'all'"),
     ({"threads": "1000"}, "threads", "less than or equal to 256"),
     ({"b0_threshold": "-1"}, "b0_threshold", "greater than or equal to 0"),
@@ -218,7 +225,8 @@ SUBMIT_FLAGS = {"dictionary_size": ("2000", 2000), "n_neighbors": ("8", 8),
                 "mask_rule": ("all", "all"), "solver": ("brute2fine", "brute2fine"),
                 "Ns": ("2", 2), "N_sphere_samples": ("6", 6), "grid_starts": ("2", 2),
                 "maxiter": ("20", 20), "popsize": ("4", 4), "tol": ("0.1", 0.1),
-                "multi_tissue": ("wm=1000,csf=4000", "wm=1000,csf=4000")}
+                "multi_tissue": ("wm=1000,csf=4000", "wm=1000,csf=4000"),
+                "count_penalty": ("2.5", 2.5)}
 
 
 def test_submit_has_a_flag_for_every_server_option_and_sends_it(server, phantom, small_mask,

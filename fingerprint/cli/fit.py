@@ -46,13 +46,13 @@ from fingerprint.fitting.options import CLASSICAL_OPTION_NAMES, FIT_OPTION_SPECS
 from fingerprint.volume_models import is_volume_model
 
 #: FitOptions offered as flags beyond --threads / --dictionary-size (from FIT_OPTION_SPECS)
-_EXTRA_FIT_FLAGS = ("n_neighbors", "refine", "seed", "mask_rule", "solver", "Ns",
+_EXTRA_FIT_FLAGS = ("n_neighbors", "refine", "count_penalty", "seed", "mask_rule", "solver", "Ns",
                     "N_sphere_samples", "grid_starts", "maxiter", "popsize", "tol")
 
 
 def add_fit_option_flags(parser: argparse.ArgumentParser) -> None:
-    """``--n-neighbors``, ``--refine``, ``--seed``, ``--mask-rule``, ``--solver`` and the
-    classical solvers' ``--Ns``, ``--N-sphere-samples``, ``--grid-starts``,
+    """``--n-neighbors``, ``--refine``, ``--count-penalty``, ``--seed``, ``--mask-rule``,
+    ``--solver`` and the classical solvers' ``--Ns``, ``--N-sphere-samples``, ``--grid-starts``,
     ``--maxiter``, ``--popsize``, ``--tol``: fit options as the library declares them
     (:data:`fingerprint.fitting.options.FIT_OPTION_SPECS`), validated by
     :class:`~fingerprint.fitting.options.FitOptions` (errors name the option)."""
@@ -76,7 +76,8 @@ def _warn_unused_options(args: argparse.Namespace, options: FitOptions) -> None:
     unused = [option_flag(name) for name in _EXTRA_FIT_FLAGS + ("dictionary_size",)
               if getattr(args, name, None) is not None
               and ((name in CLASSICAL_OPTION_NAMES and not classical)
-                   or (name in ("n_neighbors", "refine", "dictionary_size") and classical))]
+                   or (name in ("n_neighbors", "refine", "count_penalty", "dictionary_size")
+                       and classical))]
     if unused:
         logging.getLogger(__name__).warning("%s not used by solver %r", ", ".join(unused),
                                             options.solver)

@@ -300,11 +300,15 @@ def _prepare_fingerprint(request: SolverRequest) -> VoxelFitter:
     if options.refine != "nonlinear" and is_multifascicle(request.model):
         # several copies of one single-fascicle compartment plus isotropic ones: rotated
         # single-fascicle atoms (refine='nonlinear' keeps matching + non-linear polish)
-        penalty = model_count_penalty(request.model)
+        penalty = options.count_penalty if options.count_penalty is not None else \
+            model_count_penalty(request.model)
         settings = MultiFascicleSettings(penalty=penalty) if options.refine else \
             MultiFascicleSettings(polish_iterations=0, penalty=penalty)
         return MultiFascicleFitter(request.model, request.scheme, settings,
                                    n_jobs=options.threads)
+    if options.count_penalty is not None:
+        logger.warning("option 'count_penalty' not used: it applies to multi-fascicle models "
+                       "fitted by multi-fascicle fingerprinting (refine not 'nonlinear')")
     est_options = options.estimator_options()
     n_jobs = est_options.pop("n_jobs")
     est = get_estimator(request.model, request.scheme,

@@ -29,7 +29,7 @@ from fingerprint.fitting.registry import (
 )
 from fingerprint.recipes import TISSUES
 
-__all__ = ["CLASSICAL_OPTION_NAMES", "DMIPY_IGNORED_OPTIONS", "DMIPY_SOLVERS",
+__all__ = ["CLASSICAL_OPTION_NAMES", "COUNT_PENALTY_MAX", "DMIPY_IGNORED_OPTIONS", "DMIPY_SOLVERS",
            "FIT_OPTION_SPECS", "MASK_RULES", "RESPONSES_MAX_LENGTH", "RESPONSE_TISSUES",
            "Responses", "parse_responses", "ClassicalSettings", "OptionError",
            "PREFIX_PATTERN", "TIMING_LIMITS_S", "FitOptions", "OptionSpec", "PolishSettings",
@@ -48,6 +48,9 @@ MASK_RULES = ("positive_b0", "all")
 #: Largest plausible pulse timing (s) per acquisition parameter; larger values are
 #: milliseconds given as seconds.
 TIMING_LIMITS_S: Mapping[str, float] = {"delta": 1.0, "Delta": 10.0, "TE": 10.0}
+#: Largest ``count_penalty`` (information-criterion cost of one parameter): far beyond
+#: any data's log N, where one fascicle is always chosen.
+COUNT_PENALTY_MAX = 1000.0
 #: Output-name prefixes: BIDS entity strings such as ``sub-01_ses-1`` (1-64 characters).
 PREFIX_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
@@ -78,6 +81,13 @@ FIT_OPTION_SPECS: tuple[OptionSpec, ...] = (
                "'nonlinear' (plus a non-linear least-squares polish; the default for models "
                "with more than one orientation); default: the model's (its recipe's [fit] "
                "refine, else true)", server=True),
+    OptionSpec("count_penalty", "float", "multi-fascicle models (ball_stick_stick, noddi2, "
+               "...) fitted by dictionary matching: information-criterion cost of one "
+               "parameter when each voxel's fascicle count is chosen, N log(RSS/N) + p x "
+               "penalty (2 is the AIC; smaller finds more crossings and splits more single "
+               "fascicles); default: the model's (its recipe's [fit] count_penalty, else "
+               "log N, the BIC); other models ignore it", low=0.0, high=COUNT_PENALTY_MAX,
+               server=True),
     OptionSpec("multi_tissue", "text", "also write volume fractions (<tissue>_vf maps) from "
                "S0 responses: 'auto' (estimated from the data's white-matter, grey-matter "
                "and CSF voxels), 'wm=..,gm=..,csf=..' or one number per compartment (units "
@@ -287,6 +297,13 @@ class FitOptions:
         (units of the data), kept as canonical text; volume fits (``fit_volume``,
         ``fingerprint fit``, server jobs) then also write volume-fraction maps. None
         (default): signal fractions only.
+    count_penalty: information-criterion cost of one parameter when multi-fascicle
+        fingerprinting chooses a voxel's fascicle count (``N log(RSS / N) + p *
+        count_penalty``; 2 is the AIC), in [0, :data:`COUNT_PENALTY_MAX`]. None (default):
+        the model's own (a named model's recipe ``[fit] count_penalty``, else log N, the
+        BIC). Used by dictionary matching of multi-fascicle models
+        (:mod:`fingerprint.fitting.multifascicle`) unless ``refine='nonlinear'``; other
+        fits ignore it.
     b0_threshold: b-value (s/m²) at or below which measurements are the b=0 reference that
         normalises S0 (None: the scheme's own, 10e6 s/m² = 10 s/mm² by default); it never
         changes the forward models (:mod:`fingerprint.core.scheme_checks`).
@@ -313,9 +330,13 @@ class FitOptions:
     classical: ClassicalSettings = field(default_factory=ClassicalSettings)
     b0_threshold: float | None = None
     multi_tissue: str | None = None
+    count_penalty: float | None = None
 
     def __post_init__(self) -> None:
         setv = object.__setattr__
+        if self.count_penalty is not None:
+            setv(self, "count_penalty", _float("count_penalty", self.count_penalty, 0.0,
+                                               COUNT_PENALTY_MAX))
         setv(self, "multi_tissue", _responses_text(self.multi_tissue))
         if self.b0_threshold is not None:
             setv(self, "b0_threshold", _float("b0_threshold", self.b0_threshold, 0.0, 1e11))
