@@ -54,7 +54,6 @@ import os
 import re
 import secrets
 import struct
-import threading
 import types
 import zlib
 from collections.abc import Callable, Iterator, Mapping
@@ -66,7 +65,7 @@ import numpy as np
 
 from fingerprint.core.orientations import mu_to_vectors as _mu_to_vectors
 from fingerprint.errors import InputError
-from fingerprint.stages import stage
+from fingerprint.io.spool import DWISpool, SpoolSource, adopt
 
 if TYPE_CHECKING:
     from nibabel import Nifti1Header, Nifti1Image
@@ -75,6 +74,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "DEEP_CHECK_BYTES",
     "DEFAULT_SLAB_BYTES",
     "DWIImage",
     "READ_ERRORS",
@@ -90,6 +90,10 @@ __all__ = [
     "open_nifti",
     "write_map",
 ]
+
+#: Largest gzip DWI (bytes on disk) inflated when opened to check a trailer that does not
+#: give its data size (see :class:`DWIImage`).
+DEEP_CHECK_BYTES = 32 * 1024**2
 
 #: Largest slab of float32 DWI data read at once (bytes).
 DEFAULT_SLAB_BYTES = 128 * 1024**2
@@ -148,6 +152,17 @@ def open_gzip_stream(path: str | os.PathLike[str], threads: int | None = None) -
     return open_gzip(path)
 
 
+#: Cores that inflate a gzip DWI into its spool (None: every core this process may use,
+#: by rapidgzip). One (ISA-L) leaves the other cores to the spool's writes and to what
+#: runs meanwhile (imports, the dictionary, the index), and spends less CPU time.
+SPOOL_THREADS: int | None = 1
+
+
+def spool_threads() -> int:
+    """Cores that inflate a gzip DWI into its spool (:data:`SPOOL_THREADS`)."""
+    return available_cpus() if SPOOL_THREADS is None else max(1, int(SPOOL_THREADS))
+
+
 def _is_gzip(path: Path) -> bool:
     with open(path, "rb") as fh:
         return fh.read(2) == b"\x1f\x8b"
@@ -203,10 +218,14 @@ def _expected_data_end(img: Any) -> int:
     return offset + int(np.prod(img.shape, dtype=np.int64)) * itemsize
 
 
-def check_file_complete(img: Nifti1Image, path: str | os.PathLike, what: str = "image") -> None:
+def check_file_complete(img: Nifti1Image, path: str | os.PathLike, what: str = "image",
+                        *, deep: bool = True) -> None:
     """Cheap truncation check without decompressing: the file must hold the whole data
     block (uncompressed files), or the gzip trailer's uncompressed size must match the
-    header (gzip files; if it does not, the last voxel is read to be sure)."""
+    header (gzip files). A multi-member gzip stream records only its last member's size:
+    with ``deep`` its last voxel is then read to be sure (the whole stream is inflated);
+    without, the check is left to the reads, which fail on a short stream (a DWI is read
+    whole anyway, a mask is small)."""
     path = Path(path)
     end = _expected_data_end(img)
     size = path.stat().st_size
@@ -222,6 +241,10 @@ def check_file_complete(img: Nifti1Image, path: str | os.PathLike, what: str = "
         fh.seek(-4, os.SEEK_END)
         isize = struct.unpack("<I", fh.read(4))[0]
     if isize == end % 2**32:
+        return
+    if not deep:
+        logger.debug("%s file %s: the gzip trailer does not give the data size (several "
+                     "members?); checked while reading", what, path)
         return
     # multi-member gzip streams only record the last member's size: read the last voxel
     try:
@@ -251,7 +274,11 @@ class DWIImage:
     path : str or Path
         ``.nii`` or ``.nii.gz`` file, shape (X, Y, Z, N).
     check : bool
-        Check that the file is complete (cheap; see :func:`check_file_complete`).
+        Check that the file is complete (cheap; see :func:`check_file_complete`: a gzip
+        stream whose trailer does not give the data size -- several members, or a
+        truncated file -- is inflated here only when it is at most
+        :data:`DEEP_CHECK_BYTES`; larger ones are checked by the reads, which inflate
+        them anyway, and fail naming the file).
     """
 
     def __init__(self, path: str | os.PathLike, *, check: bool = True):
@@ -272,7 +299,8 @@ class DWIImage:
             raise InputError(f"DWI file {self.path} has unsupported data type {dtype}")
         self.shape: tuple[int, int, int, int] = shape
         if check:
-            check_file_complete(self.img, self.path, "DWI")
+            small = self.path.stat().st_size <= DEEP_CHECK_BYTES
+            check_file_complete(self.img, self.path, "DWI", deep=small)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -348,66 +376,37 @@ class DWIImage:
 
     @contextlib.contextmanager
     def spooled(self, mask: np.ndarray, directory: str | os.PathLike, *,
-                max_bytes: int = DEFAULT_SLAB_BYTES) -> Iterator[DWIImage]:
+                max_bytes: int = DEFAULT_SLAB_BYTES) -> Iterator[DWIImage | DWISpool]:
         """This image, or -- when it is gzip-compressed and would be read in more than one
-        slab -- an uncompressed temporary copy in ``directory`` (one decompression pass
-        instead of one per slab; removed on exit). Memory stays bounded either way."""
+        slab -- a :class:`~fingerprint.io.spool.DWISpool` of its ``mask`` voxels in
+        ``directory`` (one decompression pass instead of one per slab; removed on exit).
+        Both read slabs with ``iter_slabs``; memory stays bounded either way."""
         with self.spooling(mask, directory, max_bytes=max_bytes) as ready:
             yield ready()
 
     @contextlib.contextmanager
     def spooling(self, mask: np.ndarray, directory: str | os.PathLike, *,
-                 max_bytes: int = DEFAULT_SLAB_BYTES) -> Iterator[Callable[[], DWIImage]]:
+                 max_bytes: int = DEFAULT_SLAB_BYTES
+                 ) -> Iterator[Callable[[], DWIImage | DWISpool]]:
         """Like :meth:`spooled`, but the decompression runs in a background thread while
         the block goes on (e.g. loading a dictionary): the block gets a function that
-        waits for it and returns the image to read (this one when no copy is needed).
+        waits for it and returns what to read (this image when no copy is needed).
         Errors of the decompression are raised by that function; the copy is removed on
-        exit."""
+        exit. A spool started earlier for the same file and directory
+        (:func:`fingerprint.io.spool.prefetch`) is adopted instead of starting one."""
         if not self.is_compressed or self.n_slabs(mask, max_bytes) <= 1:
             yield lambda: self
             return
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        tmp = directory / f".fingerprint-dwi-{os.getpid()}-{secrets.token_hex(4)}.nii"
-        outcome: dict[str, Any] = {}
-        stop = threading.Event()
-
-        def decompress() -> None:
-            try:
-                with stage("read/decompress"), open_gzip_stream(self.path) as src, \
-                        open(tmp, "wb") as dst:
-                    while not stop.is_set():
-                        block = src.read(16 * 1024**2)
-                        if not block:
-                            break
-                        dst.write(block)
-            except (*_READ_ERRORS, RuntimeError) as exc:
-                outcome["error"] = InputError(
-                    f"DWI file {self.path} cannot be decompressed: {exc}")
-            except BaseException as exc:  # handed to the waiting thread
-                outcome["error"] = exc
-
-        worker = threading.Thread(target=decompress, name="fingerprint-decompress",
-                                  daemon=True)
-
-        def ready() -> DWIImage:
-            worker.join()
-            if "error" in outcome:
-                raise outcome["error"]
-            if "image" not in outcome:
-                logger.debug("decompressed %s to %s for slab reading", self.path, tmp)
-                copy = DWIImage(tmp)
-                copy.path = self.path  # errors keep naming the user's file
-                outcome["image"] = copy
-            return outcome["image"]
-
+        spool = adopt(self.path, directory, mask)
+        if spool is None:
+            spool = DWISpool(SpoolSource.of(self), mask, directory,
+                             threads=spool_threads()).start()
+        else:
+            logger.debug("reading %s from its early decompression", self.path)
         try:
-            worker.start()
-            yield ready
+            yield spool.wait
         finally:
-            stop.set()
-            worker.join()
-            tmp.unlink(missing_ok=True)
+            spool.close()
 
     def iter_slabs(self, mask: np.ndarray, *, max_bytes: int = DEFAULT_SLAB_BYTES,
                    start_slice: int = 0) -> Iterator[Slab]:
