@@ -178,12 +178,12 @@ def test_prefetched_spool_is_adopted_once(tmp_path):
     mask[:, :, 2:5] = True
     nib.save(nib.Nifti1Image(mask.astype(np.uint8), np.eye(4)), tmp_path / "mask.nii.gz")
     out = tmp_path / "out"
-    assert spool.prefetch(tmp_path / "missing.nii.gz", out) is None
+    assert nifti.prefetch(tmp_path / "missing.nii.gz", out) is None
     plain = tmp_path / "plain.nii"
     nib.save(nib.Nifti1Image(data, np.eye(4)), plain)
-    assert spool.prefetch(plain, out) is None  # not compressed: nothing to spool
-    assert spool.prefetch(path, out, max_bytes=10**9) is None  # one slab: no spool
-    early = spool.prefetch(path, out, tmp_path / "mask.nii.gz", max_bytes=1)
+    assert nifti.prefetch(plain, out) is None  # not compressed: nothing to spool
+    assert nifti.prefetch(path, out, max_bytes=10**9) is None  # one slab: no spool
+    early = nifti.prefetch(path, out, tmp_path / "mask.nii.gz", max_bytes=1)
     assert early is not None and early.n_selected == mask.sum()
     try:
         assert spool.adopt(path, tmp_path / "elsewhere", mask) is None
@@ -196,7 +196,7 @@ def test_prefetched_spool_is_adopted_once(tmp_path):
             values, coords = _gathered(sp.iter_slabs(mask, max_bytes=1))
         np.testing.assert_array_equal(values, data[tuple(coords.T)])
         assert spool.adopt(path, out, mask) is None  # adopted once
-        again = spool.prefetch(path, out, max_bytes=1)
+        again = nifti.prefetch(path, out, max_bytes=1)
         assert again is not None
     finally:
         spool.discard_prefetched()

@@ -207,16 +207,16 @@ def test_every_decompressor_gives_the_same_spooled_copy(tmp_path, monkeypatch, d
     """The spooled copy of a gzip DWI is the same whichever library decompresses it
     (rapidgzip on several cores, ISA-L, or the standard library when neither is
     installed); a corrupt stream is an InputError naming the file with each."""
-    from fingerprint.io import nifti
+    from fingerprint.io import spool
 
     if decompressor == "parallel":
-        if nifti._parallel_gzip is None:
+        if spool._parallel_gzip is None:
             pytest.skip("rapidgzip is not installed")
-        monkeypatch.setattr(nifti, "available_cpus", lambda: 2)
+        monkeypatch.setattr(spool, "available_cpus", lambda: 2)
     else:
-        monkeypatch.setattr(nifti, "_parallel_gzip", None)
+        monkeypatch.setattr(spool, "_parallel_gzip", None)
         if decompressor == "stdlib":
-            monkeypatch.setattr(nifti, "_fast_gzip", gzip)
+            monkeypatch.setattr(spool, "_fast_gzip", gzip)
     path, data = _gzip_image(tmp_path)
     dwi = DWIImage(path)
     mask = np.ones(data.shape[:3], bool)
@@ -240,13 +240,13 @@ def test_every_decompressor_gives_the_same_spooled_copy(tmp_path, monkeypatch, d
 def test_maps_without_the_optional_decompressors(volume, tmp_path, monkeypatch):
     """Without rapidgzip and ISA-L (the standard library's gzip) a fit gives the maps of
     the default decompressor."""
-    from fingerprint.io import nifti
+    from fingerprint.io import spool
 
     args = ("noddi", volume["dwi"], volume["bval"], volume["bvec"])
     common = dict(mask=volume["mask"], dictionary_size=SIZE, threads=2, slab_bytes=1)
     default = fit_volume(*args, tmp_path / "default", **common)
-    monkeypatch.setattr(nifti, "_parallel_gzip", None)
-    monkeypatch.setattr(nifti, "_fast_gzip", gzip)
+    monkeypatch.setattr(spool, "_parallel_gzip", None)
+    monkeypatch.setattr(spool, "_fast_gzip", gzip)
     plain = fit_volume(*args, tmp_path / "plain", **common)
     a, b = _maps(default), _maps(plain)
     assert set(a) == set(b)

@@ -230,8 +230,8 @@ def _prefetch_dwi(args: argparse.Namespace, stack: contextlib.ExitStack) -> None
             or not str(dwi).lower().endswith(".nii.gz")):
         return
     # lazy: light (numpy, nibabel, the decompressors), unlike the fitting code
-    from fingerprint.io.nifti import DEFAULT_SLAB_BYTES, spool_threads
-    from fingerprint.io.spool import discard_prefetched, prefetch
+    from fingerprint.io.nifti import DEFAULT_SLAB_BYTES, prefetch, spool_threads
+    from fingerprint.io.spool import discard_prefetched
 
     stack.callback(discard_prefetched)
     prefetch(dwi, args.out, args.mask, threads=spool_threads(),

@@ -47,25 +47,34 @@ Parameters), ``GeneratedBy`` (software name and version), ``Sources`` (input fil
 from __future__ import annotations
 
 import contextlib
-import gzip
 import json
 import logging
 import os
 import re
 import secrets
 import struct
-import types
-import zlib
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from fingerprint.core.orientations import mu_to_vectors as _mu_to_vectors
 from fingerprint.errors import InputError
-from fingerprint.io.spool import DWISpool, SpoolSource, adopt
+from fingerprint.io.spool import (
+    _READ_ERRORS,
+    READ_ERRORS,
+    DWISpool,
+    Slab,
+    SpoolSource,
+    _fast_gzip,
+    adopt,
+    available_cpus,
+    open_gzip,
+    open_gzip_stream,
+    register_prefetched,
+    spool_threads,
+)
 
 if TYPE_CHECKING:
     from nibabel import Nifti1Header, Nifti1Image
@@ -88,6 +97,7 @@ __all__ = [
     "open_gzip",
     "open_gzip_stream",
     "open_nifti",
+    "prefetch",
     "write_map",
 ]
 
@@ -99,69 +109,6 @@ DEEP_CHECK_BYTES = 32 * 1024**2
 DEFAULT_SLAB_BYTES = 128 * 1024**2
 
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
-
-_fast_gzip: types.ModuleType
-_fast_gzip_error: type[Exception]
-try:  # ISA-L decompresses gzip about 1.6x faster than zlib (the spooling of large DWIs)
-    import isal.igzip
-    import isal.isal_zlib
-
-    _fast_gzip = isal.igzip
-    _fast_gzip_error = isal.isal_zlib.error
-except ImportError:  # pragma: no cover - isal is a dependency; stdlib as a fallback
-    _fast_gzip = gzip
-    _fast_gzip_error = zlib.error
-
-_parallel_gzip: types.ModuleType | None
-try:  # rapidgzip decompresses one gzip stream on several cores at once (the spooling)
-    import rapidgzip
-
-    _parallel_gzip = rapidgzip
-except ImportError:  # pragma: no cover - rapidgzip is a dependency; one core as a fallback
-    _parallel_gzip = None
-
-_READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, struct.error, gzip.BadGzipFile,
-                _fast_gzip_error)
-#: What reading a truncated or corrupt NIfTI (or its gzip stream) may raise.
-READ_ERRORS: tuple[type[BaseException], ...] = _READ_ERRORS
-
-
-def open_gzip(path: str | os.PathLike[str]) -> BinaryIO:
-    """``path`` (gzip) opened for reading with the fastest decompressor at hand (ISA-L,
-    else the standard library); read errors are among :data:`READ_ERRORS`."""
-    return _fast_gzip.open(path, "rb")
-
-
-def available_cpus() -> int:
-    """CPUs this process may run on."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - platforms without sched_getaffinity
-        return max(1, os.cpu_count() or 1)
-
-
-def open_gzip_stream(path: str | os.PathLike[str], threads: int | None = None) -> BinaryIO:
-    """``path`` (gzip) opened for one pass from start to end, decompressed on ``threads``
-    cores (default: those this process may use) by rapidgzip when there are several and
-    it is installed, else by :func:`open_gzip`. Errors of a corrupt or truncated stream
-    are among :data:`READ_ERRORS` or a RuntimeError."""
-    n = available_cpus() if threads is None else max(1, int(threads))
-    if _parallel_gzip is not None and n > 1:
-        stream: BinaryIO = _parallel_gzip.open(os.fspath(path), parallelization=n)
-        return stream
-    return open_gzip(path)
-
-
-#: Cores that inflate a gzip DWI into its spool (None: every core this process may use,
-#: by rapidgzip). One (ISA-L) leaves the other cores to the spool's writes and to what
-#: runs meanwhile (imports, the dictionary, the index), and spends less CPU time.
-SPOOL_THREADS: int | None = 1
-
-
-def spool_threads() -> int:
-    """Cores that inflate a gzip DWI into its spool (:data:`SPOOL_THREADS`)."""
-    return available_cpus() if SPOOL_THREADS is None else max(1, int(SPOOL_THREADS))
-
 
 def _is_gzip(path: Path) -> bool:
     with open(path, "rb") as fh:
@@ -252,18 +199,6 @@ def check_file_complete(img: Nifti1Image, path: str | os.PathLike, what: str = "
         np.asarray(img.dataobj[last])
     except _READ_ERRORS as exc:
         raise InputError(f"{what} file {path} is truncated or corrupt: {exc}") from None
-
-
-@dataclass(frozen=True)
-class Slab:
-    """A block of whole slices ``[start, stop)`` along the last spatial axis."""
-
-    start: int
-    stop: int
-    #: (n, 3) integer voxel coordinates of the masked voxels of the slab
-    coords: np.ndarray
-    #: (n, N) float32 signals of those voxels
-    data: np.ndarray
 
 
 class DWIImage:
@@ -498,6 +433,37 @@ class DWIImage:
         for i in idx:
             acc += self.read_volume(int(i))
         return (acc / idx.size).astype(np.float32)
+
+
+def prefetch(dwi: str | os.PathLike[str], directory: str | os.PathLike[str],
+             mask: str | os.PathLike[str] | None = None, *, threads: int = 1,
+             max_bytes: int = 0) -> DWISpool | None:
+    """Start spooling the gzip NIfTI ``dwi`` into ``directory`` now (the voxels of the
+    ``mask`` file, else all) for :meth:`DWIImage.spooling` to adopt later
+    (:func:`fingerprint.io.spool.adopt`; :func:`fingerprint.io.spool.discard_prefetched`
+    ends the ones nobody adopted). Best effort: None (and nothing started) when ``dwi``
+    is not a gzip NIfTI, its masked voxels fit in one slab of ``max_bytes`` (a fit reads
+    them without a spool), or anything about the inputs is wrong (the fit that follows
+    reports it)."""
+    try:
+        path = Path(os.fspath(dwi))
+        image = DWIImage(path, check=False)
+        if not image.is_compressed:
+            return None
+        selection = None
+        if mask is not None:
+            selection = load_mask(mask, image.spatial_shape)
+        every = np.ones(image.spatial_shape, dtype=bool) if selection is None else selection
+        if image.n_slabs(every, max_bytes) <= 1:
+            return None
+        spool = DWISpool(SpoolSource.of(image), selection, directory, threads=threads)
+        spool.start()
+        register_prefetched(path, directory, spool)
+    except Exception as exc:  # noqa: BLE001 - reported by the fit that follows
+        logger.debug("no early decompression of %s: %s", dwi, exc)
+        return None
+    logger.debug("decompressing %s into %s ahead of the fit", path, directory)
+    return spool
 
 
 def load_mask(path: str | os.PathLike, spatial_shape: tuple[int, ...],

@@ -22,26 +22,31 @@ voxels of a slab in the file's order: one positioned read per volume, one transp
 slab. Values are nibabel's (scaling and type conversion applied element by element as its
 array proxy applies them).
 
-:func:`prefetch` starts a spool before the caller needs it (the command line starts one
-before importing the fitting code); :meth:`DWIImage.spooling
+:func:`fingerprint.io.nifti.prefetch` starts a spool before the caller needs it (the
+command line starts one before importing the fitting code); :meth:`DWIImage.spooling
 <fingerprint.io.nifti.DWIImage.spooling>` adopts it when it was made for the same file,
 selection and directory (:func:`adopt`), and :func:`discard_prefetched` ends the ones
 nobody adopted.
 
-This module imports only numpy and the decompressors (nibabel lazily), so that the command
-line can start a spool early.
+This module also opens gzip streams for the rest of the package (:func:`open_gzip`,
+:func:`open_gzip_stream`). It imports only numpy and the decompressors (nibabel lazily),
+so that the command line can start a spool early.
 """
 
 from __future__ import annotations
 
+import gzip
 import logging
 import os
 import secrets
+import struct
 import threading
+import types
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -50,12 +55,98 @@ from fingerprint.stages import stage
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DWISpool", "SpoolSource", "adopt", "discard_prefetched", "prefetch"]
+__all__ = ["READ_ERRORS", "SPOOL_THREADS", "DWISpool", "Slab", "SpoolSource", "adopt",
+           "available_cpus", "discard_prefetched", "open_gzip", "open_gzip_stream",
+           "register_prefetched", "spool_threads"]
 
 #: Bytes inflated per read of the gzip stream.
 _BLOCK_BYTES = 16 * 1024**2
+#: Bytes the inflating thread hands over at a time.
+_INFLATE_BLOCK_BYTES = 4 * 1024**2
 #: Largest float32 block transposed at once while reading a slab (bytes).
 _TRANSPOSE_BYTES = 4 * 1024**2
+
+_fast_gzip: types.ModuleType
+_fast_gzip_error: type[Exception]
+try:  # ISA-L decompresses gzip about 1.6x faster than zlib (the spooling of large DWIs)
+    import isal.igzip
+    import isal.isal_zlib
+
+    _fast_gzip = isal.igzip
+    _fast_gzip_error = isal.isal_zlib.error
+except ImportError:  # pragma: no cover - isal is a dependency; stdlib as a fallback
+    _fast_gzip = gzip
+    _fast_gzip_error = zlib.error
+
+_threaded_gzip: types.ModuleType | None
+try:  # ISA-L inflating in a thread of its own (the spool writes meanwhile)
+    import isal.igzip_threaded
+
+    _threaded_gzip = isal.igzip_threaded
+except ImportError:  # pragma: no cover - older ISA-L bindings, or no ISA-L
+    _threaded_gzip = None
+
+_parallel_gzip: types.ModuleType | None
+try:  # rapidgzip decompresses one gzip stream on several cores at once (the spooling)
+    import rapidgzip
+
+    _parallel_gzip = rapidgzip
+except ImportError:  # pragma: no cover - rapidgzip is a dependency; one core as a fallback
+    _parallel_gzip = None
+
+_READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, struct.error, gzip.BadGzipFile,
+                _fast_gzip_error)
+#: What reading a truncated or corrupt NIfTI (or its gzip stream) may raise.
+READ_ERRORS: tuple[type[BaseException], ...] = _READ_ERRORS
+
+
+def open_gzip(path: str | os.PathLike[str]) -> BinaryIO:
+    """``path`` (gzip) opened for reading with the fastest decompressor at hand (ISA-L,
+    else the standard library); read errors are among :data:`READ_ERRORS`."""
+    return _fast_gzip.open(path, "rb")
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - platforms without sched_getaffinity
+        return max(1, os.cpu_count() or 1)
+
+
+def open_gzip_stream(path: str | os.PathLike[str], threads: int | None = None) -> BinaryIO:
+    """``path`` (gzip) opened for one pass from start to end, decompressed on ``threads``
+    cores (default: those this process may use) by rapidgzip when there are several and
+    it is installed, else by :func:`open_gzip`. Errors of a corrupt or truncated stream
+    are among :data:`READ_ERRORS` or a RuntimeError."""
+    n = available_cpus() if threads is None else max(1, int(threads))
+    if _parallel_gzip is not None and n > 1:
+        stream: BinaryIO = _parallel_gzip.open(os.fspath(path), parallelization=n)
+        return stream
+    return open_gzip(path)
+
+
+#: Cores that inflate a gzip DWI into its spool (None: every core this process may use,
+#: by rapidgzip). One (ISA-L) leaves the other cores to the spool's writes and to what
+#: runs meanwhile (imports, the dictionary, the index), and spends less CPU time.
+SPOOL_THREADS: int | None = 1
+
+
+def spool_threads() -> int:
+    """Cores that inflate a gzip DWI into its spool (:data:`SPOOL_THREADS`)."""
+    return available_cpus() if SPOOL_THREADS is None else max(1, int(SPOOL_THREADS))
+
+
+@dataclass(frozen=True)
+class Slab:
+    """A block of whole slices ``[start, stop)`` along the last spatial axis."""
+
+    start: int
+    stop: int
+    #: (n, 3) integer voxel coordinates of the masked voxels of the slab
+    coords: np.ndarray
+    #: (n, N) float32 signals of those voxels
+    data: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -131,11 +222,16 @@ def scaled_float32(raw: np.ndarray, source: SpoolSource) -> np.ndarray:
 
 
 def _open_stream(path: Path, threads: int) -> Any:
-    from fingerprint.io import nifti  # lazy: nifti imports this module
-
+    """``path`` opened for one pass: on ``threads`` cores by rapidgzip when more than
+    one, else by ISA-L in a thread of its own (the caller's thread writes the previous
+    block meanwhile), else by :func:`~fingerprint.io.nifti.open_gzip`."""
     if threads > 1:
-        return nifti.open_gzip_stream(path, threads)
-    return nifti.open_gzip(path)
+        return open_gzip_stream(path, threads)
+    if _threaded_gzip is not None and _fast_gzip is not gzip:
+        stream: BinaryIO = _threaded_gzip.open(path, "rb", threads=1,
+                                               block_size=_INFLATE_BLOCK_BYTES)
+        return stream
+    return open_gzip(path)
 
 
 class DWISpool:
@@ -234,8 +330,6 @@ class DWISpool:
         return self
 
     def _run(self) -> None:
-        from fingerprint.io.nifti import READ_ERRORS  # lazy: nifti imports this module
-
         try:
             with stage("read/decompress"), _open_stream(self.path, self.threads) as src:
                 self._spool(src)
@@ -389,11 +483,9 @@ class DWISpool:
                    start_slice: int = 0) -> Iterator[Any]:
         """The voxels of ``mask`` (a subset of the selection) in slabs of at most about
         ``max_bytes`` (float32 signals and the raw block they are read into), as
-        :class:`~fingerprint.io.nifti.Slab` (``start``/``stop``: the slices the slab's
+        :class:`Slab` (``start``/``stop``: the slices the slab's
         voxels span). Voxel order: the file's (x fastest); the union over slabs is every
         masked voxel exactly once. ``start_slice`` skips the slices before it."""
-        from fingerprint.io.nifti import Slab  # lazy: nifti imports this module
-
         self.wait()
         mask = np.asarray(mask, dtype=bool)
         if start_slice:
@@ -493,37 +585,13 @@ def _key(path: Path, directory: Path) -> tuple[Any, ...]:
     return (*_file_key(path), str(Path(directory).absolute()))
 
 
-def prefetch(dwi: str | os.PathLike[str], directory: str | os.PathLike[str],
-             mask: str | os.PathLike[str] | None = None, *, threads: int = 1,
-             max_bytes: int = 0) -> DWISpool | None:
-    """Start spooling the gzip NIfTI ``dwi`` into ``directory`` now (the voxels of the
-    ``mask`` file, else all), for a later :func:`adopt`; best effort: None (and nothing
-    started) when ``dwi`` is not a gzip NIfTI, its masked voxels fit in one slab of
-    ``max_bytes`` (a fit reads them without a spool), or anything about the inputs is
-    wrong (the fit that follows reports it)."""
-    from fingerprint.io import nifti  # lazy: nifti imports this module
-
-    try:
-        path = Path(os.fspath(dwi))
-        image = nifti.DWIImage(path, check=False)
-        if not image.is_compressed:
-            return None
-        selection = None
-        if mask is not None:
-            selection = nifti.load_mask(mask, image.spatial_shape)
-        every = np.ones(image.spatial_shape, dtype=bool) if selection is None else selection
-        if image.n_slabs(every, max_bytes) <= 1:
-            return None
-        spool = DWISpool(SpoolSource.of(image), selection, directory, threads=threads)
-        key = _key(path, Path(directory))
-        spool.start()
-    except Exception as exc:  # noqa: BLE001 - reported by the fit that follows
-        logger.debug("no early decompression of %s: %s", dwi, exc)
-        return None
+def register_prefetched(path: str | os.PathLike[str], directory: str | os.PathLike[str],
+                        spool: DWISpool) -> None:
+    """Put a started spool of ``path`` into ``directory`` on the waiting list of
+    :func:`adopt` (see :func:`fingerprint.io.nifti.prefetch`)."""
+    key = _key(Path(os.fspath(path)), Path(directory))
     with _PREFETCH_LOCK:
         _PREFETCHED.append((key, spool))
-    logger.debug("decompressing %s into %s ahead of the fit", path, directory)
-    return spool
 
 
 def adopt(path: str | os.PathLike[str], directory: str | os.PathLike[str],
