@@ -242,3 +242,23 @@ def test_the_command_line_decompresses_before_importing_the_fit(phantom_files, t
                 "--out", str(tmp_path / "bad"), "--no-progress"])
     assert bad != 0 and not spool._PREFETCHED
     assert not (tmp_path / "bad").exists() or not list((tmp_path / "bad").iterdir())
+
+
+def test_a_large_spool_is_released_in_the_background(tmp_path, monkeypatch):
+    """Closing a large spool stops using it at once and frees its file by a background
+    thread; nothing is left in the directory."""
+    import threading
+
+    path, data = _write(tmp_path, "<f4", None)
+    monkeypatch.setattr(spool, "_RELEASE_IN_BACKGROUND_BYTES", 0)
+    sp = DWISpool(SpoolSource.of(DWIImage(path)), None, tmp_path / "spool").start()
+    sp.wait()
+    sp.close()
+    assert sp._fd is None
+    releasing = [t for t in threading.enumerate() if t.name == "fingerprint-spool-release"]
+    for thread in releasing:
+        thread.join(timeout=30)
+        assert not thread.is_alive()
+    assert not list((tmp_path / "spool").iterdir())
+    with pytest.raises(RuntimeError, match="closed"):
+        sp.read_rows(0, 1)

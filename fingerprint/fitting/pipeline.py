@@ -80,6 +80,7 @@ from fingerprint.io.gradients import read_bvals_bvecs
 from fingerprint.io.nifti import (
     DEFAULT_SLAB_BYTES,
     DWIImage,
+    DWISpool,
     Slab,
     available_cpus,
     bids_map_name,
@@ -453,7 +454,7 @@ def _map_plan(model: Any, offsets: dict[str, slice]) -> list[tuple[str, str, sli
     return plan
 
 
-def _chunks(image: DWIImage, mask: np.ndarray, chunk_voxels: int, slab_bytes: int,
+def _chunks(image: DWIImage | DWISpool, mask: np.ndarray, chunk_voxels: int, slab_bytes: int,
             b0_mask: np.ndarray, unusable: list[np.ndarray], alive: int = 2
             ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(coords (n, 3), data (n, N) float32) chunks of masked voxels; the coordinates of
@@ -469,7 +470,7 @@ def _chunks(image: DWIImage, mask: np.ndarray, chunk_voxels: int, slab_bytes: in
             yield coords, data
 
 
-def _read_ahead(image: DWIImage, mask: np.ndarray, slab_bytes: int,
+def _read_ahead(image: DWIImage | DWISpool, mask: np.ndarray, slab_bytes: int,
                 alive: int = 2) -> Iterator[Slab]:
     """The slabs of ``image`` (masked voxels), read by a background thread one slab ahead
     of the consumer: the next slab is read while this one is fitted. Slabs are
@@ -571,7 +572,7 @@ def check_dictionary_space(size: int | None, n_measurements: int,
                          f"smaller dictionary size")
 
 
-def volume_mask(image: DWIImage, scheme: AcquisitionScheme, rule: str) -> np.ndarray:
+def volume_mask(image: DWIImage | DWISpool, scheme: AcquisitionScheme, rule: str) -> np.ndarray:
     """The default mask of ``image`` under ``rule`` (:data:`~.options.MASK_RULES`),
     bool of the image's spatial shape."""
     if rule == "all":

@@ -86,6 +86,7 @@ __all__ = [
     "DEEP_CHECK_BYTES",
     "DEFAULT_SLAB_BYTES",
     "DWIImage",
+    "DWISpool",
     "READ_ERRORS",
     "Slab",
     "atomic_write_json",

@@ -46,12 +46,15 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
 import numpy as np
 
 from fingerprint.errors import InputError
 from fingerprint.stages import stage
+
+if TYPE_CHECKING:
+    from nibabel import Nifti1Header, Nifti1Image
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +64,8 @@ __all__ = ["READ_ERRORS", "SPOOL_THREADS", "DWISpool", "Slab", "SpoolSource", "a
 
 #: Bytes inflated per read of the gzip stream.
 _BLOCK_BYTES = 16 * 1024**2
+#: Spools at least this large (bytes) are released by a background thread.
+_RELEASE_IN_BACKGROUND_BYTES = 256 * 1024**2
 #: Bytes the inflating thread hands over at a time.
 _INFLATE_BLOCK_BYTES = 4 * 1024**2
 #: Largest float32 block transposed at once while reading a slab (bytes).
@@ -149,6 +154,20 @@ class Slab:
     data: np.ndarray
 
 
+class _OpenedImage(Protocol):
+    """What :meth:`SpoolSource.of` reads of a :class:`~fingerprint.io.nifti.DWIImage`."""
+
+    path: Path
+    shape: tuple[int, int, int, int]
+    img: Nifti1Image
+
+    @property
+    def dtype(self) -> np.dtype: ...
+
+    @property
+    def header(self) -> Nifti1Header: ...
+
+
 @dataclass(frozen=True)
 class SpoolSource:
     """Where a DWI's voxels are in its decompressed stream and how to scale them."""
@@ -166,10 +185,11 @@ class SpoolSource:
     inter: Any
 
     @classmethod
-    def of(cls, image: Any) -> SpoolSource:
+    def of(cls, image: _OpenedImage) -> SpoolSource:
         """The source of a :class:`~fingerprint.io.nifti.DWIImage`."""
         proxy = image.img.dataobj
-        return cls(path=Path(image.path), shape=tuple(int(s) for s in image.shape),
+        x, y, z, n = (int(s) for s in image.shape)
+        return cls(path=Path(image.path), shape=(x, y, z, n),
                    offset=int(getattr(proxy, "offset", image.header.get_data_offset())),
                    dtype=np.dtype(getattr(proxy, "dtype", image.dtype)),
                    slope=getattr(proxy, "_slope", 1.0), inter=getattr(proxy, "_inter", 0.0))
@@ -336,7 +356,7 @@ class DWISpool:
                 # to the end of the stream: its checksums are verified there
                 while not self._stop.is_set() and src.read(_BLOCK_BYTES):
                     pass
-        except (*READ_ERRORS, RuntimeError) as exc:
+        except (*_READ_ERRORS, RuntimeError) as exc:
             if isinstance(exc, InputError):
                 self._error = exc
             else:
@@ -415,10 +435,14 @@ class DWISpool:
 
     def _cleanup(self) -> None:
         if self._fd is not None:
-            try:
-                os.close(self._fd)
-            finally:
-                self._fd = None
+            fd, self._fd = self._fd, None
+            if self._tmp is None and self.nbytes >= _RELEASE_IN_BACKGROUND_BYTES:
+                # the last close of an unlinked file frees its pages (a tenth of a second
+                # per GB): done beside what follows (writing the maps)
+                threading.Thread(target=_close_quietly, args=(fd,), daemon=True,
+                                 name="fingerprint-spool-release").start()
+            else:
+                os.close(fd)
         if self._tmp is not None:
             self._tmp.unlink(missing_ok=True)
             self._tmp = None
@@ -469,7 +493,7 @@ class DWISpool:
         n_vol = self.n_volumes
         item = self._itemsize
         raw = np.empty((n_vol, n), dtype=self.source.dtype)
-        view = memoryview(raw.view(np.uint8).reshape(-1))
+        view = raw.view(np.uint8).reshape(-1).data
         row = self.n_selected * item
         piece = n * item
         for t in range(n_vol):
@@ -480,7 +504,7 @@ class DWISpool:
         return _transpose(values)
 
     def iter_slabs(self, mask: np.ndarray, *, max_bytes: int,
-                   start_slice: int = 0) -> Iterator[Any]:
+                   start_slice: int = 0) -> Iterator[Slab]:
         """The voxels of ``mask`` (a subset of the selection) in slabs of at most about
         ``max_bytes`` (float32 signals and the raw block they are read into), as
         :class:`Slab` (``start``/``stop``: the slices the slab's
@@ -518,7 +542,7 @@ class DWISpool:
         item = self._itemsize
         raw = np.empty(self.n_selected, dtype=self.source.dtype)
         row = self.n_selected * item
-        _pread_all(self._fd, memoryview(raw.view(np.uint8)), int(index) * row, self.path)
+        _pread_all(self._fd, raw.view(np.uint8).data, int(index) * row, self.path)
         values = scaled_float32(raw, self.source)
         out = np.zeros(int(np.prod(self.spatial_shape)), dtype=np.float32)
         if self._index is None:
@@ -537,6 +561,13 @@ class DWISpool:
         for i in idx:
             acc += self.read_volume(int(i))
         return (acc / idx.size).astype(np.float32)
+
+
+def _close_quietly(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:  # pragma: no cover - nothing to do about it
+        pass
 
 
 def _transpose(values: np.ndarray) -> np.ndarray:
