@@ -82,6 +82,10 @@ from fingerprint.kernels.rotational import (
 
 logger = logging.getLogger(__name__)
 
+#: One fit of every voxel (:func:`~fingerprint.kernels.rotational.fit_joint_kernel`):
+#: grid coordinates, isotropic coordinates, directions, weights, residual sums of squares.
+_Fit = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+
 __all__ = ["FascicleLayout", "MultiFascicleFitter", "MultiFascicleSettings",
            "fascicle_layout", "fascicle_tables", "is_multifascicle"]
 
@@ -151,7 +155,9 @@ class MultiFascicleSettings:
         with the two fascicles' parameters swapped (kept under the same rule as the
         split start): two dispersed fascicles at a moderate angle have two nearby optima
         that differ in which of them is the more dispersed, and the polish stays in the
-        one it starts in. None: as ``split_start``.
+        one it starts in. Only where the two fascicles are closer than
+        ``swap_separation_deg`` (degrees; farther apart the swap did not lower the
+        residual on the benchmark phantoms). None: as ``split_start``.
     penalty: information-criterion cost of one parameter in the fascicle-count choice
         (``N log(RSS / N) + p * penalty``): None is ``log N`` (BIC, default); 2 is AIC.
         A smaller penalty finds more crossings and splits more single fascicles
@@ -170,6 +176,7 @@ class MultiFascicleSettings:
     split_start: bool | None = None
     split_angle_deg: float = 30.0
     swap_start: bool | None = None
+    swap_separation_deg: float = 75.0
     skip_factor: float = 2.0
     skip_separation_deg: float = 30.0
     penalty: float | None = None
@@ -628,37 +635,46 @@ class MultiFascicleFitter:
         middle = ((tb.axes_n - 1) // 2).astype(float)
         return np.ascontiguousarray(np.broadcast_to(middle, (n, k, middle.size)))
 
-    def _retry(self, y: np.ndarray, res: tuple[np.ndarray, ...], gate: np.ndarray,
-               search: bool, sweeps: int, how: str) -> tuple[np.ndarray, ...]:
+    def _retry(self, y: np.ndarray, res: _Fit, gate: np.ndarray, search: bool, sweeps: int,
+               how: str) -> _Fit:
         """The two-fascicle fit ``res`` again from the split start (``how='split'``) or
         from its own directions with the fascicles' parameters swapped (``'swap'``),
         see :class:`MultiFascicleSettings`; a voxel keeps the new fit where it is
         eligible (both fractions >= ``min_fraction``) and the first is not, or where
         both are eligible and its residual sum of squares is lower."""
         st, tb = self.settings, self.tables
-        zs, iso, dirs, w, rss = (np.array(a) for a in res)
+        zs, iso, dirs, w, rss = (np.array(res[0]), np.array(res[1]), np.array(res[2]),
+                                 np.array(res[3]), np.array(res[4]))
         n = y.shape[0]
         total = w.sum(axis=1)
         frac = w[:, :2] / np.where(total > 0, total, 1.0)[:, None]
         if how == "split":
-            main = dirs[np.arange(n), np.argmax(frac, axis=1)]
+            rows = np.arange(n)
+            main = dirs[rows, np.argmax(frac, axis=1)]
             starts = _split_directions(y, tb.quad, main, math.radians(st.split_angle_deg))
             z0, warm = self._middle(n, 2), np.full(n, not search)
         else:
-            starts = np.ascontiguousarray(dirs)
-            z0, warm = np.ascontiguousarray(zs[:, ::-1]), np.ones(n, dtype=np.bool_)
+            cos = np.abs(np.sum(dirs[:, 0] * dirs[:, 1], axis=1))
+            rows = np.flatnonzero(cos > math.cos(math.radians(st.swap_separation_deg)))
+            starts = np.ascontiguousarray(dirs[rows])
+            z0 = np.ascontiguousarray(zs[rows, ::-1])
+            warm = np.ones(rows.size, dtype=np.bool_)
+        if rows.size == 0:
+            return zs, iso, dirs, w, rss
         nz, niso, ndirs, nw, nrss = run_kernel(
-            fit_joint_kernel, float(n) * tb.coef.shape[0] * 2 * 50, y, starts, 2, tb.coef,
+            fit_joint_kernel, float(rows.size) * tb.coef.shape[0] * 2 * 50,
+            np.ascontiguousarray(y[rows]), starts, 2, tb.coef,
             tb.mono, tb.axes_n, tb.strides, tb.iso, tb.iso_sizes, tb.iso_cont, tb.shell,
             int(tb.shell.max()) + 1, tb.grad, sweeps, st.first_passes,
             st.polish_iterations, math.cos(math.radians(st.sweeps_separation_deg)),
-            np.ascontiguousarray(gate), warm, z0)
+            np.ascontiguousarray(gate[rows]), warm, z0)
         ntotal = nw.sum(axis=1)
         nfrac = nw[:, :2] / np.where(ntotal > 0, ntotal, 1.0)[:, None]
-        old_ok = frac.min(axis=1) >= st.min_fraction
+        old_ok = frac[rows].min(axis=1) >= st.min_fraction
         new_ok = nfrac.min(axis=1) >= st.min_fraction
-        take = np.isfinite(nrss) & new_ok & (~old_ok | ~(rss <= nrss))
-        zs[take], iso[take], dirs[take], w[take], rss[take] = (
+        take = np.isfinite(nrss) & new_ok & (~old_ok | ~(rss[rows] <= nrss))
+        t = rows[take]
+        zs[t], iso[t], dirs[t], w[t], rss[t] = (
             nz[take], niso[take], ndirs[take], nw[take], nrss[take])
         return zs, iso, dirs, w, rss
 
