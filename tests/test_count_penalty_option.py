@@ -21,7 +21,7 @@ from fingerprint.fitting.options import (
     OptionError,
 )
 from fingerprint.io.gradients import write_bvals_bvecs
-from fingerprint.models import get_model
+from fingerprint.models import get_model, model_count_penalty
 from fingerprint.phantoms import (
     add_rician_noise,
     crossing_directions,
@@ -67,9 +67,11 @@ def test_count_penalty_is_one_declared_and_validated_option():
 
 def test_count_penalty_overrides_the_model_s_in_the_fitting_core():
     scheme = default_scheme(n_b0=3, shells=((1000.0, 30), (2000.0, 30)))
-    noddi2 = get_model("noddi2")  # its recipe's [fit] count_penalty is 3
-    fitter = prepare_fitter(noddi2, scheme, FitOptions(count_penalty=2.0))
-    assert isinstance(fitter, MultiFascicleFitter) and fitter.settings.penalty == 2.0
+    noddi2 = get_model("noddi2")  # its recipe sets [fit] count_penalty
+    recipe = model_count_penalty("noddi2")
+    assert recipe is not None and recipe != 4.0
+    fitter = prepare_fitter(noddi2, scheme, FitOptions(count_penalty=4.0))
+    assert isinstance(fitter, MultiFascicleFitter) and fitter.settings.penalty == 4.0
     bss = get_model("ball_stick_stick")  # no recipe penalty: the BIC unless given
     for given, used in ((None, None), (0.0, 0.0), (7.5, 7.5)):
         fitter = prepare_fitter(bss, scheme, FitOptions(count_penalty=given, refine=False))
