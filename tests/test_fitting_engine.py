@@ -289,6 +289,29 @@ def test_hnsw_index_cached_beside_dictionary(dictionary, caplog):
     np.testing.assert_array_equal(a.matcher.search(q, 8)[1], b.matcher.search(q, 8)[1])
 
 
+def test_approximate_estimator_reads_no_hnsw_graph(dictionary, noddi, scheme, estimator):
+    """On an HNSW-sized dictionary (threshold lowered), the estimator's searches (the
+    profile match, the main match, the dictionary-spacing estimate) all go to the
+    inverted file: no graph is built or read. The spacing equals the exact search's, and
+    the estimates are close to the exact matcher's."""
+    cache = dictionary.path.parent / f"{dictionary.path.name}.hnsw16.faiss"
+    if cache.exists():
+        cache.unlink()
+    approx = FingerprintEstimator.from_dictionary(dictionary, n_jobs=1, hnsw_threshold=1000)
+    exact = FingerprintEstimator.from_dictionary(dictionary, n_jobs=1,
+                                                 matcher_method="exact")
+    assert approx.matcher.method == "hnsw"
+    truth, data = phantom(noddi, scheme, 400, seed=21, snr=30)
+    a = approx.estimate(data)
+    e = exact.estimate(data)
+    assert approx.matcher._hnsw is None and not cache.exists()
+    assert approx.matcher._ivf is not None
+    assert approx.dictionary_spacing2 == pytest.approx(exact.dictionary_spacing2, rel=1e-5)
+    err_a = mae(a.parameters[:, ODI:PV0 + 1], truth[:, ODI:PV0 + 1])
+    err_e = mae(e.parameters[:, ODI:PV0 + 1], truth[:, ODI:PV0 + 1])
+    np.testing.assert_allclose(err_a, err_e, atol=2e-3)
+
+
 # ------------------------------------------------------------------ other models, threads
 def test_spherical_mean_model(scheme, dict_dir):
     smt = get_model("smt_noddi")

@@ -86,6 +86,11 @@ SPACING_FRACTION = 0.25
 PROFILE_NEIGHBORS = 4
 PROFILE_NPROBE = 1
 PROFILE_EF_SEARCH = 8
+#: Lists of the inverted file probed by the dictionary-spacing estimate (each sampled
+#: atom's nearest other atom; with 2 or more the NODDI spacing equals the exact search's
+#: to 7 digits): the search a fit makes once, on the index its other searches use, so no
+#: HNSW graph is read for it.
+SPACING_NPROBE = 8
 #: Voxels per internal batch (bounds temporary memory).
 BATCH_VOXELS = 16384
 
@@ -545,8 +550,8 @@ class FingerprintEstimator:
             if n_atoms < 2:
                 cached = 0.0
             else:
-                dist, _ = self.matcher.search(
-                    np.ascontiguousarray(self.atom_features[pick], dtype=np.float32), 2)
+                dist, _ = self.matcher.search(self.atom_features[pick], 2,
+                                              nprobe=SPACING_NPROBE)
                 d = np.asarray(dist, dtype=float)[:, 1]
                 d = d[np.isfinite(d) & (d >= 0)]
                 cached = float(np.percentile(d, SPACING_PERCENTILE)) if d.size else 0.0
