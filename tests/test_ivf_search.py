@@ -82,6 +82,13 @@ def test_ties_are_broken_by_atom_index_and_missing_neighbours_are_marked():
     np.testing.assert_array_equal(i[0, 12:], [-1, -1])
     assert np.all(np.isinf(d[0, 12:])) and np.all(d[0, :3] == 0)
     np.testing.assert_array_equal(i[1], -1)
+    # many atoms at one distance (more than the selection's slack): the lowest indices
+    many = np.zeros((60, 4), dtype=np.float32)
+    many[::2, 0] = 1.0
+    tables = IVFTables.from_lists(many, np.eye(2, 4), np.zeros(60, dtype=np.int64))
+    d, i = tables.search(np.array([[0.5, 0, 0, 0]]), 5, 1)
+    np.testing.assert_array_equal(i[0], [0, 1, 2, 3, 4])
+    np.testing.assert_array_equal(d[0], 0.25)
 
 
 def test_results_do_not_depend_on_batching_or_threads():

@@ -134,6 +134,8 @@ class IVFTables:
         """Tables of ``features`` (atoms, d) grouped into the lists of ``centroids``
         (lists, d): atom i belongs to list ``assignment[i]``."""
         feats = np.asarray(features, dtype=np.float64)
+        if feats.shape[0] >= 2 ** 31:  # the search's sort keys hold atom indices in 32 bits
+            raise DictionaryError(f"cannot index {feats.shape[0]} atoms (at most 2**31 - 1)")
         n_lists = int(centroids.shape[0])
         mean = feats.mean(axis=0)
         centred = feats - mean
@@ -156,7 +158,7 @@ class IVFTables:
         return tables
 
     @classmethod
-    def from_faiss(cls, index: Any, features: np.ndarray) -> IVFTables:
+    def from_faiss(cls, index: faiss.Index, features: np.ndarray) -> IVFTables:
         """Tables with the lists of a FAISS ``IndexIVFFlat`` over ``features``."""
         import faiss  # lazy: keeps FAISS off import
 

@@ -11,8 +11,9 @@ a query probes its ``nprobe`` nearest lists and keeps the ``k`` nearest atoms fo
   centroid outside it can be nearer; the result is that of a search of every centroid);
 * each list's atoms stored dimension by dimension, so that the distances of a list are
   vectorised loops over contiguous memory;
-* the k smallest distances of the probed lists selected by a histogram of the distances
-  (items in the bins up to the one holding the k-th are sorted; the rest never are).
+* the k smallest distances of the probed lists selected by bisecting a bound on the k-th
+  (vectorised counts), then sorting the few items below it as integer keys that order
+  by (distance, atom).
 
 The k nearest are ordered by (distance, atom index), so ties never depend on the order
 in which lists or atoms are visited; queries are independent of each other, so results
@@ -32,8 +33,8 @@ __all__ = ["ivf_search"]
 SERIAL_ROWS = 2048
 #: Queries per parallel work item (each item allocates its scratch once).
 QUERY_BLOCK = 256
-#: Histogram bins of the k-smallest selection.
-_BINS = 64
+#: The k-smallest selection sorts at most this many items more than k.
+_SLACK = 8
 
 
 @njit(cache=True, nogil=True)
@@ -96,64 +97,57 @@ def _nearest_lists(q: np.ndarray, centroids_t: np.ndarray, key: np.ndarray, wind
 
 
 @njit(cache=True, nogil=True)
-def _bin(d: float, low: float, scale: float, top: int) -> int:
-    b = int((d - low) * scale)
-    return min(max(b, 0), top)
+def _count_at_most(dist: np.ndarray, m: int, bound: float) -> int:
+    """How many of ``dist[:m]`` are at most ``bound`` (a vectorised count)."""
+    count = 0
+    for s in range(m):
+        count += dist[s] <= bound
+    return count
 
 
 @njit(cache=True, nogil=True)
-def _k_smallest(buf: np.ndarray, place: np.ndarray, ids: np.ndarray, m: int, k: int,
-                sel: np.ndarray, hist: np.ndarray) -> int:
-    """Indices into ``buf[:m]`` of its k smallest values in ``sel[:k]`` (fewer when m < k),
-    ascending by (value, atom ``ids[place[i]]``); returns how many."""
-    for s in range(m):
-        sel[s] = s
-    n = m
-    top = hist.shape[0] - 1
-    for _ in range(8):  # each round keeps the bins up to the one holding the k-th
-        if n <= 2 * k + 16:
-            break
-        low = np.inf
-        high = -np.inf
-        for a in range(n):
-            d = buf[sel[a]]
-            low = min(low, d)
-            high = max(high, d)
-        if not high > low:
-            break
-        scale = top / (high - low)
-        hist[:] = 0
-        for a in range(n):
-            hist[_bin(buf[sel[a]], low, scale, top)] += 1
-        cum = 0
-        last = top
-        for b in range(top + 1):
-            cum += hist[b]
-            if cum >= k:
-                last = b
+def _k_smallest(dist: np.ndarray, bits: np.ndarray, place: np.ndarray, ids: np.ndarray,
+                m: int, k: int, keys: np.ndarray) -> int:
+    """The k smallest of ``dist[:m]`` (fewer when m < k) as ascending keys in ``keys``:
+    (float32 bits of the distance << 32) | atom ``ids[place[i]]``, so that one integer
+    comparison orders by (distance, atom) (non-negative floats order as their bits).
+    Returns how many.
+
+    A bound above the k-th smallest is bisected (vectorised counts) until at most
+    :data:`_SLACK` more than k items lie below it; only those are sorted."""
+    n = 0
+    if m > k + _SLACK:
+        high = dist[0]  # the largest of any k items is at least the k-th smallest
+        for s in range(1, k):
+            high = max(high, dist[s])
+        low = np.float32(0.0)
+        above = _count_at_most(dist, m, high)
+        for _ in range(64):
+            if above <= k + _SLACK:
                 break
-        kept = 0
-        for a in range(n):
-            v = sel[a]
-            sel[kept] = v
-            kept += _bin(buf[v], low, scale, top) <= last
-        if kept == n:
-            break
-        n = kept
-    for a in range(1, n):  # insertion sort by (distance, atom)
-        v = sel[a]
-        dv = buf[v]
-        iv = ids[place[v]]
-        j = a
-        while j > 0:
-            u = sel[j - 1]
-            du = buf[u]
-            if du > dv or (du == dv and ids[place[u]] > iv):
-                sel[j] = u
-                j -= 1
+            mid = np.float32(0.5) * (low + high)
+            if not low < mid < high:
+                break
+            count = _count_at_most(dist, m, mid)
+            if count >= k:
+                high = mid
+                above = count
             else:
-                break
-        sel[j] = v
+                low = mid
+        for s in range(m):
+            keys[n] = (np.int64(bits[s]) << 32) | ids[place[s]]
+            n += dist[s] <= high
+    else:
+        for s in range(m):
+            keys[s] = (np.int64(bits[s]) << 32) | ids[place[s]]
+        n = m
+    for a in range(1, n):  # insertion sort of the few keys left
+        v = keys[a]
+        j = a
+        while j > 0 and keys[j - 1] > v:
+            keys[j] = keys[j - 1]
+            j -= 1
+        keys[j] = v
     return min(n, k)
 
 
@@ -172,8 +166,10 @@ def _search_block(queries: np.ndarray, start: int, stop: int, k: int, nprobe: in
     cdist = np.empty(nl, np.float32)
     buf = np.empty(max(longest * nprobe, 1), np.float32)
     place = np.empty(buf.shape[0], np.int64)
-    sel = np.empty(buf.shape[0], np.int64)
-    hist = np.zeros(_BINS, np.int64)
+    bits = buf.view(np.int32)
+    keys = np.empty(buf.shape[0], np.int64)
+    word = np.empty(1, np.int32)
+    word_f = word.view(np.float32)
     pd = np.empty(nprobe, np.float32)
     pl = np.empty(nprobe, np.int64)
     for r in range(start, stop):
@@ -205,10 +201,11 @@ def _search_block(queries: np.ndarray, start: int, stop: int, k: int, nprobe: in
                 for s in range(size):
                     place[m + s] = s0 + s
                 m += size
-            found = _k_smallest(buf, place, ids, m, k, sel, hist)
+            found = _k_smallest(buf, bits, place, ids, m, k, keys)
             for j in range(found):
-                out_d[r, j] = buf[sel[j]]
-                out_i[r, j] = ids[place[sel[j]]]
+                word[0] = np.int32(keys[j] >> 32)
+                out_d[r, j] = word_f[0]
+                out_i[r, j] = keys[j] & 0xFFFFFFFF
         for j in range(found, k):
             out_d[r, j] = np.inf
             out_i[r, j] = -1
