@@ -167,6 +167,8 @@ class IVFTables:
         centroids = ivf.quantizer.reconstruct_n(0, n_lists)
         assignment = np.full(int(ivf.ntotal), -1, dtype=np.int64)
         invlists = ivf.invlists
+        if invlists is None:
+            raise DictionaryError("the IVF index has no inverted lists")
         for lst in range(n_lists):
             size = int(invlists.list_size(lst))
             if size:
@@ -334,8 +336,16 @@ class Matcher:
                 if self._ivf is None:
                     self._ivf = IVFTables.from_faiss(self._load_or_build_ivf(),
                                                      self._features)
-                    self._ivf_quantizer = None
         return self._ivf
+
+    @property
+    def atom_order(self) -> np.ndarray | None:
+        """Atom indices in the inverted file's list order (atoms of one list next to each
+        other, read-only), once its tables are loaded; else None. The neighbours a search
+        returns lie in a few lists: tables of per-atom values laid out in this order are
+        read from a few memory regions instead of scattered rows."""
+        tables = self._ivf
+        return None if tables is None else tables.ids
 
     @property
     def index(self) -> faiss.Index:
