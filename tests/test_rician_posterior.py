@@ -104,6 +104,7 @@ def test_posterior_skips_seeded_and_noise_free_voxels(estimator, activeax_scheme
 def test_restricted_recipes_turn_it_on_and_refine_false_turns_it_off(activeax_scheme, tmp_path):
     assert model_posterior_neighbors("activeax") == 2048
     assert model_posterior_neighbors("charmed") == 512
+    assert model_posterior_neighbors("axcaliber") == 2048
     assert model_posterior_neighbors("noddi") is None
     assert "Rician posterior" in describe_model("activeax")["posterior"]
     model = get_model("activeax")

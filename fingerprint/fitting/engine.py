@@ -256,7 +256,7 @@ class FingerprintFitter:
         self.options = dict(options)
         self.polish = polish
         self.posterior_neighbors = model_posterior_neighbors(self.model) \
-            if estimator.refine else None
+            if getattr(estimator, "refine", True) else None
 
     @property
     def dictionary_path(self) -> str | None:

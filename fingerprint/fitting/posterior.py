@@ -17,7 +17,10 @@ the dictionary's squared atom spacing per feature, as in the matcher's weights (
 noise-free voxels average a few close atoms instead of snapping to one). The scalar
 parameters become the weighted means of the atoms' (the dictionary's sampling is the
 prior; top-level fractions stay on the simplex: a convex combination) and their spread
-the weighted standard deviation; the fibre axis is kept. The goodness of fit is
+the weighted standard deviation; the fibre axis is kept. A Gamma diameter distribution
+(AxCaliber) reports the posterior-mean shape alpha and the scale beta that makes its mean
+diameter 2 alpha beta the posterior mean of the atoms' mean diameters (the product of
+the separate means is not: shape and scale are strongly anti-correlated). The goodness of fit is
 recomputed from the posterior-mean signal.
 
 Measured on the restricted-model phantoms (docs/benchmarks.md, "Restricted models"): the
@@ -60,6 +63,19 @@ def _zonal_basis(est: FingerprintEstimator, frames: np.ndarray) -> np.ndarray:
     return basis
 
 
+def _gamma_columns(est: FingerprintEstimator) -> tuple[int, int] | None:
+    """Positions of a Gamma distribution's shape and scale among the scalar columns, or
+    None when the model has none."""
+    names = list(est.parameter_names)
+    alpha = [n for n in names if n.endswith("DD1Gamma_1_alpha")]
+    beta = [n for n in names if n.endswith("DD1Gamma_1_beta")]
+    if not (alpha and beta):
+        return None
+    scalars = list(est._scalar_columns)
+    return (scalars.index(est._slices[alpha[0]].start),
+            scalars.index(est._slices[beta[0]].start))
+
+
 def rician_posterior(est: FingerprintEstimator, data: np.ndarray, ve: VoxelEstimates,
                      neighbors: int, skip: np.ndarray | None = None) -> None:
     """Replace the scalar parameters, their uncertainty and the goodness of fit of the
@@ -94,6 +110,7 @@ def rician_posterior(est: FingerprintEstimator, data: np.ndarray, ve: VoxelEstim
     _, idx = est.matcher.search(np.ascontiguousarray(feats, dtype=np.float32), k)
     sig2 = sig ** 2 + SPACING_FRACTION * est.dictionary_spacing2 / max(fmap.n_features, 1)
     atoms = est.atom_parameters
+    gamma = _gamma_columns(est)
     block = max(1, BLOCK_VALUES // (k * max(fmap.n_features, atoms.shape[1])))
     for s in range(0, rows.size, block):
         sl = slice(s, s + block)
@@ -108,6 +125,10 @@ def rician_posterior(est: FingerprintEstimator, data: np.ndarray, ve: VoxelEstim
         vals = atoms[safe][:, :, scalars]                           # (b, K, S)
         mean = np.einsum("bk,bks->bs", w, vals)
         var = np.einsum("bk,bks->bs", w, (vals - mean[:, None, :]) ** 2)
+        if gamma is not None:  # the scale that gives the posterior-mean mean diameter
+            ia, ib = gamma
+            mean[:, ib] = np.einsum("bk,bk->b", w, vals[:, :, ia] * vals[:, :, ib]) / \
+                mean[:, ia]
         r = rows[sl]
         if est.refine and est._refine_columns.size:
             # the matcher's local-linear step around the new mean, with the new weights:
