@@ -13,7 +13,8 @@ without the non-linear polish. Reports the resolution limit d_min of the scheme 
 SNR (``fingerprint.fitting.resolution``, Nilsson et al. 2017), MAE and correlation over
 all voxels and over the voxels whose true diameter lies above d_min, and the share of
 voxels flagged ``below_resolution`` (estimated diameter under d_min at the phantom's
-SNR), with the share of the voxels truly below d_min that are flagged and the share of
+SNR, counting half the fit's posterior spread of the diameter as the fitting core's flag
+does), with the share of the voxels truly below d_min that are flagged and the share of
 flagged voxels truly below it. At each noisy SNR it also reports the Bayes bound of
 ``scripts/bench_diameter_bound.py`` (the lowest MAE any estimator can reach on the
 phantom) and the same oracle with the fit's own parameter ranges as prior. With
@@ -113,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
                     cpu = (time.process_time() - t0) / args.voxels * 1e3
                     vec = np.asarray(fitted.fitted_parameters_vector, dtype=np.float64)
                     flagged = below_resolution(model, scheme, vec,
-                                               np.full(args.voxels, limit_snr))
+                                               np.full(args.voxels, limit_snr),
+                                               fitted.uncertainty)
                     rows.append(_row(name, snr, "matching + polish" if refine == "nonlinear"
                                      else "matching", d_min, diameter_estimates(model, vec),
                                      d_true, flagged, cpu))
@@ -156,8 +158,10 @@ def main(argv: list[str] | None = None) -> int:
         "(each at least 0.1). d_min is the resolution limit of the scheme (Nilsson et al. "
         "2017, best shell, every measurement counted as perpendicular: a lower bound) at the "
         "phantom's SNR (SNR 30 for the noise-free rows); diameters below it are "
-        "indistinguishable and fitted voxels whose estimate falls below it carry the "
-        "`below_resolution` quality flag. Dictionaries of "
+        "indistinguishable, and fitted voxels whose estimate is not clearly above it (below "
+        "it after subtracting half the fit's posterior spread of the diameter; AxCaliber's "
+        "mean diameter without the spread) carry the `below_resolution` quality flag. "
+        "Dictionaries of "
         + (f"{args.size:,} atoms" if args.size else "each recipe's size ("
            + ", ".join(f"{m} {get_recipe(m).sampling.get('size', 0):,}" for m in args.models)
            + " atoms)")
