@@ -144,8 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     table += [f"| {r[0]} | {r[1]} | {r[2]} | {r[3]:.2f} | {r[4]:.2f} | {r[5]:.2f} | "
               f"{r[6]:.2f} | {r[7]:.2f} | {r[8]:.2f} | {r[9]} | {r[10]:.0%} | {r[11]:.0%} | "
               f"{r[12]:.0%} | {r[13]:.3g} |" for r in rows]
-    cmd = "python scripts/bench_diameters.py " + " ".join(
-        argv if argv is not None else sys.argv[1:])
+    shown = list(argv if argv is not None else sys.argv[1:])
+    if "--dictionary-dir" in shown[:-1]:  # no machine paths in the docs
+        shown[shown.index("--dictionary-dir") + 1] = "DIR"
+    cmd = "python scripts/bench_diameters.py " + " ".join(shown)
     text = "\n".join([
         BEGIN, "## Restricted models: axon diameters", "",
         f"Command: `{cmd.strip()}`. Machine: {platform.machine()}, {os.cpu_count()} cores, "

@@ -413,12 +413,13 @@ class SamplingPlan:
                 # the scale in bounds (its block may come before or after this one)
                 ua = u[:, first[b.shape.name]] if b.shape.name in first else \
                     u[:, sum(x.dims for x in self._blocks[:self._blocks.index(b.shape)])]
-                lo = np.clip(np.maximum(alo, mean / (2.0 * bhi)), alo, ahi)
-                hi = np.clip(np.minimum(ahi, mean / (2.0 * blo)) if blo > 0 else ahi, lo, ahi)
+                low = np.clip(np.maximum(alo, mean / (2.0 * bhi)), alo, ahi)
+                high = np.clip(np.minimum(ahi, mean / (2.0 * blo)) if blo > 0 else ahi,
+                               low, ahi)
                 if b.shape.transforms[0] == "log":
-                    alpha = np.exp(np.log(lo) + ua * (np.log(hi) - np.log(lo)))
+                    alpha = np.exp(np.log(low) + ua * (np.log(high) - np.log(low)))
                 else:
-                    alpha = lo + ua * (hi - lo)
+                    alpha = low + ua * (high - low)
                 out[:, b.shape.column] = alpha
                 out[:, b.column] = np.clip(mean / (2.0 * alpha), blo, bhi)
                 continue
@@ -495,7 +496,7 @@ def resolve_sampling(space: ParameterSpace, spec: SamplingSpec) -> SamplingPlan:
     points = {space.resolve(k): int(v) for k, v in spec.points.items()}
     offsets = space.offsets()
     by_name = {p.name: p for p in space.parameters}
-    mean_diameter = {space.resolve(k): tuple(float(x) for x in v)
+    mean_diameter = {space.resolve(k): (float(v[0]), float(v[1]))
                      for k, v in spec.mean_diameter.items()}
     shape_of: dict[str, str] = {}
     for name in mean_diameter:
