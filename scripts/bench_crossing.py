@@ -19,7 +19,8 @@ standard deviation S0 / SNR (S0 = 100).
 Methods, all in this run on the same noisy signals:
 
 * ``multifascicle``: the built-in solver (``FitOptions()``), i.e. rotated single-fascicle
-  atoms, fascicle count by BIC;
+  atoms, fascicle count by the model's information criterion (Ball-Stick-Stick: BIC;
+  NODDI2: its recipe's penalty of 2 per parameter), see docs/crossing.md;
 * ``multifascicle-grid``: the same without the polish (``refine=False``: directions on
   the 300-direction search grid, parameters on the atom grid), for the speed/accuracy
   trade-off;

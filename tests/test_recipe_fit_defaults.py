@@ -178,17 +178,17 @@ def test_noddi2_recipe_count_penalty_reaches_the_multifascicle_fit(capsys):
     from fingerprint.models import model_count_penalty
 
     scheme = default_scheme(n_b0=3, shells=((1000.0, 30), (2000.0, 30)))
-    assert model_count_penalty("noddi2") == 3.0
+    assert model_count_penalty("noddi2") == 2.0
     assert model_count_penalty("ball_stick_stick") is None  # the BIC
     for refine in (None, True, False):
         fitter = prepare_fitter(get_model("noddi2"), scheme, FitOptions(refine=refine))
         assert isinstance(fitter, MultiFascicleFitter)
-        assert fitter.settings.penalty == 3.0
+        assert fitter.settings.penalty == 2.0
         assert fitter.settings.polish_iterations == (0 if refine is False else 10)
     fitter = prepare_fitter(get_model("ball_stick_stick"), scheme, FitOptions())
     assert isinstance(fitter, MultiFascicleFitter) and fitter.settings.penalty is None
-    assert "penalty of 3 per parameter" in describe_model("noddi2")["count_penalty"]
+    assert "penalty of 2 per parameter" in describe_model("noddi2")["count_penalty"]
     assert describe_model("ball_stick_stick")["count_penalty"] is None
     assert cli_main(["models", "noddi2"]) == 0
-    assert "Fascicle count: fascicle count chosen with a penalty of 3" in \
+    assert "Fascicle count: fascicle count chosen with a penalty of 2" in \
         capsys.readouterr().out

@@ -26,7 +26,13 @@ fitted voxel by voxel as a sum of *rotated single-fascicle atoms* plus isotropic
    It stops when a step gains less than a twentieth of the noise variance. For one
    fascicle, or while two fascicles are closer than ``sweeps_separation_deg``, a second
    round searches the atoms again (a discrete atom replaces a continuous one only when it
-   lowers the residual) and polishes again when anything changed.
+   lowers the residual) and polishes again when anything changed. Dispersed fascicles
+   (Watson bundles: a large atom table, and several nearby optima when two cross at a
+   moderate angle) skip the discrete search (the polish starts from the middle atom,
+   one round), and their two-fascicle fit is run again from a *split start* (the
+   largest fascicle's direction turned both ways in the plane normal to the voxel's
+   least attenuation) and from a *swap start* (the fascicles' parameters exchanged),
+   keeping an eligible fit of lower residual.
 4. **Fascicle count.** K = K_max ... 1 (the model's fascicle compartments) are fitted
    and the count of lowest Bayesian information criterion
    ``BIC = N log(RSS / N) + p log N`` is kept (N measurements, p = K (2 angles + 1
@@ -76,6 +82,10 @@ from fingerprint.kernels.rotational import (
 
 logger = logging.getLogger(__name__)
 
+#: One fit of every voxel (:func:`~fingerprint.kernels.rotational.fit_joint_kernel`):
+#: grid coordinates, isotropic coordinates, directions, weights, residual sums of squares.
+_Fit = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+
 __all__ = ["FascicleLayout", "MultiFascicleFitter", "MultiFascicleSettings",
            "fascicle_layout", "fascicle_tables", "is_multifascicle"]
 
@@ -106,6 +116,9 @@ class MultiFascicleSettings:
     sweeps: rounds of atom search and joint polish (with two or more fascicles, the
         rounds after the first run only while two fascicles are closer than
         ``sweeps_separation_deg`` degrees: farther apart one round finds the optimum).
+        None: 2 where the fits start with the atom search (``atom_search``), else 1
+        (a later round searches the whole table, which for dispersed fascicles costs
+        more than it gains).
     single_extra_sweeps: extra rounds of the one-fascicle fit.
     first_passes: passes of the first discrete search over the fascicles' atoms.
     polish_iterations: Levenberg-Marquardt steps of each polish (0: no polish, the
@@ -122,6 +135,29 @@ class MultiFascicleSettings:
         ``skip_separation_deg`` apart (two fascicles that far apart are not one
         fascicle split in two). 0 polishes every count.
     skip_separation_deg: see ``skip_factor`` (degrees).
+    atom_search: whether each fit starts with a discrete search over the fascicle atoms
+        (True) or from the middle atom straight into the polish (False: for a large
+        table, such as the 651 (ODI, icvf) atoms of a NODDI bundle, the search costs
+        more than the polish and does not make it end better; every count is then
+        polished, ``skip_factor`` needing the discrete fit). None: search for fascicles
+        without dispersion (a stick), not for dispersed ones.
+    split_start: whether the two-fascicle fit is also run from a *split start* -- the
+        largest fascicle's direction turned by +-``split_angle_deg`` in the plane of
+        the voxel's least attenuation -- keeping that fit where it is eligible and the
+        first is not, or where both are eligible and its residual is lower. Two
+        dispersed fascicles crossing at a moderate angle are often fitted as one
+        dispersed fascicle between them plus a small one; the split start finds the
+        pair. None: on for dispersed fascicles, off for sticks (their greedy start
+        directions already resolve 30-90 degree crossings).
+    split_angle_deg: half the angle between the split start's two directions
+        (degrees).
+    swap_start: whether the two-fascicle fit is run once more from its own directions
+        with the two fascicles' parameters swapped (kept under the same rule as the
+        split start): two dispersed fascicles at a moderate angle have two nearby optima
+        that differ in which of them is the more dispersed, and the polish stays in the
+        one it starts in. Only where the two fascicles are closer than
+        ``swap_separation_deg`` (degrees; farther apart the swap did not lower the
+        residual on the benchmark phantoms). None: as ``split_start``.
     penalty: information-criterion cost of one parameter in the fascicle-count choice
         (``N log(RSS / N) + p * penalty``): None is ``log N`` (BIC, default); 2 is AIC.
         A smaller penalty finds more crossings and splits more single fascicles
@@ -130,12 +166,17 @@ class MultiFascicleSettings:
 
     min_fraction: float = 0.1
     single_extra_sweeps: int = 1
-    sweeps: int = 2
+    sweeps: int | None = None
     sweeps_separation_deg: float = 55.0
     first_passes: int = 1
     polish_iterations: int = 10
     min_separation_deg: float = 15.0
     start: str = "matching"
+    atom_search: bool | None = None
+    split_start: bool | None = None
+    split_angle_deg: float = 30.0
+    swap_start: bool | None = None
+    swap_separation_deg: float = 75.0
     skip_factor: float = 2.0
     skip_separation_deg: float = 30.0
     penalty: float | None = None
@@ -145,6 +186,9 @@ class MultiFascicleSettings:
                                              and self.penalty >= 0):
             raise InputError(f"penalty must be a finite number >= 0 or None, got "
                              f"{self.penalty!r}")
+        if not 0 < self.split_angle_deg < 90:
+            raise InputError(f"split_angle_deg must be between 0 and 90 degrees, got "
+                             f"{self.split_angle_deg!r}")
         if self.start not in START_METHODS:
             raise InputError(f"start must be one of {', '.join(START_METHODS)}, got "
                              f"{self.start!r}")
@@ -159,6 +203,8 @@ class FascicleLayout:
     orientation: the orientation parameter of each fascicle compartment.
     micro: each fascicle compartment's own free parameters (same order for every one).
     iso_params: each isotropic compartment's free parameters.
+    dispersed: whether the fascicle compartment is an orientation distribution (a
+        Watson-dispersed bundle) rather than one oriented compartment.
     """
 
     fascicles: tuple[int, ...]
@@ -166,6 +212,7 @@ class FascicleLayout:
     orientation: tuple[str, ...]
     micro: tuple[tuple[str, ...], ...]
     iso_params: tuple[tuple[str, ...], ...]
+    dispersed: bool = False
 
     @property
     def max_fascicles(self) -> int:
@@ -222,7 +269,8 @@ def fascicle_layout(model: Model) -> FascicleLayout | None:
                                                               strict=True)):
         return None
     return FascicleLayout(tuple(fasc), tuple(iso), tuple(orientation), tuple(micro),
-                          tuple(iso_params))
+                          tuple(iso_params),
+                          bool(getattr(model.models[fasc[0]], "_is_distributed_model", False)))
 
 
 def _local_spec(model: Model, k: int, micro: tuple[str, ...]) -> tuple[object, ...]:
@@ -281,6 +329,7 @@ class FascicleTables:
     gram: np.ndarray
     iso_mean: np.ndarray
     max_coef_error: float
+    quad: np.ndarray
 
 
 def _axis_grid(model: Model, name: str, points: int) -> np.ndarray:
@@ -421,7 +470,45 @@ def fascicle_tables(model: Model, scheme: AcquisitionScheme, layout: FascicleLay
     return FascicleTables(np.ascontiguousarray(coef), legendre_to_power(coef), micro_values,
                           micro_axes, axes_n, strides, iso, sizes, iso_values, iso_cont,
                           shell, np.ascontiguousarray(grad), grid, templates, gram,
-                          iso_mean, err)
+                          iso_mean, err, _quadratic_fit(grad, shell, n_shells))
+
+
+def _quadratic_fit(grad: np.ndarray, shell: np.ndarray, n_shells: int) -> np.ndarray:
+    """(6, N): the least-squares map from a signal to A of ``S(g) = g^T A g +
+    c_shell`` (one constant per shell; b=0 measurements not used; A is defined up to a
+    multiple of the identity, which does not move its eigenvectors)."""
+    dw = np.linalg.norm(grad, axis=1) > 0
+    g = grad[dw]
+    design = np.zeros((g.shape[0], 6 + n_shells))
+    design[:, 0], design[:, 1], design[:, 2] = g[:, 0] ** 2, g[:, 1] ** 2, g[:, 2] ** 2
+    design[:, 3], design[:, 4] = 2 * g[:, 0] * g[:, 1], 2 * g[:, 0] * g[:, 2]
+    design[:, 5] = 2 * g[:, 1] * g[:, 2]
+    design[np.arange(g.shape[0]), 6 + shell[dw]] = 1.0
+    out = np.zeros((6, grad.shape[0]))
+    out[:, dw] = np.linalg.pinv(design)[:6]
+    return np.ascontiguousarray(out)
+
+
+def _split_directions(y: np.ndarray, quad: np.ndarray, u: np.ndarray, half_angle: float
+                      ) -> np.ndarray:
+    """(n, 2, 3): ``u`` (n, 3) turned by +-``half_angle`` (radians) in the plane normal
+    to the direction of least attenuation of ``y`` (n, N) (the largest eigenvector of
+    its quadratic fit, see :func:`_quadratic_fit`): where two fascicles crossing at a
+    moderate angle lie, when one dispersed fascicle was fitted between them."""
+    c = y @ quad.T
+    a = np.empty((y.shape[0], 3, 3))
+    a[:, 0, 0], a[:, 1, 1], a[:, 2, 2] = c[:, 0], c[:, 1], c[:, 2]
+    a[:, 0, 1] = a[:, 1, 0] = c[:, 3]
+    a[:, 0, 2] = a[:, 2, 0] = c[:, 4]
+    a[:, 1, 2] = a[:, 2, 1] = c[:, 5]
+    normal = np.linalg.eigh(a)[1][:, :, 2]
+    inplane = u - np.sum(u * normal, axis=1, keepdims=True) * normal
+    norm = np.linalg.norm(inplane, axis=1, keepdims=True)
+    inplane = np.where(norm > 1e-6, inplane / np.maximum(norm, 1e-300), u)
+    side = np.cross(normal, inplane)
+    ca, sa = math.cos(half_angle), math.sin(half_angle)
+    return np.ascontiguousarray(np.stack([inplane * ca + side * sa,
+                                          inplane * ca - side * sa], axis=1))
 
 
 _TABLES: OrderedDict[tuple[str, str], FascicleTables] = OrderedDict()
@@ -500,20 +587,29 @@ class MultiFascicleFitter:
         bic = np.full((n, kmax), np.inf)
         best_clear = np.full(n, np.inf)  # best BIC of a larger, well-separated count
         penalty = math.log(n_meas) if st.penalty is None else float(st.penalty)
+        search = not lay.dispersed if st.atom_search is None else st.atom_search
+        split = lay.dispersed if st.split_start is None else st.split_start
+        swap = lay.dispersed if st.swap_start is None else st.swap_start
+        sweeps = (2 if search else 1) if st.sweeps is None else st.sweeps
         for k in range(kmax, 0, -1):
             p = k * (3 + n_micro) + n_iso_free
             gate = np.full(n, np.inf)
-            if st.skip_factor > 0:
+            if st.skip_factor > 0 and search:
                 with np.errstate(over="ignore", invalid="ignore"):
                     gate = np.where(np.isfinite(best_clear), n_meas * st.skip_factor * np.exp(
                         (best_clear - p * penalty) / n_meas), np.inf)
             res = run_kernel(fit_joint_kernel, float(n) * tb.coef.shape[0] * k * 50,
                              y, u0, k, tb.coef, tb.mono, tb.axes_n, tb.strides, tb.iso,
                              tb.iso_sizes, tb.iso_cont, tb.shell, int(tb.shell.max()) + 1,
-                             tb.grad, st.sweeps + (st.single_extra_sweeps if k == 1 else 0),
+                             tb.grad, sweeps + (st.single_extra_sweeps if k == 1 else 0),
                              st.first_passes, st.polish_iterations * (2 if k == 1 else 1),
                              math.cos(math.radians(st.sweeps_separation_deg)),
-                             np.ascontiguousarray(gate))
+                             np.ascontiguousarray(gate), np.full(n, not search),
+                             self._middle(n, k))
+            if k == 2 and split:
+                res = self._retry(y, res, gate, search, sweeps, "split")
+            if k == 2 and swap:
+                res = self._retry(y, res, gate, search, sweeps, "swap")
             results[k - 1] = res
             _, _, dirs, w, rss = res
             total = w.sum(axis=1)
@@ -532,6 +628,55 @@ class MultiFascicleFitter:
         logger.info("multi-fascicle fit of %d voxels (up to %d fascicles): %.3g s", n, kmax,
                     time.perf_counter() - t0)
         return ve
+
+    def _middle(self, n: int, k: int) -> np.ndarray:
+        """Grid coordinates (n, k, M) of the middle fascicle atom."""
+        tb = self.tables
+        middle = ((tb.axes_n - 1) // 2).astype(float)
+        return np.ascontiguousarray(np.broadcast_to(middle, (n, k, middle.size)))
+
+    def _retry(self, y: np.ndarray, res: _Fit, gate: np.ndarray, search: bool, sweeps: int,
+               how: str) -> _Fit:
+        """The two-fascicle fit ``res`` again from the split start (``how='split'``) or
+        from its own directions with the fascicles' parameters swapped (``'swap'``),
+        see :class:`MultiFascicleSettings`; a voxel keeps the new fit where it is
+        eligible (both fractions >= ``min_fraction``) and the first is not, or where
+        both are eligible and its residual sum of squares is lower."""
+        st, tb = self.settings, self.tables
+        zs, iso, dirs, w, rss = (np.array(res[0]), np.array(res[1]), np.array(res[2]),
+                                 np.array(res[3]), np.array(res[4]))
+        n = y.shape[0]
+        total = w.sum(axis=1)
+        frac = w[:, :2] / np.where(total > 0, total, 1.0)[:, None]
+        if how == "split":
+            rows = np.arange(n)
+            main = dirs[rows, np.argmax(frac, axis=1)]
+            starts = _split_directions(y, tb.quad, main, math.radians(st.split_angle_deg))
+            z0, warm = self._middle(n, 2), np.full(n, not search)
+        else:
+            cos = np.abs(np.sum(dirs[:, 0] * dirs[:, 1], axis=1))
+            rows = np.flatnonzero(cos > math.cos(math.radians(st.swap_separation_deg)))
+            starts = np.ascontiguousarray(dirs[rows])
+            z0 = np.ascontiguousarray(zs[rows, ::-1])
+            warm = np.ones(rows.size, dtype=np.bool_)
+        if rows.size == 0:
+            return zs, iso, dirs, w, rss
+        nz, niso, ndirs, nw, nrss = run_kernel(
+            fit_joint_kernel, float(rows.size) * tb.coef.shape[0] * 2 * 50,
+            np.ascontiguousarray(y[rows]), starts, 2, tb.coef,
+            tb.mono, tb.axes_n, tb.strides, tb.iso, tb.iso_sizes, tb.iso_cont, tb.shell,
+            int(tb.shell.max()) + 1, tb.grad, sweeps, st.first_passes,
+            st.polish_iterations, math.cos(math.radians(st.sweeps_separation_deg)),
+            np.ascontiguousarray(gate[rows]), warm, z0)
+        ntotal = nw.sum(axis=1)
+        nfrac = nw[:, :2] / np.where(ntotal > 0, ntotal, 1.0)[:, None]
+        old_ok = frac[rows].min(axis=1) >= st.min_fraction
+        new_ok = nfrac.min(axis=1) >= st.min_fraction
+        take = np.isfinite(nrss) & new_ok & (~old_ok | ~(rss[rows] <= nrss))
+        t = rows[take]
+        zs[t], iso[t], dirs[t], w[t], rss[t] = (
+            nz[take], niso[take], ndirs[take], nw[take], nrss[take])
+        return zs, iso, dirs, w, rss
 
     def _estimates(self, y: np.ndarray, s0: np.ndarray, count: np.ndarray,
                    results: Sequence[tuple[np.ndarray, ...]]) -> VoxelEstimates:

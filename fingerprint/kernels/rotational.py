@@ -954,7 +954,8 @@ def _fit_voxel_joint(yv: np.ndarray, u0: np.ndarray, n_fasc: int, table: np.ndar
                      n_shells: int, grad: np.ndarray, rounds: int, first_passes: int,
                      polish_iters: int, close_cos: float, rss_gate: float,
                      z_out: np.ndarray,
-                     iso_out: np.ndarray, dirs_out: np.ndarray, w_out: np.ndarray) -> float:
+                     iso_out: np.ndarray, dirs_out: np.ndarray, w_out: np.ndarray,
+                     warm: bool, z0: np.ndarray) -> float:
     """One voxel, ``n_fasc`` fascicles from directions ``u0``: discrete atom search (up
     to ``first_passes`` passes over the fascicles), then rounds of joint polish
     (directions, continuous fascicle and isotropic parameters) and atom search, a
@@ -962,7 +963,9 @@ def _fit_voxel_joint(yv: np.ndarray, u0: np.ndarray, n_fasc: int, table: np.ndar
     or more fascicles, only while two of them are closer than ``close_cos``, |cos|
     above it: farther apart the first polish has found the optimum); no polish
     when the discrete fit's residual sum of squares exceeds ``rss_gate`` (another count
-    is far better). Returns the residual sum of squares."""
+    is far better). ``warm``: start from the atoms at grid coordinates ``z0``
+    (n_fasc, M) instead of the first discrete search of the fascicles' atoms (the polish
+    moves them from there). Returns the residual sum of squares."""
     n = yv.shape[0]
     n_iso = iso_tables.shape[0]
     m = n_fasc + n_iso
@@ -986,6 +989,8 @@ def _fit_voxel_joint(yv: np.ndarray, u0: np.ndarray, n_fasc: int, table: np.ndar
     norms = np.zeros((n_fasc, n_atoms))
     proj_yk = np.zeros((n_fasc, n_shells, n_even))
     fresh = np.zeros(n_fasc, dtype=np.bool_)
+    wcoef = np.zeros((n_shells, n_even))
+    wdcoef = np.zeros((max(n_dim, 1), n_shells, n_even))
     amax = iso_tables.shape[1]
     iso_norm = np.zeros((max(n_iso, 1), amax))
     iso_y = np.zeros((max(n_iso, 1), amax))
@@ -999,8 +1004,14 @@ def _fit_voxel_joint(yv: np.ndarray, u0: np.ndarray, n_fasc: int, table: np.ndar
         for c in range(3):
             dirs[k, c] = u0[k, c] / nrm
         _legendre_rows(grad, dirs[k], n_even, pv[k], pd[k])
-        _atom_index_to_z(n_atoms // 2, axes_n, strides, z[k])
-        _atom_signal(table[n_atoms // 2], pv[k], shell, cols[k])
+        if warm:
+            for d in range(n_dim):
+                z[k, d] = min(max(z0[k, d], 0.0), axes_n[d] - 1.0)
+            _interp(table, z[k], axes_n, strides, wcoef, wdcoef)
+            _atom_signal(wcoef, pv[k], shell, cols[k])
+        else:
+            _atom_index_to_z(n_atoms // 2, axes_n, strides, z[k])
+            _atom_signal(table[n_atoms // 2], pv[k], shell, cols[k])
     for j in range(n_iso):
         wiso[j] = float(iso_sizes[j] // 2)
         for i in range(n):
@@ -1012,7 +1023,10 @@ def _fit_voxel_joint(yv: np.ndarray, u0: np.ndarray, n_fasc: int, table: np.ndar
     changed_pass = False
     for rnd in range(max(rounds, 1)):
         changed = False
-        for kk in range(n_fasc * (max(first_passes, 1) if rnd == 0 else 1)):
+        searches = n_fasc * (max(first_passes, 1) if rnd == 0 else 1)
+        if warm and rnd == 0:
+            searches = 0
+        for kk in range(searches):
             if rnd == 0 and kk > 0 and kk % n_fasc == 0 and not changed_pass:
                 break
             if kk % n_fasc == 0:
@@ -1085,7 +1099,8 @@ def fit_joint_kernel(y: np.ndarray, u0: np.ndarray, n_fasc: int, table: np.ndarr
                      iso_tables: np.ndarray, iso_sizes: np.ndarray, iso_cont: np.ndarray,
                      shell: np.ndarray,
                      n_shells: int, grad: np.ndarray, rounds: int, first_passes: int,
-                     polish_iters: int, close_cos: float, rss_gate: np.ndarray
+                     polish_iters: int, close_cos: float, rss_gate: np.ndarray,
+                     warm: np.ndarray, z0: np.ndarray
                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Fit every voxel of y (n, N) with ``n_fasc`` fascicles from directions u0
     (n, >= n_fasc, 3) (see :func:`_fit_voxel_joint`; ``table`` (A, S, E) the atoms'
@@ -1094,7 +1109,9 @@ def fit_joint_kernel(y: np.ndarray, u0: np.ndarray, n_fasc: int, table: np.ndarr
     (n, n_fasc, M), isotropic grid coordinates (n, I) (continuous where ``iso_cont``,
     else an atom index), directions (n, n_fasc, 3), NNLS weights (n, n_fasc + I) and the
     residual sum of squares (n,). ``rss_gate`` (n,): a voxel whose discrete fit has a
-    larger residual sum of squares is not polished (``inf``: always polished)."""
+    larger residual sum of squares is not polished (``inf``: always polished).
+    ``warm`` (n,) bool and ``z0`` (n, n_fasc, M): voxels that start from the atoms at
+    grid coordinates z0 and go straight to the polish (no first discrete search)."""
     n = y.shape[0]
     n_iso = iso_tables.shape[0]
     m = n_fasc + n_iso
@@ -1107,5 +1124,5 @@ def fit_joint_kernel(y: np.ndarray, u0: np.ndarray, n_fasc: int, table: np.ndarr
         rss[v] = _fit_voxel_joint(y[v], u0[v], n_fasc, table, mono, axes_n, strides,
                                   iso_tables, iso_sizes, iso_cont, shell, n_shells, grad, rounds,
                                   first_passes, polish_iters, close_cos, rss_gate[v], zs[v],
-                                  iso[v], dirs[v], weights[v])
+                                  iso[v], dirs[v], weights[v], warm[v], z0[v])
     return zs, iso, dirs, weights, rss
