@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Laps", "StageProfile", "active_profile", "profile_stages", "stage"]
+__all__ = ["Laps", "StageProfile", "active_profile", "profile_stages", "stage",
+           "unrecorded"]
 
 
 @dataclass
@@ -39,6 +40,11 @@ class StageProfile:
     #: loaded machine, but stages that overlap in time each count the other's CPU too
     cpu_seconds: dict[str, float] = field(default_factory=dict)
     calls: dict[str, int] = field(default_factory=dict)
+    #: when each stage first began and last ended (seconds from the profile's start): a
+    #: timeline that shows what overlapped what (a reader thread and the fit) and when
+    #: the first voxel was fitted
+    began: dict[str, float] = field(default_factory=dict)
+    ended: dict[str, float] = field(default_factory=dict)
     #: voxels fitted while the profile was active (for the per-voxel column)
     voxels: int = 0
     started: float = field(default_factory=time.perf_counter)
@@ -50,10 +56,14 @@ class StageProfile:
     def add(self, name: str, seconds: float, calls: int = 1, cpu: float = 0.0) -> None:
         """Add ``seconds`` of wall time, ``cpu`` seconds of process CPU time (and
         ``calls``) to stage ``name``."""
+        end = time.perf_counter() - self.started
+        begin = end - float(seconds)
         with self._lock:
             self.seconds[name] = self.seconds.get(name, 0.0) + float(seconds)
             self.cpu_seconds[name] = self.cpu_seconds.get(name, 0.0) + float(cpu)
             self.calls[name] = self.calls.get(name, 0) + int(calls)
+            self.began[name] = min(self.began.get(name, begin), begin)
+            self.ended[name] = max(self.ended.get(name, end), end)
 
     def count_voxels(self, n: int) -> None:
         """Count ``n`` fitted voxels."""
@@ -97,31 +107,38 @@ class StageProfile:
 
     def table(self) -> str:
         """The profile as a plain-text table (stage, seconds, share of wall time,
-        µs/voxel, CPU seconds of all threads, calls)."""
+        µs/voxel, CPU seconds of all threads, calls, and when the stage first began and
+        last ended, in seconds from the start of the profile)."""
         wall = self.wall_seconds
         lines = [f"{'stage':<24} {'seconds':>9} {'share':>7} {'us/voxel':>9} "
-                 f"{'cpu s':>8} {'calls':>6}"]
+                 f"{'cpu s':>8} {'calls':>6} {'from':>7} {'to':>7}"]
         with self._lock:
             cpu = dict(self.cpu_seconds)
+            began, ended = dict(self.began), dict(self.ended)
         for name, sec, calls, per in self.rows():
             depth = name.count("/")
             label = "  " * depth + name.rsplit("/", 1)[-1]
             share = f"{100 * sec / wall:6.1f}%" if wall > 0 else "      -"
             per_s = f"{per:9.2f}" if per is not None else f"{'-':>9}"
+            span = (f" {began[name]:7.2f} {ended[name]:7.2f}" if name in began
+                    else f" {'-':>7} {'-':>7}")
             lines.append(f"{label:<24} {sec:9.3f} {share} {per_s} {cpu.get(name, 0.0):8.3f} "
-                         f"{calls:6d}")
+                         f"{calls:6d}{span}")
         per_wall = f"{wall / self.voxels * 1e6:9.2f}" if self.voxels else f"{'-':>9}"
         lines.append(f"{'wall':<24} {wall:9.3f} {'100.0%':>7} {per_wall} "
                      f"{self.cpu_total:8.3f}   ({self.voxels} voxels)")
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, object]:
-        """JSON-able form: wall seconds, voxels and the stages' seconds and calls."""
+        """JSON-able form: wall seconds, voxels and the stages' seconds, CPU seconds,
+        calls and span (``began`` / ``ended``, seconds from the profile's start)."""
         with self._lock:
             cpu = dict(self.cpu_seconds)
+            began, ended = dict(self.began), dict(self.ended)
         return {"wall_seconds": self.wall_seconds, "cpu_seconds": self.cpu_total,
                 "voxels": self.voxels,
-                "stages": {n: {"seconds": s, "cpu_seconds": cpu.get(n, 0.0), "calls": c}
+                "stages": {n: {"seconds": s, "cpu_seconds": cpu.get(n, 0.0), "calls": c,
+                               "began": began.get(n), "ended": ended.get(n)}
                            for n, s, c, _ in self.rows()}}
 
 
@@ -129,9 +146,27 @@ _ACTIVE: list[StageProfile] = []
 _ACTIVE_LOCK = threading.Lock()
 
 
+_LOCAL = threading.local()
+
+
 def active_profile() -> StageProfile | None:
-    """The innermost active profile of this process, or None."""
+    """The innermost active profile of this process, or None (also inside
+    :func:`unrecorded` in this thread)."""
+    if getattr(_LOCAL, "unrecorded", False):
+        return None
     return _ACTIVE[-1] if _ACTIVE else None
+
+
+@contextlib.contextmanager
+def unrecorded() -> Iterator[None]:
+    """Stages (and voxels) of this thread are not recorded during the block: work that is
+    not part of what is measured, such as a warm-up; other threads are not affected."""
+    before = getattr(_LOCAL, "unrecorded", False)
+    _LOCAL.unrecorded = True
+    try:
+        yield
+    finally:
+        _LOCAL.unrecorded = before
 
 
 @contextlib.contextmanager

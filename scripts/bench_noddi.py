@@ -537,23 +537,42 @@ def ellipsoid_mask(box: tuple[int, int, int], voxels: int) -> np.ndarray:
 #: checkout's own command line, its FitResult timings and, when the checkout has one, its
 #: stage profile (``fingerprint.stages``), plus the process's peak RSS, as JSON.
 CLI_RUNNER = textwrap.dedent("""
-    import json, resource, sys, time
+    import importlib.abc, importlib.util, json, resource, sys, time
     t0 = time.perf_counter()
     out_json, argv = sys.argv[1], sys.argv[2:]
-    from fingerprint.cli.main import main
-    import fingerprint.fitting.pipeline as pipeline
     seen = {}
-    original = pipeline.fit_volume
-    def fit_volume(*args, **kwargs):
-        result = original(*args, **kwargs)
-        seen["timings"] = dict(result.timings)
-        seen["n_voxels"] = int(result.n_voxels)
-        return result
-    pipeline.fit_volume = fit_volume
+
+    def wrap(pipeline):
+        original = pipeline.fit_volume
+        def fit_volume(*args, **kwargs):
+            result = original(*args, **kwargs)
+            seen["timings"] = dict(result.timings)
+            seen["n_voxels"] = int(result.n_voxels)
+            return result
+        pipeline.fit_volume = fit_volume
+
+    class Hook(importlib.abc.MetaPathFinder):
+        # wraps fit_volume when the command imports the pipeline, not before: importing
+        # it here would hide what the command does before its heavy imports
+        def find_spec(self, name, path, target=None):
+            if name != "fingerprint.fitting.pipeline":
+                return None
+            sys.meta_path.remove(self)
+            spec = importlib.util.find_spec(name)
+            run = spec.loader.exec_module
+            def exec_module(module):
+                run(module)
+                wrap(module)
+            spec.loader.exec_module = exec_module
+            return spec
+
+    sys.meta_path.insert(0, Hook())
+    from fingerprint.cli.main import main
     try:
         from fingerprint.stages import profile_stages
     except ImportError:  # a checkout without the stage profile
         profile_stages = None
+    seen["profile_started"] = time.perf_counter() - t0  # after the interpreter's start-up
     if profile_stages is not None:
         with profile_stages() as prof:
             code = main(argv)
@@ -740,17 +759,23 @@ def whole_brain_report(wb: dict[str, object]) -> list[str]:
         stages = (r.get("profile") or {}).get("stages") or {}
         timings = r.get("timings") or {}
         lines += ["", f"stages of {code}, {volume}, {threads} thread(s) (best run, "
-                      f"{r['wall_seconds']:.1f} s end to end):", "",
-                  "| stage | seconds | cpu seconds |", "|---|---|---|"]
+                      f"{r['wall_seconds']:.1f} s end to end; seconds summed over the "
+                      f"threads that ran them; from / to: when the stage first began and "
+                      f"last ended, seconds after the command started):", "",
+                  "| stage | seconds | cpu seconds | from | to |", "|---|---|---|---|---|"]
         if stages:
             for name, v in stages.items():
-                lines.append(f"| {name} | {v['seconds']:.2f} | {v['cpu_seconds']:.2f} |")
+                span = "| |"
+                if v.get("began") is not None:
+                    span = f"| {v['began']:.2f} | {v['ended']:.2f} |"
+                lines.append(f"| {name} | {v['seconds']:.2f} | {v['cpu_seconds']:.2f} "
+                             f"{span}")
         else:  # a checkout without the stage profile: the fit's own three timings
             for name, v in timings.items():
-                lines.append(f"| {name} | {v:.2f} | |")
+                lines.append(f"| {name} | {v:.2f} | | | |")
         lines.append(f"| outside the fit's dictionary / fit / write (start-up, imports, "
                      f"inputs, mask, exit) | {r['wall_seconds'] - sum(timings.values()):.2f} "
-                     f"| |")
+                     f"| | | |")
     return lines
 
 

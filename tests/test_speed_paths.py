@@ -83,6 +83,11 @@ def test_stage_profile_records_nothing_unless_active():
     assert [r[0] for r in prof.rows()] == ["a", "a/b", "a/c"]
     assert "wall" in prof.table() and "10 voxels" in prof.table()
     assert prof.to_dict()["voxels"] == 10
+    spans = prof.to_dict()["stages"]
+    for name in ("a", "a/b", "a/c"):  # when each stage ran, from the profile's start
+        assert 0 <= spans[name]["began"] <= spans[name]["ended"] <= prof.wall_seconds
+    assert spans["a"]["began"] <= spans["a/b"]["began"] <= spans["a/b"]["ended"] \
+        <= spans["a"]["ended"] <= spans["a/c"]["began"]
     empty = StageProfile()
     assert empty.rows() == []
 

@@ -15,7 +15,9 @@ import pytest
 from fingerprint.errors import CancelledError, InputError
 from fingerprint.fitting import pipeline
 from fingerprint.fitting.pipeline import fit_volume
+from fingerprint.io import nifti
 from fingerprint.io.nifti import DWIImage, check_file_complete, open_nifti
+from fingerprint.io.spool import DWISpool
 from fingerprint.phantoms import noddi_phantom, write_phantom
 from fingerprint.stages import profile_stages
 
@@ -65,7 +67,7 @@ def test_a_complete_gzip_file_is_checked_without_decompressing_it(tmp_path):
     DWIImage(path)  # the same check when opening
 
 
-def test_truncated_and_multi_member_gzip_files(tmp_path):
+def test_truncated_and_multi_member_gzip_files(tmp_path, monkeypatch):
     """A truncated gzip DWI is refused naming the file; a multi-member gzip stream (whose
     trailer holds only the last member's size) is complete and reads as the original."""
     path, data = _gzip_image(tmp_path)
@@ -86,7 +88,47 @@ def test_truncated_and_multi_member_gzip_files(tmp_path):
     multi_cut = tmp_path / "multicut.nii.gz"
     multi_cut.write_bytes(gzip.compress(raw[:half]) + gzip.compress(raw[half:-100]))
     with pytest.raises(InputError, match="multicut.nii.gz"):
-        DWIImage(multi_cut)
+        DWIImage(multi_cut)  # a small file is inflated to check it
+    monkeypatch.setattr(nifti, "DEEP_CHECK_BYTES", 0)
+    short = DWIImage(multi_cut)  # a large one is not: the reads find the end
+    with pytest.raises(InputError, match="multicut.nii.gz"):
+        list(short.iter_slabs(mask))
+    with pytest.raises(InputError, match="multicut.nii.gz.*truncated"):
+        with short.spooled(mask, tmp_path / "spool", max_bytes=1):
+            pass
+    with pytest.raises(InputError, match="multicut.nii.gz"):
+        check_file_complete(short.img, multi_cut, "DWI")  # the deep check still inflates
+    assert not any((tmp_path / "spool").iterdir())
+
+
+def test_a_multi_member_gzip_file_is_not_inflated_when_opened(tmp_path, monkeypatch):
+    """Opening a multi-member gzip DWI (whose trailer gives only its last member's size)
+    reads no voxel; its spool holds the voxels of the original."""
+    path, data = _gzip_image(tmp_path)
+    raw = gzip.decompress(path.read_bytes())
+    multi = tmp_path / "multi.nii.gz"
+    third = len(raw) // 3
+    multi.write_bytes(b"".join(gzip.compress(raw[i:i + third])
+                               for i in range(0, len(raw), third)))
+    img = open_nifti(multi, "DWI")
+
+    class Image:
+        header = img.header
+        shape = img.shape
+        dataobj = _Untouchable(img.dataobj)
+
+    check_file_complete(Image(), multi, "DWI", deep=False)  # reads nothing
+    monkeypatch.setattr(nifti, "DEEP_CHECK_BYTES", 0)
+    image = DWIImage(multi)
+    mask = np.zeros(data.shape[:3], bool)
+    mask[1:3, :, 1:4] = True
+    with image.spooled(mask, tmp_path / "spool", max_bytes=1) as spool:
+        assert isinstance(spool, DWISpool) and spool.n_selected == mask.sum()
+        slabs = list(spool.iter_slabs(mask, max_bytes=1))
+    values = np.concatenate([s.data for s in slabs])
+    coords = np.concatenate([s.coords for s in slabs])
+    np.testing.assert_array_equal(values, data[tuple(coords.T)])
+    assert sorted(map(tuple, coords)) == sorted(map(tuple, np.argwhere(mask)))
 
 
 def test_chunks_fitted_side_by_side_give_the_maps_of_one_thread(volume, tmp_path,
@@ -165,22 +207,21 @@ def test_every_decompressor_gives_the_same_spooled_copy(tmp_path, monkeypatch, d
     """The spooled copy of a gzip DWI is the same whichever library decompresses it
     (rapidgzip on several cores, ISA-L, or the standard library when neither is
     installed); a corrupt stream is an InputError naming the file with each."""
-    from fingerprint.io import nifti
+    from fingerprint.io import spool
 
     if decompressor == "parallel":
-        if nifti._parallel_gzip is None:
+        if spool._parallel_gzip is None:
             pytest.skip("rapidgzip is not installed")
-        monkeypatch.setattr(nifti, "available_cpus", lambda: 2)
+        monkeypatch.setattr(spool, "available_cpus", lambda: 2)
     else:
-        monkeypatch.setattr(nifti, "_parallel_gzip", None)
+        monkeypatch.setattr(spool, "_parallel_gzip", None)
         if decompressor == "stdlib":
-            monkeypatch.setattr(nifti, "_fast_gzip", gzip)
+            monkeypatch.setattr(spool, "_fast_gzip", gzip)
     path, data = _gzip_image(tmp_path)
     dwi = DWIImage(path)
     mask = np.ones(data.shape[:3], bool)
     with dwi.spooled(mask, tmp_path / "spool", max_bytes=1) as copy:
-        assert copy is not dwi and not copy.is_compressed
-        assert copy._raw_float32() is not None
+        assert isinstance(copy, DWISpool)
         slabs = list(copy.iter_slabs(mask, max_bytes=1))
     values = np.concatenate([s.data for s in slabs])
     coords = np.concatenate([s.coords for s in slabs])
@@ -199,13 +240,13 @@ def test_every_decompressor_gives_the_same_spooled_copy(tmp_path, monkeypatch, d
 def test_maps_without_the_optional_decompressors(volume, tmp_path, monkeypatch):
     """Without rapidgzip and ISA-L (the standard library's gzip) a fit gives the maps of
     the default decompressor."""
-    from fingerprint.io import nifti
+    from fingerprint.io import spool
 
     args = ("noddi", volume["dwi"], volume["bval"], volume["bvec"])
     common = dict(mask=volume["mask"], dictionary_size=SIZE, threads=2, slab_bytes=1)
     default = fit_volume(*args, tmp_path / "default", **common)
-    monkeypatch.setattr(nifti, "_parallel_gzip", None)
-    monkeypatch.setattr(nifti, "_fast_gzip", gzip)
+    monkeypatch.setattr(spool, "_parallel_gzip", None)
+    monkeypatch.setattr(spool, "_fast_gzip", gzip)
     plain = fit_volume(*args, tmp_path / "plain", **common)
     a, b = _maps(default), _maps(plain)
     assert set(a) == set(b)
@@ -252,19 +293,21 @@ def test_default_mask_of_a_gzip_input_is_read_from_its_decompressed_copy(tmp_pat
     the same mask given explicitly."""
     phantom = noddi_phantom(shape=(4, 3, 5), seed=9, snr=30, background=1)
     paths = write_phantom(phantom, tmp_path / "in", prefix="sub-05")
-    seen: list[bool] = []
+    seen: list[str] = []
     original = DWIImage.mean_b0
+    from_spool = DWISpool.mean_b0
 
     def mean_b0(self, b0_mask):
-        seen.append(self.is_compressed)
-        return original(self, b0_mask)
+        seen.append(type(self).__name__)
+        return (original if isinstance(self, DWIImage) else from_spool)(self, b0_mask)
 
     monkeypatch.setattr(DWIImage, "mean_b0", mean_b0)
+    monkeypatch.setattr(DWISpool, "mean_b0", mean_b0)
     args = ("noddi", paths["dwi"], paths["bval"], paths["bvec"])
     with profile_stages() as prof:
         default = fit_volume(*args, tmp_path / "default", dictionary_size=SIZE, threads=2,
                              slab_bytes=1)
-    assert seen == [False] and prof.calls["read/decompress"] == 1
+    assert seen == ["DWISpool"] and prof.calls["read/decompress"] == 1
     image = DWIImage(paths["dwi"])
     mask = original(image, np.asarray(pipeline.read_fsl_scheme(
         paths["bval"], paths["bvec"]).b0_mask)) > 0

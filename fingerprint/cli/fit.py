@@ -43,6 +43,7 @@ from fingerprint.cli.progress import progress_bar, shown_path
 from fingerprint.errors import CancelledError, DictionaryError, InputError
 from fingerprint.fitting.multi_tissue import parse_responses
 from fingerprint.fitting.options import CLASSICAL_OPTION_NAMES, FIT_OPTION_SPECS, FitOptions
+from fingerprint.stages import StageProfile
 from fingerprint.volume_models import is_volume_model
 
 #: FitOptions offered as flags beyond --threads / --dictionary-size (from FIT_OPTION_SPECS)
@@ -207,6 +208,37 @@ def _name_sources(files: list[Path], sources: list[Path | None]) -> None:
 
 
 def _cmd_fit(args: argparse.Namespace) -> int:
+    with contextlib.ExitStack() as early:
+        profile = None
+        if getattr(args, "profile", False):
+            # lazy: CLI start-up builds the parsers only
+            from fingerprint.stages import profile_stages
+
+            profile = early.enter_context(profile_stages())
+        _prefetch_dwi(args, early)
+        return _fit(args, profile)
+
+
+def _prefetch_dwi(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
+    """Start inflating a gzip NIfTI DWI into its spool in the output directory before the
+    fitting code is imported (about a second of start-up, on a core that the one
+    inflating thread leaves free); the fit adopts it (:func:`fingerprint.io.spool.adopt`)
+    and one nobody adopted is removed when the command ends. Best effort: anything odd is
+    left for the fit to report."""
+    dwi = getattr(args, "dwi", None)
+    if (dwi is None or args.out is None or is_volume_model(args.model)
+            or not str(dwi).lower().endswith(".nii.gz")):
+        return
+    # lazy: light (numpy, nibabel, the decompressors), unlike the fitting code
+    from fingerprint.io.nifti import DEFAULT_SLAB_BYTES, prefetch, spool_threads
+    from fingerprint.io.spool import discard_prefetched
+
+    stack.callback(discard_prefetched)
+    prefetch(dwi, args.out, args.mask, threads=spool_threads(),
+             max_bytes=DEFAULT_SLAB_BYTES)
+
+
+def _fit(args: argparse.Namespace, profile: object | None) -> int:
     # lazy: keeps numba off import; CLI start-up builds the parsers only
     from fingerprint.fitting.pipeline import DEFAULT_CHUNK_VOXELS, fit_volume
     from fingerprint.models import get_recipe
@@ -244,14 +276,8 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         raise InputError(f"--out {args.out} exists and is not a directory")
     prefix = output_prefix(args.prefix, args.dwi, args.out)
     bar, progress = progress_bar("fit", not (args.no_progress or getattr(args, "quiet", False)))
-    profile = None
     try:
         with contextlib.ExitStack() as stack:
-            if getattr(args, "profile", False):
-                # lazy: CLI start-up builds the parsers only
-                from fingerprint.stages import profile_stages
-
-                profile = stack.enter_context(profile_stages())
             dwi, bval, bvec = args.dwi, args.bval, args.bvec
             if mif:
                 converted = stack.enter_context(mif_as_nifti(args.dwi, args.out))
@@ -297,7 +323,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     for path in result.files:
         if path.suffix != ".json":
             out.write(f"  {path.name}\n")
-    if profile is not None:
+    if isinstance(profile, StageProfile):
         out.write("stage profile (seconds summed over threads; sub-stages indented):\n")
         out.write(profile.table() + "\n")
     return 0

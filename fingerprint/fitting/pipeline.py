@@ -80,6 +80,7 @@ from fingerprint.io.gradients import read_bvals_bvecs
 from fingerprint.io.nifti import (
     DEFAULT_SLAB_BYTES,
     DWIImage,
+    DWISpool,
     Slab,
     available_cpus,
     bids_map_name,
@@ -99,7 +100,7 @@ from fingerprint.models import (
 )
 from fingerprint.models import model_name as recipe_name
 from fingerprint.preview import write_preview
-from fingerprint.stages import active_profile, stage
+from fingerprint.stages import active_profile, stage, unrecorded
 from fingerprint.volume_models import VOLUME_MODELS, get_volume_model, is_volume_model
 
 if TYPE_CHECKING:
@@ -453,7 +454,7 @@ def _map_plan(model: Any, offsets: dict[str, slice]) -> list[tuple[str, str, sli
     return plan
 
 
-def _chunks(image: DWIImage, mask: np.ndarray, chunk_voxels: int, slab_bytes: int,
+def _chunks(image: DWIImage | DWISpool, mask: np.ndarray, chunk_voxels: int, slab_bytes: int,
             b0_mask: np.ndarray, unusable: list[np.ndarray], alive: int = 2
             ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(coords (n, 3), data (n, N) float32) chunks of masked voxels; the coordinates of
@@ -469,7 +470,7 @@ def _chunks(image: DWIImage, mask: np.ndarray, chunk_voxels: int, slab_bytes: in
             yield coords, data
 
 
-def _read_ahead(image: DWIImage, mask: np.ndarray, slab_bytes: int,
+def _read_ahead(image: DWIImage | DWISpool, mask: np.ndarray, slab_bytes: int,
                 alive: int = 2) -> Iterator[Slab]:
     """The slabs of ``image`` (masked voxels), read by a background thread one slab ahead
     of the consumer: the next slab is read while this one is fitted. Slabs are
@@ -571,7 +572,7 @@ def check_dictionary_space(size: int | None, n_measurements: int,
                          f"smaller dictionary size")
 
 
-def volume_mask(image: DWIImage, scheme: AcquisitionScheme, rule: str) -> np.ndarray:
+def volume_mask(image: DWIImage | DWISpool, scheme: AcquisitionScheme, rule: str) -> np.ndarray:
     """The default mask of ``image`` under ``rule`` (:data:`~.options.MASK_RULES`),
     bool of the image's spatial shape."""
     if rule == "all":
@@ -629,6 +630,43 @@ def _fit_threads(fitter: VoxelFitter, options: FitOptions) -> int:
     return available_cpus()
 
 
+def _single_threaded(fitter: FingerprintFitter) -> FingerprintFitter:
+    """``fitter`` with its estimator (dictionary, index and arrays shared, not copied)
+    limited to one thread per call."""
+    single = copy.copy(fitter.estimator)
+    single.n_jobs = 1
+    return FingerprintFitter(single, {**fitter.options, "n_jobs": 1}, fitter.polish)
+
+
+#: Dictionary atoms fitted by :func:`_warm_up`.
+_WARM_UP_VOXELS = 16
+
+
+def _warm_up(fitter: VoxelFitter, workers: int, b0_mask: np.ndarray) -> None:
+    """Fit a few of the dictionary's own signals once, results discarded and stages not
+    recorded, so that the compiled kernels (Numba's cache) and the index are loaded while
+    a compressed input is still being inflated rather than after. Best effort: a failure
+    is logged and left to the fit itself."""
+    if not isinstance(fitter, FingerprintFitter):
+        return
+    t0, c0 = time.perf_counter(), time.process_time()
+    try:
+        with unrecorded():
+            signals = getattr(getattr(fitter.estimator, "dictionary", None), "signals", None)
+            if signals is None:
+                return
+            data = np.ascontiguousarray(np.asarray(signals[:_WARM_UP_VOXELS],
+                                                   dtype=np.float32) * 1000.0)
+            if data.ndim != 2 or data.shape[0] == 0:
+                return
+            usable_voxels(data, b0_mask)
+            fit_chunk(_single_threaded(fitter) if workers > 1 else fitter, data)
+    except Exception as exc:  # noqa: BLE001 - the fit itself reports real problems
+        logger.debug("warm-up fit failed: %s", exc)
+        return
+    _record("warm-up", time.perf_counter() - t0, time.process_time() - c0)
+
+
 @contextlib.contextmanager
 def _fitting_threads(fitter: FingerprintFitter, workers: int
                      ) -> Iterator[tuple[cf.ThreadPoolExecutor, FingerprintFitter]]:
@@ -638,9 +676,7 @@ def _fitting_threads(fitter: FingerprintFitter, workers: int
     FAISS's OpenMP count are per thread; the kernels and FAISS release the GIL). BLAS's
     thread count is process-wide: it is one while the pool runs. Chunks are independent,
     so the maps are those of one chunk at a time."""
-    single = copy.copy(fitter.estimator)
-    single.n_jobs = 1
-    worker_fitter = FingerprintFitter(single, {**fitter.options, "n_jobs": 1}, fitter.polish)
+    worker_fitter = _single_threaded(fitter)
     pool = cf.ThreadPoolExecutor(max_workers=int(workers), thread_name_prefix="fingerprint-fit")
     with contextlib.ExitStack() as stack:
         try:
@@ -826,9 +862,10 @@ def fit_volume(model: str | MultiCompartmentModelProperties, dwi: str | os.PathL
     # the decompression of a gzip DWI (into a temporary file read slab by slab) runs in
     # the background while the dictionary and estimator load
     with contextlib.ExitStack() as spool:
-        ready = spool.enter_context(image.spooling(
-            np.ones(image.spatial_shape, dtype=bool) if mask_arr is None else mask_arr,
-            out_dir, max_bytes=int(slab_bytes)))
+        selection = np.ones(image.spatial_shape, dtype=bool) if mask_arr is None else mask_arr
+        spooled = image.is_compressed and image.n_slabs(selection, int(slab_bytes)) > 1
+        ready = spool.enter_context(image.spooling(selection, out_dir,
+                                                   max_bytes=int(slab_bytes)))
         # -- dictionary and fitter -----------------------------------------------------------
         t0, c0 = time.perf_counter(), time.process_time()
         fitter: VoxelFitter
@@ -856,6 +893,10 @@ def fit_volume(model: str | MultiCompartmentModelProperties, dwi: str | os.PathL
 
         # -- fit chunk by chunk --------------------------------------------------------------
         t0, c0 = time.perf_counter(), time.process_time()
+        b0_mask = np.asarray(scheme.b0_mask, dtype=bool)
+        workers = _fit_threads(fitter, opts) if executor is None else 1
+        if executor is None and spooled:
+            _warm_up(fitter, workers, b0_mask)
         with stage("read"):
             source = ready()
         if mask_arr is None:
@@ -908,9 +949,7 @@ def fit_volume(model: str | MultiCompartmentModelProperties, dwi: str | os.PathL
                     ESTIMATORS.put(shared_key, est)
         window = executor_window or max(2, 2 * int(getattr(executor, "_max_workers", 2) or 2))
         unusable: list[np.ndarray] = []
-        b0_mask = np.asarray(scheme.b0_mask, dtype=bool)
         try:
-            workers = _fit_threads(fitter, opts) if executor is None else 1
             if workers > 1 and isinstance(fitter, FingerprintFitter):
                 # chunks fitted side by side, one per thread, each with single-threaded
                 # kernels: half-size chunks and (workers + 1) smaller slabs keep the

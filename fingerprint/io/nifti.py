@@ -47,26 +47,34 @@ Parameters), ``GeneratedBy`` (software name and version), ``Sources`` (input fil
 from __future__ import annotations
 
 import contextlib
-import gzip
 import json
 import logging
 import os
 import re
 import secrets
 import struct
-import threading
-import types
-import zlib
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from fingerprint.core.orientations import mu_to_vectors as _mu_to_vectors
 from fingerprint.errors import InputError
-from fingerprint.stages import stage
+from fingerprint.io.spool import (
+    _READ_ERRORS,
+    READ_ERRORS,
+    DWISpool,
+    Slab,
+    SpoolSource,
+    _fast_gzip,
+    adopt,
+    available_cpus,
+    open_gzip,
+    open_gzip_stream,
+    register_prefetched,
+    spool_threads,
+)
 
 if TYPE_CHECKING:
     from nibabel import Nifti1Header, Nifti1Image
@@ -75,8 +83,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "DEEP_CHECK_BYTES",
     "DEFAULT_SLAB_BYTES",
     "DWIImage",
+    "DWISpool",
     "READ_ERRORS",
     "Slab",
     "atomic_write_json",
@@ -88,65 +98,18 @@ __all__ = [
     "open_gzip",
     "open_gzip_stream",
     "open_nifti",
+    "prefetch",
     "write_map",
 ]
+
+#: Largest gzip DWI (bytes on disk) inflated when opened to check a trailer that does not
+#: give its data size (see :class:`DWIImage`).
+DEEP_CHECK_BYTES = 32 * 1024**2
 
 #: Largest slab of float32 DWI data read at once (bytes).
 DEFAULT_SLAB_BYTES = 128 * 1024**2
 
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
-
-_fast_gzip: types.ModuleType
-_fast_gzip_error: type[Exception]
-try:  # ISA-L decompresses gzip about 1.6x faster than zlib (the spooling of large DWIs)
-    import isal.igzip
-    import isal.isal_zlib
-
-    _fast_gzip = isal.igzip
-    _fast_gzip_error = isal.isal_zlib.error
-except ImportError:  # pragma: no cover - isal is a dependency; stdlib as a fallback
-    _fast_gzip = gzip
-    _fast_gzip_error = zlib.error
-
-_parallel_gzip: types.ModuleType | None
-try:  # rapidgzip decompresses one gzip stream on several cores at once (the spooling)
-    import rapidgzip
-
-    _parallel_gzip = rapidgzip
-except ImportError:  # pragma: no cover - rapidgzip is a dependency; one core as a fallback
-    _parallel_gzip = None
-
-_READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, struct.error, gzip.BadGzipFile,
-                _fast_gzip_error)
-#: What reading a truncated or corrupt NIfTI (or its gzip stream) may raise.
-READ_ERRORS: tuple[type[BaseException], ...] = _READ_ERRORS
-
-
-def open_gzip(path: str | os.PathLike[str]) -> BinaryIO:
-    """``path`` (gzip) opened for reading with the fastest decompressor at hand (ISA-L,
-    else the standard library); read errors are among :data:`READ_ERRORS`."""
-    return _fast_gzip.open(path, "rb")
-
-
-def available_cpus() -> int:
-    """CPUs this process may run on."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - platforms without sched_getaffinity
-        return max(1, os.cpu_count() or 1)
-
-
-def open_gzip_stream(path: str | os.PathLike[str], threads: int | None = None) -> BinaryIO:
-    """``path`` (gzip) opened for one pass from start to end, decompressed on ``threads``
-    cores (default: those this process may use) by rapidgzip when there are several and
-    it is installed, else by :func:`open_gzip`. Errors of a corrupt or truncated stream
-    are among :data:`READ_ERRORS` or a RuntimeError."""
-    n = available_cpus() if threads is None else max(1, int(threads))
-    if _parallel_gzip is not None and n > 1:
-        stream: BinaryIO = _parallel_gzip.open(os.fspath(path), parallelization=n)
-        return stream
-    return open_gzip(path)
-
 
 def _is_gzip(path: Path) -> bool:
     with open(path, "rb") as fh:
@@ -203,10 +166,14 @@ def _expected_data_end(img: Any) -> int:
     return offset + int(np.prod(img.shape, dtype=np.int64)) * itemsize
 
 
-def check_file_complete(img: Nifti1Image, path: str | os.PathLike, what: str = "image") -> None:
+def check_file_complete(img: Nifti1Image, path: str | os.PathLike, what: str = "image",
+                        *, deep: bool = True) -> None:
     """Cheap truncation check without decompressing: the file must hold the whole data
     block (uncompressed files), or the gzip trailer's uncompressed size must match the
-    header (gzip files; if it does not, the last voxel is read to be sure)."""
+    header (gzip files). A multi-member gzip stream records only its last member's size:
+    with ``deep`` its last voxel is then read to be sure (the whole stream is inflated);
+    without, the check is left to the reads, which fail on a short stream (a DWI is read
+    whole anyway, a mask is small)."""
     path = Path(path)
     end = _expected_data_end(img)
     size = path.stat().st_size
@@ -223,24 +190,16 @@ def check_file_complete(img: Nifti1Image, path: str | os.PathLike, what: str = "
         isize = struct.unpack("<I", fh.read(4))[0]
     if isize == end % 2**32:
         return
+    if not deep:
+        logger.debug("%s file %s: the gzip trailer does not give the data size (several "
+                     "members?); checked while reading", what, path)
+        return
     # multi-member gzip streams only record the last member's size: read the last voxel
     try:
         last = tuple(s - 1 for s in img.shape)
         np.asarray(img.dataobj[last])
     except _READ_ERRORS as exc:
         raise InputError(f"{what} file {path} is truncated or corrupt: {exc}") from None
-
-
-@dataclass(frozen=True)
-class Slab:
-    """A block of whole slices ``[start, stop)`` along the last spatial axis."""
-
-    start: int
-    stop: int
-    #: (n, 3) integer voxel coordinates of the masked voxels of the slab
-    coords: np.ndarray
-    #: (n, N) float32 signals of those voxels
-    data: np.ndarray
 
 
 class DWIImage:
@@ -251,7 +210,11 @@ class DWIImage:
     path : str or Path
         ``.nii`` or ``.nii.gz`` file, shape (X, Y, Z, N).
     check : bool
-        Check that the file is complete (cheap; see :func:`check_file_complete`).
+        Check that the file is complete (cheap; see :func:`check_file_complete`: a gzip
+        stream whose trailer does not give the data size -- several members, or a
+        truncated file -- is inflated here only when it is at most
+        :data:`DEEP_CHECK_BYTES`; larger ones are checked by the reads, which inflate
+        them anyway, and fail naming the file).
     """
 
     def __init__(self, path: str | os.PathLike, *, check: bool = True):
@@ -272,7 +235,8 @@ class DWIImage:
             raise InputError(f"DWI file {self.path} has unsupported data type {dtype}")
         self.shape: tuple[int, int, int, int] = shape
         if check:
-            check_file_complete(self.img, self.path, "DWI")
+            small = self.path.stat().st_size <= DEEP_CHECK_BYTES
+            check_file_complete(self.img, self.path, "DWI", deep=small)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -348,66 +312,37 @@ class DWIImage:
 
     @contextlib.contextmanager
     def spooled(self, mask: np.ndarray, directory: str | os.PathLike, *,
-                max_bytes: int = DEFAULT_SLAB_BYTES) -> Iterator[DWIImage]:
+                max_bytes: int = DEFAULT_SLAB_BYTES) -> Iterator[DWIImage | DWISpool]:
         """This image, or -- when it is gzip-compressed and would be read in more than one
-        slab -- an uncompressed temporary copy in ``directory`` (one decompression pass
-        instead of one per slab; removed on exit). Memory stays bounded either way."""
+        slab -- a :class:`~fingerprint.io.spool.DWISpool` of its ``mask`` voxels in
+        ``directory`` (one decompression pass instead of one per slab; removed on exit).
+        Both read slabs with ``iter_slabs``; memory stays bounded either way."""
         with self.spooling(mask, directory, max_bytes=max_bytes) as ready:
             yield ready()
 
     @contextlib.contextmanager
     def spooling(self, mask: np.ndarray, directory: str | os.PathLike, *,
-                 max_bytes: int = DEFAULT_SLAB_BYTES) -> Iterator[Callable[[], DWIImage]]:
+                 max_bytes: int = DEFAULT_SLAB_BYTES
+                 ) -> Iterator[Callable[[], DWIImage | DWISpool]]:
         """Like :meth:`spooled`, but the decompression runs in a background thread while
         the block goes on (e.g. loading a dictionary): the block gets a function that
-        waits for it and returns the image to read (this one when no copy is needed).
+        waits for it and returns what to read (this image when no copy is needed).
         Errors of the decompression are raised by that function; the copy is removed on
-        exit."""
+        exit. A spool started earlier for the same file and directory
+        (:func:`fingerprint.io.spool.prefetch`) is adopted instead of starting one."""
         if not self.is_compressed or self.n_slabs(mask, max_bytes) <= 1:
             yield lambda: self
             return
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        tmp = directory / f".fingerprint-dwi-{os.getpid()}-{secrets.token_hex(4)}.nii"
-        outcome: dict[str, Any] = {}
-        stop = threading.Event()
-
-        def decompress() -> None:
-            try:
-                with stage("read/decompress"), open_gzip_stream(self.path) as src, \
-                        open(tmp, "wb") as dst:
-                    while not stop.is_set():
-                        block = src.read(16 * 1024**2)
-                        if not block:
-                            break
-                        dst.write(block)
-            except (*_READ_ERRORS, RuntimeError) as exc:
-                outcome["error"] = InputError(
-                    f"DWI file {self.path} cannot be decompressed: {exc}")
-            except BaseException as exc:  # handed to the waiting thread
-                outcome["error"] = exc
-
-        worker = threading.Thread(target=decompress, name="fingerprint-decompress",
-                                  daemon=True)
-
-        def ready() -> DWIImage:
-            worker.join()
-            if "error" in outcome:
-                raise outcome["error"]
-            if "image" not in outcome:
-                logger.debug("decompressed %s to %s for slab reading", self.path, tmp)
-                copy = DWIImage(tmp)
-                copy.path = self.path  # errors keep naming the user's file
-                outcome["image"] = copy
-            return outcome["image"]
-
+        spool = adopt(self.path, directory, mask)
+        if spool is None:
+            spool = DWISpool(SpoolSource.of(self), mask, directory,
+                             threads=spool_threads()).start()
+        else:
+            logger.debug("reading %s from its early decompression", self.path)
         try:
-            worker.start()
-            yield ready
+            yield spool.wait
         finally:
-            stop.set()
-            worker.join()
-            tmp.unlink(missing_ok=True)
+            spool.close()
 
     def iter_slabs(self, mask: np.ndarray, *, max_bytes: int = DEFAULT_SLAB_BYTES,
                    start_slice: int = 0) -> Iterator[Slab]:
@@ -499,6 +434,37 @@ class DWIImage:
         for i in idx:
             acc += self.read_volume(int(i))
         return (acc / idx.size).astype(np.float32)
+
+
+def prefetch(dwi: str | os.PathLike[str], directory: str | os.PathLike[str],
+             mask: str | os.PathLike[str] | None = None, *, threads: int = 1,
+             max_bytes: int = 0) -> DWISpool | None:
+    """Start spooling the gzip NIfTI ``dwi`` into ``directory`` now (the voxels of the
+    ``mask`` file, else all) for :meth:`DWIImage.spooling` to adopt later
+    (:func:`fingerprint.io.spool.adopt`; :func:`fingerprint.io.spool.discard_prefetched`
+    ends the ones nobody adopted). Best effort: None (and nothing started) when ``dwi``
+    is not a gzip NIfTI, its masked voxels fit in one slab of ``max_bytes`` (a fit reads
+    them without a spool), or anything about the inputs is wrong (the fit that follows
+    reports it)."""
+    try:
+        path = Path(os.fspath(dwi))
+        image = DWIImage(path, check=False)
+        if not image.is_compressed:
+            return None
+        selection = None
+        if mask is not None:
+            selection = load_mask(mask, image.spatial_shape)
+        every = np.ones(image.spatial_shape, dtype=bool) if selection is None else selection
+        if image.n_slabs(every, max_bytes) <= 1:
+            return None
+        spool = DWISpool(SpoolSource.of(image), selection, directory, threads=threads)
+        spool.start()
+        register_prefetched(path, directory, spool)
+    except Exception as exc:  # noqa: BLE001 - reported by the fit that follows
+        logger.debug("no early decompression of %s: %s", dwi, exc)
+        return None
+    logger.debug("decompressing %s into %s ahead of the fit", path, directory)
+    return spool
 
 
 def load_mask(path: str | os.PathLike, spatial_shape: tuple[int, ...],
