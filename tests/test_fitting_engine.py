@@ -289,6 +289,50 @@ def test_hnsw_index_cached_beside_dictionary(dictionary, caplog):
     np.testing.assert_array_equal(a.matcher.search(q, 8)[1], b.matcher.search(q, 8)[1])
 
 
+def test_approximate_estimator_reads_no_hnsw_graph(dictionary, noddi, scheme, estimator):
+    """On an HNSW-sized dictionary (threshold lowered), the estimator's searches (the
+    profile match, the main match, the dictionary-spacing estimate) all go to the
+    inverted file: no graph is built or read. The spacing equals the exact search's, and
+    the estimates are close to the exact matcher's."""
+    cache = dictionary.path.parent / f"{dictionary.path.name}.hnsw16.faiss"
+    if cache.exists():
+        cache.unlink()
+    approx = FingerprintEstimator.from_dictionary(dictionary, n_jobs=1, hnsw_threshold=1000)
+    exact = FingerprintEstimator.from_dictionary(dictionary, n_jobs=1,
+                                                 matcher_method="exact")
+    assert approx.matcher.method == "hnsw"
+    truth, data = phantom(noddi, scheme, 400, seed=21, snr=30)
+    a = approx.estimate(data)
+    e = exact.estimate(data)
+    assert approx.matcher._hnsw is None and not cache.exists()
+    assert approx.matcher._ivf is not None
+    assert approx.dictionary_spacing2 == pytest.approx(exact.dictionary_spacing2, rel=1e-5)
+    err_a = mae(a.parameters[:, ODI:PV0 + 1], truth[:, ODI:PV0 + 1])
+    err_e = mae(e.parameters[:, ODI:PV0 + 1], truth[:, ODI:PV0 + 1])
+    np.testing.assert_allclose(err_a, err_e, atol=2e-3)
+
+
+def test_atom_order_of_the_inverted_file_changes_no_estimate(dictionary, noddi, scheme,
+                                                            monkeypatch):
+    """With an inverted file the estimator reads its atom tables in the file's list order
+    (shared by its shallow copies, as the fitting threads make them); the estimates are
+    bit-identical to those made with the tables as stored."""
+    import copy
+
+    est = FingerprintEstimator.from_dictionary(dictionary, n_jobs=1, hnsw_threshold=1000)
+    _, data = phantom(noddi, scheme, 300, seed=22, snr=25)
+    a = est.estimate(data)
+    order = est.matcher.atom_order
+    assert order is not None and est._local_tables.order is order
+    assert not np.array_equal(order, np.arange(order.size))
+    assert copy.copy(est)._local_tables is est._local_tables
+    monkeypatch.setattr(type(est.matcher), "atom_order", property(lambda self: None))
+    b = est.estimate(data)
+    for field in ("parameters", "uncertainty", "r2", "sigma", "match_chi2", "fit_chi2",
+                  "orientation_sd"):
+        np.testing.assert_array_equal(getattr(a, field), getattr(b, field), err_msg=field)
+
+
 # ------------------------------------------------------------------ other models, threads
 def test_spherical_mean_model(scheme, dict_dir):
     smt = get_model("smt_noddi")

@@ -11,14 +11,17 @@ searched exactly: that is quicker than building the graph), and cached beside it
 concurrent builders never see a partial file); a cache that cannot be written (read-only
 directory) only costs the rebuild.
 
-Searches for many neighbours (at least :data:`IVF_MIN_K`, the main match) on an
-HNSW-sized dictionary use an inverted-file index instead of the graph (``IndexIVFFlat``,
-about 96 atoms per list, 5 lists probed): on the NODDI dictionary it finds the 32 nearest
-atoms with recall 0.996 in under half of the graph's CPU time. It is trained once (k-means
-with a fixed seed) when first needed and cached beside the store
-(``<store>.ivf<lists>.faiss``) like the graph. Quick matches of a few neighbours give the
-number of lists to probe (one for the estimator's profile match) or a beam width for the
-graph.
+Searches for many neighbours (at least :data:`IVF_MIN_K`, the main match), and any
+search given a number of lists to probe (the estimator's profile match and its
+dictionary-spacing estimate), on an HNSW-sized dictionary use an inverted file instead of
+the graph (about 96 atoms per list, 5 lists probed by default): on the NODDI dictionary it
+finds the 32 nearest atoms with recall 0.996. Its lists are those of a FAISS
+``IndexIVFFlat`` trained once (k-means with a fixed seed) when first needed and cached
+beside the store (``<store>.ivf<lists>.faiss``) like the graph; the search itself runs on
+:class:`IVFTables` made from it (:func:`fingerprint.kernels.neighbours.ivf_search`: the same
+lists, the same recall, about 0.4 of FAISS's CPU time for the main match), so a fit that
+only makes such searches never reads the HNSW graph. Quick matches without ``nprobe`` use
+the graph with a beam width.
 
 Searching is read-only on the index and thread-safe; per-call search parameters are
 passed explicitly, never set on the shared index.
@@ -31,6 +34,7 @@ import logging
 import os
 import tempfile
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -45,7 +49,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_HNSW_THRESHOLD", "Matcher", "faiss_threads"]
+__all__ = ["DEFAULT_HNSW_THRESHOLD", "IVFTables", "Matcher", "faiss_threads"]
 
 #: Number of atoms from which the approximate (HNSW) index is used.
 DEFAULT_HNSW_THRESHOLD = 100_000
@@ -66,6 +70,9 @@ IVF_MIN_K = 16
 IVF_ATOMS_PER_LIST = 96
 IVF_MAX_LISTS = 1024
 IVF_NPROBE = 5
+#: Centroids either side of a query's position (on the first principal axis) measured
+#: first by the inverted-file search (widened until no other centroid can be nearer).
+IVF_WINDOW = 16
 #: Queries per FAISS call (bounds the distance buffers of the exact search).
 QUERY_BATCH = 16384
 #: With ``method='auto'``, a matcher answers its first atoms / this queries exactly while no
@@ -102,6 +109,96 @@ def _ivf_cache_path(hnsw_cache: Path, n_atoms: int) -> Path:
     return hnsw_cache.parent / f"{store}.ivf{_ivf_lists(n_atoms)}.faiss"
 
 
+@dataclass(frozen=True)
+class IVFTables:
+    """An inverted file laid out for :func:`fingerprint.kernels.neighbours.ivf_search`.
+
+    Features are rotated onto their principal axes (x -> (x - ``mean``) @ ``rotation``,
+    an orthogonal change of basis: distances are unchanged); ``centroids_t`` (d, lists)
+    float32 holds the rotated list centroids sorted by their first coordinate (``key``),
+    ``atoms_t`` (d, atoms) float32 the rotated atoms grouped by list (list l in columns
+    ``list_start[l]:list_start[l + 1]``), ``ids`` their atom indices. All arrays are
+    read-only."""
+
+    mean: np.ndarray
+    rotation: np.ndarray
+    centroids_t: np.ndarray
+    key: np.ndarray
+    atoms_t: np.ndarray
+    list_start: np.ndarray
+    ids: np.ndarray
+
+    @classmethod
+    def from_lists(cls, features: np.ndarray, centroids: np.ndarray,
+                   assignment: np.ndarray) -> IVFTables:
+        """Tables of ``features`` (atoms, d) grouped into the lists of ``centroids``
+        (lists, d): atom i belongs to list ``assignment[i]``."""
+        feats = np.asarray(features, dtype=np.float64)
+        if feats.shape[0] >= 2 ** 31:  # the search's sort keys hold atom indices in 32 bits
+            raise DictionaryError(f"cannot index {feats.shape[0]} atoms (at most 2**31 - 1)")
+        n_lists = int(centroids.shape[0])
+        mean = feats.mean(axis=0)
+        centred = feats - mean
+        _, vectors = np.linalg.eigh(centred.T @ centred)
+        rotation = np.ascontiguousarray(vectors[:, ::-1])  # largest variance first
+        rotated_centroids = (np.asarray(centroids, dtype=np.float64) - mean) @ rotation
+        by_key = np.argsort(rotated_centroids[:, 0], kind="stable")
+        rank = np.empty(n_lists, dtype=np.int64)
+        rank[by_key] = np.arange(n_lists)
+        lists = rank[np.asarray(assignment, dtype=np.int64)]
+        ids = np.argsort(lists, kind="stable").astype(np.int64)
+        list_start = np.searchsorted(lists[ids], np.arange(n_lists + 1)).astype(np.int64)
+        atoms_t = np.ascontiguousarray((centred[ids] @ rotation).T, dtype=np.float32)
+        centroids_t = np.ascontiguousarray(rotated_centroids[by_key].T, dtype=np.float32)
+        tables = cls(mean, rotation, centroids_t, np.ascontiguousarray(centroids_t[0]),
+                     atoms_t, list_start, ids)
+        for arr in (tables.mean, tables.rotation, tables.centroids_t, tables.key,
+                    tables.atoms_t, tables.list_start, tables.ids):
+            arr.setflags(write=False)
+        return tables
+
+    @classmethod
+    def from_faiss(cls, index: faiss.Index, features: np.ndarray) -> IVFTables:
+        """Tables with the lists of a FAISS ``IndexIVFFlat`` over ``features``."""
+        import faiss  # lazy: keeps FAISS off import
+
+        ivf = faiss.extract_index_ivf(index)
+        n_lists = int(ivf.nlist)
+        centroids = ivf.quantizer.reconstruct_n(0, n_lists)
+        assignment = np.full(int(ivf.ntotal), -1, dtype=np.int64)
+        invlists = ivf.invlists
+        if invlists is None:
+            raise DictionaryError("the IVF index has no inverted lists")
+        for lst in range(n_lists):
+            size = int(invlists.list_size(lst))
+            if size:
+                members = faiss.rev_swig_ptr(invlists.get_ids(lst), size)
+                assignment[np.asarray(members, dtype=np.int64)] = lst
+        if (assignment < 0).any():
+            raise DictionaryError("the IVF index does not hold every atom")
+        return cls.from_lists(features, centroids, assignment)
+
+    @property
+    def n_lists(self) -> int:
+        return int(self.centroids_t.shape[1])
+
+    def search(self, queries: np.ndarray, k: int, nprobe: int
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """Squared distances (n, k) float32 and atom indices (n, k) int64 of the k nearest
+        atoms in the ``nprobe`` nearest lists of each query (n, d) (float32 or float64)."""
+        # lazy: keeps numba off import
+        from fingerprint.kernels import run_parallel
+        from fingerprint.kernels.neighbours import ivf_search
+
+        q = queries if queries.dtype in (np.float32, np.float64) else \
+            queries.astype(np.float64)
+        q = np.ascontiguousarray(q)
+        nprobe = int(min(max(1, nprobe), self.n_lists))
+        return run_parallel(ivf_search, q, int(k), nprobe, self.mean, self.rotation,
+                            self.centroids_t, self.key, self.atoms_t, self.list_start,
+                            self.ids, IVF_WINDOW)
+
+
 class Matcher:
     """k-nearest-neighbour search over ``features`` (atoms, k) float32.
 
@@ -119,12 +216,13 @@ class Matcher:
     ----------
     method: the search used for large query batches (``'exact'`` or ``'hnsw'``).
     exact_below: with ``'auto'`` over an HNSW-sized dictionary, ``atoms //
-        EXACT_QUERY_FRACTION``: while no HNSW graph is at hand (in memory or cached beside
-        the store), the matcher's first queries, up to this many in all, are searched
-        exactly, so a small volume (the demo, one slice) is matched at once; the graph is
-        built (and cached) as soon as more are asked for, and once it exists every batch,
-        large or small, is searched on it (results do not depend on how voxels are
-        batched).
+        EXACT_QUERY_FRACTION``: while no approximate index is at hand (an HNSW graph or
+        an inverted file, in memory or cached beside the store), the matcher's first
+        queries, up to this many in all, are searched exactly, so a small volume (the
+        demo, one slice) is matched at once; the index a search needs is built (and
+        cached) as soon as more are asked for, and once one exists every batch, large or
+        small, is searched on the approximate indexes (results do not depend on how
+        voxels are batched).
     """
 
     def __init__(self, features: np.ndarray, *, method: str = "auto",
@@ -230,20 +328,36 @@ class Matcher:
             self._save_index(index, path)
         return index
 
-    def _wide_index(self) -> Any:
+    def _wide_index(self) -> IVFTables:
+        """The inverted file's search tables (the FAISS index is read or trained, then
+        only its lists are kept)."""
         if self._ivf is None:
             with self._lock:
                 if self._ivf is None:
-                    self._ivf = self._load_or_build_ivf()
+                    self._ivf = IVFTables.from_faiss(self._load_or_build_ivf(),
+                                                     self._features)
         return self._ivf
+
+    @property
+    def atom_order(self) -> np.ndarray | None:
+        """Atom indices in the inverted file's list order (atoms of one list next to each
+        other, read-only), once its tables are loaded; else None. The neighbours a search
+        returns lie in a few lists: tables of per-atom values laid out in this order are
+        read from a few memory regions instead of scattered rows."""
+        tables = self._ivf
+        return None if tables is None else tables.ids
 
     @property
     def index(self) -> faiss.Index:
         """The FAISS index of large query batches (an HNSW graph is built on first use)."""
         return self._index_for(self.exact_below)
 
-    def _index_for(self, n_queries: int) -> Any:
-        if self.method == "exact" or self._answer_exactly(n_queries):
+    def _index_for(self, n_queries: int, exact: bool | None = None) -> Any:
+        """The FAISS index of a batch of ``n_queries`` (exact: the flat index; else the
+        HNSW graph); ``exact`` when already decided for this batch."""
+        if exact is None:
+            exact = self.method == "exact" or self._answer_exactly(n_queries)
+        if exact:
             if self._flat is None:
                 with self._lock:
                     if self._flat is None:
@@ -258,9 +372,11 @@ class Matcher:
     def _answer_exactly(self, n_queries: int) -> bool:
         """Whether an ``'auto'`` matcher without a graph at hand answers these queries
         exactly (counted against :attr:`exact_below`)."""
-        if self._hnsw is not None or self.exact_below == 0:
+        if self._hnsw is not None or self._ivf is not None or self.exact_below == 0:
             return False
-        if self._cache_path is not None and self._cache_path.exists():
+        if self._cache_path is not None and (
+                self._cache_path.exists()
+                or _ivf_cache_path(self._cache_path, self.n_atoms).exists()):
             return False
         with self._lock:
             if self._exact_queries + n_queries >= self.exact_below:
@@ -327,20 +443,22 @@ class Matcher:
         with beam ``ef_search`` (default the matcher's). Exact matchers ignore both."""
         import faiss  # lazy: keeps FAISS off import
 
-        q = np.ascontiguousarray(queries, dtype=np.float32)
-        if q.ndim != 2 or q.shape[1] != self.dimension:
-            raise ValueError(f"queries must have shape (n, {self.dimension}), got {q.shape}")
+        queries = np.asarray(queries)
+        if queries.ndim != 2 or queries.shape[1] != self.dimension:
+            raise ValueError(f"queries must have shape (n, {self.dimension}), got "
+                             f"{queries.shape}")
         k = int(max(1, min(k, self.n_atoms)))
-        n = q.shape[0]
+        n = queries.shape[0]
+        exact = self.method == "exact" or self._answer_exactly(n)
+        if not exact and (k >= IVF_MIN_K or nprobe is not None):
+            # float32 or float64 queries go to the kernel as they are (no copy)
+            return self._wide_index().search(queries, k, int(nprobe or IVF_NPROBE))
+        q = np.ascontiguousarray(queries, dtype=np.float32)
         dist = np.empty((n, k), dtype=np.float32)
         idx = np.empty((n, k), dtype=np.int64)
-        index = self._index_for(n)
+        index = self._index_for(n, exact)
         params = None
-        if index is self._hnsw and (k >= IVF_MIN_K or nprobe is not None):
-            index = self._wide_index()
-            params = getattr(faiss, "SearchParametersIVF")()  # noqa: B009 - untyped module
-            params.nprobe = max(1, int(nprobe or IVF_NPROBE))
-        elif index is self._hnsw:
+        if index is self._hnsw:
             params = getattr(faiss, "SearchParametersHNSW")()  # noqa: B009 - untyped module
             params.efSearch = max(int(ef_search or self.ef_search), k)
         for start in range(0, n, QUERY_BATCH):
