@@ -269,3 +269,33 @@ def test_a_large_spool_is_released_in_the_background(tmp_path, monkeypatch):
     assert not list((tmp_path / "spool").iterdir())
     with pytest.raises(RuntimeError, match="closed"):
         sp.read_rows(0, 1)
+
+
+def test_the_command_line_starts_the_spool_before_the_heavy_imports(tmp_path):
+    """``fingerprint fit`` reaches the early decompression without importing Numba,
+    SciPy, FAISS or the fitting code (about a second of start-up it overlaps)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import sys
+        import fingerprint.cli.fit as fit
+        from fingerprint.cli.main import main
+
+        def early(args, stack):
+            heavy = [m for m in ("numba", "scipy", "faiss", "fingerprint.fitting.pipeline")
+                     if m in sys.modules]
+            print("heavy:", ",".join(heavy))
+            raise SystemExit(0)
+
+        fit._prefetch_dwi = early
+        main(["fit", "--model", "noddi", "--dwi", "dwi.nii.gz", "--bval", "b", "--bvec",
+              "v", "--out", {str(tmp_path / "out")!r}])
+    """)
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         env=env, cwd=tmp_path, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "heavy: \n" in run.stdout, run.stdout
