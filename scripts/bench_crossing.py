@@ -35,10 +35,12 @@ Methods, all in this run on the same noisy signals:
 
 Per case: median angular error of each fascicle (true fascicles matched to the fitted
 ones by the smallest total angle; a fascicle the fit missed is scored against the nearest
-fitted direction), mean absolute error of each fascicle's fraction (a missed fascicle has
-fraction 0) and microstructure, and the rate of wrong fascicle counts (the polish and
-dmipy always fit two sticks: their count is the number of sticks with a signal fraction
-of at least 0.1, the multi-fascicle fit's eligibility rule). Times: wall and CPU
+fitted direction; against the polish on the same voxels, also the difference of the
+medians with its 95 % paired bootstrap interval), mean absolute error of each
+fascicle's fraction (a missed fascicle has fraction 0) and microstructure, and the rate
+of wrong fascicle counts (the polish and dmipy always fit two sticks: their count is the
+number of sticks with a signal fraction of at least 0.1, the multi-fascicle fit's
+eligibility rule). Times: wall and CPU
 (process) time per voxel of each method; the machine may be shared, so compare the
 ratios within one run.
 """
@@ -167,8 +169,9 @@ def angle(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.degrees(np.arccos(np.clip(cos, 0.0, 1.0)))
 
 
-def score(truth: dict, est: dict) -> dict[str, float]:
-    """Errors of one case (see the module docstring)."""
+def score(truth: dict, est: dict, angles: dict | None = None) -> dict[str, float]:
+    """Errors of one case (see the module docstring); ``angles``, when given, receives
+    the per-voxel angular errors (n, fascicles) under the key ``'angles'``."""
     n = truth["u"].shape[0]
     present = (est["f"] >= MIN_FRACTION) & np.all(np.isfinite(est["u"]), axis=-1)
     count = present.sum(axis=1)
@@ -197,6 +200,8 @@ def score(truth: dict, est: dict) -> dict[str, float]:
             for key in merr:
                 if not missed:
                     merr[key][i, t] = abs(est["micro"][key][i, j] - truth["micro"][key][i, t])
+    if angles is not None:
+        angles["angles"] = ang
     for t in range(k_true):
         out[f"angle_median_f{t + 1}"] = float(np.nanmedian(ang[:, t]))
         out[f"fraction_mae_f{t + 1}"] = float(np.nanmean(ferr[:, t]))
@@ -207,6 +212,17 @@ def score(truth: dict, est: dict) -> dict[str, float]:
 
 
 # ----------------------------------------------------------------------------- methods
+def median_difference(a: np.ndarray, b: np.ndarray, rng, resamples: int = 2000
+                      ) -> tuple[float, float, float]:
+    """Median of ``a`` minus median of ``b`` (per-voxel errors of two methods on the same
+    voxels) and its 95 % paired bootstrap interval (voxels resampled with replacement)."""
+    n = a.shape[0]
+    idx = rng.integers(0, n, (resamples, n))
+    diffs = np.nanmedian(a[idx], axis=1) - np.nanmedian(b[idx], axis=1)
+    lo, hi = np.percentile(diffs, [2.5, 97.5])
+    return float(np.nanmedian(a) - np.nanmedian(b)), float(lo), float(hi)
+
+
 def timed(fn, *args):
     t, c = time.perf_counter(), time.process_time()
     out = fn(*args)
@@ -312,13 +328,24 @@ def main(argv: list[str] | None = None) -> int:
                         "angle": "single" if ang is None else ang, "voxels": args.voxels,
                         "methods": {}}
                 fitted_params = {}
+                per_voxel: dict[str, dict] = {}
                 for name, fitter in fitters.items():
                     ve, wall, cpu = timed(fit_voxels, fitter, noisy)
                     fitted_params[name] = ve.parameters
+                    per_voxel[name] = {}
                     case["methods"][name] = {
-                        **score(truth, estimates(model_name, model, ve.parameters)),
+                        **score(truth, estimates(model_name, model, ve.parameters),
+                                per_voxel[name]),
                         "us_per_voxel": wall / args.voxels * 1e6,
                         "cpu_us_per_voxel": cpu / args.voxels * 1e6}
+                if "polish" in per_voxel:  # paired: the same voxels
+                    boot = np.random.default_rng(args.seed + 1)
+                    a, b = per_voxel["multifascicle"]["angles"], per_voxel["polish"]["angles"]
+                    case["median_difference_vs_polish"] = [
+                        median_difference(a[:, t], b[:, t], boot) for t in range(a.shape[1])]
+                    case["cpu_ratio_vs_polish"] = (
+                        case["methods"]["polish"]["cpu_us_per_voxel"]
+                        / case["methods"]["multifascicle"]["cpu_us_per_voxel"])
                 if dmipy_python is not None and model_name == "ball_stick_stick" and \
                         ang in args.dmipy_angles:
                     k = min(args.dmipy_voxels, args.voxels)
@@ -370,6 +397,19 @@ def markdown(results: dict) -> str:
                 f"{m.get('fraction_mae_f2', np.nan):.3f} | {micro_txt} | "
                 f"{m['wrong_count_rate']:.2f} | {m['us_per_voxel']:.0f} | "
                 f"{m['cpu_us_per_voxel']:.0f} |")
+    paired = [c for c in results["cases"] if "median_difference_vs_polish" in c]
+    if paired:
+        lines += ["", "Multi-fascicle fit against the polish on the same voxels: difference of "
+                  "the median angular errors (multifascicle minus polish; negative: better) "
+                  "with its 95 % paired bootstrap interval, and the ratio of CPU times:", "",
+                  "| model | SNR | angle | fascicle 1 (°) | fascicle 2 (°) | polish CPU / "
+                  "multifascicle CPU |", "| --- | --- | --- | --- | --- | --- |"]
+        for c in paired:
+            diffs = [f"{d:+.2f} [{lo:+.2f}, {hi:+.2f}]"
+                     for d, lo, hi in c["median_difference_vs_polish"]]
+            diffs += [""] * (2 - len(diffs))
+            lines.append(f"| {c['model']} | {c['snr']:.0f} | {c['angle']} | {diffs[0]} | "
+                         f"{diffs[1]} | {c['cpu_ratio_vs_polish']:.1f}× |")
     subset = [c for c in results["cases"] if "on_dmipy_voxels" in c]
     if subset:
         lines += ["", "The same runs scored on dmipy's voxels only (the first voxels of "
