@@ -50,6 +50,7 @@ __all__ = [
     "map_labels",
     "model_name",
     "model_count_penalty",
+    "model_posterior_neighbors",
     "model_refine",
     "model_solver",
     "recipe_dir",
@@ -198,6 +199,15 @@ def model_count_penalty(name_or_model: str | MultiCompartmentModelProperties
     the BIC)."""
     recipe = recipe_for_model(name_or_model)
     return recipe.count_penalty if recipe is not None else None
+
+
+def model_posterior_neighbors(name_or_model: str | MultiCompartmentModelProperties
+                              ) -> int | None:
+    """Atoms whose Rician posterior gives a named model's matched scalar parameters (its
+    recipe's ``[fit] posterior_neighbors``, :mod:`fingerprint.fitting.posterior`), or None
+    (the matcher's own neighbours and weights)."""
+    recipe = recipe_for_model(name_or_model)
+    return recipe.posterior_neighbors if recipe is not None else None
 
 
 _REFINE_TEXT = {True: "matching with the local-linear step",
@@ -423,6 +433,10 @@ def describe_model(name: str) -> dict[str, Any]:
         "count_penalty": None if recipe.count_penalty is None else (
             f"fascicle count chosen with a penalty of {recipe.count_penalty:g} per "
             "parameter (the recipe's; the BIC's is log N)"),
+        "posterior": None if recipe.posterior_neighbors is None else (
+            f"scalar parameters are the Rician posterior mean over the "
+            f"{recipe.posterior_neighbors} nearest atoms (the recipe's; off with "
+            "refine=False)"),
         "free_values": n_free,
         "parameters": params,
         "constraints": constraints,
@@ -442,6 +456,7 @@ def format_model(name: str) -> str:
              *([f"Default fit: {d['default_refine']} (the recipe's; the refine option "
                 "overrides it)"] if d.get("default_refine") else []),
              *([f"Fascicle count: {d['count_penalty']}"] if d.get("count_penalty") else []),
+             *([f"Matching: {d['posterior']}"] if d.get("posterior") else []),
              "", "Options:" if d["class"] == "volume model" else
              "Parameters (SI units; bounds of the fit):"]
     for p in d["parameters"]:
@@ -489,6 +504,7 @@ def models_markdown() -> str:
                    "option overrides it)", ""] if d.get("default_refine") else []),
                 *([f"*Fascicle count:* {d['count_penalty']}", ""]
                   if d.get("count_penalty") else []),
+                *([f"*Matching:* {d['posterior']}", ""] if d.get("posterior") else []),
                 *(["| option | default and meaning |", "| --- | --- |"]
                   if d["class"] == "volume model" else
                   ["| parameter | map | unit | bounds |", "| --- | --- | --- | --- |"])]

@@ -34,6 +34,7 @@ gives its default dictionary sampling and labels its output maps::
     [fit]                                 # optional: the model's fit defaults
     refine = "nonlinear"                  # (FIT_DEFAULT_KEYS; a user's option wins)
     count_penalty = 3.0                   # multi-fascicle models: fascicle-count penalty
+    posterior_neighbors = 2048            # Rician posterior over this many atoms
 
 Every ``links`` entry is ``[method, *arguments]``, a call of one of
 :data:`LINK_METHODS` on the model (or distributed model) with dmipy's positional
@@ -98,8 +99,10 @@ _TOP_KEYS = {"name", "description", "reference", "requires_timing", "model", "di
 #: ``"nonlinear"``: the model's default refinement after matching, used by every entry
 #: point unless the user gives ``refine``) and ``count_penalty`` (multi-fascicle models:
 #: the information-criterion cost of one parameter when the fascicle count is chosen, a
-#: number >= 0; unset is log N, the BIC).
-FIT_DEFAULT_KEYS = ("refine", "count_penalty")
+#: number >= 0; unset is log N, the BIC) and ``posterior_neighbors`` (atoms whose Rician
+#: posterior gives the matched scalars, :mod:`fingerprint.fitting.posterior`; unset: the
+#: matcher's Gaussian-weighted neighbours).
+FIT_DEFAULT_KEYS = ("refine", "count_penalty", "posterior_neighbors")
 #: Tissues a recipe's top-level compartments may belong to (``tissues = ["csf", "wm"]``):
 #: white matter, grey matter, cerebrospinal fluid (multi-tissue fits).
 TISSUES = ("wm", "gm", "csf")
@@ -153,6 +156,10 @@ class Recipe:
     #: the fascicle-count penalty of a multi-fascicle model (``[fit] count_penalty``), or
     #: None (log N, the BIC)
     count_penalty: float | None = None
+    #: atoms whose Rician posterior gives the matched scalar parameters (``[fit]
+    #: posterior_neighbors``, :mod:`fingerprint.fitting.posterior`), or None (the
+    #: matcher's own neighbours and weights)
+    posterior_neighbors: int | None = None
 
     def build_model(self, S0_tissue_responses: ArrayLike | None = None  # noqa: N803
                     ) -> MultiCompartmentModelProperties:
@@ -255,6 +262,12 @@ def _parse(data: Mapping[str, Any], path: Path | None) -> Recipe:
             or not math.isfinite(count_penalty) or count_penalty < 0):
         raise InputError(f"{where}: [fit] count_penalty must be a finite number >= 0, "
                          f"got {count_penalty!r}")
+    posterior_neighbors = fit.get("posterior_neighbors")
+    if posterior_neighbors is not None and (
+            isinstance(posterior_neighbors, bool) or not isinstance(posterior_neighbors, int)
+            or posterior_neighbors < 1):
+        raise InputError(f"{where}: [fit] posterior_neighbors must be an integer >= 1, "
+                         f"got {posterior_neighbors!r}")
     return Recipe(name=name, description=str(data["description"]).strip(),
                   requires_timing=requires_timing, model_description=dict(model),
                   distributed={k: dict(v) for k, v in distributed.items()},
@@ -262,7 +275,8 @@ def _parse(data: Mapping[str, Any], path: Path | None) -> Recipe:
                   path=path, requirements={k: float(v) for k, v in requirements.items()},
                   derived=dict(derived), solver=solver, tissues=tuple(tissues),
                   refine=refine,
-                  count_penalty=None if count_penalty is None else float(count_penalty))
+                  count_penalty=None if count_penalty is None else float(count_penalty),
+                  posterior_neighbors=posterior_neighbors)
 
 
 def load_recipe(path: str | os.PathLike) -> Recipe:

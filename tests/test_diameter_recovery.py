@@ -100,3 +100,55 @@ def test_below_resolution_flag(activeax_scheme):
     fitter.model, fitter.scheme = model, activeax_scheme
     flags = voxel_quality(fitter, _VE())["quality"]
     assert [bool(f & FLAGS["below_resolution"]) for f in flags] == [True, True, False]
+
+
+def test_below_resolution_counts_half_the_posterior_spread(activeax_scheme):
+    """With the fit's uncertainty, a diameter is flagged unless it lies more than half
+    its posterior standard deviation above the limit; AxCaliber's mean diameter has no
+    spread of its own (its estimate alone decides)."""
+    from fingerprint.fitting.resolution import FLAG_SPREAD
+
+    model = get_model("activeax")
+    params = np.repeat(model_phantom("activeax", activeax_scheme, 1)["parameters"], 3, 0)
+    col = model.parameter_layout.slices["C4CylinderGaussianPhaseApproximation_1_diameter"]
+    limit = float(diameter_resolution_limit(activeax_scheme, 30.0))
+    params[:, col] = limit + 1e-6
+    unc = np.full_like(params, np.nan)
+    unc[:, col] = np.array([[0.0], [1.9e-6], [2.1e-6]])
+    assert FLAG_SPREAD == 0.5
+    snr = np.full(3, 30.0)
+    assert below_resolution(model, activeax_scheme, params, snr, unc).tolist() == \
+        [False, False, True]
+    assert not below_resolution(model, activeax_scheme, params, snr).any()
+    # NaN spread counts as none
+    unc[:, col] = np.nan
+    assert not below_resolution(model, activeax_scheme, params, snr, unc).any()
+    ax = get_model("axcaliber")
+    p_ax = model_phantom("axcaliber", activeax_scheme, 2, seed=1)["parameters"]
+    np.testing.assert_array_equal(
+        below_resolution(ax, activeax_scheme, p_ax, np.full(2, 30.0), np.ones_like(p_ax)),
+        below_resolution(ax, activeax_scheme, p_ax, np.full(2, 30.0)))
+
+
+def test_quality_flag_uses_the_fit_spread(activeax_scheme):
+    model = get_model("activeax")
+    params = np.repeat(model_phantom("activeax", activeax_scheme, 1)["parameters"], 2, 0)
+    col = model.parameter_layout.slices["C4CylinderGaussianPhaseApproximation_1_diameter"]
+    params[:, col] = float(diameter_resolution_limit(activeax_scheme, 30.0)) + 1e-6
+    unc = np.zeros_like(params)
+    unc[1, col] = 4e-6
+
+    class _VE:
+        parameters = params
+        uncertainty = unc
+        valid = np.ones(2, dtype=bool)
+        s0 = np.full(2, 300.0)
+        sigma = np.full(2, 10.0)
+
+    class _Fitter:
+        pass
+
+    fitter = _Fitter()
+    fitter.model, fitter.scheme = model, activeax_scheme
+    flags = voxel_quality(fitter, _VE())["quality"]
+    assert [bool(f & FLAGS["below_resolution"]) for f in flags] == [False, True]

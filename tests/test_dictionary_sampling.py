@@ -219,3 +219,43 @@ def test_fixed_top_level_fraction_falls_back_to_independent_ranges():
     assert plan.dims == 3
     kinds = [p["kind"] for p in plan.to_dict()["parameters"]]
     assert "simplex" not in kinds
+
+
+def gamma_like() -> ParameterSpace:
+    return ParameterSpace((
+        ParameterInfo("DD1GammaDistributed_1_DD1Gamma_1_alpha", 1, ((0.1, 30.0),)),
+        ParameterInfo("DD1GammaDistributed_1_DD1Gamma_1_beta", 1, ((1e-9, 2e-6),)),
+        ParameterInfo("G2Zeppelin_1_lambda_perp", 1, ((1e-10, 3e-9),)),
+    ))
+
+
+def test_gamma_sampled_by_mean_diameter():
+    """``mean_diameter``: the mean diameters 2 alpha beta spread evenly over the range,
+    shape and scale inside their bounds, the shape log-spaced within what keeps the
+    scale in bounds; other parameters and the plan's determinism are unchanged."""
+    space = gamma_like()
+    spec = SamplingSpec(size=4096, seed=2, mean_diameter={"beta": (1e-7, 2e-5)})
+    plan = resolve_sampling(space, spec)
+    assert plan.dims == 3
+    x = plan.sample(0, 4096)
+    alpha, beta = x[:, 0], x[:, 1]
+    assert np.all((alpha >= 0.1) & (alpha <= 30.0) & (beta >= 1e-9) & (beta <= 2e-6))
+    mean = 2 * alpha * beta
+    counts, _ = np.histogram(mean, bins=8, range=(1e-7, 2e-5))
+    assert counts.min() >= 0.95 * 4096 / 8
+    # a large mean diameter needs a large shape (beta <= 2 um): alpha >= mean / 4 um
+    assert np.all(alpha >= mean / 4e-6 * (1 - 1e-9))
+    np.testing.assert_array_equal(x[100:200], plan.sample(100, 200))
+    plain = resolve_sampling(space, SamplingSpec(size=4096, seed=2)).sample(0, 4096)
+    np.testing.assert_array_equal(x[:, 2], plain[:, 2])
+    entry = plan.to_dict()["parameters"][1]
+    assert entry["kind"] == "mean_diameter" and entry["mean_diameter"] == [1e-7, 2e-5]
+    assert SamplingSpec.from_dict({"mean_diameter": {"beta": [1e-7, 2e-5]}}).mean_diameter \
+        == {"beta": (1e-7, 2e-5)}
+
+
+def test_mean_diameter_validation():
+    with pytest.raises(InputError, match="mean_diameter of 'beta' must satisfy 0 < low"):
+        SamplingSpec(mean_diameter={"beta": (0.0, 1e-5)})
+    with pytest.raises(InputError, match="mean_diameter applies to a Gamma"):
+        resolve_sampling(gamma_like(), SamplingSpec(mean_diameter={"lambda_perp": (1e-7, 2e-5)}))

@@ -22,6 +22,13 @@ How each kind of parameter is drawn from the unit cube:
   other one's lower bound) and rejected for more.
 - nested partial volumes (e.g. ``SD1WatsonDistributed_1_partial_volume_0``) are ordinary
   [0, 1] parameters (again reading dmipy's default (0.01, 0.99) as [0, 1]).
+- Gamma diameter distributions (``mean_diameter``: the Gamma scale ``beta`` -> a range
+  of mean diameters): instead of shape and scale, the mean diameter 2 alpha beta is
+  spaced evenly over that range, and the shape alpha (its transform, log by default)
+  from the larger of its lower bound and the smallest alpha that keeps beta within its
+  bounds, up to its upper bound; beta = mean / (2 alpha). Shape and scale are poorly
+  identified one by one, their mean diameter much better: sampled this way the atoms
+  (the matched estimate's prior) are even in what the data determine.
 - orientations: when the model has exactly one orientation parameter, atoms are stored
   in the canonical frame (theta = 0, phi = 0: axis along z) and the orientation takes no
   sampling dimension; otherwise every orientation is uniform on the sphere
@@ -228,6 +235,11 @@ class SamplingSpec:
         (must lie inside them).
     points:
         grid only: parameter name -> number of grid points.
+    mean_diameter:
+        a Gamma distribution's scale ``beta`` (full name or suffix) -> (low, high) mean
+        diameter 2 alpha beta (m), sampled evenly, with the shape ``alpha`` (the
+        parameter of the same distribution) from what keeps beta in bounds (see the
+        module docstring).
     """
 
     size: int = 100_000
@@ -236,6 +248,7 @@ class SamplingSpec:
     transforms: Mapping[str, str] = field(default_factory=dict)
     ranges: Mapping[str, tuple[float, float]] = field(default_factory=dict)
     points: Mapping[str, int] = field(default_factory=dict)
+    mean_diameter: Mapping[str, tuple[float, float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -259,6 +272,15 @@ class SamplingSpec:
         for name, n in self.points.items():
             if int(n) != n or n < 1:
                 raise InputError(f"grid points of {name!r} must be a positive integer")
+        for name, r in self.mean_diameter.items():
+            try:
+                lo, hi = (float(v) for v in r)
+            except (TypeError, ValueError):
+                raise InputError(f"mean_diameter of {name!r} must be a pair (low, high) in "
+                                 f"m, got {r!r}") from None
+            if not (np.isfinite(lo) and np.isfinite(hi)) or not 0 < lo <= hi:
+                raise InputError(f"mean_diameter of {name!r} must satisfy 0 < low <= high "
+                                 f"(m), got {r!r}")
         object.__setattr__(self, "size", int(self.size))
         object.__setattr__(self, "seed", int(self.seed))
 
@@ -267,7 +289,7 @@ class SamplingSpec:
         values: dict[str, Any] = {
             "size": self.size, "seed": self.seed, "method": self.method,
             "transforms": dict(self.transforms), "ranges": dict(self.ranges),
-            "points": dict(self.points),
+            "points": dict(self.points), "mean_diameter": dict(self.mean_diameter),
         }
         values.update({k: v for k, v in changes.items() if v is not None})
         return SamplingSpec(**values)
@@ -275,14 +297,15 @@ class SamplingSpec:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> SamplingSpec:
         """Build from a mapping such as a recipe's ``[sampling]`` table."""
-        known = {"size", "seed", "method", "transforms", "ranges", "points"}
+        known = {"size", "seed", "method", "transforms", "ranges", "points", "mean_diameter"}
         unknown = set(data) - known
         if unknown:
             raise InputError(
                 f"unknown sampling field(s) {sorted(unknown)}; expected some of {sorted(known)}")
         values = dict(data)
-        if "ranges" in values:
-            values["ranges"] = {k: tuple(v) for k, v in values["ranges"].items()}
+        for key in ("ranges", "mean_diameter"):
+            if key in values:
+                values[key] = {k: tuple(v) for k, v in values[key].items()}
         return cls(**values)
 
 
@@ -291,12 +314,14 @@ class _Block:
     """One parameter's share of the unit-cube dimensions."""
 
     name: str
-    kind: str  # 'scalar', 'canonical', 'sphere', 'simplex'
+    kind: str  # 'scalar', 'canonical', 'sphere', 'simplex', 'mean_diameter'
     column: int  # first column in the parameter vector (simplex: list in `columns`)
     dims: int
     transforms: tuple[str, ...] = ()
     bounds: tuple[tuple[float, float], ...] = ()
     columns: tuple[int, ...] = ()
+    #: mean_diameter: the shape's block (its column, transform and bounds are used)
+    shape: _Block | None = None
 
 
 class SamplingPlan:
@@ -311,6 +336,7 @@ class SamplingPlan:
         self.space = space
         self.spec = spec
         self._blocks = blocks
+        self._shapes = {b.shape.name for b in blocks if b.shape is not None}
         self.dims = sum(b.dims for b in blocks)
         self.grid_shape = grid_shape
         if spec.method == "grid":
@@ -330,6 +356,11 @@ class SamplingPlan:
             elif b.kind == "simplex":
                 entry["names"] = self.space.partial_volume_names
                 entry["lower"] = [float(lo) for lo, _ in b.bounds]
+            elif b.kind == "mean_diameter":
+                assert b.shape is not None  # set by resolve_sampling
+                entry["mean_diameter"] = [float(v) for v in b.bounds[0]]
+                entry["bounds"] = [float(v) for v in b.bounds[1]]
+                entry["shape"] = b.shape.name
             params.append(entry)
         out: dict[str, Any] = {
             "method": self.spec.method,
@@ -368,9 +399,32 @@ class SamplingPlan:
         u = self.unit_points(start, stop)
         out = np.zeros((u.shape[0], self.space.vector_length))
         d = 0
+        first = {}
         for b in self._blocks:
+            first[b.name] = d
             ub = u[:, d:d + b.dims]
             d += b.dims
+            if b.kind == "mean_diameter":
+                assert b.shape is not None  # set by resolve_sampling
+                (mlo, mhi), (blo, bhi) = b.bounds
+                (alo, ahi), = b.shape.bounds
+                mean = mlo + ub[:, 0] * (mhi - mlo)
+                # the shape's unit coordinate, read again over the shape range that keeps
+                # the scale in bounds (its block may come before or after this one)
+                ua = u[:, first[b.shape.name]] if b.shape.name in first else \
+                    u[:, sum(x.dims for x in self._blocks[:self._blocks.index(b.shape)])]
+                low = np.clip(np.maximum(alo, mean / (2.0 * bhi)), alo, ahi)
+                high = np.clip(np.minimum(ahi, mean / (2.0 * blo)) if blo > 0 else ahi,
+                               low, ahi)
+                if b.shape.transforms[0] == "log":
+                    alpha = np.exp(np.log(low) + ua * (np.log(high) - np.log(low)))
+                else:
+                    alpha = low + ua * (high - low)
+                out[:, b.shape.column] = alpha
+                out[:, b.column] = np.clip(mean / (2.0 * alpha), blo, bhi)
+                continue
+            if b.kind == "scalar" and b.name in self._shapes:
+                continue  # written by its mean_diameter block
             if b.kind == "scalar":
                 for j, (t, (lo, hi)) in enumerate(zip(b.transforms, b.bounds, strict=True)):
                     out[:, b.column + j] = _map_scalar(ub[:, j], t, lo, hi)
@@ -442,6 +496,14 @@ def resolve_sampling(space: ParameterSpace, spec: SamplingSpec) -> SamplingPlan:
     points = {space.resolve(k): int(v) for k, v in spec.points.items()}
     offsets = space.offsets()
     by_name = {p.name: p for p in space.parameters}
+    mean_diameter = {space.resolve(k): (float(v[0]), float(v[1]))
+                     for k, v in spec.mean_diameter.items()}
+    shape_of: dict[str, str] = {}
+    for name in mean_diameter:
+        if not name.endswith("_beta") or name[:-len("beta")] + "alpha" not in by_name:
+            raise InputError(f"mean_diameter applies to a Gamma distribution's scale "
+                             f"(beta) with a free shape (alpha), not {name!r}")
+        shape_of[name] = name[:-len("beta")] + "alpha"
 
     for name in list(transforms) + list(ranges):
         if by_name[name].kind == "orientation":
@@ -485,6 +547,13 @@ def resolve_sampling(space: ParameterSpace, spec: SamplingSpec) -> SamplingPlan:
                         f"log spacing of {p.name!r} needs a positive lower bound, got {lo:g}; "
                         "set a range or use transform 'uniform'")
         blocks.append(_Block(p.name, "scalar", col, p.cardinality, (t,) * p.cardinality, bounds))
+    for name, mean_range in mean_diameter.items():
+        i = [b.name for b in blocks].index(name)
+        shape = next(b for b in blocks if b.name == shape_of[name])
+        if shape.transforms[0] == "log" and shape.bounds[0][0] <= 0:
+            raise InputError(f"log spacing of {shape.name!r} needs a positive lower bound")
+        blocks[i] = _Block(name, "mean_diameter", blocks[i].column, 1,
+                           bounds=(mean_range, blocks[i].bounds[0]), shape=shape)
 
     grid_shape: tuple[int, ...] | None = None
     if spec.method == "grid":

@@ -49,6 +49,7 @@ from fingerprint.fitting.options import (
     FitOptions,
     PolishSettings,
 )
+from fingerprint.fitting.posterior import rician_posterior
 from fingerprint.fitting.registry import (
     BUILTIN_SOLVER,
     SolverRequest,
@@ -57,7 +58,13 @@ from fingerprint.fitting.registry import (
     register_solver,
 )
 from fingerprint.fitting.validity import default_mask, report_unusable, usable_voxels
-from fingerprint.models import get_model, model_count_penalty, model_refine, model_solver
+from fingerprint.models import (
+    get_model,
+    model_count_penalty,
+    model_posterior_neighbors,
+    model_refine,
+    model_solver,
+)
 from fingerprint.stages import stage
 from fingerprint.volume_models import is_volume_model
 
@@ -234,9 +241,12 @@ def _polish(est: FingerprintEstimator, data: np.ndarray, ve: VoxelEstimates,
 
 class FingerprintFitter:
     """The built-in solver's :class:`~fingerprint.fitting.registry.VoxelFitter`:
-    dictionary matching (:class:`FingerprintEstimator`), then, when ``polish`` is given,
-    the non-linear polish. Pickles to its dictionary's path and options, so executor
-    workers rebuild it from the shared dictionary once per process."""
+    dictionary matching (:class:`FingerprintEstimator`); for a named model whose recipe
+    sets ``[fit] posterior_neighbors`` (the restricted models), with refinement on, the
+    Rician posterior over that many atoms (:mod:`fingerprint.fitting.posterior`); then,
+    when ``polish`` is given, the non-linear polish. Pickles to its dictionary's path
+    and options, so executor workers rebuild it from the shared dictionary once per
+    process."""
 
     def __init__(self, estimator: FingerprintEstimator, options: Mapping[str, object],
                  polish: PolishSettings | None) -> None:
@@ -245,6 +255,8 @@ class FingerprintFitter:
         self.scheme = estimator.scheme
         self.options = dict(options)
         self.polish = polish
+        self.posterior_neighbors = model_posterior_neighbors(self.model) \
+            if getattr(estimator, "refine", True) else None
 
     @property
     def dictionary_path(self) -> str | None:
@@ -263,10 +275,26 @@ class FingerprintFitter:
                    x0: np.ndarray | Mapping[str, np.ndarray] | None = None
                    ) -> VoxelEstimates:
         ve = self.estimator.estimate(data, x0=x0)
+        if self.posterior_neighbors:
+            with stage("fit/posterior"):
+                rician_posterior(self.estimator, data, ve, self.posterior_neighbors,
+                                 skip=_seeded_scalars(self.estimator, x0, data.shape[0]))
         if self.polish is not None:
             with stage("fit/polish"):
                 _polish(self.estimator, data, ve, self.polish)
         return ve
+
+
+def _seeded_scalars(est: FingerprintEstimator,
+                    x0: np.ndarray | Mapping[str, np.ndarray] | None, n: int
+                    ) -> np.ndarray | None:
+    """(n,) bool: voxels whose start ``x0`` gives any scalar parameter (None: no x0)."""
+    if x0 is None:
+        return None
+    x0m = x0_matrix(est.model, x0, n, est.parameter_layout)
+    if x0m is None:
+        return None
+    return np.isfinite(x0m[:, est._scalar_columns]).any(axis=1)
 
 
 def _fitter_from_dictionary(path: str, options: tuple[tuple[str, object], ...],

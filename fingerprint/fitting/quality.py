@@ -32,9 +32,10 @@ units (floored at :data:`SIGMA_FLOOR` squared) and ``k`` the number of matched f
     with fewer than 4 b0s the pooled ``sigma2`` and :func:`chi2_limit` are used.
 ``below_resolution`` (32)
     models with an axon diameter (a cylinder's, or a Gamma distribution's mean): the
-    estimated diameter lies below the resolution limit of the scheme at the voxel's own
-    SNR (``s0 / sigma``; :mod:`fingerprint.fitting.resolution`, Nilsson et al. 2017):
-    diameters below it cannot be told apart.
+    estimated diameter is not clearly above the resolution limit of the scheme at the
+    voxel's own SNR (``s0 / sigma``; it lies below the limit after subtracting half its
+    posterior spread; :mod:`fingerprint.fitting.resolution`, Nilsson et al. 2017):
+    diameters below the limit cannot be told apart.
 
 The noise estimate (``sigma``, raw signal units) and an orientation uncertainty (degrees:
 the 1-sd cone angle of the fibre axis, from the Fisher information of the fitted angular
@@ -261,7 +262,8 @@ def voxel_quality(fitter: object, ve: VoxelEstimates) -> dict[str, np.ndarray]:
     if sigma is not None and model is not None and scheme is not None and valid.any():
         with np.errstate(divide="ignore", invalid="ignore"):
             snr = np.asarray(ve.s0, dtype=np.float64) / np.asarray(sigma, dtype=np.float64)
-        below = below_resolution(model, scheme, np.asarray(ve.parameters), snr)
+        below = below_resolution(model, scheme, np.asarray(ve.parameters), snr,
+                                 getattr(ve, "uncertainty", None))
         flags[valid & below] |= FLAGS["below_resolution"]
     orient = getattr(ve, "orientation_sd", None)
     return {"quality": flags,
