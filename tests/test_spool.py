@@ -80,24 +80,31 @@ def test_spooled_values_equal_nibabel(tmp_path, dtype, slope, partial):
     assert not list((tmp_path / "spool").iterdir())
 
 
-def test_slabs_stay_within_their_memory_bound(tmp_path):
-    """Each slab's float32 signals and the raw block they are read into take at most
-    ``max_bytes`` (one voxel at least), and the slabs are read in the file's order."""
+def test_slabs_are_those_of_the_direct_reads(tmp_path):
+    """The spool gives the slabs of DWIImage.iter_slabs (same slices, same voxel order,
+    same values), so a fit cuts the same chunks either way; each slab's float32 signals
+    take at most ``max_bytes`` (one slice at least)."""
     path, data = _write(tmp_path, "<i2", 0.5, shape=(8, 7, 6, 11))
     image = DWIImage(path)
     mask = np.ones(data.shape[:3], bool)
     mask[2:5, 1:3, :] = False
+    mask[:, :, 3] = False  # a slice without voxels
+    one_slice = 8 * 7 * 11 * 4
     with image.spooled(mask, tmp_path / "spool", max_bytes=1) as sp:
-        per_voxel = 11 * (4 + 2)
-        for max_bytes in (1, per_voxel * 10, per_voxel * 37):
+        for max_bytes in (1, one_slice * 2, one_slice * 4 + 5, 10**9):
             slabs = list(sp.iter_slabs(mask, max_bytes=max_bytes))
-            assert len(slabs) == sp.n_slabs(mask, max_bytes)
-            for s in slabs:
-                assert s.data.shape[0] * per_voxel <= max(max_bytes, per_voxel)
-            flat = np.concatenate([np.ravel_multi_index(tuple(s.coords.T), mask.shape,
-                                                        order="F") for s in slabs])
-            assert np.all(np.diff(flat) > 0)  # x fastest, as stored
-            assert sum(len(s.coords) for s in slabs) == mask.sum()
+            direct = list(image.iter_slabs(mask, max_bytes=max_bytes))
+            assert len(slabs) == len(direct) == sp.n_slabs(mask, max_bytes) \
+                == image.n_slabs(mask, max_bytes)
+            for s, d in zip(slabs, direct, strict=True):
+                assert (s.start, s.stop) == (d.start, d.stop)
+                np.testing.assert_array_equal(s.coords, d.coords)
+                np.testing.assert_array_equal(s.data, d.data)
+                assert s.data.flags.c_contiguous and s.data.dtype == np.float32
+                assert s.data.nbytes <= max(max_bytes, one_slice)
+            later = list(sp.iter_slabs(mask, max_bytes=max_bytes, start_slice=2))
+            assert all(s.start >= 2 for s in later)
+            assert sum(len(s.coords) for s in later) == mask[:, :, 2:].sum()
 
 
 def test_errors_name_the_file_and_leave_nothing_behind(tmp_path):
@@ -262,3 +269,33 @@ def test_a_large_spool_is_released_in_the_background(tmp_path, monkeypatch):
     assert not list((tmp_path / "spool").iterdir())
     with pytest.raises(RuntimeError, match="closed"):
         sp.read_rows(0, 1)
+
+
+def test_the_command_line_starts_the_spool_before_the_heavy_imports(tmp_path):
+    """``fingerprint fit`` reaches the early decompression without importing Numba,
+    SciPy, FAISS or the fitting code (about a second of start-up it overlaps)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import sys
+        import fingerprint.cli.fit as fit
+        from fingerprint.cli.main import main
+
+        def early(args, stack):
+            heavy = [m for m in ("numba", "scipy", "faiss", "fingerprint.fitting.pipeline")
+                     if m in sys.modules]
+            print("heavy:", ",".join(heavy))
+            raise SystemExit(0)
+
+        fit._prefetch_dwi = early
+        main(["fit", "--model", "noddi", "--dwi", "dwi.nii.gz", "--bval", "b", "--bvec",
+              "v", "--out", {str(tmp_path / "out")!r}])
+    """)
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         env=env, cwd=tmp_path, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "heavy: \n" in run.stdout, run.stdout

@@ -41,7 +41,6 @@ from fingerprint.cli.flags import (
 from fingerprint.cli.main import CLIError
 from fingerprint.cli.progress import progress_bar, shown_path
 from fingerprint.errors import CancelledError, DictionaryError, InputError
-from fingerprint.fitting.multi_tissue import parse_responses
 from fingerprint.fitting.options import CLASSICAL_OPTION_NAMES, FIT_OPTION_SPECS, FitOptions
 from fingerprint.stages import StageProfile
 from fingerprint.volume_models import is_volume_model
@@ -240,7 +239,9 @@ def _prefetch_dwi(args: argparse.Namespace, stack: contextlib.ExitStack) -> None
 
 
 def _fit(args: argparse.Namespace, profile: object | None) -> int:
-    # lazy: keeps numba off import; CLI start-up builds the parsers only
+    # lazy: keeps numba off import; CLI start-up builds the parsers only (and a gzip
+    # DWI starts inflating before these heavy imports, see _prefetch_dwi)
+    from fingerprint.fitting.multi_tissue import parse_responses
     from fingerprint.fitting.pipeline import DEFAULT_CHUNK_VOXELS, fit_volume
     from fingerprint.models import get_recipe
     if not is_volume_model(args.model):

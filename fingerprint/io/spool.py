@@ -16,11 +16,11 @@ with the process whatever happens. Memory stays bounded: one decompression block
 volume, when the selection is a part of the volume) while spooling, one slab while
 reading.
 
-Reading (:meth:`DWISpool.iter_slabs`) gives the :class:`~fingerprint.io.nifti.Slab` blocks
-that :meth:`DWIImage.iter_slabs <fingerprint.io.nifti.DWIImage.iter_slabs>` gives, with the
-voxels of a slab in the file's order: one positioned read per volume, one transpose per
-slab. Values are nibabel's (scaling and type conversion applied element by element as its
-array proxy applies them).
+Reading (:meth:`DWISpool.iter_slabs`) gives the very :class:`Slab` blocks that
+:meth:`DWIImage.iter_slabs <fingerprint.io.nifti.DWIImage.iter_slabs>` gives (same slices,
+same voxel order, so a fit cuts the same chunks): one positioned read per volume, one
+transpose and one reordering of the rows per slab. Values are nibabel's (scaling and type
+conversion applied element by element as its array proxy applies them).
 
 :func:`fingerprint.io.nifti.prefetch` starts a spool before the caller needs it (the
 command line starts one before importing the fitting code); :meth:`DWIImage.spooling
@@ -474,16 +474,17 @@ class DWISpool:
     def _flat_of(self, positions: np.ndarray) -> np.ndarray:
         return positions if self._index is None else self._index[positions]
 
-    def _voxels_per_slab(self, max_bytes: int) -> int:
-        per_voxel = self.n_volumes * (4 + self._itemsize)  # the raw block and the floats
-        return max(1, int(max_bytes // max(per_voxel, 1)))
+    def _slab_slices(self, max_bytes: int) -> int:
+        """Slices per slab (those of :meth:`DWIImage.slab_slices
+        <fingerprint.io.nifti.DWIImage.slab_slices>`)."""
+        x, y, _, n = self.source.shape
+        return max(1, int(max_bytes // max(x * y * n * 4, 1)))
 
     def n_slabs(self, mask: np.ndarray, max_bytes: int) -> int:
         """Number of slabs :meth:`iter_slabs` gives for ``mask``."""
-        pos = self._positions(mask)
-        if pos.size == 0:
-            return 0
-        return int(np.unique(pos // self._voxels_per_slab(max_bytes)).size)
+        step = self._slab_slices(max_bytes)
+        z = np.flatnonzero(np.asarray(mask, dtype=bool).any(axis=(0, 1)))
+        return int(np.unique(z // step).size)
 
     def read_rows(self, p0: int, p1: int) -> np.ndarray:
         """(p1 - p0, N) float32 signals of the selected voxels ``p0 .. p1 - 1``."""
@@ -505,34 +506,33 @@ class DWISpool:
 
     def iter_slabs(self, mask: np.ndarray, *, max_bytes: int,
                    start_slice: int = 0) -> Iterator[Slab]:
-        """The voxels of ``mask`` (a subset of the selection) in slabs of at most about
-        ``max_bytes`` (float32 signals and the raw block they are read into), as
-        :class:`Slab` (``start``/``stop``: the slices the slab's
-        voxels span). Voxel order: the file's (x fastest); the union over slabs is every
-        masked voxel exactly once. ``start_slice`` skips the slices before it."""
+        """The voxels of ``mask`` (a subset of the selection) as the :class:`Slab` blocks
+        of :meth:`DWIImage.iter_slabs <fingerprint.io.nifti.DWIImage.iter_slabs>`: the
+        same slices (at most ``max_bytes`` of float32 signals per slab, one slice at
+        least), the same voxel order (C order of (x, y, z) within a slab), so that a fit
+        cuts the same chunks whichever of the two it reads. ``start_slice`` skips the
+        slices before it."""
         self.wait()
         mask = np.asarray(mask, dtype=bool)
-        if start_slice:
-            mask = mask.copy()
-            mask[:, :, :start_slice] = False
         pos = self._positions(mask)
         if pos.size == 0:
             return
-        x, y, _ = self.spatial_shape
-        step = self._voxels_per_slab(max_bytes)
-        groups = pos // step
-        cuts = np.flatnonzero(np.diff(groups)) + 1
-        for chunk in np.split(pos, cuts):
-            p0, p1 = int(chunk[0]), int(chunk[-1]) + 1
-            data = self.read_rows(p0, p1)
-            if chunk.size != p1 - p0:  # the mask is a part of the selection
-                data = np.ascontiguousarray(data[chunk - p0])
-            flat = self._flat_of(chunk)
-            coords = np.empty((chunk.size, 3), dtype=np.int64)
-            coords[:, 0] = flat % x
-            coords[:, 1] = (flat // x) % y
-            coords[:, 2] = flat // (x * y)
-            yield Slab(int(coords[0, 2]), int(coords[-1, 2]) + 1, coords, data)
+        x, y, nz = self.spatial_shape
+        flat = self._flat_of(pos)  # ascending: z is the slowest axis on disk
+        zs = flat // (x * y)
+        step = self._slab_slices(max_bytes)
+        for z0 in range(int(start_slice), nz, step):
+            lo, hi = (int(i) for i in np.searchsorted(zs, [z0, min(nz, z0 + step)]))
+            if lo == hi:
+                continue
+            part, f = pos[lo:hi], flat[lo:hi]
+            p0 = int(part[0])
+            data = self.read_rows(p0, int(part[-1]) + 1)  # the file's order
+            cx, cy, cz = f % x, (f // x) % y, zs[lo:hi]
+            order = np.lexsort((cz, cy, cx))  # C order: x slowest, z fastest
+            data = data[(part - p0)[order]]
+            coords = np.stack([cx[order], cy[order], cz[order]], axis=1).astype(np.int64)
+            yield Slab(int(cz[0]), int(cz[-1]) + 1, coords, data)
 
     def read_volume(self, index: int) -> np.ndarray:
         """One 3-D volume as float32 (0 outside the selection)."""
