@@ -28,6 +28,11 @@ SIZE = 2000
 #: loaded machine runs the same cases (every operation, the pinned job's deletion too),
 #: only more slowly
 MAX_EXAMPLES = 100
+#: a fixed seed makes the run reproducible: schemathesis's negative data generation can
+#: itself crash on some random draws for multipart file fields ("Unsupported type:
+#: 'Binary'"), an error of the fuzzer, not of the server, that an unpinned seed would make
+#: this test fail at random
+SEED = 20261206
 #: longest wait (s) for a job, a request or the whole fuzz run: generous bounds that only
 #: a hung server reaches
 WAIT_S = 600
@@ -75,7 +80,7 @@ def test_openapi_fuzz_has_no_server_errors(tmp_path):
              "--header", f"X-API-Key: {keys['root']}",
              "--checks", "not_a_server_error",
              "--phases", "examples,coverage,fuzzing",
-             "--max-examples", str(MAX_EXAMPLES), "--workers", "2",
+             "--max-examples", str(MAX_EXAMPLES), "--seed", str(SEED), "--workers", "2",
              "--request-timeout", str(WAIT_S),
              "--report", "ndjson", "--report-dir", str(report)],
             capture_output=True, text=True, timeout=3 * WAIT_S, cwd=tmp_path)
