@@ -88,6 +88,33 @@ def test_dry_run_prints_the_plan_and_writes_nothing(capsys, study, tmp_path):
            "volumes but its gradient table describes 26 measurements" in out
 
 
+def test_fit_option_flags_reach_every_job_and_its_provenance(capsys, study, tmp_path):
+    from fingerprint.batch.runner import StudyOptions, plan_study
+
+    default = plan_study(study, tmp_path / "out", StudyOptions(models=("noddi",),
+                                                               dictionary_size=2000))
+    chosen = plan_study(study, tmp_path / "out", StudyOptions(
+        models=("noddi",), dictionary_size=2000,
+        fit=(("count_penalty", 2.5), ("n_neighbors", 16), ("refine", "false"))))
+    job = chosen.series[0].jobs["noddi"]
+    assert job.options.refine is False and job.options.n_neighbors == 16
+    assert job.options.count_penalty == 2.5 and job.options.dictionary_size == 2000
+    solver = job.provenance["Solver"]["Options"]
+    assert solver["refine"] is False and solver["n_neighbors"] == 16
+    # other options, another job: a rerun with them refits instead of skipping
+    assert job.job_hash != default.series[0].jobs["noddi"].job_hash
+
+    code, out, err = _run(capsys, "bids", study, tmp_path / "out", "participant", "--model",
+                          "noddi", "--dry-run", "--dictionary-size", SIZE, "--refine",
+                          "false", "--count-penalty", "2.5")
+    assert code == 0, err
+    assert "noddi: run -- to do" in out
+    code, out, err = _run(capsys, "bids", study, tmp_path / "out", "participant", "--model",
+                          "noddi", "--dry-run", "--count-penalty", "-1")
+    assert code != 0 and "count_penalty" in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_study_outputs_provenance_resume_and_failures(capsys, study, tmp_path):
     out, dicts = tmp_path / "derivatives", tmp_path / "dictionaries"
     code, stdout, err = _run(capsys, *_args(study, out, dicts))

@@ -96,11 +96,17 @@ class StudyOptions:
     dask_scheduler: str | None = None
     #: b-value (s/m²) at or below which volumes are the b=0 reference (None: 10 s/mm²)
     b0_threshold: float | None = None
+    #: further fit options for every series, as (name, value) pairs of
+    #: :class:`~fingerprint.fitting.options.FitOptions` fields (e.g. ``("refine", "false")``,
+    #: ``("count_penalty", 2.0)``); validated by it, errors name the option
+    fit: tuple[tuple[str, int | float | str], ...] = ()
 
     def fit_options(self) -> FitOptions:
         """The fitting core's options for every series (threads set per worker)."""
-        return FitOptions(dictionary_size=self.dictionary_size, threads=self.threads,
-                          b0_threshold=self.b0_threshold)
+        values: dict[str, object] = dict(self.fit)
+        values.update(dictionary_size=self.dictionary_size, threads=self.threads,
+                      b0_threshold=self.b0_threshold)
+        return FitOptions.from_mapping(values)
 
     def solver_options(self) -> dict:
         """What changes the numbers of a fit (part of every job's provenance): the
@@ -293,7 +299,8 @@ def _recipe_provenance(model: str) -> dict:
 def _dictionary_entry(model: str, scheme: AcquisitionScheme, options: StudyOptions) -> dict:
     from fingerprint.dictionary.build import prepare_build  # lazy: keeps numba off import
 
-    request = prepare_build(model, scheme, size=options.dictionary_size, seed=0)
+    request = prepare_build(model, scheme, size=options.dictionary_size,
+                            seed=options.fit_options().seed)
     return {"Key": request.key, "Atoms": int(request.plan.size)}
 
 

@@ -2,7 +2,9 @@
 
     fingerprint bids BIDS_DIR OUTPUT_DIR participant --model noddi [ball_stick ...] \\
         [--participant-label 01 02] [--session-label 1] [--workers N | --dask-scheduler ADDR] \\
-        [--dry-run] [--delta S --Delta S] [--dictionary-size N] [--dictionary-dir DIR]
+        [--dry-run] [--delta S --Delta S] [--dictionary-size N] [--dictionary-dir DIR] \\
+        [--n-neighbors N] [--refine true|false|nonlinear] [--count-penalty X] [--seed N] \\
+        [--mask-rule RULE]
 
 ``participant`` fits every series found and writes the derivatives dataset, the summary
 and the group QC page; ``group`` only rewrites the summary's QC page from the outputs
@@ -18,12 +20,22 @@ from pathlib import Path
 
 from fingerprint.cli.flags import (
     add_b0_threshold_argument,
+    add_option_flags,
     b0_threshold_si,
     check_timing_flags,
+    option_values,
     quiet_third_party_logs,
 )
 from fingerprint.cli.progress import shown_path
 from fingerprint.errors import InputError
+from fingerprint.fitting.options import FIT_OPTION_SPECS, FitOptions
+
+#: the fit options a study run offers as flags beyond --threads / --dictionary-size (from
+#: FIT_OPTION_SPECS, as `fingerprint fit`'s); they are part of every job's provenance, so a
+#: rerun with other values refits instead of skipping
+STUDY_OPTION_SPECS = tuple(s for s in FIT_OPTION_SPECS
+                           if s.name in ("n_neighbors", "refine", "count_penalty", "seed",
+                                         "mask_rule"))
 
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -70,6 +82,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
                         help="pulse separation (s) for series whose sidecar has none")
     parser.add_argument("--chunk-voxels", type=int, dest="chunk_voxels", metavar="N",
                         help="voxels per chunk (default 20000)")
+    add_option_flags(parser, STUDY_OPTION_SPECS)
     add_b0_threshold_argument(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--no-qc", action="store_true", dest="no_qc",
@@ -98,11 +111,13 @@ def _cmd_bids(args: argparse.Namespace) -> int:
     threads = args.threads
     if threads is None and not args.dask_scheduler:
         threads = max(1, (os.cpu_count() or 1) // args.workers)
+    fit = option_values(args, STUDY_OPTION_SPECS)
+    FitOptions.from_mapping(fit)  # a bad value fails here, naming the option
     options = StudyOptions(models=tuple(args.model), dictionary_dir=args.dictionary_dir,
                            dictionary_size=args.dictionary_size, delta=args.delta,
                            Delta=args.Delta, workers=args.workers, threads=threads,
                            chunk_voxels=args.chunk_voxels, dask_scheduler=args.dask_scheduler,
-                           b0_threshold=b0_threshold_si(args))
+                           b0_threshold=b0_threshold_si(args), fit=tuple(sorted(fit.items())))
     plan = plan_study(args.bids_dir, args.output_dir, options,
                       participant_labels=args.participant_label,
                       session_labels=args.session_label)
