@@ -299,3 +299,14 @@ def test_the_command_line_starts_the_spool_before_the_heavy_imports(tmp_path):
                          env=env, cwd=tmp_path, timeout=300)
     assert run.returncode == 0, run.stderr
     assert "heavy: \n" in run.stdout, run.stdout
+
+
+def test_checked_float32_names_the_file_beyond_the_float32_range():
+    from fingerprint.io.spool import checked_float32
+
+    ok = checked_float32(np.array([1.5, -2.0, np.nan], dtype=np.float64), "dwi.nii.gz")
+    assert ok.dtype == np.float32
+    np.testing.assert_array_equal(ok[:2], [1.5, -2.0])
+    assert np.isnan(ok[2])
+    with pytest.raises(InputError, match=r"dwi\.nii\.gz holds values up to 1e\+300"):
+        checked_float32(np.array([1.0, 1e300]), "dwi.nii.gz")

@@ -70,6 +70,7 @@ from fingerprint.io.spool import (
     _fast_gzip,
     adopt,
     available_cpus,
+    checked_float32,
     open_gzip,
     open_gzip_stream,
     register_prefetched,
@@ -109,7 +110,6 @@ DEEP_CHECK_BYTES = 32 * 1024**2
 #: Largest slab of float32 DWI data read at once (bytes).
 DEFAULT_SLAB_BYTES = 128 * 1024**2
 
-_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 def _is_gzip(path: Path) -> bool:
     with open(path, "rb") as fh:
@@ -278,16 +278,7 @@ class DWIImage:
                 out = np.asarray(proxy[slicer])
         except _READ_ERRORS as exc:
             raise InputError(f"DWI file {self.path} cannot be read: {exc}") from None
-        out = np.asarray(out)
-        if out.dtype != np.float32 and out.size:
-            with np.errstate(invalid="ignore"):
-                top = np.nanmax(np.abs(out), initial=0.0, where=np.isfinite(out))
-            if top > _FLOAT32_MAX:
-                raise InputError(
-                    f"DWI file {self.path} holds values up to {float(top):.3g}, beyond the "
-                    f"float32 range (±{_FLOAT32_MAX:.3g}) signals are fitted in; rescale the "
-                    f"data (the fit only depends on signal ratios)")
-        return np.asarray(out, dtype=np.float32)
+        return checked_float32(np.asarray(out), self.path)
 
     def read_volume(self, index: int) -> np.ndarray:
         """One 3-D volume as float32."""

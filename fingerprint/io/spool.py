@@ -230,15 +230,21 @@ def scaled_float32(raw: np.ndarray, source: SpoolSource) -> np.ndarray:
         inter = inter.astype(np.float32)
     out = apply_read_scaling(raw, slope, inter)
     out = np.asarray(out).astype(np.promote_types(out.dtype, np.float32), copy=False)
-    if out.dtype != np.float32 and out.size:
+    return checked_float32(out, source.path)
+
+
+def checked_float32(values: np.ndarray, path: str | os.PathLike[str]) -> np.ndarray:
+    """``values`` (signals read from the DWI file ``path``) as float32; an InputError naming
+    the file when a finite value lies beyond the float32 range."""
+    if values.dtype != np.float32 and values.size:
         with np.errstate(invalid="ignore"):
-            top = np.nanmax(np.abs(out), initial=0.0, where=np.isfinite(out))
+            top = np.nanmax(np.abs(values), initial=0.0, where=np.isfinite(values))
         if top > _FLOAT32_MAX:
             raise InputError(
-                f"DWI file {source.path} holds values up to {float(top):.3g}, beyond the "
+                f"DWI file {path} holds values up to {float(top):.3g}, beyond the "
                 f"float32 range (±{_FLOAT32_MAX:.3g}) signals are fitted in; rescale the "
                 f"data (the fit only depends on signal ratios)")
-    return np.asarray(out, dtype=np.float32)
+    return np.asarray(values, dtype=np.float32)
 
 
 def _open_stream(path: Path, threads: int) -> Any:
