@@ -71,6 +71,7 @@ from fingerprint.io.spool import (
     adopt,
     available_cpus,
     checked_float32,
+    mean_of_volumes,
     open_gzip,
     open_gzip_stream,
     register_prefetched,
@@ -418,13 +419,7 @@ class DWIImage:
 
     def mean_b0(self, b0_mask: np.ndarray) -> np.ndarray:
         """Mean of the b=0 volumes (float32, 3-D), read one volume at a time."""
-        idx = np.flatnonzero(np.asarray(b0_mask, dtype=bool))
-        if idx.size == 0:
-            raise InputError(f"no b=0 volumes for DWI file {self.path}")
-        acc = np.zeros(self.spatial_shape, dtype=np.float64)
-        for i in idx:
-            acc += self.read_volume(int(i))
-        return (acc / idx.size).astype(np.float32)
+        return mean_of_volumes(self.read_volume, b0_mask, self.spatial_shape, self.path)
 
 
 def prefetch(dwi: str | os.PathLike[str], directory: str | os.PathLike[str],

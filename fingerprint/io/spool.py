@@ -43,7 +43,7 @@ import struct
 import threading
 import types
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
@@ -560,13 +560,21 @@ class DWISpool:
     def mean_b0(self, b0_mask: np.ndarray) -> np.ndarray:
         """Mean of the b=0 volumes (float32, 3-D), as :meth:`DWIImage.mean_b0
         <fingerprint.io.nifti.DWIImage.mean_b0>` (0 outside the selection)."""
-        idx = np.flatnonzero(np.asarray(b0_mask, dtype=bool))
-        if idx.size == 0:
-            raise InputError(f"no b=0 volumes for DWI file {self.path}")
-        acc = np.zeros(self.spatial_shape, dtype=np.float64)
-        for i in idx:
-            acc += self.read_volume(int(i))
-        return (acc / idx.size).astype(np.float32)
+        return mean_of_volumes(self.read_volume, b0_mask, self.spatial_shape, self.path)
+
+
+def mean_of_volumes(read_volume: Callable[[int], np.ndarray], b0_mask: np.ndarray,
+                    spatial_shape: tuple[int, ...], path: str | os.PathLike[str]
+                    ) -> np.ndarray:
+    """Mean (float32, 3-D) of the volumes of the DWI file ``path`` selected by ``b0_mask``,
+    read one at a time by ``read_volume``; an InputError naming the file if none is."""
+    idx = np.flatnonzero(np.asarray(b0_mask, dtype=bool))
+    if idx.size == 0:
+        raise InputError(f"no b=0 volumes for DWI file {path}")
+    acc = np.zeros(spatial_shape, dtype=np.float64)
+    for i in idx:
+        acc += read_volume(int(i))
+    return (acc / idx.size).astype(np.float32)
 
 
 def _close_quietly(fd: int) -> None:
